@@ -1,0 +1,326 @@
+//! The serde mirror of `proxy.toml`: every key of the reference shape in
+//! POLICY.md, typed, with unknown keys rejected.
+//!
+//! This is the file's grammar only. Whether a key makes sense with the others
+//! (names resolve, routes are reachable, the behaviour exists in this build) is
+//! decided in `validate.rs`, which turns these types into a `Policy`.
+//! `Spanned` marks the values that validation must point at by line.
+
+// Tables whose behaviour lands in later issues are parsed (so typos are caught)
+// and then refused by validation; their fields are read once they are built.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::units::{Dur, Rate, Size};
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    #[serde(default)]
+    pub server: RawServer,
+    pub admin: Option<Spanned<RawAdmin>>,
+    pub cache: Option<Spanned<RawCache>>,
+    pub compression: Option<Spanned<RawCompression>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, Spanned<RawRateLimit>>,
+    #[serde(default)]
+    pub route: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<OneOrMany<ListenAddr>>>,
+    pub max_request_body: Option<Size>,
+    pub max_header_size: Option<Spanned<Size>>,
+    pub header_read_timeout: Option<Dur>,
+    pub idle_timeout: Option<Dur>,
+    pub shutdown_grace: Option<Dur>,
+    pub trusted_proxies: Option<Vec<Cidr>>,
+    pub access_log: Option<AccessLogFormat>,
+    pub slow_request: Option<Dur>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub listen: OneOrMany<ListenAddr>,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<ListenAddr>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub max_size: Option<Size>,
+    pub max_entry_size: Option<Size>,
+    pub default_ttl: Option<Dur>,
+    pub redis: Option<RawRedis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: String,
+    pub key_prefix: Option<String>,
+    pub timeout: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompression {
+    pub algorithms: Option<Vec<Encoding>>,
+    pub min_size: Option<Size>,
+    pub content_types: Option<Vec<String>>,
+    pub gzip_level: Option<u32>,
+    pub brotli_quality: Option<u32>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Br,
+    Gzip,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub servers: Spanned<Vec<Spanned<RawServerEntry>>>,
+    pub balance: Option<Spanned<Balance>>,
+    pub model_routing: Option<Spanned<ModelRouting>>,
+    pub connect_timeout: Option<Dur>,
+    pub response_timeout: Option<Dur>,
+    pub idle_timeout: Option<Dur>,
+    pub max_inflight_per_server: Option<Spanned<u32>>,
+    pub queue_timeout: Option<Spanned<Dur>>,
+    pub retries: Option<Spanned<u32>>,
+    pub health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerEntry {
+    pub url: Spanned<String>,
+    pub weight: Option<Spanned<u32>>,
+    pub models: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    RoundRobin,
+    LeastInflight,
+    P2cEwma,
+    ConsistentHash,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastInflight => "least_inflight",
+            Balance::P2cEwma => "p2c_ewma",
+            Balance::ConsistentHash => "consistent_hash",
+        }
+    }
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelRouting {
+    Off,
+    Static,
+    Discover,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub path: Option<String>,
+    pub interval: Option<Dur>,
+    pub timeout: Option<Dur>,
+    pub unhealthy_after: Option<u32>,
+    pub healthy_after: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub key: Option<String>,
+    pub rate: Option<Rate>,
+    pub burst: Option<u32>,
+    pub tokens: Option<Rate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Spanned<String>,
+    #[serde(rename = "match", default)]
+    pub matcher: Option<Spanned<RawMatch>>,
+    pub upstream: Spanned<String>,
+    pub preserve_host: Option<bool>,
+    pub rate_limit: Option<Spanned<Vec<Spanned<String>>>>,
+    pub cache: Option<Spanned<RawRouteCache>>,
+    pub headers: Option<Spanned<RawRouteHeaders>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub methods: Option<Vec<Spanned<String>>>,
+    pub paths: Option<Vec<Spanned<String>>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    pub mode: Option<CacheMode>,
+    pub ttl: Option<Dur>,
+    pub body_key: Option<BodyKey>,
+    pub ignore_fields: Option<Vec<String>>,
+    pub scope: Option<String>,
+    pub stream: Option<StreamCaching>,
+    pub stale_if_error: Option<Dur>,
+    pub stale_while_revalidate: Option<Dur>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    Off,
+    Origin,
+    Force,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyKey {
+    None,
+    Raw,
+    Json,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamCaching {
+    Off,
+    Record,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteHeaders {
+    pub response_set: Option<BTreeMap<String, String>>,
+    pub response_remove: Option<Vec<String>>,
+    pub request_set: Option<BTreeMap<String, String>>,
+    pub request_remove: Option<Vec<String>>,
+}
+
+/// `access_log = "json" | "combined" | "off"`.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    Combined,
+    Off,
+}
+
+/// A listen address, `IP:PORT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse().map(ListenAddr).map_err(|_| {
+            format!("`{s}` is not a listen address — write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"")
+        })
+    }
+}
+
+/// A trusted-proxy network: a CIDR (`10.0.0.0/8`) or a single address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(net) = s.parse::<ipnet::IpNet>() {
+            return Ok(Cidr(net.trunc()));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| Cidr(ip.into()))
+            .map_err(|_| {
+                format!("`{s}` is not a network — write a CIDR such as \"10.0.0.0/8\" or an address such as \"127.0.0.1\"")
+            })
+    }
+}
+
+/// One value or an array of them: `listen = "127.0.0.1:8080"` and
+/// `listen = ["127.0.0.1:8080"]` mean the same.
+pub struct OneOrMany<T>(pub Vec<T>);
+
+impl<'de, T> Deserialize<'de> for OneOrMany<T>
+where
+    T: FromStr<Err = String>,
+{
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: FromStr<Err = String>> Visitor<'de> for V<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                v.parse().map(|t| OneOrMany(vec![t])).map_err(E::custom)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s.parse().map_err(de::Error::custom)?);
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+macro_rules! deserialize_via_from_str {
+    ($($ty:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(de::Error::custom)
+            }
+        }
+    )*};
+}
+
+deserialize_via_from_str!(ListenAddr, Cidr);

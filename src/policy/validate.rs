@@ -1,0 +1,495 @@
+//! Raw `proxy.toml` → validated `Policy`: defaults, cross-references
+//! (upstream and limiter names), reachability of routes, and the keys whose
+//! behaviour this build does not have yet.
+//!
+//! Every rejection names the key, its line and what to do. Keys that are
+//! parsed but not built are refused here rather than silently ignored, so an
+//! operator never believes a limit or a cache is active when it is not.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{Method, Uri};
+use toml::Spanned;
+
+use super::error::{nearest, PolicyError, Source};
+use super::raw::{self, Balance, ModelRouting, RawPolicy};
+use super::{Policy, RoutePolicy, ServerPolicy, UpstreamPolicy, UpstreamServer};
+use crate::route::{HostPattern, RouteMatch};
+
+const NOT_YET: &str = "not supported yet in this version of hyperion";
+
+pub(super) fn parse(name: &str, text: &str) -> Result<Policy, PolicyError> {
+    let src = Source { name, text };
+    let de = toml::Deserializer::parse(text).map_err(|e| {
+        let span = e.span();
+        let first = e
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid TOML")
+            .to_owned();
+        src.error(
+            span,
+            "syntax",
+            first,
+            "fix the TOML syntax at this position",
+        )
+    })?;
+    let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| src.from_toml(e))?;
+    Validator { src }.policy(raw)
+}
+
+struct Validator<'a> {
+    src: Source<'a>,
+}
+
+impl Validator<'_> {
+    fn err(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> PolicyError {
+        self.src.error(Some(span), key, problem, fix)
+    }
+
+    /// A key that parses but whose behaviour is not built.
+    fn not_yet(&self, span: Range<usize>, key: &str) -> PolicyError {
+        self.err(
+            span,
+            key,
+            NOT_YET,
+            format!("remove `{key}` for now (see README, \"What works today\")"),
+        )
+    }
+
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        self.src.text[..span.start.min(self.src.text.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    fn policy(&self, raw: RawPolicy) -> Result<Policy, PolicyError> {
+        let server = self.server(raw.server)?;
+        if let Some(admin) = &raw.admin {
+            return Err(self.not_yet(admin.span(), "admin"));
+        }
+        if let Some(cache) = &raw.cache {
+            return Err(self.not_yet(cache.span(), "cache"));
+        }
+        if let Some(c) = &raw.compression {
+            return Err(self.not_yet(c.span(), "compression"));
+        }
+        if let Some((name, limit)) = raw.rate_limits.iter().next() {
+            return Err(self.not_yet(limit.span(), &format!("rate_limits.{name}")));
+        }
+        let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+        for (name, up) in raw.upstreams {
+            upstreams.push(Arc::new(self.upstream(name, up.into_inner())?));
+        }
+        let routes = self.routes(raw.route, &upstreams)?;
+        Ok(Policy {
+            server,
+            upstreams,
+            routes,
+        })
+    }
+
+    fn server(&self, raw: raw::RawServer) -> Result<ServerPolicy, PolicyError> {
+        if let Some(tls) = &raw.tls {
+            return Err(self.not_yet(tls.span(), "server.tls"));
+        }
+        let listen = match raw.listen {
+            Some(l) => {
+                let span = l.span();
+                let addrs: Vec<_> = l.into_inner().0.into_iter().map(|a| a.0).collect();
+                if addrs.is_empty() {
+                    return Err(self.err(
+                        span,
+                        "server.listen",
+                        "no address to listen on",
+                        "give at least one, e.g. listen = [\"127.0.0.1:8080\"]",
+                    ));
+                }
+                let mut seen = HashSet::new();
+                if let Some(dup) = addrs.iter().find(|a| !seen.insert(**a)) {
+                    return Err(self.err(
+                        span,
+                        "server.listen",
+                        format!("{dup} is listed twice"),
+                        "list each address once",
+                    ));
+                }
+                addrs
+            }
+            None => vec!["127.0.0.1:8080".parse().expect("valid default")],
+        };
+        let max_header_size = match raw.max_header_size {
+            Some(s) => {
+                let bytes = s.get_ref().0;
+                if !(1024..=1 << 20).contains(&bytes) {
+                    return Err(self.err(
+                        s.span(),
+                        "server.max_header_size",
+                        format!("{} is out of range", s.get_ref()),
+                        "use a size from \"1KB\" to \"1MB\"",
+                    ));
+                }
+                bytes as usize
+            }
+            None => 32 << 10,
+        };
+        let slow = raw.slow_request.map_or(Duration::from_secs(5), |d| d.0);
+        Ok(ServerPolicy {
+            listen,
+            max_request_body: raw.max_request_body.map_or(50 << 20, |s| s.0),
+            max_header_size,
+            header_read_timeout: raw
+                .header_read_timeout
+                .map_or(Duration::from_secs(10), |d| d.0),
+            idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(75), |d| d.0),
+            shutdown_grace: raw.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
+            trusted_proxies: raw
+                .trusted_proxies
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c.0)
+                .collect(),
+            access_log: raw.access_log.unwrap_or_default(),
+            slow_request: (!slow.is_zero()).then_some(slow),
+        })
+    }
+
+    fn upstream(&self, name: String, raw: raw::RawUpstream) -> Result<UpstreamPolicy, PolicyError> {
+        let key = |k: &str| format!("upstreams.{name}.{k}");
+        if let Some(b) = &raw.balance {
+            if *b.get_ref() != Balance::RoundRobin {
+                return Err(self.err(
+                    b.span(),
+                    key("balance"),
+                    format!("`{}` balancing is {NOT_YET}", b.get_ref().as_str()),
+                    "use balance = \"round_robin\" (the default for now) or remove the key",
+                ));
+            }
+        }
+        if let Some(m) = &raw.model_routing {
+            if *m.get_ref() != ModelRouting::Off {
+                return Err(self.not_yet(m.span(), &key("model_routing")));
+            }
+        }
+        if let Some(v) = &raw.max_inflight_per_server {
+            return Err(self.not_yet(v.span(), &key("max_inflight_per_server")));
+        }
+        if let Some(v) = &raw.queue_timeout {
+            return Err(self.not_yet(v.span(), &key("queue_timeout")));
+        }
+        if let Some(v) = &raw.retries {
+            if *v.get_ref() != 0 {
+                return Err(self.err(
+                    v.span(),
+                    key("retries"),
+                    format!("retries are {NOT_YET}"),
+                    "use retries = 0 or remove the key",
+                ));
+            }
+        }
+        if let Some(v) = &raw.health {
+            return Err(self.not_yet(v.span(), &key("health")));
+        }
+        let servers_span = raw.servers.span();
+        let entries = raw.servers.into_inner();
+        if entries.is_empty() {
+            return Err(self.err(
+                servers_span,
+                key("servers"),
+                "no servers",
+                "add at least one, e.g. servers = [{ url = \"http://127.0.0.1:11434\" }]",
+            ));
+        }
+        let mut servers = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.into_iter().enumerate() {
+            let entry = entry.into_inner();
+            let k = format!("upstreams.{name}.servers[{i}]");
+            if let Some(m) = &entry.models {
+                return Err(self.not_yet(m.span(), &format!("{k}.models")));
+            }
+            let weight = match &entry.weight {
+                Some(w) if *w.get_ref() == 0 => {
+                    return Err(self.err(
+                        w.span(),
+                        format!("{k}.weight"),
+                        "a weight of 0 never sends traffic",
+                        "use a weight of 1 or more, or remove the server",
+                    ));
+                }
+                Some(w) => *w.get_ref(),
+                None => 1,
+            };
+            let (scheme, authority) = self.server_url(&entry.url, &format!("{k}.url"))?;
+            servers.push(UpstreamServer {
+                url: entry.url.into_inner(),
+                scheme,
+                authority,
+                weight,
+            });
+        }
+        Ok(UpstreamPolicy {
+            name,
+            servers,
+            connect_timeout: raw.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
+            response_timeout: raw
+                .response_timeout
+                .map_or(Duration::from_secs(300), |d| d.0),
+            idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
+        })
+    }
+
+    fn server_url(
+        &self,
+        url: &Spanned<String>,
+        key: &str,
+    ) -> Result<(Scheme, Authority), PolicyError> {
+        let span = url.span();
+        let text = url.get_ref();
+        let fix = "write it as http://HOST:PORT, e.g. \"http://127.0.0.1:11434\"";
+        let uri: Uri = text
+            .parse()
+            .map_err(|_| self.err(span.clone(), key, format!("`{text}` is not a URL"), fix))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(self.err(
+                    span,
+                    key,
+                    format!("https upstreams are {NOT_YET}"),
+                    "use an http:// URL for now",
+                ));
+            }
+            _ => return Err(self.err(span, key, format!("`{text}` has no http:// scheme"), fix)),
+        }
+        let authority = match uri.authority() {
+            Some(a) if !a.host().is_empty() => a.clone(),
+            _ => return Err(self.err(span, key, format!("`{text}` has no host"), fix)),
+        };
+        if authority.as_str().contains('@') {
+            return Err(self.err(
+                span,
+                key,
+                "credentials in server URLs are not supported",
+                "remove the user:password@ part",
+            ));
+        }
+        if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+            return Err(self.err(
+                span,
+                key,
+                format!("`{text}` has a path; server URLs name a server, not a location"),
+                "remove the path: requests keep their own path",
+            ));
+        }
+        Ok((Scheme::HTTP, authority))
+    }
+
+    fn routes(
+        &self,
+        raw: Vec<Spanned<raw::RawRoute>>,
+        upstreams: &[Arc<UpstreamPolicy>],
+    ) -> Result<Vec<Arc<RoutePolicy>>, PolicyError> {
+        if raw.is_empty() {
+            return Err(self.src.error(
+                None,
+                "route",
+                "no routes: every request would get 404",
+                "add a [[route]] with a name and an upstream (see the shipped proxy.toml)",
+            ));
+        }
+        let upstream_names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
+        let mut routes: Vec<(Range<usize>, Arc<RoutePolicy>)> = Vec::with_capacity(raw.len());
+        for (i, spanned) in raw.into_iter().enumerate() {
+            let route_span = spanned.span();
+            let r = spanned.into_inner();
+            let key = format!("route[{i}]");
+            let name = r.name.get_ref().trim().to_owned();
+            if name.is_empty() {
+                return Err(self.err(
+                    r.name.span(),
+                    format!("{key}.name"),
+                    "empty route name",
+                    "give the route a short name, e.g. name = \"generate\"",
+                ));
+            }
+            if routes.iter().any(|(_, p)| p.name == name) {
+                return Err(self.err(
+                    r.name.span(),
+                    format!("{key}.name"),
+                    format!("route name `{name}` is used twice"),
+                    "give each route its own name",
+                ));
+            }
+            let key = format!("route[{i}] ({name})");
+            if let Some(v) = &r.rate_limit {
+                return Err(self.not_yet(v.span(), &format!("{key}.rate_limit")));
+            }
+            if let Some(c) = &r.cache {
+                let only_off =
+                    c.get_ref().mode == Some(raw::CacheMode::Off) && is_only_mode(c.get_ref());
+                if !only_off {
+                    return Err(self.not_yet(c.span(), &format!("{key}.cache")));
+                }
+            }
+            if let Some(h) = &r.headers {
+                return Err(self.not_yet(h.span(), &format!("{key}.headers")));
+            }
+            let upstream = r.upstream.get_ref().clone();
+            if !upstream_names.contains(&upstream) {
+                let fix = match nearest(&upstream, &upstream_names) {
+                    Some(best) => format!(
+                        "did you mean `{best}`? (defined: {})",
+                        upstream_names.join(", ")
+                    ),
+                    None if upstream_names.is_empty() => {
+                        format!("define it with [upstreams.{upstream}] and servers = [...]")
+                    }
+                    None => format!("use one of: {}", upstream_names.join(", ")),
+                };
+                return Err(self.err(
+                    r.upstream.span(),
+                    format!("{key}.upstream"),
+                    format!("no upstream named `{upstream}`"),
+                    fix,
+                ));
+            }
+            let (matcher, match_span) = match r.matcher {
+                Some(m) => {
+                    let span = m.span();
+                    (self.route_match(m.into_inner(), &key)?, span)
+                }
+                None => (RouteMatch::default(), route_span.clone()),
+            };
+            if let Some((earlier_span, earlier)) =
+                routes.iter().find(|(_, e)| e.matcher.covers(&matcher))
+            {
+                let earlier_line = self.line_of(earlier_span);
+                return Err(self.err(
+                    match_span,
+                    format!("{key}.match"),
+                    format!("this route can never match: route `{}` (line {earlier_line}) comes first and matches everything it does", earlier.name),
+                    format!("move it above `{}` or narrow that route's match", earlier.name),
+                ));
+            }
+            routes.push((
+                route_span,
+                Arc::new(RoutePolicy {
+                    name,
+                    matcher,
+                    upstream,
+                    preserve_host: r.preserve_host.unwrap_or(true),
+                }),
+            ));
+        }
+        Ok(routes.into_iter().map(|(_, r)| r).collect())
+    }
+
+    fn route_match(&self, raw: raw::RawMatch, key: &str) -> Result<RouteMatch, PolicyError> {
+        let methods = match raw.methods {
+            None => None,
+            Some(list) if list.is_empty() => None,
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for m in list {
+                    let upper = m.get_ref().trim().to_ascii_uppercase();
+                    let method = Method::from_bytes(upper.as_bytes())
+                        .ok()
+                        .filter(|_| !upper.is_empty())
+                        .ok_or_else(|| {
+                            self.err(
+                                m.span(),
+                                format!("{key}.match.methods"),
+                                format!("`{}` is not an HTTP method", m.get_ref()),
+                                "use method names such as \"GET\", \"POST\"",
+                            )
+                        })?;
+                    out.push(method);
+                }
+                Some(out)
+            }
+        };
+        let mut paths = Vec::new();
+        for p in raw.paths.unwrap_or_default() {
+            if !p.get_ref().starts_with('/') {
+                return Err(self.err(
+                    p.span(),
+                    format!("{key}.match.paths"),
+                    format!("`{}` does not start with /", p.get_ref()),
+                    "write absolute paths such as \"/api/generate\"",
+                ));
+            }
+            paths.push(p.into_inner());
+        }
+        let path_prefix = match raw.path_prefix {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return Err(self.err(
+                    p.span(),
+                    format!("{key}.match.path_prefix"),
+                    format!("`{}` does not start with /", p.get_ref()),
+                    "write an absolute prefix such as \"/api/\"",
+                ));
+            }
+            Some(p) => Some(p.into_inner()),
+            None => None,
+        };
+        let host = match raw.host {
+            Some(h) => Some(self.host_pattern(&h, key)?),
+            None => None,
+        };
+        Ok(RouteMatch {
+            methods,
+            paths,
+            path_prefix,
+            host,
+        })
+    }
+
+    fn host_pattern(&self, h: &Spanned<String>, key: &str) -> Result<HostPattern, PolicyError> {
+        let text = h.get_ref().trim().to_ascii_lowercase();
+        let (wild, name) = match text.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_owned()),
+            None => (false, text.clone()),
+        };
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            && !name.starts_with('.');
+        if !valid {
+            return Err(self.err(
+                h.span(),
+                format!("{key}.match.host"),
+                format!("`{}` is not a host name", h.get_ref()),
+                "write a name such as \"api.example.com\" or \"*.example.com\", without port",
+            ));
+        }
+        Ok(if wild {
+            HostPattern::Subdomains(format!(".{name}"))
+        } else {
+            HostPattern::Exact(name)
+        })
+    }
+}
+
+/// `[route.cache]` with nothing but `mode`, so `mode = "off"` is accepted today.
+fn is_only_mode(c: &raw::RawRouteCache) -> bool {
+    c.ttl.is_none()
+        && c.body_key.is_none()
+        && c.ignore_fields.is_none()
+        && c.scope.is_none()
+        && c.stream.is_none()
+        && c.stale_if_error.is_none()
+        && c.stale_while_revalidate.is_none()
+}
