@@ -1,5 +1,23 @@
-//! Hyperion: a caching reverse proxy for AI backends.
+//! Hyperion: a caching reverse proxy for AI backends (Ollama, OpenAI-compatible
+//! servers, FastAPI), driven by one policy file.
+//!
+//! The library holds everything; the `hyperion` binary only parses arguments,
+//! loads the policy, binds listeners and handles signals. Tests start the proxy
+//! in-process through [`serve`] on listeners bound to port 0.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
+pub mod body;
+pub mod conn;
+pub mod error;
+pub mod handler;
+pub mod headers;
 pub mod policy;
 pub mod route;
+pub mod server;
+pub mod upstream;
+
+pub use access_log::LogSink;
+pub use handler::Proxy;
+pub use policy::{Policy, PolicyError};
+pub use server::serve;

@@ -66,7 +66,7 @@ pub struct UpstreamPolicy {
 #[derive(Debug, Clone)]
 pub struct UpstreamServer {
     /// As written, for logs and the summary.
-    pub url: String,
+    pub url: Arc<str>,
     pub scheme: Scheme,
     pub authority: Authority,
     pub weight: u32,
@@ -124,7 +124,7 @@ impl fmt::Display for Policy {
                 .servers
                 .iter()
                 .map(|srv| match srv.weight {
-                    1 => srv.url.clone(),
+                    1 => srv.url.to_string(),
                     w => format!("{} (weight {w})", srv.url),
                 })
                 .collect();

@@ -228,12 +228,20 @@ impl Validator<'_> {
                         "use a weight of 1 or more, or remove the server",
                     ));
                 }
+                Some(w) if *w.get_ref() > 1000 => {
+                    return Err(self.err(
+                        w.span(),
+                        format!("{k}.weight"),
+                        format!("a weight of {} is too large", w.get_ref()),
+                        "use weights from 1 to 1000; only their ratios matter",
+                    ));
+                }
                 Some(w) => *w.get_ref(),
                 None => 1,
             };
             let (scheme, authority) = self.server_url(&entry.url, &format!("{k}.url"))?;
             servers.push(UpstreamServer {
-                url: entry.url.into_inner(),
+                url: Arc::from(entry.url.into_inner()),
                 scheme,
                 authority,
                 weight,

@@ -1,0 +1,285 @@
+//! The bodies that flow through the proxy, and their limits while streaming.
+//!
+//! `RequestBody` forwards the client's body chunk by chunk and fails once it
+//! passes `max_request_body` (never buffering it whole). `ResponseBody` is what
+//! the client receives: an upstream body under an idle timer, or a small fixed
+//! body; when it ends or is dropped it reports how much was sent and how it
+//! ended (the access log and connection accounting ride on that).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client sent more than `max_request_body`.
+#[derive(Debug)]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request body exceeds {} bytes", self.limit)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// Reading the client's body failed (the client went away mid-upload, or sent
+/// a malformed chunked body).
+#[derive(Debug)]
+pub struct ClientBodyError(pub hyper::Error);
+
+impl fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "reading the client's body: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// The upstream went quiet for longer than its `idle_timeout` mid-body.
+#[derive(Debug)]
+pub struct UpstreamIdle(pub Duration);
+
+impl fmt::Display for UpstreamIdle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "upstream sent nothing for {:?} mid-body", self.0)
+    }
+}
+
+impl std::error::Error for UpstreamIdle {}
+
+// === impl RequestBody ===
+
+/// The client's body on its way upstream, cut off past `limit` bytes.
+pub struct RequestBody {
+    inner: Incoming,
+    seen: u64,
+    limit: u64,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: u64) -> Self {
+        RequestBody {
+            inner,
+            seen: 0,
+            limit,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
+                            limit: this.limit,
+                        }))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// === impl ResponseBody ===
+
+/// How a response body ended, for the access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyOutcome {
+    /// Every byte was handed to the connection.
+    Complete,
+    /// The client went away (or the connection was closed) before the end.
+    Aborted,
+    /// The upstream failed or went idle mid-body; the client's response was cut.
+    UpstreamError,
+}
+
+impl BodyOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyOutcome::Complete => "complete",
+            BodyOutcome::Aborted => "aborted",
+            BodyOutcome::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// Called once when a response body ends or is dropped: bytes sent, outcome.
+pub type OnEnd = Box<dyn FnOnce(u64, BodyOutcome) + Send>;
+
+/// The body the client receives.
+pub struct ResponseBody {
+    kind: Kind,
+    sent: u64,
+    on_end: Option<OnEnd>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream(UpstreamBody),
+}
+
+struct UpstreamBody {
+    inner: Incoming,
+    idle: Duration,
+    /// Allocated the first time the upstream makes us wait, then reused.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl ResponseBody {
+    pub fn empty() -> Self {
+        Self::with(Kind::Full(None))
+    }
+
+    pub fn full(bytes: Bytes) -> Self {
+        Self::with(Kind::Full((!bytes.is_empty()).then_some(bytes)))
+    }
+
+    /// An upstream body, failed if the upstream sends nothing for `idle`.
+    pub fn upstream(inner: Incoming, idle: Duration) -> Self {
+        Self::with(Kind::Upstream(UpstreamBody {
+            inner,
+            idle,
+            timer: None,
+            armed: false,
+        }))
+    }
+
+    fn with(kind: Kind) -> Self {
+        ResponseBody {
+            kind,
+            sent: 0,
+            on_end: None,
+        }
+    }
+
+    /// Registers the end hook; it runs exactly once.
+    pub fn on_end(&mut self, f: OnEnd) {
+        self.on_end = Some(f);
+    }
+
+    fn finish(&mut self, outcome: BodyOutcome) {
+        if let Some(f) = self.on_end.take() {
+            f(self.sent, outcome);
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.finish(BodyOutcome::Aborted);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(up) => up.poll(cx),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+                // hyper stops polling once the body says it has ended, so the
+                // end is recorded here rather than on a final `None`.
+                if this.is_end_stream() {
+                    this.finish(BodyOutcome::Complete);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(BodyOutcome::UpstreamError),
+            Poll::Ready(None) => this.finish(BodyOutcome::Complete),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(up) => up.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.armed = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                // The timer is only touched when the upstream makes us wait, so a
+                // body that arrives in one read costs no timer work at all.
+                let deadline = Instant::now() + self.idle;
+                if !self.armed {
+                    self.armed = true;
+                    match &mut self.timer {
+                        Some(t) => t.as_mut().reset(deadline),
+                        None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                let timer = self.timer.as_mut().expect("armed above");
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(Box::new(UpstreamIdle(self.idle)))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}

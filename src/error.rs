@@ -1,0 +1,109 @@
+//! `ProxyError`: everything that can stop a request on its way through the
+//! proxy, and the one function that turns it into a status and a JSON body.
+//!
+//! Client-facing messages never name internal servers or addresses; the
+//! detailed cause is kept in the error for the log.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::ResponseBody;
+
+/// A request that could not be proxied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("the request header section is larger than the limit of {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("the request body could not be read from the client: {0}")]
+    ClientBody(String),
+    #[error("upstream {server} is unavailable: {reason}")]
+    UpstreamUnavailable { server: String, reason: String },
+    #[error("upstream {server} did not {phase} within {timeout:?}")]
+    UpstreamTimeout {
+        server: String,
+        phase: &'static str,
+        timeout: Duration,
+    },
+    #[error("upstream {server} failed: {reason}")]
+    UpstreamFailed { server: String, reason: String },
+}
+
+// === impl ProxyError ===
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UpstreamUnavailable { .. } | ProxyError::UpstreamFailed { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Stable machine-readable code for the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::HeadersTooLarge { .. } => "headers_too_large",
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => "bad_request",
+            ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::UpstreamFailed { .. } => "upstream_error",
+        }
+    }
+
+    /// What the client is told: the cause without internal addresses.
+    fn public_message(&self) -> String {
+        match self {
+            ProxyError::UpstreamUnavailable { .. } => {
+                "the upstream server refused the connection or could not be reached".to_owned()
+            }
+            ProxyError::UpstreamTimeout { phase, timeout, .. } => {
+                format!(
+                    "the upstream server did not {phase} within {}s",
+                    timeout.as_secs_f64()
+                )
+            }
+            ProxyError::UpstreamFailed { .. } => {
+                "the upstream server closed the connection or sent an invalid response".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The response the client receives: status, JSON body, request id.
+    pub fn into_response(&self, request_id: &HeaderValue) -> Response<ResponseBody> {
+        let body = serde_json::json!({
+            "error": {
+                "code": self.code(),
+                "message": self.public_message(),
+                "request_id": request_id.to_str().unwrap_or(""),
+            }
+        });
+        let mut bytes = serde_json::to_vec(&body).expect("JSON values serialize");
+        bytes.push(b'\n');
+        let mut resp = Response::new(ResponseBody::full(Bytes::from(bytes)));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(crate::headers::X_REQUEST_ID, request_id.clone());
+        resp
+    }
+}

@@ -1,0 +1,354 @@
+//! The request path, in order: request id → route → request limits → forward
+//! headers → upstream → response headers → streamed body, with one access-log
+//! record carried to the end of the response body.
+//!
+//! This is the one place that knows the order of the steps. Each step's rules
+//! live in its own module (`route`, `headers`, `body`, `upstream`); connection
+//! handling lives in `server`.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access_log::{AccessLog, AccessRecord, LogSink};
+use crate::body::{RequestBody, ResponseBody};
+use crate::conn::ConnState;
+use crate::error::ProxyError;
+use crate::headers::{self, Forwarding, X_REQUEST_ID};
+use crate::policy::{Policy, RoutePolicy};
+use crate::route::RouteTable;
+use crate::upstream::{error_chain, UpstreamPool};
+
+/// A running policy: routes resolved to their upstream pools.
+pub struct Proxy {
+    policy: Arc<Policy>,
+    routes: RouteTable<Route>,
+    log: Arc<AccessLog>,
+}
+
+/// A route with its upstream pool resolved.
+struct Route {
+    policy: Arc<RoutePolicy>,
+    name: Arc<str>,
+    pool: Arc<UpstreamPool>,
+}
+
+/// What a request knows about the connection it came on.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    pub state: Arc<ConnState>,
+    /// Where tunnels (upgraded connections) are spawned, so shutdown can wait
+    /// for them and cut them at the end of the grace period.
+    pub tasks: TaskTracker,
+    pub force_close: CancellationToken,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    pub fn new(policy: Arc<Policy>, sink: LogSink) -> Self {
+        let pools: Vec<Arc<UpstreamPool>> = policy
+            .upstreams
+            .iter()
+            .map(|u| Arc::new(UpstreamPool::new(u.clone())))
+            .collect();
+        let routes = policy
+            .routes
+            .iter()
+            .map(|r| {
+                let pool = pools
+                    .iter()
+                    .find(|p| p.policy.name == r.upstream)
+                    .expect("validation resolved every route's upstream")
+                    .clone();
+                let route = Route {
+                    policy: r.clone(),
+                    name: Arc::from(r.name.as_str()),
+                    pool,
+                };
+                (r.matcher.clone(), Arc::new(route))
+            })
+            .collect();
+        let log = AccessLog::new(policy.server.access_log, policy.server.slow_request, sink);
+        Proxy {
+            routes: RouteTable::new(routes),
+            log: Arc::new(log),
+            policy,
+        }
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Answers one request. Never fails: errors become JSON responses.
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
+        let inflight = conn.state.begin(req.version());
+        let request_id = headers::request_id(req.headers());
+        let trusted = &self.policy.server.trusted_proxies;
+        let mut rec = AccessRecord {
+            started: Instant::now(),
+            wall: SystemTime::now(),
+            client: headers::client_ip(conn.peer.ip().to_canonical(), req.headers(), trusted),
+            method: req.method().clone(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned(),
+            version: req.version(),
+            status: 0,
+            route: None,
+            upstream: None,
+            request_id: request_id.clone(),
+            cache: "-",
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            referer: req.headers().get(header::REFERER).cloned(),
+            error: None,
+        };
+        let mut resp = match self.forward(req, conn, &mut rec, &request_id).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if e.status().is_server_error() {
+                    tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
+                } else {
+                    tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
+                }
+                rec.error = Some(e.code());
+                e.into_response(&request_id)
+            }
+        };
+        rec.status = resp.status().as_u16();
+        resp.headers_mut().insert(X_REQUEST_ID, request_id);
+        let log = self.log.clone();
+        resp.body_mut().on_end(Box::new(move |bytes, outcome| {
+            log.finish(&rec, bytes, outcome);
+            drop(inflight);
+        }));
+        resp
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        rec: &mut AccessRecord,
+        request_id: &HeaderValue,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let limits = &self.policy.server;
+        let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if host_value.is_none() && req.version() == Version::HTTP_11 {
+            // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+            return Err(ProxyError::BadRequest(
+                "HTTP/1.1 requests need a Host header",
+            ));
+        }
+        let host = host_value.as_ref().and_then(host_name);
+        let route = self
+            .routes
+            .find(req.method(), host.as_deref(), req.uri().path())
+            .ok_or(ProxyError::NoRoute)?;
+        rec.route = Some(route.name.clone());
+
+        let uri_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+        if headers::head_size(req.method().as_str(), uri_len, req.headers())
+            > limits.max_header_size
+        {
+            return Err(ProxyError::HeadersTooLarge {
+                limit: limits.max_header_size,
+            });
+        }
+        let declared_len = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()))
+            .map(|n| n.ok_or(ProxyError::BadRequest("Content-Length is not a number")))
+            .transpose()?;
+        if declared_len.is_some_and(|n| n > limits.max_request_body) {
+            return Err(ProxyError::BodyTooLarge {
+                limit: limits.max_request_body,
+            });
+        }
+
+        let upgrade = (req.version() == Version::HTTP_11)
+            .then(|| headers::requested_upgrade(req.headers()))
+            .flatten();
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let had_transfer_encoding = parts.headers.contains_key(header::TRANSFER_ENCODING);
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if had_transfer_encoding {
+            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; a length
+            // sent alongside it must not reach the upstream.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        // hyper has already answered `Expect: 100-continue` by reading the body.
+        parts.headers.remove(header::EXPECT);
+        let peer = conn.peer.ip().to_canonical();
+        headers::add_forwarding(
+            &mut parts.headers,
+            &Forwarding {
+                peer,
+                peer_trusted: self
+                    .policy
+                    .server
+                    .trusted_proxies
+                    .iter()
+                    .any(|n| n.contains(&peer)),
+                proto: conn.proto,
+                host: host_value.as_ref(),
+                version: parts.version,
+            },
+        );
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+
+        let pool = &route.pool;
+        let server = pool.pick();
+        rec.upstream = Some(server.url.clone());
+        if !route.policy.preserve_host {
+            let authority = HeaderValue::from_str(server.authority.as_str())
+                .expect("an authority is a valid header value");
+            parts.headers.insert(header::HOST, authority);
+        } else if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host_value) {
+            // HTTP/2 clients send :authority instead of Host.
+            parts.headers.insert(header::HOST, h.clone());
+        }
+        if let Some(protocol) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        parts.uri = UpstreamPool::target(server, parts.uri.path_and_query());
+        parts.version = Version::HTTP_11;
+
+        let body = RequestBody::new(body, limits.max_request_body);
+        let mut resp = pool.send(server, Request::from_parts(parts, body)).await?;
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(ProxyError::UpstreamFailed {
+                    server: server.url.to_string(),
+                    reason: "101 Switching Protocols to a request that asked for no upgrade".into(),
+                });
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            spawn_tunnel(
+                conn,
+                client_upgrade,
+                upstream_upgrade,
+                rec.request_id.clone(),
+            );
+            let (mut parts, _) = resp.into_parts();
+            let protocol = parts.headers.get(header::UPGRADE).cloned();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(p) = protocol.or(upgrade) {
+                parts.headers.insert(header::UPGRADE, p);
+            }
+            return Ok(Response::from_parts(parts, ResponseBody::empty()));
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        // The client's connection has its own version; an HTTP/1.0 upstream
+        // must not turn the client's response into HTTP/1.0.
+        parts.version = Version::HTTP_11;
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::upstream(body, pool.policy.idle_timeout),
+        ))
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the
+/// upstream's, until either side closes or the shutdown grace runs out.
+fn spawn_tunnel(
+    conn: &ConnInfo,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    request_id: HeaderValue,
+) {
+    let force_close = conn.force_close.clone();
+    conn.tasks.spawn(async move {
+        let run = async {
+            let (client, upstream) = tokio::try_join!(client, upstream)?;
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                .await
+                .map_err(hyper_error_from_io)
+        };
+        tokio::select! {
+            res = run => match res {
+                Ok((up, down)) => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), up, down, "tunnel closed"),
+                Err(e) => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "tunnel ended: {}", error_chain(&e)),
+            },
+            _ = force_close.cancelled() => {}
+        }
+    });
+}
+
+/// Unifies the tunnel's two error types for one log line.
+fn hyper_error_from_io(e: std::io::Error) -> TunnelError {
+    TunnelError::Io(e)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TunnelError {
+    #[error("upgrade failed: {0}")]
+    Upgrade(#[from] hyper::Error),
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
+/// The host a request is for, lower-case and without port: `Api.X.com:8080` → `api.x.com`.
+fn host_name(value: &HeaderValue) -> Option<Cow<'_, str>> {
+    let s = value.to_str().ok()?;
+    let name = if let Some(rest) = s.strip_prefix('[') {
+        // [v6]:port
+        &s[..rest.find(']')? + 2]
+    } else {
+        s.rsplit_once(':').map_or(s, |(h, _)| h)
+    };
+    Some(if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names() {
+        let h = |s: &'static str| {
+            host_name(&HeaderValue::from_static(s))
+                .unwrap()
+                .into_owned()
+        };
+        assert_eq!(h("Api.Example.com:8080"), "api.example.com");
+        assert_eq!(h("example.com"), "example.com");
+        assert_eq!(h("[::1]:8080"), "[::1]");
+    }
+}

@@ -1,0 +1,274 @@
+//! Header rules of a forwarding intermediary: hop-by-hop removal (RFC 9110
+//! §7.6.1), `X-Forwarded-*` and `Via` (§7.6.3), the real client address
+//! behind trusted proxies, and `X-Request-Id`.
+//!
+//! Pure functions over `HeaderMap`s; nothing here performs I/O or knows about
+//! routes and upstreams.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// RFC 9110 §7.6.1: fields that describe one connection, never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes the hop-by-hop fields, including every field named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The upgrade protocol a request asks for (`Connection: upgrade` plus
+/// `Upgrade: websocket`), when it is one a proxy can tunnel. `h2c` is refused:
+/// this proxy speaks h2c itself and never hands that upgrade to an upstream.
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers.get(header::UPGRADE)?;
+    let connection_says_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let is_h2c = upgrade
+        .to_str()
+        .map(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")))
+        .unwrap_or(false);
+    (connection_says_upgrade && !is_h2c).then(|| upgrade.clone())
+}
+
+/// The address a request really comes from: the peer, or — when the peer is a
+/// trusted proxy — the right-most `X-Forwarded-For` entry that is not itself trusted.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let hops = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect::<Vec<_>>();
+    for hop in hops.into_iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip.to_canonical();
+                if !is_trusted(&client) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
+}
+
+/// What the forwarding headers are built from.
+pub struct Forwarding<'a> {
+    pub peer: IpAddr,
+    pub peer_trusted: bool,
+    /// `http` or `https`: how the client reached this proxy.
+    pub proto: &'static str,
+    /// The host the client asked for (with port, as sent), when known.
+    pub host: Option<&'a HeaderValue>,
+    pub version: Version,
+}
+
+/// Adds `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via`.
+/// Incoming `X-Forwarded-*` values are kept only from trusted peers; from
+/// anyone else they are replaced, so a client cannot forge its address.
+pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
+    let peer = fwd.peer.to_string();
+    let prior = if fwd.peer_trusted {
+        joined(headers, &X_FORWARDED_FOR)
+    } else {
+        None
+    };
+    let xff = match prior {
+        Some(prior) => format!("{prior}, {peer}"),
+        None => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if !(fwd.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    }
+    if !(fwd.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match fwd.host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+    // RFC 9110 §7.6.3: a gateway MUST send Via in each inbound request it forwards.
+    let via = match fwd.version {
+        Version::HTTP_10 => "1.0 hyperion",
+        Version::HTTP_2 => "2 hyperion",
+        _ => "1.1 hyperion",
+    };
+    match joined(headers, &header::VIA) {
+        Some(prior) => {
+            if let Ok(v) = HeaderValue::from_str(&format!("{prior}, {via}")) {
+                headers.insert(header::VIA, v);
+            }
+        }
+        None => {
+            headers.insert(header::VIA, HeaderValue::from_static(via));
+        }
+    }
+}
+
+/// All values of a field joined with ", ", or `None` when absent.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    let first = values.next()?;
+    Some(values.fold(first.to_owned(), |mut acc, v| {
+        acc.push_str(", ");
+        acc.push_str(v);
+        acc
+    }))
+}
+
+/// The request's id: the client's `X-Request-Id` when it is a sane token
+/// (1–128 visible ASCII characters), otherwise a new random one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    new_request_id()
+}
+
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for b in out.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+}
+
+/// Approximate size of a request head as it came on the wire: request line
+/// plus `name: value\r\n` per field.
+pub fn head_size(method: &str, uri_len: usize, headers: &HeaderMap) -> usize {
+    let line = method.len() + 1 + uri_len + 11;
+    headers
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = map(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("trailer", "x"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn client_ip_behind_trusted_proxies() {
+        let trusted = vec![
+            "127.0.0.1/32".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
+        let h = map(&[("x-forwarded-for", "203.0.113.9, 10.1.2.3")]);
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            client_ip(local, &h, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        let stranger: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(client_ip(stranger, &h, &trusted), stranger);
+        let junk = map(&[("x-forwarded-for", "not-an-ip")]);
+        assert_eq!(client_ip(local, &junk, &trusted), local);
+    }
+
+    #[test]
+    fn request_ids() {
+        let h = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(request_id(&h), "abc-123");
+        let bad = map(&[("x-request-id", "has space")]);
+        let id = request_id(&bad);
+        assert_eq!(id.len(), 32);
+        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        let ws = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(requested_upgrade(&ws).unwrap(), "websocket");
+        let h2c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(requested_upgrade(&h2c).is_none());
+        let no_conn = map(&[("upgrade", "websocket")]);
+        assert!(requested_upgrade(&no_conn).is_none());
+    }
+}

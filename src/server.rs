@@ -1,0 +1,195 @@
+//! Listening and connections: the accept loops, hyper-util's auto builder
+//! (HTTP/1.1 and h2c), client timeouts, and the graceful drain on shutdown.
+//!
+//! Owns the life of a connection, not what happens to a request on it
+//! (`handler.rs`). Shutdown: stop accepting, ask every connection to finish its
+//! in-flight requests (HTTP/1.1 closes after the current response, HTTP/2 sends
+//! GOAWAY), wait up to `shutdown_grace`, then cut whatever is left.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::conn::{ActivityIo, ConnState, ConnTimeout};
+use crate::handler::{ConnInfo, Proxy};
+use crate::policy::ServerPolicy;
+
+/// What every connection task shares.
+struct Shared {
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    stop_accepting: CancellationToken,
+    force_close: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Serves `proxy` on already-bound `listeners` until `shutdown` resolves,
+/// then drains for at most the policy's `shutdown_grace`.
+///
+/// Listeners are passed in bound, so tests bind `127.0.0.1:0` without racing
+/// for ports, and the binary can report bind errors before serving.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let policy: ServerPolicy = proxy.policy().server.clone();
+    let shared = Arc::new(Shared {
+        builder: connection_builder(&policy),
+        header_read_timeout: policy.header_read_timeout,
+        idle_timeout: policy.idle_timeout,
+        stop_accepting: CancellationToken::new(),
+        force_close: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        proxy,
+    });
+    let mut accept_loops = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("listening on http://{addr}");
+        }
+        accept_loops.push(tokio::spawn(accept_loop(listener, shared.clone())));
+    }
+
+    shutdown.await;
+    let open = shared.tasks.len();
+    tracing::info!(
+        connections = open,
+        grace_s = policy.shutdown_grace.as_secs_f64(),
+        "shutting down: no new connections, draining in-flight requests"
+    );
+    shared.stop_accepting.cancel();
+    for l in accept_loops {
+        let _ = l.await;
+    }
+    shared.tasks.close();
+    if tokio::time::timeout(policy.shutdown_grace, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = shared.tasks.len(),
+            "shutdown_grace elapsed: closing the connections still open"
+        );
+        shared.force_close.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.wait()).await;
+    }
+    tracing::info!("shutdown complete");
+}
+
+fn connection_builder(policy: &ServerPolicy) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Heads up to twice the limit are read so `handler` can answer an oversized
+    // head with a JSON 431; beyond that hyper refuses it (bare 431) before
+    // buffering more. hyper's own header timer is off: see `conn.rs`.
+    let head_buffer = (policy.max_header_size * 2).max(8192);
+    builder
+        .http1()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(head_buffer);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(head_buffer as u32);
+    builder
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.stop_accepting.cancelled() => return,
+            res = listener.accept() => res,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                shared
+                    .tasks
+                    .spawn(serve_connection(stream, peer, shared.clone()));
+            }
+            Err(e) if is_per_connection(&e) => {}
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS: the process is out of something; wait
+                // for connections to close instead of spinning or exiting.
+                tracing::error!("accept failed: {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = shared.stop_accepting.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Errors about one half-open connection, not about the listener.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
+    )
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let state = Arc::new(ConnState::new());
+    let io = TokioIo::new(ActivityIo::new(stream, state.clone()));
+    let info = Arc::new(ConnInfo {
+        peer,
+        proto: "http",
+        state: state.clone(),
+        tasks: shared.tasks.clone(),
+        force_close: shared.force_close.clone(),
+    });
+    let proxy = shared.proxy.clone();
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+    });
+    let conn = shared.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let timeout = state.timeout(shared.header_read_timeout, shared.idle_timeout);
+    tokio::pin!(timeout);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+                return;
+            }
+            _ = shared.stop_accepting.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            why = &mut timeout, if !draining => match why {
+                ConnTimeout::Idle => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                ConnTimeout::HeaderRead => {
+                    tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
+                    return;
+                }
+            },
+            _ = shared.force_close.cancelled() => return,
+        }
+    }
+}
