@@ -1,0 +1,366 @@
+//! Test support: real upstream servers on `127.0.0.1:0`, the real proxy
+//! started in-process from a policy string, and a real HTTP client.
+//!
+//! Upstreams record every request head they receive (so tests can assert what
+//! reached them and how often); handlers decide the response, including
+//! streams driven step by step from the test and bodies that fail mid-way.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyperion::{LogSink, Policy, Proxy};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = BoxBody<Bytes, BoxError>;
+
+/// Long enough never to fire on a healthy run; short enough that a proxy that
+/// buffers a stream fails the test instead of hanging it.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+// === upstreams ===
+
+/// A request head as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+/// A real HTTP server standing in for Ollama or a FastAPI app.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Serves every request with `handler`, recording each request head first.
+    pub async fn start<F, Fut>(handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handler = Arc::new(handler);
+        let recorded = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let handler = handler.clone();
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        recorded.lock().unwrap().push(Seen {
+                            method: req.method().clone(),
+                            uri: req.uri().clone(),
+                            version: req.version(),
+                            headers: req.headers().clone(),
+                        });
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen, task }
+    }
+
+    /// An upstream answering every request with `echo`.
+    pub async fn echo() -> Upstream {
+        Upstream::start(echo).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests received so far.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream received a request")
+    }
+
+    /// Stops accepting; open connections keep being served.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An address nothing listens on: connections are refused.
+pub async fn refused_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Answers with a JSON description of the request: method, path, query,
+/// headers (lower-case names, values joined with ", "), body as text.
+/// `?status=N` sets the status.
+pub async fn echo(req: Request<Incoming>) -> Response<TestBody> {
+    let status = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("status=")))
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(200);
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut headers = serde_json::Map::new();
+    for name in parts.headers.keys() {
+        let values: Vec<&str> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?"))
+            .collect();
+        headers.insert(name.as_str().to_owned(), json!(values.join(", ")));
+    }
+    let value = json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+        "body_len": body.len(),
+    });
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(full(value.to_string()))
+        .unwrap()
+}
+
+/// A body the test writes chunk by chunk, and can fail mid-way.
+pub struct ChunkSender(mpsc::Sender<Result<Frame<Bytes>, BoxError>>);
+
+impl ChunkSender {
+    pub async fn send(&self, chunk: impl Into<Bytes>) {
+        self.0
+            .send(Ok(Frame::data(chunk.into())))
+            .await
+            .expect("body receiver alive");
+    }
+
+    /// Ends the body with an error: the connection carrying it is aborted.
+    pub async fn fail(self) {
+        let _ = self.0.send(Err("failing on purpose".into())).await;
+    }
+}
+
+pub fn channel_body() -> (ChunkSender, TestBody) {
+    let (tx, rx) = mpsc::channel(16);
+    (
+        ChunkSender(tx),
+        StreamBody::new(ReceiverStream::new(rx)).boxed(),
+    )
+}
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+pub fn empty() -> TestBody {
+    Empty::new().map_err(|e: Infallible| match e {}).boxed()
+}
+
+pub fn response(status: u16, body: impl Into<Bytes>) -> Response<TestBody> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap())
+        .body(full(body))
+        .unwrap()
+}
+
+// === the proxy ===
+
+/// Hyperion running in-process on a listener bound to port 0.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    logs: std::sync::mpsc::Receiver<String>,
+    stop: Option<oneshot::Sender<()>>,
+    pub done: Option<JoinHandle<()>>,
+}
+
+impl TestProxy {
+    /// Starts the proxy from policy text. `[server] listen` is ignored: the
+    /// proxy serves on a fresh loopback port.
+    pub async fn start(policy: &str) -> TestProxy {
+        let policy = Policy::parse("test.toml", policy)
+            .unwrap_or_else(|e| panic!("test policy invalid: {e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (log_tx, logs) = std::sync::mpsc::sync_channel(10_000);
+        let proxy = Arc::new(Proxy::new(Arc::new(policy), LogSink::Channel(log_tx)));
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let done = tokio::spawn(hyperion::serve(vec![listener], proxy, async {
+            let _ = stop_rx.await;
+        }));
+        TestProxy {
+            addr,
+            logs,
+            stop: Some(stop_tx),
+            done: Some(done),
+        }
+    }
+
+    /// A one-route policy sending everything to `upstream`, plus `extra` TOML
+    /// (extra `[server]` keys go in `server`).
+    pub async fn to(upstream: &str, server: &str) -> TestProxy {
+        TestProxy::start(&simple_policy(upstream, server, "")).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Starts the graceful shutdown (like SIGTERM).
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Access-log lines written so far, parsed.
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.logs
+            .try_iter()
+            .map(|l| serde_json::from_str(&l).expect("JSON log line"))
+            .collect()
+    }
+
+    /// Waits for the access-log line of the request with this id.
+    pub async fn log_for(&self, request_id: &str) -> Value {
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            seen.extend(self.log_lines());
+            if let Some(line) = seen.iter().find(|l| l["request_id"] == request_id) {
+                return line.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no access-log line for {request_id}; lines: {seen:?}");
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done.abort();
+        }
+    }
+}
+
+/// The policy text of one upstream `up` and one catch-all route `all`.
+pub fn simple_policy(upstream: &str, server: &str, route: &str) -> String {
+    format!(
+        "[server]\n{server}\n\n[upstreams.up]\nservers = [{{ url = \"{upstream}\" }}]\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n{route}\n"
+    )
+}
+
+// === the client ===
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A prior-knowledge h2c client.
+pub fn h2c_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(req: Request<TestBody>) -> (http::response::Parts, Bytes) {
+    let resp = tokio::time::timeout(PATIENCE, client().request(req))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("body in time")
+        .expect("complete body")
+        .to_bytes();
+    (parts, body)
+}
+
+pub async fn get(url: &str) -> (http::response::Parts, Bytes) {
+    send(Request::get(url).body(empty()).unwrap()).await
+}
+
+pub fn json(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}
+
+/// Writes raw bytes on a new connection and reads until the server closes it
+/// or `wait` passes; returns what was read.
+pub async fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_until_close(&mut stream, wait).await
+}
+
+pub async fn read_until_close(stream: &mut TcpStream, wait: Duration) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
