@@ -1,0 +1,289 @@
+//! The policy file: the shipped default, the reference shape, and every kind
+//! of mistake an operator can make, as `hyperion check` reports it.
+
+use std::process::Command;
+
+use hyperion::Policy;
+
+fn error_of(text: &str) -> String {
+    match Policy::parse("proxy.toml", text) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const UPSTREAM: &str = "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\n";
+const ROUTE: &str = "[[route]]\nname = \"all\"\nupstream = \"ollama\"\n";
+
+#[test]
+fn the_shipped_proxy_toml_is_valid() {
+    let policy = Policy::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/proxy.toml"
+    )))
+    .unwrap();
+    assert_eq!(
+        policy.server.listen,
+        vec!["127.0.0.1:8080".parse().unwrap()]
+    );
+    let ollama = policy.upstream("ollama").unwrap();
+    assert_eq!(&*ollama.servers[0].url, "http://127.0.0.1:11434");
+    assert_eq!(policy.routes.len(), 3);
+}
+
+#[test]
+fn every_key_of_the_reference_shape_parses() {
+    // POLICY.md's reference uses keys whose behaviour lands later: the file
+    // must fail only with "not supported yet", never as unknown or mistyped.
+    let reference = include_str!("fixtures/policy_reference.toml");
+    let err = error_of(reference);
+    assert!(err.contains("not supported yet"), "{err}");
+    assert!(
+        !err.contains("unknown key") && !err.contains("invalid type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn keys_not_built_yet_are_refused_at_their_line() {
+    let cases = [
+        ("[cache]\nmax_size = \"256MB\"\n", "cache", 1),
+        ("[compression]\nmin_size = \"1KB\"\n", "compression", 1),
+        ("[admin]\nlisten = \"127.0.0.1:9090\"\n", "admin", 1),
+        (
+            "[server.tls]\nlisten = [\"0.0.0.0:8443\"]\ncert = \"c\"\nkey = \"k\"\n",
+            "server.tls",
+            1,
+        ),
+        (
+            "[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"60/min\"\n",
+            "rate_limits.per_ip",
+            1,
+        ),
+    ];
+    for (snippet, key, line) in cases {
+        let err = error_of(&format!("{snippet}{UPSTREAM}{ROUTE}"));
+        assert!(err.starts_with(&format!("proxy.toml:{line}:")), "{err}");
+        assert!(
+            err.contains(&format!(": {key}: not supported yet")),
+            "{err}"
+        );
+    }
+    let upstream_keys = [
+        ("balance = \"least_inflight\"", "upstreams.ollama.balance"),
+        (
+            "model_routing = \"discover\"",
+            "upstreams.ollama.model_routing",
+        ),
+        (
+            "max_inflight_per_server = 4",
+            "upstreams.ollama.max_inflight_per_server",
+        ),
+        ("queue_timeout = \"30s\"", "upstreams.ollama.queue_timeout"),
+        ("retries = 2", "upstreams.ollama.retries"),
+    ];
+    for (line, key) in upstream_keys {
+        let err = error_of(&format!("{UPSTREAM}{line}\n{ROUTE}"));
+        assert!(err.starts_with("proxy.toml:3:"), "{err}");
+        assert!(
+            err.contains(key) && err.contains("not supported yet"),
+            "{err}"
+        );
+    }
+    let err = error_of(&format!(
+        "{ROUTE}[route.cache]\nmode = \"force\"\nttl = \"5m\"\n{UPSTREAM}"
+    ));
+    assert!(
+        err.starts_with("proxy.toml:4:") && err.contains("route[0] (all).cache: not supported yet"),
+        "{err}"
+    );
+    // `mode = "off"` alone is what a route without [route.cache] does: accepted.
+    Policy::parse(
+        "p",
+        &format!("{UPSTREAM}{ROUTE}[route.cache]\nmode = \"off\"\n"),
+    )
+    .unwrap();
+    // retries = 0 and round_robin are what this version does: accepted.
+    Policy::parse(
+        "p",
+        &format!("{UPSTREAM}retries = 0\nbalance = \"round_robin\"\n{ROUTE}"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn mistakes_name_file_line_column_key_and_fix() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[server]\nlisen = [\"127.0.0.1:8080\"]\n",
+            "proxy.toml:2:1: server.lisen: unknown key `lisen` — did you mean `listen`?",
+        ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:80800\"]\n",
+            "proxy.toml:2:10: server.listen: `127.0.0.1:80800` is not a listen address — write IP:PORT",
+        ),
+        (
+            "[server]\nmax_request_body = \"5XB\"\n",
+            "proxy.toml:2:20: server.max_request_body: `5XB` has an unknown size unit `XB` — use B, KB, MB or GB",
+        ),
+        (
+            "[server]\nidle_timeout = 75\n",
+            "proxy.toml:2:16: server.idle_timeout: invalid type: integer `75`, expected a duration string",
+        ),
+        (
+            "[server]\naccess_log = \"jsn\"\n",
+            "proxy.toml:2:14: server.access_log: unknown value `jsn` — did you mean `json`?",
+        ),
+        ("[server\n", "proxy.toml:1:8: syntax:"),
+        (
+            "[upstreams.a]\nservers = []\n",
+            "proxy.toml:2:11: upstreams.a.servers: no servers — add at least one",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"127.0.0.1:11434\" }]\n",
+            "proxy.toml:2:20: upstreams.a.servers[0].url: `127.0.0.1:11434` has no http:// scheme",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\", wieght = 2 }]\n",
+            "proxy.toml:2:34: upstreams.a.servers[0].wieght: unknown key `wieght` — did you mean `weight`?",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1/v1\" }]\n",
+            "upstreams.a.servers[0].url: `http://x:1/v1` has a path",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"olama\"\n",
+            "proxy.toml:5:12: route[0] (r).upstream: no upstream named `olama` — did you mean `ollama`?",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\n",
+            "proxy.toml:3:1: route[0].upstream: missing key `upstream`",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\nmatch = { path_prefx = \"/\" }\n",
+            "proxy.toml:6:11: route[0].match.path_prefx: unknown key `path_prefx` — did you mean `path_prefix`?",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\nmatch = { methods = [\"GE T\"] }\n",
+            "route[0] (r).match.methods: `GE T` is not an HTTP method",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\nmatch = { path_prefix = \"api\" }\n",
+            "route[0] (r).match.path_prefix: `api` does not start with /",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"all\"\nupstream = \"a\"\n[[route]]\nname = \"api\"\nupstream = \"a\"\nmatch = { path_prefix = \"/api/\" }\n",
+            "proxy.toml:9:9: route[1] (api).match: this route can never match: route `all` (line 3) comes first",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\n[[route]]\nname = \"r\"\nupstream = \"a\"\nmatch = { methods = [\"GET\"] }\n",
+            "proxy.toml:7:8: route[1].name: route name `r` is used twice",
+        ),
+        ("[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n", "proxy.toml:1:1: route: no routes"),
+        ("[sever]\n", "proxy.toml:1:2: sever: unknown key `sever` — did you mean `server`?"),
+    ];
+    for (text, expected) in cases {
+        let err = error_of(text);
+        assert!(
+            err.contains(expected),
+            "\nexpected: {expected}\n     got: {err}"
+        );
+        assert!(
+            err.contains(" — "),
+            "every message says how to fix it: {err}"
+        );
+    }
+}
+
+#[test]
+fn values_parse_from_strings() {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:9999\"\nmax_request_body = \"8MB\"\nheader_read_timeout = \"250ms\"\nshutdown_grace = \"2m\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\naccess_log = \"combined\"\nslow_request = \"0s\"\n{UPSTREAM}{ROUTE}"
+    );
+    let p = Policy::parse("p", &text).unwrap();
+    assert_eq!(p.server.listen, vec!["127.0.0.1:9999".parse().unwrap()]);
+    assert_eq!(p.server.max_request_body, 8 << 20);
+    assert_eq!(
+        p.server.header_read_timeout,
+        std::time::Duration::from_millis(250)
+    );
+    assert_eq!(p.server.shutdown_grace, std::time::Duration::from_secs(120));
+    assert_eq!(p.server.trusted_proxies.len(), 2);
+    assert_eq!(p.server.slow_request, None);
+}
+
+fn hyperion(args: &[&str], env: Option<(&str, &str)>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hyperion"));
+    cmd.args(args).env_remove("HYPERION_CONFIG");
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn check_prints_a_summary_and_exits_zero() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml");
+    let out = hyperion(&["check", "--config", path], None);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("listeners: http://127.0.0.1:8080"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ollama           http://127.0.0.1:11434"),
+        "{stdout}"
+    );
+    let generate = stdout.find("1. generate").unwrap();
+    let meta = stdout.find("2. ollama-meta").unwrap();
+    assert!(generate < meta, "routes are listed in order: {stdout}");
+    // HYPERION_CONFIG names the file when --config does not.
+    let out = hyperion(&["check"], Some(("HYPERION_CONFIG", path)));
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_prints_one_error_line_and_exits_non_zero() {
+    let dir = std::env::temp_dir().join(format!("hyperion-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = [\"127.0.0.1:8080\"]\nidle_timout = \"75s\"\n",
+    )
+    .unwrap();
+    let out = hyperion(&["check", "--config", path.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let expected = format!(
+        "{}:3:1: server.idle_timout: unknown key `idle_timout` — did you mean `idle_timeout`?",
+        path.display()
+    );
+    assert!(stderr.starts_with(&expected), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+
+    let out = hyperion(
+        &[
+            "check",
+            "--config",
+            dir.join("missing.toml").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("cannot read the policy file"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn version_is_printed() {
+    let out = hyperion(&["--version"], None);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("hyperion {}", env!("CARGO_PKG_VERSION"))
+    );
+}
