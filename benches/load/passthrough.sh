@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# =============================================================================
+# passthrough.sh — Hyperion's pass-through path against the bare upstream and
+# against nginx doing the same pass-through, measured side by side in one run.
+#
+# Layout (2 cores): the origin and the proxy under test share SERVER_CPU (0);
+# wrk runs alone on CLIENT_CPU (1). Each target is measured in every round, in
+# rotating order, and the summary gives medians over rounds.
+#   origin    wrk → bench-origin directly (the floor: a bare hyper server)
+#   nginx     wrk → nginx (proxy_pass, keep-alive upstream, worker_processes 1,
+#             access_log off, proxy_buffering off) → origin
+#   hyperion  wrk → hyperion (access_log off, one tokio worker) → origin
+# Requests: GET /static/1k and POST /api/generate (origin delay 0, ~1 KB answer).
+#   tput  wrk -t1 -c$CONNS -d$DURATION       throughput, and server CPU µs/request
+#   lat   wrk -t1 -c1 -d$LAT_DURATION        unloaded round trip, p50
+#
+# Usage: benches/load/passthrough.sh          (ROUNDS=3, ~4 min on a quiet machine)
+# Knobs: ROUNDS DURATION LAT_DURATION CONNS SERVER_CPU CLIENT_CPU SHARED OUT
+# Needs: wrk, nginx, taskset, curl (apt-get install -y wrk nginx util-linux curl)
+#        and ../shared/bench/origin (built here if missing).
+# Output: a dated report in benches/runs/ (and the raw wrk logs in $RUN_DIR).
+# Every process is started here, on loopback ports 27180-27190, and stopped on exit.
+# =============================================================================
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+: "${ROUNDS:=3}" "${DURATION:=10}" "${LAT_DURATION:=5}" "${CONNS:=64}"
+: "${SERVER_CPU:=0}" "${CLIENT_CPU:=1}"
+: "${SHARED:=$REPO/../shared}"
+: "${RUN_DIR:=/tmp/hyperion-passthrough}"
+: "${OUT:=$REPO/benches/runs/$(date +%Y-%m-%d)-passthrough.txt}"
+ORIGIN_PORT=27180 NGINX_PORT=27181 HYPERION_PORT=27190
+
+die() { echo "passthrough.sh: $*" >&2; exit 1; }
+for tool in wrk nginx taskset curl; do
+  command -v "$tool" >/dev/null || die "$tool is missing — apt-get install -y wrk nginx util-linux curl"
+done
+[ -d "$SHARED/bench/origin" ] || die "no bench origin at $SHARED/bench/origin (set SHARED=)"
+
+rm -rf "$RUN_DIR"; mkdir -p "$RUN_DIR/nginx" "$(dirname "$OUT")"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+echo "building hyperion and bench-origin (release)…"
+(cd "$REPO" && cargo build --release --quiet)
+(cd "$SHARED/bench/origin" && cargo build --release --quiet)
+HYPERION="$REPO/target/release/hyperion"
+ORIGIN="$SHARED/bench/origin/target/release/bench-origin"
+
+wait_port() {
+  for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$1/_count" && return 0; sleep 0.1; done
+  die "nothing answers on port $1"
+}
+
+taskset -c "$SERVER_CPU" "$ORIGIN" --listen "127.0.0.1:$ORIGIN_PORT" --threads 1 >"$RUN_DIR/origin.log" 2>&1 &
+PIDS+=($!); ORIGIN_PID=$!
+wait_port $ORIGIN_PORT
+curl -s "http://127.0.0.1:$ORIGIN_PORT/_delay?ms=0" >/dev/null
+
+cat >"$RUN_DIR/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $RUN_DIR/nginx/nginx.pid;
+error_log $RUN_DIR/nginx/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_timeout 65s;
+  keepalive_requests 1000000;
+  client_body_temp_path $RUN_DIR/nginx/body;
+  proxy_temp_path $RUN_DIR/nginx/proxy;
+  fastcgi_temp_path $RUN_DIR/nginx/fastcgi;
+  uwsgi_temp_path $RUN_DIR/nginx/uwsgi;
+  scgi_temp_path $RUN_DIR/nginx/scgi;
+  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT backlog=4096;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }
+  }
+}
+EOF
+taskset -c "$SERVER_CPU" nginx -e "$RUN_DIR/nginx/error.log" -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf" >"$RUN_DIR/nginx.log" 2>&1 &
+PIDS+=($!); NGINX_PID=$!
+wait_port $NGINX_PORT
+
+cat >"$RUN_DIR/hyperion.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$HYPERION_PORT"]
+access_log = "off"
+[upstreams.origin]
+servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
+[[route]]
+name = "all"
+upstream = "origin"
+EOF
+taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DIR/hyperion.log" 2>&1 &
+PIDS+=($!); HYPERION_PID=$!
+wait_port $HYPERION_PORT
+
+cat >"$RUN_DIR/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.body = '{"model":"llama3.2","prompt":"why is the sky blue?","stream":false}'
+wrk.headers["Content-Type"] = "application/json"
+EOF
+
+# utime+stime clock ticks of a process and all its descendants.
+tree_ticks() {
+  local pids
+  pids=$(ps -o pid= --ppid "$1" 2>/dev/null | tr '\n' ' ')
+  local s=0 f
+  for p in "$1" $pids; do
+    f=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+    f=${f##*) }; set -- $f; s=$(( s + ${12} + ${13} ))
+  done
+  echo $s
+}
+# wrk latency percentile line → microseconds
+to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v+0} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000000} else print v}'; }
+
+pid_of() { case $1 in origin) echo "$ORIGIN_PID";; nginx) echo "$NGINX_PID";; hyperion) echo "$HYPERION_PID";; esac; }
+port_of() { case $1 in origin) echo $ORIGIN_PORT;; nginx) echo $NGINX_PORT;; hyperion) echo $HYPERION_PORT;; esac; }
+
+RESULTS="$RUN_DIR/results.tsv"
+printf "round\ttarget\treq\tmode\trps\tp50_us\tcpu_us_per_req\n" >"$RESULTS"
+hz=$(getconf CLK_TCK)
+run() { # round target req mode
+  local round=$1 target=$2 req=$3 mode=$4 url script=() conns dur log
+  url="http://127.0.0.1:$(port_of "$target")$([ "$req" = get1k ] && echo /static/1k || echo /api/generate)"
+  [ "$req" = post ] && script=(-s "$RUN_DIR/post.lua")
+  if [ "$mode" = tput ]; then conns=$CONNS dur=$DURATION; else conns=1 dur=$LAT_DURATION; fi
+  log="$RUN_DIR/$round-$target-$req-$mode.txt"
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$conns" -d2s "${script[@]}" "$url" >/dev/null 2>&1   # warm-up
+  local t0 o0 t1 o1
+  t0=$(tree_ticks "$(pid_of "$target")"); o0=$(tree_ticks "$ORIGIN_PID")
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$conns" -d"${dur}s" --latency "${script[@]}" "$url" >"$log" 2>&1
+  t1=$(tree_ticks "$(pid_of "$target")"); o1=$(tree_ticks "$ORIGIN_PID")
+  local reqs rps p50 errors cpu
+  reqs=$(awk '/requests in/{print $1}' "$log")
+  rps=$(awk '/^Requests\/sec/{print $2}' "$log")
+  p50=$(awk '$1=="50%"{print $2}' "$log" | to_us)
+  errors=$(awk '/Non-2xx|Socket errors/{print}' "$log")
+  [ -z "$errors" ] || echo "  warning: $target $req $mode: $errors" >&2
+  # Server CPU per request: the proxy and the origin behind it (both on SERVER_CPU);
+  # for the origin row that is the origin alone.
+  if [ "$target" = origin ]; then cpu=$(( t1 - t0 )); else cpu=$(( t1 - t0 + o1 - o0 )); fi
+  local cpu_us
+  cpu_us=$(awk -v c="$cpu" -v hz="$hz" -v n="$reqs" 'BEGIN{printf "%.1f", c/hz*1e6/n}')
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$round" "$target" "$req" "$mode" "$rps" "$p50" "$cpu_us" >>"$RESULTS"
+  printf "  round %s %-8s %-6s %-4s %10s req/s  p50 %7s µs  cpu %6s µs/req\n" "$round" "$target" "$req" "$mode" "$rps" "$p50" "$cpu_us"
+}
+
+targets=(origin nginx hyperion)
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round/$ROUNDS"
+  for req in get1k post; do
+    for mode in tput lat; do
+      for t in "${targets[@]}"; do run "$round" "$t" "$req" "$mode"; done
+    done
+  done
+  targets=("${targets[@]:1}" "${targets[0]}")   # rotate the order
+done
+
+{
+  echo "# Hyperion pass-through vs nginx vs bare origin — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "# command: benches/load/passthrough.sh (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS LAT_DURATION=${LAT_DURATION}s)"
+  echo "# machine: $(nproc) cores, $(awk -F: '/model name/{print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); $(nginx -v 2>&1); hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
+  echo "# server CPU $SERVER_CPU (origin + proxy), wrk on CPU $CLIENT_CPU; medians over $ROUNDS rounds [min..max]"
+  echo "# cpu µs/req counts the proxy and the origin behind it (the origin row: the origin alone)"
+  echo
+  awk -F'\t' 'NR>1 { k=$3" "$4" "$2; rps[k]=rps[k]" "$5; p50[k]=p50[k]" "$6; cpu[k]=cpu[k]" "$7; keys[k]=1 }
+    function med(s,   a,n,i,j,t){ n=split(s,a," "); for(i=1;i<=n;i++)for(j=i+1;j<=n;j++)if(a[j]+0<a[i]+0){t=a[i];a[i]=a[j];a[j]=t}
+      if(n%2) return a[(n+1)/2]; return (a[n/2]+a[n/2+1])/2 }
+    function mn(s,  a,n,i,m){ n=split(s,a," "); m=a[1]; for(i=2;i<=n;i++) if(a[i]+0<m+0) m=a[i]; return m }
+    function mx(s,  a,n,i,m){ n=split(s,a," "); m=a[1]; for(i=2;i<=n;i++) if(a[i]+0>m+0) m=a[i]; return m }
+    END {
+      printf "%-8s %-4s %-9s %26s %22s %12s\n", "request", "mode", "target", "req/s", "p50 µs", "cpu µs/req"
+      split("get1k post", reqs, " "); split("tput lat", modes, " "); split("origin nginx hyperion", ts, " ")
+      for (r=1;r<=2;r++) for (m=1;m<=2;m++) {
+        for (t=1;t<=3;t++) { k=reqs[r]" "modes[m]" "ts[t]; if(!(k in keys)) continue
+          printf "%-8s %-4s %-9s %10.0f [%6.0f..%6.0f] %8.0f [%4.0f..%4.0f] %12.1f\n", reqs[r], modes[m], ts[t],
+            med(rps[k]), mn(rps[k]), mx(rps[k]), med(p50[k]), mn(p50[k]), mx(p50[k]), med(cpu[k]) }
+        o=reqs[r]" "modes[m]" origin"; n=reqs[r]" "modes[m]" nginx"; h=reqs[r]" "modes[m]" hyperion"
+        if (modes[m]=="tput") printf "  → hyperion/nginx throughput %.2f×, hyperion/origin %.2f×; cpu µs/req hyperion %.1f vs nginx %.1f\n",
+            med(rps[h])/med(rps[n]), med(rps[h])/med(rps[o]), med(cpu[h]), med(cpu[n])
+        else printf "  → added p50 latency over the bare origin: hyperion %+.0f µs, nginx %+.0f µs\n", med(p50[h])-med(p50[o]), med(p50[n])-med(p50[o])
+      }
+    }' "$RESULTS"
+} | tee "$OUT"
+echo "report: $OUT"
