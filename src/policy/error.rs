@@ -55,7 +55,10 @@ impl Source<'_> {
     }
 
     /// Turns a deserialization failure into a `PolicyError` at its position.
-    pub fn deserialize_error(&self, err: serde_path_to_error::Error<toml::de::Error>) -> PolicyError {
+    pub fn deserialize_error(
+        &self,
+        err: serde_path_to_error::Error<toml::de::Error>,
+    ) -> PolicyError {
         // `Spanned<T>` adds a private segment to serde's path; operators never wrote it.
         let path = err
             .path()

@@ -39,7 +39,8 @@ pub(super) fn parse(name: &str, text: &str) -> Result<Policy, PolicyError> {
             "fix the TOML syntax at this position",
         )
     })?;
-    let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| src.deserialize_error(e))?;
+    let raw: RawPolicy =
+        serde_path_to_error::deserialize(de).map_err(|e| src.deserialize_error(e))?;
     Validator { src }.policy(raw)
 }
 
