@@ -57,7 +57,15 @@ pub struct ConnInfo {
 // === impl Proxy ===
 
 impl Proxy {
+    /// A proxy with its own access log (tests, single-runtime use).
     pub fn new(policy: Arc<Policy>, sink: LogSink) -> Self {
+        let log = AccessLog::new(policy.server.access_log, policy.server.slow_request, sink);
+        Proxy::with_access_log(policy, Arc::new(log))
+    }
+
+    /// A proxy writing to a shared access log: one per worker runtime, each
+    /// with its own upstream connection pools.
+    pub fn with_access_log(policy: Arc<Policy>, log: Arc<AccessLog>) -> Self {
         let pools: Vec<Arc<UpstreamPool>> = policy
             .upstreams
             .iter()
@@ -80,10 +88,9 @@ impl Proxy {
                 (r.matcher.clone(), Arc::new(route))
             })
             .collect();
-        let log = AccessLog::new(policy.server.access_log, policy.server.slow_request, sink);
         Proxy {
             routes: RouteTable::new(routes),
-            log: Arc::new(log),
+            log,
             policy,
         }
     }

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use hyperion::access_log::AccessLog;
 use hyperion::{LogSink, Policy, Proxy};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// A caching reverse proxy for AI backends (Ollama, OpenAI-compatible servers, FastAPI).
 #[derive(Parser)]
@@ -64,39 +66,123 @@ fn run(policy: Policy) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+
+    // Bind before starting anything, so a busy port is one clear error.
+    let mut sockets = Vec::with_capacity(policy.server.listen.len());
+    for addr in &policy.server.listen {
+        match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            Ok(l) => sockets.push(l),
+            Err(e) => {
+                eprintln!("cannot listen on {addr}: {e} — free the port or change server.listen in the policy file");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    for addr in &policy.server.listen {
+        tracing::info!("listening on http://{addr}");
+    }
+
+    // Thread per core, as nginx runs workers: each worker is a single-threaded
+    // runtime with its own upstream pools, so a request never crosses threads.
+    // Workers share each listening socket (dup'd descriptors, not SO_REUSEPORT,
+    // so a second instance still fails with "address in use").
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    let policy = Arc::new(policy);
+    let log = Arc::new(AccessLog::new(
+        policy.server.access_log,
+        policy.server.slow_request,
+        LogSink::Stderr,
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let clones: std::io::Result<Vec<_>> = sockets.iter().map(|s| s.try_clone()).collect();
+        let clones = match clones {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("cannot share the listening sockets with worker {w}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (policy, log, mut stop) = (policy.clone(), log.clone(), stop_rx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("hyperion-w{w}"))
+            .spawn(move || -> std::io::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let listeners = clones
+                        .into_iter()
+                        .map(TcpListener::from_std)
+                        .collect::<std::io::Result<Vec<_>>>()?;
+                    let proxy = Arc::new(Proxy::with_access_log(policy, log));
+                    hyperion::serve(listeners, proxy, async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    })
+                    .await;
+                    Ok(())
+                })
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                eprintln!("cannot start worker {w}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    drop(sockets);
+    tracing::info!(workers, "serving");
+
+    let signals = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
+            eprintln!("cannot start the signal runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
-        let mut listeners = Vec::with_capacity(policy.server.listen.len());
-        for addr in &policy.server.listen {
-            match TcpListener::bind(addr).await {
-                Ok(l) => listeners.push(l),
-                Err(e) => {
-                    eprintln!("cannot listen on {addr}: {e} — free the port or change server.listen in the policy file");
-                    return ExitCode::FAILURE;
+    let streams = signals.block_on(shutdown_signal());
+    // A second SIGINT or SIGTERM during the drain exits at once.
+    std::thread::spawn(move || {
+        if let Some((mut term, mut int)) = streams {
+            signals.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
                 }
-            }
+            });
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            std::process::exit(1);
         }
-        let proxy = Arc::new(Proxy::new(Arc::new(policy), LogSink::Stderr));
-        hyperion::serve(listeners, proxy, shutdown_signal()).await;
-        ExitCode::SUCCESS
-    })
+    });
+    tracing::info!(
+        grace_s = policy.server.shutdown_grace.as_secs_f64(),
+        "shutting down: no new connections, draining in-flight requests"
+    );
+    let _ = stop_tx.send(true);
+    let mut code = ExitCode::SUCCESS;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!("worker failed: {e}");
+                code = ExitCode::FAILURE;
+            }
+            Err(_) => code = ExitCode::FAILURE,
+        }
+    }
+    tracing::info!("shutdown complete");
+    code
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGHUP (reload) is acknowledged but not yet
-/// acted on, rather than killing the process as its default action would.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+/// Resolves on SIGTERM or SIGINT, and returns the streams so a second signal
+/// can be awaited. SIGHUP (reload) is acknowledged but not yet acted on, rather
+/// than killing the process as its default action would.
+async fn shutdown_signal() -> Option<(Signal, Signal)> {
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -112,13 +198,5 @@ async fn shutdown_signal() {
             _ = hup.recv() => tracing::warn!("SIGHUP received: reloading the policy is not supported yet; restart to apply changes"),
         }
     }
-    // A second SIGINT or SIGTERM during the drain exits at once.
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::warn!("second signal: exiting without waiting for the drain");
-        std::process::exit(1);
-    });
+    Some((term, int))
 }

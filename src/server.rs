@@ -56,15 +56,12 @@ pub async fn serve(
     });
     let mut accept_loops = Vec::with_capacity(listeners.len());
     for listener in listeners {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!("listening on http://{addr}");
-        }
         accept_loops.push(tokio::spawn(accept_loop(listener, shared.clone())));
     }
 
     shutdown.await;
     let open = shared.tasks.len();
-    tracing::info!(
+    tracing::debug!(
         connections = open,
         grace_s = policy.shutdown_grace.as_secs_f64(),
         "shutting down: no new connections, draining in-flight requests"
@@ -85,7 +82,7 @@ pub async fn serve(
         shared.force_close.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.wait()).await;
     }
-    tracing::info!("shutdown complete");
+    tracing::debug!("worker drained");
 }
 
 fn connection_builder(policy: &ServerPolicy) -> auto::Builder<TokioExecutor> {
