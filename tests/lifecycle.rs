@@ -9,22 +9,12 @@ use http_body_util::BodyExt;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 const GET: &[u8] = b"GET /ka HTTP/1.1\r\nHost: x\r\n\r\n";
 
 /// Reads one response head and its Content-Length body from a kept-alive connection.
 async fn read_response(stream: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(PATIENCE, stream.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8(buf).unwrap();
+    let head = read_head(stream).await;
     let len: usize = head
         .lines()
         .find_map(|l| {
@@ -99,19 +89,7 @@ async fn a_long_wait_for_the_upstream_is_not_an_idle_connection() {
 
 #[tokio::test]
 async fn shutdown_drains_an_in_flight_stream_and_refuses_new_connections() {
-    let (senders_tx, mut senders) = mpsc::channel::<ChunkSender>(1);
-    let up = Upstream::start(move |_req| {
-        let tx = senders_tx.clone();
-        async move {
-            let (sender, body) = channel_body();
-            tx.send(sender).await.unwrap();
-            http::Response::builder()
-                .header("content-type", "application/x-ndjson")
-                .body(body)
-                .unwrap()
-        }
-    })
-    .await;
+    let (up, mut senders) = stepped_upstream("application/x-ndjson").await;
     let mut proxy = TestProxy::to(&up.url(), "shutdown_grace = \"10s\"").await;
     let pending =
         tokio::spawn(client().request(Request::get(proxy.url("/stream")).body(empty()).unwrap()));
@@ -152,16 +130,7 @@ async fn shutdown_drains_an_in_flight_stream_and_refuses_new_connections() {
 
 #[tokio::test]
 async fn shutdown_grace_bounds_the_drain() {
-    let (senders_tx, mut senders) = mpsc::channel::<ChunkSender>(1);
-    let up = Upstream::start(move |_req| {
-        let tx = senders_tx.clone();
-        async move {
-            let (sender, body) = channel_body();
-            tx.send(sender).await.unwrap();
-            http::Response::new(body)
-        }
-    })
-    .await;
+    let (up, mut senders) = stepped_upstream("application/x-ndjson").await;
     let mut proxy = TestProxy::to(&up.url(), "shutdown_grace = \"300ms\"").await;
     let pending =
         tokio::spawn(client().request(Request::get(proxy.url("/forever")).body(empty()).unwrap()));

@@ -11,27 +11,7 @@ use http::Request;
 use http_body_util::BodyExt;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Mutex, Notify};
-
-/// An upstream whose streamed response the test releases chunk by chunk.
-async fn stepped_upstream(
-    content_type: &'static str,
-) -> (Upstream, Arc<Mutex<mpsc::Receiver<ChunkSender>>>) {
-    let (tx, rx) = mpsc::channel::<ChunkSender>(4);
-    let up = Upstream::start(move |_req| {
-        let tx = tx.clone();
-        async move {
-            let (sender, body) = channel_body();
-            tx.send(sender).await.unwrap();
-            http::Response::builder()
-                .header("content-type", content_type)
-                .body(body)
-                .unwrap()
-        }
-    })
-    .await;
-    (up, Arc::new(Mutex::new(rx)))
-}
+use tokio::sync::Notify;
 
 async fn next_frame(body: &mut hyper::body::Incoming) -> Bytes {
     let frame = tokio::time::timeout(PATIENCE, body.frame())
@@ -44,13 +24,13 @@ async fn next_frame(body: &mut hyper::body::Incoming) -> Bytes {
 
 #[tokio::test]
 async fn ndjson_chunks_reach_the_client_before_the_upstream_finishes() {
-    let (up, streams) = stepped_upstream("application/x-ndjson").await;
+    let (up, mut streams) = stepped_upstream("application/x-ndjson").await;
     let proxy = TestProxy::to(&up.url(), "").await;
     let req = Request::post(proxy.url("/api/generate"))
         .body(full(r#"{"model":"m","prompt":"p"}"#))
         .unwrap();
     let pending = tokio::spawn(client().request(req));
-    let upstream_body = streams.lock().await.recv().await.unwrap();
+    let upstream_body = streams.recv().await.unwrap();
     upstream_body
         .send(r#"{"response":"Hel","done":false}"#.to_owned() + "\n")
         .await;
@@ -87,13 +67,13 @@ async fn ndjson_chunks_reach_the_client_before_the_upstream_finishes() {
 
 #[tokio::test]
 async fn sse_events_are_passed_on_one_by_one() {
-    let (up, streams) = stepped_upstream("text/event-stream").await;
+    let (up, mut streams) = stepped_upstream("text/event-stream").await;
     let proxy = TestProxy::to(&up.url(), "").await;
     let req = Request::post(proxy.url("/v1/chat/completions"))
         .body(full("{}"))
         .unwrap();
     let pending = tokio::spawn(client().request(req));
-    let upstream_body = streams.lock().await.recv().await.unwrap();
+    let upstream_body = streams.recv().await.unwrap();
     upstream_body.send("data: {\"delta\":\"a\"}\n\n").await;
     let mut body = pending.await.unwrap().unwrap().into_body();
     for event in [
@@ -148,11 +128,11 @@ async fn uploads_stream_to_the_upstream_before_the_client_finishes() {
 
 #[tokio::test]
 async fn an_upstream_dying_mid_stream_truncates_the_client_response() {
-    let (up, streams) = stepped_upstream("application/x-ndjson").await;
+    let (up, mut streams) = stepped_upstream("application/x-ndjson").await;
     let proxy = TestProxy::to(&up.url(), "").await;
     let pending =
         tokio::spawn(client().request(Request::get(proxy.url("/dies")).body(empty()).unwrap()));
-    let upstream_body = streams.lock().await.recv().await.unwrap();
+    let upstream_body = streams.recv().await.unwrap();
     upstream_body.send("{\"response\":\"partial\"}\n").await;
     let resp = pending.await.unwrap().unwrap();
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
@@ -172,7 +152,7 @@ async fn an_upstream_dying_mid_stream_truncates_the_client_response() {
 
 #[tokio::test]
 async fn an_upstream_silent_past_idle_timeout_truncates_the_client_response() {
-    let (up, streams) = stepped_upstream("application/x-ndjson").await;
+    let (up, mut streams) = stepped_upstream("application/x-ndjson").await;
     let policy = format!(
         "[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nidle_timeout = \"200ms\"\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
         up.url()
@@ -180,7 +160,7 @@ async fn an_upstream_silent_past_idle_timeout_truncates_the_client_response() {
     let proxy = TestProxy::start(&policy).await;
     let pending =
         tokio::spawn(client().request(Request::get(proxy.url("/quiet")).body(empty()).unwrap()));
-    let upstream_body = streams.lock().await.recv().await.unwrap();
+    let upstream_body = streams.recv().await.unwrap();
     upstream_body.send("first\n").await;
     let mut body = pending.await.unwrap().unwrap().into_body();
     assert_eq!(next_frame(&mut body).await, "first\n");
@@ -221,16 +201,7 @@ async fn websocket_upgrades_are_tunnelled() {
         .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(PATIENCE, stream.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let head = read_head(&mut stream).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(

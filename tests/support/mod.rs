@@ -194,6 +194,27 @@ impl ChunkSender {
     }
 }
 
+/// An upstream whose responses the test writes chunk by chunk: each request's
+/// body sender arrives on the returned channel, with `content_type` set.
+pub async fn stepped_upstream(
+    content_type: &'static str,
+) -> (Upstream, mpsc::Receiver<ChunkSender>) {
+    let (tx, rx) = mpsc::channel::<ChunkSender>(4);
+    let up = Upstream::start(move |_req| {
+        let tx = tx.clone();
+        async move {
+            let (sender, body) = channel_body();
+            tx.send(sender).await.unwrap();
+            Response::builder()
+                .header("content-type", content_type)
+                .body(body)
+                .unwrap()
+        }
+    })
+    .await;
+    (up, rx)
+}
+
 pub fn channel_body() -> (ChunkSender, TestBody) {
     let (tx, rx) = mpsc::channel(16);
     (
@@ -348,6 +369,20 @@ pub async fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
     read_until_close(&mut stream, wait).await
+}
+
+/// Reads a response head (through the blank line) from a raw connection.
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut byte))
+            .await
+            .expect("head in time")
+            .expect("head bytes");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).expect("ASCII head")
 }
 
 pub async fn read_until_close(stream: &mut TcpStream, wait: Duration) -> String {
