@@ -204,7 +204,14 @@ impl ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        self.finish(BodyOutcome::Aborted);
+        // hyper never polls a body that is empty from the start (204, 101,
+        // Content-Length: 0, HEAD): dropped at its end, it was delivered.
+        let outcome = if self.is_end_stream() {
+            BodyOutcome::Complete
+        } else {
+            BodyOutcome::Aborted
+        };
+        self.finish(outcome);
     }
 }
 

@@ -329,6 +329,21 @@ async fn access_log_has_one_line_per_request() {
     assert_eq!(line["cache"], "-");
     assert_eq!(line["outcome"], "complete");
     assert_eq!(line["user_agent"], "t/1");
+    // Bodies that are empty from the start are complete too.
+    for (method, path) in [("GET", "/empty?status=204"), ("HEAD", "/head")] {
+        let req = Request::builder()
+            .method(method)
+            .uri(proxy.url(path))
+            .body(empty())
+            .unwrap();
+        let (parts, _) = send(req).await;
+        let id = parts.headers["x-request-id"].to_str().unwrap();
+        assert_eq!(
+            proxy.log_for(id).await["outcome"],
+            "complete",
+            "{method} {path}"
+        );
+    }
     assert!(line["duration_ms"].as_f64().unwrap() >= 0.0);
     assert!(line["ts"].as_str().unwrap().ends_with('Z'));
 }
