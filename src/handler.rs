@@ -104,7 +104,7 @@ impl Proxy {
         let inflight = conn.state.begin(req.version());
         let request_id = headers::request_id(req.headers());
         let trusted = &self.policy.server.trusted_proxies;
-        let mut rec = AccessRecord {
+        let rec = AccessRecord {
             started: Instant::now(),
             wall: SystemTime::now(),
             client: headers::client_ip(conn.peer.ip().to_canonical(), req.headers(), trusted),
@@ -124,7 +124,14 @@ impl Proxy {
             referer: req.headers().get(header::REFERER).cloned(),
             error: None,
         };
-        let mut resp = match self.forward(req, conn, &mut rec, &request_id).await {
+        // If the client leaves before a response exists, hyper drops this
+        // future: the guard still logs the request, as 499 (nginx's code).
+        let mut pending = PendingLog {
+            rec: Some(rec),
+            log: self.log.clone(),
+        };
+        let rec = pending.rec.as_mut().expect("just set");
+        let mut resp = match self.forward(req, conn, rec, &request_id).await {
             Ok(resp) => resp,
             Err(e) => {
                 if e.status().is_server_error() {
@@ -138,6 +145,7 @@ impl Proxy {
         };
         rec.status = resp.status().as_u16();
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
+        let rec = pending.rec.take().expect("taken once");
         let log = self.log.clone();
         resp.body_mut().on_end(Box::new(move |bytes, outcome| {
             log.finish(&rec, bytes, outcome);
@@ -283,6 +291,22 @@ impl Proxy {
             parts,
             ResponseBody::upstream(body, pool.policy.idle_timeout),
         ))
+    }
+}
+
+/// The access record of a request that has no response yet.
+struct PendingLog {
+    rec: Option<AccessRecord>,
+    log: Arc<AccessLog>,
+}
+
+impl Drop for PendingLog {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.status = 499;
+            rec.error = Some("client_closed_request");
+            self.log.finish(&rec, 0, crate::body::BodyOutcome::Aborted);
+        }
     }
 }
 

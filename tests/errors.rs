@@ -179,3 +179,26 @@ async fn the_proxy_keeps_serving_after_errors() {
     let (parts, _) = get(&proxy.url("/fine")).await;
     assert_eq!(parts.status, 200);
 }
+
+#[tokio::test]
+async fn a_client_leaving_before_the_response_is_logged_as_499() {
+    let up = Upstream::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        response(200, "nobody is waiting")
+    })
+    .await;
+    let proxy = TestProxy::to(&up.url(), "").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /abandoned HTTP/1.1\r\nHost: x\r\nX-Request-Id: abandoned-1\r\n\r\n")
+        .await
+        .unwrap();
+    while up.count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(stream);
+    let line = proxy.log_for("abandoned-1").await;
+    assert_eq!(line["status"], 499);
+    assert_eq!(line["outcome"], "aborted");
+    assert_eq!(line["error"], "client_closed_request");
+}
