@@ -7,7 +7,7 @@
 //! handling lives in `server`.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord, LogSink};
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::conn::ConnState;
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_REQUEST_ID};
@@ -44,7 +44,10 @@ struct Route {
 
 /// What a request knows about the connection it came on.
 pub struct ConnInfo {
-    pub peer: SocketAddr,
+    /// The TCP peer, IPv4-mapped addresses as IPv4.
+    pub peer: IpAddr,
+    /// Whether the peer is one of `trusted_proxies`, decided once per connection.
+    pub peer_trusted: bool,
     /// `http` or `https`.
     pub proto: &'static str,
     pub state: Arc<ConnState>,
@@ -107,7 +110,7 @@ impl Proxy {
         let rec = AccessRecord {
             started: Instant::now(),
             wall: SystemTime::now(),
-            client: headers::client_ip(conn.peer.ip().to_canonical(), req.headers(), trusted),
+            client: headers::client_ip(conn.peer, conn.peer_trusted, req.headers(), trusted),
             method: req.method().clone(),
             target: req
                 .uri()
@@ -215,17 +218,11 @@ impl Proxy {
         }
         // hyper has already answered `Expect: 100-continue` by reading the body.
         parts.headers.remove(header::EXPECT);
-        let peer = conn.peer.ip().to_canonical();
         headers::add_forwarding(
             &mut parts.headers,
             &Forwarding {
-                peer,
-                peer_trusted: self
-                    .policy
-                    .server
-                    .trusted_proxies
-                    .iter()
-                    .any(|n| n.contains(&peer)),
+                peer: conn.peer,
+                peer_trusted: conn.peer_trusted,
                 proto: conn.proto,
                 host: host_value.as_ref(),
                 version: parts.version,
@@ -237,9 +234,9 @@ impl Proxy {
         let server = pool.pick();
         rec.upstream = Some(server.url.clone());
         if !route.policy.preserve_host {
-            let authority = HeaderValue::from_str(server.authority.as_str())
-                .expect("an authority is a valid header value");
-            parts.headers.insert(header::HOST, authority);
+            parts
+                .headers
+                .insert(header::HOST, server.host_header.clone());
         } else if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host_value) {
             // HTTP/2 clients send :authority instead of Host.
             parts.headers.insert(header::HOST, h.clone());
@@ -321,34 +318,21 @@ fn spawn_tunnel(
     let force_close = conn.force_close.clone();
     conn.tasks.spawn(async move {
         let run = async {
-            let (client, upstream) = tokio::try_join!(client, upstream)?;
+            let (client, upstream) = tokio::try_join!(client, upstream).map_err(BoxError::from)?;
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
             tokio::io::copy_bidirectional(&mut client, &mut upstream)
                 .await
-                .map_err(hyper_error_from_io)
+                .map_err(BoxError::from)
         };
         tokio::select! {
             res = run => match res {
                 Ok((up, down)) => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), up, down, "tunnel closed"),
-                Err(e) => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "tunnel ended: {}", error_chain(&e)),
+                Err(e) => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "tunnel ended: {}", error_chain(e.as_ref())),
             },
             _ = force_close.cancelled() => {}
         }
     });
-}
-
-/// Unifies the tunnel's two error types for one log line.
-fn hyper_error_from_io(e: std::io::Error) -> TunnelError {
-    TunnelError::Io(e)
-}
-
-#[derive(Debug, thiserror::Error)]
-enum TunnelError {
-    #[error("upgrade failed: {0}")]
-    Upgrade(#[from] hyper::Error),
-    #[error("{0}")]
-    Io(std::io::Error),
 }
 
 /// The host a request is for, lower-case and without port: `Api.X.com:8080` → `api.x.com`.

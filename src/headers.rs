@@ -65,11 +65,20 @@ pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     (connection_says_upgrade && !is_h2c).then(|| upgrade.clone())
 }
 
+/// Whether `ip` is one of the trusted proxies.
+pub fn is_trusted(ip: IpAddr, trusted: &[ipnet::IpNet]) -> bool {
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
 /// The address a request really comes from: the peer, or — when the peer is a
 /// trusted proxy — the right-most `X-Forwarded-For` entry that is not itself trusted.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
-    if !is_trusted(&peer) {
+pub fn client_ip(
+    peer: IpAddr,
+    peer_trusted: bool,
+    headers: &HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    if !peer_trusted {
         return peer;
     }
     let mut client = peer;
@@ -83,7 +92,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
         match hop.trim().parse::<IpAddr>() {
             Ok(ip) => {
                 client = ip.to_canonical();
-                if !is_trusted(&client) {
+                if !is_trusted(client, trusted) {
                     break;
                 }
             }
@@ -237,13 +246,13 @@ mod tests {
         let h = map(&[("x-forwarded-for", "203.0.113.9, 10.1.2.3")]);
         let local: IpAddr = "127.0.0.1".parse().unwrap();
         assert_eq!(
-            client_ip(local, &h, &trusted),
+            client_ip(local, true, &h, &trusted),
             "203.0.113.9".parse::<IpAddr>().unwrap()
         );
         let stranger: IpAddr = "198.51.100.1".parse().unwrap();
-        assert_eq!(client_ip(stranger, &h, &trusted), stranger);
+        assert_eq!(client_ip(stranger, false, &h, &trusted), stranger);
         let junk = map(&[("x-forwarded-for", "not-an-ip")]);
-        assert_eq!(client_ip(local, &junk, &trusted), local);
+        assert_eq!(client_ip(local, true, &junk, &trusted), local);
     }
 
     #[test]

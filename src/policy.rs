@@ -69,6 +69,8 @@ pub struct UpstreamServer {
     pub url: Arc<str>,
     pub scheme: Scheme,
     pub authority: Authority,
+    /// `Host` for this server, sent when a route has `preserve_host = false`.
+    pub host_header: http::HeaderValue,
     pub weight: u32,
 }
 

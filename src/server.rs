@@ -146,8 +146,13 @@ fn is_per_connection(e: &std::io::Error) -> bool {
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let state = Arc::new(ConnState::new());
     let io = TokioIo::new(ActivityIo::new(stream, state.clone()));
+    let peer_ip = peer.ip().to_canonical();
     let info = Arc::new(ConnInfo {
-        peer,
+        peer: peer_ip,
+        peer_trusted: crate::headers::is_trusted(
+            peer_ip,
+            &shared.proxy.policy().server.trusted_proxies,
+        ),
         proto: "http",
         state: state.clone(),
         tasks: shared.tasks.clone(),

@@ -241,8 +241,11 @@ impl Validator<'_> {
                 None => 1,
             };
             let (scheme, authority) = self.server_url(&entry.url, &format!("{k}.url"))?;
+            let host_header = http::HeaderValue::from_str(authority.as_str())
+                .expect("a parsed authority is a valid header value");
             servers.push(UpstreamServer {
                 url: Arc::from(entry.url.into_inner()),
+                host_header,
                 scheme,
                 authority,
                 weight,
