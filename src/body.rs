@@ -17,6 +17,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::upstream::ConnLease;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The client sent more than `max_request_body`.
@@ -157,6 +159,9 @@ enum Kind {
 
 struct UpstreamBody {
     inner: Incoming,
+    /// The connection the body arrives on, polled by this body; back to the
+    /// pool once the body has been read to its end, closed otherwise.
+    lease: Option<ConnLease>,
     idle: Duration,
     /// Allocated the first time the upstream makes us wait, then reused.
     timer: Option<Pin<Box<Sleep>>>,
@@ -173,9 +178,10 @@ impl ResponseBody {
     }
 
     /// An upstream body, failed if the upstream sends nothing for `idle`.
-    pub fn upstream(inner: Incoming, idle: Duration) -> Self {
+    pub fn upstream(inner: Incoming, lease: ConnLease, idle: Duration) -> Self {
         Self::with(Kind::Upstream(UpstreamBody {
             inner,
+            lease: Some(lease),
             idle,
             timer: None,
             armed: false,
@@ -196,6 +202,13 @@ impl ResponseBody {
     }
 
     fn finish(&mut self, outcome: BodyOutcome) {
+        if let Kind::Upstream(up) = &mut self.kind {
+            if let Some(lease) = up.lease.take() {
+                if outcome == BodyOutcome::Complete {
+                    lease.release();
+                }
+            }
+        }
         if let Some(f) = self.on_end.take() {
             f(self.sent, outcome);
         }
@@ -263,6 +276,9 @@ impl Body for ResponseBody {
 
 impl UpstreamBody {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(lease) = &mut self.lease {
+            lease.drive(cx);
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.armed = false;

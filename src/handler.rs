@@ -15,6 +15,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +27,7 @@ use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_REQUEST_ID};
 use crate::policy::{Policy, RoutePolicy};
 use crate::route::RouteTable;
-use crate::upstream::{error_chain, UpstreamPool};
+use crate::upstream::{error_chain, UpstreamConn, UpstreamPool};
 
 /// A running policy: routes resolved to their upstream pools.
 pub struct Proxy {
@@ -231,7 +232,8 @@ impl Proxy {
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
 
         let pool = &route.pool;
-        let server = pool.pick();
+        let pick = pool.pick();
+        let server = pick.server;
         rec.upstream = Some(server.url.clone());
         if !route.policy.preserve_host {
             parts
@@ -247,11 +249,11 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
-        parts.uri = UpstreamPool::target(server, parts.uri.path_and_query());
+        parts.uri = UpstreamPool::origin_form(parts.uri);
         parts.version = Version::HTTP_11;
 
         let body = RequestBody::new(body, limits.max_request_body);
-        let mut resp = pool.send(server, Request::from_parts(parts, body)).await?;
+        let (resp, lease) = pool.send(&pick, Request::from_parts(parts, body)).await?;
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -260,11 +262,10 @@ impl Proxy {
                     reason: "101 Switching Protocols to a request that asked for no upgrade".into(),
                 });
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
             spawn_tunnel(
                 conn,
                 client_upgrade,
-                upstream_upgrade,
+                lease.into_conn(),
                 rec.request_id.clone(),
             );
             let (mut parts, _) = resp.into_parts();
@@ -286,7 +287,7 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         Ok(Response::from_parts(
             parts,
-            ResponseBody::upstream(body, pool.policy.idle_timeout),
+            ResponseBody::upstream(body, lease, pool.policy.idle_timeout),
         ))
     }
 }
@@ -312,15 +313,17 @@ impl Drop for PendingLog {
 fn spawn_tunnel(
     conn: &ConnInfo,
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    upstream: Box<UpstreamConn>,
     request_id: HeaderValue,
 ) {
     let force_close = conn.force_close.clone();
     conn.tasks.spawn(async move {
         let run = async {
-            let (client, upstream) = tokio::try_join!(client, upstream).map_err(BoxError::from)?;
+            let (client, (mut upstream, early)) =
+                tokio::try_join!(client, upstream.into_upgraded()).map_err(BoxError::from)?;
             let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
+            // Bytes the upstream sent right behind its 101 head.
+            client.write_all(&early).await.map_err(BoxError::from)?;
             tokio::io::copy_bidirectional(&mut client, &mut upstream)
                 .await
                 .map_err(BoxError::from)

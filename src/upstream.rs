@@ -2,109 +2,146 @@
 //! pool's connect and response timeouts over pooled keep-alive connections.
 //!
 //! Choice is smooth weighted round-robin over a schedule computed once, so a
-//! pick is one atomic increment. Health, retries and other strategies belong
+//! pick is one atomic increment. Connections themselves (connecting, reuse,
+//! driving them) live in `conns`. Health, retries and other strategies belong
 //! to later work; this module does not read or change response bodies.
+
+mod conns;
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use conns::{ConnLease, UpstreamConn};
+use conns::{ConnectError, ServerConns};
 
 use crate::body::{BodyTooLarge, ClientBodyError, RequestBody};
 use crate::error::ProxyError;
 use crate::policy::{UpstreamPolicy, UpstreamServer};
 
-/// How long an unused upstream connection stays pooled. Below the 5 s
-/// keep-alive of uvicorn (FastAPI's server), so the proxy never reuses a
-/// connection the upstream is closing at the same moment.
-const POOL_IDLE: Duration = Duration::from_secs(4);
-
-/// One `[upstreams.NAME]` at run time.
+/// One `[upstreams.NAME]` at run time, owned by one worker thread.
 pub struct UpstreamPool {
     pub policy: Arc<UpstreamPolicy>,
-    client: Client<HttpConnector, RequestBody>,
+    /// Parallel to `policy.servers`.
+    conns: Box<[Arc<ServerConns>]>,
     /// Server indices in smooth weighted round-robin order, one cycle long.
     schedule: Box<[usize]>,
     next: AtomicUsize,
+}
+
+/// The server chosen for one request.
+pub struct Pick<'a> {
+    pub server: &'a UpstreamServer,
+    conns: &'a Arc<ServerConns>,
 }
 
 // === impl UpstreamPool ===
 
 impl UpstreamPool {
     pub fn new(policy: Arc<UpstreamPolicy>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(policy.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
         let weights: Vec<u32> = policy.servers.iter().map(|s| s.weight).collect();
         UpstreamPool {
+            conns: policy
+                .servers
+                .iter()
+                .map(|s| ServerConns::new(s, policy.connect_timeout))
+                .collect(),
             schedule: smooth_weighted_schedule(&weights).into_boxed_slice(),
             policy,
-            client,
             next: AtomicUsize::new(0),
         }
     }
 
     /// The next server in weighted round-robin order.
-    pub fn pick(&self) -> &UpstreamServer {
+    pub fn pick(&self) -> Pick<'_> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.policy.servers[self.schedule[n % self.schedule.len()]]
+        let i = self.schedule[n % self.schedule.len()];
+        Pick {
+            server: &self.policy.servers[i],
+            conns: &self.conns[i],
+        }
     }
 
-    /// The absolute URI hyper's client needs: the server's authority with the
-    /// request's own path and query.
-    pub fn target(server: &UpstreamServer, pq: Option<&PathAndQuery>) -> Uri {
-        Uri::builder()
-            .scheme(server.scheme.clone())
-            .authority(server.authority.clone())
-            .path_and_query(
-                pq.cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            )
-            .build()
-            .expect("scheme, authority and path are each valid")
+    /// The request target an HTTP/1.1 origin server expects: path and query
+    /// only. HTTP/2 clients (and some HTTP/1.1 ones) send an absolute URI.
+    pub fn origin_form(uri: Uri) -> Uri {
+        if uri.scheme().is_none() && uri.authority().is_none() {
+            return uri;
+        }
+        let pq = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Uri::from(pq)
     }
 
-    /// Sends `req` (already addressed to `server`) and waits for the response
-    /// head, at most `response_timeout`.
+    /// Sends `req` to the picked server and waits for the response head, at
+    /// most `response_timeout`. The lease carries the connection the body
+    /// will arrive on; it goes back to the pool when the body has been read.
     pub async fn send(
         &self,
-        server: &UpstreamServer,
+        pick: &Pick<'_>,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, ConnLease), ProxyError> {
         let timeout = self.policy.response_timeout;
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(server, &e, self.policy.connect_timeout)),
+        match tokio::time::timeout(timeout, self.exchange(pick, req)).await {
+            Ok(res) => res,
             Err(_) => Err(ProxyError::UpstreamTimeout {
-                server: server.url.to_string(),
+                server: pick.server.url.to_string(),
                 phase: "send response headers",
                 timeout,
             }),
         }
     }
+
+    async fn exchange(
+        &self,
+        pick: &Pick<'_>,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, ConnLease), ProxyError> {
+        let connect_err = |e| self.connect_error(pick.server, e);
+        let mut lease = pick.conns.checkout().await.map_err(connect_err)?;
+        let req = match lease.conn().send(req).await {
+            Ok(resp) => return Ok((resp, lease)),
+            Err((e, None)) => return Err(classify(pick.server, &e)),
+            // A pooled connection that was closing as we took it: the request
+            // never left, so it goes out once more on a new connection.
+            Err((_, Some(req))) => req,
+        };
+        let mut lease = pick.conns.checkout_new().await.map_err(connect_err)?;
+        match lease.conn().send(req).await {
+            Ok(resp) => Ok((resp, lease)),
+            Err((e, _)) => Err(classify(pick.server, &e)),
+        }
+    }
+
+    fn connect_error(&self, server: &UpstreamServer, e: ConnectError) -> ProxyError {
+        let timed_out = ProxyError::UpstreamTimeout {
+            server: server.url.to_string(),
+            phase: "accept the connection",
+            timeout: self.policy.connect_timeout,
+        };
+        let reason = match e {
+            ConnectError::TimedOut => return timed_out,
+            ConnectError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => return timed_out,
+            ConnectError::Io(e) => format!("connecting: {e}"),
+            ConnectError::Handshake(e) => error_chain(&e),
+        };
+        ProxyError::UpstreamUnavailable {
+            server: server.url.to_string(),
+            reason,
+        }
+    }
 }
 
-/// Maps a client error to what the client is told.
-fn classify(
-    server: &UpstreamServer,
-    e: &hyper_util::client::legacy::Error,
-    connect_timeout: Duration,
-) -> ProxyError {
+/// Maps a failed exchange to what the client is told: the client's own body
+/// failing is the client's fault, anything else the upstream's.
+fn classify(server: &UpstreamServer, e: &hyper::Error) -> ProxyError {
     let mut source: Option<&(dyn StdError + 'static)> = e.source();
-    let mut timed_out = false;
     while let Some(err) = source {
         if let Some(too_large) = err.downcast_ref::<BodyTooLarge>() {
             return ProxyError::BodyTooLarge {
@@ -114,28 +151,11 @@ fn classify(
         if let Some(client) = err.downcast_ref::<ClientBodyError>() {
             return ProxyError::ClientBody(client.to_string());
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
-        }
         source = err.source();
-    }
-    let reason = error_chain(e);
-    if e.is_connect() {
-        if timed_out {
-            return ProxyError::UpstreamTimeout {
-                server: server.url.to_string(),
-                phase: "accept the connection",
-                timeout: connect_timeout,
-            };
-        }
-        return ProxyError::UpstreamUnavailable {
-            server: server.url.to_string(),
-            reason,
-        };
     }
     ProxyError::UpstreamFailed {
         server: server.url.to_string(),
-        reason,
+        reason: error_chain(e),
     }
 }
 

@@ -1,0 +1,275 @@
+//! Upstream HTTP/1.1 connections, driven by the task that uses them.
+//!
+//! hyper-util's pooled client runs each upstream connection in a task of its
+//! own and passes requests, response heads and body chunks to it over
+//! channels, so one proxied request wakes several tasks. Here the downstream
+//! connection's task polls the upstream connection itself: while it waits for
+//! the response head (`UpstreamConn::send`) and while the body streams out
+//! (`ConnLease::drive`, called by the response body). Between requests a
+//! connection waits in its server's idle stack (`ServerConns`), one per
+//! server per worker thread, so taking one locks nothing shared across cores.
+//!
+//! This module owns connecting, reuse and retirement. Choosing the server and
+//! mapping errors to statuses belong to `upstream`.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+use crate::policy::UpstreamServer;
+
+/// How long an unused upstream connection is kept. Below the 5 s keep-alive
+/// of uvicorn (FastAPI's server), so the proxy never reuses a connection the
+/// upstream is closing at the same moment.
+pub const POOL_IDLE: Duration = Duration::from_secs(4);
+
+/// Idle connections kept per server and worker; more are closed on release.
+const MAX_IDLE: usize = 256;
+
+type Io = TokioIo<TcpStream>;
+
+/// Why no connection could be had.
+#[derive(Debug)]
+pub enum ConnectError {
+    Io(std::io::Error),
+    TimedOut,
+    Handshake(hyper::Error),
+}
+
+/// One upstream connection: the handle requests go in by, and the protocol
+/// state machine that somebody has to poll.
+pub struct UpstreamConn {
+    sender: SendRequest<RequestBody>,
+    driver: Driver,
+}
+
+/// The polled half of a connection.
+struct Driver {
+    /// Kept after the end so an upgraded connection can be taken apart.
+    conn: Connection<Io, RequestBody>,
+    done: bool,
+    /// Why it ended, when it failed.
+    error: Option<hyper::Error>,
+}
+
+impl Driver {
+    /// Moves the connection forward: writes the request (and its streaming
+    /// body), reads the response. True once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.done {
+            match self.conn.poll_without_shutdown(cx) {
+                Poll::Pending => {}
+                Poll::Ready(res) => {
+                    self.done = true;
+                    self.error = res.err();
+                }
+            }
+        }
+        self.done
+    }
+}
+
+impl UpstreamConn {
+    /// Sends `req` and drives the connection until the response head arrives.
+    /// On failure, also hands back the request if the connection never took
+    /// it (it was closing), so it can go out on another.
+    pub async fn send(
+        &mut self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<RequestBody>>)> {
+        let mut response = pin!(self.sender.try_send_request(req));
+        let driver = &mut self.driver;
+        std::future::poll_fn(|cx| {
+            // An end with the response in hand (an upgrade, or the upstream
+            // closing right after it) leaves the response future to report.
+            driver.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+        .map_err(|mut e| {
+            let req = e.take_message();
+            (e.into_error(), req)
+        })
+    }
+
+    /// After a 101, the raw connection and any bytes the upstream sent past
+    /// the response head, for the tunnel. hyper ends the exchange once the
+    /// head is read; this drives it there.
+    pub async fn into_upgraded(mut self) -> Result<(TcpStream, Bytes), hyper::Error> {
+        std::future::poll_fn(|cx| {
+            if self.driver.drive(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if let Some(e) = self.driver.error.take() {
+            return Err(e);
+        }
+        let parts = self.driver.conn.into_parts();
+        Ok((parts.io.into_inner(), parts.read_buf))
+    }
+
+    /// Whether it may carry another request: polled once to notice an
+    /// upstream close, then asked whether it wants the next request.
+    fn reusable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        !self.driver.drive(&mut cx) && self.sender.is_ready()
+    }
+}
+
+/// The connections to one server, owned by one worker.
+pub struct ServerConns {
+    /// `host:port` to connect to.
+    addr: Box<str>,
+    connect_timeout: Duration,
+    /// Most recently released on top; released times only grow upwards.
+    idle: Mutex<Vec<(Instant, Box<UpstreamConn>)>>,
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+impl ServerConns {
+    pub fn new(server: &UpstreamServer, connect_timeout: Duration) -> Arc<Self> {
+        let port = server.authority.port_u16().unwrap_or(80);
+        Arc::new(ServerConns {
+            addr: format!("{}:{port}", server.authority.host()).into(),
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+            sweeping: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// A connection to this server: the most recently used idle one that is
+    /// still good, or a new one.
+    pub async fn checkout(self: &Arc<Self>) -> Result<ConnLease, ConnectError> {
+        if let Some(conn) = self.take_idle() {
+            return Ok(self.lease(conn));
+        }
+        Ok(self.lease(self.connect().await?))
+    }
+
+    /// A new connection, bypassing the idle ones (after a pooled connection
+    /// turned out to be closing).
+    pub async fn checkout_new(self: &Arc<Self>) -> Result<ConnLease, ConnectError> {
+        Ok(self.lease(self.connect().await?))
+    }
+
+    fn lease(self: &Arc<Self>, conn: Box<UpstreamConn>) -> ConnLease {
+        ConnLease {
+            conn,
+            home: self.clone(),
+        }
+    }
+
+    fn take_idle(&self) -> Option<Box<UpstreamConn>> {
+        loop {
+            let (since, mut conn) = self.idle.lock().expect("idle stack lock").pop()?;
+            if since.elapsed() >= POOL_IDLE {
+                // Everything below is older still.
+                self.idle.lock().expect("idle stack lock").clear();
+                return None;
+            }
+            if conn.reusable() {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Boxed once here: a connection is large (hyper's buffers and state) and
+    /// moves between the idle stack, the request and the response body.
+    async fn connect(self: &Arc<Self>) -> Result<Box<UpstreamConn>, ConnectError> {
+        self.start_sweeper();
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.addr))
+            .await
+            .map_err(|_| ConnectError::TimedOut)?
+            .map_err(ConnectError::Io)?;
+        stream.set_nodelay(true).map_err(ConnectError::Io)?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        Ok(Box::new(UpstreamConn {
+            sender,
+            driver: Driver {
+                conn,
+                done: false,
+                error: None,
+            },
+        }))
+    }
+
+    fn release(&self, conn: Box<UpstreamConn>) {
+        if conn.driver.done {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("idle stack lock");
+        if idle.len() < MAX_IDLE {
+            idle.push((Instant::now(), conn));
+        }
+    }
+
+    /// Closes connections idle past `POOL_IDLE` even when no request comes to
+    /// notice them, so an upstream's closed sockets don't linger half-open.
+    /// One task per server per worker, ending with the pool.
+    fn start_sweeper(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POOL_IDLE / 2);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(conns) = weak.upgrade() else { return };
+                let expired: Vec<_> = {
+                    let mut idle = conns.idle.lock().expect("idle stack lock");
+                    let fresh = idle.partition_point(|(since, _)| since.elapsed() >= POOL_IDLE);
+                    idle.drain(..fresh).collect()
+                };
+                // Closed outside the lock.
+                drop(expired);
+            }
+        });
+    }
+}
+
+/// A connection checked out for one request. Dropped, it closes the
+/// connection; `release` puts it back for the next request instead, which
+/// is only right once the response has been read to its end.
+pub struct ConnLease {
+    conn: Box<UpstreamConn>,
+    home: Arc<ServerConns>,
+}
+
+impl ConnLease {
+    pub fn conn(&mut self) -> &mut UpstreamConn {
+        &mut self.conn
+    }
+
+    pub fn into_conn(self) -> Box<UpstreamConn> {
+        self.conn
+    }
+
+    /// Polls the connection so the response body keeps arriving.
+    pub fn drive(&mut self, cx: &mut Context<'_>) {
+        self.conn.driver.drive(cx);
+    }
+
+    pub fn release(self) {
+        self.home.release(self.conn);
+    }
+}
