@@ -8,7 +8,9 @@
 # rotating order, and the summary gives medians over rounds.
 #   origin    wrk → bench-origin directly (the floor: a bare hyper server)
 #   nginx     wrk → nginx (proxy_pass, keep-alive upstream, worker_processes 1,
-#             access_log off, proxy_buffering off) → origin
+#             access_log off, proxy_buffering off, and the forwarding headers
+#             Hyperion adds: X-Forwarded-For/-Proto/-Host, Via, X-Request-Id
+#             both ways) → origin
 #   hyperion  wrk → hyperion (access_log off, one tokio worker) → origin
 # Requests: GET /static/1k and POST /api/generate (origin delay 0, ~1 KB answer).
 #   tput  wrk -t1 -c$CONNS -d$DURATION       throughput, and server CPU µs/request
@@ -74,6 +76,9 @@ http {
   uwsgi_temp_path $RUN_DIR/nginx/uwsgi;
   scgi_temp_path $RUN_DIR/nginx/scgi;
   upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 64; keepalive_requests 1000000; }
+  # The same headers Hyperion adds by default: a request id (kept from the
+  # client or made up) both ways, X-Forwarded-*, and Via.
+  map \$http_x_request_id \$rid { "" \$request_id; default \$http_x_request_id; }
   server {
     listen 127.0.0.1:$NGINX_PORT backlog=4096;
     location / {
@@ -82,6 +87,11 @@ http {
       proxy_set_header Connection "";
       proxy_set_header Host \$host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header Via "1.1 nginx";
+      proxy_set_header X-Request-Id \$rid;
+      add_header X-Request-Id \$rid always;
       proxy_buffering off;
       proxy_request_buffering off;
     }
