@@ -9,6 +9,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::cache::{Recorder, StoredBody};
 use crate::upstream::ConnLease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -66,20 +68,47 @@ impl std::error::Error for UpstreamIdle {}
 
 // === impl RequestBody ===
 
-/// The client's body on its way upstream, cut off past `limit` bytes.
+/// The client's body on its way upstream: streamed and cut off past `limit`
+/// bytes, or already read whole (body-keyed cache routes need it for the key).
 pub struct RequestBody {
-    inner: Incoming,
+    source: Source,
     seen: u64,
     limit: u64,
+}
+
+enum Source {
+    Client(Incoming),
+    Buffered(Option<Bytes>),
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64) -> Self {
         RequestBody {
-            inner,
+            source: Source::Client(inner),
             seen: 0,
             limit,
         }
+    }
+
+    /// A body read ahead of time (within the limit already).
+    pub fn buffered(bytes: Bytes) -> Self {
+        RequestBody {
+            source: Source::Buffered((!bytes.is_empty()).then_some(bytes)),
+            seen: 0,
+            limit: u64::MAX,
+        }
+    }
+
+    /// Reads the whole body, failing past `limit` bytes.
+    pub async fn read_all(mut self) -> Result<Bytes, BoxError> {
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await
+        {
+            if let Ok(data) = frame?.into_data() {
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(buf.freeze())
     }
 }
 
@@ -92,7 +121,11 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let inner = match &mut this.source {
+            Source::Buffered(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Source::Client(inner) => inner,
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
@@ -111,11 +144,17 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.source {
+            Source::Client(inner) => inner.is_end_stream(),
+            Source::Buffered(b) => b.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.source {
+            Source::Client(inner) => inner.size_hint(),
+            Source::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
     }
 }
 
@@ -154,6 +193,8 @@ pub struct ResponseBody {
 
 enum Kind {
     Full(Option<Bytes>),
+    /// A recorded stream from the cache, replayed chunk by chunk.
+    Chunks(Arc<[Bytes]>, usize),
     Upstream(UpstreamBody),
 }
 
@@ -162,6 +203,8 @@ struct UpstreamBody {
     /// The connection the body arrives on, polled by this body; back to the
     /// pool once the body has been read to its end, closed otherwise.
     lease: Option<ConnLease>,
+    /// Keeps the chunks for the cache when the response is being stored.
+    recorder: Option<Box<Recorder>>,
     idle: Duration,
     /// Allocated the first time the upstream makes us wait, then reused.
     timer: Option<Pin<Box<Sleep>>>,
@@ -182,10 +225,26 @@ impl ResponseBody {
         Self::with(Kind::Upstream(UpstreamBody {
             inner,
             lease: Some(lease),
+            recorder: None,
             idle,
             timer: None,
             armed: false,
         }))
+    }
+
+    /// A stored body from the cache.
+    pub fn stored(body: &StoredBody) -> Self {
+        match body {
+            StoredBody::Whole(b) => Self::full(b.clone()),
+            StoredBody::Chunks(c) => Self::with(Kind::Chunks(c.clone(), 0)),
+        }
+    }
+
+    /// Records the upstream body as it passes, for the cache.
+    pub fn record(&mut self, recorder: Recorder) {
+        if let Kind::Upstream(up) = &mut self.kind {
+            up.recorder = Some(Box::new(recorder));
+        }
     }
 
     fn with(kind: Kind) -> Self {
@@ -207,6 +266,9 @@ impl ResponseBody {
                 if outcome == BodyOutcome::Complete {
                     lease.release();
                 }
+            }
+            if let Some(mut rec) = up.recorder.take() {
+                rec.finish(outcome == BodyOutcome::Complete);
             }
         }
         if let Some(f) = self.on_end.take() {
@@ -239,6 +301,11 @@ impl Body for ResponseBody {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Chunks(chunks, next) => {
+                let chunk = chunks.get(*next).cloned();
+                *next += 1;
+                Poll::Ready(chunk.map(|b| Ok(Frame::data(b))))
+            }
             Kind::Upstream(up) => up.poll(cx),
         };
         match &polled {
@@ -262,6 +329,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
+            Kind::Chunks(chunks, next) => *next >= chunks.len(),
             Kind::Upstream(up) => up.inner.is_end_stream(),
         }
     }
@@ -269,6 +337,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Chunks(..) => SizeHint::default(),
             Kind::Upstream(up) => up.inner.size_hint(),
         }
     }
@@ -282,6 +351,9 @@ impl UpstreamBody {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.armed = false;
+                if let (Some(rec), Some(data)) = (&mut self.recorder, frame.data_ref()) {
+                    rec.push(data);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),

@@ -34,6 +34,8 @@ pub enum ProxyError {
     },
     #[error("upstream {server} failed: {reason}")]
     UpstreamFailed { server: String, reason: String },
+    #[error("the request said only-if-cached and nothing usable is stored")]
+    NotCached,
 }
 
 // === impl ProxyError ===
@@ -49,6 +51,8 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            // RFC 9111 §5.2.1.7.
+            ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -62,6 +66,7 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamFailed { .. } => "upstream_error",
+            ProxyError::NotCached => "not_cached",
         }
     }
 

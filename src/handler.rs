@@ -22,10 +22,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord, LogSink};
 use crate::body::{BoxError, RequestBody, ResponseBody};
+use crate::cache::{Before, Cache, CacheQuery, CacheStatus};
 use crate::conn::ConnState;
 use crate::error::ProxyError;
-use crate::headers::{self, Forwarding, X_REQUEST_ID};
-use crate::policy::{Policy, RoutePolicy};
+use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
+use crate::policy::{BodyKey, Policy, RoutePolicy};
 use crate::route::RouteTable;
 use crate::upstream::{error_chain, UpstreamConn, UpstreamPool};
 
@@ -34,6 +35,8 @@ pub struct Proxy {
     policy: Arc<Policy>,
     routes: RouteTable<Route>,
     log: Arc<AccessLog>,
+    /// One per process, shared by the workers.
+    cache: Arc<Cache>,
 }
 
 /// A route with its upstream pool resolved.
@@ -64,12 +67,13 @@ impl Proxy {
     /// A proxy with its own access log (tests, single-runtime use).
     pub fn new(policy: Arc<Policy>, sink: LogSink) -> Self {
         let log = AccessLog::new(policy.server.access_log, policy.server.slow_request, sink);
-        Proxy::with_access_log(policy, Arc::new(log))
+        let cache = Cache::new(policy.cache.clone());
+        Proxy::worker(policy, Arc::new(log), cache)
     }
 
-    /// A proxy writing to a shared access log: one per worker runtime, each
-    /// with its own upstream connection pools.
-    pub fn with_access_log(policy: Arc<Policy>, log: Arc<AccessLog>) -> Self {
+    /// A proxy sharing the access log and the cache with other workers: one
+    /// per worker runtime, each with its own upstream connection pools.
+    pub fn worker(policy: Arc<Policy>, log: Arc<AccessLog>, cache: Arc<Cache>) -> Self {
         let pools: Vec<Arc<UpstreamPool>> = policy
             .upstreams
             .iter()
@@ -96,6 +100,7 @@ impl Proxy {
             routes: RouteTable::new(routes),
             log,
             policy,
+            cache,
         }
     }
 
@@ -144,7 +149,12 @@ impl Proxy {
                     tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
                 }
                 rec.error = Some(e.code());
-                e.into_response(&request_id)
+                let mut resp = e.into_response(&request_id);
+                if rec.cache != "-" {
+                    resp.headers_mut()
+                        .insert(X_CACHE, HeaderValue::from_static(rec.cache));
+                }
+                resp
             }
         };
         rec.status = resp.status().as_u16();
@@ -209,6 +219,35 @@ impl Proxy {
             .flatten();
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
+        // The cache: answer from it, or learn how to treat the upstream's answer.
+        let mut exchange = None;
+        let mut read_ahead = None;
+        if let (Some(policy), None) = (&route.policy.cache, &upgrade) {
+            if policy.body_key != BodyKey::None && !http_body::Body::is_end_stream(req.body()) {
+                read_ahead = Some(read_body(req.body_mut(), limits.max_request_body).await?);
+            }
+            let query = CacheQuery {
+                route: &route.name,
+                method: req.method(),
+                host: host.as_deref().unwrap_or(""),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+                body: read_ahead.as_ref(),
+            };
+            match self.cache.before(policy, query).await {
+                Before::Serve(resp, status) => {
+                    rec.cache = status.as_str();
+                    return Ok(resp);
+                }
+                Before::Fail(e) => return Err(e),
+                Before::Forward(ex) => {
+                    rec.cache = ex.status.as_str();
+                    exchange = Some(ex);
+                }
+            }
+        }
+
         let (mut parts, body) = req.into_parts();
         let had_transfer_encoding = parts.headers.contains_key(header::TRANSFER_ENCODING);
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -251,9 +290,28 @@ impl Proxy {
         }
         parts.uri = UpstreamPool::origin_form(parts.uri);
         parts.version = Version::HTTP_11;
+        if let Some(ex) = &mut exchange {
+            ex.add_validators(&mut parts.headers);
+        }
 
-        let body = RequestBody::new(body, limits.max_request_body);
-        let (resp, lease) = pool.send(&pick, Request::from_parts(parts, body)).await?;
+        let body = match read_ahead {
+            Some(bytes) => RequestBody::buffered(bytes),
+            None => RequestBody::new(body, limits.max_request_body),
+        };
+        let (resp, lease) = match pool.send(&pick, Request::from_parts(parts, body)).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
+                    tracing::warn!(
+                        request_id = request_id.to_str().unwrap_or("-"),
+                        "{e}; serving stale"
+                    );
+                    rec.cache = CacheStatus::Stale.as_str();
+                    return Ok(stale);
+                }
+                return Err(e);
+            }
+        };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -285,11 +343,35 @@ impl Proxy {
         // The client's connection has its own version; an HTTP/1.0 upstream
         // must not turn the client's response into HTTP/1.0.
         parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(
+        let resp = Response::from_parts(
             parts,
             ResponseBody::upstream(body, lease, pool.policy.idle_timeout),
-        ))
+        );
+        match exchange {
+            Some(ex) => {
+                let (resp, status) = ex.after(resp).await;
+                rec.cache = status.as_str();
+                Ok(resp)
+            }
+            None => Ok(resp),
+        }
     }
+}
+
+/// Reads a whole request body (for a body-keyed cache route), at most `limit` bytes.
+async fn read_body(body: &mut Incoming, limit: u64) -> Result<bytes::Bytes, ProxyError> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ProxyError::ClientBody(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > limit {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 /// The access record of a request that has no response yet.

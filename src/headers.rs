@@ -11,6 +11,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// What the cache did: `HIT`, `MISS`, `STALE`, `BYPASS`, `EXPIRED`, `REVALIDATED`.
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");

@@ -8,6 +8,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod cache;
 pub mod conn;
 pub mod error;
 pub mod handler;

@@ -28,6 +28,8 @@ use crate::route::RouteMatch;
 #[derive(Debug)]
 pub struct Policy {
     pub server: ServerPolicy,
+    /// `[cache]`, with its defaults when the file has none.
+    pub cache: CachePolicy,
     /// Sorted by name.
     pub upstreams: Vec<Arc<UpstreamPolicy>>,
     /// In file order: the first match wins.
@@ -83,6 +85,87 @@ pub struct RoutePolicy {
     pub upstream: String,
     /// Send the client's `Host` upstream (default), or the server's own authority.
     pub preserve_host: bool,
+    /// `[route.cache]`; `None` when the route does not cache.
+    pub cache: Option<Arc<RouteCachePolicy>>,
+}
+
+/// `[cache]`: the in-memory store every caching route shares.
+#[derive(Debug, Clone)]
+pub struct CachePolicy {
+    /// Bytes of stored responses (bodies and heads) the store keeps.
+    pub max_size: u64,
+    /// Responses bigger than this stream through uncached.
+    pub max_entry_size: u64,
+    /// `ttl` of `force` routes that set none.
+    pub default_ttl: Duration,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        CachePolicy {
+            max_size: 256 << 20,
+            max_entry_size: 8 << 20,
+            default_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[route.cache]` of a route that caches.
+#[derive(Debug)]
+pub struct RouteCachePolicy {
+    pub freshness: Freshness,
+    pub body_key: BodyKey,
+    /// `ignore_fields`, each split at its dots.
+    pub ignore_fields: Vec<Box<[String]>>,
+    pub scope: CacheScope,
+    /// `stream = "record"`: NDJSON and SSE responses are stored and replayed.
+    pub record_streams: bool,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// Whether the client's `Cache-Control` (`no-cache`, `no-store`, `max-age`…) counts.
+    pub honour_client: bool,
+    /// Store responses marked `private` or `no-store`, or that set cookies
+    /// (`force` mode only; meant for per-user scopes).
+    pub store_private: bool,
+}
+
+/// Where an entry's freshness lifetime comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// The upstream's headers, as RFC 9111 says for a shared cache.
+    Origin,
+    /// The policy's `ttl`, whatever the upstream says about freshness.
+    Force { ttl: Duration },
+}
+
+/// Which part of the request a body-keyed route digests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKey {
+    None,
+    Raw,
+    /// Canonical JSON: keys sorted, whitespace dropped, numbers normalised.
+    Json,
+}
+
+/// Who may share an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheScope {
+    /// Requests with the same `Authorization` (or none) share.
+    Authorization,
+    /// Requests with the same value of this header share.
+    Header(http::HeaderName),
+    /// Everybody shares.
+    Shared,
+}
+
+impl fmt::Display for CacheScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheScope::Authorization => f.write_str("authorization"),
+            CacheScope::Header(h) => write!(f, "header:{h}"),
+            CacheScope::Shared => f.write_str("shared"),
+        }
+    }
 }
 
 impl Policy {
@@ -120,6 +203,15 @@ impl fmt::Display for Policy {
             Dur(s.idle_timeout),
             Dur(s.shutdown_grace)
         )?;
+        if self.routes.iter().any(|r| r.cache.is_some()) {
+            writeln!(
+                f,
+                "cache:     memory {}, entries up to {}, default ttl {}",
+                Size(self.cache.max_size),
+                Size(self.cache.max_entry_size),
+                Dur(self.cache.default_ttl)
+            )?;
+        }
         writeln!(f, "upstreams:")?;
         for u in &self.upstreams {
             let servers: Vec<String> = u
@@ -142,7 +234,7 @@ impl fmt::Display for Policy {
         }
         writeln!(f, "routes (first match wins):")?;
         for (i, r) in self.routes.iter().enumerate() {
-            writeln!(
+            write!(
                 f,
                 "  {}. {:<16} {}  → {}",
                 i + 1,
@@ -150,6 +242,16 @@ impl fmt::Display for Policy {
                 r.matcher,
                 r.upstream
             )?;
+            match r.cache.as_deref() {
+                None => writeln!(f)?,
+                Some(c) => {
+                    match c.freshness {
+                        Freshness::Origin => write!(f, "  [cache origin")?,
+                        Freshness::Force { ttl } => write!(f, "  [cache force {}", Dur(ttl))?,
+                    }
+                    writeln!(f, ", scope {}]", c.scope)?;
+                }
+            }
         }
         Ok(())
     }

@@ -47,7 +47,11 @@ fn every_key_of_the_reference_shape_parses() {
 #[test]
 fn keys_not_built_yet_are_refused_at_their_line() {
     let cases = [
-        ("[cache]\nmax_size = \"256MB\"\n", "cache", 1),
+        (
+            "[cache]\nmax_size = \"256MB\"\n[cache.redis]\nurl = \"redis://127.0.0.1/0\"\n",
+            "cache.redis",
+            1,
+        ),
         ("[compression]\nmin_size = \"1KB\"\n", "compression", 1),
         ("[admin]\nlisten = \"127.0.0.1:9090\"\n", "admin", 1),
         (
@@ -90,13 +94,11 @@ fn keys_not_built_yet_are_refused_at_their_line() {
             "{err}"
         );
     }
-    let err = error_of(&format!(
-        "{ROUTE}[route.cache]\nmode = \"force\"\nttl = \"5m\"\n{UPSTREAM}"
-    ));
-    assert!(
-        err.starts_with("proxy.toml:4:") && err.contains("route[0] (all).cache: not supported yet"),
-        "{err}"
-    );
+    Policy::parse(
+        "p",
+        &format!("{ROUTE}[route.cache]\nmode = \"force\"\nttl = \"5m\"\n{UPSTREAM}"),
+    )
+    .unwrap();
     // `mode = "off"` alone is what a route without [route.cache] does: accepted.
     Policy::parse(
         "p",
@@ -285,5 +287,63 @@ fn version_is_printed() {
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim(),
         format!("hyperion {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn cache_mistakes_name_their_line_and_fix() {
+    let cases = [
+        ("ttl = \"5m\"\n", 4, "cache.mode: the cache mode is missing"),
+        (
+            "mode = \"origin\"\nttl = \"5m\"\n",
+            6,
+            "cache.ttl: mode = \"origin\" takes freshness",
+        ),
+        (
+            "mode = \"force\"\nttl = \"0s\"\n",
+            6,
+            "cache.ttl: a ttl of 0",
+        ),
+        (
+            "mode = \"force\"\nignore_fields = [\"a\"]\n",
+            6,
+            "ignore_fields only applies to JSON bodies",
+        ),
+        (
+            "mode = \"force\"\nbody_key = \"json\"\nignore_fields = [\"a..b\"]\n",
+            7,
+            "`a..b` is not a field path",
+        ),
+        (
+            "mode = \"force\"\nscope = \"per-user\"\n",
+            6,
+            "unknown scope `per-user`",
+        ),
+        (
+            "mode = \"force\"\nscope = \"header:bad header\"\n",
+            6,
+            "is not a header name",
+        ),
+        (
+            "mode = \"origin\"\nstore_private = true\n",
+            6,
+            "never stores what the upstream marked private",
+        ),
+        ("mode = \"force\"\nmode_x = 1\n", 6, "mode_x"),
+    ];
+    for (body, line, want) in cases {
+        let err = error_of(&format!("{ROUTE}[route.cache]\n{body}{UPSTREAM}"));
+        assert!(
+            err.starts_with(&format!("proxy.toml:{line}:")),
+            "{body}: {err}"
+        );
+        assert!(err.contains(want), "{body}: {err}");
+    }
+    let err = error_of(&format!(
+        "[cache]\nmax_size = \"1MB\"\nmax_entry_size = \"2MB\"\n{UPSTREAM}{ROUTE}"
+    ));
+    assert!(
+        err.contains("cache.max_entry_size") && err.starts_with("proxy.toml:1:"),
+        "{err}"
     );
 }

@@ -197,14 +197,23 @@ pub struct RawMatch {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouteCache {
-    pub mode: Option<CacheMode>,
-    pub ttl: Option<Dur>,
-    pub body_key: Option<BodyKey>,
-    pub ignore_fields: Option<Vec<String>>,
-    pub scope: Option<String>,
-    pub stream: Option<StreamCaching>,
-    pub stale_if_error: Option<Dur>,
-    pub stale_while_revalidate: Option<Dur>,
+    pub mode: Option<Spanned<CacheMode>>,
+    pub ttl: Option<Spanned<Dur>>,
+    pub body_key: Option<Spanned<BodyKey>>,
+    pub ignore_fields: Option<Spanned<Vec<Spanned<String>>>>,
+    pub scope: Option<Spanned<String>>,
+    pub stream: Option<Spanned<StreamCaching>>,
+    pub stale_if_error: Option<Spanned<Dur>>,
+    pub stale_while_revalidate: Option<Spanned<Dur>>,
+    pub client_cache_control: Option<Spanned<ClientCacheControl>>,
+    pub store_private: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientCacheControl {
+    Honour,
+    Ignore,
 }
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

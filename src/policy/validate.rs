@@ -17,7 +17,11 @@ use toml::Spanned;
 
 use super::error::{nearest, PolicyError, Source};
 use super::raw::{self, Balance, ModelRouting, RawPolicy};
-use super::{Policy, RoutePolicy, ServerPolicy, UpstreamPolicy, UpstreamServer};
+use super::units::Size;
+use super::{
+    BodyKey, CachePolicy, CacheScope, Freshness, Policy, RouteCachePolicy, RoutePolicy,
+    ServerPolicy, UpstreamPolicy, UpstreamServer,
+};
 use crate::route::{HostPattern, RouteMatch};
 
 const NOT_YET: &str = "not supported yet in this version of hyperion";
@@ -81,9 +85,10 @@ impl Validator<'_> {
         if let Some(admin) = &raw.admin {
             return Err(self.not_yet(admin.span(), "admin"));
         }
-        if let Some(cache) = &raw.cache {
-            return Err(self.not_yet(cache.span(), "cache"));
-        }
+        let cache = match raw.cache {
+            Some(c) => self.cache(c)?,
+            None => CachePolicy::default(),
+        };
         if let Some(c) = &raw.compression {
             return Err(self.not_yet(c.span(), "compression"));
         }
@@ -94,9 +99,10 @@ impl Validator<'_> {
         for (name, up) in raw.upstreams {
             upstreams.push(Arc::new(self.upstream(name, up.into_inner())?));
         }
-        let routes = self.routes(raw.route, &upstreams)?;
+        let routes = self.routes(raw.route, &upstreams, &cache)?;
         Ok(Policy {
             server,
+            cache,
             upstreams,
             routes,
         })
@@ -308,10 +314,194 @@ impl Validator<'_> {
         Ok((Scheme::HTTP, authority))
     }
 
+    fn cache(&self, raw: Spanned<raw::RawCache>) -> Result<CachePolicy, PolicyError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        if raw.redis.is_some() {
+            return Err(self.not_yet(span, "cache.redis"));
+        }
+        let d = CachePolicy::default();
+        let c = CachePolicy {
+            max_size: raw.max_size.map_or(d.max_size, |s| s.0),
+            max_entry_size: raw.max_entry_size.map_or(d.max_entry_size, |s| s.0),
+            default_ttl: raw.default_ttl.map_or(d.default_ttl, |t| t.0),
+        };
+        if c.max_size == 0 {
+            return Err(self.err(
+                span,
+                "cache.max_size",
+                "a cache of 0 bytes stores nothing",
+                "give it room, e.g. max_size = \"256MB\", or remove the routes' [route.cache]",
+            ));
+        }
+        if c.max_entry_size == 0 || c.max_entry_size > c.max_size {
+            return Err(self.err(
+                span,
+                "cache.max_entry_size",
+                format!(
+                    "{} is not between 1 byte and max_size ({})",
+                    Size(c.max_entry_size),
+                    Size(c.max_size)
+                ),
+                "set it at most max_size, e.g. max_entry_size = \"8MB\"",
+            ));
+        }
+        if c.default_ttl.is_zero() {
+            return Err(self.err(
+                span,
+                "cache.default_ttl",
+                "a ttl of 0 makes every entry stale at once",
+                "give it a duration, e.g. default_ttl = \"5m\"",
+            ));
+        }
+        Ok(c)
+    }
+
+    /// `None` for `mode = "off"` (the other keys may stay, so caching can be
+    /// switched off and on again by editing one line).
+    fn route_cache(
+        &self,
+        raw: Spanned<raw::RawRouteCache>,
+        route: &str,
+        store: &CachePolicy,
+    ) -> Result<Option<RouteCachePolicy>, PolicyError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let key = format!("{route}.cache");
+        let Some(mode) = raw.mode else {
+            return Err(self.err(
+                span,
+                format!("{key}.mode"),
+                "the cache mode is missing",
+                "add mode = \"force\" (the policy's ttl), \"origin\" (the upstream's Cache-Control) or \"off\"",
+            ));
+        };
+        let freshness = match mode.get_ref() {
+            raw::CacheMode::Off => return Ok(None),
+            raw::CacheMode::Origin => {
+                if let Some(ttl) = &raw.ttl {
+                    return Err(self.err(
+                        ttl.span(),
+                        format!("{key}.ttl"),
+                        "mode = \"origin\" takes freshness from the upstream's headers, not from ttl",
+                        "remove ttl, or use mode = \"force\" to impose it",
+                    ));
+                }
+                Freshness::Origin
+            }
+            raw::CacheMode::Force => {
+                let ttl = match &raw.ttl {
+                    Some(t) if t.get_ref().0.is_zero() => {
+                        return Err(self.err(
+                            t.span(),
+                            format!("{key}.ttl"),
+                            "a ttl of 0 makes every entry stale at once",
+                            "give it a duration, e.g. ttl = \"10m\", or use mode = \"off\"",
+                        ))
+                    }
+                    Some(t) => t.get_ref().0,
+                    None => store.default_ttl,
+                };
+                Freshness::Force { ttl }
+            }
+        };
+        let body_key = match raw.body_key.as_ref().map(|b| *b.get_ref()) {
+            None | Some(raw::BodyKey::None) => BodyKey::None,
+            Some(raw::BodyKey::Raw) => BodyKey::Raw,
+            Some(raw::BodyKey::Json) => BodyKey::Json,
+        };
+        let mut ignore_fields = Vec::new();
+        if let Some(fields) = raw.ignore_fields {
+            if body_key != BodyKey::Json {
+                return Err(self.err(
+                    fields.span(),
+                    format!("{key}.ignore_fields"),
+                    "ignore_fields only applies to JSON bodies",
+                    "add body_key = \"json\", or remove ignore_fields",
+                ));
+            }
+            for f in fields.into_inner() {
+                let parts: Vec<String> = f.get_ref().split('.').map(str::to_owned).collect();
+                if parts.iter().any(|p| p.is_empty()) {
+                    return Err(self.err(
+                        f.span(),
+                        format!("{key}.ignore_fields"),
+                        format!("`{}` is not a field path", f.get_ref()),
+                        "name a field, or a nested one with dots: \"keep_alive\", \"options.num_thread\"",
+                    ));
+                }
+                ignore_fields.push(parts.into_boxed_slice());
+            }
+        }
+        let scope = match &raw.scope {
+            None => CacheScope::Authorization,
+            Some(s) => {
+                let text = s.get_ref().trim();
+                match text {
+                    "authorization" => CacheScope::Authorization,
+                    "shared" => CacheScope::Shared,
+                    _ => match text.strip_prefix("header:") {
+                        Some(name) => match http::HeaderName::from_bytes(name.trim().as_bytes()) {
+                            Ok(h) => CacheScope::Header(h),
+                            Err(_) => {
+                                return Err(self.err(
+                                    s.span(),
+                                    format!("{key}.scope"),
+                                    format!("`{name}` is not a header name"),
+                                    "write scope = \"header:x-api-key\" with a real header name",
+                                ))
+                            }
+                        },
+                        None => {
+                            return Err(self.err(
+                                s.span(),
+                                format!("{key}.scope"),
+                                format!("unknown scope `{text}`"),
+                                "use \"authorization\" (per user, the default), \"header:<name>\" or \"shared\"",
+                            ))
+                        }
+                    },
+                }
+            }
+        };
+        if let Some(swr) = &raw.stale_while_revalidate {
+            return Err(self.not_yet(swr.span(), &format!("{key}.stale_while_revalidate")));
+        }
+        let store_private = raw.store_private.as_ref().is_some_and(|b| *b.get_ref());
+        if let (Some(b), Freshness::Origin) = (&raw.store_private, freshness) {
+            if *b.get_ref() {
+                return Err(self.err(
+                    b.span(),
+                    format!("{key}.store_private"),
+                    "mode = \"origin\" never stores what the upstream marked private",
+                    "remove store_private, or use mode = \"force\"",
+                ));
+            }
+        }
+        Ok(Some(RouteCachePolicy {
+            freshness,
+            body_key,
+            ignore_fields,
+            scope,
+            record_streams: raw
+                .stream
+                .is_some_and(|s| *s.get_ref() == raw::StreamCaching::Record),
+            stale_while_revalidate: raw
+                .stale_while_revalidate
+                .map_or(Duration::ZERO, |d| d.get_ref().0),
+            stale_if_error: raw.stale_if_error.map_or(Duration::ZERO, |d| d.get_ref().0),
+            honour_client: raw
+                .client_cache_control
+                .is_none_or(|c| *c.get_ref() == raw::ClientCacheControl::Honour),
+            store_private,
+        }))
+    }
+
     fn routes(
         &self,
         raw: Vec<Spanned<raw::RawRoute>>,
         upstreams: &[Arc<UpstreamPolicy>],
+        cache: &CachePolicy,
     ) -> Result<Vec<Arc<RoutePolicy>>, PolicyError> {
         if raw.is_empty() {
             return Err(self.src.error(
@@ -348,13 +538,10 @@ impl Validator<'_> {
             if let Some(v) = &r.rate_limit {
                 return Err(self.not_yet(v.span(), &format!("{key}.rate_limit")));
             }
-            if let Some(c) = &r.cache {
-                let only_off =
-                    c.get_ref().mode == Some(raw::CacheMode::Off) && is_only_mode(c.get_ref());
-                if !only_off {
-                    return Err(self.not_yet(c.span(), &format!("{key}.cache")));
-                }
-            }
+            let route_cache = match r.cache {
+                Some(c) => self.route_cache(c, &key, cache)?.map(Arc::new),
+                None => None,
+            };
             if let Some(h) = &r.headers {
                 return Err(self.not_yet(h.span(), &format!("{key}.headers")));
             }
@@ -402,6 +589,7 @@ impl Validator<'_> {
                     matcher,
                     upstream,
                     preserve_host: r.preserve_host.unwrap_or(true),
+                    cache: route_cache,
                 }),
             ));
         }
@@ -493,15 +681,4 @@ impl Validator<'_> {
             HostPattern::Exact(name)
         })
     }
-}
-
-/// `[route.cache]` with nothing but `mode`, so `mode = "off"` is accepted today.
-fn is_only_mode(c: &raw::RawRouteCache) -> bool {
-    c.ttl.is_none()
-        && c.body_key.is_none()
-        && c.ignore_fields.is_none()
-        && c.scope.is_none()
-        && c.stream.is_none()
-        && c.stale_if_error.is_none()
-        && c.stale_while_revalidate.is_none()
 }

@@ -1,0 +1,270 @@
+//! The response cache: stored entries, their freshness, and the store.
+//!
+//! `Cache` is one per process, shared by every worker: a moka cache weighted
+//! by stored bytes, each entry expiring when it is no longer fresh nor usable
+//! stale (its own deadline through moka's `Expiry`). Keys come from `key`,
+//! the RFC 9111 rules from `control`, recording a response on its way to the
+//! client from `record`. The request flow that uses them lives in `handler`.
+
+mod control;
+mod exchange;
+mod key;
+mod record;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+
+pub use control::CacheControl;
+pub use exchange::{Before, CacheQuery, Exchange};
+pub use key::{CacheKey, KeyInput, KeyParts, NotJson};
+pub use record::{Recorder, Recording};
+
+use crate::policy::CachePolicy;
+
+/// What the cache did for a response; sent as `X-Cache` and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served from a fresh entry.
+    Hit,
+    /// Nothing usable stored; fetched from the upstream.
+    Miss,
+    /// Served from a stale entry (while revalidating, or because the upstream failed).
+    Stale,
+    /// The cache was not used (method, client `no-store`, unkeyable body).
+    Bypass,
+    /// A stale entry was there, and the upstream sent a new response.
+    Expired,
+    /// A stale entry was confirmed by the upstream (304) and served.
+    Revalidated,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Bypass => "BYPASS",
+            CacheStatus::Expired => "EXPIRED",
+            CacheStatus::Revalidated => "REVALIDATED",
+        }
+    }
+
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
+    }
+}
+
+/// A stored body: whole, or the chunks of a recorded stream, replayed one by one.
+#[derive(Debug, Clone)]
+pub enum StoredBody {
+    Whole(Bytes),
+    Chunks(Arc<[Bytes]>),
+}
+
+impl StoredBody {
+    pub fn len(&self) -> usize {
+        match self {
+            StoredBody::Whole(b) => b.len(),
+            StoredBody::Chunks(c) => c.iter().map(Bytes::len).sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One stored response.
+#[derive(Debug)]
+pub struct Entry {
+    pub status: StatusCode,
+    /// End-to-end headers as they will be sent (no `Age`, no `X-Cache`).
+    pub headers: HeaderMap,
+    pub body: StoredBody,
+    /// When it was stored; its age grows from `initial_age` from here.
+    pub stored_at: Instant,
+    /// Its age when it arrived (RFC 9111 §4.2.3).
+    pub initial_age: Duration,
+    pub fresh_for: Duration,
+    /// Extra time it may be served stale while one refresh runs.
+    pub stale_while_revalidate: Duration,
+    /// Extra time it may be served stale when the upstream fails.
+    pub stale_if_error: Duration,
+    /// `must-revalidate` and kin: never served stale without validation.
+    pub forbids_stale: bool,
+    /// Stored headers that name the request headers it varies on, with the
+    /// values they had on the request that filled it.
+    pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// Route name, for purges.
+    pub route: Arc<str>,
+    /// `host` + path and query, for invalidation and purges.
+    pub target: Box<str>,
+}
+
+impl Entry {
+    pub fn age(&self, now: Instant) -> Duration {
+        self.initial_age + now.saturating_duration_since(self.stored_at)
+    }
+
+    /// How long past fresh it is (zero while fresh).
+    pub fn staleness(&self, now: Instant) -> Duration {
+        self.age(now).saturating_sub(self.fresh_for)
+    }
+
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        self.age(now) < self.fresh_for
+    }
+
+    /// Whether it has something to revalidate with.
+    pub fn has_validators(&self) -> bool {
+        self.headers.contains_key(http::header::ETAG)
+            || self.headers.contains_key(http::header::LAST_MODIFIED)
+    }
+
+    /// Whether this request carries the header values the entry was stored for.
+    pub fn vary_matches(&self, req: &HeaderMap) -> bool {
+        self.vary.iter().all(|(name, stored)| {
+            let now: Vec<&HeaderValue> = req.get_all(name).iter().collect();
+            match stored {
+                None => now.is_empty(),
+                Some(v) => now.len() == 1 && now[0] == v,
+            }
+        })
+    }
+
+    /// Bytes it costs in the store: body, headers, and bookkeeping.
+    fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        let total = self.body.len() + headers + self.target.len() + 256;
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+
+    /// How long the store keeps it: fresh, then usable stale, then (when it
+    /// can be revalidated) a while longer so a 304 can refresh it.
+    fn keep_for(&self) -> Duration {
+        let fresh_left = self.fresh_for.saturating_sub(self.initial_age);
+        let stale = if self.forbids_stale {
+            Duration::ZERO
+        } else {
+            self.stale_while_revalidate.max(self.stale_if_error)
+        };
+        let validate = if self.has_validators() {
+            self.fresh_for
+                .clamp(Duration::from_secs(60), Duration::from_secs(86_400))
+        } else {
+            Duration::ZERO
+        };
+        fresh_left + stale.max(validate)
+    }
+}
+
+/// Per-entry deadlines for moka.
+struct EntryExpiry;
+
+impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        entry: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(entry.keep_for())
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        entry: &Arc<Entry>,
+        _updated_at: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.keep_for())
+    }
+}
+
+/// Counters for the admin API and metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub stale: AtomicU64,
+    pub bypasses: AtomicU64,
+    pub revalidated: AtomicU64,
+    pub stored: AtomicU64,
+}
+
+impl CacheStats {
+    pub fn count(&self, status: CacheStatus) {
+        let c = match status {
+            CacheStatus::Hit => &self.hits,
+            CacheStatus::Miss | CacheStatus::Expired => &self.misses,
+            CacheStatus::Stale => &self.stale,
+            CacheStatus::Bypass => &self.bypasses,
+            CacheStatus::Revalidated => &self.revalidated,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The process-wide store.
+pub struct Cache {
+    store: moka::future::Cache<CacheKey, Arc<Entry>>,
+    pub policy: CachePolicy,
+    pub stats: CacheStats,
+}
+
+impl Cache {
+    pub fn new(policy: CachePolicy) -> Arc<Cache> {
+        let store = moka::future::Cache::builder()
+            .max_capacity(policy.max_size)
+            .weigher(|_k: &CacheKey, e: &Arc<Entry>| e.weight())
+            .expire_after(EntryExpiry)
+            .support_invalidation_closures()
+            .build();
+        Arc::new(Cache {
+            store,
+            policy,
+            stats: CacheStats::default(),
+        })
+    }
+
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.store.get(key).await
+    }
+
+    pub async fn insert(&self, key: CacheKey, entry: Entry) {
+        if entry.body.len() as u64 > self.policy.max_entry_size {
+            return;
+        }
+        self.stats.stored.fetch_add(1, Ordering::Relaxed);
+        self.store.insert(key, Arc::new(entry)).await;
+    }
+
+    pub async fn remove(&self, key: &CacheKey) {
+        self.store.invalidate(key).await;
+    }
+
+    /// Drops every entry stored for `target` (host + path and query), in any
+    /// scope: what an unsafe method on that URI does (RFC 9111 §4.4).
+    pub fn invalidate_target(&self, target: &str) {
+        let target: Box<str> = target.into();
+        let _ = self
+            .store
+            .invalidate_entries_if(move |_, e| *e.target == *target);
+    }
+
+    /// Entries and bytes held now (approximate until pending work runs).
+    pub fn size(&self) -> (u64, u64) {
+        (self.store.entry_count(), self.store.weighted_size())
+    }
+}

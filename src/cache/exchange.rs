@@ -1,0 +1,495 @@
+//! One request's dealings with the cache: before the upstream (look up, and
+//! answer from a usable entry), and after (store, revalidate, fall back to
+//! stale, invalidate).
+//!
+//! The handler calls `Cache::before` and, when told to go upstream, hands the
+//! upstream's outcome to `Exchange`. What counts as fresh, storable or
+//! usable stale is RFC 9111 (`control`) in `origin` mode, and the route's
+//! `ttl` in `force` mode.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode};
+
+use super::control::{self, CacheControl};
+use super::{Cache, CacheKey, CacheStatus, Entry, KeyInput, Recorder, Recording, StoredBody};
+use crate::body::ResponseBody;
+use crate::error::ProxyError;
+use crate::headers::X_CACHE;
+use crate::policy::{BodyKey, Freshness, RouteCachePolicy};
+
+/// The request as the cache needs it.
+pub struct CacheQuery<'a> {
+    pub route: &'a Arc<str>,
+    pub method: &'a Method,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    /// The whole body, on body-keyed routes.
+    pub body: Option<&'a Bytes>,
+}
+
+/// What to do with a request on a caching route.
+// Returned once per request and matched at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Before {
+    /// Answered from the cache.
+    Serve(Response<ResponseBody>, CacheStatus),
+    /// Answered with an error (`only-if-cached` and nothing stored).
+    Fail(ProxyError),
+    /// Go upstream, and give the answer to the exchange.
+    Forward(Exchange),
+}
+
+/// A request on its way upstream, with what the cache knows about it.
+pub struct Exchange {
+    cache: Arc<Cache>,
+    policy: Arc<RouteCachePolicy>,
+    pub status: CacheStatus,
+    /// `None`: the response will not be stored (bypass).
+    key: Option<CacheKey>,
+    /// A stored entry that was not usable as is: revalidated or stale fallback.
+    stale: Option<Arc<Entry>>,
+    client: CacheControl,
+    method: Method,
+    head: bool,
+    route: Arc<str>,
+    target: Box<str>,
+    request_time: SystemTime,
+    /// Request headers, kept for `Vary` (only when the response may be stored).
+    request_headers: Option<HeaderMap>,
+    /// Validators this exchange added to the upstream request.
+    validating: bool,
+}
+
+impl Cache {
+    /// Looks `q` up: serves a usable entry, or says how to go upstream.
+    pub async fn before(
+        self: &Arc<Self>,
+        policy: &Arc<RouteCachePolicy>,
+        q: CacheQuery<'_>,
+    ) -> Before {
+        let client = if policy.honour_client {
+            CacheControl::parse(q.headers)
+        } else {
+            CacheControl::default()
+        };
+        let head = *q.method == Method::HEAD;
+        let lookup = *q.method == Method::GET
+            || head
+            || (*q.method == Method::POST
+                && policy.body_key != BodyKey::None
+                && matches!(policy.freshness, Freshness::Force { .. }));
+        let target: Box<str> = match q.query {
+            Some(query) => format!("{}{}?{query}", q.host, q.path).into(),
+            None => format!("{}{}", q.host, q.path).into(),
+        };
+        let mut ex = Exchange {
+            cache: self.clone(),
+            policy: policy.clone(),
+            status: CacheStatus::Bypass,
+            key: None,
+            stale: None,
+            client,
+            method: q.method.clone(),
+            head,
+            route: q.route.clone(),
+            target,
+            request_time: SystemTime::now(),
+            request_headers: None,
+            validating: false,
+        };
+        if !lookup || ex.client.no_store {
+            return self.bypass(ex);
+        }
+        let key = match CacheKey::build(
+            policy,
+            &KeyInput {
+                route: q.route,
+                method: q.method,
+                host: q.host,
+                path: q.path,
+                query: q.query,
+                headers: q.headers,
+                body: q.body.map(|b| &b[..]),
+            },
+        ) {
+            Ok(k) => k,
+            // Not JSON on a JSON-keyed route: not the client's problem.
+            Err(_) => return self.bypass(ex),
+        };
+        ex.key = Some(key);
+        ex.request_headers = (!head).then(|| q.headers.clone());
+        let now = Instant::now();
+        let entry = match self.get(&key).await {
+            Some(e) if e.vary_matches(q.headers) => e,
+            _ => {
+                if ex.client.only_if_cached {
+                    return Before::Fail(ProxyError::NotCached);
+                }
+                ex.status = CacheStatus::Miss;
+                return Before::Forward(ex);
+            }
+        };
+        if ex.usable_fresh(&entry, now) {
+            self.stats.count(CacheStatus::Hit);
+            let resp = respond(&entry, entry.age(now), CacheStatus::Hit, head);
+            return Before::Serve(resp, CacheStatus::Hit);
+        }
+        if ex.client.only_if_cached || ex.client_accepts_stale(&entry, now) {
+            self.stats.count(CacheStatus::Stale);
+            let resp = respond(&entry, entry.age(now), CacheStatus::Stale, head);
+            return Before::Serve(resp, CacheStatus::Stale);
+        }
+        ex.status = CacheStatus::Expired;
+        ex.stale = Some(entry);
+        Before::Forward(ex)
+    }
+
+    fn bypass(&self, ex: Exchange) -> Before {
+        self.stats.count(CacheStatus::Bypass);
+        Before::Forward(ex)
+    }
+}
+
+impl Exchange {
+    /// Fresh, and fresh enough for the client's `max-age` / `min-fresh`,
+    /// and not one the client or the upstream wants validated each time.
+    fn usable_fresh(&self, e: &Entry, now: Instant) -> bool {
+        let age = e.age(now);
+        if !e.is_fresh(now) || self.client.no_cache {
+            return false;
+        }
+        if self
+            .client
+            .max_age
+            .is_some_and(|m| age > Duration::from_secs(m))
+        {
+            return false;
+        }
+        if let Some(min) = self.client.min_fresh {
+            if e.fresh_for.saturating_sub(age) < Duration::from_secs(min) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The client's `max-stale` lets a stale entry through (RFC 9111 §5.2.1.2),
+    /// unless the entry forbids serving stale.
+    fn client_accepts_stale(&self, e: &Entry, now: Instant) -> bool {
+        if e.forbids_stale || self.client.no_cache {
+            return false;
+        }
+        match self.client.max_stale {
+            Some(None) => true,
+            Some(Some(s)) => e.staleness(now) <= Duration::from_secs(s),
+            None => false,
+        }
+    }
+
+    /// Adds `If-None-Match` / `If-Modified-Since` from the stale entry, unless
+    /// the client sent its own conditionals (then its answer is its own).
+    pub fn add_validators(&mut self, headers: &mut HeaderMap) {
+        let Some(entry) = &self.stale else { return };
+        if headers.contains_key(header::IF_NONE_MATCH)
+            || headers.contains_key(header::IF_MODIFIED_SINCE)
+        {
+            return;
+        }
+        if let Some(etag) = entry.headers.get(header::ETAG) {
+            headers.insert(header::IF_NONE_MATCH, etag.clone());
+            self.validating = true;
+        }
+        if let Some(lm) = entry.headers.get(header::LAST_MODIFIED) {
+            headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+            self.validating = true;
+        }
+    }
+
+    /// The upstream failed: a stale entry within `stale-if-error`, if any.
+    pub fn stale_on_error(&self) -> Option<Response<ResponseBody>> {
+        let entry = self.stale.as_ref()?;
+        let now = Instant::now();
+        if entry.forbids_stale || entry.staleness(now) > entry.stale_if_error {
+            return None;
+        }
+        self.cache.stats.count(CacheStatus::Stale);
+        Some(respond(
+            entry,
+            entry.age(now),
+            CacheStatus::Stale,
+            self.head,
+        ))
+    }
+
+    /// Whether the request method changes state, so a success invalidates
+    /// what is stored for its URI (RFC 9111 §4.4).
+    fn unsafe_method(&self) -> bool {
+        !matches!(
+            self.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        ) && self.key.is_none()
+    }
+
+    /// The upstream answered: store it, refresh a stale entry from a 304,
+    /// or fall back to stale on a 5xx. Returns what the client gets.
+    pub async fn after(
+        mut self,
+        mut resp: Response<ResponseBody>,
+    ) -> (Response<ResponseBody>, CacheStatus) {
+        let status = resp.status();
+        if self.unsafe_method() && (status.is_success() || status.is_redirection()) {
+            self.cache.invalidate_target(&self.target);
+        }
+        if status.is_server_error() {
+            if let Some(stale) = self.stale_on_error() {
+                return (stale, CacheStatus::Stale);
+            }
+        }
+        if status == StatusCode::NOT_MODIFIED && self.validating {
+            if let Some(resp) = self.revalidated(resp.headers()).await {
+                return (resp, CacheStatus::Revalidated);
+            }
+        }
+        self.cache.stats.count(self.status);
+        if let Some(recording) = self.storable(&resp) {
+            resp.body_mut().record(Recorder::new(recording));
+        }
+        resp.headers_mut()
+            .insert(X_CACHE, self.status.header_value());
+        (resp, self.status)
+    }
+
+    /// A 304 to our validators: the stored entry, with the 304's headers
+    /// merged in (RFC 9111 §4.3.4), fresh again and stored back.
+    async fn revalidated(&mut self, fresh: &HeaderMap) -> Option<Response<ResponseBody>> {
+        let old = self.stale.take()?;
+        let key = self.key?;
+        let now = SystemTime::now();
+        let mut headers = old.headers.clone();
+        for name in fresh.keys() {
+            if name == header::CONTENT_LENGTH || name == X_CACHE {
+                continue;
+            }
+            headers.remove(name);
+            for v in fresh.get_all(name) {
+                headers.append(name.clone(), v.clone());
+            }
+        }
+        let cc = CacheControl::parse(&headers);
+        let (fresh_for, initial_age) = match self.policy.freshness {
+            Freshness::Force { ttl } => (ttl, Duration::ZERO),
+            Freshness::Origin => (
+                control::freshness_lifetime(
+                    &headers,
+                    &cc,
+                    old.status,
+                    now,
+                    self.cache.policy.default_ttl,
+                ),
+                control::initial_age(fresh, self.request_time, now),
+            ),
+        };
+        let entry = Entry {
+            status: old.status,
+            headers,
+            body: old.body.clone(),
+            stored_at: Instant::now(),
+            initial_age,
+            fresh_for,
+            stale_while_revalidate: old.stale_while_revalidate,
+            stale_if_error: old.stale_if_error,
+            forbids_stale: cc.forbids_stale(),
+            vary: old.vary.clone(),
+            route: old.route.clone(),
+            target: old.target.clone(),
+        };
+        let resp = respond(
+            &entry,
+            entry.initial_age,
+            CacheStatus::Revalidated,
+            self.head,
+        );
+        self.cache.stats.count(CacheStatus::Revalidated);
+        self.cache.insert(key, entry).await;
+        Some(resp)
+    }
+
+    /// The recording to make of this response, if it may be stored.
+    fn storable(&mut self, resp: &Response<ResponseBody>) -> Option<Recording> {
+        let key = self.key?;
+        if self.head {
+            return None;
+        }
+        let headers = resp.headers();
+        let status = resp.status();
+        let cc = CacheControl::parse(headers);
+        let now = SystemTime::now();
+        let streamed = is_stream(headers);
+        if streamed && !self.policy.record_streams {
+            return None;
+        }
+        if content_length(headers).is_some_and(|n| n > self.cache.policy.max_entry_size) {
+            return None;
+        }
+        let (fresh_for, initial_age, swr, sie) = match self.policy.freshness {
+            Freshness::Force { ttl } => {
+                if status.is_server_error() || !control::heuristically_cacheable(status) {
+                    return None;
+                }
+                let private = cc.no_store
+                    || cc.private
+                    || headers.contains_key(header::SET_COOKIE)
+                    || (self.client.no_store);
+                if private && !self.policy.store_private {
+                    return None;
+                }
+                if control::vary_star(headers) {
+                    return None;
+                }
+                (
+                    ttl,
+                    Duration::ZERO,
+                    self.policy.stale_while_revalidate,
+                    self.policy.stale_if_error,
+                )
+            }
+            Freshness::Origin => {
+                let auth = self
+                    .request_headers
+                    .as_ref()
+                    .is_some_and(|h| h.contains_key(header::AUTHORIZATION));
+                if control::refuse_origin(
+                    &self.method,
+                    status,
+                    auth,
+                    Some(&self.client),
+                    headers,
+                    &cc,
+                )
+                .is_some()
+                {
+                    return None;
+                }
+                let lifetime = control::freshness_lifetime(
+                    headers,
+                    &cc,
+                    status,
+                    now,
+                    self.cache.policy.default_ttl,
+                );
+                let validators = headers.contains_key(header::ETAG)
+                    || headers.contains_key(header::LAST_MODIFIED);
+                let fresh_for = if cc.no_cache {
+                    Duration::ZERO
+                } else {
+                    lifetime
+                };
+                if fresh_for.is_zero() && !validators {
+                    // Would never be usable without a validator to check it with.
+                    return None;
+                }
+                let secs = |d: Option<u64>| d.map_or(Duration::ZERO, Duration::from_secs);
+                (
+                    fresh_for,
+                    control::initial_age(headers, self.request_time, now),
+                    secs(cc.stale_while_revalidate).max(self.policy.stale_while_revalidate),
+                    secs(cc.stale_if_error).max(self.policy.stale_if_error),
+                )
+            }
+        };
+        let request_headers = self.request_headers.take().unwrap_or_default();
+        let mut stored = headers.clone();
+        stored.remove(header::AGE);
+        stored.remove(X_CACHE);
+        if matches!(self.policy.freshness, Freshness::Force { .. }) && self.policy.store_private {
+            // Never replay one client's cookies to another.
+            stored.remove(header::SET_COOKIE);
+        }
+        if streamed {
+            stored.remove(header::CONTENT_LENGTH);
+        }
+        Some(Recording {
+            cache: self.cache.clone(),
+            key,
+            chunked: streamed,
+            entry: Entry {
+                status,
+                vary: vary_values(headers, &request_headers),
+                headers: stored,
+                body: StoredBody::Whole(Bytes::new()),
+                stored_at: Instant::now(),
+                initial_age,
+                fresh_for,
+                stale_while_revalidate: swr,
+                stale_if_error: sie,
+                forbids_stale: cc.forbids_stale()
+                    && matches!(self.policy.freshness, Freshness::Origin),
+                route: self.route.clone(),
+                target: self.target.clone(),
+            },
+        })
+    }
+}
+
+/// NDJSON and SSE: replayed chunk by chunk.
+fn is_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.starts_with("application/x-ndjson") || ct.starts_with("text/event-stream")
+        })
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The request values of the headers the response varies on.
+fn vary_values(resp: &HeaderMap, req: &HeaderMap) -> Vec<(HeaderName, Option<HeaderValue>)> {
+    let mut out = Vec::new();
+    for line in resp.get_all(header::VARY) {
+        let Ok(text) = line.to_str() else { continue };
+        for name in text.split(',') {
+            if let Ok(name) = HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()) {
+                if !out.iter().any(|(n, _)| *n == name) {
+                    let value = req.get(&name).cloned();
+                    out.push((name, value));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A response built from a stored entry.
+pub fn respond(
+    entry: &Entry,
+    age: Duration,
+    status: CacheStatus,
+    head: bool,
+) -> Response<ResponseBody> {
+    let body = if head {
+        ResponseBody::empty()
+    } else {
+        ResponseBody::stored(&entry.body)
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = entry.status;
+    let headers = resp.headers_mut();
+    headers.clone_from(&entry.headers);
+    headers.insert(header::AGE, control::age_value(age));
+    headers.insert(X_CACHE, status.header_value());
+    resp
+}

@@ -1,0 +1,411 @@
+//! Cache keys: which requests may share a stored response.
+//!
+//! A key is a BLAKE3 digest (256 bits) of length-prefixed parts: the route,
+//! the method (HEAD reads GET's entries), host, path, the query with its
+//! parameters sorted, the scope (whose entry it is), whether a stream was
+//! asked for, and for body-keyed routes a digest of the body — raw bytes, or
+//! canonical JSON minus the route's `ignore_fields`. Every part can be listed
+//! for the admin API's "explain". This module does not read bodies off the
+//! wire or touch the store.
+
+use std::fmt;
+
+use http::header::{self, HeaderMap};
+use http::Method;
+use serde_json::Value;
+
+use crate::policy::{BodyKey, CacheScope, RouteCachePolicy};
+
+/// A request's identity in the store.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey(pub [u8; 32]);
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…")
+    }
+}
+
+/// The body could not be keyed (a JSON route got something else).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotJson;
+
+/// What went into a key, part by part, for "explain".
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeyParts(pub Vec<(&'static str, String)>);
+
+/// The request as the key sees it.
+pub struct KeyInput<'a> {
+    pub route: &'a str,
+    pub method: &'a Method,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    /// The whole body, for body-keyed routes.
+    pub body: Option<&'a [u8]>,
+}
+
+impl CacheKey {
+    /// The key of `req` on a route with `policy`.
+    pub fn build(policy: &RouteCachePolicy, req: &KeyInput<'_>) -> Result<CacheKey, NotJson> {
+        Self::derive(policy, req, None)
+    }
+
+    /// The key and the parts that went into it.
+    pub fn explain(
+        policy: &RouteCachePolicy,
+        req: &KeyInput<'_>,
+    ) -> Result<(CacheKey, KeyParts), NotJson> {
+        let mut parts = KeyParts::default();
+        let key = Self::derive(policy, req, Some(&mut parts))?;
+        Ok((key, parts))
+    }
+
+    fn derive(
+        policy: &RouteCachePolicy,
+        req: &KeyInput<'_>,
+        mut explain: Option<&mut KeyParts>,
+    ) -> Result<CacheKey, NotJson> {
+        let mut h = blake3::Hasher::new();
+        let mut part = |name: &'static str, value: &[u8], shown: &dyn Fn() -> String| {
+            h.update(&(value.len() as u64).to_le_bytes());
+            h.update(value);
+            if let Some(e) = explain.as_deref_mut() {
+                e.0.push((name, shown()));
+            }
+        };
+        part("version", b"hyperion-key-1", &|| "1".into());
+        part("route", req.route.as_bytes(), &|| req.route.to_owned());
+        // A HEAD is answered from GET's entry (RFC 9110 §9.3.2).
+        let method = if req.method == Method::HEAD {
+            &Method::GET
+        } else {
+            req.method
+        };
+        part("method", method.as_str().as_bytes(), &|| method.to_string());
+        let host = req.host.to_ascii_lowercase();
+        part("host", host.as_bytes(), &|| host.clone());
+        part("path", req.path.as_bytes(), &|| req.path.to_owned());
+        let query = sorted_query(req.query.unwrap_or(""));
+        part("query", query.as_bytes(), &|| query.clone());
+        match &policy.scope {
+            CacheScope::Shared => part("scope", b"shared", &|| "shared".into()),
+            CacheScope::Authorization => {
+                let v = req.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+                let digest = scope_digest(v);
+                part("scope", &digest, &|| describe_scope("authorization", v))
+            }
+            CacheScope::Header(name) => {
+                let v = req.headers.get(name).map(|v| v.as_bytes());
+                let digest = scope_digest(v);
+                part("scope", &digest, &|| describe_scope(name.as_str(), v))
+            }
+        }
+        let body = req.body.unwrap_or(b"");
+        match policy.body_key {
+            BodyKey::None => {
+                let stream = wants_event_stream(req.headers);
+                part("stream", &[stream as u8], &|| stream.to_string());
+            }
+            BodyKey::Raw => {
+                let stream = wants_event_stream(req.headers);
+                part("stream", &[stream as u8], &|| stream.to_string());
+                let d = blake3::hash(body);
+                part("body", d.as_bytes(), &|| {
+                    format!("raw {} bytes, blake3 {}", body.len(), short(d.as_bytes()))
+                });
+            }
+            BodyKey::Json => {
+                let value: Value = serde_json::from_slice(body).map_err(|_| NotJson)?;
+                let stream = json_wants_stream(&value, req.path) || wants_event_stream(req.headers);
+                part("stream", &[stream as u8], &|| stream.to_string());
+                let mut bh = blake3::Hasher::new();
+                canonical(&value, &policy.ignore_fields, &mut Vec::new(), &mut bh);
+                let d = bh.finalize();
+                part("body", d.as_bytes(), &|| {
+                    let ignored: Vec<String> =
+                        policy.ignore_fields.iter().map(|f| f.join(".")).collect();
+                    format!(
+                        "canonical json, blake3 {}, ignoring [{}]",
+                        short(d.as_bytes()),
+                        ignored.join(", ")
+                    )
+                });
+            }
+        }
+        Ok(CacheKey(*h.finalize().as_bytes()))
+    }
+}
+
+fn scope_digest(value: Option<&[u8]>) -> [u8; 32] {
+    match value {
+        // Distinct from every digest of a present header, including an empty one.
+        None => [0; 32],
+        Some(v) => *blake3::hash(v).as_bytes(),
+    }
+}
+
+/// Never shows the credential itself.
+fn describe_scope(name: &str, value: Option<&[u8]>) -> String {
+    match value {
+        None => format!("{name}: absent"),
+        Some(v) => format!("{name}: blake3 {}", short(blake3::hash(v).as_bytes())),
+    }
+}
+
+fn short(d: &[u8]) -> String {
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parameters sorted bytewise (stable, so repeated names keep their order):
+/// `b=2&a=1` and `a=1&b=2` are one key. Empty parameters are dropped.
+fn sorted_query(q: &str) -> String {
+    let mut params: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
+    fn name(p: &str) -> &str {
+        p.split_once('=').map_or(p, |(n, _)| n)
+    }
+    params.sort_by(|a, b| name(a).cmp(name(b)));
+    params.join("&")
+}
+
+fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
+}
+
+/// Whether a JSON request asks for a streamed answer: `"stream": true`, or
+/// Ollama's generate/chat, which stream unless told `"stream": false`.
+fn json_wants_stream(body: &Value, path: &str) -> bool {
+    match body.get("stream") {
+        Some(Value::Bool(b)) => *b,
+        Some(_) => false,
+        None => matches!(path, "/api/generate" | "/api/chat"),
+    }
+}
+
+/// Feeds `v` to `h` canonically: object keys sorted, no whitespace, numbers
+/// by value (1, 1.0 and 1e0 are equal), every item typed and length-prefixed
+/// so no two different documents feed the same bytes.
+fn canonical(v: &Value, ignore: &[Box<[String]>], path: &mut Vec<String>, h: &mut blake3::Hasher) {
+    match v {
+        Value::Null => {
+            h.update(b"n");
+        }
+        Value::Bool(b) => {
+            h.update(if *b { b"t" } else { b"f" });
+        }
+        Value::Number(n) => {
+            let text = canonical_number(n);
+            h.update(b"#");
+            h.update(&(text.len() as u64).to_le_bytes());
+            h.update(text.as_bytes());
+        }
+        Value::String(s) => {
+            h.update(b"s");
+            h.update(&(s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        }
+        Value::Array(items) => {
+            h.update(b"[");
+            h.update(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                canonical(item, ignore, path, h);
+            }
+        }
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            h.update(b"{");
+            for k in keys {
+                path.push(k.clone());
+                if !ignore.iter().any(|f| **f == path[..]) {
+                    h.update(&(k.len() as u64).to_le_bytes());
+                    h.update(k.as_bytes());
+                    canonical(&map[k], ignore, path, h);
+                }
+                path.pop();
+            }
+            h.update(b"}");
+        }
+    }
+}
+
+fn canonical_number(n: &serde_json::Number) -> String {
+    if let Some(i) = n.as_i64() {
+        return i.to_string();
+    }
+    if let Some(u) = n.as_u64() {
+        return u.to_string();
+    }
+    let f = n.as_f64().unwrap_or(f64::NAN);
+    if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 {
+        // Integral floats key like integers: 1.0 == 1.
+        return (f as i64).to_string();
+    }
+    format!("{f:e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Freshness;
+    use std::time::Duration;
+
+    fn policy(body_key: BodyKey, scope: CacheScope, ignore: &[&str]) -> RouteCachePolicy {
+        RouteCachePolicy {
+            freshness: Freshness::Force {
+                ttl: Duration::from_secs(60),
+            },
+            body_key,
+            ignore_fields: ignore
+                .iter()
+                .map(|f| f.split('.').map(str::to_owned).collect())
+                .collect(),
+            scope,
+            record_streams: true,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            honour_client: true,
+            store_private: false,
+        }
+    }
+
+    fn key(
+        p: &RouteCachePolicy,
+        method: Method,
+        query: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<CacheKey, NotJson> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        CacheKey::build(
+            p,
+            &KeyInput {
+                route: "r",
+                method: &method,
+                host: "Example.com",
+                path: "/api/generate",
+                query,
+                headers: &h,
+                body: Some(body.as_bytes()),
+            },
+        )
+    }
+
+    #[test]
+    fn canonical_json_ignores_order_whitespace_number_form_and_listed_fields() {
+        let p = policy(
+            BodyKey::Json,
+            CacheScope::Shared,
+            &["keep_alive", "options.num_thread"],
+        );
+        let a = key(
+            &p,
+            Method::POST,
+            None,
+            &[],
+            r#"{"model":"m","prompt":"hi","options":{"temperature":1,"num_thread":4}}"#,
+        )
+        .unwrap();
+        let b = key(&p, Method::POST, None, &[], r#"{ "options": {"num_thread": 8, "temperature": 1.0}, "prompt": "hi", "model": "m", "keep_alive": "5m" }"#).unwrap();
+        assert_eq!(a, b);
+        let c = key(
+            &p,
+            Method::POST,
+            None,
+            &[],
+            r#"{"model":"m","prompt":"hi!","options":{"temperature":1}}"#,
+        )
+        .unwrap();
+        assert_ne!(a, c);
+        assert_eq!(key(&p, Method::POST, None, &[], "{not json"), Err(NotJson));
+    }
+
+    #[test]
+    fn streaming_and_non_streaming_requests_differ() {
+        let p = policy(BodyKey::Json, CacheScope::Shared, &[]);
+        let default = key(&p, Method::POST, None, &[], r#"{"model":"m"}"#).unwrap();
+        let on = key(
+            &p,
+            Method::POST,
+            None,
+            &[],
+            r#"{"model":"m","stream":true}"#,
+        )
+        .unwrap();
+        let off = key(
+            &p,
+            Method::POST,
+            None,
+            &[],
+            r#"{"model":"m","stream":false}"#,
+        )
+        .unwrap();
+        assert_ne!(on, off);
+        assert_ne!(default, off);
+    }
+
+    #[test]
+    fn scopes_separate_users_unless_shared() {
+        let p = policy(BodyKey::None, CacheScope::Authorization, &[]);
+        let a = key(&p, Method::GET, None, &[("authorization", "Bearer A")], "").unwrap();
+        let b = key(&p, Method::GET, None, &[("authorization", "Bearer B")], "").unwrap();
+        let none = key(&p, Method::GET, None, &[], "").unwrap();
+        let empty = key(&p, Method::GET, None, &[("authorization", "")], "").unwrap();
+        assert!(a != b && a != none && none != empty);
+        let p = policy(BodyKey::None, CacheScope::Shared, &[]);
+        let a = key(&p, Method::GET, None, &[("authorization", "Bearer A")], "").unwrap();
+        let b = key(&p, Method::GET, None, &[("authorization", "Bearer B")], "").unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn query_order_and_head_do_not_matter() {
+        let p = policy(BodyKey::None, CacheScope::Shared, &[]);
+        let a = key(&p, Method::GET, Some("b=2&a=1"), &[], "").unwrap();
+        let b = key(&p, Method::HEAD, Some("a=1&b=2&"), &[], "").unwrap();
+        assert_eq!(a, b);
+        let c = key(&p, Method::GET, Some("a=1&b=3"), &[], "").unwrap();
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn explain_lists_parts_without_secrets() {
+        let p = policy(BodyKey::Json, CacheScope::Authorization, &[]);
+        let h: HeaderMap = [(header::AUTHORIZATION, "Bearer secret".parse().unwrap())]
+            .into_iter()
+            .collect();
+        let (_, parts) = CacheKey::explain(
+            &p,
+            &KeyInput {
+                route: "r",
+                method: &Method::POST,
+                host: "h",
+                path: "/p",
+                query: None,
+                headers: &h,
+                body: Some(b"{}"),
+            },
+        )
+        .unwrap();
+        let names: Vec<_> = parts.0.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            ["version", "route", "method", "host", "path", "query", "scope", "stream", "body"]
+        );
+        assert!(!format!("{parts:?}").contains("secret"));
+    }
+}

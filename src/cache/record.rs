@@ -1,0 +1,126 @@
+//! Recording a response as it streams to the client, and storing it only if
+//! it ended cleanly.
+//!
+//! The client gets every chunk as it arrives; the recorder keeps a reference
+//! to each (no copy until the end). Past `max_entry_size` the recording is
+//! dropped and the response simply streams on. At a clean end the chunks are
+//! copied into one exact-size buffer (so the store's byte weight is what the
+//! entry really holds) and inserted; an upstream error, a client leaving, or
+//! an Ollama stream whose last line says `"done": false` store nothing.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::header;
+
+use super::{Cache, CacheKey, Entry, StoredBody};
+
+/// What will be stored once the body has been read to its end.
+pub struct Recording {
+    pub cache: Arc<Cache>,
+    pub key: CacheKey,
+    /// Everything but the body (which is filled in at the end).
+    pub entry: Entry,
+    /// Keep chunk boundaries, to replay a stream chunk by chunk.
+    pub chunked: bool,
+}
+
+/// Collects a response body's chunks for a `Recording`.
+pub struct Recorder {
+    recording: Option<Recording>,
+    chunks: Vec<Bytes>,
+    size: usize,
+    limit: usize,
+}
+
+impl Recorder {
+    pub fn new(recording: Recording) -> Self {
+        let limit = usize::try_from(recording.cache.policy.max_entry_size).unwrap_or(usize::MAX);
+        Recorder {
+            recording: Some(recording),
+            chunks: Vec::new(),
+            size: 0,
+            limit,
+        }
+    }
+
+    pub fn push(&mut self, chunk: &Bytes) {
+        if self.recording.is_none() || chunk.is_empty() {
+            return;
+        }
+        self.size += chunk.len();
+        if self.size > self.limit {
+            // Too big to store: stream on without keeping anything.
+            self.recording = None;
+            self.chunks = Vec::new();
+            return;
+        }
+        self.chunks.push(chunk.clone());
+    }
+
+    /// Stores the recording if the body ended cleanly (`complete`).
+    pub fn finish(&mut self, complete: bool) {
+        let Some(mut rec) = self.recording.take() else {
+            return;
+        };
+        if !complete {
+            return;
+        }
+        let chunks = std::mem::take(&mut self.chunks);
+        let mut whole = BytesMut::with_capacity(self.size);
+        let mut bounds = Vec::with_capacity(chunks.len());
+        for c in &chunks {
+            whole.extend_from_slice(c);
+            bounds.push(whole.len());
+        }
+        let whole = whole.freeze();
+        if is_unfinished_ndjson(&rec.entry, &whole) {
+            return;
+        }
+        rec.entry.body = if rec.chunked {
+            let mut start = 0;
+            let parts: Vec<Bytes> = bounds
+                .into_iter()
+                .map(|end| {
+                    let part = whole.slice(start..end);
+                    start = end;
+                    part
+                })
+                .collect();
+            StoredBody::Chunks(parts.into())
+        } else {
+            rec.entry
+                .headers
+                .insert(header::CONTENT_LENGTH, whole.len().into());
+            StoredBody::Whole(whole)
+        };
+        // Inserting is async; the body's poll cannot wait for it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { rec.cache.insert(rec.key, rec.entry).await });
+        }
+    }
+}
+
+/// An Ollama NDJSON stream whose last line carries `"done": false` was cut
+/// short by the upstream even if the transport ended cleanly.
+fn is_unfinished_ndjson(entry: &Entry, body: &[u8]) -> bool {
+    let ndjson = entry
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-ndjson"));
+    if !ndjson {
+        return false;
+    }
+    let last = body
+        .split(|&b| b == b'\n')
+        .rev()
+        .find(|l| !l.iter().all(u8::is_ascii_whitespace));
+    let Some(last) = last else { return false };
+    matches!(
+        serde_json::from_slice::<serde_json::Value>(last)
+            .ok()
+            .and_then(|v| v.get("done").cloned()),
+        Some(serde_json::Value::Bool(false))
+    )
+}

@@ -1,0 +1,357 @@
+//! The response cache seen from outside: X-Cache and Age, what reaches the
+//! upstream, per-user isolation, body-keyed AI routes, streams recorded and
+//! replayed, RFC 9111 rules in `origin` mode.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use support::*;
+
+fn cached_policy(upstream: &str, cache: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[upstreams.up]
+servers = [{{ url = "{upstream}" }}]
+
+[[route]]
+name = "r"
+upstream = "up"
+
+[route.cache]
+{cache}
+"#
+    )
+}
+
+/// An upstream that answers with a counter in the body and the given headers.
+async fn counting_upstream(headers: &'static [(&'static str, &'static str)]) -> Upstream {
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Upstream::start(move |req| {
+        let n = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        async move {
+            let mut resp = Response::builder().status(200);
+            for (k, v) in headers {
+                resp = resp.header(*k, *v);
+            }
+            let body = format!("answer {n} to {} {}", req.method(), req.uri());
+            resp.body(full(body)).unwrap()
+        }
+    })
+    .await
+}
+
+async fn call(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (http::response::Parts, Bytes) {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(req.body(full(body.to_owned())).unwrap()).await
+}
+
+#[tokio::test]
+async fn force_mode_serves_hits_with_age_and_x_cache() {
+    let up = counting_upstream(&[("content-type", "text/plain")]).await;
+    let proxy = TestProxy::start(&cached_policy(
+        &up.url(),
+        r#"mode = "force"
+ttl = "1m""#,
+    ))
+    .await;
+    let (p1, b1) = get(&proxy.url("/api/tags")).await;
+    assert_eq!(p1.headers["x-cache"], "MISS");
+    let (p2, b2) = until_hit(Method::GET, &proxy.url("/api/tags"), &[], "").await;
+    assert_eq!(b1, b2);
+    assert_eq!(p2.headers["age"], "0");
+    assert_eq!(p2.headers["content-length"], b2.len().to_string().as_str());
+    assert_eq!(up.count(), 1, "the hit did not reach the upstream");
+    let log = proxy
+        .log_for(p2.headers["x-request-id"].to_str().unwrap())
+        .await;
+    assert_eq!(log["cache"], "HIT");
+
+    // HEAD is answered from the GET entry, without a body.
+    let (ph, bh) = call(Method::HEAD, &proxy.url("/api/tags"), &[], "").await;
+    assert_eq!(ph.headers["x-cache"], "HIT");
+    assert!(bh.is_empty());
+    assert_eq!(ph.headers["content-length"], b2.len().to_string().as_str());
+    assert_eq!(up.count(), 1);
+}
+
+/// Repeats a request until the cache answers `want` (storing is
+/// asynchronous), at most PATIENCE.
+async fn until_status(
+    want: &str,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (http::response::Parts, Bytes) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let got = call(method.clone(), url, headers, body).await;
+            if got.0.headers.get("x-cache").is_some_and(|v| v == want) {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{method} {url} never answered X-Cache: {want}"))
+}
+
+async fn until_hit(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (http::response::Parts, Bytes) {
+    until_status("HIT", method, url, headers, body).await
+}
+
+#[tokio::test]
+async fn users_never_share_entries_by_default() {
+    let up = counting_upstream(&[]).await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "force""#)).await;
+    let a = [("authorization", "Bearer A")];
+    let b = [("authorization", "Bearer B")];
+    let (_, body_a) = until_hit(Method::GET, &proxy.url("/x"), &a, "").await;
+    let (pb, body_b) = call(Method::GET, &proxy.url("/x"), &b, "").await;
+    assert_eq!(pb.headers["x-cache"], "MISS");
+    assert_ne!(body_a, body_b);
+}
+
+#[tokio::test]
+async fn json_bodies_key_canonically_and_invalid_json_bypasses() {
+    let up = counting_upstream(&[("content-type", "application/json")]).await;
+    let proxy = TestProxy::start(&cached_policy(
+        &up.url(),
+        r#"mode = "force"
+body_key = "json"
+ignore_fields = ["keep_alive"]"#,
+    ))
+    .await;
+    let url = proxy.url("/api/generate");
+    let first = r#"{"model":"m","prompt":"hi","stream":false}"#;
+    let (_, b1) = until_hit(Method::POST, &url, &[], first).await;
+    let same = r#"{ "stream": false, "prompt": "hi", "model": "m", "keep_alive": "5m" }"#;
+    let (p2, b2) = call(Method::POST, &url, &[], same).await;
+    assert_eq!(p2.headers["x-cache"], "HIT");
+    assert_eq!(b1, b2);
+    let (p3, _) = call(
+        Method::POST,
+        &url,
+        &[],
+        r#"{"model":"m","prompt":"other","stream":false}"#,
+    )
+    .await;
+    assert_eq!(p3.headers["x-cache"], "MISS");
+
+    let before = up.count();
+    let (p4, b4) = call(Method::POST, &url, &[], "{not json").await;
+    assert_eq!(p4.status, 200, "the upstream decides what to do with it");
+    assert_eq!(p4.headers["x-cache"], "BYPASS");
+    assert!(String::from_utf8_lossy(&b4).starts_with("answer"));
+    let (p5, _) = call(Method::POST, &url, &[], "{not json").await;
+    assert_eq!(p5.headers["x-cache"], "BYPASS");
+    assert_eq!(up.count(), before + 2);
+}
+
+#[tokio::test]
+async fn set_cookie_and_private_responses_are_not_stored_in_force_mode() {
+    let up = counting_upstream(&[("set-cookie", "session=1")]).await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "force""#)).await;
+    for _ in 0..3 {
+        let (p, _) = get(&proxy.url("/c")).await;
+        assert_eq!(p.headers["x-cache"], "MISS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.count(), 3);
+}
+
+#[tokio::test]
+async fn a_stream_cut_by_the_upstream_is_not_stored() {
+    let (up, mut streams) = stepped_upstream("application/x-ndjson").await;
+    let proxy = TestProxy::start(&cached_policy(
+        &up.url(),
+        r#"mode = "force"
+stream = "record""#,
+    ))
+    .await;
+    let pending = tokio::spawn(
+        client().request(
+            Request::get(proxy.url("/api/generate"))
+                .body(empty())
+                .unwrap(),
+        ),
+    );
+    let writer = streams.recv().await.unwrap();
+    writer.send("{\"response\":\"a\",\"done\":false}\n").await;
+    writer.fail().await;
+    let resp = pending.await.unwrap().unwrap();
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "the client sees the cut"
+    );
+
+    // The next request goes upstream again, and a clean stream is recorded.
+    let pending = tokio::spawn(
+        client().request(
+            Request::get(proxy.url("/api/generate"))
+                .body(empty())
+                .unwrap(),
+        ),
+    );
+    let writer = tokio::time::timeout(PATIENCE, streams.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    writer.send("{\"response\":\"a\",\"done\":false}\n").await;
+    writer.send("{\"response\":\"\",\"done\":true}\n").await;
+    drop(writer);
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.headers()["x-cache"], "MISS");
+    resp.into_body().collect().await.unwrap();
+
+    let (p, body) = until_hit(Method::GET, &proxy.url("/api/generate"), &[], "").await;
+    assert_eq!(p.headers["content-type"], "application/x-ndjson");
+    assert_eq!(
+        body,
+        "{\"response\":\"a\",\"done\":false}\n{\"response\":\"\",\"done\":true}\n"
+    );
+}
+
+#[tokio::test]
+async fn origin_mode_follows_cache_control() {
+    let up = Upstream::start(|req| async move {
+        let cc = match req.uri().path() {
+            "/fresh" => "max-age=60",
+            "/nostore" => "no-store",
+            "/private" => "private, max-age=60",
+            _ => "",
+        };
+        let mut resp = Response::builder().status(200);
+        if !cc.is_empty() {
+            resp = resp.header("cache-control", cc);
+        }
+        resp.body(full("body")).unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "origin""#)).await;
+    until_hit(Method::GET, &proxy.url("/fresh"), &[], "").await;
+    for path in ["/nostore", "/private", "/plain"] {
+        for _ in 0..2 {
+            let (p, _) = get(&proxy.url(path)).await;
+            assert_eq!(p.headers["x-cache"], "MISS", "{path}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The client's no-store bypasses; its no-cache goes upstream.
+    let (p, _) = call(
+        Method::GET,
+        &proxy.url("/fresh"),
+        &[("cache-control", "no-store")],
+        "",
+    )
+    .await;
+    assert_eq!(p.headers["x-cache"], "BYPASS");
+    let before = up.count();
+    let (p, _) = call(
+        Method::GET,
+        &proxy.url("/fresh"),
+        &[("cache-control", "no-cache")],
+        "",
+    )
+    .await;
+    assert_ne!(p.headers["x-cache"], "HIT");
+    assert_eq!(up.count(), before + 1);
+}
+
+#[tokio::test]
+async fn an_unsafe_method_invalidates_the_stored_get() {
+    let up = counting_upstream(&[("cache-control", "max-age=60")]).await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "origin""#)).await;
+    until_hit(Method::GET, &proxy.url("/doc"), &[], "").await;
+    let (p, _) = call(Method::DELETE, &proxy.url("/doc"), &[], "").await;
+    assert_eq!(p.headers["x-cache"], "BYPASS");
+    // The DELETE invalidated the stored GET.
+    until_status("MISS", Method::GET, &proxy.url("/doc"), &[], "").await;
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_revalidated_with_its_etag() {
+    let up = Upstream::start(|req| async move {
+        if req
+            .headers()
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"v1\"")
+        {
+            return Response::builder()
+                .status(304)
+                .header("etag", "\"v1\"")
+                .header("cache-control", "max-age=0")
+                .header("x-refreshed", "yes")
+                .body(empty())
+                .unwrap();
+        }
+        Response::builder()
+            .status(200)
+            .header("etag", "\"v1\"")
+            .header("cache-control", "max-age=0")
+            .body(full("the body"))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "origin""#)).await;
+    let (p, _) = get(&proxy.url("/e")).await;
+    assert_eq!(p.headers["x-cache"], "MISS");
+    let (p, body) = until_status("REVALIDATED", Method::GET, &proxy.url("/e"), &[], "").await;
+    assert_eq!(p.status, 200);
+    assert_eq!(body, "the body");
+    assert_eq!(
+        p.headers["x-refreshed"], "yes",
+        "headers updated from the 304"
+    );
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_old_answer_when_the_upstream_fails() {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = fail.clone();
+    let up = Upstream::start(move |_| {
+        let failing = flag.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if failing {
+                response(503, "down")
+            } else {
+                response(200, "good")
+            }
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&cached_policy(
+        &up.url(),
+        r#"mode = "force"
+ttl = "1s"
+stale_if_error = "1h""#,
+    ))
+    .await;
+    until_hit(Method::GET, &proxy.url("/s"), &[], "").await;
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (p, body) = get(&proxy.url("/s")).await;
+    assert_eq!(p.status, 200);
+    assert_eq!(p.headers["x-cache"], "STALE");
+    assert_eq!(body, "good");
+}
