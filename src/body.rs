@@ -98,18 +98,6 @@ impl RequestBody {
             limit: u64::MAX,
         }
     }
-
-    /// Reads the whole body, failing past `limit` bytes.
-    pub async fn read_all(mut self) -> Result<Bytes, BoxError> {
-        let mut buf = bytes::BytesMut::new();
-        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await
-        {
-            if let Ok(data) = frame?.into_data() {
-                buf.extend_from_slice(&data);
-            }
-        }
-        Ok(buf.freeze())
-    }
 }
 
 impl Body for RequestBody {

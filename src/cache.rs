@@ -250,10 +250,6 @@ impl Cache {
         self.store.insert(key, Arc::new(entry)).await;
     }
 
-    pub async fn remove(&self, key: &CacheKey) {
-        self.store.invalidate(key).await;
-    }
-
     /// Drops every entry stored for `target` (host + path and query), in any
     /// scope: what an unsafe method on that URI does (RFC 9111 §4.4).
     pub fn invalidate_target(&self, target: &str) {

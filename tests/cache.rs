@@ -355,3 +355,49 @@ stale_if_error = "1h""#,
     assert_eq!(p.headers["x-cache"], "STALE");
     assert_eq!(body, "good");
 }
+
+#[tokio::test]
+async fn only_if_cached_with_nothing_stored_is_a_504_json_error() {
+    let up = counting_upstream(&[]).await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "force""#)).await;
+    let (p, body) = call(
+        Method::GET,
+        &proxy.url("/none"),
+        &[("cache-control", "only-if-cached")],
+        "",
+    )
+    .await;
+    assert_eq!(p.status, 504);
+    assert_eq!(json(&body)["error"]["code"], "not_cached");
+    assert_eq!(up.count(), 0, "only-if-cached never goes upstream");
+}
+
+#[tokio::test]
+async fn responses_over_max_entry_size_stream_through_uncached() {
+    let up = Upstream::start(|_| async { response(200, "x".repeat(4096)) }).await;
+    let policy = cached_policy(&up.url(), r#"mode = "force""#).replace(
+        "[upstreams.up]",
+        "[cache]\nmax_entry_size = \"1KB\"\n\n[upstreams.up]",
+    );
+    let proxy = TestProxy::start(&policy).await;
+    for _ in 0..3 {
+        let (p, body) = get(&proxy.url("/big")).await;
+        assert_eq!(p.headers["x-cache"], "MISS");
+        assert_eq!(body.len(), 4096, "the client still gets all of it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.count(), 3);
+}
+
+#[tokio::test]
+async fn vary_keeps_requests_with_other_header_values_apart() {
+    let up =
+        counting_upstream(&[("cache-control", "max-age=60"), ("vary", "Accept-Language")]).await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "origin""#)).await;
+    let fr = [("accept-language", "fr")];
+    let de = [("accept-language", "de")];
+    let (_, body_fr) = until_hit(Method::GET, &proxy.url("/v"), &fr, "").await;
+    let (p, body_de) = call(Method::GET, &proxy.url("/v"), &de, "").await;
+    assert_eq!(p.headers["x-cache"], "MISS");
+    assert_ne!(body_fr, body_de);
+}

@@ -84,27 +84,32 @@ impl Cache {
             || (*q.method == Method::POST
                 && policy.body_key != BodyKey::None
                 && matches!(policy.freshness, Freshness::Force { .. }));
-        let target: Box<str> = match q.query {
-            Some(query) => format!("{}{}?{query}", q.host, q.path).into(),
-            None => format!("{}{}", q.host, q.path).into(),
+        // Everything an Exchange holds that costs an allocation (the target,
+        // a copy of the request headers for Vary) is made only on the way
+        // upstream: a hit never pays for it.
+        let forward = |status, key: Option<CacheKey>, stale, client| {
+            let target: Box<str> = match q.query {
+                Some(query) => format!("{}{}?{query}", q.host, q.path).into(),
+                None => format!("{}{}", q.host, q.path).into(),
+            };
+            Before::Forward(Exchange {
+                cache: self.clone(),
+                policy: policy.clone(),
+                status,
+                key,
+                stale,
+                client,
+                method: q.method.clone(),
+                head,
+                route: q.route.clone(),
+                target,
+                request_time: SystemTime::now(),
+                request_headers: (key.is_some() && !head).then(|| q.headers.clone()),
+                validating: false,
+            })
         };
-        let mut ex = Exchange {
-            cache: self.clone(),
-            policy: policy.clone(),
-            status: CacheStatus::Bypass,
-            key: None,
-            stale: None,
-            client,
-            method: q.method.clone(),
-            head,
-            route: q.route.clone(),
-            target,
-            request_time: SystemTime::now(),
-            request_headers: None,
-            validating: false,
-        };
-        if !lookup || ex.client.no_store {
-            return self.bypass(ex);
+        if !lookup || client.no_store {
+            return forward(CacheStatus::Bypass, None, None, client);
         }
         let key = match CacheKey::build(
             policy,
@@ -120,78 +125,64 @@ impl Cache {
         ) {
             Ok(k) => k,
             // Not JSON on a JSON-keyed route: not the client's problem.
-            Err(_) => return self.bypass(ex),
+            Err(_) => return forward(CacheStatus::Bypass, None, None, client),
         };
-        ex.key = Some(key);
-        ex.request_headers = (!head).then(|| q.headers.clone());
         let now = Instant::now();
         let entry = match self.get(&key).await {
             Some(e) if e.vary_matches(q.headers) => e,
             _ => {
-                if ex.client.only_if_cached {
+                if client.only_if_cached {
                     return Before::Fail(ProxyError::NotCached);
                 }
-                ex.status = CacheStatus::Miss;
-                return Before::Forward(ex);
+                return forward(CacheStatus::Miss, Some(key), None, client);
             }
         };
-        if ex.usable_fresh(&entry, now) {
+        if usable_fresh(&client, &entry, now) {
             self.stats.count(CacheStatus::Hit);
             let resp = respond(&entry, entry.age(now), CacheStatus::Hit, head);
             return Before::Serve(resp, CacheStatus::Hit);
         }
-        if ex.client.only_if_cached || ex.client_accepts_stale(&entry, now) {
+        if client.only_if_cached || client_accepts_stale(&client, &entry, now) {
             self.stats.count(CacheStatus::Stale);
             let resp = respond(&entry, entry.age(now), CacheStatus::Stale, head);
             return Before::Serve(resp, CacheStatus::Stale);
         }
-        ex.status = CacheStatus::Expired;
-        ex.stale = Some(entry);
-        Before::Forward(ex)
+        forward(CacheStatus::Expired, Some(key), Some(entry), client)
     }
+}
 
-    fn bypass(&self, ex: Exchange) -> Before {
-        self.stats.count(CacheStatus::Bypass);
-        Before::Forward(ex)
+/// Fresh, and fresh enough for the client's `max-age` / `min-fresh`, and
+/// not one the client wants validated.
+fn usable_fresh(client: &CacheControl, e: &Entry, now: Instant) -> bool {
+    let age = e.age(now);
+    if !e.is_fresh(now) || client.no_cache {
+        return false;
+    }
+    if client.max_age.is_some_and(|m| age > Duration::from_secs(m)) {
+        return false;
+    }
+    if let Some(min) = client.min_fresh {
+        if e.fresh_for.saturating_sub(age) < Duration::from_secs(min) {
+            return false;
+        }
+    }
+    true
+}
+
+/// The client's `max-stale` lets a stale entry through (RFC 9111 §5.2.1.2),
+/// unless the entry forbids serving stale.
+fn client_accepts_stale(client: &CacheControl, e: &Entry, now: Instant) -> bool {
+    if e.forbids_stale || client.no_cache {
+        return false;
+    }
+    match client.max_stale {
+        Some(None) => true,
+        Some(Some(s)) => e.staleness(now) <= Duration::from_secs(s),
+        None => false,
     }
 }
 
 impl Exchange {
-    /// Fresh, and fresh enough for the client's `max-age` / `min-fresh`,
-    /// and not one the client or the upstream wants validated each time.
-    fn usable_fresh(&self, e: &Entry, now: Instant) -> bool {
-        let age = e.age(now);
-        if !e.is_fresh(now) || self.client.no_cache {
-            return false;
-        }
-        if self
-            .client
-            .max_age
-            .is_some_and(|m| age > Duration::from_secs(m))
-        {
-            return false;
-        }
-        if let Some(min) = self.client.min_fresh {
-            if e.fresh_for.saturating_sub(age) < Duration::from_secs(min) {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// The client's `max-stale` lets a stale entry through (RFC 9111 §5.2.1.2),
-    /// unless the entry forbids serving stale.
-    fn client_accepts_stale(&self, e: &Entry, now: Instant) -> bool {
-        if e.forbids_stale || self.client.no_cache {
-            return false;
-        }
-        match self.client.max_stale {
-            Some(None) => true,
-            Some(Some(s)) => e.staleness(now) <= Duration::from_secs(s),
-            None => false,
-        }
-    }
-
     /// Adds `If-None-Match` / `If-Modified-Since` from the stale entry, unless
     /// the client sent its own conditionals (then its answer is its own).
     pub fn add_validators(&mut self, headers: &mut HeaderMap) {
@@ -342,10 +333,7 @@ impl Exchange {
                 if status.is_server_error() || !control::heuristically_cacheable(status) {
                     return None;
                 }
-                let private = cc.no_store
-                    || cc.private
-                    || headers.contains_key(header::SET_COOKIE)
-                    || (self.client.no_store);
+                let private = cc.no_store || cc.private || headers.contains_key(header::SET_COOKIE);
                 if private && !self.policy.store_private {
                     return None;
                 }

@@ -41,6 +41,7 @@ pub struct KeyParts(pub Vec<(&'static str, String)>);
 pub struct KeyInput<'a> {
     pub route: &'a str,
     pub method: &'a Method,
+    /// Lower-case, without port (as routing sees it).
     pub host: &'a str,
     pub path: &'a str,
     pub query: Option<&'a str>,
@@ -87,11 +88,10 @@ impl CacheKey {
             req.method
         };
         part("method", method.as_str().as_bytes(), &|| method.to_string());
-        let host = req.host.to_ascii_lowercase();
-        part("host", host.as_bytes(), &|| host.clone());
+        part("host", req.host.as_bytes(), &|| req.host.to_owned());
         part("path", req.path.as_bytes(), &|| req.path.to_owned());
         let query = sorted_query(req.query.unwrap_or(""));
-        part("query", query.as_bytes(), &|| query.clone());
+        part("query", query.as_bytes(), &|| query.to_string());
         match &policy.scope {
             CacheScope::Shared => part("scope", b"shared", &|| "shared".into()),
             CacheScope::Authorization => {
@@ -163,13 +163,17 @@ fn short(d: &[u8]) -> String {
 
 /// Parameters sorted bytewise (stable, so repeated names keep their order):
 /// `b=2&a=1` and `a=1&b=2` are one key. Empty parameters are dropped.
-fn sorted_query(q: &str) -> String {
+fn sorted_query(q: &str) -> std::borrow::Cow<'_, str> {
+    if !q.contains('&') {
+        // Nothing to sort: most requests, and every request without a query.
+        return std::borrow::Cow::Borrowed(q);
+    }
     let mut params: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
     fn name(p: &str) -> &str {
         p.split_once('=').map_or(p, |(n, _)| n)
     }
     params.sort_by(|a, b| name(a).cmp(name(b)));
-    params.join("&")
+    std::borrow::Cow::Owned(params.join("&"))
 }
 
 fn wants_event_stream(headers: &HeaderMap) -> bool {
@@ -296,7 +300,7 @@ mod tests {
             &KeyInput {
                 route: "r",
                 method: &method,
-                host: "Example.com",
+                host: "example.com",
                 path: "/api/generate",
                 query,
                 headers: &h,
