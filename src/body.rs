@@ -18,7 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::cache::{Recorder, StoredBody};
+use crate::cache::{FillReader, Recorder, StoredBody};
 use crate::upstream::ConnLease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -184,6 +184,8 @@ enum Kind {
     /// A recorded stream from the cache, replayed chunk by chunk.
     Chunks(Arc<[Bytes]>, usize),
     Upstream(UpstreamBody),
+    /// A share of an upstream body several requests wait for (coalescing).
+    Fill(FillReader),
 }
 
 struct UpstreamBody {
@@ -226,6 +228,11 @@ impl ResponseBody {
             StoredBody::Whole(b) => Self::full(b.clone()),
             StoredBody::Chunks(c) => Self::with(Kind::Chunks(c.clone(), 0)),
         }
+    }
+
+    /// The body of a coalesced upstream exchange, read at this client's pace.
+    pub fn fill(reader: FillReader) -> Self {
+        Self::with(Kind::Fill(reader))
     }
 
     /// Records the upstream body as it passes, for the cache.
@@ -295,6 +302,7 @@ impl Body for ResponseBody {
                 Poll::Ready(chunk.map(|b| Ok(Frame::data(b))))
             }
             Kind::Upstream(up) => up.poll(cx),
+            Kind::Fill(reader) => reader.poll_chunk(cx).map(|c| c.map(|c| c.map(Frame::data))),
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -319,13 +327,14 @@ impl Body for ResponseBody {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Chunks(chunks, next) => *next >= chunks.len(),
             Kind::Upstream(up) => up.inner.is_end_stream(),
+            Kind::Fill(_) => false,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Chunks(..) => SizeHint::default(),
+            Kind::Chunks(..) | Kind::Fill(_) => SizeHint::default(),
             Kind::Upstream(up) => up.inner.size_hint(),
         }
     }

@@ -8,6 +8,7 @@
 
 mod control;
 mod exchange;
+mod fill;
 mod key;
 mod record;
 
@@ -20,7 +21,8 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
 pub use control::CacheControl;
-pub use exchange::{Before, CacheQuery, Exchange};
+pub use exchange::{After, Before, CacheQuery, Exchange};
+pub use fill::{FillError, FillReader, Follow, Followed, Sent};
 pub use key::{CacheKey, KeyInput, KeyParts, NotJson};
 pub use record::{Recorder, Recording};
 
@@ -201,6 +203,8 @@ pub struct CacheStats {
     pub bypasses: AtomicU64,
     pub revalidated: AtomicU64,
     pub stored: AtomicU64,
+    /// Requests answered by waiting for an identical one's upstream exchange.
+    pub coalesced: AtomicU64,
 }
 
 impl CacheStats {
@@ -221,6 +225,8 @@ pub struct Cache {
     store: moka::future::Cache<CacheKey, Arc<Entry>>,
     pub policy: CachePolicy,
     pub stats: CacheStats,
+    /// Upstream exchanges in flight that identical requests may wait for.
+    fills: fill::Fills,
 }
 
 impl Cache {
@@ -235,6 +241,7 @@ impl Cache {
             store,
             policy,
             stats: CacheStats::default(),
+            fills: fill::Fills::new(),
         })
     }
 
@@ -242,12 +249,17 @@ impl Cache {
         self.store.get(key).await
     }
 
-    pub async fn insert(&self, key: CacheKey, entry: Entry) {
+    pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
         if entry.body.len() as u64 > self.policy.max_entry_size {
             return;
         }
         self.stats.stored.fetch_add(1, Ordering::Relaxed);
-        self.store.insert(key, Arc::new(entry)).await;
+        self.store.insert(key, entry).await;
+    }
+
+    /// Upstream exchanges in flight that identical requests may join.
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.len()
     }
 
     /// Drops every entry stored for `target` (host + path and query), in any

@@ -22,13 +22,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord, LogSink};
 use crate::body::{BoxError, RequestBody, ResponseBody};
-use crate::cache::{Before, Cache, CacheQuery, CacheStatus};
+use crate::cache::{Before, Cache, CacheQuery, CacheStatus, Followed};
 use crate::conn::ConnState;
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
+use crate::policy::UpstreamServer;
 use crate::policy::{BodyKey, Policy, RoutePolicy};
 use crate::route::RouteTable;
-use crate::upstream::{error_chain, UpstreamConn, UpstreamPool};
+use crate::upstream::{error_chain, ConnLease, UpstreamConn, UpstreamPool};
 
 /// A running policy: routes resolved to their upstream pools.
 pub struct Proxy {
@@ -222,28 +223,53 @@ impl Proxy {
         // The cache: answer from it, or learn how to treat the upstream's answer.
         let mut exchange = None;
         let mut read_ahead = None;
+        // Served stale while `exchange` refreshes the entry in the background.
+        let mut serve_stale = None;
         if let (Some(policy), None) = (&route.policy.cache, &upgrade) {
             if policy.body_key != BodyKey::None && !http_body::Body::is_end_stream(req.body()) {
                 read_ahead = Some(read_body(req.body_mut(), limits.max_request_body).await?);
             }
-            let query = CacheQuery {
-                route: &route.name,
-                method: req.method(),
-                host: host.as_deref().unwrap_or(""),
-                path: req.uri().path(),
-                query: req.uri().query(),
-                headers: req.headers(),
-                body: read_ahead.as_ref(),
-            };
-            match self.cache.before(policy, query).await {
-                Before::Serve(resp, status) => {
-                    rec.cache = status.as_str();
-                    return Ok(resp);
-                }
-                Before::Fail(e) => return Err(e),
-                Before::Forward(ex) => {
-                    rec.cache = ex.status.as_str();
-                    exchange = Some(ex);
+            // Waiting behind an identical request may end with it failing:
+            // then look again, once, before going upstream alone.
+            let mut joins_left = 2;
+            loop {
+                let query = CacheQuery {
+                    route: &route.name,
+                    method: req.method(),
+                    host: host.as_deref().unwrap_or(""),
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                    body: read_ahead.as_ref(),
+                };
+                match self.cache.before(policy, query, joins_left > 0).await {
+                    Before::Serve(resp, status, None) => {
+                        rec.cache = status.as_str();
+                        return Ok(resp);
+                    }
+                    Before::Serve(resp, status, refresh) => {
+                        rec.cache = status.as_str();
+                        serve_stale = Some(resp);
+                        exchange = refresh;
+                        break;
+                    }
+                    Before::Fail(e) => return Err(e),
+                    Before::Forward(ex) => {
+                        rec.cache = ex.status.as_str();
+                        exchange = Some(ex);
+                        break;
+                    }
+                    Before::Follow(follow) => {
+                        joins_left -= 1;
+                        match follow.wait(req.headers()).await {
+                            Followed::Serve(resp, status) => {
+                                rec.cache = status.as_str();
+                                return Ok(resp);
+                            }
+                            Followed::Retry => {}
+                            Followed::Alone => joins_left = 0,
+                        }
+                    }
                 }
             }
         }
@@ -298,7 +324,29 @@ impl Proxy {
             Some(bytes) => RequestBody::buffered(bytes),
             None => RequestBody::new(body, limits.max_request_body),
         };
-        let (resp, lease) = match pool.send(&pick, Request::from_parts(parts, body)).await {
+        let req = Request::from_parts(parts, body);
+        if let Some(ex) = exchange.take_if(|ex| ex.leads()) {
+            // Identical requests wait for this one: it runs in a task of its
+            // own, which this client leaving does not cancel.
+            let pool = pool.clone();
+            let index = pick.index;
+            let send = async move {
+                let pick = pool.pick_at(index);
+                let (resp, lease) = pool.send(&pick, req).await?;
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(unasked_upgrade(pick.server));
+                }
+                Ok(client_response(resp, lease, pool.policy.idle_timeout))
+            };
+            if let Some(stale) = serve_stale {
+                ex.refresh(send);
+                return Ok(stale);
+            }
+            let (resp, status) = ex.lead(send).await?;
+            rec.cache = status.as_str();
+            return Ok(resp);
+        }
+        let (resp, lease) = match pool.send(&pick, req).await {
             Ok(sent) => sent,
             Err(e) => {
                 if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
@@ -315,10 +363,7 @@ impl Proxy {
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
-                return Err(ProxyError::UpstreamFailed {
-                    server: server.url.to_string(),
-                    reason: "101 Switching Protocols to a request that asked for no upgrade".into(),
-                });
+                return Err(unasked_upgrade(server));
             };
             spawn_tunnel(
                 conn,
@@ -338,23 +383,37 @@ impl Proxy {
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
 
-        let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        // The client's connection has its own version; an HTTP/1.0 upstream
-        // must not turn the client's response into HTTP/1.0.
-        parts.version = Version::HTTP_11;
-        let resp = Response::from_parts(
-            parts,
-            ResponseBody::upstream(body, lease, pool.policy.idle_timeout),
-        );
+        let resp = client_response(resp, lease, pool.policy.idle_timeout);
         match exchange {
             Some(ex) => {
-                let (resp, status) = ex.after(resp).await;
+                let (resp, status) = ex.respond(resp).await;
                 rec.cache = status.as_str();
                 Ok(resp)
             }
             None => Ok(resp),
         }
+    }
+}
+
+/// The upstream's response as the client gets it: hop-by-hop headers gone,
+/// the body under the upstream's idle timeout.
+fn client_response(
+    resp: Response<Incoming>,
+    lease: ConnLease,
+    idle: std::time::Duration,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    // The client's connection has its own version; an HTTP/1.0 upstream
+    // must not turn the client's response into HTTP/1.0.
+    parts.version = Version::HTTP_11;
+    Response::from_parts(parts, ResponseBody::upstream(body, lease, idle))
+}
+
+fn unasked_upgrade(server: &UpstreamServer) -> ProxyError {
+    ProxyError::UpstreamFailed {
+        server: server.url.to_string(),
+        reason: "101 Switching Protocols to a request that asked for no upgrade".into(),
     }
 }
 

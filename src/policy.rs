@@ -127,6 +127,9 @@ pub struct RouteCachePolicy {
     /// Store responses marked `private` or `no-store`, or that set cookies
     /// (`force` mode only; meant for per-user scopes).
     pub store_private: bool,
+    /// How long identical requests wait for the one already on its way
+    /// upstream before going themselves; zero turns coalescing off.
+    pub coalesce_timeout: Duration,
 }
 
 /// Where an entry's freshness lifetime comes from.

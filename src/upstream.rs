@@ -36,6 +36,8 @@ pub struct UpstreamPool {
 /// The server chosen for one request.
 pub struct Pick<'a> {
     pub server: &'a UpstreamServer,
+    /// Its place in `servers`, to pick it again elsewhere (`pick_at`).
+    pub index: usize,
     conns: &'a Arc<ServerConns>,
 }
 
@@ -59,10 +61,15 @@ impl UpstreamPool {
     /// The next server in weighted round-robin order.
     pub fn pick(&self) -> Pick<'_> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let i = self.schedule[n % self.schedule.len()];
+        self.pick_at(self.schedule[n % self.schedule.len()])
+    }
+
+    /// The server at `index` of `servers`, as `pick` chose it before.
+    pub fn pick_at(&self, index: usize) -> Pick<'_> {
         Pick {
-            server: &self.policy.servers[i],
-            conns: &self.conns[i],
+            server: &self.policy.servers[index],
+            index,
+            conns: &self.conns[index],
         }
     }
 

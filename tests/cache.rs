@@ -11,25 +11,6 @@ use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use support::*;
 
-fn cached_policy(upstream: &str, cache: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-
-[upstreams.up]
-servers = [{{ url = "{upstream}" }}]
-
-[[route]]
-name = "r"
-upstream = "up"
-
-[route.cache]
-{cache}
-"#
-    )
-}
-
 /// An upstream that answers with a counter in the body and the given headers.
 async fn counting_upstream(headers: &'static [(&'static str, &'static str)]) -> Upstream {
     let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -354,6 +335,52 @@ stale_if_error = "1h""#,
     assert_eq!(p.status, 200);
     assert_eq!(p.headers["x-cache"], "STALE");
     assert_eq!(body, "good");
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once_in_the_background() {
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The refresh answers only when the test says so: stale answers given
+    // before that cannot have waited for it.
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let up = Upstream::start(move |_| {
+        let n = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let gate = gate.clone();
+        async move {
+            if n > 1 {
+                let _ = gate.acquire().await.unwrap();
+            }
+            response(200, format!("version {n}"))
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&cached_policy(
+        &up.url(),
+        r#"mode = "force"
+ttl = "1s"
+stale_while_revalidate = "1h""#,
+    ))
+    .await;
+    until_hit(Method::GET, &proxy.url("/s"), &[], "").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..5 {
+        let (p, body) = get(&proxy.url("/s")).await;
+        assert_eq!(p.headers["x-cache"], "STALE");
+        assert_eq!(body, "version 1");
+        assert!(p.headers["age"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    }
+    tokio::time::timeout(PATIENCE, async {
+        while up.count() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the refresh reached the upstream");
+    release.add_permits(1);
+    let (_, body) = until_hit(Method::GET, &proxy.url("/s"), &[], "").await;
+    assert_eq!(body, "version 2");
+    assert_eq!(up.count(), 2, "one refresh for all the stale answers");
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 
 use super::control::{self, CacheControl};
+use super::fill::{Follow, Lead, Role, Sent};
 use super::{Cache, CacheKey, CacheStatus, Entry, KeyInput, Recorder, Recording, StoredBody};
 use crate::body::ResponseBody;
 use crate::error::ProxyError;
@@ -37,12 +38,29 @@ pub struct CacheQuery<'a> {
 // Returned once per request and matched at once: boxing would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 pub enum Before {
-    /// Answered from the cache.
-    Serve(Response<ResponseBody>, CacheStatus),
+    /// Answered from the cache; with an exchange to run in the background
+    /// (`Exchange::refresh`) when the entry is stale within
+    /// `stale-while-revalidate`.
+    Serve(Response<ResponseBody>, CacheStatus, Option<Exchange>),
     /// Answered with an error (`only-if-cached` and nothing stored).
     Fail(ProxyError),
     /// Go upstream, and give the answer to the exchange.
     Forward(Exchange),
+    /// The same request is already on its way upstream: wait for its answer.
+    Follow(Follow),
+}
+
+/// What became of the upstream's answer.
+// Matched at once by its one caller; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum After {
+    /// Answered from a stored entry: a 304 refreshed it, or the upstream
+    /// failed and it may be served stale.
+    Entry(Arc<Entry>, CacheStatus),
+    /// Passed on as it is, not stored.
+    Pass(Response<ResponseBody>, CacheStatus),
+    /// Stored once read cleanly to its end.
+    Store(Response<ResponseBody>, Recording, CacheStatus),
 }
 
 /// A request on its way upstream, with what the cache knows about it.
@@ -64,14 +82,19 @@ pub struct Exchange {
     request_headers: Option<HeaderMap>,
     /// Validators this exchange added to the upstream request.
     validating: bool,
+    /// Identical requests wait for this one's answer (coalescing).
+    lead: Option<Lead>,
 }
 
 impl Cache {
     /// Looks `q` up: serves a usable entry, or says how to go upstream.
+    /// With `coalesce`, a miss waits for an identical request already on its
+    /// way upstream, or leads the way for those that come after it.
     pub async fn before(
         self: &Arc<Self>,
         policy: &Arc<RouteCachePolicy>,
         q: CacheQuery<'_>,
+        coalesce: bool,
     ) -> Before {
         let client = if policy.honour_client {
             CacheControl::parse(q.headers)
@@ -87,12 +110,12 @@ impl Cache {
         // Everything an Exchange holds that costs an allocation (the target,
         // a copy of the request headers for Vary) is made only on the way
         // upstream: a hit never pays for it.
-        let forward = |status, key: Option<CacheKey>, stale, client| {
+        let exchange = |status, key: Option<CacheKey>, stale, client, lead| {
             let target: Box<str> = match q.query {
                 Some(query) => format!("{}{}?{query}", q.host, q.path).into(),
                 None => format!("{}{}", q.host, q.path).into(),
             };
-            Before::Forward(Exchange {
+            Exchange {
                 cache: self.clone(),
                 policy: policy.clone(),
                 status,
@@ -106,10 +129,14 @@ impl Cache {
                 request_time: SystemTime::now(),
                 request_headers: (key.is_some() && !head).then(|| q.headers.clone()),
                 validating: false,
-            })
+                lead,
+            }
+        };
+        let forward = |status, key, stale, client, lead| {
+            Before::Forward(exchange(status, key, stale, client, lead))
         };
         if !lookup || client.no_store {
-            return forward(CacheStatus::Bypass, None, None, client);
+            return forward(CacheStatus::Bypass, None, None, client, None);
         }
         let key = match CacheKey::build(
             policy,
@@ -125,29 +152,88 @@ impl Cache {
         ) {
             Ok(k) => k,
             // Not JSON on a JSON-keyed route: not the client's problem.
-            Err(_) => return forward(CacheStatus::Bypass, None, None, client),
+            Err(_) => return forward(CacheStatus::Bypass, None, None, client, None),
         };
-        let now = Instant::now();
-        let entry = match self.get(&key).await {
-            Some(e) if e.vary_matches(q.headers) => e,
-            _ => {
-                if client.only_if_cached {
-                    return Before::Fail(ProxyError::NotCached);
-                }
-                return forward(CacheStatus::Miss, Some(key), None, client);
-            }
-        };
-        if usable_fresh(&client, &entry, now) {
-            self.stats.count(CacheStatus::Hit);
-            let resp = respond(&entry, entry.age(now), CacheStatus::Hit, head);
-            return Before::Serve(resp, CacheStatus::Hit);
+        let stored = self.get(&key).await;
+        if let Some(served) = self.serve_stored(stored.as_ref(), &client, q.headers, head) {
+            return served;
         }
-        if client.only_if_cached || client_accepts_stale(&client, &entry, now) {
+        let stale = stored.filter(|e| e.vary_matches(q.headers));
+        if let Some(entry) = stale
+            .as_ref()
+            .filter(|e| revalidate_in_background(&client, e))
+        {
+            let now = Instant::now();
+            let resp = respond(entry, entry.age(now), CacheStatus::Stale, head);
             self.stats.count(CacheStatus::Stale);
-            let resp = respond(&entry, entry.age(now), CacheStatus::Stale, head);
-            return Before::Serve(resp, CacheStatus::Stale);
+            // One refresh per key: while one is in flight, the others just
+            // serve stale. A HEAD cannot refresh a GET's entry.
+            let refresh = (!head)
+                .then(|| self.fills.lead_background(self, key))
+                .flatten()
+                .map(|lead| {
+                    exchange(
+                        CacheStatus::Expired,
+                        Some(key),
+                        Some(entry.clone()),
+                        client,
+                        Some(lead),
+                    )
+                });
+            return Before::Serve(resp, CacheStatus::Stale, refresh);
         }
-        forward(CacheStatus::Expired, Some(key), Some(entry), client)
+        let status = if stale.is_some() {
+            CacheStatus::Expired
+        } else if client.only_if_cached {
+            return Before::Fail(ProxyError::NotCached);
+        } else {
+            CacheStatus::Miss
+        };
+        // HEAD is left out: its answer has no body to share, and a GET
+        // waiting behind it would get nothing.
+        if !coalesce || head || policy.coalesce_timeout.is_zero() {
+            return forward(status, Some(key), stale, client, None);
+        }
+        match self.fills.follow_or_lead(self, key) {
+            Role::Follow(member) => {
+                Before::Follow(Follow::new(member, policy.coalesce_timeout, head))
+            }
+            Role::Lead(lead) => {
+                // A fill that stored its entry and left between our lookup
+                // and our registering would otherwise be fetched twice.
+                let again = self.get(&key).await;
+                if let Some(served) = self.serve_stored(again.as_ref(), &client, q.headers, head) {
+                    return served;
+                }
+                forward(status, Some(key), stale, client, Some(lead))
+            }
+        }
+    }
+
+    /// A stored entry served as it is: fresh, or stale where the client
+    /// allows it.
+    fn serve_stored(
+        &self,
+        entry: Option<&Arc<Entry>>,
+        client: &CacheControl,
+        headers: &HeaderMap,
+        head: bool,
+    ) -> Option<Before> {
+        let entry = entry.filter(|e| e.vary_matches(headers))?;
+        let now = Instant::now();
+        let status = if usable_fresh(client, entry, now) {
+            CacheStatus::Hit
+        } else if client.only_if_cached || client_accepts_stale(client, entry, now) {
+            CacheStatus::Stale
+        } else {
+            return None;
+        };
+        self.stats.count(status);
+        Some(Before::Serve(
+            respond(entry, entry.age(now), status, head),
+            status,
+            None,
+        ))
     }
 }
 
@@ -167,6 +253,18 @@ fn usable_fresh(client: &CacheControl, e: &Entry, now: Instant) -> bool {
         }
     }
     true
+}
+
+/// Stale, but within `stale-while-revalidate` (RFC 5861 §3), and the client
+/// asked for nothing fresher than that.
+fn revalidate_in_background(client: &CacheControl, e: &Entry) -> bool {
+    let staleness = e.staleness(Instant::now());
+    !e.forbids_stale
+        && !client.no_cache
+        && client.max_age.is_none()
+        && client.min_fresh.is_none()
+        && !staleness.is_zero()
+        && staleness <= e.stale_while_revalidate
 }
 
 /// The client's `max-stale` lets a stale entry through (RFC 9111 §5.2.1.2),
@@ -204,18 +302,77 @@ impl Exchange {
 
     /// The upstream failed: a stale entry within `stale-if-error`, if any.
     pub fn stale_on_error(&self) -> Option<Response<ResponseBody>> {
+        let entry = self.stale_entry_on_error()?;
+        Some(respond(
+            &entry,
+            entry.age(Instant::now()),
+            CacheStatus::Stale,
+            self.head,
+        ))
+    }
+
+    /// The stale entry usable because the upstream failed, counted as served.
+    pub fn stale_entry_on_error(&self) -> Option<Arc<Entry>> {
         let entry = self.stale.as_ref()?;
         let now = Instant::now();
         if entry.forbids_stale || entry.staleness(now) > entry.stale_if_error {
             return None;
         }
         self.cache.stats.count(CacheStatus::Stale);
-        Some(respond(
-            entry,
-            entry.age(now),
-            CacheStatus::Stale,
-            self.head,
-        ))
+        Some(entry.clone())
+    }
+
+    pub fn is_head(&self) -> bool {
+        self.head
+    }
+
+    /// Whether identical requests wait for this one: then it goes upstream
+    /// through `lead`, in a task of its own.
+    pub fn leads(&self) -> bool {
+        self.lead.is_some()
+    }
+
+    /// Sends the request (`send`) on behalf of every identical request, in a
+    /// task the client leaving does not cancel while others wait.
+    pub async fn lead<F>(
+        mut self,
+        send: F,
+    ) -> Result<(Response<ResponseBody>, CacheStatus), ProxyError>
+    where
+        F: std::future::Future<Output = Sent> + Send + 'static,
+    {
+        let lead = self.lead.take().expect("leads() was checked");
+        lead.run(self, send).await
+    }
+
+    /// Sends the request (`send`) in the background to refresh a stale entry
+    /// that was served; its answer goes only to the store.
+    pub fn refresh<F>(mut self, send: F)
+    where
+        F: std::future::Future<Output = Sent> + Send + 'static,
+    {
+        let lead = self.lead.take().expect("a refresh leads a background fill");
+        lead.run_detached(self, send);
+    }
+
+    /// What the client gets, for a response that went upstream without
+    /// coalescing: recorded on its way if it is to be stored.
+    pub async fn respond(
+        self,
+        resp: Response<ResponseBody>,
+    ) -> (Response<ResponseBody>, CacheStatus) {
+        let head = self.head;
+        match self.after(resp).await {
+            After::Entry(entry, status) => (
+                respond(&entry, entry.age(Instant::now()), status, head),
+                status,
+            ),
+            After::Pass(resp, status) => (resp, status),
+            After::Store(mut resp, recording, status) => {
+                resp.body_mut().record(Recorder::new(recording));
+                (resp, status)
+            }
+        }
     }
 
     /// Whether the request method changes state, so a success invalidates
@@ -228,37 +385,34 @@ impl Exchange {
     }
 
     /// The upstream answered: store it, refresh a stale entry from a 304,
-    /// or fall back to stale on a 5xx. Returns what the client gets.
-    pub async fn after(
-        mut self,
-        mut resp: Response<ResponseBody>,
-    ) -> (Response<ResponseBody>, CacheStatus) {
+    /// or fall back to stale on a 5xx.
+    pub async fn after(mut self, mut resp: Response<ResponseBody>) -> After {
         let status = resp.status();
         if self.unsafe_method() && (status.is_success() || status.is_redirection()) {
             self.cache.invalidate_target(&self.target);
         }
         if status.is_server_error() {
-            if let Some(stale) = self.stale_on_error() {
-                return (stale, CacheStatus::Stale);
+            if let Some(stale) = self.stale_entry_on_error() {
+                return After::Entry(stale, CacheStatus::Stale);
             }
         }
         if status == StatusCode::NOT_MODIFIED && self.validating {
-            if let Some(resp) = self.revalidated(resp.headers()).await {
-                return (resp, CacheStatus::Revalidated);
+            if let Some(entry) = self.revalidated(resp.headers()).await {
+                return After::Entry(entry, CacheStatus::Revalidated);
             }
         }
         self.cache.stats.count(self.status);
-        if let Some(recording) = self.storable(&resp) {
-            resp.body_mut().record(Recorder::new(recording));
-        }
         resp.headers_mut()
             .insert(X_CACHE, self.status.header_value());
-        (resp, self.status)
+        match self.storable(&resp) {
+            Some(recording) => After::Store(resp, recording, self.status),
+            None => After::Pass(resp, self.status),
+        }
     }
 
     /// A 304 to our validators: the stored entry, with the 304's headers
     /// merged in (RFC 9111 §4.3.4), fresh again and stored back.
-    async fn revalidated(&mut self, fresh: &HeaderMap) -> Option<Response<ResponseBody>> {
+    async fn revalidated(&mut self, fresh: &HeaderMap) -> Option<Arc<Entry>> {
         let old = self.stale.take()?;
         let key = self.key?;
         let now = SystemTime::now();
@@ -300,15 +454,10 @@ impl Exchange {
             route: old.route.clone(),
             target: old.target.clone(),
         };
-        let resp = respond(
-            &entry,
-            entry.initial_age,
-            CacheStatus::Revalidated,
-            self.head,
-        );
+        let entry = Arc::new(entry);
         self.cache.stats.count(CacheStatus::Revalidated);
-        self.cache.insert(key, entry).await;
-        Some(resp)
+        self.cache.insert(key, entry.clone()).await;
+        Some(entry)
     }
 
     /// The recording to make of this response, if it may be stored.

@@ -278,6 +278,7 @@ mod tests {
             stale_if_error: Duration::ZERO,
             honour_client: true,
             store_private: false,
+            coalesce_timeout: Duration::from_secs(30),
         }
     }
 

@@ -60,24 +60,44 @@ impl Recorder {
 
     /// Stores the recording if the body ended cleanly (`complete`).
     pub fn finish(&mut self, complete: bool) {
-        let Some(mut rec) = self.recording.take() else {
+        let Some(rec) = self.recording.take() else {
             return;
         };
         if !complete {
             return;
         }
         let chunks = std::mem::take(&mut self.chunks);
-        let mut whole = BytesMut::with_capacity(self.size);
-        let mut bounds = Vec::with_capacity(chunks.len());
-        for c in &chunks {
+        let cache = rec.cache.clone();
+        let key = rec.key;
+        let Some(entry) = rec.complete(&chunks, self.size) else {
+            return;
+        };
+        // Inserting is async; the body's poll cannot wait for it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { cache.insert(key, Arc::new(entry)).await });
+        }
+    }
+}
+
+impl Recording {
+    /// The entry to store, from the chunks of a body that ended cleanly
+    /// (`size` bytes in all); `None` when it must not be stored after all.
+    pub fn complete<'a>(
+        mut self,
+        chunks: impl IntoIterator<Item = &'a Bytes>,
+        size: usize,
+    ) -> Option<Entry> {
+        let mut whole = BytesMut::with_capacity(size);
+        let mut bounds = Vec::new();
+        for c in chunks {
             whole.extend_from_slice(c);
             bounds.push(whole.len());
         }
         let whole = whole.freeze();
-        if is_unfinished_ndjson(&rec.entry, &whole) {
-            return;
+        if is_unfinished_ndjson(&self.entry, &whole) {
+            return None;
         }
-        rec.entry.body = if rec.chunked {
+        self.entry.body = if self.chunked {
             let mut start = 0;
             let parts: Vec<Bytes> = bounds
                 .into_iter()
@@ -89,15 +109,12 @@ impl Recorder {
                 .collect();
             StoredBody::Chunks(parts.into())
         } else {
-            rec.entry
+            self.entry
                 .headers
                 .insert(header::CONTENT_LENGTH, whole.len().into());
             StoredBody::Whole(whole)
         };
-        // Inserting is async; the body's poll cannot wait for it.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { rec.cache.insert(rec.key, rec.entry).await });
-        }
+        Some(self.entry)
     }
 }
 

@@ -207,6 +207,7 @@ pub struct RawRouteCache {
     pub stale_while_revalidate: Option<Spanned<Dur>>,
     pub client_cache_control: Option<Spanned<ClientCacheControl>>,
     pub store_private: Option<Spanned<bool>>,
+    pub coalesce_timeout: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -364,6 +364,7 @@ impl Validator<'_> {
         raw: Spanned<raw::RawRouteCache>,
         route: &str,
         store: &CachePolicy,
+        response_timeout: Duration,
     ) -> Result<Option<RouteCachePolicy>, PolicyError> {
         let span = raw.span();
         let raw = raw.into_inner();
@@ -464,9 +465,6 @@ impl Validator<'_> {
                 }
             }
         };
-        if let Some(swr) = &raw.stale_while_revalidate {
-            return Err(self.not_yet(swr.span(), &format!("{key}.stale_while_revalidate")));
-        }
         let store_private = raw.store_private.as_ref().is_some_and(|b| *b.get_ref());
         if let (Some(b), Freshness::Origin) = (&raw.store_private, freshness) {
             if *b.get_ref() {
@@ -494,6 +492,9 @@ impl Validator<'_> {
                 .client_cache_control
                 .is_none_or(|c| *c.get_ref() == raw::ClientCacheControl::Honour),
             store_private,
+            coalesce_timeout: raw
+                .coalesce_timeout
+                .map_or(response_timeout, |d| d.get_ref().0),
         }))
     }
 
@@ -538,10 +539,6 @@ impl Validator<'_> {
             if let Some(v) = &r.rate_limit {
                 return Err(self.not_yet(v.span(), &format!("{key}.rate_limit")));
             }
-            let route_cache = match r.cache {
-                Some(c) => self.route_cache(c, &key, cache)?.map(Arc::new),
-                None => None,
-            };
             if let Some(h) = &r.headers {
                 return Err(self.not_yet(h.span(), &format!("{key}.headers")));
             }
@@ -564,6 +561,16 @@ impl Validator<'_> {
                     fix,
                 ));
             }
+            let response_timeout = upstreams
+                .iter()
+                .find(|u| u.name == upstream)
+                .map_or(Duration::ZERO, |u| u.response_timeout);
+            let route_cache = match r.cache {
+                Some(c) => self
+                    .route_cache(c, &key, cache, response_timeout)?
+                    .map(Arc::new),
+                None => None,
+            };
             let (matcher, match_span) = match r.matcher {
                 Some(m) => {
                     let span = m.span();

@@ -202,6 +202,12 @@ impl ChunkSender {
             .expect("body receiver alive");
     }
 
+    /// Waits (at most `wait`) until nobody reads this body any more;
+    /// whether that happened.
+    pub async fn closed_within(&self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.0.closed()).await.is_ok()
+    }
+
     /// Ends the body with an error: the connection carrying it is aborted.
     pub async fn fail(self) {
         let _ = self.0.send(Err("failing on purpose".into())).await;
@@ -337,6 +343,27 @@ impl Drop for TestProxy {
 pub fn simple_policy(upstream: &str, server: &str, route: &str) -> String {
     format!(
         "[server]\n{server}\n\n[upstreams.up]\nservers = [{{ url = \"{upstream}\" }}]\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n{route}\n"
+    )
+}
+
+/// A policy with one route `r` to `upstream`, caching with `cache` (the
+/// body of its `[route.cache]` table).
+pub fn cached_policy(upstream: &str, cache: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[upstreams.up]
+servers = [{{ url = "{upstream}" }}]
+
+[[route]]
+name = "r"
+upstream = "up"
+
+[route.cache]
+{cache}
+"#
     )
 }
 

@@ -1,0 +1,782 @@
+//! Coalescing: while one request for a key is on its way upstream, identical
+//! requests wait for its answer instead of sending their own.
+//!
+//! The first request that finds nothing usable leads a `Fill`. Its upstream
+//! exchange runs in a task of its own, so the client that started it can
+//! leave without cancelling what others wait for; once nobody waits any more
+//! (and it is not a background refresh) the task is aborted and the upstream
+//! connection closed, so the backend stops generating.
+//!
+//! The fill keeps the body's chunks in one log: what it will store anyway, so
+//! at most `max_entry_size` while it records. Each reader (the leader's
+//! client, followers of a streamed answer) has its own position in it, so a
+//! slow reader never slows the upstream or the others. Past `max_entry_size`
+//! the log keeps only what some reader still needs, and a reader that falls
+//! more than `max_entry_size` behind is cut.
+//!
+//! Followers of a streamed (NDJSON/SSE) answer join it live; followers of any
+//! other answer get it whole once it has ended. When the answer cannot be
+//! shared (not storable, varies on a header they differ in, too big) they go
+//! upstream alone; when the fill failed they may collapse once more behind a
+//! new one, so an upstream error is not handed to every waiter.
+//!
+//! Not here: what is storable and how a response becomes an entry
+//! (`exchange`, `record`), the store itself (`Cache`).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+
+use super::exchange::{respond, After, Exchange};
+use super::{Cache, CacheKey, CacheStatus, Entry, StoredBody};
+use crate::body::{BoxError, ResponseBody};
+use crate::error::ProxyError;
+use crate::headers::X_CACHE;
+
+/// Fills in flight, by key, in shards so that misses on different keys
+/// rarely meet on one lock. A hit never comes here.
+pub(super) struct Fills {
+    shards: Box<[Shard]>,
+}
+
+type Shard = Mutex<HashMap<CacheKey, Arc<Fill>>>;
+
+const SHARDS: usize = 16;
+
+/// What a request that found nothing usable does.
+pub(super) enum Role {
+    /// Nobody is fetching this key: this request does, for everyone.
+    Lead(Lead),
+    /// Somebody is: wait for their answer.
+    Follow(Member),
+}
+
+impl Fills {
+    pub fn new() -> Self {
+        Fills {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, HashMap<CacheKey, Arc<Fill>>> {
+        lock(&self.shards[usize::from(key.0[0]) % SHARDS])
+    }
+
+    /// Joins the fill in flight for `key`, or starts one led by the caller.
+    pub fn follow_or_lead(&self, cache: &Arc<Cache>, key: CacheKey) -> Role {
+        let mut shard = self.shard(&key);
+        if let Some(fill) = shard.get(&key) {
+            lock(&fill.state).members += 1;
+            return Role::Follow(Member(fill.clone()));
+        }
+        let fill = Fill::new(cache, key, 1, false);
+        shard.insert(key, fill.clone());
+        Role::Lead(Lead {
+            member: Some(Member(fill.clone())),
+            fill,
+            launched: false,
+        })
+    }
+
+    /// Starts a background refresh of `key` nobody waits on, unless a fill
+    /// for it is already in flight.
+    pub fn lead_background(&self, cache: &Arc<Cache>, key: CacheKey) -> Option<Lead> {
+        let mut shard = self.shard(&key);
+        if shard.contains_key(&key) {
+            return None;
+        }
+        let fill = Fill::new(cache, key, 0, true);
+        shard.insert(key, fill.clone());
+        Some(Lead {
+            member: None,
+            fill,
+            launched: false,
+        })
+    }
+
+    /// Forgets `fill` (if it is still the one registered for its key), so new
+    /// requests for the key no longer join it.
+    fn remove(&self, fill: &Arc<Fill>) {
+        let mut shard = self.shard(&fill.key);
+        if shard.get(&fill.key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+            shard.remove(&fill.key);
+        }
+    }
+
+    /// Fills in flight now.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere; the state stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One upstream exchange that several requests share.
+pub(super) struct Fill {
+    key: CacheKey,
+    cache: Arc<Cache>,
+    /// Bytes the log may hold once it no longer records (and so how far a
+    /// reader may fall behind): `max_entry_size`.
+    lag_limit: usize,
+    state: Mutex<FillState>,
+}
+
+struct FillState {
+    phase: Phase,
+    /// Body chunks from number `base` on; earlier ones were dropped once no
+    /// reader needed them (only after recording stopped).
+    chunks: VecDeque<Bytes>,
+    base: usize,
+    /// Bytes in `chunks`.
+    held: usize,
+    /// Bytes received in all.
+    received: usize,
+    /// Still keeping every chunk for the store (within `max_entry_size`).
+    recording: bool,
+    /// The whole body once complete, shared by the followers served from it.
+    whole: Option<Arc<[Bytes]>>,
+    /// Live readers' positions, by slot number.
+    slots: Vec<Slot>,
+    /// Requests that still want the answer: the leader and followers,
+    /// waiting or reading.
+    members: usize,
+    /// Waiting followers, woken when the phase changes.
+    waiters: Vec<Waker>,
+    abort: Option<AbortHandle>,
+    /// A stale-while-revalidate refresh: runs to its end with nobody waiting.
+    background: bool,
+}
+
+enum Phase {
+    /// Waiting for the upstream's response head.
+    Sending,
+    /// The head is in; body chunks are arriving.
+    Body(Arc<FillHead>),
+    /// The body ended cleanly.
+    Complete(Arc<FillHead>),
+    /// The answer is a stored entry (revalidated by a 304, or stale because
+    /// the upstream failed); followers get it too.
+    Entry(Arc<Entry>, CacheStatus),
+    /// The answer cannot be shared; `failed` when it was an upstream error
+    /// (followers may collapse behind a new fill) rather than unstorable.
+    Pass { failed: bool },
+    /// The body failed part way, or the fill was dropped.
+    Failed,
+}
+
+impl Phase {
+    fn is_final(&self) -> bool {
+        !matches!(self, Phase::Sending | Phase::Body(_))
+    }
+}
+
+struct Slot {
+    /// Number of the next chunk this reader gets.
+    pos: usize,
+    waker: Option<Waker>,
+    active: bool,
+    /// Fell more than `lag_limit` behind: its response is cut.
+    lagged: bool,
+}
+
+/// The response head of a fill, as its readers send it.
+pub(super) struct FillHead {
+    status: StatusCode,
+    headers: HeaderMap,
+    /// Request header values the answer varies on (of the leader's request).
+    vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// NDJSON or SSE: followers join it live.
+    streamed: bool,
+}
+
+impl FillHead {
+    fn response(&self, body: ResponseBody, status: CacheStatus) -> Response<ResponseBody> {
+        let mut resp = Response::new(body);
+        *resp.status_mut() = self.status;
+        resp.headers_mut().clone_from(&self.headers);
+        resp.headers_mut().insert(X_CACHE, status.header_value());
+        resp
+    }
+}
+
+impl Fill {
+    fn new(cache: &Arc<Cache>, key: CacheKey, members: usize, background: bool) -> Arc<Fill> {
+        Arc::new(Fill {
+            key,
+            cache: cache.clone(),
+            lag_limit: usize::try_from(cache.policy.max_entry_size).unwrap_or(usize::MAX),
+            state: Mutex::new(FillState {
+                phase: Phase::Sending,
+                chunks: VecDeque::new(),
+                base: 0,
+                held: 0,
+                received: 0,
+                recording: true,
+                whole: None,
+                slots: Vec::new(),
+                members,
+                waiters: Vec::new(),
+                abort: None,
+                background,
+            }),
+        })
+    }
+
+    /// Moves to `phase` and wakes everyone waiting or reading.
+    fn settle(&self, phase: Phase) {
+        let mut st = lock(&self.state);
+        st.phase = phase;
+        st.wake_all();
+    }
+
+    /// The head arrived: readers may start. Returns the leader's slot.
+    fn begin_body(&self, head: Arc<FillHead>, leader: bool) -> Option<usize> {
+        let mut st = lock(&self.state);
+        st.phase = Phase::Body(head);
+        let slot = leader.then(|| st.add_slot());
+        st.wake_all();
+        slot
+    }
+
+    fn push(self: &Arc<Self>, chunk: Bytes) {
+        let mut abandoned = false;
+        {
+            let mut st = lock(&self.state);
+            st.received += chunk.len();
+            st.held += chunk.len();
+            st.chunks.push_back(chunk);
+            if st.recording && st.received > self.lag_limit {
+                // Too big to store: the log now only serves the live readers.
+                st.recording = false;
+                abandoned = true;
+                for w in st.waiters.drain(..) {
+                    w.wake();
+                }
+            }
+            if !st.recording {
+                st.trim(self.lag_limit);
+            }
+            for slot in &mut st.slots {
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+        if abandoned {
+            self.cache.fills.remove(self);
+        }
+    }
+}
+
+impl FillState {
+    fn add_slot(&mut self) -> usize {
+        self.slots.push(Slot {
+            pos: self.base,
+            waker: None,
+            active: true,
+            lagged: false,
+        });
+        self.slots.len() - 1
+    }
+
+    fn wake_all(&mut self) {
+        for w in self.waiters.drain(..) {
+            w.wake();
+        }
+        for slot in &mut self.slots {
+            if let Some(w) = slot.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Drops chunks every reader has passed, then, while more than `limit`
+    /// bytes remain, the oldest ones too: readers that still needed them
+    /// fell too far behind and are cut.
+    fn trim(&mut self, limit: usize) {
+        let needed = self
+            .slots
+            .iter()
+            .filter(|s| s.active && !s.lagged)
+            .map(|s| s.pos)
+            .min()
+            .unwrap_or(usize::MAX);
+        while self.base < needed && !self.chunks.is_empty() {
+            self.drop_front();
+        }
+        while self.held > limit && self.chunks.len() > 1 {
+            self.drop_front();
+        }
+        let base = self.base;
+        for slot in &mut self.slots {
+            if slot.active && !slot.lagged && slot.pos < base {
+                slot.lagged = true;
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    fn drop_front(&mut self) {
+        if let Some(c) = self.chunks.pop_front() {
+            self.held -= c.len();
+            self.base += 1;
+        }
+    }
+}
+
+/// One request that still wants a fill's answer. The last one to go
+/// cancels the fill (unless it is a background refresh).
+pub(super) struct Member(Arc<Fill>);
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let abort = {
+            let mut st = lock(&self.0.state);
+            st.members -= 1;
+            if st.members == 0 && !st.background && !st.phase.is_final() {
+                st.abort.take()
+            } else {
+                None
+            }
+        };
+        if let Some(task) = abort {
+            task.abort();
+        }
+    }
+}
+
+/// The right to start a fill. Dropped without starting it, the fill is
+/// given up and its followers sent on their way.
+pub(super) struct Lead {
+    fill: Arc<Fill>,
+    /// The leader's own membership (none for a background refresh).
+    member: Option<Member>,
+    launched: bool,
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        if !self.launched {
+            self.fill.cache.fills.remove(&self.fill);
+            self.fill.settle(Phase::Pass { failed: true });
+        }
+    }
+}
+
+/// What the fill tells its leader.
+// Sent once per fill and matched at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Answer {
+    /// Not shared: the upstream's response, or an error.
+    Direct(Result<(Response<ResponseBody>, CacheStatus), ProxyError>),
+    /// Being recorded: read it from the log, from this slot.
+    Stream(Arc<FillHead>, usize, CacheStatus),
+    /// A stored entry.
+    Entry(Arc<Entry>, CacheStatus),
+}
+
+pub type Sent = Result<Response<ResponseBody>, ProxyError>;
+
+impl Lead {
+    /// Runs the exchange in its own task (the fill) and waits for the
+    /// leader's answer. `send` sends the request upstream and returns the
+    /// response as the client would get it.
+    pub async fn run<F>(
+        mut self,
+        ex: Exchange,
+        send: F,
+    ) -> Result<(Response<ResponseBody>, CacheStatus), ProxyError>
+    where
+        F: Future<Output = Sent> + Send + 'static,
+    {
+        let head_only = ex.is_head();
+        let (tx, rx) = oneshot::channel();
+        let member = self.member.take();
+        self.spawn(ex, send, Some(tx));
+        let answer = rx.await.map_err(|_| ProxyError::UpstreamFailed {
+            server: "-".into(),
+            reason: "the shared upstream exchange ended without an answer".into(),
+        })?;
+        match answer {
+            Answer::Direct(res) => res,
+            Answer::Entry(entry, status) => {
+                let age = entry.age(Instant::now());
+                Ok((respond(&entry, age, status, head_only), status))
+            }
+            Answer::Stream(head, slot, status) => {
+                let member = member.expect("a leader is a member");
+                let reader = FillReader {
+                    fill: member.0.clone(),
+                    slot,
+                    _member: member,
+                };
+                Ok((head.response(ResponseBody::fill(reader), status), status))
+            }
+        }
+    }
+
+    /// Runs the exchange in the background: nobody waits for it.
+    pub fn run_detached<F>(self, ex: Exchange, send: F)
+    where
+        F: Future<Output = Sent> + Send + 'static,
+    {
+        self.spawn(ex, send, None);
+    }
+
+    fn spawn<F>(mut self, ex: Exchange, send: F, leader: Option<oneshot::Sender<Answer>>)
+    where
+        F: Future<Output = Sent> + Send + 'static,
+    {
+        self.launched = true;
+        let fill = self.fill.clone();
+        let task = tokio::spawn(drive(fill.clone(), ex, send, leader));
+        let mut st = lock(&fill.state);
+        if st.members == 0 && !st.background && !st.phase.is_final() {
+            // Everyone left before the task even started.
+            task.abort();
+        } else {
+            st.abort = Some(task.abort_handle());
+        }
+    }
+}
+
+/// Ends a fill however its task ends (returned, or aborted): it leaves the
+/// map, and whoever still waits is told it failed.
+struct Finish(Arc<Fill>);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.0.cache.fills.remove(&self.0);
+        let mut st = lock(&self.0.state);
+        if !st.phase.is_final() {
+            st.phase = Phase::Failed;
+        }
+        st.wake_all();
+    }
+}
+
+/// The fill's task: send, decide, and record the body into the log.
+async fn drive<F>(fill: Arc<Fill>, ex: Exchange, send: F, leader: Option<oneshot::Sender<Answer>>)
+where
+    F: Future<Output = Sent>,
+{
+    let _finish = Finish(fill.clone());
+    let has_leader = leader.is_some();
+    let tell = |answer| {
+        if let Some(tx) = leader {
+            // A leader that left drops what it would have got (and with a
+            // direct response, the upstream connection).
+            let _ = tx.send(answer);
+        }
+    };
+    let resp = match send.await {
+        Ok(resp) => resp,
+        Err(e) => {
+            match ex.stale_entry_on_error() {
+                Some(entry) => {
+                    fill.settle(Phase::Entry(entry.clone(), CacheStatus::Stale));
+                    tell(Answer::Entry(entry, CacheStatus::Stale));
+                }
+                None => {
+                    fill.settle(Phase::Pass { failed: true });
+                    tell(Answer::Direct(Err(e)));
+                }
+            }
+            return;
+        }
+    };
+    let (resp, recording, status) = match ex.after(resp).await {
+        After::Entry(entry, status) => {
+            fill.settle(Phase::Entry(entry.clone(), status));
+            tell(Answer::Entry(entry, status));
+            return;
+        }
+        After::Pass(resp, status) => {
+            fill.settle(Phase::Pass {
+                failed: resp.status().is_server_error(),
+            });
+            tell(Answer::Direct(Ok((resp, status))));
+            return;
+        }
+        After::Store(resp, recording, status) => (resp, recording, status),
+    };
+    let (parts, mut body) = resp.into_parts();
+    let head = Arc::new(FillHead {
+        status: parts.status,
+        headers: parts.headers,
+        vary: recording.entry.vary.clone(),
+        streamed: recording.chunked,
+    });
+    let slot = fill.begin_body(head.clone(), has_leader);
+    if let Some(slot) = slot {
+        tell(Answer::Stream(head.clone(), slot, status));
+    }
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    if !data.is_empty() {
+                        fill.push(data);
+                    }
+                }
+            }
+            Err(_) => {
+                fill.settle(Phase::Failed);
+                return;
+            }
+        }
+    }
+    let stored = {
+        let st = lock(&fill.state);
+        st.recording
+            .then(|| (st.chunks.iter().cloned().collect::<Vec<_>>(), st.received))
+    };
+    fill.settle(Phase::Complete(head));
+    if let Some((chunks, size)) = stored {
+        let cache = recording.cache.clone();
+        let key = recording.key;
+        if let Some(entry) = recording.complete(&chunks, size) {
+            // Still registered until stored, so no request in between
+            // misses both the store and the fill.
+            cache.insert(key, Arc::new(entry)).await;
+        }
+    }
+}
+
+/// How a follower's wait ended.
+// Returned once per wait and matched at once.
+#[allow(clippy::large_enum_variant)]
+pub enum Followed {
+    /// Served from the fill.
+    Serve(Response<ResponseBody>, CacheStatus),
+    /// The fill failed: look again (perhaps behind a new fill).
+    Retry,
+    /// The answer cannot be shared with this request: go upstream alone.
+    Alone,
+}
+
+/// A request waiting for a fill led by another.
+pub struct Follow {
+    member: Member,
+    timeout: std::time::Duration,
+    head_only: bool,
+}
+
+enum Ready {
+    Live(Arc<FillHead>, usize),
+    Whole(Arc<FillHead>, Arc<[Bytes]>),
+    Entry(Arc<Entry>, CacheStatus),
+    Retry,
+    Alone,
+}
+
+impl Follow {
+    pub(super) fn new(member: Member, timeout: std::time::Duration, head_only: bool) -> Self {
+        Follow {
+            member,
+            timeout,
+            head_only,
+        }
+    }
+
+    /// Waits (at most the route's `coalesce_timeout`) for an answer this
+    /// request, with `headers`, may share.
+    pub async fn wait(self, headers: &HeaderMap) -> Followed {
+        let fill = self.member.0.clone();
+        let ready = poll_fn(|cx| fill.poll_follow(cx, headers));
+        let ready = match tokio::time::timeout(self.timeout, ready).await {
+            Ok(ready) => ready,
+            Err(_) => Ready::Alone,
+        };
+        let stats = &fill.cache.stats;
+        let served = |resp, status| {
+            stats
+                .coalesced
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Followed::Serve(resp, status)
+        };
+        match ready {
+            Ready::Live(head, slot) => {
+                let body = if self.head_only {
+                    ResponseBody::empty()
+                } else {
+                    ResponseBody::fill(FillReader {
+                        fill: fill.clone(),
+                        slot,
+                        _member: self.member,
+                    })
+                };
+                served(head.response(body, CacheStatus::Hit), CacheStatus::Hit)
+            }
+            Ready::Whole(head, whole) => {
+                let len: usize = whole.iter().map(Bytes::len).sum();
+                let body = if self.head_only {
+                    ResponseBody::empty()
+                } else {
+                    ResponseBody::stored(&StoredBody::Chunks(whole))
+                };
+                let mut resp = head.response(body, CacheStatus::Hit);
+                if !head.streamed {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, len.into());
+                }
+                served(resp, CacheStatus::Hit)
+            }
+            Ready::Entry(entry, status) => {
+                let status = if status == CacheStatus::Stale {
+                    status
+                } else {
+                    CacheStatus::Hit
+                };
+                let age = entry.age(Instant::now());
+                served(respond(&entry, age, status, self.head_only), status)
+            }
+            Ready::Retry => Followed::Retry,
+            Ready::Alone => Followed::Alone,
+        }
+    }
+}
+
+impl Fill {
+    fn poll_follow(&self, cx: &mut Context<'_>, headers: &HeaderMap) -> Poll<Ready> {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let ready = match &st.phase {
+            Phase::Sending => None,
+            Phase::Body(head) => {
+                if !vary_matches(&head.vary, headers) {
+                    Some(Ready::Alone)
+                } else if head.streamed && st.base == 0 {
+                    let head = head.clone();
+                    let slot = st.add_slot();
+                    Some(Ready::Live(head, slot))
+                } else if !st.recording {
+                    // Too big to keep whole: nothing to hand over at the end.
+                    Some(Ready::Alone)
+                } else {
+                    None
+                }
+            }
+            Phase::Complete(head) => {
+                if !vary_matches(&head.vary, headers) || st.base > 0 || !st.recording {
+                    Some(Ready::Alone)
+                } else {
+                    let head = head.clone();
+                    let whole = match &st.whole {
+                        Some(w) => w.clone(),
+                        None => {
+                            let w: Arc<[Bytes]> = st.chunks.iter().cloned().collect();
+                            st.whole = Some(w.clone());
+                            w
+                        }
+                    };
+                    Some(Ready::Whole(head, whole))
+                }
+            }
+            Phase::Entry(entry, status) => Some(if entry.vary_matches(headers) {
+                Ready::Entry(entry.clone(), *status)
+            } else {
+                Ready::Alone
+            }),
+            Phase::Pass { failed: true } | Phase::Failed => Some(Ready::Retry),
+            Phase::Pass { failed: false } => Some(Ready::Alone),
+        };
+        match ready {
+            Some(r) => Poll::Ready(r),
+            None => {
+                if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    st.waiters.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+fn vary_matches(vary: &[(HeaderName, Option<HeaderValue>)], req: &HeaderMap) -> bool {
+    vary.iter().all(|(name, stored)| {
+        let mut now = req.get_all(name).iter();
+        match (stored, now.next(), now.next()) {
+            (None, None, _) => true,
+            (Some(v), Some(n), None) => v == n,
+            _ => false,
+        }
+    })
+}
+
+/// A reader's way through a fill's log: the body of the leader's response
+/// and of followers of a live stream.
+pub struct FillReader {
+    fill: Arc<Fill>,
+    slot: usize,
+    _member: Member,
+}
+
+/// Why a reader's response was cut.
+#[derive(Debug)]
+pub enum FillError {
+    /// The upstream failed mid-body.
+    Upstream,
+    /// The reader fell more than `max_entry_size` behind the upstream.
+    FellBehind,
+}
+
+impl fmt::Display for FillError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FillError::Upstream => f.write_str("the upstream failed mid-body"),
+            FillError::FellBehind => {
+                f.write_str("the client fell too far behind the shared upstream stream")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FillError {}
+
+impl FillReader {
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        let mut guard = lock(&self.fill.state);
+        let st = &mut *guard;
+        let slot = &mut st.slots[self.slot];
+        if slot.lagged {
+            return Poll::Ready(Some(Err(Box::new(FillError::FellBehind))));
+        }
+        if let Some(chunk) = st.chunks.get(slot.pos - st.base) {
+            slot.pos += 1;
+            return Poll::Ready(Some(Ok(chunk.clone())));
+        }
+        match st.phase {
+            Phase::Complete(_) => Poll::Ready(None),
+            Phase::Failed => Poll::Ready(Some(Err(Box::new(FillError::Upstream)))),
+            _ => {
+                slot.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for FillReader {
+    fn drop(&mut self) {
+        let mut st = lock(&self.fill.state);
+        let slot = &mut st.slots[self.slot];
+        slot.active = false;
+        slot.waker = None;
+    }
+}
