@@ -327,7 +327,7 @@ impl Body for ResponseBody {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Chunks(chunks, next) => *next >= chunks.len(),
             Kind::Upstream(up) => up.inner.is_end_stream(),
-            Kind::Fill(_) => false,
+            Kind::Fill(reader) => reader.is_done(),
         }
     }
 

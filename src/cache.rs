@@ -131,13 +131,7 @@ impl Entry {
 
     /// Whether this request carries the header values the entry was stored for.
     pub fn vary_matches(&self, req: &HeaderMap) -> bool {
-        self.vary.iter().all(|(name, stored)| {
-            let now: Vec<&HeaderValue> = req.get_all(name).iter().collect();
-            match stored {
-                None => now.is_empty(),
-                Some(v) => now.len() == 1 && now[0] == v,
-            }
-        })
+        vary_matches(&self.vary, req)
     }
 
     /// Bytes it costs in the store: body, headers, and bookkeeping.
@@ -168,6 +162,20 @@ impl Entry {
         };
         fresh_left + stale.max(validate)
     }
+}
+
+/// Whether `req` has, for each header a response varies on, the value the
+/// response was given for (absent where it was absent, one equal value where
+/// there was one).
+fn vary_matches(vary: &[(HeaderName, Option<HeaderValue>)], req: &HeaderMap) -> bool {
+    vary.iter().all(|(name, stored)| {
+        let mut now = req.get_all(name).iter();
+        match (stored, now.next(), now.next()) {
+            (None, None, _) => true,
+            (Some(v), Some(n), None) => v == n,
+            _ => false,
+        }
+    })
 }
 
 /// Per-entry deadlines for moka.

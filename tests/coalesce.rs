@@ -96,7 +96,80 @@ async fn a_thousand_identical_requests_make_one_upstream_request() {
         assert_eq!(p.status, 200);
         assert_eq!(body, r#"{"response":"answer 1","done":true}"#);
         assert_eq!(p.headers["content-length"], body.len().to_string().as_str());
+        assert!(p.headers.contains_key("age"));
     }
+    let (leader, _) = answers
+        .iter()
+        .find(|(p, _)| p.headers["x-cache"] == "MISS")
+        .unwrap();
+    let log = proxy
+        .log_for(leader.headers["x-request-id"].to_str().unwrap())
+        .await;
+    assert_eq!(log["outcome"], "complete", "{log}");
+}
+
+#[tokio::test]
+async fn followers_never_get_the_leaders_cookies() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let up = Upstream::start(move |_req| {
+        let n = n.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Response::builder()
+                .header("set-cookie", format!("session={n}"))
+                .body(full("shared answer"))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&policy(&up.url(), "store_private = true")).await;
+    let url = proxy.url("/api/generate");
+    let answers = at_once(5, 1, || post(&url, PROMPT)).await;
+    assert_eq!(up.count(), 1);
+    for (p, body) in &answers {
+        assert_eq!(body, "shared answer");
+        let leader = p.headers["x-cache"] == "MISS";
+        assert_eq!(p.headers.contains_key("set-cookie"), leader, "{p:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_slow_reader_of_a_body_too_big_to_store_gets_all_of_it() {
+    // 4 MB, chunked, past a 1 KB max_entry_size: not recorded, so the fill
+    // must read the upstream at the reader's pace rather than cut it.
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 64;
+    let up = Upstream::start(|_req| async {
+        let (tx, body) = channel_body();
+        tokio::spawn(async move {
+            for i in 0..CHUNKS {
+                tx.send(vec![b'a' + (i % 26) as u8; CHUNK]).await;
+            }
+        });
+        Response::builder().body(body).unwrap()
+    })
+    .await;
+    let policy = policy(&up.url(), "").replace(
+        "[upstreams.up]",
+        "[cache]\nmax_entry_size = \"1KB\"\n\n[upstreams.up]",
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let resp = client()
+        .request(post(&proxy.url("/api/generate"), PROMPT))
+        .await
+        .unwrap();
+    // Not reading for a while lets the upstream get far ahead if nothing
+    // holds it back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = tokio::time::timeout(PATIENCE, resp.into_body().collect())
+        .await
+        .unwrap()
+        .expect("the whole body, not a cut")
+        .to_bytes();
+    assert_eq!(body.len(), CHUNK * CHUNKS);
+    assert!(body[CHUNK * (CHUNKS - 1)..]
+        .iter()
+        .all(|&b| b == b'a' + ((CHUNKS - 1) % 26) as u8));
 }
 
 #[tokio::test]

@@ -195,9 +195,7 @@ impl Cache {
             return forward(status, Some(key), stale, client, None);
         }
         match self.fills.follow_or_lead(self, key) {
-            Role::Follow(member) => {
-                Before::Follow(Follow::new(member, policy.coalesce_timeout, head))
-            }
+            Role::Follow(member) => Before::Follow(Follow::new(member, policy.coalesce_timeout)),
             Role::Lead(lead) => {
                 // A fill that stored its entry and left between our lookup
                 // and our registering would otherwise be fetched twice.
@@ -284,6 +282,18 @@ impl Exchange {
     /// Adds `If-None-Match` / `If-Modified-Since` from the stale entry, unless
     /// the client sent its own conditionals (then its answer is its own).
     pub fn add_validators(&mut self, headers: &mut HeaderMap) {
+        if self.lead.is_some() {
+            // A shared exchange asks for the whole answer: one client's
+            // conditionals or range would make it useless to the others.
+            for name in [
+                header::IF_NONE_MATCH,
+                header::IF_MODIFIED_SINCE,
+                header::IF_RANGE,
+                header::RANGE,
+            ] {
+                headers.remove(name);
+            }
+        }
         let Some(entry) = &self.stale else { return };
         if headers.contains_key(header::IF_NONE_MATCH)
             || headers.contains_key(header::IF_MODIFIED_SINCE)
@@ -402,8 +412,12 @@ impl Exchange {
             }
         }
         self.cache.stats.count(self.status);
-        resp.headers_mut()
-            .insert(X_CACHE, self.status.header_value());
+        let headers = resp.headers_mut();
+        headers.insert(X_CACHE, self.status.header_value());
+        // Straight from the upstream: as old as the upstream says, else new.
+        headers
+            .entry(header::AGE)
+            .or_insert_with(|| control::age_value(Duration::ZERO));
         match self.storable(&resp) {
             Some(recording) => After::Store(resp, recording, self.status),
             None => After::Pass(resp, self.status),
@@ -584,7 +598,7 @@ fn is_stream(headers: &HeaderMap) -> bool {
         })
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()

@@ -10,15 +10,17 @@
 //! The fill keeps the body's chunks in one log: what it will store anyway, so
 //! at most `max_entry_size` while it records. Each reader (the leader's
 //! client, followers of a streamed answer) has its own position in it, so a
-//! slow reader never slows the upstream or the others. Past `max_entry_size`
-//! the log keeps only what some reader still needs, and a reader that falls
-//! more than `max_entry_size` behind is cut.
+//! slow reader never slows the others. Past `max_entry_size` the recording
+//! is dropped: the upstream is then read only as fast as the fastest reader
+//! takes it, the log keeps only what some reader still needs, and a reader
+//! more than `max_entry_size` behind the fastest is cut.
 //!
 //! Followers of a streamed (NDJSON/SSE) answer join it live; followers of any
 //! other answer get it whole once it has ended. When the answer cannot be
-//! shared (not storable, varies on a header they differ in, too big) they go
-//! upstream alone; when the fill failed they may collapse once more behind a
-//! new one, so an upstream error is not handed to every waiter.
+//! shared (not storable, only storable to revalidate, varies on a header they
+//! differ in, too big) they go upstream alone; when the fill failed they may
+//! collapse once more behind a new one, so an upstream error is not handed to
+//! every waiter.
 //!
 //! Not here: what is storable and how a response becomes an entry
 //! (`exchange`, `record`), the store itself (`Cache`).
@@ -26,22 +28,28 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::AbortHandle;
 
+use super::control::age_value;
 use super::exchange::{respond, After, Exchange};
-use super::{Cache, CacheKey, CacheStatus, Entry, StoredBody};
+use super::{vary_matches, Cache, CacheKey, CacheStatus, Entry, Recording, StoredBody};
 use crate::body::{BoxError, ResponseBody};
 use crate::error::ProxyError;
 use crate::headers::X_CACHE;
+
+/// Past recording, how many chunks the upstream may be read ahead of the
+/// fastest reader.
+const READ_AHEAD_CHUNKS: usize = 8;
 
 /// Fills in flight, by key, in shards so that misses on different keys
 /// rarely meet on one lock. A hit never comes here.
@@ -128,10 +136,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(super) struct Fill {
     key: CacheKey,
     cache: Arc<Cache>,
-    /// Bytes the log may hold once it no longer records (and so how far a
-    /// reader may fall behind): `max_entry_size`.
+    /// Bytes the log may hold once it no longer records, and so how far a
+    /// reader may fall behind the fastest: `max_entry_size`.
     lag_limit: usize,
     state: Mutex<FillState>,
+    /// Followers still waiting are woken through it when the phase changes.
+    changed: Notify,
 }
 
 struct FillState {
@@ -148,16 +158,16 @@ struct FillState {
     recording: bool,
     /// The whole body once complete, shared by the followers served from it.
     whole: Option<Arc<[Bytes]>>,
-    /// Live readers' positions, by slot number.
+    /// Live readers' positions; free slots are reused.
     slots: Vec<Slot>,
     /// Requests that still want the answer: the leader and followers,
     /// waiting or reading.
     members: usize,
-    /// Waiting followers, woken when the phase changes.
-    waiters: Vec<Waker>,
     abort: Option<AbortHandle>,
     /// A stale-while-revalidate refresh: runs to its end with nobody waiting.
     background: bool,
+    /// The fill's task, waiting for the fastest reader to catch up.
+    writer: Option<Waker>,
 }
 
 enum Phase {
@@ -192,7 +202,8 @@ struct Slot {
     lagged: bool,
 }
 
-/// The response head of a fill, as its readers send it.
+/// The response head followers of a fill get: the stored entry's headers
+/// (never the leader's cookies), with their own `Age` and `X-Cache`.
 pub(super) struct FillHead {
     status: StatusCode,
     headers: HeaderMap,
@@ -200,14 +211,37 @@ pub(super) struct FillHead {
     vary: Vec<(HeaderName, Option<HeaderValue>)>,
     /// NDJSON or SSE: followers join it live.
     streamed: bool,
+    /// Fresh when stored: an answer kept only to be revalidated later may not
+    /// be handed to others as it is (RFC 9111 §4).
+    shareable: bool,
+    initial_age: Duration,
+    arrived: Instant,
 }
 
 impl FillHead {
-    fn response(&self, body: ResponseBody, status: CacheStatus) -> Response<ResponseBody> {
+    fn new(status: StatusCode, recording: &Recording) -> Self {
+        let entry = &recording.entry;
+        FillHead {
+            status,
+            headers: entry.headers.clone(),
+            vary: entry.vary.clone(),
+            streamed: recording.chunked,
+            shareable: !entry.fresh_for.is_zero(),
+            initial_age: entry.initial_age,
+            arrived: Instant::now(),
+        }
+    }
+
+    fn response(&self, body: ResponseBody) -> Response<ResponseBody> {
         let mut resp = Response::new(body);
         *resp.status_mut() = self.status;
-        resp.headers_mut().clone_from(&self.headers);
-        resp.headers_mut().insert(X_CACHE, status.header_value());
+        let headers = resp.headers_mut();
+        headers.clone_from(&self.headers);
+        headers.insert(
+            header::AGE,
+            age_value(self.initial_age + self.arrived.elapsed()),
+        );
+        headers.insert(X_CACHE, CacheStatus::Hit.header_value());
         resp
     }
 }
@@ -228,27 +262,41 @@ impl Fill {
                 whole: None,
                 slots: Vec::new(),
                 members,
-                waiters: Vec::new(),
                 abort: None,
                 background,
+                writer: None,
             }),
+            changed: Notify::new(),
         })
     }
 
-    /// Moves to `phase` and wakes everyone waiting or reading.
-    fn settle(&self, phase: Phase) {
-        let mut st = lock(&self.state);
-        st.phase = phase;
-        st.wake_all();
+    /// Ends the fill with `phase` and wakes everyone waiting or reading. Only
+    /// a complete body keeps it registered (until it is stored): after any
+    /// other end, a follower that looks again must not find it.
+    fn settle(self: &Arc<Self>, phase: Phase) {
+        if !matches!(phase, Phase::Complete(_)) {
+            self.cache.fills.remove(self);
+        }
+        {
+            let mut st = lock(&self.state);
+            st.phase = phase;
+            st.wake_readers();
+        }
+        self.changed.notify_waiters();
     }
 
     /// The head arrived: readers may start. Returns the leader's slot.
-    fn begin_body(&self, head: Arc<FillHead>, leader: bool) -> Option<usize> {
-        let mut st = lock(&self.state);
-        st.phase = Phase::Body(head);
-        let slot = leader.then(|| st.add_slot());
-        st.wake_all();
-        slot
+    fn begin_body(self: &Arc<Self>, head: Arc<FillHead>, leader: bool) -> Option<SlotGuard> {
+        let slot = {
+            let mut st = lock(&self.state);
+            st.phase = Phase::Body(head);
+            leader.then(|| st.add_slot())
+        };
+        self.changed.notify_waiters();
+        slot.map(|index| SlotGuard {
+            fill: self.clone(),
+            index,
+        })
     }
 
     fn push(self: &Arc<Self>, chunk: Bytes) {
@@ -262,40 +310,64 @@ impl Fill {
                 // Too big to store: the log now only serves the live readers.
                 st.recording = false;
                 abandoned = true;
-                for w in st.waiters.drain(..) {
-                    w.wake();
-                }
             }
             if !st.recording {
                 st.trim(self.lag_limit);
             }
-            for slot in &mut st.slots {
-                if let Some(w) = slot.waker.take() {
-                    w.wake();
-                }
-            }
+            st.wake_readers();
         }
         if abandoned {
             self.cache.fills.remove(self);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Whether the upstream may be read on: always while recording, then only
+    /// when the fastest reader is close behind. `false`: nobody reads and
+    /// nothing will be stored, so reading is pointless.
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut st = lock(&self.state);
+        if st.recording {
+            return Poll::Ready(true);
+        }
+        let fastest = st
+            .slots
+            .iter()
+            .filter(|s| s.active && !s.lagged)
+            .map(|s| s.pos)
+            .max();
+        match fastest {
+            None => Poll::Ready(false),
+            Some(pos) if st.base + st.chunks.len() - pos <= READ_AHEAD_CHUNKS => Poll::Ready(true),
+            Some(_) => {
+                st.writer = Some(cx.waker().clone());
+                Poll::Pending
+            }
         }
     }
 }
 
 impl FillState {
     fn add_slot(&mut self) -> usize {
-        self.slots.push(Slot {
+        let slot = Slot {
             pos: self.base,
             waker: None,
             active: true,
             lagged: false,
-        });
-        self.slots.len() - 1
+        };
+        match self.slots.iter().position(|s| !s.active) {
+            Some(i) => {
+                self.slots[i] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        }
     }
 
-    fn wake_all(&mut self) {
-        for w in self.waiters.drain(..) {
-            w.wake();
-        }
+    fn wake_readers(&mut self) {
         for slot in &mut self.slots {
             if let Some(w) = slot.waker.take() {
                 w.wake();
@@ -303,21 +375,24 @@ impl FillState {
         }
     }
 
+    fn wake_writer(&mut self) {
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+
     /// Drops chunks every reader has passed, then, while more than `limit`
-    /// bytes remain, the oldest ones too: readers that still needed them
-    /// fell too far behind and are cut.
+    /// bytes remain, older ones the fastest reader has passed too: readers
+    /// that still needed them fell too far behind and are cut.
     fn trim(&mut self, limit: usize) {
-        let needed = self
-            .slots
-            .iter()
-            .filter(|s| s.active && !s.lagged)
-            .map(|s| s.pos)
-            .min()
-            .unwrap_or(usize::MAX);
-        while self.base < needed && !self.chunks.is_empty() {
+        let live = self.slots.iter().filter(|s| s.active && !s.lagged);
+        let (slowest, fastest) = live.fold((usize::MAX, 0), |(lo, hi), s| {
+            (lo.min(s.pos), hi.max(s.pos))
+        });
+        while self.base < slowest && !self.chunks.is_empty() {
             self.drop_front();
         }
-        while self.held > limit && self.chunks.len() > 1 {
+        while self.held > limit && self.base < fastest {
             self.drop_front();
         }
         let base = self.base;
@@ -360,6 +435,23 @@ impl Drop for Member {
     }
 }
 
+/// A reader's place in the log, given back when the reader goes.
+struct SlotGuard {
+    fill: Arc<Fill>,
+    index: usize,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut st = lock(&self.fill.state);
+        let slot = &mut st.slots[self.index];
+        slot.active = false;
+        slot.waker = None;
+        // The writer may have been waiting for this reader.
+        st.wake_writer();
+    }
+}
+
 /// The right to start a fill. Dropped without starting it, the fill is
 /// given up and its followers sent on their way.
 pub(super) struct Lead {
@@ -372,7 +464,6 @@ pub(super) struct Lead {
 impl Drop for Lead {
     fn drop(&mut self) {
         if !self.launched {
-            self.fill.cache.fills.remove(&self.fill);
             self.fill.settle(Phase::Pass { failed: true });
         }
     }
@@ -384,8 +475,12 @@ impl Drop for Lead {
 enum Answer {
     /// Not shared: the upstream's response, or an error.
     Direct(Result<(Response<ResponseBody>, CacheStatus), ProxyError>),
-    /// Being recorded: read it from the log, from this slot.
-    Stream(Arc<FillHead>, usize, CacheStatus),
+    /// Being recorded: the leader's own head, and its place in the log.
+    Stream {
+        parts: http::response::Parts,
+        slot: SlotGuard,
+        status: CacheStatus,
+    },
     /// A stored entry.
     Entry(Arc<Entry>, CacheStatus),
 }
@@ -418,14 +513,21 @@ impl Lead {
                 let age = entry.age(Instant::now());
                 Ok((respond(&entry, age, status, head_only), status))
             }
-            Answer::Stream(head, slot, status) => {
-                let member = member.expect("a leader is a member");
+            Answer::Stream {
+                parts,
+                slot,
+                status,
+            } => {
                 let reader = FillReader {
-                    fill: member.0.clone(),
                     slot,
-                    _member: member,
+                    remaining: super::exchange::content_length(&parts.headers),
+                    done: false,
+                    _member: member.expect("a leader is a member"),
                 };
-                Ok((head.response(ResponseBody::fill(reader), status), status))
+                Ok((
+                    Response::from_parts(parts, ResponseBody::fill(reader)),
+                    status,
+                ))
             }
         }
     }
@@ -444,10 +546,14 @@ impl Lead {
     {
         self.launched = true;
         let fill = self.fill.clone();
-        let task = tokio::spawn(drive(fill.clone(), ex, send, leader));
+        // Made before the task and moved into it: a task aborted before its
+        // first poll still drops it, so the fill always ends.
+        let finish = Finish(fill.clone());
+        let task = tokio::spawn(drive(finish, ex, send, leader));
         let mut st = lock(&fill.state);
         if st.members == 0 && !st.background && !st.phase.is_final() {
             // Everyone left before the task even started.
+            drop(st);
             task.abort();
         } else {
             st.abort = Some(task.abort_handle());
@@ -462,25 +568,27 @@ struct Finish(Arc<Fill>);
 impl Drop for Finish {
     fn drop(&mut self) {
         self.0.cache.fills.remove(&self.0);
-        let mut st = lock(&self.0.state);
-        if !st.phase.is_final() {
-            st.phase = Phase::Failed;
+        {
+            let mut st = lock(&self.0.state);
+            if !st.phase.is_final() {
+                st.phase = Phase::Failed;
+            }
+            st.wake_readers();
         }
-        st.wake_all();
+        self.0.changed.notify_waiters();
     }
 }
 
 /// The fill's task: send, decide, and record the body into the log.
-async fn drive<F>(fill: Arc<Fill>, ex: Exchange, send: F, leader: Option<oneshot::Sender<Answer>>)
+async fn drive<F>(finish: Finish, ex: Exchange, send: F, leader: Option<oneshot::Sender<Answer>>)
 where
     F: Future<Output = Sent>,
 {
-    let _finish = Finish(fill.clone());
-    let has_leader = leader.is_some();
-    let tell = |answer| {
+    let fill = finish.0.clone();
+    // A leader that left drops what it would have got (and with a direct
+    // response, the upstream connection).
+    let tell = |leader: Option<oneshot::Sender<Answer>>, answer| {
         if let Some(tx) = leader {
-            // A leader that left drops what it would have got (and with a
-            // direct response, the upstream connection).
             let _ = tx.send(answer);
         }
     };
@@ -490,11 +598,11 @@ where
             match ex.stale_entry_on_error() {
                 Some(entry) => {
                     fill.settle(Phase::Entry(entry.clone(), CacheStatus::Stale));
-                    tell(Answer::Entry(entry, CacheStatus::Stale));
+                    tell(leader, Answer::Entry(entry, CacheStatus::Stale));
                 }
                 None => {
                     fill.settle(Phase::Pass { failed: true });
-                    tell(Answer::Direct(Err(e)));
+                    tell(leader, Answer::Direct(Err(e)));
                 }
             }
             return;
@@ -503,42 +611,48 @@ where
     let (resp, recording, status) = match ex.after(resp).await {
         After::Entry(entry, status) => {
             fill.settle(Phase::Entry(entry.clone(), status));
-            tell(Answer::Entry(entry, status));
+            tell(leader, Answer::Entry(entry, status));
             return;
         }
         After::Pass(resp, status) => {
             fill.settle(Phase::Pass {
                 failed: resp.status().is_server_error(),
             });
-            tell(Answer::Direct(Ok((resp, status))));
+            tell(leader, Answer::Direct(Ok((resp, status))));
             return;
         }
         After::Store(resp, recording, status) => (resp, recording, status),
     };
     let (parts, mut body) = resp.into_parts();
-    let head = Arc::new(FillHead {
-        status: parts.status,
-        headers: parts.headers,
-        vary: recording.entry.vary.clone(),
-        streamed: recording.chunked,
-    });
-    let slot = fill.begin_body(head.clone(), has_leader);
-    if let Some(slot) = slot {
-        tell(Answer::Stream(head.clone(), slot, status));
+    let head = Arc::new(FillHead::new(parts.status, &recording));
+    let leader = leader.filter(|tx| !tx.is_closed());
+    if let Some(slot) = fill.begin_body(head.clone(), leader.is_some()) {
+        tell(
+            leader,
+            Answer::Stream {
+                parts,
+                slot,
+                status,
+            },
+        );
     }
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
+    loop {
+        if !poll_fn(|cx| fill.poll_room(cx)).await {
+            return;
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     if !data.is_empty() {
                         fill.push(data);
                     }
                 }
             }
-            Err(_) => {
+            Some(Err(_)) => {
                 fill.settle(Phase::Failed);
                 return;
             }
+            None => break,
         }
     }
     let stored = {
@@ -556,6 +670,7 @@ where
             cache.insert(key, Arc::new(entry)).await;
         }
     }
+    drop(finish);
 }
 
 /// How a follower's wait ended.
@@ -573,12 +688,20 @@ pub enum Followed {
 /// A request waiting for a fill led by another.
 pub struct Follow {
     member: Member,
-    timeout: std::time::Duration,
-    head_only: bool,
+    timeout: Duration,
+}
+
+enum Check {
+    /// Waiting for the response head (bounded by `coalesce_timeout`).
+    Sending,
+    /// Waiting for the end of a body that is not joined live (bounded by
+    /// the upstream's own idle timeout).
+    Body,
+    Ready(Ready),
 }
 
 enum Ready {
-    Live(Arc<FillHead>, usize),
+    Live(SlotGuard),
     Whole(Arc<FillHead>, Arc<[Bytes]>),
     Entry(Arc<Entry>, CacheStatus),
     Retry,
@@ -586,65 +709,71 @@ enum Ready {
 }
 
 impl Follow {
-    pub(super) fn new(member: Member, timeout: std::time::Duration, head_only: bool) -> Self {
-        Follow {
-            member,
-            timeout,
-            head_only,
-        }
+    pub(super) fn new(member: Member, timeout: Duration) -> Self {
+        Follow { member, timeout }
     }
 
-    /// Waits (at most the route's `coalesce_timeout`) for an answer this
-    /// request, with `headers`, may share.
+    /// Waits for an answer this request, with `headers`, may share: at most
+    /// the route's `coalesce_timeout` for the response head.
     pub async fn wait(self, headers: &HeaderMap) -> Followed {
         let fill = self.member.0.clone();
-        let ready = poll_fn(|cx| fill.poll_follow(cx, headers));
-        let ready = match tokio::time::timeout(self.timeout, ready).await {
-            Ok(ready) => ready,
-            Err(_) => Ready::Alone,
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let ready = loop {
+            // Registered before looking, so a change in between is not missed.
+            let mut changed = pin!(fill.changed.notified());
+            changed.as_mut().enable();
+            match fill.check_follow(headers) {
+                Check::Ready(ready) => break ready,
+                Check::Sending => {
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        break Ready::Alone;
+                    }
+                }
+                Check::Body => changed.await,
+            }
         };
-        let stats = &fill.cache.stats;
-        let served = |resp, status| {
-            stats
+        let served = |resp| {
+            fill.cache
+                .stats
                 .coalesced
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Followed::Serve(resp, status)
+            Followed::Serve(resp, CacheStatus::Hit)
         };
         match ready {
-            Ready::Live(head, slot) => {
-                let body = if self.head_only {
-                    ResponseBody::empty()
-                } else {
-                    ResponseBody::fill(FillReader {
-                        fill: fill.clone(),
-                        slot,
-                        _member: self.member,
-                    })
+            Ready::Live(slot) => {
+                let head = match &lock(&fill.state).phase {
+                    Phase::Body(h) | Phase::Complete(h) => h.clone(),
+                    _ => return Followed::Retry,
                 };
-                served(head.response(body, CacheStatus::Hit), CacheStatus::Hit)
+                let body = ResponseBody::fill(FillReader {
+                    slot,
+                    remaining: None,
+                    done: false,
+                    _member: self.member,
+                });
+                served(head.response(body))
             }
             Ready::Whole(head, whole) => {
                 let len: usize = whole.iter().map(Bytes::len).sum();
-                let body = if self.head_only {
-                    ResponseBody::empty()
-                } else {
-                    ResponseBody::stored(&StoredBody::Chunks(whole))
-                };
-                let mut resp = head.response(body, CacheStatus::Hit);
+                let mut resp = head.response(ResponseBody::stored(&StoredBody::Chunks(whole)));
                 if !head.streamed {
                     resp.headers_mut()
                         .insert(header::CONTENT_LENGTH, len.into());
                 }
-                served(resp, CacheStatus::Hit)
+                served(resp)
             }
             Ready::Entry(entry, status) => {
+                let age = entry.age(Instant::now());
                 let status = if status == CacheStatus::Stale {
                     status
                 } else {
                     CacheStatus::Hit
                 };
-                let age = entry.age(Instant::now());
-                served(respond(&entry, age, status, self.head_only), status)
+                fill.cache
+                    .stats
+                    .coalesced
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Followed::Serve(respond(&entry, age, status, false), status)
             }
             Ready::Retry => Followed::Retry,
             Ready::Alone => Followed::Alone,
@@ -653,77 +782,65 @@ impl Follow {
 }
 
 impl Fill {
-    fn poll_follow(&self, cx: &mut Context<'_>, headers: &HeaderMap) -> Poll<Ready> {
+    fn check_follow(self: &Arc<Self>, headers: &HeaderMap) -> Check {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let ready = match &st.phase {
-            Phase::Sending => None,
+            Phase::Sending => return Check::Sending,
             Phase::Body(head) => {
-                if !vary_matches(&head.vary, headers) {
-                    Some(Ready::Alone)
+                if !head.shareable || !vary_matches(&head.vary, headers) {
+                    Ready::Alone
                 } else if head.streamed && st.base == 0 {
-                    let head = head.clone();
-                    let slot = st.add_slot();
-                    Some(Ready::Live(head, slot))
+                    let index = st.add_slot();
+                    Ready::Live(SlotGuard {
+                        fill: self.clone(),
+                        index,
+                    })
                 } else if !st.recording {
                     // Too big to keep whole: nothing to hand over at the end.
-                    Some(Ready::Alone)
+                    Ready::Alone
                 } else {
-                    None
+                    return Check::Body;
                 }
             }
             Phase::Complete(head) => {
-                if !vary_matches(&head.vary, headers) || st.base > 0 || !st.recording {
-                    Some(Ready::Alone)
+                if !head.shareable
+                    || !vary_matches(&head.vary, headers)
+                    || st.base > 0
+                    || !st.recording
+                {
+                    Ready::Alone
                 } else {
                     let head = head.clone();
-                    let whole = match &st.whole {
-                        Some(w) => w.clone(),
-                        None => {
-                            let w: Arc<[Bytes]> = st.chunks.iter().cloned().collect();
-                            st.whole = Some(w.clone());
-                            w
-                        }
-                    };
-                    Some(Ready::Whole(head, whole))
+                    let whole = st
+                        .whole
+                        .get_or_insert_with(|| st.chunks.iter().cloned().collect())
+                        .clone();
+                    Ready::Whole(head, whole)
                 }
             }
-            Phase::Entry(entry, status) => Some(if entry.vary_matches(headers) {
-                Ready::Entry(entry.clone(), *status)
-            } else {
-                Ready::Alone
-            }),
-            Phase::Pass { failed: true } | Phase::Failed => Some(Ready::Retry),
-            Phase::Pass { failed: false } => Some(Ready::Alone),
+            Phase::Entry(entry, status) => {
+                if entry.vary_matches(headers) {
+                    Ready::Entry(entry.clone(), *status)
+                } else {
+                    Ready::Alone
+                }
+            }
+            Phase::Pass { failed: true } | Phase::Failed => Ready::Retry,
+            Phase::Pass { failed: false } => Ready::Alone,
         };
-        match ready {
-            Some(r) => Poll::Ready(r),
-            None => {
-                if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                    st.waiters.push(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-        }
+        Check::Ready(ready)
     }
-}
-
-fn vary_matches(vary: &[(HeaderName, Option<HeaderValue>)], req: &HeaderMap) -> bool {
-    vary.iter().all(|(name, stored)| {
-        let mut now = req.get_all(name).iter();
-        match (stored, now.next(), now.next()) {
-            (None, None, _) => true,
-            (Some(v), Some(n), None) => v == n,
-            _ => false,
-        }
-    })
 }
 
 /// A reader's way through a fill's log: the body of the leader's response
 /// and of followers of a live stream.
 pub struct FillReader {
-    fill: Arc<Fill>,
-    slot: usize,
+    slot: SlotGuard,
+    /// Bytes still to come, when the head declared a length: hyper stops
+    /// polling once it has written that many, so the end is known here.
+    remaining: Option<u64>,
+    done: bool,
     _member: Member,
 }
 
@@ -732,7 +849,7 @@ pub struct FillReader {
 pub enum FillError {
     /// The upstream failed mid-body.
     Upstream,
-    /// The reader fell more than `max_entry_size` behind the upstream.
+    /// The reader fell more than `max_entry_size` behind the fastest one.
     FellBehind,
 }
 
@@ -751,18 +868,34 @@ impl std::error::Error for FillError {}
 
 impl FillReader {
     pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
-        let mut guard = lock(&self.fill.state);
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let mut guard = lock(&self.slot.fill.state);
         let st = &mut *guard;
-        let slot = &mut st.slots[self.slot];
+        let slot = &mut st.slots[self.slot.index];
         if slot.lagged {
             return Poll::Ready(Some(Err(Box::new(FillError::FellBehind))));
         }
         if let Some(chunk) = st.chunks.get(slot.pos - st.base) {
+            let chunk = chunk.clone();
             slot.pos += 1;
-            return Poll::Ready(Some(Ok(chunk.clone())));
+            let last = slot.pos == st.base + st.chunks.len();
+            if let Some(left) = &mut self.remaining {
+                *left = left.saturating_sub(chunk.len() as u64);
+                self.done = *left == 0;
+            }
+            if last && matches!(st.phase, Phase::Complete(_)) {
+                self.done = true;
+            }
+            st.wake_writer();
+            return Poll::Ready(Some(Ok(chunk)));
         }
         match st.phase {
-            Phase::Complete(_) => Poll::Ready(None),
+            Phase::Complete(_) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
             Phase::Failed => Poll::Ready(Some(Err(Box::new(FillError::Upstream)))),
             _ => {
                 slot.waker = Some(cx.waker().clone());
@@ -770,13 +903,9 @@ impl FillReader {
             }
         }
     }
-}
 
-impl Drop for FillReader {
-    fn drop(&mut self) {
-        let mut st = lock(&self.fill.state);
-        let slot = &mut st.slots[self.slot];
-        slot.active = false;
-        slot.waker = None;
+    /// Whether every byte has been handed out.
+    pub fn is_done(&self) -> bool {
+        self.done
     }
 }
