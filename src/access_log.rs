@@ -40,11 +40,10 @@ pub struct AccessLog {
 /// What is known about one request by the time its response ends.
 pub struct AccessRecord {
     pub started: Instant,
-    pub wall: SystemTime,
     pub client: IpAddr,
     pub method: Method,
-    /// Path and query as the client sent them.
-    pub target: String,
+    /// Path and query as the client sent them (shares the request's bytes).
+    pub target: Option<http::uri::PathAndQuery>,
     pub version: Version,
     pub status: u16,
     pub route: Option<Arc<str>>,
@@ -56,6 +55,18 @@ pub struct AccessRecord {
     pub referer: Option<HeaderValue>,
     /// The error code, when the proxy answered with an error.
     pub error: Option<&'static str>,
+}
+
+impl AccessRecord {
+    pub fn target(&self) -> &str {
+        self.target.as_ref().map_or("/", |pq| pq.as_str())
+    }
+
+    /// When the request arrived, by the wall clock: worked out only when a
+    /// line is written, so requests that are not logged never read it.
+    pub fn wall(&self) -> SystemTime {
+        SystemTime::now() - self.started.elapsed()
+    }
 }
 
 #[derive(Serialize)]
@@ -110,7 +121,7 @@ impl AccessLog {
             tracing::warn!(
                 route = rec.route.as_deref().unwrap_or("-"),
                 method = %rec.method,
-                path = %rec.target,
+                path = rec.target(),
                 status = rec.status,
                 duration_ms = elapsed.as_secs_f64() * 1e3,
                 upstream = rec.upstream.as_deref().unwrap_or("-"),
@@ -162,12 +173,12 @@ fn proto(v: Version) -> &'static str {
 }
 
 fn json_line(rec: &AccessRecord, bytes: u64, outcome: BodyOutcome, elapsed: Duration) -> String {
-    let ts = humantime::format_rfc3339_millis(rec.wall).to_string();
+    let ts = humantime::format_rfc3339_millis(rec.wall()).to_string();
     let line = JsonLine {
         ts: &ts,
         client: rec.client,
         method: rec.method.as_str(),
-        path: &rec.target,
+        path: rec.target(),
         proto: proto(rec.version),
         status: rec.status,
         bytes,
@@ -201,9 +212,9 @@ fn combined_line(
     format!(
         "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" rt={:.3} route={} upstream={} request_id={} cache={} outcome={}\n",
         rec.client,
-        clf_time(rec.wall),
+        clf_time(rec.wall()),
         rec.method,
-        rec.target.replace('"', "%22"),
+        rec.target().replace('"', "%22"),
         proto(rec.version),
         rec.status,
         bytes,

@@ -23,7 +23,7 @@ use http::StatusCode;
 pub use control::CacheControl;
 pub use exchange::{After, Before, CacheQuery, Exchange};
 pub use fill::{FillError, FillReader, Follow, Followed, Sent};
-pub use key::{CacheKey, KeyInput, KeyParts, NotJson};
+pub use key::{CacheKey, DigestHash, KeyInput, KeyParts, NotJson};
 pub use record::{Recorder, Recording};
 
 use crate::policy::CachePolicy;
@@ -230,7 +230,7 @@ impl CacheStats {
 
 /// The process-wide store.
 pub struct Cache {
-    store: moka::future::Cache<CacheKey, Arc<Entry>>,
+    store: moka::future::Cache<CacheKey, Arc<Entry>, DigestHash>,
     pub policy: CachePolicy,
     pub stats: CacheStats,
     /// Upstream exchanges in flight that identical requests may wait for.
@@ -244,7 +244,7 @@ impl Cache {
             .weigher(|_k: &CacheKey, e: &Arc<Entry>| e.weight())
             .expire_after(EntryExpiry)
             .support_invalidation_closures()
-            .build();
+            .build_with_hasher(DigestHash);
         Arc::new(Cache {
             store,
             policy,

@@ -9,7 +9,6 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -116,14 +115,9 @@ impl Proxy {
         let trusted = &self.policy.server.trusted_proxies;
         let rec = AccessRecord {
             started: Instant::now(),
-            wall: SystemTime::now(),
             client: headers::client_ip(conn.peer, conn.peer_trusted, req.headers(), trusted),
             method: req.method().clone(),
-            target: req
-                .uri()
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str())
-                .to_owned(),
+            target: req.uri().path_and_query().cloned(),
             version: req.version(),
             status: 0,
             route: None,

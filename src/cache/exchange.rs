@@ -456,7 +456,7 @@ impl Exchange {
         };
         let entry = Entry {
             status: old.status,
-            headers,
+            headers: compact(&headers),
             body: old.body.clone(),
             stored_at: Instant::now(),
             initial_age,
@@ -555,7 +555,7 @@ impl Exchange {
             }
         };
         let request_headers = self.request_headers.take().unwrap_or_default();
-        let mut stored = headers.clone();
+        let mut stored = compact(headers);
         stored.remove(header::AGE);
         stored.remove(X_CACHE);
         if matches!(self.policy.freshness, Freshness::Force { .. }) && self.policy.store_private {
@@ -586,6 +586,29 @@ impl Exchange {
             },
         })
     }
+}
+
+/// A copy of `headers` whose values share one exact-size buffer. Values
+/// parsed by hyper are slices of its read buffer: stored as they are, each
+/// entry would keep a whole read buffer alive, unseen by the store's weigher.
+fn compact(headers: &HeaderMap) -> HeaderMap {
+    let size: usize = headers.values().map(HeaderValue::len).sum();
+    let mut buf = bytes::BytesMut::with_capacity(size);
+    for v in headers.values() {
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let buf = buf.freeze();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    let mut at = 0;
+    for (name, v) in headers {
+        let len = v.len();
+        let mut copy = HeaderValue::from_maybe_shared(buf.slice(at..at + len))
+            .expect("bytes of a valid header value");
+        copy.set_sensitive(v.is_sensitive());
+        out.append(name.clone(), copy);
+        at += len;
+    }
+    out
 }
 
 /// NDJSON and SSE: replayed chunk by chunk.

@@ -42,7 +42,7 @@ use tokio::task::AbortHandle;
 
 use super::control::age_value;
 use super::exchange::{respond, After, Exchange};
-use super::{vary_matches, Cache, CacheKey, CacheStatus, Entry, Recording, StoredBody};
+use super::{vary_matches, Cache, CacheKey, CacheStatus, DigestHash, Entry, Recording, StoredBody};
 use crate::body::{BoxError, ResponseBody};
 use crate::error::ProxyError;
 use crate::headers::X_CACHE;
@@ -57,7 +57,7 @@ pub(super) struct Fills {
     shards: Box<[Shard]>,
 }
 
-type Shard = Mutex<HashMap<CacheKey, Arc<Fill>>>;
+type Shard = Mutex<HashMap<CacheKey, Arc<Fill>, DigestHash>>;
 
 const SHARDS: usize = 16;
 
@@ -76,7 +76,7 @@ impl Fills {
         }
     }
 
-    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, HashMap<CacheKey, Arc<Fill>>> {
+    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, HashMap<CacheKey, Arc<Fill>, DigestHash>> {
         lock(&self.shards[usize::from(key.0[0]) % SHARDS])
     }
 
