@@ -9,6 +9,7 @@
 mod control;
 mod exchange;
 mod fill;
+mod inspect;
 mod key;
 mod record;
 
@@ -23,6 +24,7 @@ use http::StatusCode;
 pub use control::CacheControl;
 pub use exchange::{After, Before, CacheQuery, Exchange};
 pub use fill::{FillError, FillReader, Follow, Followed, Sent};
+pub use inspect::{CacheReport, Explained, Purge, StoredSummary};
 pub use key::{CacheKey, DigestHash, KeyInput, KeyParts, NotJson};
 pub use record::{Recorder, Recording};
 
@@ -107,6 +109,18 @@ pub struct Entry {
     pub route: Arc<str>,
     /// `host` + path and query, for invalidation and purges.
     pub target: Box<str>,
+    /// What the answer cost the upstream: what each hit saves.
+    pub cost: Cost,
+}
+
+/// What producing an answer cost the upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cost {
+    /// LLM tokens processed (prompt and answer), from the usage fields of an
+    /// Ollama or OpenAI-style answer; 0 for anything else.
+    pub tokens: u64,
+    /// From sending the request to the last byte of the answer.
+    pub upstream: Duration,
 }
 
 impl Entry {
@@ -213,6 +227,8 @@ pub struct CacheStats {
     pub stored: AtomicU64,
     /// Requests answered by waiting for an identical one's upstream exchange.
     pub coalesced: AtomicU64,
+    pub tokens_saved: AtomicU64,
+    pub upstream_micros_saved: AtomicU64,
 }
 
 impl CacheStats {
@@ -225,6 +241,17 @@ impl CacheStats {
             CacheStatus::Revalidated => &self.revalidated,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An answer served from `entry` instead of the upstream.
+    pub fn saved(&self, entry: &Entry) {
+        if entry.cost.tokens > 0 {
+            self.tokens_saved
+                .fetch_add(entry.cost.tokens, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(entry.cost.upstream.as_micros()).unwrap_or(u64::MAX);
+        self.upstream_micros_saved
+            .fetch_add(micros, Ordering::Relaxed);
     }
 }
 

@@ -108,6 +108,11 @@ impl Proxy {
         &self.policy
     }
 
+    /// The store this proxy answers from (shared with the other workers).
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
     /// Answers one request. Never fails: errors become JSON responses.
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
         let inflight = conn.state.begin(req.version());

@@ -428,3 +428,109 @@ async fn vary_keeps_requests_with_other_header_values_apart() {
     assert_eq!(p.headers["x-cache"], "MISS");
     assert_ne!(body_fr, body_de);
 }
+
+#[tokio::test]
+async fn the_report_counts_hits_and_what_they_saved() {
+    // An Ollama answer: 12 prompt tokens, 30 generated.
+    let up = Upstream::start(|_| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(
+                r#"{"model":"llama3.2","response":"blue","done":true,"prompt_eval_count":12,"eval_count":30}"#,
+            ))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "force""#)).await;
+    get(&proxy.url("/a")).await;
+    until_hit(Method::GET, &proxy.url("/a"), &[], "").await;
+    get(&proxy.url("/a")).await;
+    let report = proxy.cache.report().await;
+    assert_eq!(report.entries, 1);
+    assert!(report.bytes > 0);
+    assert_eq!(report.misses, 1);
+    assert!(report.hits >= 2, "{report:?}");
+    assert_eq!(report.tokens_saved, 42 * report.hits, "{report:?}");
+    assert!(report.upstream_seconds_saved > 0.0);
+    assert!(report.hit_ratio > 0.5);
+}
+
+#[tokio::test]
+async fn purges_remove_what_they_name_and_say_how_many() {
+    let up = counting_upstream(&[]).await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "force""#)).await;
+    for path in ["/docs/a", "/docs/b", "/other", "/other?x=1"] {
+        until_hit(Method::GET, &proxy.url(path), &[], "").await;
+    }
+    use hyperion::cache::Purge;
+    let c = &proxy.cache;
+    assert_eq!(c.purge(&Purge::Target("127.0.0.1/other".into())).await, 1);
+    assert_eq!(c.purge(&Purge::Prefix("127.0.0.1/docs/".into())).await, 2);
+    assert_eq!(c.purge(&Purge::Prefix("127.0.0.1/docs/".into())).await, 0);
+    let (p, _) = get(&proxy.url("/docs/a")).await;
+    assert_eq!(p.headers["x-cache"], "MISS", "purged entries are gone");
+    until_hit(Method::GET, &proxy.url("/docs/a"), &[], "").await;
+    assert_eq!(c.purge(&Purge::Route("r".into())).await, 2);
+    until_hit(Method::GET, &proxy.url("/docs/a"), &[], "").await;
+    assert_eq!(c.purge(&Purge::All).await, 1);
+    assert_eq!(c.report().await.entries, 0);
+}
+
+#[tokio::test]
+async fn explain_shows_the_key_parts_without_the_credential() {
+    let up = counting_upstream(&[]).await;
+    let proxy = TestProxy::start(&cached_policy(
+        &up.url(),
+        r#"mode = "force"
+body_key = "json"
+ignore_fields = ["keep_alive"]"#,
+    ))
+    .await;
+    let body = r#"{"model":"m","prompt":"p","keep_alive":"5m"}"#;
+    let auth = [("authorization", "Bearer secret-token")];
+    until_hit(Method::POST, &proxy.url("/api/generate"), &auth, body).await;
+
+    let policy = hyperion::policy::Policy::parse(
+        "t.toml",
+        &cached_policy(
+            &up.url(),
+            r#"mode = "force"
+body_key = "json"
+ignore_fields = ["keep_alive"]"#,
+        ),
+    )
+    .unwrap();
+    let route_policy = policy.routes[0].cache.clone().unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("authorization", "Bearer secret-token".parse().unwrap());
+    let body = Bytes::from(r#"{"prompt":"p","model":"m"}"#);
+    let route: std::sync::Arc<str> = "r".into();
+    let explained = proxy
+        .cache
+        .explain(
+            &route_policy,
+            &hyperion::cache::CacheQuery {
+                route: &route,
+                method: &Method::POST,
+                host: "127.0.0.1",
+                path: "/api/generate",
+                query: None,
+                headers: &headers,
+                body: Some(&body),
+            },
+        )
+        .await
+        .unwrap();
+    let shown = format!("{:?}", explained.parts);
+    assert!(shown.contains("canonical json"), "{shown}");
+    assert!(shown.contains("keep_alive"), "{shown}");
+    assert!(
+        !shown.contains("secret-token"),
+        "never the credential: {shown}"
+    );
+    let stored = explained
+        .stored
+        .expect("the same key as the request that was stored");
+    assert_eq!(stored.status, 200);
+    assert!(stored.fresh);
+}

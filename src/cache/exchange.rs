@@ -16,7 +16,7 @@ use http::{Method, Response, StatusCode};
 
 use super::control::{self, CacheControl};
 use super::fill::{Follow, Lead, Role, Sent};
-use super::{Cache, CacheKey, CacheStatus, Entry, KeyInput, Recorder, Recording, StoredBody};
+use super::{Cache, CacheKey, CacheStatus, Cost, Entry, KeyInput, Recorder, Recording, StoredBody};
 use crate::body::ResponseBody;
 use crate::error::ProxyError;
 use crate::headers::X_CACHE;
@@ -78,6 +78,8 @@ pub struct Exchange {
     route: Arc<str>,
     target: Box<str>,
     request_time: SystemTime,
+    /// When it went upstream, for what a stored answer cost.
+    started: Instant,
     /// Request headers, kept for `Vary` (only when the response may be stored).
     request_headers: Option<HeaderMap>,
     /// Validators this exchange added to the upstream request.
@@ -127,6 +129,7 @@ impl Cache {
                 route: q.route.clone(),
                 target,
                 request_time: SystemTime::now(),
+                started: Instant::now(),
                 request_headers: (key.is_some() && !head).then(|| q.headers.clone()),
                 validating: false,
                 lead,
@@ -166,6 +169,7 @@ impl Cache {
             let now = Instant::now();
             let resp = respond(entry, entry.age(now), CacheStatus::Stale, head);
             self.stats.count(CacheStatus::Stale);
+            self.stats.saved(entry);
             // One refresh per key: while one is in flight, the others just
             // serve stale. A HEAD cannot refresh a GET's entry.
             let refresh = (!head)
@@ -227,6 +231,7 @@ impl Cache {
             return None;
         };
         self.stats.count(status);
+        self.stats.saved(entry);
         Some(Before::Serve(
             respond(entry, entry.age(now), status, head),
             status,
@@ -329,6 +334,7 @@ impl Exchange {
             return None;
         }
         self.cache.stats.count(CacheStatus::Stale);
+        self.cache.stats.saved(entry);
         Some(entry.clone())
     }
 
@@ -467,6 +473,7 @@ impl Exchange {
             vary: old.vary.clone(),
             route: old.route.clone(),
             target: old.target.clone(),
+            cost: old.cost,
         };
         let entry = Arc::new(entry);
         self.cache.stats.count(CacheStatus::Revalidated);
@@ -569,6 +576,7 @@ impl Exchange {
             cache: self.cache.clone(),
             key,
             chunked: streamed,
+            started: self.started,
             entry: Entry {
                 status,
                 vary: vary_values(headers, &request_headers),
@@ -583,6 +591,7 @@ impl Exchange {
                     && matches!(self.policy.freshness, Freshness::Origin),
                 route: self.route.clone(),
                 target: self.target.clone(),
+                cost: Cost::default(),
             },
         })
     }

@@ -23,6 +23,8 @@ pub struct Recording {
     pub entry: Entry,
     /// Keep chunk boundaries, to replay a stream chunk by chunk.
     pub chunked: bool,
+    /// When the request went upstream.
+    pub started: std::time::Instant,
 }
 
 /// Collects a response body's chunks for a `Recording`.
@@ -97,6 +99,10 @@ impl Recording {
         if is_unfinished_ndjson(&self.entry, &whole) {
             return None;
         }
+        self.entry.cost = super::Cost {
+            tokens: tokens_used(&self.entry, &whole),
+            upstream: self.started.elapsed(),
+        };
         self.entry.body = if self.chunked {
             let mut start = 0;
             let parts: Vec<Bytes> = bounds
@@ -115,6 +121,51 @@ impl Recording {
             StoredBody::Whole(whole)
         };
         Some(self.entry)
+    }
+}
+
+/// Tokens an LLM answer says it processed: OpenAI's `usage.total_tokens`, or
+/// Ollama's `prompt_eval_count + eval_count`; in a stream, from its last
+/// event carrying them. 0 when the answer says nothing of the kind.
+fn tokens_used(entry: &Entry, body: &[u8]) -> u64 {
+    let ct = entry
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let last_json = |lines: &mut dyn Iterator<Item = &[u8]>| {
+        lines
+            .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+            .find_map(|v| usage(&v))
+    };
+    let lines = || body.split(|&b| b == b'\n').rev();
+    let found = if ct.starts_with("application/x-ndjson") {
+        last_json(&mut lines())
+    } else if ct.starts_with("text/event-stream") {
+        last_json(&mut lines().filter_map(|l| {
+            l.strip_prefix(b"data:")
+                .map(|d| d.trim_ascii())
+                .filter(|d| *d != b"[DONE]")
+        }))
+    } else if ct.contains("json") {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| usage(&v))
+    } else {
+        None
+    };
+    found.unwrap_or(0)
+}
+
+fn usage(v: &serde_json::Value) -> Option<u64> {
+    if let Some(total) = v.pointer("/usage/total_tokens").and_then(|t| t.as_u64()) {
+        return Some(total);
+    }
+    let prompt = v.get("prompt_eval_count").and_then(|t| t.as_u64());
+    let answer = v.get("eval_count").and_then(|t| t.as_u64());
+    match (prompt, answer) {
+        (None, None) => None,
+        (p, a) => Some(p.unwrap_or(0) + a.unwrap_or(0)),
     }
 }
 

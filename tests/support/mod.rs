@@ -265,6 +265,7 @@ pub fn response(status: u16, body: impl Into<Bytes>) -> Response<TestBody> {
 /// Hyperion running in-process on a listener bound to port 0.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    pub cache: Arc<hyperion::cache::Cache>,
     logs: std::sync::mpsc::Receiver<String>,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<JoinHandle<()>>,
@@ -280,12 +281,14 @@ impl TestProxy {
         let addr = listener.local_addr().unwrap();
         let (log_tx, logs) = std::sync::mpsc::sync_channel(10_000);
         let proxy = Arc::new(Proxy::new(Arc::new(policy), LogSink::Channel(log_tx)));
+        let cache = proxy.cache().clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let done = tokio::spawn(hyperion::serve(vec![listener], proxy, async {
             let _ = stop_rx.await;
         }));
         TestProxy {
             addr,
+            cache,
             logs,
             stop: Some(stop_tx),
             done: Some(done),

@@ -1,0 +1,172 @@
+//! What an operator can ask of the store and do to it: its figures, purges,
+//! and how a request's key is made. The admin endpoints serve these; this
+//! module owns the answers, not the HTTP around them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Cache, CacheKey, CacheQuery, Entry, KeyInput, KeyParts, NotJson};
+use crate::policy::RouteCachePolicy;
+
+/// The store's figures at one moment.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CacheReport {
+    pub entries: u64,
+    /// Bytes the store weighs its entries at (bodies, headers, bookkeeping).
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub stale: u64,
+    pub bypasses: u64,
+    pub revalidated: u64,
+    /// Requests answered by waiting for an identical one's upstream exchange.
+    pub coalesced: u64,
+    /// Responses stored.
+    pub stored: u64,
+    /// (hits + stale + revalidated + coalesced) / all cacheable lookups.
+    pub hit_ratio: f64,
+    /// Upstream exchanges identical requests may join right now.
+    pub fills_in_flight: usize,
+    /// LLM tokens the upstream did not have to process again, from the usage
+    /// fields of stored Ollama and OpenAI-style answers.
+    pub tokens_saved: u64,
+    /// Upstream time hits did not cost: each stored answer's fetch time, once per hit.
+    pub upstream_seconds_saved: f64,
+}
+
+/// Which entries a purge removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purge {
+    /// One key (as `explain` shows it).
+    Key(CacheKey),
+    /// Every entry for one URL, in any scope: `host` + path and query, as
+    /// the client sent them (the host without port, lower-case).
+    Target(String),
+    /// Every entry whose `host` + path starts with this.
+    Prefix(String),
+    /// Every entry one route stored.
+    Route(String),
+    All,
+}
+
+/// A request's key, the parts that went into it, and what is stored under it.
+#[derive(Debug)]
+pub struct Explained {
+    pub key: CacheKey,
+    pub parts: KeyParts,
+    pub stored: Option<StoredSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StoredSummary {
+    pub status: u16,
+    pub age_seconds: u64,
+    pub fresh_for_seconds: u64,
+    pub fresh: bool,
+    pub body_bytes: usize,
+    pub tokens: u64,
+    pub route: String,
+    pub target: String,
+}
+
+impl Cache {
+    pub async fn report(&self) -> CacheReport {
+        // Counts are exact only once the store has applied what is pending.
+        self.store.run_pending_tasks().await;
+        let s = &self.stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let (hits, misses, stale) = (get(&s.hits), get(&s.misses), get(&s.stale));
+        let (revalidated, coalesced) = (get(&s.revalidated), get(&s.coalesced));
+        let served = hits + stale + revalidated + coalesced;
+        let (entries, bytes) = self.size();
+        CacheReport {
+            entries,
+            bytes,
+            max_bytes: self.policy.max_size,
+            hits,
+            misses,
+            stale,
+            bypasses: get(&s.bypasses),
+            revalidated,
+            coalesced,
+            stored: get(&s.stored),
+            hit_ratio: if served + misses == 0 {
+                0.0
+            } else {
+                served as f64 / (served + misses) as f64
+            },
+            fills_in_flight: self.fills.len(),
+            tokens_saved: get(&s.tokens_saved),
+            upstream_seconds_saved: Duration::from_micros(get(&s.upstream_micros_saved))
+                .as_secs_f64(),
+        }
+    }
+
+    /// Removes what `what` names; returns how many entries went.
+    pub async fn purge(&self, what: &Purge) -> u64 {
+        if let Purge::Key(key) = what {
+            return u64::from(self.store.remove(key).await.is_some());
+        }
+        if *what == Purge::All {
+            self.store.run_pending_tasks().await;
+            let n = self.store.entry_count();
+            self.store.invalidate_all();
+            self.store.run_pending_tasks().await;
+            return n;
+        }
+        let matches = |e: &Entry| match what {
+            Purge::Target(t) => *e.target == **t,
+            Purge::Prefix(p) => e.target.starts_with(p.as_str()),
+            Purge::Route(r) => *e.route == **r,
+            Purge::Key(_) | Purge::All => false,
+        };
+        // Collected first: the store's iterator must not see its own removals.
+        let keys: Vec<Arc<CacheKey>> = self
+            .store
+            .iter()
+            .filter(|(_, e)| matches(e))
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in keys {
+            if self.store.remove(&*k).await.is_some() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// How `q` is keyed on a route with `policy`, and what is stored for it.
+    pub async fn explain(
+        &self,
+        policy: &RouteCachePolicy,
+        q: &CacheQuery<'_>,
+    ) -> Result<Explained, NotJson> {
+        let (key, parts) = CacheKey::explain(
+            policy,
+            &KeyInput {
+                route: q.route,
+                method: q.method,
+                host: q.host,
+                path: q.path,
+                query: q.query,
+                headers: q.headers,
+                body: q.body.map(|b| &b[..]),
+            },
+        )?;
+        let now = Instant::now();
+        let stored = self.get(&key).await.map(|e| StoredSummary {
+            status: e.status.as_u16(),
+            age_seconds: e.age(now).as_secs(),
+            fresh_for_seconds: e.fresh_for.as_secs(),
+            fresh: e.is_fresh(now),
+            body_bytes: e.body.len(),
+            tokens: e.cost.tokens,
+            route: e.route.to_string(),
+            target: e.target.to_string(),
+        });
+        Ok(Explained { key, parts, stored })
+    }
+}
