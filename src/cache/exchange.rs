@@ -34,6 +34,21 @@ pub struct CacheQuery<'a> {
     pub body: Option<&'a Bytes>,
 }
 
+impl CacheQuery<'_> {
+    /// What of it goes into its key.
+    pub fn key_input(&self) -> KeyInput<'_> {
+        KeyInput {
+            route: self.route,
+            method: self.method,
+            host: self.host,
+            path: self.path,
+            query: self.query,
+            headers: self.headers,
+            body: self.body.map(|b| &b[..]),
+        }
+    }
+}
+
 /// What to do with a request on a caching route.
 // Returned once per request and matched at once: boxing would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -141,18 +156,7 @@ impl Cache {
         if !lookup || client.no_store {
             return forward(CacheStatus::Bypass, None, None, client, None);
         }
-        let key = match CacheKey::build(
-            policy,
-            &KeyInput {
-                route: q.route,
-                method: q.method,
-                host: q.host,
-                path: q.path,
-                query: q.query,
-                headers: q.headers,
-                body: q.body.map(|b| &b[..]),
-            },
-        ) {
+        let key = match CacheKey::build(policy, &q.key_input()) {
             Ok(k) => k,
             // Not JSON on a JSON-keyed route: not the client's problem.
             Err(_) => return forward(CacheStatus::Bypass, None, None, client, None),

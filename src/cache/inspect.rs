@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Cache, CacheKey, CacheQuery, Entry, KeyInput, KeyParts, NotJson};
+use super::{Cache, CacheKey, CacheQuery, Entry, KeyParts, NotJson};
 use crate::policy::RouteCachePolicy;
 
 /// The store's figures at one moment.
@@ -144,18 +144,7 @@ impl Cache {
         policy: &RouteCachePolicy,
         q: &CacheQuery<'_>,
     ) -> Result<Explained, NotJson> {
-        let (key, parts) = CacheKey::explain(
-            policy,
-            &KeyInput {
-                route: q.route,
-                method: q.method,
-                host: q.host,
-                path: q.path,
-                query: q.query,
-                headers: q.headers,
-                body: q.body.map(|b| &b[..]),
-            },
-        )?;
+        let (key, parts) = CacheKey::explain(policy, &q.key_input())?;
         let now = Instant::now();
         let stored = self.get(&key).await.map(|e| StoredSummary {
             status: e.status.as_u16(),
