@@ -534,3 +534,38 @@ ignore_fields = ["keep_alive"]"#,
     assert_eq!(stored.status, 200);
     assert!(stored.fresh);
 }
+
+#[tokio::test]
+async fn vary_star_is_never_stored() {
+    let up = counting_upstream(&[("cache-control", "max-age=60"), ("vary", "*")]).await;
+    let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "origin""#)).await;
+    for _ in 0..3 {
+        let (p, _) = get(&proxy.url("/v")).await;
+        assert_eq!(p.headers["x-cache"], "MISS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.count(), 3);
+}
+
+#[tokio::test]
+async fn a_huge_body_on_a_body_keyed_route_is_a_413_and_reaches_nobody() {
+    let up = counting_upstream(&[]).await;
+    let policy = cached_policy(&up.url(), "mode = \"force\"\nbody_key = \"json\"")
+        .replace("[server]\n", "[server]\nmax_request_body = \"1KB\"\n");
+    let proxy = TestProxy::start(&policy).await;
+    // Chunked, so only reading it finds out how big it is.
+    let (tx, body) = channel_body();
+    let pending = tokio::spawn(send(
+        Request::post(proxy.url("/api/generate"))
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap(),
+    ));
+    tx.send(format!(r#"{{"prompt":"{}"}}"#, "x".repeat(4096)))
+        .await;
+    drop(tx);
+    let (p, body) = pending.await.unwrap();
+    assert_eq!(p.status, 413);
+    assert_eq!(json(&body)["error"]["code"], "body_too_large");
+    assert_eq!(up.count(), 0);
+}
