@@ -292,11 +292,6 @@ impl Cache {
         self.store.insert(key, entry).await;
     }
 
-    /// Upstream exchanges in flight that identical requests may join.
-    pub fn fills_in_flight(&self) -> usize {
-        self.fills.len()
-    }
-
     /// Drops every entry stored for `target` (host + path and query), in any
     /// scope: what an unsafe method on that URI does (RFC 9111 §4.4).
     pub fn invalidate_target(&self, target: &str) {

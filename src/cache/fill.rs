@@ -701,7 +701,7 @@ enum Check {
 }
 
 enum Ready {
-    Live(SlotGuard),
+    Live(Arc<FillHead>, SlotGuard),
     Whole(Arc<FillHead>, Arc<[Bytes]>),
     Entry(Arc<Entry>, CacheStatus),
     Retry,
@@ -732,26 +732,22 @@ impl Follow {
                 Check::Body => changed.await,
             }
         };
-        let served = |resp| {
+        let served = |resp, status| {
             fill.cache
                 .stats
                 .coalesced
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Followed::Serve(resp, CacheStatus::Hit)
+            Followed::Serve(resp, status)
         };
         match ready {
-            Ready::Live(slot) => {
-                let head = match &lock(&fill.state).phase {
-                    Phase::Body(h) | Phase::Complete(h) => h.clone(),
-                    _ => return Followed::Retry,
-                };
+            Ready::Live(head, slot) => {
                 let body = ResponseBody::fill(FillReader {
                     slot,
                     remaining: None,
                     done: false,
                     _member: self.member,
                 });
-                served(head.response(body))
+                served(head.response(body), CacheStatus::Hit)
             }
             Ready::Whole(head, whole) => {
                 let len: usize = whole.iter().map(Bytes::len).sum();
@@ -760,7 +756,7 @@ impl Follow {
                     resp.headers_mut()
                         .insert(header::CONTENT_LENGTH, len.into());
                 }
-                served(resp)
+                served(resp, CacheStatus::Hit)
             }
             Ready::Entry(entry, status) => {
                 let age = entry.age(Instant::now());
@@ -769,11 +765,7 @@ impl Follow {
                 } else {
                     CacheStatus::Hit
                 };
-                fill.cache
-                    .stats
-                    .coalesced
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Followed::Serve(respond(&entry, age, status, false), status)
+                served(respond(&entry, age, status, false), status)
             }
             Ready::Retry => Followed::Retry,
             Ready::Alone => Followed::Alone,
@@ -791,11 +783,15 @@ impl Fill {
                 if !head.shareable || !vary_matches(&head.vary, headers) {
                     Ready::Alone
                 } else if head.streamed && st.base == 0 {
+                    let head = head.clone();
                     let index = st.add_slot();
-                    Ready::Live(SlotGuard {
-                        fill: self.clone(),
-                        index,
-                    })
+                    Ready::Live(
+                        head,
+                        SlotGuard {
+                            fill: self.clone(),
+                            index,
+                        },
+                    )
                 } else if !st.recording {
                     // Too big to keep whole: nothing to hand over at the end.
                     Ready::Alone
