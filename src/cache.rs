@@ -12,6 +12,7 @@ mod fill;
 mod inspect;
 mod key;
 mod record;
+mod vary;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -102,9 +103,9 @@ pub struct Entry {
     pub stale_if_error: Duration,
     /// `must-revalidate` and kin: never served stale without validation.
     pub forbids_stale: bool,
-    /// Stored headers that name the request headers it varies on, with the
-    /// values they had on the request that filled it.
-    pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// The request headers it varies on, with the values they had on the
+    /// request that filled it.
+    pub vary: vary::VaryValues,
     /// Route name, for purges.
     pub route: Arc<str>,
     /// `host` + path and query, for invalidation and purges.
@@ -145,7 +146,7 @@ impl Entry {
 
     /// Whether this request carries the header values the entry was stored for.
     pub fn vary_matches(&self, req: &HeaderMap) -> bool {
-        vary_matches(&self.vary, req)
+        vary::matches(&self.vary, req)
     }
 
     /// Bytes it costs in the store: body, headers, and bookkeeping.
@@ -178,41 +179,92 @@ impl Entry {
     }
 }
 
-/// Whether `req` has, for each header a response varies on, the value the
-/// response was given for (absent where it was absent, one equal value where
-/// there was one).
-fn vary_matches(vary: &[(HeaderName, Option<HeaderValue>)], req: &HeaderMap) -> bool {
-    vary.iter().all(|(name, stored)| {
-        let mut now = req.get_all(name).iter();
-        match (stored, now.next(), now.next()) {
-            (None, None, _) => true,
-            (Some(v), Some(n), None) => v == n,
-            _ => false,
+/// What the store holds under one key.
+#[derive(Clone)]
+enum Slot {
+    /// The response to the requests with this key.
+    Entry(Arc<Entry>),
+    /// This key's responses vary on these request headers: each is stored
+    /// under its own variant key (`vary`).
+    Varies(Arc<Varies>),
+    /// One of the responses of the key `of`.
+    Variant { of: CacheKey, entry: Arc<Entry> },
+}
+
+/// The request headers a key's responses vary on.
+struct Varies {
+    names: Box<[HeaderName]>,
+    route: Arc<str>,
+    target: Box<str>,
+    /// How long the newest variant is kept: the names stay at least as long.
+    keep: Duration,
+}
+
+impl Slot {
+    fn entry(&self) -> Option<&Arc<Entry>> {
+        match self {
+            Slot::Entry(e) | Slot::Variant { entry: e, .. } => Some(e),
+            Slot::Varies(_) => None,
         }
-    })
+    }
+
+    fn route(&self) -> &str {
+        match self {
+            Slot::Entry(e) | Slot::Variant { entry: e, .. } => &e.route,
+            Slot::Varies(v) => &v.route,
+        }
+    }
+
+    fn target(&self) -> &str {
+        match self {
+            Slot::Entry(e) | Slot::Variant { entry: e, .. } => &e.target,
+            Slot::Varies(v) => &v.target,
+        }
+    }
+
+    fn weight(&self) -> u32 {
+        match self {
+            Slot::Entry(e) | Slot::Variant { entry: e, .. } => e.weight(),
+            Slot::Varies(v) => {
+                let names: usize = v.names.iter().map(|n| n.as_str().len() + 32).sum();
+                u32::try_from(names + v.target.len() + 128).unwrap_or(u32::MAX)
+            }
+        }
+    }
+
+    fn keep_for(&self) -> Duration {
+        match self {
+            Slot::Entry(e) | Slot::Variant { entry: e, .. } => e.keep_for(),
+            Slot::Varies(v) => v.keep,
+        }
+    }
 }
 
 /// Per-entry deadlines for moka.
 struct EntryExpiry;
 
-impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
+impl moka::Expiry<CacheKey, Slot> for EntryExpiry {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        entry: &Arc<Entry>,
+        slot: &Slot,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(entry.keep_for())
+        Some(slot.keep_for())
     }
 
     fn expire_after_update(
         &self,
         _key: &CacheKey,
-        entry: &Arc<Entry>,
+        slot: &Slot,
         _updated_at: std::time::Instant,
-        _left: Option<Duration>,
+        left: Option<Duration>,
     ) -> Option<Duration> {
-        Some(entry.keep_for())
+        match slot {
+            // Older variants may outlive the newest: their names must too.
+            Slot::Varies(v) => Some(left.map_or(v.keep, |l| l.max(v.keep))),
+            _ => Some(slot.keep_for()),
+        }
     }
 }
 
@@ -257,7 +309,7 @@ impl CacheStats {
 
 /// The process-wide store.
 pub struct Cache {
-    store: moka::future::Cache<CacheKey, Arc<Entry>, DigestHash>,
+    store: moka::future::Cache<CacheKey, Slot, DigestHash>,
     pub policy: CachePolicy,
     pub stats: CacheStats,
     /// Upstream exchanges in flight that identical requests may wait for.
@@ -268,7 +320,7 @@ impl Cache {
     pub fn new(policy: CachePolicy) -> Arc<Cache> {
         let store = moka::future::Cache::builder()
             .max_capacity(policy.max_size)
-            .weigher(|_k: &CacheKey, e: &Arc<Entry>| e.weight())
+            .weigher(|_k: &CacheKey, s: &Slot| s.weight())
             .expire_after(EntryExpiry)
             .support_invalidation_closures()
             .build_with_hasher(DigestHash);
@@ -280,25 +332,54 @@ impl Cache {
         })
     }
 
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.store.get(key).await
+    /// The response stored for a request with `key` and headers `req`: the
+    /// one under the key, or the variant `req` selects. The caller still
+    /// checks `Entry::vary_matches` (a variant stored under other names
+    /// than the key's newest).
+    pub async fn lookup(&self, key: &CacheKey, req: &HeaderMap) -> Option<Arc<Entry>> {
+        match self.store.get(key).await? {
+            Slot::Entry(e) => Some(e),
+            Slot::Varies(v) => {
+                let variant = vary::request_key(key, &v.names, req);
+                self.store.get(&variant).await?.entry().cloned()
+            }
+            Slot::Variant { .. } => None,
+        }
     }
 
+    /// Stores `entry` as the response to requests with `key`: under the key
+    /// itself, or as the variant its `vary` values select.
     pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
         if entry.body.len() as u64 > self.policy.max_entry_size {
             return;
         }
         self.stats.stored.fetch_add(1, Ordering::Relaxed);
-        self.store.insert(key, entry).await;
+        if entry.vary.is_empty() {
+            self.store.insert(key, Slot::Entry(entry)).await;
+            return;
+        }
+        let varies = Varies {
+            names: entry.vary.iter().map(|(n, _)| n.clone()).collect(),
+            route: entry.route.clone(),
+            target: entry.target.clone(),
+            keep: entry.keep_for(),
+        };
+        let variant = vary::stored_key(&key, &entry.vary);
+        // The variant first: a lookup that finds the names finds it too.
+        self.store
+            .insert(variant, Slot::Variant { of: key, entry })
+            .await;
+        self.store.insert(key, Slot::Varies(Arc::new(varies))).await;
     }
 
     /// Drops every entry stored for `target` (host + path and query), in any
-    /// scope: what an unsafe method on that URI does (RFC 9111 §4.4).
+    /// scope and variant: what an unsafe method on that URI does (RFC 9111
+    /// §4.4).
     pub fn invalidate_target(&self, target: &str) {
         let target: Box<str> = target.into();
         let _ = self
             .store
-            .invalidate_entries_if(move |_, e| *e.target == *target);
+            .invalidate_entries_if(move |_, s| s.target() == &*target);
     }
 
     /// Entries and bytes held now (approximate until pending work runs).

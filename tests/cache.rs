@@ -417,16 +417,71 @@ async fn responses_over_max_entry_size_stream_through_uncached() {
 }
 
 #[tokio::test]
-async fn vary_keeps_requests_with_other_header_values_apart() {
+async fn each_vary_value_keeps_its_own_stored_variant() {
     let up =
         counting_upstream(&[("cache-control", "max-age=60"), ("vary", "Accept-Language")]).await;
     let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "origin""#)).await;
-    let fr = [("accept-language", "fr")];
-    let de = [("accept-language", "de")];
-    let (_, body_fr) = until_hit(Method::GET, &proxy.url("/v"), &fr, "").await;
-    let (p, body_de) = call(Method::GET, &proxy.url("/v"), &de, "").await;
+    let url = proxy.url("/v");
+    let fr: &[(&str, &str)] = &[("accept-language", "fr,de")];
+    let de: &[(&str, &str)] = &[("accept-language", "de")];
+    let none: &[(&str, &str)] = &[];
+    let (_, body_fr) = until_hit(Method::GET, &url, fr, "").await;
+    let (p, body_de) = call(Method::GET, &url, de, "").await;
     assert_eq!(p.headers["x-cache"], "MISS");
     assert_ne!(body_fr, body_de);
+    until_hit(Method::GET, &url, de, "").await;
+    let (_, body_none) = until_hit(Method::GET, &url, none, "").await;
+    let fetched = up.count();
+    // Every variant is still there, each for its own requests; the same
+    // list written another way (spaces, two field lines) is the same value.
+    for (headers, body) in [
+        (fr, &body_fr),
+        (&[("accept-language", "fr, de")][..], &body_fr),
+        (
+            &[("accept-language", "fr"), ("accept-language", "de")][..],
+            &body_fr,
+        ),
+        (de, &body_de),
+        (none, &body_none),
+    ] {
+        let (p, got) = call(Method::GET, &url, headers, "").await;
+        assert_eq!(p.headers["x-cache"], "HIT", "{headers:?}");
+        assert_eq!(&got, body, "{headers:?}");
+    }
+    assert_eq!(up.count(), fetched, "hits reach no upstream");
+    let (p, _) = call(Method::GET, &url, &[("accept-language", "de, fr")], "").await;
+    assert_eq!(
+        p.headers["x-cache"], "MISS",
+        "another order is another value"
+    );
+    // An unsafe method on the URL drops every variant.
+    call(Method::POST, &url, &[], "").await;
+    for headers in [fr, de, none] {
+        let (p, _) = call(Method::GET, &url, headers, "").await;
+        assert_eq!(p.headers["x-cache"], "MISS", "{headers:?}");
+    }
+    // A purge by key takes the variants with it (the three just fetched again).
+    until_hit(Method::GET, &url, fr, "").await;
+    until_hit(Method::GET, &url, de, "").await;
+    until_hit(Method::GET, &url, none, "").await;
+    let policy =
+        hyperion::policy::Policy::parse("t.toml", &cached_policy(&up.url(), r#"mode = "origin""#))
+            .unwrap();
+    let policy = policy.routes[0].cache.clone().unwrap();
+    let q = hyperion::cache::CacheQuery {
+        route: &std::sync::Arc::from("r"),
+        method: &Method::GET,
+        host: "127.0.0.1",
+        path: "/v",
+        query: None,
+        headers: &http::HeaderMap::new(),
+        body: None,
+    };
+    let key = proxy.cache.explain(&policy, &q).await.unwrap().key;
+    use hyperion::cache::Purge;
+    assert_eq!(proxy.cache.purge(&Purge::Key(key)).await, 3);
+    let (p, _) = call(Method::GET, &url, fr, "").await;
+    assert_eq!(p.headers["x-cache"], "MISS");
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
 use super::control::{self, CacheControl};
@@ -161,7 +161,7 @@ impl Cache {
             // Not JSON on a JSON-keyed route: not the client's problem.
             Err(_) => return forward(CacheStatus::Bypass, None, None, client, None),
         };
-        let stored = self.get(&key).await;
+        let stored = self.lookup(&key, q.headers).await;
         if let Some(served) = self.serve_stored(stored.as_ref(), &client, q.headers, head) {
             return served;
         }
@@ -207,7 +207,7 @@ impl Cache {
             Role::Lead(lead) => {
                 // A fill that stored its entry and left between our lookup
                 // and our registering would otherwise be fetched twice.
-                let again = self.get(&key).await;
+                let again = self.lookup(&key, q.headers).await;
                 if let Some(served) = self.serve_stored(again.as_ref(), &client, q.headers, head) {
                     return served;
                 }
@@ -583,7 +583,7 @@ impl Exchange {
             started: self.started,
             entry: Entry {
                 status,
-                vary: vary_values(headers, &request_headers),
+                vary: super::vary::values(headers, &request_headers),
                 headers: stored,
                 body: StoredBody::Whole(Bytes::new()),
                 stored_at: Instant::now(),
@@ -641,23 +641,6 @@ pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-/// The request values of the headers the response varies on.
-fn vary_values(resp: &HeaderMap, req: &HeaderMap) -> Vec<(HeaderName, Option<HeaderValue>)> {
-    let mut out = Vec::new();
-    for line in resp.get_all(header::VARY) {
-        let Ok(text) = line.to_str() else { continue };
-        for name in text.split(',') {
-            if let Ok(name) = HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()) {
-                if !out.iter().any(|(n, _)| *n == name) {
-                    let value = req.get(&name).cloned();
-                    out.push((name, value));
-                }
-            }
-        }
-    }
-    out
 }
 
 /// A response built from a stored entry.

@@ -34,7 +34,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::{oneshot, Notify};
@@ -42,7 +42,8 @@ use tokio::task::AbortHandle;
 
 use super::control::age_value;
 use super::exchange::{respond, After, Exchange};
-use super::{vary_matches, Cache, CacheKey, CacheStatus, DigestHash, Entry, Recording, StoredBody};
+use super::vary::{self, VaryValues};
+use super::{Cache, CacheKey, CacheStatus, DigestHash, Entry, Recording, StoredBody};
 use crate::body::{BoxError, ResponseBody};
 use crate::error::ProxyError;
 use crate::headers::X_CACHE;
@@ -208,7 +209,7 @@ pub(super) struct FillHead {
     status: StatusCode,
     headers: HeaderMap,
     /// Request header values the answer varies on (of the leader's request).
-    vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    vary: VaryValues,
     /// NDJSON or SSE: followers join it live.
     streamed: bool,
     /// Fresh when stored: an answer kept only to be revalidated later may not
@@ -780,7 +781,7 @@ impl Fill {
         let ready = match &st.phase {
             Phase::Sending => return Check::Sending,
             Phase::Body(head) => {
-                if !head.shareable || !vary_matches(&head.vary, headers) {
+                if !head.shareable || !vary::matches(&head.vary, headers) {
                     Ready::Alone
                 } else if head.streamed && st.base == 0 {
                     let head = head.clone();
@@ -801,7 +802,7 @@ impl Fill {
             }
             Phase::Complete(head) => {
                 if !head.shareable
-                    || !vary_matches(&head.vary, headers)
+                    || !vary::matches(&head.vary, headers)
                     || st.base > 0
                     || !st.recording
                 {

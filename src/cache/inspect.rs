@@ -6,12 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Cache, CacheKey, CacheQuery, Entry, KeyParts, NotJson};
+use super::{Cache, CacheKey, CacheQuery, KeyParts, NotJson, Slot};
 use crate::policy::RouteCachePolicy;
 
 /// The store's figures at one moment.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CacheReport {
+    /// Stored responses, plus one record per URL whose responses vary
+    /// (the request headers they vary on).
     pub entries: u64,
     /// Bytes the store weighs its entries at (bodies, headers, bookkeeping).
     pub bytes: u64,
@@ -104,35 +106,45 @@ impl Cache {
         }
     }
 
-    /// Removes what `what` names; returns how many entries went.
+    /// Removes what `what` names; returns how many stored responses went.
     pub async fn purge(&self, what: &Purge) -> u64 {
         if let Purge::Key(key) = what {
-            return u64::from(self.store.remove(key).await.is_some());
+            match self.store.remove(key).await {
+                // Its variants are found only by looking through the store.
+                Some(Slot::Varies(_)) => {}
+                Some(_) => return 1,
+                None => return 0,
+            }
         }
         if *what == Purge::All {
             self.store.run_pending_tasks().await;
-            let n = self.store.entry_count();
+            let n = self
+                .store
+                .iter()
+                .filter(|(_, s)| s.entry().is_some())
+                .count();
             self.store.invalidate_all();
             self.store.run_pending_tasks().await;
-            return n;
+            return n as u64;
         }
-        let matches = |e: &Entry| match what {
-            Purge::Target(t) => *e.target == **t,
-            Purge::Prefix(p) => e.target.starts_with(p.as_str()),
-            Purge::Route(r) => *e.route == **r,
-            Purge::Key(_) | Purge::All => false,
+        let matches = |s: &Slot| match what {
+            Purge::Key(key) => matches!(s, Slot::Variant { of, .. } if of == key),
+            Purge::Target(t) => s.target() == t,
+            Purge::Prefix(p) => s.target().starts_with(p.as_str()),
+            Purge::Route(r) => s.route() == r,
+            Purge::All => false,
         };
         // Collected first: the store's iterator must not see its own removals.
         let keys: Vec<Arc<CacheKey>> = self
             .store
             .iter()
-            .filter(|(_, e)| matches(e))
+            .filter(|(_, s)| matches(s))
             .map(|(k, _)| k)
             .collect();
         let mut n = 0;
         for k in keys {
-            if self.store.remove(&*k).await.is_some() {
-                n += 1;
+            if let Some(slot) = self.store.remove(&*k).await {
+                n += u64::from(slot.entry().is_some());
             }
         }
         n
@@ -146,7 +158,7 @@ impl Cache {
     ) -> Result<Explained, NotJson> {
         let (key, parts) = CacheKey::explain(policy, &q.key_input())?;
         let now = Instant::now();
-        let stored = self.get(&key).await.map(|e| StoredSummary {
+        let stored = self.lookup(&key, q.headers).await.map(|e| StoredSummary {
             status: e.status.as_u16(),
             age_seconds: e.age(now).as_secs(),
             fresh_for_seconds: e.fresh_for.as_secs(),

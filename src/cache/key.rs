@@ -125,6 +125,24 @@ impl CacheKey {
         })
     }
 
+    /// The key of one stored variant of this key's responses: this key
+    /// extended with what `input` writes (see `vary`).
+    pub(super) fn variant(&self, input: impl FnOnce(&mut Vec<u8>)) -> CacheKey {
+        KEY_INPUT.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            // Unlike any request key's input, which starts with its version part.
+            buf.extend_from_slice(b"variant of ");
+            buf.extend_from_slice(&self.0);
+            input(&mut buf);
+            let key = blake3::keyed_hash(&KEY_SECRET, &buf);
+            if buf.capacity() > 64 * 1024 {
+                *buf = Vec::new();
+            }
+            CacheKey(*key.as_bytes())
+        })
+    }
+
     fn gather(
         policy: &RouteCachePolicy,
         req: &KeyInput<'_>,
