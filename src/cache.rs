@@ -181,7 +181,7 @@ impl Entry {
 
 /// What the store holds under one key.
 #[derive(Clone)]
-enum Slot {
+enum Stored {
     /// The response to the requests with this key.
     Entry(Arc<Entry>),
     /// This key's responses vary on these request headers: each is stored
@@ -200,32 +200,32 @@ struct Varies {
     keep: Duration,
 }
 
-impl Slot {
+impl Stored {
     fn entry(&self) -> Option<&Arc<Entry>> {
         match self {
-            Slot::Entry(e) | Slot::Variant { entry: e, .. } => Some(e),
-            Slot::Varies(_) => None,
+            Stored::Entry(e) | Stored::Variant { entry: e, .. } => Some(e),
+            Stored::Varies(_) => None,
         }
     }
 
     fn route(&self) -> &str {
         match self {
-            Slot::Entry(e) | Slot::Variant { entry: e, .. } => &e.route,
-            Slot::Varies(v) => &v.route,
+            Stored::Entry(e) | Stored::Variant { entry: e, .. } => &e.route,
+            Stored::Varies(v) => &v.route,
         }
     }
 
     fn target(&self) -> &str {
         match self {
-            Slot::Entry(e) | Slot::Variant { entry: e, .. } => &e.target,
-            Slot::Varies(v) => &v.target,
+            Stored::Entry(e) | Stored::Variant { entry: e, .. } => &e.target,
+            Stored::Varies(v) => &v.target,
         }
     }
 
     fn weight(&self) -> u32 {
         match self {
-            Slot::Entry(e) | Slot::Variant { entry: e, .. } => e.weight(),
-            Slot::Varies(v) => {
+            Stored::Entry(e) | Stored::Variant { entry: e, .. } => e.weight(),
+            Stored::Varies(v) => {
                 let names: usize = v.names.iter().map(|n| n.as_str().len() + 32).sum();
                 u32::try_from(names + v.target.len() + 128).unwrap_or(u32::MAX)
             }
@@ -234,8 +234,8 @@ impl Slot {
 
     fn keep_for(&self) -> Duration {
         match self {
-            Slot::Entry(e) | Slot::Variant { entry: e, .. } => e.keep_for(),
-            Slot::Varies(v) => v.keep,
+            Stored::Entry(e) | Stored::Variant { entry: e, .. } => e.keep_for(),
+            Stored::Varies(v) => v.keep,
         }
     }
 }
@@ -243,27 +243,27 @@ impl Slot {
 /// Per-entry deadlines for moka.
 struct EntryExpiry;
 
-impl moka::Expiry<CacheKey, Slot> for EntryExpiry {
+impl moka::Expiry<CacheKey, Stored> for EntryExpiry {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        slot: &Slot,
+        stored: &Stored,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(slot.keep_for())
+        Some(stored.keep_for())
     }
 
     fn expire_after_update(
         &self,
         _key: &CacheKey,
-        slot: &Slot,
+        stored: &Stored,
         _updated_at: std::time::Instant,
         left: Option<Duration>,
     ) -> Option<Duration> {
-        match slot {
+        match stored {
             // Older variants may outlive the newest: their names must too.
-            Slot::Varies(v) => Some(left.map_or(v.keep, |l| l.max(v.keep))),
-            _ => Some(slot.keep_for()),
+            Stored::Varies(v) => Some(left.map_or(v.keep, |l| l.max(v.keep))),
+            _ => Some(stored.keep_for()),
         }
     }
 }
@@ -297,19 +297,28 @@ impl CacheStats {
 
     /// An answer served from `entry` instead of the upstream.
     pub fn saved(&self, entry: &Entry) {
-        if entry.cost.tokens > 0 {
-            self.tokens_saved
-                .fetch_add(entry.cost.tokens, Ordering::Relaxed);
+        self.saved_times(&entry.cost, 1);
+    }
+
+    /// `times` answers that cost the upstream nothing where each would have
+    /// cost `cost`.
+    pub fn saved_times(&self, cost: &Cost, times: u64) {
+        if times == 0 {
+            return;
         }
-        let micros = u64::try_from(entry.cost.upstream.as_micros()).unwrap_or(u64::MAX);
+        if cost.tokens > 0 {
+            self.tokens_saved
+                .fetch_add(cost.tokens.saturating_mul(times), Ordering::Relaxed);
+        }
+        let micros = u64::try_from(cost.upstream.as_micros()).unwrap_or(u64::MAX);
         self.upstream_micros_saved
-            .fetch_add(micros, Ordering::Relaxed);
+            .fetch_add(micros.saturating_mul(times), Ordering::Relaxed);
     }
 }
 
 /// The process-wide store.
 pub struct Cache {
-    store: moka::future::Cache<CacheKey, Slot, DigestHash>,
+    store: moka::future::Cache<CacheKey, Stored, DigestHash>,
     pub policy: CachePolicy,
     pub stats: CacheStats,
     /// Upstream exchanges in flight that identical requests may wait for.
@@ -320,7 +329,7 @@ impl Cache {
     pub fn new(policy: CachePolicy) -> Arc<Cache> {
         let store = moka::future::Cache::builder()
             .max_capacity(policy.max_size)
-            .weigher(|_k: &CacheKey, s: &Slot| s.weight())
+            .weigher(|_k: &CacheKey, s: &Stored| s.weight())
             .expire_after(EntryExpiry)
             .support_invalidation_closures()
             .build_with_hasher(DigestHash);
@@ -338,12 +347,12 @@ impl Cache {
     /// than the key's newest).
     pub async fn lookup(&self, key: &CacheKey, req: &HeaderMap) -> Option<Arc<Entry>> {
         match self.store.get(key).await? {
-            Slot::Entry(e) => Some(e),
-            Slot::Varies(v) => {
+            Stored::Entry(e) => Some(e),
+            Stored::Varies(v) => {
                 let variant = vary::request_key(key, &v.names, req);
                 self.store.get(&variant).await?.entry().cloned()
             }
-            Slot::Variant { .. } => None,
+            Stored::Variant { .. } => None,
         }
     }
 
@@ -355,7 +364,7 @@ impl Cache {
         }
         self.stats.stored.fetch_add(1, Ordering::Relaxed);
         if entry.vary.is_empty() {
-            self.store.insert(key, Slot::Entry(entry)).await;
+            self.store.insert(key, Stored::Entry(entry)).await;
             return;
         }
         let varies = Varies {
@@ -367,9 +376,11 @@ impl Cache {
         let variant = vary::stored_key(&key, &entry.vary);
         // The variant first: a lookup that finds the names finds it too.
         self.store
-            .insert(variant, Slot::Variant { of: key, entry })
+            .insert(variant, Stored::Variant { of: key, entry })
             .await;
-        self.store.insert(key, Slot::Varies(Arc::new(varies))).await;
+        self.store
+            .insert(key, Stored::Varies(Arc::new(varies)))
+            .await;
     }
 
     /// Drops every entry stored for `target` (host + path and query), in any

@@ -403,3 +403,61 @@ async fn head_requests_do_not_lead_fills() {
     );
     head.await.unwrap();
 }
+
+#[tokio::test]
+async fn what_followers_saved_is_counted_in_tokens_and_upstream_time() {
+    // A whole JSON answer that says it processed 12 + 30 tokens.
+    let up = Upstream::start(|_req| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(
+                r#"{"response":"blue","done":true,"prompt_eval_count":12,"eval_count":30}"#,
+            ))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(&policy(&up.url(), "")).await;
+    let url = proxy.url("/api/generate");
+    let answers = at_once(50, 5, || post(&url, PROMPT)).await;
+    assert_eq!(up.count(), 1);
+    let report = proxy.cache.report().await;
+    let served = answers
+        .iter()
+        .filter(|(p, _)| p.headers["x-cache"] == "HIT")
+        .count() as u64;
+    assert_eq!(served, 49);
+    assert_eq!(report.tokens_saved, 42 * served, "{report:?}");
+    // Each of them would have waited the whole 300 ms.
+    assert!(
+        report.upstream_seconds_saved >= 0.3 * served as f64,
+        "{report:?}"
+    );
+
+    // A stream: followers that joined live count once the final chunk
+    // says what it cost.
+    let (up, mut streams) = stepped_upstream("application/x-ndjson").await;
+    let proxy = TestProxy::start(&policy(&up.url(), "")).await;
+    let url = proxy.url("/api/generate");
+    let leader = client().request(post(&url, PROMPT)).await.unwrap();
+    let writer = streams.recv().await.unwrap();
+    writer.send("{\"response\":\"a\",\"done\":false}\n").await;
+    let mut followers = Vec::new();
+    for _ in 0..3 {
+        let f = client().request(post(&url, PROMPT)).await.unwrap();
+        assert_eq!(f.headers()["x-cache"], "HIT");
+        followers.push(f);
+    }
+    assert_eq!(proxy.cache.report().await.tokens_saved, 0, "not known yet");
+    writer
+        .send("{\"response\":\"\",\"done\":true,\"prompt_eval_count\":12,\"eval_count\":30}\n")
+        .await;
+    drop(writer);
+    leader.into_body().collect().await.unwrap();
+    for f in followers {
+        f.into_body().collect().await.unwrap();
+    }
+    let report = proxy.cache.report().await;
+    assert_eq!(report.coalesced, 3, "{report:?}");
+    assert_eq!(report.tokens_saved, 3 * 42, "{report:?}");
+}

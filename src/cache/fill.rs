@@ -43,7 +43,7 @@ use tokio::task::AbortHandle;
 use super::control::age_value;
 use super::exchange::{respond, After, Exchange};
 use super::vary::{self, VaryValues};
-use super::{Cache, CacheKey, CacheStatus, DigestHash, Entry, Recording, StoredBody};
+use super::{Cache, CacheKey, CacheStatus, Cost, DigestHash, Entry, Recording, StoredBody};
 use crate::body::{BoxError, ResponseBody};
 use crate::error::ProxyError;
 use crate::headers::X_CACHE;
@@ -169,6 +169,11 @@ struct FillState {
     background: bool,
     /// The fill's task, waiting for the fastest reader to catch up.
     writer: Option<Waker>,
+    /// Followers that joined the body live: what the answer saved is
+    /// counted for them once it is known, at its end.
+    live_followers: u64,
+    /// What the answer cost the upstream, once complete and recorded.
+    cost: Option<Cost>,
 }
 
 enum Phase {
@@ -266,24 +271,43 @@ impl Fill {
                 abort: None,
                 background,
                 writer: None,
+                live_followers: 0,
+                cost: None,
             }),
             changed: Notify::new(),
         })
     }
 
-    /// Ends the fill with `phase` and wakes everyone waiting or reading. Only
-    /// a complete body keeps it registered (until it is stored): after any
-    /// other end, a follower that looks again must not find it.
+    /// Ends the fill with `phase` (anything but a complete body: see
+    /// `complete`) and wakes everyone waiting or reading. It leaves the map
+    /// first: a follower that looks again must not find it.
     fn settle(self: &Arc<Self>, phase: Phase) {
-        if !matches!(phase, Phase::Complete(_)) {
-            self.cache.fills.remove(self);
-        }
+        self.cache.fills.remove(self);
         {
             let mut st = lock(&self.state);
             st.phase = phase;
             st.wake_readers();
         }
         self.changed.notify_waiters();
+    }
+
+    /// The body ended cleanly, and the answer cost the upstream `cost` (when
+    /// recorded): counted as saved for each follower that read it live. The
+    /// fill stays registered until its entry is stored, so followers still
+    /// find it.
+    fn complete(self: &Arc<Self>, head: Arc<FillHead>, cost: Option<Cost>) {
+        let live = {
+            // One lock: no follower joins live after it is counted.
+            let mut st = lock(&self.state);
+            st.cost = cost;
+            st.phase = Phase::Complete(head);
+            st.wake_readers();
+            std::mem::take(&mut st.live_followers)
+        };
+        self.changed.notify_waiters();
+        if let Some(cost) = &cost {
+            self.cache.stats.saved_times(cost, live);
+        }
     }
 
     /// The head arrived: readers may start. Returns the leader's slot.
@@ -656,20 +680,21 @@ where
             None => break,
         }
     }
-    let stored = {
+    let recorded = {
         let st = lock(&fill.state);
         st.recording
             .then(|| (st.chunks.iter().cloned().collect::<Vec<_>>(), st.received))
     };
-    fill.settle(Phase::Complete(head));
-    if let Some((chunks, size)) = stored {
-        let cache = recording.cache.clone();
-        let key = recording.key;
-        if let Some(entry) = recording.complete(&chunks, size) {
-            // Still registered until stored, so no request in between
-            // misses both the store and the fill.
-            cache.insert(key, Arc::new(entry)).await;
-        }
+    let cache = recording.cache.clone();
+    let key = recording.key;
+    // Made before followers are told it is complete, so each of them can
+    // count what it saved.
+    let entry = recorded.and_then(|(chunks, size)| recording.complete(&chunks, size));
+    fill.complete(head, entry.as_ref().map(|e| e.cost));
+    if let Some(entry) = entry {
+        // Still registered until stored, so no request in between misses
+        // both the store and the fill.
+        cache.insert(key, Arc::new(entry)).await;
     }
     drop(finish);
 }
@@ -786,6 +811,7 @@ impl Fill {
                 } else if head.streamed && st.base == 0 {
                     let head = head.clone();
                     let index = st.add_slot();
+                    st.live_followers += 1;
                     Ready::Live(
                         head,
                         SlotGuard {
@@ -808,6 +834,9 @@ impl Fill {
                 {
                     Ready::Alone
                 } else {
+                    if let Some(cost) = &st.cost {
+                        self.cache.stats.saved_times(cost, 1);
+                    }
                     let head = head.clone();
                     let whole = st
                         .whole
@@ -818,6 +847,7 @@ impl Fill {
             }
             Phase::Entry(entry, status) => {
                 if entry.vary_matches(headers) {
+                    self.cache.stats.saved(entry);
                     Ready::Entry(entry.clone(), *status)
                 } else {
                     Ready::Alone

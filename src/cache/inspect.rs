@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Cache, CacheKey, CacheQuery, KeyParts, NotJson, Slot};
+use super::{Cache, CacheKey, CacheQuery, KeyParts, NotJson, Stored};
 use crate::policy::RouteCachePolicy;
 
 /// The store's figures at one moment.
@@ -111,7 +111,7 @@ impl Cache {
         if let Purge::Key(key) = what {
             match self.store.remove(key).await {
                 // Its variants are found only by looking through the store.
-                Some(Slot::Varies(_)) => {}
+                Some(Stored::Varies(_)) => {}
                 Some(_) => return 1,
                 None => return 0,
             }
@@ -127,8 +127,8 @@ impl Cache {
             self.store.run_pending_tasks().await;
             return n as u64;
         }
-        let matches = |s: &Slot| match what {
-            Purge::Key(key) => matches!(s, Slot::Variant { of, .. } if of == key),
+        let matches = |s: &Stored| match what {
+            Purge::Key(key) => matches!(s, Stored::Variant { of, .. } if of == key),
             Purge::Target(t) => s.target() == t,
             Purge::Prefix(p) => s.target().starts_with(p.as_str()),
             Purge::Route(r) => s.route() == r,
