@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, Method, StatusCode};
-use hyperion::cache::{Cache, CacheKey, Cost, Entry, KeyInput, StoredBody};
+use hyperion::cache::{Cache, CacheKey, Cost, DigestHash, Entry, KeyInput, StoredBody};
 use hyperion::policy::{BodyKey, CachePolicy, CacheScope, Freshness, RouteCachePolicy};
 
 /// Runs a future that never really waits (the store's async API completes
@@ -194,5 +194,34 @@ fn store(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, key_derivation, store);
+/// The same gets from a bare moka store (same key, hasher and size, no
+/// expiry): the floor the store's bookkeeping sets, for reading the figures
+/// above.
+fn moka_floor(c: &mut Criterion) {
+    const KEYS: u64 = 100_000;
+    let store: moka::future::Cache<CacheKey, Arc<Entry>, DigestHash> =
+        moka::future::Cache::builder()
+            .max_capacity(1 << 30)
+            .weigher(|_, e: &Arc<Entry>| e.body.len() as u32 + 512)
+            .build_with_hasher(DigestHash);
+    let answer = Bytes::from(vec![b'x'; 1024]);
+    for i in 0..KEYS {
+        ready(store.insert(key(i), entry(answer.clone())));
+    }
+    let keys: Vec<CacheKey> = (0..KEYS).map(key).collect();
+    let mut group = c.benchmark_group("moka_alone");
+    group.throughput(Throughput::Elements(1));
+    for (name, span) in [("get_hit_100k", keys.len()), ("get_hit_hot_1k", 1000)] {
+        let mut i = 0usize;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % span;
+                ready(store.get(black_box(&keys[i]))).expect("stored")
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, key_derivation, store, moka_floor);
 criterion_main!(benches);

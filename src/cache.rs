@@ -12,6 +12,7 @@ mod fill;
 mod inspect;
 mod key;
 mod record;
+mod targets;
 mod vary;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -149,14 +150,15 @@ impl Entry {
         vary::matches(&self.vary, req)
     }
 
-    /// Bytes it costs in the store: body, headers, and bookkeeping.
+    /// Bytes it costs in the store: body, headers, and bookkeeping (the
+    /// store's own, ~250 bytes, and its key in the URL index, up to ~100).
     fn weight(&self) -> u32 {
         let headers: usize = self
             .headers
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
-        let total = self.body.len() + headers + self.target.len() + 256;
+        let total = self.body.len() + headers + self.target.len() + 350;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
@@ -182,13 +184,12 @@ impl Entry {
 /// What the store holds under one key.
 #[derive(Clone)]
 enum Stored {
-    /// The response to the requests with this key.
+    /// The response to the requests with this key; when its `vary` is not
+    /// empty, one variant of the responses of another key.
     Entry(Arc<Entry>),
     /// This key's responses vary on these request headers: each is stored
     /// under its own variant key (`vary`).
     Varies(Arc<Varies>),
-    /// One of the responses of the key `of`.
-    Variant { of: CacheKey, entry: Arc<Entry> },
 }
 
 /// The request headers a key's responses vary on.
@@ -203,38 +204,38 @@ struct Varies {
 impl Stored {
     fn entry(&self) -> Option<&Arc<Entry>> {
         match self {
-            Stored::Entry(e) | Stored::Variant { entry: e, .. } => Some(e),
+            Stored::Entry(e) => Some(e),
             Stored::Varies(_) => None,
         }
     }
 
     fn route(&self) -> &str {
         match self {
-            Stored::Entry(e) | Stored::Variant { entry: e, .. } => &e.route,
+            Stored::Entry(e) => &e.route,
             Stored::Varies(v) => &v.route,
         }
     }
 
     fn target(&self) -> &str {
         match self {
-            Stored::Entry(e) | Stored::Variant { entry: e, .. } => &e.target,
+            Stored::Entry(e) => &e.target,
             Stored::Varies(v) => &v.target,
         }
     }
 
     fn weight(&self) -> u32 {
         match self {
-            Stored::Entry(e) | Stored::Variant { entry: e, .. } => e.weight(),
+            Stored::Entry(e) => e.weight(),
             Stored::Varies(v) => {
                 let names: usize = v.names.iter().map(|n| n.as_str().len() + 32).sum();
-                u32::try_from(names + v.target.len() + 128).unwrap_or(u32::MAX)
+                u32::try_from(names + v.target.len() + 220).unwrap_or(u32::MAX)
             }
         }
     }
 
     fn keep_for(&self) -> Duration {
         match self {
-            Stored::Entry(e) | Stored::Variant { entry: e, .. } => e.keep_for(),
+            Stored::Entry(e) => e.keep_for(),
             Stored::Varies(v) => v.keep,
         }
     }
@@ -323,6 +324,8 @@ pub struct Cache {
     pub stats: CacheStats,
     /// Upstream exchanges in flight that identical requests may wait for.
     fills: fill::Fills,
+    /// The keys stored for each URL, for invalidation.
+    targets: targets::TargetIndex,
 }
 
 impl Cache {
@@ -331,13 +334,13 @@ impl Cache {
             .max_capacity(policy.max_size)
             .weigher(|_k: &CacheKey, s: &Stored| s.weight())
             .expire_after(EntryExpiry)
-            .support_invalidation_closures()
             .build_with_hasher(DigestHash);
         Arc::new(Cache {
             store,
             policy,
             stats: CacheStats::default(),
             fills: fill::Fills::new(),
+            targets: targets::TargetIndex::new(),
         })
     }
 
@@ -352,7 +355,6 @@ impl Cache {
                 let variant = vary::request_key(key, &v.names, req);
                 self.store.get(&variant).await?.entry().cloned()
             }
-            Stored::Variant { .. } => None,
         }
     }
 
@@ -364,7 +366,7 @@ impl Cache {
         }
         self.stats.stored.fetch_add(1, Ordering::Relaxed);
         if entry.vary.is_empty() {
-            self.store.insert(key, Stored::Entry(entry)).await;
+            self.put(key, Stored::Entry(entry)).await;
             return;
         }
         let varies = Varies {
@@ -375,26 +377,77 @@ impl Cache {
         };
         let variant = vary::stored_key(&key, &entry.vary);
         // The variant first: a lookup that finds the names finds it too.
-        self.store
-            .insert(variant, Stored::Variant { of: key, entry })
-            .await;
-        self.store
-            .insert(key, Stored::Varies(Arc::new(varies)))
-            .await;
+        self.put(variant, Stored::Entry(entry)).await;
+        self.put(key, Stored::Varies(Arc::new(varies))).await;
+    }
+
+    async fn put(&self, key: CacheKey, value: Stored) {
+        // Indexed before it can be found, so no invalidation misses it.
+        self.targets
+            .add(value.target(), key, |k| self.store.contains_key(k));
+        self.store.insert(key, value).await;
     }
 
     /// Drops every entry stored for `target` (host + path and query), in any
     /// scope and variant: what an unsafe method on that URI does (RFC 9111
     /// §4.4).
-    pub fn invalidate_target(&self, target: &str) {
-        let target: Box<str> = target.into();
-        let _ = self
-            .store
-            .invalidate_entries_if(move |_, s| s.target() == &*target);
+    pub async fn invalidate_target(&self, target: &str) {
+        for key in self.targets.take(target) {
+            self.store.invalidate(&key).await;
+        }
     }
 
     /// Entries and bytes held now (approximate until pending work runs).
     pub fn size(&self) -> (u64, u64) {
         (self.store.entry_count(), self.store.weighted_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(target: &str, vary: vary::VaryValues) -> Arc<Entry> {
+        Arc::new(Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: StoredBody::Whole(Bytes::from_static(b"answer")),
+            stored_at: Instant::now(),
+            initial_age: Duration::ZERO,
+            fresh_for: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            forbids_stale: false,
+            vary,
+            route: "r".into(),
+            target: target.into(),
+            cost: Cost::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn invalidating_a_url_drops_its_entries_and_variants_only() {
+        let cache = Cache::new(CachePolicy::default());
+        let (a, b) = (CacheKey([1; 32]), CacheKey([2; 32]));
+        cache.insert(a, entry("h/a", Vec::new())).await;
+        cache.insert(a, entry("h/a", Vec::new())).await;
+        let lang = |v: &'static str| {
+            vec![(
+                HeaderName::from_static("accept-language"),
+                Some(HeaderValue::from_static(v)),
+            )]
+        };
+        cache.insert(b, entry("h/b", lang("fr"))).await;
+        cache.insert(b, entry("h/b", lang("de"))).await;
+        cache.store.run_pending_tasks().await;
+        // a; b's names; b's two variants.
+        assert_eq!(cache.targets.len(), 4);
+        assert_eq!(cache.store.entry_count(), 4);
+        cache.invalidate_target("h/b").await;
+        cache.store.run_pending_tasks().await;
+        assert_eq!(cache.targets.len(), 1);
+        assert_eq!(cache.store.entry_count(), 1);
+        cache.purge(&Purge::All).await;
+        assert_eq!(cache.targets.len(), 0, "an emptied store empties the index");
     }
 }

@@ -409,7 +409,7 @@ impl Exchange {
     pub async fn after(mut self, mut resp: Response<ResponseBody>) -> After {
         let status = resp.status();
         if self.unsafe_method() && (status.is_success() || status.is_redirection()) {
-            self.cache.invalidate_target(&self.target);
+            self.cache.invalidate_target(&self.target).await;
         }
         if status.is_server_error() {
             if let Some(stale) = self.stale_entry_on_error() {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Cache, CacheKey, CacheQuery, KeyParts, NotJson, Stored};
+use super::{vary, Cache, CacheKey, CacheQuery, KeyParts, NotJson, Stored};
 use crate::policy::RouteCachePolicy;
 
 /// The store's figures at one moment.
@@ -124,11 +124,15 @@ impl Cache {
                 .filter(|(_, s)| s.entry().is_some())
                 .count();
             self.store.invalidate_all();
+            self.targets.clear();
             self.store.run_pending_tasks().await;
             return n as u64;
         }
-        let matches = |s: &Stored| match what {
-            Purge::Key(key) => matches!(s, Stored::Variant { of, .. } if of == key),
+        let matches = |k: &CacheKey, s: &Stored| match what {
+            // A variant of `key` is where `key` and its values place it.
+            Purge::Key(key) => s
+                .entry()
+                .is_some_and(|e| !e.vary.is_empty() && vary::stored_key(key, &e.vary) == *k),
             Purge::Target(t) => s.target() == t,
             Purge::Prefix(p) => s.target().starts_with(p.as_str()),
             Purge::Route(r) => s.route() == r,
@@ -138,7 +142,7 @@ impl Cache {
         let keys: Vec<Arc<CacheKey>> = self
             .store
             .iter()
-            .filter(|(_, s)| matches(s))
+            .filter(|(k, s)| matches(k, s))
             .map(|(k, _)| k)
             .collect();
         let mut n = 0;
