@@ -7,6 +7,7 @@
 //! client from `record`. The request flow that uses them lives in `handler`.
 
 mod control;
+mod date;
 mod exchange;
 mod fill;
 mod inspect;
@@ -162,8 +163,9 @@ impl Entry {
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
-    /// How long the store keeps it: fresh, then usable stale, then (when it
-    /// can be revalidated) a while longer so a 304 can refresh it.
+    /// How long the store keeps it: fresh, then usable stale, then a while
+    /// longer (as long as it was fresh, from a minute to a day) so that a
+    /// 304 can refresh it or a client's `max-stale` can still take it.
     fn keep_for(&self) -> Duration {
         let fresh_left = self.fresh_for.saturating_sub(self.initial_age);
         let stale = if self.forbids_stale {
@@ -171,13 +173,13 @@ impl Entry {
         } else {
             self.stale_while_revalidate.max(self.stale_if_error)
         };
-        let validate = if self.has_validators() {
+        let linger = if self.has_validators() || !self.forbids_stale {
             self.fresh_for
                 .clamp(Duration::from_secs(60), Duration::from_secs(86_400))
         } else {
             Duration::ZERO
         };
-        fresh_left + stale.max(validate)
+        fresh_left + stale.max(linger)
     }
 }
 

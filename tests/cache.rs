@@ -624,3 +624,79 @@ async fn a_huge_body_on_a_body_keyed_route_is_a_413_and_reaches_nobody() {
     assert_eq!(json(&body)["error"]["code"], "body_too_large");
     assert_eq!(up.count(), 0);
 }
+
+#[tokio::test]
+async fn origin_mode_details_of_rfc_9111() {
+    let past = httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(100));
+    let far = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3600));
+    let up = Upstream::start(move |req| {
+        let (past, far) = (past.clone(), far.clone());
+        async move {
+            let mut resp = Response::builder().status(200);
+            match req.uri().path() {
+                "/fields" => {
+                    resp = resp
+                        .header("cache-control", "max-age=60, no-cache=\"X-Secret\"")
+                        .header("x-secret", "s")
+                        .header("x-other", "o")
+                }
+                "/cookie" => {
+                    resp = resp
+                        .header("cache-control", "max-age=60")
+                        .header("set-cookie", "theme=dark")
+                }
+                // Day and month names in the wrong case are still a date.
+                "/expires" => resp = resp.header("expires", far.to_uppercase()),
+                "/strict" => {
+                    resp = resp
+                        .header("cache-control", "max-age=0, must-revalidate")
+                        .header("etag", "\"v1\"")
+                }
+                "/old" => {
+                    resp = resp
+                        .header("cache-control", "max-age=600")
+                        .header("date", past)
+                }
+                "/make" => resp = resp.status(201).header("location", "/loc"),
+                _ => resp = resp.header("cache-control", "max-age=60"),
+            }
+            resp.body(full("body")).unwrap()
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&cached_policy(
+        &up.url(),
+        "mode = \"origin\"\nscope = \"shared\"",
+    ))
+    .await;
+    // Fields named by no-cache are stored without; the rest is a hit.
+    let (p, _) = until_hit(Method::GET, &proxy.url("/fields"), &[], "").await;
+    assert!(!p.headers.contains_key("x-secret"));
+    assert_eq!(p.headers["x-other"], "o");
+    // Set-Cookie does not keep a response out (RFC 9111 §7.3 and 6265).
+    let (p, _) = until_hit(Method::GET, &proxy.url("/cookie"), &[], "").await;
+    assert_eq!(p.headers["set-cookie"], "theme=dark");
+    until_hit(Method::GET, &proxy.url("/expires"), &[], "").await;
+    // A response that arrived 100 s old says so, stored or not.
+    let (p, _) = get(&proxy.url("/old")).await;
+    assert_eq!(p.headers["x-cache"], "MISS");
+    let age: u64 = p.headers["age"].to_str().unwrap().parse().unwrap();
+    assert!((100..110).contains(&age), "{age}");
+    // must-revalidate: only-if-cached gets a 504, never the stale entry.
+    get(&proxy.url("/strict")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (p, _) = call(
+        Method::GET,
+        &proxy.url("/strict"),
+        &[("cache-control", "only-if-cached")],
+        "",
+    )
+    .await;
+    assert_eq!(p.status, 504);
+    // A successful POST invalidates the URI its Location names.
+    until_hit(Method::GET, &proxy.url("/loc"), &[], "").await;
+    let (p, _) = call(Method::POST, &proxy.url("/make"), &[], "").await;
+    assert_eq!(p.status, 201);
+    let (p, _) = get(&proxy.url("/loc")).await;
+    assert_eq!(p.headers["x-cache"], "MISS");
+}

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
 /// The directives of all `Cache-Control` lines of one message.
@@ -16,11 +16,18 @@ pub struct CacheControl {
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
     pub no_store: bool,
-    /// Qualified (`no-cache="Set-Cookie"`) or not: both are treated as the
-    /// unqualified form, which RFC 9111 §5.2.2.4 allows.
+    /// Unqualified `no-cache` (on a request, qualified too).
     pub no_cache: bool,
-    /// Qualified or not, as for `no_cache` (§5.2.2.7).
+    /// `no-cache="a, b"` on a response: those fields may not be served
+    /// without validation, so they are not stored (RFC 9111 §5.2.2.4).
+    pub no_cache_fields: Vec<HeaderName>,
+    /// Unqualified `private`.
     pub private: bool,
+    /// `private="a, b"`: a shared cache must not store those fields (§5.2.2.7).
+    pub private_fields: Vec<HeaderName>,
+    /// `must-understand`: store only statuses whose caching rules are
+    /// understood, and then `no-store` does not apply (§5.2.2.3).
+    pub must_understand: bool,
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
@@ -66,8 +73,15 @@ impl CacheControl {
                 })
             }
             "no-store" => self.no_store = true,
-            "no-cache" => self.no_cache = true,
-            "private" => self.private = true,
+            "no-cache" => match value.map(field_names) {
+                Some(names) if !names.is_empty() => self.no_cache_fields.extend(names),
+                _ => self.no_cache = true,
+            },
+            "private" => match value.map(field_names) {
+                Some(names) if !names.is_empty() => self.private_fields.extend(names),
+                _ => self.private = true,
+            },
+            "must-understand" => self.must_understand = true,
             "public" => self.public = true,
             "must-revalidate" => self.must_revalidate = true,
             "proxy-revalidate" => self.proxy_revalidate = true,
@@ -87,6 +101,31 @@ impl CacheControl {
     pub fn forbids_stale(&self) -> bool {
         self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some()
     }
+
+    /// A request's `no-cache`, in whatever form it came.
+    pub fn wants_validation(&self) -> bool {
+        self.no_cache || !self.no_cache_fields.is_empty()
+    }
+
+    /// Response fields a shared cache stores without: `no-cache` and
+    /// `private` with field names.
+    pub fn unstored_fields(&self) -> impl Iterator<Item = &HeaderName> {
+        self.no_cache_fields.iter().chain(&self.private_fields)
+    }
+}
+
+/// The field names of a qualified `no-cache` or `private`; empty when
+/// there are none or one is not a field name (then the directive counts as
+/// unqualified, the stricter reading).
+fn field_names(value: &str) -> Vec<HeaderName> {
+    let mut out = Vec::new();
+    for name in value.split(',').map(str::trim) {
+        match HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+            Ok(n) => out.push(n),
+            Err(_) => return Vec::new(),
+        }
+    }
+    out
 }
 
 /// `name[=value]` pairs, commas inside quoted strings respected, quotes removed.
@@ -111,7 +150,9 @@ fn directives(text: &str) -> impl Iterator<Item = (String, Option<&str>)> {
             return None;
         }
         Some(match d.split_once('=') {
-            Some((n, v)) => (n.trim().to_owned(), Some(v.trim().trim_matches('"'))),
+            // No whitespace around `=` (§5.2): `max-age = 5` is not max-age.
+            Some((n, v)) if n.ends_with([' ', '\t']) || v.starts_with([' ', '\t']) => return None,
+            Some((n, v)) => (n.to_owned(), Some(v.trim_matches('"'))),
             None => (d.to_owned(), None),
         })
     })
@@ -134,11 +175,16 @@ pub fn heuristically_cacheable(status: StatusCode) -> bool {
     )
 }
 
+/// Statuses whose caching rules this cache knows (for `must-understand`).
+fn understood(status: StatusCode) -> bool {
+    heuristically_cacheable(status) || matches!(status.as_u16(), 302 | 303 | 307)
+}
+
 /// A date header (`Date`, `Expires`, `Last-Modified`) in HTTP-date form.
 pub fn http_date(headers: &HeaderMap, name: &header::HeaderName) -> Option<SystemTime> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?;
-    httpdate::parse_http_date(first.to_str().ok()?).ok()
+    super::date::parse(first.to_str().ok()?)
 }
 
 /// Why a response is not stored; `None` when it may be.
@@ -156,7 +202,11 @@ pub fn refuse_origin(
     if status.is_server_error() {
         return Some("status");
     }
-    if cc.no_store || req_cc.is_some_and(|r| r.no_store) {
+    let understood = understood(status);
+    if cc.must_understand && !understood {
+        return Some("must-understand");
+    }
+    if (cc.no_store && !(cc.must_understand && understood)) || req_cc.is_some_and(|r| r.no_store) {
         return Some("no-store");
     }
     if cc.private {
@@ -169,9 +219,6 @@ pub fn refuse_origin(
     }
     if vary_star(headers) {
         return Some("vary-star");
-    }
-    if headers.contains_key(header::SET_COOKIE) && !(cc.public || cc.s_maxage.is_some()) {
-        return Some("set-cookie");
     }
     let explicit = cc.max_age.is_some()
         || cc.s_maxage.is_some()
@@ -238,7 +285,8 @@ pub fn initial_age(
     let age_value = headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(delta_seconds)
+        // A list or parameters are not `Age`, but the first number is meant.
+        .and_then(|v| delta_seconds(v.split([',', ';']).next().unwrap_or("").trim()))
         .map_or(Duration::ZERO, Duration::from_secs);
     let apparent_age = http_date(headers, &header::DATE)
         .and_then(|d| response_time.duration_since(d).ok())
@@ -278,7 +326,9 @@ mod tests {
             ),
             ("cache-control", "s-maxage=\"30\", stale-while-revalidate=5"),
         ]));
-        assert!(cc.public && cc.no_cache);
+        assert!(cc.public && !cc.no_cache);
+        assert_eq!(cc.no_cache_fields, ["set-cookie", "x-a"]);
+        assert!(cc.wants_validation());
         assert_eq!(cc.max_age, Some(60));
         assert_eq!(cc.s_maxage, Some(30));
         assert_eq!(cc.stale_while_revalidate, Some(5));
@@ -293,6 +343,40 @@ mod tests {
         assert_eq!(cc.max_age, Some(0));
         let cc = CacheControl::parse(&map(&[("cache-control", "max-age=99999999999999")]));
         assert_eq!(cc.max_age, Some(DELTA_MAX));
+    }
+
+    #[test]
+    fn whitespace_around_equals_makes_no_directive() {
+        for text in ["max-age =60", "max-age= 60", "max-age = 60"] {
+            let cc = CacheControl::parse(&map(&[("cache-control", text)]));
+            assert_eq!(cc.max_age, None, "{text}");
+        }
+    }
+
+    #[test]
+    fn qualified_no_cache_and_private_name_fields() {
+        let cc = CacheControl::parse(&map(&[(
+            "cache-control",
+            "private=\"X-User\", no-cache=\"Set-Cookie\", max-age=60",
+        )]));
+        assert!(!cc.private && !cc.no_cache);
+        let fields: Vec<_> = cc.unstored_fields().map(|n| n.as_str()).collect();
+        assert_eq!(fields, ["set-cookie", "x-user"]);
+        // Not a field-name list: the strict, unqualified reading.
+        let cc = CacheControl::parse(&map(&[("cache-control", "no-cache=\"a b\"")]));
+        assert!(cc.no_cache);
+        let cc = CacheControl::parse(&map(&[("cache-control", "private=\"\"")]));
+        assert!(cc.private);
+    }
+
+    #[test]
+    fn the_first_number_of_a_listed_age_counts() {
+        let t = SystemTime::now();
+        for v in ["7200", "7200, 0", "7200;foo=bar", " 7200 "] {
+            let h = map(&[("age", v)]);
+            assert_eq!(initial_age(&h, t, t).as_secs(), 7200, "{v}");
+        }
+        assert_eq!(initial_age(&map(&[("age", "x7200")]), t, t).as_secs(), 0);
     }
 
     #[test]
@@ -382,13 +466,28 @@ mod tests {
             check(&[("cache-control", "max-age=60"), ("vary", "*")], false, ok),
             Some("vary-star")
         );
+        // The RFC lets Set-Cookie responses be stored (the origin says
+        // `private` when they are not to be); `force` mode is stricter.
         assert_eq!(
             check(
                 &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
                 false,
                 ok
             ),
-            Some("set-cookie")
+            None
+        );
+        assert_eq!(
+            check(&[("cache-control", "no-store, must-understand")], false, ok),
+            None,
+            "must-understand overrides no-store for a status it understands"
+        );
+        assert_eq!(
+            check(
+                &[("cache-control", "max-age=60, must-understand")],
+                false,
+                StatusCode::from_u16(299).unwrap()
+            ),
+            Some("must-understand")
         );
         assert_eq!(
             check(

@@ -190,10 +190,12 @@ impl Cache {
                 });
             return Before::Serve(resp, CacheStatus::Stale, refresh);
         }
+        // Nothing it may be given without asking the upstream (§5.2.1.7).
+        if client.only_if_cached {
+            return Before::Fail(ProxyError::NotCached);
+        }
         let status = if stale.is_some() {
             CacheStatus::Expired
-        } else if client.only_if_cached {
-            return Before::Fail(ProxyError::NotCached);
         } else {
             CacheStatus::Miss
         };
@@ -229,7 +231,9 @@ impl Cache {
         let now = Instant::now();
         let status = if usable_fresh(client, entry, now) {
             CacheStatus::Hit
-        } else if client.only_if_cached || client_accepts_stale(client, entry, now) {
+        } else if (client.only_if_cached && !entry.forbids_stale)
+            || client_accepts_stale(client, entry, now)
+        {
             CacheStatus::Stale
         } else {
             return None;
@@ -248,7 +252,7 @@ impl Cache {
 /// not one the client wants validated.
 fn usable_fresh(client: &CacheControl, e: &Entry, now: Instant) -> bool {
     let age = e.age(now);
-    if !e.is_fresh(now) || client.no_cache {
+    if !e.is_fresh(now) || client.wants_validation() {
         return false;
     }
     if client.max_age.is_some_and(|m| age > Duration::from_secs(m)) {
@@ -267,7 +271,7 @@ fn usable_fresh(client: &CacheControl, e: &Entry, now: Instant) -> bool {
 fn revalidate_in_background(client: &CacheControl, e: &Entry) -> bool {
     let staleness = e.staleness(Instant::now());
     !e.forbids_stale
-        && !client.no_cache
+        && !client.wants_validation()
         && client.max_age.is_none()
         && client.min_fresh.is_none()
         && !staleness.is_zero()
@@ -277,7 +281,7 @@ fn revalidate_in_background(client: &CacheControl, e: &Entry) -> bool {
 /// The client's `max-stale` lets a stale entry through (RFC 9111 §5.2.1.2),
 /// unless the entry forbids serving stale.
 fn client_accepts_stale(client: &CacheControl, e: &Entry, now: Instant) -> bool {
-    if e.forbids_stale || client.no_cache {
+    if e.forbids_stale || client.wants_validation() {
         return false;
     }
     match client.max_stale {
@@ -410,6 +414,15 @@ impl Exchange {
         let status = resp.status();
         if self.unsafe_method() && (status.is_success() || status.is_redirection()) {
             self.cache.invalidate_target(&self.target).await;
+            // And the URIs the answer names, on the same host (§4.4).
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                let named = resp.headers().get(&name).and_then(|v| v.to_str().ok());
+                if let Some(target) = named.and_then(|v| same_host_target(&self.target, v)) {
+                    if target != *self.target {
+                        self.cache.invalidate_target(&target).await;
+                    }
+                }
+            }
         }
         if status.is_server_error() {
             if let Some(stale) = self.stale_entry_on_error() {
@@ -424,10 +437,9 @@ impl Exchange {
         self.cache.stats.count(self.status);
         let headers = resp.headers_mut();
         headers.insert(X_CACHE, self.status.header_value());
-        // Straight from the upstream: as old as the upstream says, else new.
-        headers
-            .entry(header::AGE)
-            .or_insert_with(|| control::age_value(Duration::ZERO));
+        // Straight from the upstream: as old as it says, plus the way here.
+        let age = control::initial_age(headers, self.request_time, SystemTime::now());
+        headers.insert(header::AGE, control::age_value(age));
         match self.storable(&resp) {
             Some(recording) => After::Store(resp, recording, self.status),
             None => After::Pass(resp, self.status),
@@ -442,7 +454,8 @@ impl Exchange {
         let now = SystemTime::now();
         let mut headers = old.headers.clone();
         for name in fresh.keys() {
-            if name == header::CONTENT_LENGTH || name == X_CACHE {
+            // The 304 describes no body, and its age is counted below.
+            if name == header::CONTENT_LENGTH || name == X_CACHE || name == header::AGE {
                 continue;
             }
             headers.remove(name);
@@ -451,6 +464,16 @@ impl Exchange {
             }
         }
         let cc = CacheControl::parse(&headers);
+        let (mut swr, mut sie) = (old.stale_while_revalidate, old.stale_if_error);
+        if matches!(self.policy.freshness, Freshness::Origin) {
+            for name in cc.unstored_fields() {
+                headers.remove(name);
+            }
+            // The windows the new headers give, as when first stored.
+            let secs = |d: Option<u64>| d.map_or(Duration::ZERO, Duration::from_secs);
+            swr = secs(cc.stale_while_revalidate).max(self.policy.stale_while_revalidate);
+            sie = secs(cc.stale_if_error).max(self.policy.stale_if_error);
+        }
         let (fresh_for, initial_age) = match self.policy.freshness {
             Freshness::Force { ttl } => (ttl, Duration::ZERO),
             Freshness::Origin => (
@@ -471,8 +494,8 @@ impl Exchange {
             stored_at: Instant::now(),
             initial_age,
             fresh_for,
-            stale_while_revalidate: old.stale_while_revalidate,
-            stale_if_error: old.stale_if_error,
+            stale_while_revalidate: swr,
+            stale_if_error: sie,
             forbids_stale: cc.forbids_stale(),
             vary: old.vary.clone(),
             route: old.route.clone(),
@@ -507,7 +530,10 @@ impl Exchange {
                 if status.is_server_error() || !control::heuristically_cacheable(status) {
                     return None;
                 }
-                let private = cc.no_store || cc.private || headers.contains_key(header::SET_COOKIE);
+                let private = cc.no_store
+                    || cc.private
+                    || !cc.private_fields.is_empty()
+                    || headers.contains_key(header::SET_COOKIE);
                 if private && !self.policy.store_private {
                     return None;
                 }
@@ -552,8 +578,14 @@ impl Exchange {
                 } else {
                     lifetime
                 };
-                if fresh_for.is_zero() && !validators {
-                    // Would never be usable without a validator to check it with.
+                let stale_windows = cc.stale_while_revalidate.is_some_and(|s| s > 0)
+                    || cc.stale_if_error.is_some_and(|s| s > 0)
+                    || !self.policy.stale_while_revalidate.is_zero()
+                    || !self.policy.stale_if_error.is_zero();
+                let stale_usable = stale_windows && !cc.no_cache && !cc.forbids_stale();
+                if fresh_for.is_zero() && !validators && !stale_usable {
+                    // Never usable: nothing to revalidate it with, no
+                    // window to serve it stale in.
                     return None;
                 }
                 let secs = |d: Option<u64>| d.map_or(Duration::ZERO, Duration::from_secs);
@@ -569,6 +601,11 @@ impl Exchange {
         let mut stored = compact(headers);
         stored.remove(header::AGE);
         stored.remove(X_CACHE);
+        if matches!(self.policy.freshness, Freshness::Origin) {
+            for name in cc.unstored_fields() {
+                stored.remove(name);
+            }
+        }
         if matches!(self.policy.freshness, Freshness::Force { .. }) && self.policy.store_private {
             // Never replay one client's cookies to another.
             stored.remove(header::SET_COOKIE);
@@ -643,6 +680,40 @@ pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// The cache target (`host` + path and query) a `Location` or
+/// `Content-Location` value names, when it is on the host of `target`
+/// (another host's entries are not this response's to invalidate).
+fn same_host_target(target: &str, value: &str) -> Option<String> {
+    let slash = target.find('/')?;
+    let (host, path) = target.split_at(slash);
+    if value.starts_with("//") {
+        // A network-path reference: its authority decides, as for a full URI.
+        return same_host_target(target, &format!("http:{value}"));
+    }
+    if value.starts_with('/') {
+        return Some(format!("{host}{value}"));
+    }
+    match value.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme().is_some() => {
+            let named = uri.host()?.to_ascii_lowercase();
+            if named != host {
+                return None;
+            }
+            Some(format!(
+                "{host}{}",
+                uri.path_and_query().map_or("/", |p| p.as_str())
+            ))
+        }
+        _ if value.is_empty() || value.contains(':') => None,
+        // Relative to the request's path.
+        _ => {
+            let path = path.split('?').next().unwrap_or(path);
+            let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+            Some(format!("{host}{dir}{value}"))
+        }
+    }
+}
+
 /// A response built from a stored entry.
 pub fn respond(
     entry: &Entry,
@@ -662,4 +733,29 @@ pub fn respond(
     headers.insert(header::AGE, control::age_value(age));
     headers.insert(X_CACHE, status.header_value());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_host_target;
+
+    #[test]
+    fn location_values_name_targets_on_the_same_host_only() {
+        let t = "example.com/api/items?x=1";
+        let cases = [
+            ("/doc", Some("example.com/doc")),
+            ("/doc?a=1", Some("example.com/doc?a=1")),
+            ("http://example.com/doc", Some("example.com/doc")),
+            ("https://EXAMPLE.com:8443/doc", Some("example.com/doc")),
+            ("//example.com/doc", Some("example.com/doc")),
+            ("item/7", Some("example.com/api/item/7")),
+            ("http://other.example/doc", None),
+            ("//other.example/doc", None),
+            ("mailto:a@example.com", None),
+            ("", None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(same_host_target(t, value).as_deref(), want, "{value}");
+        }
+    }
 }
