@@ -153,6 +153,7 @@ fn entry(body: Bytes) -> Arc<Entry> {
         route: "generate".into(),
         target: "127.0.0.1/api/chat".into(),
         cost: Cost::default(),
+        own_etag: false,
     })
 }
 

@@ -6,6 +6,7 @@
 //! the RFC 9111 rules from `control`, recording a response on its way to the
 //! client from `record`. The request flow that uses them lives in `handler`.
 
+mod conditional;
 mod control;
 mod date;
 mod exchange;
@@ -114,6 +115,9 @@ pub struct Entry {
     pub target: Box<str>,
     /// What the answer cost the upstream: what each hit saves.
     pub cost: Cost,
+    /// Its `ETag` is Hyperion's (a body digest), not the upstream's: good for
+    /// clients' conditionals, never sent upstream.
+    pub own_etag: bool,
 }
 
 /// What producing an answer cost the upstream.
@@ -142,7 +146,7 @@ impl Entry {
 
     /// Whether it has something to revalidate with.
     pub fn has_validators(&self) -> bool {
-        self.headers.contains_key(http::header::ETAG)
+        (self.headers.contains_key(http::header::ETAG) && !self.own_etag)
             || self.headers.contains_key(http::header::LAST_MODIFIED)
     }
 
@@ -424,6 +428,7 @@ mod tests {
             route: "r".into(),
             target: target.into(),
             cost: Cost::default(),
+            own_etag: false,
         })
     }
 

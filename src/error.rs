@@ -36,6 +36,8 @@ pub enum ProxyError {
     UpstreamFailed { server: String, reason: String },
     #[error("the request said only-if-cached and nothing usable is stored")]
     NotCached,
+    #[error("a precondition of the request (If-Match or If-Unmodified-Since) does not hold")]
+    PreconditionFailed,
 }
 
 // === impl ProxyError ===
@@ -53,6 +55,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             // RFC 9111 §5.2.1.7.
             ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
         }
     }
 
@@ -67,6 +70,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamFailed { .. } => "upstream_error",
             ProxyError::NotCached => "not_cached",
+            ProxyError::PreconditionFailed => "precondition_failed",
         }
     }
 

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
+use super::conditional::{self, Precondition};
 use super::control::{self, CacheControl};
 use super::fill::{Follow, Lead, Role, Sent};
 use super::{Cache, CacheKey, CacheStatus, Cost, Entry, KeyInput, Recorder, Recording, StoredBody};
@@ -162,7 +163,7 @@ impl Cache {
             Err(_) => return forward(CacheStatus::Bypass, None, None, client, None),
         };
         let stored = self.lookup(&key, q.headers).await;
-        if let Some(served) = self.serve_stored(stored.as_ref(), &client, q.headers, head) {
+        if let Some(served) = self.serve_stored(stored.as_ref(), &client, &q) {
             return served;
         }
         let stale = stored.filter(|e| e.vary_matches(q.headers));
@@ -171,7 +172,16 @@ impl Cache {
             .filter(|e| revalidate_in_background(&client, e))
         {
             let now = Instant::now();
-            let resp = respond(entry, entry.age(now), CacheStatus::Stale, head);
+            let resp = match respond_to(
+                q.method,
+                q.headers,
+                entry,
+                entry.age(now),
+                CacheStatus::Stale,
+            ) {
+                Ok(resp) => resp,
+                Err(e) => return Before::Fail(e),
+            };
             self.stats.count(CacheStatus::Stale);
             self.stats.saved(entry);
             // One refresh per key: while one is in flight, the others just
@@ -210,7 +220,7 @@ impl Cache {
                 // A fill that stored its entry and left between our lookup
                 // and our registering would otherwise be fetched twice.
                 let again = self.lookup(&key, q.headers).await;
-                if let Some(served) = self.serve_stored(again.as_ref(), &client, q.headers, head) {
+                if let Some(served) = self.serve_stored(again.as_ref(), &client, &q) {
                     return served;
                 }
                 forward(status, Some(key), stale, client, Some(lead))
@@ -224,10 +234,9 @@ impl Cache {
         &self,
         entry: Option<&Arc<Entry>>,
         client: &CacheControl,
-        headers: &HeaderMap,
-        head: bool,
+        q: &CacheQuery<'_>,
     ) -> Option<Before> {
-        let entry = entry.filter(|e| e.vary_matches(headers))?;
+        let entry = entry.filter(|e| e.vary_matches(q.headers))?;
         let now = Instant::now();
         let status = if usable_fresh(client, entry, now) {
             CacheStatus::Hit
@@ -240,11 +249,12 @@ impl Cache {
         };
         self.stats.count(status);
         self.stats.saved(entry);
-        Some(Before::Serve(
-            respond(entry, entry.age(now), status, head),
-            status,
-            None,
-        ))
+        Some(
+            match respond_to(q.method, q.headers, entry, entry.age(now), status) {
+                Ok(resp) => Before::Serve(resp, status, None),
+                Err(e) => Before::Fail(e),
+            },
+        )
     }
 }
 
@@ -313,7 +323,7 @@ impl Exchange {
         {
             return;
         }
-        if let Some(etag) = entry.headers.get(header::ETAG) {
+        if let Some(etag) = entry.headers.get(header::ETAG).filter(|_| !entry.own_etag) {
             headers.insert(header::IF_NONE_MATCH, etag.clone());
             self.validating = true;
         }
@@ -501,6 +511,7 @@ impl Exchange {
             route: old.route.clone(),
             target: old.target.clone(),
             cost: old.cost,
+            own_etag: old.own_etag && !fresh.contains_key(header::ETAG),
         };
         let entry = Arc::new(entry);
         self.cache.stats.count(CacheStatus::Revalidated);
@@ -633,6 +644,7 @@ impl Exchange {
                 route: self.route.clone(),
                 target: self.target.clone(),
                 cost: Cost::default(),
+                own_etag: false,
             },
         })
     }
@@ -712,6 +724,46 @@ fn same_host_target(target: &str, value: &str) -> Option<String> {
             Some(format!("{host}{dir}{value}"))
         }
     }
+}
+
+/// A stored entry's answer to a request with `method` and `req` headers:
+/// the entry, a 304 when the client's validators match it, or a 412 when
+/// its preconditions fail (GET and HEAD; other methods get the entry).
+pub fn respond_to(
+    method: &Method,
+    req: &HeaderMap,
+    entry: &Entry,
+    age: Duration,
+    status: CacheStatus,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let head = *method == Method::HEAD;
+    if !(head || *method == Method::GET) || !has_preconditions(req) {
+        return Ok(respond(entry, age, status, head));
+    }
+    match conditional::evaluate(req, &entry.headers) {
+        Precondition::Serve => Ok(respond(entry, age, status, head)),
+        Precondition::Failed => Err(ProxyError::PreconditionFailed),
+        Precondition::NotModified => {
+            let mut resp = Response::new(ResponseBody::empty());
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            let headers = resp.headers_mut();
+            for name in conditional::NOT_MODIFIED_HEADERS {
+                for v in entry.headers.get_all(&name) {
+                    headers.append(name.clone(), v.clone());
+                }
+            }
+            headers.insert(header::AGE, control::age_value(age));
+            headers.insert(X_CACHE, status.header_value());
+            Ok(resp)
+        }
+    }
+}
+
+fn has_preconditions(req: &HeaderMap) -> bool {
+    req.contains_key(header::IF_NONE_MATCH)
+        || req.contains_key(header::IF_MODIFIED_SINCE)
+        || req.contains_key(header::IF_MATCH)
+        || req.contains_key(header::IF_UNMODIFIED_SINCE)
 }
 
 /// A response built from a stored entry.

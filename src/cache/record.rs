@@ -103,6 +103,14 @@ impl Recording {
             tokens: tokens_used(&self.entry, &whole),
             upstream: self.started.elapsed(),
         };
+        if !self.entry.headers.contains_key(header::ETAG) {
+            // Clients can revalidate what Hyperion stored even when the
+            // upstream (Ollama, most FastAPI apps) sends no validator.
+            self.entry
+                .headers
+                .insert(header::ETAG, super::conditional::body_etag([&whole[..]]));
+            self.entry.own_etag = true;
+        }
         self.entry.body = if self.chunked {
             let mut start = 0;
             let parts: Vec<Bytes> = bounds
