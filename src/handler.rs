@@ -26,7 +26,7 @@ use crate::conn::ConnState;
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
 use crate::policy::UpstreamServer;
-use crate::policy::{BodyKey, Policy, RoutePolicy};
+use crate::policy::{BodyKey, HeaderRewrite, Policy, RoutePolicy};
 use crate::route::RouteTable;
 use crate::upstream::{error_chain, ConnLease, UpstreamConn, UpstreamPool};
 
@@ -140,8 +140,21 @@ impl Proxy {
             log: self.log.clone(),
         };
         let rec = pending.rec.as_mut().expect("just set");
-        let mut resp = match self.forward(req, conn, rec, &request_id).await {
-            Ok(resp) => resp,
+        let mut rewrite = None;
+        let mut resp = match self
+            .forward(req, conn, rec, &request_id, &mut rewrite)
+            .await
+        {
+            Ok(mut resp) => {
+                // What the upstream or the cache answered, as the route wants
+                // clients to see it (Hyperion's own errors are left alone).
+                if let Some(rw) =
+                    rewrite.filter(|_| resp.status() != StatusCode::SWITCHING_PROTOCOLS)
+                {
+                    rw.apply_response(resp.headers_mut());
+                }
+                resp
+            }
             Err(e) => {
                 if e.status().is_server_error() {
                     tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
@@ -174,6 +187,7 @@ impl Proxy {
         conn: &ConnInfo,
         rec: &mut AccessRecord,
         request_id: &HeaderValue,
+        rewrite: &mut Option<Arc<HeaderRewrite>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let limits = &self.policy.server;
         let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
@@ -193,6 +207,7 @@ impl Proxy {
             .find(req.method(), host.as_deref(), req.uri().path())
             .ok_or(ProxyError::NoRoute)?;
         rec.route = Some(route.name.clone());
+        rewrite.clone_from(&route.policy.headers);
 
         let uri_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
         if headers::head_size(req.method().as_str(), uri_len, req.headers())
@@ -312,6 +327,9 @@ impl Proxy {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        if let Some(rw) = &route.policy.headers {
+            rw.apply_request(&mut parts.headers);
         }
         parts.uri = UpstreamPool::origin_form(parts.uri);
         parts.version = Version::HTTP_11;

@@ -30,6 +30,41 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+impl crate::policy::HeaderRewrite {
+    /// `request_remove`, then `request_set`, on a request going upstream.
+    pub fn apply_request(&self, headers: &mut HeaderMap) {
+        Self::apply(headers, &self.request_remove, &self.request_set);
+    }
+
+    /// `response_remove`, then `response_set`, on a response going to the client.
+    pub fn apply_response(&self, headers: &mut HeaderMap) {
+        Self::apply(headers, &self.response_remove, &self.response_set);
+    }
+
+    fn apply(headers: &mut HeaderMap, remove: &[HeaderName], set: &[(HeaderName, HeaderValue)]) {
+        for name in remove {
+            headers.remove(name);
+        }
+        for (name, value) in set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// Fields `[route.headers]` may not touch: they frame the message or
+/// describe one connection, and Hyperion sets them itself.
+pub const NOT_REWRITABLE: [HeaderName; 9] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+];
+
 /// Removes the hop-by-hop fields, including every field named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {

@@ -87,6 +87,19 @@ pub struct RoutePolicy {
     pub preserve_host: bool,
     /// `[route.cache]`; `None` when the route does not cache.
     pub cache: Option<Arc<RouteCachePolicy>>,
+    /// `[route.headers]`; `None` when the route rewrites nothing.
+    pub headers: Option<Arc<HeaderRewrite>>,
+}
+
+/// `[route.headers]`: fields set on or removed from what goes upstream and
+/// what goes back to the client (applied in `headers::HeaderRewrite`).
+/// What the cache stores follows the upstream's own headers, not these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderRewrite {
+    pub request_set: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub request_remove: Vec<http::HeaderName>,
+    pub response_set: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub response_remove: Vec<http::HeaderName>,
 }
 
 /// `[cache]`: the in-memory store every caching route shares.

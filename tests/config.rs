@@ -182,6 +182,22 @@ fn mistakes_name_file_line_column_key_and_fix() {
             "proxy.toml:7:8: route[1].name: route name `r` is used twice",
         ),
         ("[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n", "proxy.toml:1:1: route: no routes"),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\n[route.headers]\nresponse_remove = [\"Bad Name\"]\n",
+            "proxy.toml:6:1: route[0] (r).headers.response_remove: `Bad Name` is not a header name",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\n[route.headers]\nresponse_set = { \"Content-Length\" = \"5\" }\n",
+            "route[0] (r).headers.response_set: `Content-Length` cannot be rewritten",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\n[route.headers]\nrequest_set = { \"X-A\" = \"1\" }\nrequest_remove = [\"x-a\"]\n",
+            "route[0] (r).headers.request_remove: `x-a` is both set and removed",
+        ),
+        (
+            "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\n[route.headers]\nresponse_sett = {}\n",
+            "route[0].headers.response_sett: unknown key `response_sett` — did you mean `response_set`?",
+        ),
         ("[sever]\n", "proxy.toml:1:2: sever: unknown key `sever` — did you mean `server`?"),
     ];
     for (text, expected) in cases {

@@ -179,3 +179,91 @@ async fn conditionals_pass_through_untouched_where_nothing_is_cached() {
     );
     assert_eq!(seen.lock().unwrap().as_deref(), Some("\"x\", W/\"y\""));
 }
+
+fn rewrite_policy(upstream: &str, cache: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[upstreams.up]
+servers = [{{ url = "{upstream}" }}]
+
+[[route]]
+name = "r"
+upstream = "up"
+
+[route.cache]
+{cache}
+
+[route.headers]
+response_set = {{ "Cache-Control" = "public, max-age=300", "X-Edge" = "hyperion" }}
+response_remove = ["Server"]
+request_set = {{ "X-Served-By" = "hyperion" }}
+request_remove = ["Cookie"]
+"#
+    )
+}
+
+#[tokio::test]
+async fn route_headers_rewrite_both_ways_without_changing_what_is_stored() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let up = Upstream::start(move |req| {
+        let log = log.clone();
+        async move {
+            let h = req.headers();
+            log.lock().unwrap().push((
+                h.get("x-served-by").map(|v| v.to_str().unwrap().to_owned()),
+                h.contains_key("cookie"),
+            ));
+            let cc = if req.uri().path() == "/secret" {
+                "no-store"
+            } else {
+                "max-age=60"
+            };
+            Response::builder()
+                .header("server", "uvicorn")
+                .header("cache-control", cc)
+                .body(full("answer"))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&rewrite_policy(
+        &up.url(),
+        "mode = \"origin\"\nscope = \"shared\"",
+    ))
+    .await;
+
+    let (p, _) = call(&proxy.url("/page"), Method::GET, &[("cookie", "session=1")]).await;
+    assert_eq!(p.headers["cache-control"], "public, max-age=300");
+    assert_eq!(p.headers["x-edge"], "hyperion");
+    assert!(!p.headers.contains_key("server"));
+    assert_eq!(
+        seen.lock().unwrap()[0],
+        (Some("hyperion".to_owned()), false)
+    );
+    // Hits are rewritten the same way; the entry keeps the upstream's max-age.
+    let (p, _) = until_hit(&proxy.url("/page")).await;
+    assert_eq!(p.headers["cache-control"], "public, max-age=300");
+    assert!(!p.headers.contains_key("server"));
+
+    // The upstream said no-store: clients are told otherwise, the cache
+    // still stores nothing.
+    for _ in 0..3 {
+        let (p, _) = call(&proxy.url("/secret"), Method::GET, &[]).await;
+        assert_eq!(p.headers["cache-control"], "public, max-age=300");
+        assert_eq!(p.headers["x-cache"], "MISS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Hyperion's own errors are not dressed up as cacheable answers.
+    let (p, _) = call(
+        &proxy.url("/page"),
+        Method::GET,
+        &[("if-match", "\"nope\"")],
+    )
+    .await;
+    assert_eq!(p.status, 412);
+    assert_ne!(p.headers["cache-control"], "public, max-age=300");
+}

@@ -19,8 +19,8 @@ use super::error::{nearest, PolicyError, Source};
 use super::raw::{self, Balance, ModelRouting, RawPolicy};
 use super::units::Size;
 use super::{
-    BodyKey, CachePolicy, CacheScope, Freshness, Policy, RouteCachePolicy, RoutePolicy,
-    ServerPolicy, UpstreamPolicy, UpstreamServer,
+    BodyKey, CachePolicy, CacheScope, Freshness, HeaderRewrite, Policy, RouteCachePolicy,
+    RoutePolicy, ServerPolicy, UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 
@@ -498,6 +498,79 @@ impl Validator<'_> {
         }))
     }
 
+    /// `[route.headers]`: names and values checked once, here.
+    fn route_headers(
+        &self,
+        raw: Spanned<raw::RawRouteHeaders>,
+        route_key: &str,
+    ) -> Result<HeaderRewrite, PolicyError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let key = |field: &str| format!("{route_key}.headers.{field}");
+        let name = |field: &str, n: &str| -> Result<http::HeaderName, PolicyError> {
+            let parsed = http::HeaderName::from_bytes(n.trim().as_bytes()).map_err(|_| {
+                self.err(
+                    span.clone(),
+                    key(field),
+                    format!("`{n}` is not a header name"),
+                    "use letters, digits and `-`, e.g. \"X-Served-By\"",
+                )
+            })?;
+            if crate::headers::NOT_REWRITABLE.contains(&parsed) {
+                return Err(self.err(
+                    span.clone(),
+                    key(field),
+                    format!("`{n}` cannot be rewritten: Hyperion frames messages and manages connections and encodings itself"),
+                    "remove it from the list",
+                ));
+            }
+            Ok(parsed)
+        };
+        let set = |field: &str,
+                   map: Option<std::collections::BTreeMap<String, String>>|
+         -> Result<Vec<(http::HeaderName, http::HeaderValue)>, PolicyError> {
+            let mut out = Vec::new();
+            for (n, v) in map.unwrap_or_default() {
+                let value = http::HeaderValue::from_str(&v).map_err(|_| {
+                    self.err(
+                        span.clone(),
+                        key(field),
+                        format!("the value of `{n}` is not a valid header value"),
+                        "use visible ASCII characters and spaces, no line breaks",
+                    )
+                })?;
+                out.push((name(field, &n)?, value));
+            }
+            Ok(out)
+        };
+        let remove = |field: &str, list: Option<Vec<String>>| {
+            list.unwrap_or_default()
+                .iter()
+                .map(|n| name(field, n))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let rewrite = HeaderRewrite {
+            request_set: set("request_set", raw.request_set)?,
+            request_remove: remove("request_remove", raw.request_remove)?,
+            response_set: set("response_set", raw.response_set)?,
+            response_remove: remove("response_remove", raw.response_remove)?,
+        };
+        for (field, sets, removes) in [
+            ("request", &rewrite.request_set, &rewrite.request_remove),
+            ("response", &rewrite.response_set, &rewrite.response_remove),
+        ] {
+            if let Some((n, _)) = sets.iter().find(|(n, _)| removes.contains(n)) {
+                return Err(self.err(
+                    span.clone(),
+                    key(&format!("{field}_remove")),
+                    format!("`{n}` is both set and removed"),
+                    format!("keep it in only one of {field}_set and {field}_remove"),
+                ));
+            }
+        }
+        Ok(rewrite)
+    }
+
     fn routes(
         &self,
         raw: Vec<Spanned<raw::RawRoute>>,
@@ -539,9 +612,10 @@ impl Validator<'_> {
             if let Some(v) = &r.rate_limit {
                 return Err(self.not_yet(v.span(), &format!("{key}.rate_limit")));
             }
-            if let Some(h) = &r.headers {
-                return Err(self.not_yet(h.span(), &format!("{key}.headers")));
-            }
+            let headers = match r.headers {
+                Some(h) => Some(Arc::new(self.route_headers(h, &key)?)),
+                None => None,
+            };
             let upstream = r.upstream.get_ref().clone();
             if !upstream_names.contains(&upstream) {
                 let fix = match nearest(&upstream, &upstream_names) {
@@ -597,6 +671,7 @@ impl Validator<'_> {
                     upstream,
                     preserve_host: r.preserve_host.unwrap_or(true),
                     cache: route_cache,
+                    headers,
                 }),
             ));
         }
