@@ -9,6 +9,7 @@
 pub mod access_log;
 pub mod body;
 pub mod cache;
+pub mod compress;
 pub mod conn;
 pub mod error;
 pub mod handler;

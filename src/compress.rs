@@ -1,0 +1,213 @@
+//! Content codings on the way out: which one a client gets
+//! (`Accept-Encoding`, RFC 9110 §12.5.3).
+//!
+//! This module owns the negotiation: codings by q-value, the policy's order
+//! among equal ones, `identity` and `*` as the RFC reads them. It does not
+//! decide whether a response is worth compressing, nor run a compressor.
+
+use http::header::{self, HeaderMap, HeaderValue};
+
+/// A content coding Hyperion can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Coding {
+    Br,
+    Gzip,
+}
+
+impl Coding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Coding::Br => "br",
+            Coding::Gzip => "gzip",
+        }
+    }
+
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
+    }
+}
+
+/// What the client may be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// This coding, the client's favourite among those offered.
+    Encode(Coding),
+    /// No coding (none offered is acceptable, or none was asked for).
+    Identity,
+    /// Nothing acceptable: every offered coding and `identity` are refused.
+    NotAcceptable,
+}
+
+/// Picks the coding for a client that sent `headers`, among `offered` in
+/// the policy's order of preference. The highest q-value wins; the policy's
+/// order breaks ties. Without `Accept-Encoding` the answer is identity:
+/// the RFC would allow any coding, but clients that send none (curl, most
+/// scripts) rarely decode one.
+pub fn negotiate(headers: &HeaderMap, offered: &[Coding]) -> Choice {
+    if !headers.contains_key(header::ACCEPT_ENCODING) {
+        return Choice::Identity;
+    }
+    let mut star: Option<u16> = None;
+    let mut identity: Option<u16> = None;
+    let mut q_of = [None::<u16>; 2];
+    for (name, q) in elements(headers) {
+        let slot = if name.eq_ignore_ascii_case(b"*") {
+            &mut star
+        } else if name.eq_ignore_ascii_case(b"identity") {
+            &mut identity
+        } else if name.eq_ignore_ascii_case(b"br") {
+            &mut q_of[0]
+        } else if name.eq_ignore_ascii_case(b"gzip") || name.eq_ignore_ascii_case(b"x-gzip") {
+            &mut q_of[1]
+        } else {
+            continue;
+        };
+        // Listed twice: the more generous reading.
+        *slot = Some(slot.map_or(q, |old| old.max(q)));
+    }
+    let q = |c: Coding| {
+        let listed = match c {
+            Coding::Br => q_of[0],
+            Coding::Gzip => q_of[1],
+        };
+        listed.or(star).unwrap_or(0)
+    };
+    let mut best: Option<(Coding, u16)> = None;
+    for &c in offered {
+        let cq = q(c);
+        if cq > 0 && best.is_none_or(|(_, bq)| cq > bq) {
+            best = Some((c, cq));
+        }
+    }
+    if let Some((c, _)) = best {
+        return Choice::Encode(c);
+    }
+    // identity is acceptable unless refused by name, or by `*;q=0` without
+    // its own entry (§12.5.3).
+    match identity.or(star) {
+        Some(0) => Choice::NotAcceptable,
+        _ => Choice::Identity,
+    }
+}
+
+/// `(coding, q × 1000)` for each well-formed element of every
+/// `Accept-Encoding` line; malformed elements are skipped.
+fn elements(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], u16)> {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .filter_map(|element| {
+            let mut parts = element.split(|&b| b == b';');
+            let name = parts.next()?.trim_ascii();
+            if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+                return None;
+            }
+            let mut q = 1000;
+            for param in parts {
+                let param = param.trim_ascii();
+                let (k, v) = match param.iter().position(|&b| b == b'=') {
+                    Some(i) => (param[..i].trim_ascii(), param[i + 1..].trim_ascii()),
+                    None => return None,
+                };
+                if k.eq_ignore_ascii_case(b"q") {
+                    q = qvalue(v)?;
+                }
+            }
+            Some((name, q))
+        })
+}
+
+/// RFC 9110 §12.4.2: `0[.ddd]` or `1[.000]`, as thousandths.
+fn qvalue(v: &[u8]) -> Option<u16> {
+    let (int, frac) = match v.iter().position(|&b| b == b'.') {
+        Some(i) => (&v[..i], &v[i + 1..]),
+        None => (v, &b""[..]),
+    };
+    if frac.len() > 3 || !frac.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut thousandths = 0u16;
+    for i in 0..3 {
+        thousandths = thousandths * 10 + frac.get(i).map_or(0, |d| u16::from(d - b'0'));
+    }
+    match int {
+        b"0" => Some(thousandths),
+        b"1" if thousandths == 0 => Some(1000),
+        _ => None,
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOTH: [Coding; 2] = [Coding::Br, Coding::Gzip];
+
+    fn choose(accept: Option<&str>, offered: &[Coding]) -> Choice {
+        let mut h = HeaderMap::new();
+        if let Some(a) = accept {
+            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(a).unwrap());
+        }
+        negotiate(&h, offered)
+    }
+
+    #[test]
+    fn q_values_decide_and_the_policy_breaks_ties() {
+        use Choice::*;
+        use Coding::*;
+        for (accept, want) in [
+            (Some("gzip, deflate, br"), Encode(Br)),
+            (Some("gzip;q=1.0, br;q=0.5"), Encode(Gzip)),
+            (Some("br;q=0.2, gzip;q=0.1"), Encode(Br)),
+            (Some("GZIP"), Encode(Gzip)),
+            (Some("x-gzip"), Encode(Gzip)),
+            (Some("deflate"), Identity),
+            (Some("*"), Encode(Br)),
+            (Some("*;q=0.5, br;q=0"), Encode(Gzip)),
+            (Some("br;q=0, gzip;q=0"), Identity),
+            (Some(""), Identity),
+            (None, Identity),
+        ] {
+            assert_eq!(choose(accept, &BOTH), want, "{accept:?}");
+        }
+        assert_eq!(choose(Some("gzip, br"), &[Gzip, Br]), Encode(Gzip));
+    }
+
+    #[test]
+    fn identity_is_refused_only_by_name_or_by_star() {
+        use Choice::*;
+        assert_eq!(choose(Some("identity;q=0"), &[]), NotAcceptable);
+        assert_eq!(choose(Some("*;q=0"), &BOTH), NotAcceptable);
+        assert_eq!(choose(Some("*;q=0, identity"), &BOTH), Identity);
+        assert_eq!(
+            choose(Some("identity;q=0, gzip"), &BOTH),
+            Encode(Coding::Gzip)
+        );
+        assert_eq!(choose(Some("deflate, identity;q=0"), &BOTH), NotAcceptable);
+    }
+
+    #[test]
+    fn malformed_elements_are_skipped_not_fatal() {
+        use Choice::*;
+        for accept in [
+            "gzip;q=2, br",
+            "gzip;q=0.5000, br",
+            "gzip;q=abc, br",
+            "gzip;level, br",
+            "g zip, br",
+            ",,, br ,",
+        ] {
+            assert_eq!(choose(Some(accept), &BOTH), Encode(Coding::Br), "{accept}");
+        }
+        assert_eq!(choose(Some(";;;"), &BOTH), Identity);
+        assert_eq!(qvalue(b"0.001"), Some(1));
+        assert_eq!(qvalue(b"1.000"), Some(1000));
+        assert_eq!(qvalue(b"1.001"), None);
+        assert_eq!(qvalue(b".5"), None);
+    }
+}
