@@ -1,10 +1,15 @@
 //! Content codings on the way out: which one a client gets
 //! (`Accept-Encoding`, RFC 9110 §12.5.3).
 //!
-//! This module owns the negotiation: codings by q-value, the policy's order
-//! among equal ones, `identity` and `*` as the RFC reads them. It does not
-//! decide whether a response is worth compressing, nor run a compressor.
+//! This module owns the negotiation (codings by q-value, the policy's order
+//! among equal ones, `identity` and `*` as the RFC reads them) and the
+//! encoder that compresses a body as it passes, flushing after each chunk
+//! when the body is a stream. It does not decide whether a response is
+//! worth compressing.
 
+use std::io::Write;
+
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 
 /// A content coding Hyperion can produce.
@@ -87,6 +92,84 @@ pub fn negotiate(headers: &HeaderMap, offered: &[Coding]) -> Choice {
     match identity.or(star) {
         Some(0) => Choice::NotAcceptable,
         _ => Choice::Identity,
+    }
+}
+
+/// A body's compressor, fed chunk by chunk.
+pub struct Encoder {
+    kind: EncoderKind,
+    /// Flush after every chunk, so each one can be decoded on arrival
+    /// (NDJSON, SSE); otherwise the compressor keeps what it needs.
+    flush_each: bool,
+}
+
+enum EncoderKind {
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Br(Box<brotli::CompressorWriter<Vec<u8>>>),
+}
+
+/// Brotli's window: 4 MiB, ample for model answers, small enough per stream.
+const BROTLI_LGWIN: u32 = 22;
+
+impl Encoder {
+    /// `level`: gzip 0–9, brotli quality 0–11 (checked by the policy).
+    pub fn new(coding: Coding, level: u32, flush_each: bool) -> Self {
+        let kind = match coding {
+            Coding::Gzip => EncoderKind::Gzip(flate2::write::GzEncoder::new(
+                Vec::new(),
+                flate2::Compression::new(level),
+            )),
+            Coding::Br => EncoderKind::Br(Box::new(brotli::CompressorWriter::new(
+                Vec::new(),
+                4096,
+                level,
+                BROTLI_LGWIN,
+            ))),
+        };
+        Encoder { kind, flush_each }
+    }
+
+    /// Compresses `data`; returns what is ready to send (maybe nothing).
+    pub fn push(&mut self, data: &[u8]) -> std::io::Result<Bytes> {
+        let flush = self.flush_each;
+        match &mut self.kind {
+            EncoderKind::Gzip(e) => {
+                e.write_all(data)?;
+                if flush {
+                    e.flush()?;
+                }
+                Ok(std::mem::take(e.get_mut()).into())
+            }
+            EncoderKind::Br(e) => {
+                e.write_all(data)?;
+                if flush {
+                    e.flush()?;
+                }
+                Ok(std::mem::take(e.get_mut()).into())
+            }
+        }
+    }
+
+    /// Ends the stream; returns its last bytes.
+    pub fn finish(self) -> std::io::Result<Bytes> {
+        match self.kind {
+            EncoderKind::Gzip(e) => Ok(e.finish()?.into()),
+            EncoderKind::Br(e) => Ok(e.into_inner().into()),
+        }
+    }
+
+    /// Compresses a whole body at once.
+    pub fn whole(coding: Coding, level: u32, body: &[u8]) -> std::io::Result<Bytes> {
+        let mut e = Encoder::new(coding, level, false);
+        let head = e.push(body)?;
+        let tail = e.finish()?;
+        if head.is_empty() {
+            return Ok(tail);
+        }
+        let mut out = Vec::with_capacity(head.len() + tail.len());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&tail);
+        Ok(out.into())
     }
 }
 
@@ -189,6 +272,90 @@ mod tests {
             Encode(Coding::Gzip)
         );
         assert_eq!(choose(Some("deflate, identity;q=0"), &BOTH), NotAcceptable);
+    }
+
+    fn decode(coding: Coding, bytes: &[u8]) -> Vec<u8> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        match coding {
+            Coding::Gzip => {
+                flate2::read::GzDecoder::new(bytes)
+                    .read_to_end(&mut out)
+                    .unwrap();
+            }
+            Coding::Br => {
+                brotli::Decompressor::new(bytes, 4096)
+                    .read_to_end(&mut out)
+                    .unwrap();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn each_flushed_chunk_decodes_on_arrival() {
+        for coding in [Coding::Gzip, Coding::Br] {
+            let mut e = Encoder::new(coding, 5, true);
+            let mut sent = Vec::new();
+            let mut decoded_so_far = Vec::new();
+            for i in 0..5 {
+                let event = format!("{{\"response\":\"token {i}\",\"done\":false}}\n");
+                let out = e.push(event.as_bytes()).unwrap();
+                assert!(!out.is_empty(), "{coding:?}: flushed bytes for chunk {i}");
+                sent.extend_from_slice(&out);
+                // A streaming decoder given what was sent so far sees the
+                // whole event already.
+                let so_far = partial_decode(coding, &sent);
+                decoded_so_far.extend_from_slice(event.as_bytes());
+                assert_eq!(so_far, decoded_so_far, "{coding:?} chunk {i}");
+            }
+            sent.extend_from_slice(&e.finish().unwrap());
+            assert_eq!(decode(coding, &sent), decoded_so_far);
+        }
+    }
+
+    /// Decodes as much of an unfinished stream as it can.
+    fn partial_decode(coding: Coding, bytes: &[u8]) -> Vec<u8> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        match coding {
+            Coding::Gzip => {
+                let mut d = flate2::read::GzDecoder::new(bytes);
+                while let Ok(n) = d.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&buf[..n]);
+                }
+            }
+            Coding::Br => {
+                let mut d = brotli::Decompressor::new(bytes, 4096);
+                while let Ok(n) = d.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn whole_bodies_round_trip_and_shrink() {
+        let body =
+            br#"{"model":"llama3.2","response":"The sky is blue because of Rayleigh scattering."}"#
+                .repeat(50);
+        for (coding, level) in [(Coding::Gzip, 6), (Coding::Br, 5)] {
+            let packed = Encoder::whole(coding, level, &body).unwrap();
+            assert!(
+                packed.len() < body.len() / 5,
+                "{coding:?}: {}",
+                packed.len()
+            );
+            assert_eq!(decode(coding, &packed), body);
+        }
     }
 
     #[test]
