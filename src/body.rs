@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::cache::{FillReader, Recorder, StoredBody};
+use crate::compress::Encoder;
 use crate::upstream::ConnLease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -177,6 +178,8 @@ pub struct ResponseBody {
     kind: Kind,
     sent: u64,
     on_end: Option<OnEnd>,
+    /// Compresses what `kind` yields; taken when the stream is finished.
+    encoder: Option<Box<Encoder>>,
 }
 
 enum Kind {
@@ -247,6 +250,59 @@ impl ResponseBody {
             kind,
             sent: 0,
             on_end: None,
+            encoder: None,
+        }
+    }
+
+    /// Sends the body through `encoder` (the headers say which coding).
+    pub fn encode(&mut self, encoder: Encoder) {
+        self.encoder = Some(Box::new(encoder));
+    }
+
+    /// The next frame of `kind`, compressed: each data frame through the
+    /// encoder, and the encoder's last bytes with the last frame.
+    fn poll_encoded(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let Some(encoder) = self.encoder.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let data = match self.kind.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                // Trailers are not compressed.
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => Some(data),
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(None) => None,
+            };
+            let mut out = match data.as_deref().map(|d| encoder.push(d)) {
+                Some(Ok(out)) => out,
+                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                None => Bytes::new(),
+            };
+            if data.is_none() || self.kind.is_end_stream() {
+                let encoder = self.encoder.take().expect("checked above");
+                match encoder.finish() {
+                    Ok(tail) if out.is_empty() => out = tail,
+                    Ok(tail) => {
+                        let mut both = Vec::with_capacity(out.len() + tail.len());
+                        both.extend_from_slice(&out);
+                        both.extend_from_slice(&tail);
+                        out = both.into();
+                    }
+                    Err(e) => return Poll::Ready(Some(Err(Box::new(e)))),
+                }
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+            if self.encoder.is_none() {
+                return Poll::Ready(None);
+            }
         }
     }
 
@@ -294,15 +350,10 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = match &mut this.kind {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Chunks(chunks, next) => {
-                let chunk = chunks.get(*next).cloned();
-                *next += 1;
-                Poll::Ready(chunk.map(|b| Ok(Frame::data(b))))
-            }
-            Kind::Upstream(up) => up.poll(cx),
-            Kind::Fill(reader) => reader.poll_chunk(cx).map(|c| c.map(|c| c.map(Frame::data))),
+        let polled = if this.encoder.is_some() {
+            this.poll_encoded(cx)
+        } else {
+            this.kind.poll(cx)
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -323,19 +374,41 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(bytes) => bytes.is_none(),
-            Kind::Chunks(chunks, next) => *next >= chunks.len(),
-            Kind::Upstream(up) => up.inner.is_end_stream(),
-            Kind::Fill(reader) => reader.is_done(),
-        }
+        self.encoder.is_none() && self.kind.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.encoder.is_some() {
+            return SizeHint::default();
+        }
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Chunks(..) | Kind::Fill(_) => SizeHint::default(),
             Kind::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}
+
+impl Kind {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Chunks(chunks, next) => {
+                let chunk = chunks.get(*next).cloned();
+                *next += 1;
+                Poll::Ready(chunk.map(|b| Ok(Frame::data(b))))
+            }
+            Kind::Upstream(up) => up.poll(cx),
+            Kind::Fill(reader) => reader.poll_chunk(cx).map(|c| c.map(|c| c.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Chunks(chunks, next) => *next >= chunks.len(),
+            Kind::Upstream(up) => up.inner.is_end_stream(),
+            Kind::Fill(reader) => reader.is_done(),
         }
     }
 }

@@ -11,6 +11,12 @@ use std::io::Write;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::ResponseBody;
+use crate::cache::CacheControl;
+use crate::error::ProxyError;
+use crate::policy::CompressionPolicy;
 
 /// A content coding Hyperion can produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,6 +99,134 @@ pub fn negotiate(headers: &HeaderMap, offered: &[Coding]) -> Choice {
         Some(0) => Choice::NotAcceptable,
         _ => Choice::Identity,
     }
+}
+
+/// Chooses and applies the coding of one response on its way to a client
+/// whose request carried `accept` (its `Accept-Encoding` lines): headers
+/// now, the encoder for the body. Responses that are not worth it or not
+/// ours to touch leave as they are; a compressible one for a client that
+/// refuses identity and every coding offered is a 406.
+pub fn encode_response(
+    policy: &CompressionPolicy,
+    accept: &HeaderMap,
+    head_only: bool,
+    resp: &mut Response<ResponseBody>,
+) -> Result<(), ProxyError> {
+    if !eligible(policy, resp.status(), resp.headers()) {
+        return Ok(());
+    }
+    let headers = resp.headers_mut();
+    add_vary_accept_encoding(headers);
+    let coding = match negotiate(accept, &policy.algorithms) {
+        Choice::Identity => return Ok(()),
+        Choice::NotAcceptable => return Err(ProxyError::NotAcceptable),
+        Choice::Encode(c) => c,
+    };
+    headers.insert(header::CONTENT_ENCODING, coding.header_value());
+    headers.remove(header::CONTENT_LENGTH);
+    // Byte ranges of the identity body mean nothing in the encoded one.
+    headers.remove(header::ACCEPT_RANGES);
+    if let Some(weak) = headers.get(header::ETAG).and_then(weakened) {
+        // Equivalent to the identity body, not byte-identical (RFC 9110 §8.8.1).
+        headers.insert(header::ETAG, weak);
+    }
+    let stream = is_stream(headers);
+    if !head_only {
+        let level = match coding {
+            Coding::Gzip => policy.gzip_level,
+            Coding::Br => policy.brotli_quality,
+        };
+        resp.body_mut().encode(Encoder::new(coding, level, stream));
+    }
+    Ok(())
+}
+
+/// Whether a response may and should be compressed: a status with a body,
+/// not already encoded, transformable, of a listed type, and not known to
+/// be smaller than `min_size`.
+fn eligible(policy: &CompressionPolicy, status: StatusCode, headers: &HeaderMap) -> bool {
+    if status.is_informational()
+        || matches!(
+            status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED | StatusCode::PARTIAL_CONTENT
+        )
+        || headers.contains_key(header::CONTENT_RANGE)
+    {
+        return false;
+    }
+    let encoded = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+    if encoded || CacheControl::parse(headers).no_transform {
+        return false;
+    }
+    let Some(media) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+    else {
+        return false;
+    };
+    let listed = policy
+        .content_types
+        .iter()
+        .any(|t| match t.strip_suffix("/*") {
+            Some(ty) => media.split_once('/').is_some_and(|(mt, _)| mt == ty),
+            None => *t == media,
+        });
+    if !listed {
+        return false;
+    }
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    length.is_none_or(|n| n >= policy.min_size)
+}
+
+fn add_vary_accept_encoding(headers: &mut HeaderMap) {
+    let listed = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| {
+            let n = n.trim();
+            n == "*" || n.eq_ignore_ascii_case("accept-encoding")
+        });
+    if !listed {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+}
+
+/// `W/"x"` for a strong `"x"`; `None` when already weak or malformed.
+fn weakened(etag: &HeaderValue) -> Option<HeaderValue> {
+    let b = etag.as_bytes();
+    if b.starts_with(b"W/") || !b.starts_with(b"\"") {
+        return None;
+    }
+    let mut weak = Vec::with_capacity(b.len() + 2);
+    weak.extend_from_slice(b"W/");
+    weak.extend_from_slice(b);
+    HeaderValue::from_bytes(&weak).ok()
+}
+
+/// NDJSON and SSE: each chunk must be readable when it arrives.
+fn is_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct.trim_start().to_ascii_lowercase();
+            ct.starts_with("application/x-ndjson") || ct.starts_with("text/event-stream")
+        })
 }
 
 /// A body's compressor, fed chunk by chunk.

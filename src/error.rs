@@ -38,6 +38,8 @@ pub enum ProxyError {
     NotCached,
     #[error("a precondition of the request (If-Match or If-Unmodified-Since) does not hold")]
     PreconditionFailed,
+    #[error("the request's Accept-Encoding refuses identity and every coding Hyperion offers")]
+    NotAcceptable,
 }
 
 // === impl ProxyError ===
@@ -56,6 +58,7 @@ impl ProxyError {
             // RFC 9111 §5.2.1.7.
             ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            ProxyError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
         }
     }
 
@@ -71,6 +74,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed { .. } => "upstream_error",
             ProxyError::NotCached => "not_cached",
             ProxyError::PreconditionFailed => "precondition_failed",
+            ProxyError::NotAcceptable => "not_acceptable",
         }
     }
 

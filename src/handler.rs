@@ -10,8 +10,8 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::{AccessLog, AccessRecord, LogSink};
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::cache::{Before, Cache, CacheQuery, CacheStatus, Followed};
+use crate::compress;
 use crate::conn::ConnState;
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
@@ -141,20 +142,35 @@ impl Proxy {
         };
         let rec = pending.rec.as_mut().expect("just set");
         let mut rewrite = None;
-        let mut resp = match self
-            .forward(req, conn, rec, &request_id, &mut rewrite)
-            .await
-        {
-            Ok(mut resp) => {
-                // What the upstream or the cache answered, as the route wants
-                // clients to see it (Hyperion's own errors are left alone).
-                if let Some(rw) =
-                    rewrite.filter(|_| resp.status() != StatusCode::SWITCHING_PROTOCOLS)
-                {
-                    rw.apply_response(resp.headers_mut());
-                }
-                resp
+        // What compression needs of the request, kept before it is consumed.
+        let mut accept = HeaderMap::new();
+        if self.policy.compression.is_some() {
+            for v in req.headers().get_all(header::ACCEPT_ENCODING) {
+                accept.append(header::ACCEPT_ENCODING, v.clone());
             }
+        }
+        let head_only = req.method() == Method::HEAD;
+        let forwarded = self
+            .forward(req, conn, rec, &request_id, &mut rewrite)
+            .await;
+        let cache_status = rec.cache;
+        let answered = forwarded.and_then(|mut resp| {
+            // What the upstream or the cache answered, as the route wants
+            // clients to see it (Hyperion's own errors are left alone).
+            if let Some(rw) = rewrite.filter(|_| resp.status() != StatusCode::SWITCHING_PROTOCOLS) {
+                rw.apply_response(resp.headers_mut());
+            }
+            // Straight from the upstream only: stored answers are sent as
+            // stored until each keeps its own compressed copies.
+            if let (Some(cp), "-" | "MISS" | "BYPASS" | "EXPIRED") =
+                (&self.policy.compression, cache_status)
+            {
+                compress::encode_response(cp, &accept, head_only, &mut resp)?;
+            }
+            Ok(resp)
+        });
+        let mut resp = match answered {
+            Ok(resp) => resp,
             Err(e) => {
                 if e.status().is_server_error() {
                     tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
@@ -327,6 +343,13 @@ impl Proxy {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        if self.policy.compression.is_some() {
+            // Hyperion compresses: the upstream's bytes must be readable here.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
         }
         if let Some(rw) = &route.policy.headers {
             rw.apply_request(&mut parts.headers);

@@ -34,6 +34,22 @@ pub struct Policy {
     pub upstreams: Vec<Arc<UpstreamPolicy>>,
     /// In file order: the first match wins.
     pub routes: Vec<Arc<RoutePolicy>>,
+    /// `[compression]`; `None`: bodies leave as the upstream sent them.
+    pub compression: Option<Arc<CompressionPolicy>>,
+}
+
+/// `[compression]`: which answers Hyperion compresses, and how hard
+/// (applied in `compress`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressionPolicy {
+    /// Preference order among the codings a client accepts equally.
+    pub algorithms: Vec<crate::compress::Coding>,
+    /// Bodies known to be smaller are sent as they are.
+    pub min_size: u64,
+    /// `type/subtype` (exact) or `type/*`, lower-case.
+    pub content_types: Vec<String>,
+    pub gzip_level: u32,
+    pub brotli_quality: u32,
 }
 
 /// `[server]`.

@@ -52,7 +52,6 @@ fn keys_not_built_yet_are_refused_at_their_line() {
             "cache.redis",
             1,
         ),
-        ("[compression]\nmin_size = \"1KB\"\n", "compression", 1),
         ("[admin]\nlisten = \"127.0.0.1:9090\"\n", "admin", 1),
         (
             "[server.tls]\nlisten = [\"0.0.0.0:8443\"]\ncert = \"c\"\nkey = \"k\"\n",
@@ -182,6 +181,26 @@ fn mistakes_name_file_line_column_key_and_fix() {
             "proxy.toml:7:8: route[1].name: route name `r` is used twice",
         ),
         ("[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n", "proxy.toml:1:1: route: no routes"),
+        (
+            "[compression]\ngzip_level = 12\n",
+            "proxy.toml:1:1: compression.gzip_level: gzip_level 12 is out of range",
+        ),
+        (
+            "[compression]\nalgorithms = []\n",
+            "compression.algorithms: no algorithms",
+        ),
+        (
+            "[compression]\nalgorithms = [\"gzip\", \"gzip\"]\n",
+            "compression.algorithms: an algorithm is listed twice",
+        ),
+        (
+            "[compression]\nalgorithms = [\"zstd\"]\n",
+            "compression.algorithms",
+        ),
+        (
+            "[compression]\ncontent_types = [\"json\"]\n",
+            "compression.content_types: `json` is not a media type",
+        ),
         (
             "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\n[route.headers]\nresponse_remove = [\"Bad Name\"]\n",
             "proxy.toml:6:1: route[0] (r).headers.response_remove: `Bad Name` is not a header name",

@@ -267,3 +267,209 @@ async fn route_headers_rewrite_both_ways_without_changing_what_is_stored() {
     assert_eq!(p.status, 412);
     assert_ne!(p.headers["cache-control"], "public, max-age=300");
 }
+
+// === compression ===
+
+fn compressed_policy(upstream: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[compression]
+algorithms = ["br", "gzip"]
+min_size = "1KB"
+
+[upstreams.up]
+servers = [{{ url = "{upstream}" }}]
+
+[[route]]
+name = "r"
+upstream = "up"
+"#
+    )
+}
+
+fn decode(coding: &str, bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match coding {
+        "gzip" => flate2::read::GzDecoder::new(bytes).read_to_end(&mut out),
+        "br" => brotli::Decompressor::new(bytes, 4096).read_to_end(&mut out),
+        other => panic!("unexpected coding {other}"),
+    }
+    .expect("decodes");
+    out
+}
+
+fn answer_json() -> String {
+    let mut s = String::from("[");
+    for i in 0..100 {
+        s.push_str(&format!(
+            r#"{{"model":"llama3.2","response":"token {i}","done":false}},"#
+        ));
+    }
+    s.push_str("{}]");
+    s
+}
+
+#[tokio::test]
+async fn answers_are_compressed_as_the_client_asks_and_left_alone_otherwise() {
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let up = Upstream::start(move |req| {
+        log.lock().unwrap().push(
+            req.headers()
+                .get("accept-encoding")
+                .map(|v| v.to_str().unwrap().to_owned()),
+        );
+        async move {
+            let (ct, extra): (&str, Option<(&str, &str)>) = match req.uri().path() {
+                "/png" => ("image/png", None),
+                "/small" => ("application/json", None),
+                "/already" => ("application/json", Some(("content-encoding", "gzip"))),
+                "/no-transform" => ("application/json", Some(("cache-control", "no-transform"))),
+                _ => ("application/json; charset=utf-8", Some(("etag", "\"e1\""))),
+            };
+            let body = if req.uri().path() == "/small" {
+                "{}".to_owned()
+            } else {
+                answer_json()
+            };
+            let mut resp = Response::builder().header("content-type", ct);
+            if let Some((k, v)) = extra {
+                resp = resp.header(k, v);
+            }
+            resp.body(full(body)).unwrap()
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&compressed_policy(&up.url())).await;
+    let url = proxy.url("/api/generate");
+    for coding in ["gzip", "br"] {
+        let (p, body) = call(&url, Method::GET, &[("accept-encoding", coding)]).await;
+        assert_eq!(p.status, 200);
+        assert_eq!(p.headers["content-encoding"], coding);
+        assert_eq!(p.headers["vary"], "accept-encoding");
+        assert_eq!(
+            p.headers["etag"], "W/\"e1\"",
+            "an encoded body's tag is weak"
+        );
+        assert!(
+            !p.headers.contains_key("content-length")
+                || p.headers["content-length"] == body.len().to_string().as_str()
+        );
+        assert!(
+            body.len() < answer_json().len() / 4,
+            "{coding}: {} bytes",
+            body.len()
+        );
+        assert_eq!(decode(coding, &body), answer_json().as_bytes());
+    }
+    // Both accepted: q-values first, then the policy's order.
+    let (p, _) = call(&url, Method::GET, &[("accept-encoding", "gzip, br")]).await;
+    assert_eq!(p.headers["content-encoding"], "br");
+    let (p, _) = call(&url, Method::GET, &[("accept-encoding", "gzip, br;q=0.5")]).await;
+    assert_eq!(p.headers["content-encoding"], "gzip");
+    // No Accept-Encoding, or nothing offered: identity, still varying.
+    for accept in [
+        None,
+        Some("deflate"),
+        Some("gzip;q=0, br;q=0"),
+        Some("g@rbage;;q=x"),
+    ] {
+        let headers: Vec<(&str, &str)> =
+            accept.map(|a| ("accept-encoding", a)).into_iter().collect();
+        let (p, body) = call(&url, Method::GET, &headers).await;
+        assert!(!p.headers.contains_key("content-encoding"), "{accept:?}");
+        assert_eq!(p.headers["vary"], "accept-encoding");
+        assert_eq!(body, answer_json().as_bytes());
+    }
+    // Identity refused and nothing else accepted: 406 JSON.
+    let (p, body) = call(&url, Method::GET, &[("accept-encoding", "identity;q=0")]).await;
+    assert_eq!(p.status, 406);
+    assert_eq!(json(&body)["error"]["code"], "not_acceptable");
+    // HEAD: the headers a GET gets, no body.
+    let (p, body) = call(&url, Method::HEAD, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(p.headers["content-encoding"], "gzip");
+    assert!(body.is_empty());
+    // Not ours to touch: images, tiny bodies, encoded or no-transform answers.
+    for path in ["/png", "/small", "/already", "/no-transform"] {
+        let (p, _) = call(&proxy.url(path), Method::GET, &[("accept-encoding", "br")]).await;
+        assert_ne!(
+            p.headers
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap()),
+            Some("br"),
+            "{path}"
+        );
+    }
+    assert!(
+        asked
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|a| a.as_deref() == Some("identity")),
+        "the upstream is asked for identity: {:?}",
+        asked.lock().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_compressed_stream_decodes_event_by_event_as_the_upstream_sends() {
+    use http_body_util::BodyExt;
+    let (up, mut streams) = stepped_upstream("application/x-ndjson").await;
+    let proxy = TestProxy::start(&compressed_policy(&up.url())).await;
+    for coding in ["gzip", "br"] {
+        let req = Request::get(proxy.url("/api/generate"))
+            .header("accept-encoding", coding)
+            .body(full(""))
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        assert_eq!(resp.headers()["content-encoding"], coding);
+        let writer = streams.recv().await.unwrap();
+        let mut body = resp.into_body();
+        let mut sent = Vec::new();
+        let mut events = String::new();
+        for i in 0..3 {
+            let event = format!("{{\"response\":\"token {i}\",\"done\":false}}\n");
+            writer.send(event.clone()).await;
+            events.push_str(&event);
+            // This event is readable before the upstream sends the next one.
+            let frame = tokio::time::timeout(PATIENCE, body.frame())
+                .await
+                .expect("a frame per upstream chunk")
+                .unwrap()
+                .unwrap();
+            sent.extend_from_slice(frame.data_ref().unwrap());
+            let so_far = partial_decode(coding, &sent);
+            assert_eq!(
+                String::from_utf8(so_far).unwrap(),
+                events,
+                "{coding} event {i}"
+            );
+        }
+        drop(writer);
+        let rest = body.collect().await.unwrap().to_bytes();
+        sent.extend_from_slice(&rest);
+        assert_eq!(decode(coding, &sent), events.as_bytes());
+    }
+}
+
+/// As much of an unfinished compressed stream as can be decoded.
+fn partial_decode(coding: &str, bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut reader: Box<dyn Read + '_> = match coding {
+        "gzip" => Box::new(flate2::read::GzDecoder::new(bytes)),
+        _ => Box::new(brotli::Decompressor::new(bytes, 4096)),
+    };
+    while let Ok(n) = reader.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
