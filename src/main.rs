@@ -48,8 +48,12 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
-            println!("{}: OK", cli.config.display());
-            print!("{policy}");
+            use std::io::Write;
+            // Written, not printed: `hyperion check | head` must not panic
+            // when the reader stops early.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}: OK", cli.config.display());
+            let _ = write!(out, "{policy}");
             ExitCode::SUCCESS
         }
         Command::Run => run(policy),
