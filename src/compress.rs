@@ -130,7 +130,7 @@ pub fn encode_response(
         // Equivalent to the identity body, not byte-identical (RFC 9110 §8.8.1).
         headers.insert(header::ETAG, weak);
     }
-    let stream = is_stream(headers);
+    let stream = crate::headers::is_event_stream(headers);
     if !head_only {
         let level = match coding {
             Coding::Gzip => policy.gzip_level,
@@ -216,17 +216,6 @@ fn weakened(etag: &HeaderValue) -> Option<HeaderValue> {
     weak.extend_from_slice(b"W/");
     weak.extend_from_slice(b);
     HeaderValue::from_bytes(&weak).ok()
-}
-
-/// NDJSON and SSE: each chunk must be readable when it arrives.
-fn is_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            let ct = ct.trim_start().to_ascii_lowercase();
-            ct.starts_with("application/x-ndjson") || ct.starts_with("text/event-stream")
-        })
 }
 
 /// A body's compressor, fed chunk by chunk.

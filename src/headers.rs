@@ -51,19 +51,26 @@ impl crate::policy::HeaderRewrite {
     }
 }
 
-/// Fields `[route.headers]` may not touch: they frame the message or
-/// describe one connection, and Hyperion sets them itself.
-pub const NOT_REWRITABLE: [HeaderName; 9] = [
-    header::CONNECTION,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::CONTENT_LENGTH,
-    header::CONTENT_ENCODING,
-];
+/// Whether `[route.headers]` may touch a field: not the hop-by-hop ones,
+/// nor those that frame or encode the body, which Hyperion sets itself.
+pub fn rewritable(name: &HeaderName) -> bool {
+    !HOP_BY_HOP.contains(name)
+        && *name != header::CONTENT_LENGTH
+        && *name != header::CONTENT_ENCODING
+}
+
+/// NDJSON and SSE: bodies read chunk by chunk (recorded, replayed and
+/// compressed so that each chunk is usable when it arrives).
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct.trim_start().as_bytes();
+            let starts = |p: &[u8]| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
+            starts(b"application/x-ndjson") || starts(b"text/event-stream")
+        })
+}
 
 /// Removes the hop-by-hop fields, including every field named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -181,20 +181,10 @@ async fn conditionals_pass_through_untouched_where_nothing_is_cached() {
 }
 
 fn rewrite_policy(upstream: &str, cache: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-
-[upstreams.up]
-servers = [{{ url = "{upstream}" }}]
-
-[[route]]
-name = "r"
-upstream = "up"
-
-[route.cache]
-{cache}
+    cached_policy(
+        upstream,
+        &format!(
+            r#"{cache}
 
 [route.headers]
 response_set = {{ "Cache-Control" = "public, max-age=300", "X-Edge" = "hyperion" }}
@@ -202,6 +192,7 @@ response_remove = ["Server"]
 request_set = {{ "X-Served-By" = "hyperion" }}
 request_remove = ["Cookie"]
 "#
+        ),
     )
 }
 
@@ -271,22 +262,15 @@ async fn route_headers_rewrite_both_ways_without_changing_what_is_stored() {
 // === compression ===
 
 fn compressed_policy(upstream: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
+    // A top-level table after the route's: the route itself caches nothing.
+    cached_policy(
+        upstream,
+        r#"mode = "off"
 
 [compression]
 algorithms = ["br", "gzip"]
 min_size = "1KB"
-
-[upstreams.up]
-servers = [{{ url = "{upstream}" }}]
-
-[[route]]
-name = "r"
-upstream = "up"
-"#
+"#,
     )
 }
 

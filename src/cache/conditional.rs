@@ -8,8 +8,6 @@
 
 use http::header::{self, HeaderMap, HeaderValue};
 
-use super::date;
-
 /// What the preconditions of a request make of a stored representation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precondition {
@@ -80,13 +78,11 @@ fn any_tag(req: &HeaderMap, name: &header::HeaderName, test: impl Fn(&EntityTag)
 }
 
 fn date_of(headers: &HeaderMap, name: &header::HeaderName) -> Option<std::time::SystemTime> {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next()?;
-    if values.next().is_some() {
+    if headers.get_all(name).iter().nth(1).is_some() {
         // Two dates: neither can be trusted (§13.1.3 asks for one).
         return None;
     }
-    date::parse(first.to_str().ok()?.trim())
+    super::control::http_date(headers, name)
 }
 
 /// `W/"opaque"` or `"opaque"` (RFC 9110 §8.8.3).

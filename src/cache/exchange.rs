@@ -529,7 +529,7 @@ impl Exchange {
         let status = resp.status();
         let cc = CacheControl::parse(headers);
         let now = SystemTime::now();
-        let streamed = is_stream(headers);
+        let streamed = crate::headers::is_event_stream(headers);
         if streamed && !self.policy.record_streams {
             return None;
         }
@@ -671,16 +671,6 @@ fn compact(headers: &HeaderMap) -> HeaderMap {
         at += len;
     }
     out
-}
-
-/// NDJSON and SSE: replayed chunk by chunk.
-fn is_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.starts_with("application/x-ndjson") || ct.starts_with("text/event-stream")
-        })
 }
 
 pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -611,7 +611,7 @@ impl Validator<'_> {
                     "use letters, digits and `-`, e.g. \"X-Served-By\"",
                 )
             })?;
-            if crate::headers::NOT_REWRITABLE.contains(&parsed) {
+            if !crate::headers::rewritable(&parsed) {
                 return Err(self.err(
                     span.clone(),
                     key(field),
