@@ -135,7 +135,7 @@ fn key_derivation(c: &mut Criterion) {
     group.finish();
 }
 
-fn entry(body: Bytes) -> Arc<Entry> {
+fn entry(key: CacheKey, body: Bytes) -> Arc<Entry> {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", "application/json".parse().unwrap());
     headers.insert("content-length", body.len().into());
@@ -154,6 +154,8 @@ fn entry(body: Bytes) -> Arc<Entry> {
         target: "127.0.0.1/api/chat".into(),
         cost: Cost::default(),
         own_etag: false,
+        key,
+        recodings: Default::default(),
     })
 }
 
@@ -166,7 +168,7 @@ fn store(c: &mut Criterion) {
     let cache = Cache::new(CachePolicy::default());
     let answer = Bytes::from(vec![b'x'; 1024]);
     for i in 0..KEYS {
-        ready(cache.insert(key(i), entry(answer.clone())));
+        ready(cache.insert(entry(key(i), answer.clone())));
     }
     let keys: Vec<CacheKey> = (0..KEYS).map(key).collect();
     let no_headers = HeaderMap::new();
@@ -185,12 +187,15 @@ fn store(c: &mut Criterion) {
         });
     }
     let mut n = KEYS;
-    let stored = entry(answer.clone());
     group.bench_function("insert", |b| {
-        b.iter(|| {
-            n += 1;
-            ready(cache.insert(key(n), stored.clone()))
-        })
+        b.iter_batched(
+            || {
+                n += 1;
+                entry(key(n), answer.clone())
+            },
+            |stored| ready(cache.insert(stored)),
+            criterion::BatchSize::SmallInput,
+        )
     });
     group.finish();
 }
@@ -207,7 +212,7 @@ fn moka_floor(c: &mut Criterion) {
             .build_with_hasher(DigestHash);
     let answer = Bytes::from(vec![b'x'; 1024]);
     for i in 0..KEYS {
-        ready(store.insert(key(i), entry(answer.clone())));
+        ready(store.insert(key(i), entry(key(i), answer.clone())));
     }
     let keys: Vec<CacheKey> = (0..KEYS).map(key).collect();
     let mut group = c.benchmark_group("moka_alone");

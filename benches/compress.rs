@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use hyperion::compress::{Coding, Encoder};
+use hyperion::compress::{Coder, Coding};
 
 /// An OpenAI-style chat answer of about 16 KB: JSON with natural-ish text.
 fn answer() -> Vec<u8> {
@@ -70,7 +70,7 @@ fn compress(c: &mut Criterion) {
         (Coding::Br, 6),
         (Coding::Br, 11),
     ] {
-        let packed = Encoder::whole(coding, level, &body).unwrap();
+        let packed = Coder::whole(coding, level, &body).unwrap();
         println!(
             "{} level {level}: {} → {} bytes, ratio {:.2}",
             coding.as_str(),
@@ -81,7 +81,7 @@ fn compress(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new(coding.as_str(), level),
             &level,
-            |b, &level| b.iter(|| Encoder::whole(coding, level, black_box(&body)).unwrap()),
+            |b, &level| b.iter(|| Coder::whole(coding, level, black_box(&body)).unwrap()),
         );
     }
     group.finish();

@@ -18,8 +18,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::cache::{FillReader, Recorder, StoredBody};
-use crate::compress::Encoder;
+use crate::cache::{Entry, FillReader, Recorder, StoredBody};
+use crate::compress::Coder;
 use crate::upstream::ConnLease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -178,8 +178,12 @@ pub struct ResponseBody {
     kind: Kind,
     sent: u64,
     on_end: Option<OnEnd>,
-    /// Compresses what `kind` yields; taken when the stream is finished.
-    encoder: Option<Box<Encoder>>,
+    /// Compresses or decompresses what `kind` yields; taken when the
+    /// stream is finished.
+    coder: Option<Box<Coder>>,
+    /// The stored entry this response was built from: `compress` sends
+    /// the entry's copy in the client's coding instead.
+    entry: Option<Arc<Entry>>,
 }
 
 enum Kind {
@@ -250,23 +254,40 @@ impl ResponseBody {
             kind,
             sent: 0,
             on_end: None,
-            encoder: None,
+            coder: None,
+            entry: None,
         }
     }
 
-    /// Sends the body through `encoder` (the headers say which coding).
-    pub fn encode(&mut self, encoder: Encoder) {
-        self.encoder = Some(Box::new(encoder));
+    /// A stored entry's body (none for HEAD), remembering the entry.
+    pub fn from_entry(entry: &Arc<Entry>, head: bool) -> Self {
+        let mut body = if head {
+            Self::empty()
+        } else {
+            Self::stored(&entry.body)
+        };
+        body.entry = Some(entry.clone());
+        body
+    }
+
+    /// The stored entry this body was built from.
+    pub fn entry(&self) -> Option<&Arc<Entry>> {
+        self.entry.as_ref()
+    }
+
+    /// Sends the body through `coder` (the headers say which coding).
+    pub fn transcode(&mut self, coder: Coder) {
+        self.coder = Some(Box::new(coder));
     }
 
     /// The next frame of `kind`, compressed: each data frame through the
-    /// encoder, and the encoder's last bytes with the last frame.
+    /// coder, and the coder's last bytes with the last frame.
     fn poll_encoded(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         loop {
-            let Some(encoder) = self.encoder.as_mut() else {
+            let Some(coder) = self.coder.as_mut() else {
                 return Poll::Ready(None);
             };
             let data = match self.kind.poll(cx) {
@@ -279,14 +300,14 @@ impl ResponseBody {
                 },
                 Poll::Ready(None) => None,
             };
-            let mut out = match data.as_deref().map(|d| encoder.push(d)) {
+            let mut out = match data.as_deref().map(|d| coder.push(d)) {
                 Some(Ok(out)) => out,
                 Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
                 None => Bytes::new(),
             };
             if data.is_none() || self.kind.is_end_stream() {
-                let encoder = self.encoder.take().expect("checked above");
-                match encoder.finish() {
+                let coder = self.coder.take().expect("checked above");
+                match coder.finish() {
                     Ok(tail) if out.is_empty() => out = tail,
                     Ok(tail) => {
                         let mut both = Vec::with_capacity(out.len() + tail.len());
@@ -300,7 +321,7 @@ impl ResponseBody {
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
-            if self.encoder.is_none() {
+            if self.coder.is_none() {
                 return Poll::Ready(None);
             }
         }
@@ -350,7 +371,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = if this.encoder.is_some() {
+        let polled = if this.coder.is_some() {
             this.poll_encoded(cx)
         } else {
             this.kind.poll(cx)
@@ -374,11 +395,11 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.encoder.is_none() && self.kind.is_end_stream()
+        self.coder.is_none() && self.kind.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.encoder.is_some() {
+        if self.coder.is_some() {
             return SizeHint::default();
         }
         match &self.kind {

@@ -13,6 +13,7 @@ mod exchange;
 mod fill;
 mod inspect;
 mod key;
+mod recoded;
 mod record;
 mod targets;
 mod vary;
@@ -30,6 +31,7 @@ pub use exchange::{After, Before, CacheQuery, Exchange};
 pub use fill::{FillError, FillReader, Follow, Followed, Sent};
 pub use inspect::{CacheReport, Explained, Purge, StoredSummary};
 pub use key::{CacheKey, DigestHash, KeyInput, KeyParts, NotJson};
+pub use recoded::{Form, Recoded, Recodings};
 pub use record::{Recorder, Recording};
 
 use crate::policy::CachePolicy;
@@ -118,6 +120,10 @@ pub struct Entry {
     /// Its `ETag` is Hyperion's (a body digest), not the upstream's: good for
     /// clients' conditionals, never sent upstream.
     pub own_etag: bool,
+    /// The key of the request that filled it (before any Vary variant).
+    pub key: CacheKey,
+    /// Its body in the other codings clients asked for.
+    pub recodings: Recodings,
 }
 
 /// What producing an answer cost the upstream.
@@ -150,6 +156,15 @@ impl Entry {
             || self.headers.contains_key(http::header::LAST_MODIFIED)
     }
 
+    /// The key it is stored under: the request's, or its Vary variant's.
+    pub fn store_key(&self) -> CacheKey {
+        if self.vary.is_empty() {
+            self.key
+        } else {
+            vary::stored_key(&self.key, &self.vary)
+        }
+    }
+
     /// Whether this request carries the header values the entry was stored for.
     pub fn vary_matches(&self, req: &HeaderMap) -> bool {
         vary::matches(&self.vary, req)
@@ -163,7 +178,7 @@ impl Entry {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
-        let total = self.body.len() + headers + self.target.len() + 350;
+        let total = self.body.len() + self.recodings.weight() + headers + self.target.len() + 350;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
@@ -270,7 +285,9 @@ impl moka::Expiry<CacheKey, Stored> for EntryExpiry {
         match stored {
             // Older variants may outlive the newest: their names must too.
             Stored::Varies(v) => Some(left.map_or(v.keep, |l| l.max(v.keep))),
-            _ => Some(stored.keep_for()),
+            // Counted from when it was stored: putting the same entry back
+            // (to weigh its new copies) does not make it live longer.
+            Stored::Entry(e) => Some(e.keep_for().saturating_sub(e.stored_at.elapsed())),
         }
     }
 }
@@ -364,9 +381,10 @@ impl Cache {
         }
     }
 
-    /// Stores `entry` as the response to requests with `key`: under the key
-    /// itself, or as the variant its `vary` values select.
-    pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+    /// Stores `entry` as the response to requests with its key: under the
+    /// key itself, or as the variant its `vary` values select.
+    pub async fn insert(&self, entry: Arc<Entry>) {
+        let key = entry.key;
         if entry.body.len() as u64 > self.policy.max_entry_size {
             return;
         }
@@ -381,7 +399,7 @@ impl Cache {
             target: entry.target.clone(),
             keep: entry.keep_for(),
         };
-        let variant = vary::stored_key(&key, &entry.vary);
+        let variant = entry.store_key();
         // The variant first: a lookup that finds the names finds it too.
         self.put(variant, Stored::Entry(entry)).await;
         self.put(key, Stored::Varies(Arc::new(varies))).await;
@@ -413,7 +431,7 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn entry(target: &str, vary: vary::VaryValues) -> Arc<Entry> {
+    fn entry(key: CacheKey, target: &str, vary: vary::VaryValues) -> Arc<Entry> {
         Arc::new(Entry {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
@@ -429,6 +447,8 @@ mod tests {
             target: target.into(),
             cost: Cost::default(),
             own_etag: false,
+            key,
+            recodings: Recodings::default(),
         })
     }
 
@@ -436,16 +456,16 @@ mod tests {
     async fn invalidating_a_url_drops_its_entries_and_variants_only() {
         let cache = Cache::new(CachePolicy::default());
         let (a, b) = (CacheKey([1; 32]), CacheKey([2; 32]));
-        cache.insert(a, entry("h/a", Vec::new())).await;
-        cache.insert(a, entry("h/a", Vec::new())).await;
+        cache.insert(entry(a, "h/a", Vec::new())).await;
+        cache.insert(entry(a, "h/a", Vec::new())).await;
         let lang = |v: &'static str| {
             vec![(
                 HeaderName::from_static("accept-language"),
                 Some(HeaderValue::from_static(v)),
             )]
         };
-        cache.insert(b, entry("h/b", lang("fr"))).await;
-        cache.insert(b, entry("h/b", lang("de"))).await;
+        cache.insert(entry(b, "h/b", lang("fr"))).await;
+        cache.insert(entry(b, "h/b", lang("de"))).await;
         cache.store.run_pending_tasks().await;
         // a; b's names; b's two variants.
         assert_eq!(cache.targets.len(), 4);

@@ -2,10 +2,11 @@
 //! (`Accept-Encoding`, RFC 9110 §12.5.3).
 //!
 //! This module owns the negotiation (codings by q-value, the policy's order
-//! among equal ones, `identity` and `*` as the RFC reads them) and the
-//! encoder that compresses a body as it passes, flushing after each chunk
-//! when the body is a stream. It does not decide whether a response is
-//! worth compressing.
+//! among equal ones, `identity` and `*` as the RFC reads them), which
+//! responses are compressed or decoded (`Treatment`), and the coder that
+//! does it as a body passes, flushing after each chunk when the body is a
+//! stream. The copies a stored entry keeps in other codings are held by
+//! `cache::recoded`; this module only says how to make them.
 
 use std::io::Write;
 
@@ -13,8 +14,10 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
+use std::sync::Arc;
+
 use crate::body::ResponseBody;
-use crate::cache::CacheControl;
+use crate::cache::{Cache, CacheControl, Entry, Form, Recoded, StoredBody};
 use crate::error::ProxyError;
 use crate::policy::CompressionPolicy;
 
@@ -101,50 +104,51 @@ pub fn negotiate(headers: &HeaderMap, offered: &[Coding]) -> Choice {
     }
 }
 
-/// Chooses and applies the coding of one response on its way to a client
-/// whose request carried `accept` (its `Accept-Encoding` lines): headers
-/// now, the encoder for the body. Responses that are not worth it or not
-/// ours to touch leave as they are; a compressible one for a client that
-/// refuses identity and every coding offered is a 406.
-pub fn encode_response(
-    policy: &CompressionPolicy,
-    accept: &HeaderMap,
-    head_only: bool,
-    resp: &mut Response<ResponseBody>,
-) -> Result<(), ProxyError> {
-    if !eligible(policy, resp.status(), resp.headers()) {
-        return Ok(());
-    }
-    let headers = resp.headers_mut();
-    add_vary_accept_encoding(headers);
-    let coding = match negotiate(accept, &policy.algorithms) {
-        Choice::Identity => return Ok(()),
-        Choice::NotAcceptable => return Err(ProxyError::NotAcceptable),
-        Choice::Encode(c) => c,
-    };
-    headers.insert(header::CONTENT_ENCODING, coding.header_value());
-    headers.remove(header::CONTENT_LENGTH);
-    // Byte ranges of the identity body mean nothing in the encoded one.
-    headers.remove(header::ACCEPT_RANGES);
-    if let Some(weak) = headers.get(header::ETAG).and_then(weakened) {
-        // Equivalent to the identity body, not byte-identical (RFC 9110 §8.8.1).
-        headers.insert(header::ETAG, weak);
-    }
-    let stream = crate::headers::is_event_stream(headers);
-    if !head_only {
-        let level = match coding {
-            Coding::Gzip => policy.gzip_level,
-            Coding::Br => policy.brotli_quality,
-        };
-        resp.body_mut().encode(Encoder::new(coding, level, stream));
-    }
-    Ok(())
+/// What Hyperion does about a response's content coding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Treatment {
+    /// Worth compressing: sent in the coding the client prefers.
+    Compress,
+    /// Encoded by the upstream in a coding Hyperion can undo: decoded for
+    /// clients that do not take it.
+    Decode(Decoding),
+    /// Left as it is.
+    AsIs,
 }
 
-/// Whether a response may and should be compressed: a status with a body,
-/// not already encoded, transformable, of a listed type, and not known to
-/// be smaller than `min_size`.
-fn eligible(policy: &CompressionPolicy, status: StatusCode, headers: &HeaderMap) -> bool {
+/// A coding an upstream may have applied that Hyperion can undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoding {
+    Br,
+    Gzip,
+    /// RFC 9110 §8.4.1.2: the zlib format.
+    Deflate,
+}
+
+impl Decoding {
+    fn parse(name: &[u8]) -> Option<Self> {
+        if name.eq_ignore_ascii_case(b"gzip") || name.eq_ignore_ascii_case(b"x-gzip") {
+            Some(Decoding::Gzip)
+        } else if name.eq_ignore_ascii_case(b"br") {
+            Some(Decoding::Br)
+        } else if name.eq_ignore_ascii_case(b"deflate") {
+            Some(Decoding::Deflate)
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decoding::Br => "br",
+            Decoding::Gzip => "gzip",
+            Decoding::Deflate => "deflate",
+        }
+    }
+}
+
+/// How a response with `status` and `headers` is treated under `policy`.
+pub fn treatment(policy: &CompressionPolicy, status: StatusCode, headers: &HeaderMap) -> Treatment {
     if status.is_informational()
         || matches!(
             status,
@@ -152,25 +156,33 @@ fn eligible(policy: &CompressionPolicy, status: StatusCode, headers: &HeaderMap)
         )
         || headers.contains_key(header::CONTENT_RANGE)
     {
-        return false;
+        return Treatment::AsIs;
     }
-    let encoded = headers
+    let mut codings = headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
-        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
-    if encoded || CacheControl::parse(headers).no_transform {
-        return false;
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    let (first, more) = (codings.next(), codings.next().is_some());
+    // Changing the coding is a transformation (RFC 9110 §7.7).
+    if CacheControl::parse(headers).no_transform {
+        return Treatment::AsIs;
     }
+    match (first, more) {
+        (None, _) if worth_compressing(policy, headers) => Treatment::Compress,
+        // Several codings stacked: rare enough to pass as they are.
+        (Some(c), false) => Decoding::parse(c).map_or(Treatment::AsIs, Treatment::Decode),
+        _ => Treatment::AsIs,
+    }
+}
+
+/// A listed type, and not known to be smaller than `min_size`.
+fn worth_compressing(policy: &CompressionPolicy, headers: &HeaderMap) -> bool {
     let Some(media) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|ct| {
-            ct.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
+        .map(|ct| ct.split(';').next().unwrap_or("").trim())
     else {
         return false;
     };
@@ -178,17 +190,183 @@ fn eligible(policy: &CompressionPolicy, status: StatusCode, headers: &HeaderMap)
         .content_types
         .iter()
         .any(|t| match t.strip_suffix("/*") {
-            Some(ty) => media.split_once('/').is_some_and(|(mt, _)| mt == ty),
-            None => *t == media,
+            Some(ty) => media
+                .split_once('/')
+                .is_some_and(|(mt, _)| mt.eq_ignore_ascii_case(ty)),
+            None => t.eq_ignore_ascii_case(media),
         });
-    if !listed {
-        return false;
-    }
-    let length = headers
+    listed && content_length(headers).is_none_or(|n| n >= policy.min_size)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    length.is_none_or(|n| n >= policy.min_size)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// Puts one response on its way to a client whose request carried `accept`
+/// (its `Accept-Encoding` lines) in a coding that client takes: compressed
+/// when worth it, decoded when the upstream's coding is not taken.
+///
+/// A response built from a stored entry gets the entry's copy in that
+/// coding, made on the first request that needs it and kept with the entry
+/// (`Cache::recoded`): hits never run a compressor. Anything else is
+/// recoded as it streams, flushed after each chunk for NDJSON and SSE so
+/// every event can be decoded on arrival.
+pub async fn encode_response(
+    policy: &CompressionPolicy,
+    accept: &HeaderMap,
+    head_only: bool,
+    cache: &Cache,
+    resp: &mut Response<ResponseBody>,
+) -> Result<(), ProxyError> {
+    let entry = resp.body().entry().cloned();
+    let treatment = match &entry {
+        Some(e) => e
+            .recodings
+            .treatment(|| treatment(policy, e.status, &e.headers)),
+        None => treatment(policy, resp.status(), resp.headers()),
+    };
+    match treatment {
+        Treatment::AsIs => Ok(()),
+        Treatment::Compress => compress(policy, accept, head_only, cache, entry, resp).await,
+        Treatment::Decode(d) => decode(accept, head_only, cache, entry, d, resp).await,
+    }
+}
+
+async fn compress(
+    policy: &CompressionPolicy,
+    accept: &HeaderMap,
+    head_only: bool,
+    cache: &Cache,
+    entry: Option<Arc<Entry>>,
+    resp: &mut Response<ResponseBody>,
+) -> Result<(), ProxyError> {
+    add_vary_accept_encoding(resp.headers_mut());
+    let coding = match negotiate(accept, &policy.algorithms) {
+        Choice::Identity => return Ok(()),
+        Choice::NotAcceptable => return Err(ProxyError::NotAcceptable),
+        Choice::Encode(c) => c,
+    };
+    let level = policy.level(coding);
+    if resp.status() == StatusCode::NOT_MODIFIED {
+        // The validator of the representation this client holds.
+        weaken_etag(resp.headers_mut());
+        return Ok(());
+    }
+    if let Some(entry) = entry {
+        match cache.recoded(&entry, Form::Encoded(coding), level).await {
+            Some(copy) => {
+                serve_copy(resp, &copy, Some(coding.header_value()), head_only);
+                return Ok(());
+            }
+            // Compressing does not make it smaller: identity, unless refused.
+            None if negotiate(accept, &[]) != Choice::NotAcceptable => return Ok(()),
+            None => {}
+        }
+    }
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_ENCODING, coding.header_value());
+    mark_recoded(headers, None);
+    if !head_only {
+        let stream = crate::headers::is_event_stream(resp.headers());
+        resp.body_mut()
+            .transcode(Coder::encoder(coding, level, stream));
+    }
+    Ok(())
+}
+
+async fn decode(
+    accept: &HeaderMap,
+    head_only: bool,
+    cache: &Cache,
+    entry: Option<Arc<Entry>>,
+    decoding: Decoding,
+    resp: &mut Response<ResponseBody>,
+) -> Result<(), ProxyError> {
+    add_vary_accept_encoding(resp.headers_mut());
+    if accepts(accept, decoding) {
+        return Ok(());
+    }
+    if resp.status() == StatusCode::NOT_MODIFIED {
+        weaken_etag(resp.headers_mut());
+        return Ok(());
+    }
+    if let Some(entry) = entry {
+        let Some(copy) = cache.recoded(&entry, Form::Decoded(decoding), 0).await else {
+            // Stored, but it is not what its Content-Encoding says (or
+            // decodes past the largest entry): let the upstream try again.
+            cache.remove(&entry).await;
+            return Err(ProxyError::UndecodableBody {
+                coding: decoding.as_str(),
+            });
+        };
+        serve_copy(resp, &copy, None, head_only);
+        return Ok(());
+    }
+    let headers = resp.headers_mut();
+    headers.remove(header::CONTENT_ENCODING);
+    mark_recoded(headers, None);
+    if !head_only {
+        resp.body_mut().transcode(Coder::decoder(decoding));
+    }
+    Ok(())
+}
+
+/// Sends a stored entry's `copy` instead of its body: `coding` as its
+/// `Content-Encoding` (none: identity), its exact length.
+fn serve_copy(
+    resp: &mut Response<ResponseBody>,
+    copy: &Recoded,
+    coding: Option<HeaderValue>,
+    head_only: bool,
+) {
+    let headers = resp.headers_mut();
+    match coding {
+        Some(c) => headers.insert(header::CONTENT_ENCODING, c),
+        None => headers.remove(header::CONTENT_ENCODING),
+    };
+    mark_recoded(headers, copy.length.clone());
+    if !head_only {
+        *resp.body_mut() = ResponseBody::stored(&copy.body);
+    }
+}
+
+/// What changes with the coding: the length (known for stored copies),
+/// byte ranges (of the other coding's bytes), and the validator, weakened:
+/// equivalent to the identity body, not byte-identical (RFC 9110 §8.8.1).
+fn mark_recoded(headers: &mut HeaderMap, length: Option<HeaderValue>) {
+    match length {
+        Some(n) => headers.insert(header::CONTENT_LENGTH, n),
+        None => headers.remove(header::CONTENT_LENGTH),
+    };
+    headers.remove(header::ACCEPT_RANGES);
+    weaken_etag(headers);
+}
+
+fn weaken_etag(headers: &mut HeaderMap) {
+    if let Some(weak) = headers.get(header::ETAG).and_then(weakened) {
+        headers.insert(header::ETAG, weak);
+    }
+}
+
+/// Whether the client takes `decoding` (named, or through `*`). A client
+/// that sends no `Accept-Encoding` is treated as taking none, as in
+/// `negotiate`.
+fn accepts(headers: &HeaderMap, decoding: Decoding) -> bool {
+    let (mut named, mut star) = (None::<u16>, None::<u16>);
+    for (name, q) in elements(headers) {
+        let slot = if Decoding::parse(name) == Some(decoding) {
+            &mut named
+        } else if name == b"*" {
+            &mut star
+        } else {
+            continue;
+        };
+        *slot = Some(slot.map_or(q, |old| old.max(q)));
+    }
+    named.or(star).is_some_and(|q| q > 0)
 }
 
 fn add_vary_accept_encoding(headers: &mut HeaderMap) {
@@ -218,72 +396,167 @@ fn weakened(etag: &HeaderValue) -> Option<HeaderValue> {
     HeaderValue::from_bytes(&weak).ok()
 }
 
-/// A body's compressor, fed chunk by chunk.
-pub struct Encoder {
-    kind: EncoderKind,
+/// A stored body in another coding: the whole body at once, or a recorded
+/// stream chunk by chunk (each flushed, so a replay still streams). `None`
+/// when it cannot be done: compressing does not shrink it, it does not
+/// decode, or decoded it would be larger than `limit`.
+pub fn recode(form: Form, level: u32, body: &StoredBody, limit: u64) -> Option<StoredBody> {
+    let (mut coder, whole) = match (form, body) {
+        (Form::Encoded(c), StoredBody::Whole(b)) => {
+            return Coder::whole(c, level, b)
+                .ok()
+                .filter(|out| out.len() < b.len())
+                .map(StoredBody::Whole);
+        }
+        (Form::Encoded(c), StoredBody::Chunks(_)) => (Coder::encoder(c, level, true), false),
+        (Form::Decoded(d), StoredBody::Whole(_)) => (Coder::decoder(d), true),
+        (Form::Decoded(d), StoredBody::Chunks(_)) => (Coder::decoder(d), false),
+    };
+    let input: &[Bytes] = match body {
+        StoredBody::Whole(b) => std::slice::from_ref(b),
+        StoredBody::Chunks(c) => c,
+    };
+    let mut out = Vec::with_capacity(input.len());
+    let mut total = 0u64;
+    for chunk in input {
+        let piece = coder.push(chunk).ok()?;
+        total += piece.len() as u64;
+        if total > limit {
+            return None;
+        }
+        if !piece.is_empty() {
+            out.push(piece);
+        }
+    }
+    let tail = coder.finish().ok()?;
+    total += tail.len() as u64;
+    if total > limit {
+        return None;
+    }
+    if !tail.is_empty() {
+        out.push(tail);
+    }
+    if matches!(form, Form::Encoded(_)) && total >= body.len() as u64 {
+        return None;
+    }
+    Some(if whole {
+        let mut all = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        for piece in &out {
+            all.extend_from_slice(piece);
+        }
+        StoredBody::Whole(all.into())
+    } else {
+        StoredBody::Chunks(out.into())
+    })
+}
+
+/// A body's compressor or decompressor, fed chunk by chunk.
+pub struct Coder {
+    kind: CoderKind,
     /// Flush after every chunk, so each one can be decoded on arrival
     /// (NDJSON, SSE); otherwise the compressor keeps what it needs.
     flush_each: bool,
 }
 
-enum EncoderKind {
+enum CoderKind {
     Gzip(flate2::write::GzEncoder<Vec<u8>>),
     Br(Box<brotli::CompressorWriter<Vec<u8>>>),
+    Gunzip(flate2::write::GzDecoder<Vec<u8>>),
+    Inflate(flate2::write::ZlibDecoder<Vec<u8>>),
+    Unbrotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
 }
 
 /// Brotli's window: 4 MiB, ample for model answers, small enough per stream.
 const BROTLI_LGWIN: u32 = 22;
 
-impl Encoder {
-    /// `level`: gzip 0–9, brotli quality 0–11 (checked by the policy).
-    pub fn new(coding: Coding, level: u32, flush_each: bool) -> Self {
+impl Coder {
+    /// Compresses: `level` is gzip 0–9 or brotli quality 0–11 (checked by
+    /// the policy).
+    pub fn encoder(coding: Coding, level: u32, flush_each: bool) -> Self {
         let kind = match coding {
-            Coding::Gzip => EncoderKind::Gzip(flate2::write::GzEncoder::new(
+            Coding::Gzip => CoderKind::Gzip(flate2::write::GzEncoder::new(
                 Vec::new(),
                 flate2::Compression::new(level),
             )),
-            Coding::Br => EncoderKind::Br(Box::new(brotli::CompressorWriter::new(
+            Coding::Br => CoderKind::Br(Box::new(brotli::CompressorWriter::new(
                 Vec::new(),
                 4096,
                 level,
                 BROTLI_LGWIN,
             ))),
         };
-        Encoder { kind, flush_each }
+        Coder { kind, flush_each }
     }
 
-    /// Compresses `data`; returns what is ready to send (maybe nothing).
+    /// Decompresses, passing on whatever each chunk decodes to at once.
+    pub fn decoder(decoding: Decoding) -> Self {
+        let kind = match decoding {
+            Decoding::Gzip => CoderKind::Gunzip(flate2::write::GzDecoder::new(Vec::new())),
+            Decoding::Deflate => CoderKind::Inflate(flate2::write::ZlibDecoder::new(Vec::new())),
+            Decoding::Br => {
+                CoderKind::Unbrotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096)))
+            }
+        };
+        Coder {
+            kind,
+            flush_each: true,
+        }
+    }
+
+    /// Feeds `data`; returns what is ready to send (maybe nothing).
     pub fn push(&mut self, data: &[u8]) -> std::io::Result<Bytes> {
-        let flush = self.flush_each;
-        match &mut self.kind {
-            EncoderKind::Gzip(e) => {
-                e.write_all(data)?;
-                if flush {
-                    e.flush()?;
-                }
-                Ok(std::mem::take(e.get_mut()).into())
+        fn step<W: Write>(w: &mut W, data: &[u8], flush: bool) -> std::io::Result<()> {
+            w.write_all(data)?;
+            if flush {
+                w.flush()?;
             }
-            EncoderKind::Br(e) => {
-                e.write_all(data)?;
-                if flush {
-                    e.flush()?;
-                }
-                Ok(std::mem::take(e.get_mut()).into())
-            }
+            Ok(())
         }
+        let flush = self.flush_each;
+        let out = match &mut self.kind {
+            CoderKind::Gzip(e) => {
+                step(e, data, flush)?;
+                e.get_mut()
+            }
+            CoderKind::Br(e) => {
+                step(e.as_mut(), data, flush)?;
+                e.get_mut()
+            }
+            CoderKind::Gunzip(d) => {
+                step(d, data, flush)?;
+                d.get_mut()
+            }
+            CoderKind::Inflate(d) => {
+                step(d, data, flush)?;
+                d.get_mut()
+            }
+            CoderKind::Unbrotli(d) => {
+                step(d.as_mut(), data, flush)?;
+                d.get_mut()
+            }
+        };
+        Ok(std::mem::take(out).into())
     }
 
-    /// Ends the stream; returns its last bytes.
+    /// Ends the stream; returns its last bytes. A decoder fails here when
+    /// its input stopped short.
     pub fn finish(self) -> std::io::Result<Bytes> {
-        match self.kind {
-            EncoderKind::Gzip(e) => Ok(e.finish()?.into()),
-            EncoderKind::Br(e) => Ok(e.into_inner().into()),
-        }
+        let out = match self.kind {
+            CoderKind::Gzip(e) => e.finish()?,
+            CoderKind::Br(e) => e.into_inner(),
+            CoderKind::Gunzip(d) => d.finish()?,
+            CoderKind::Inflate(d) => d.finish()?,
+            CoderKind::Unbrotli(mut d) => {
+                d.close()?;
+                d.into_inner().map_err(|_| truncated())?
+            }
+        };
+        Ok(out.into())
     }
 
     /// Compresses a whole body at once.
     pub fn whole(coding: Coding, level: u32, body: &[u8]) -> std::io::Result<Bytes> {
-        let mut e = Encoder::new(coding, level, false);
+        let mut e = Coder::encoder(coding, level, false);
         let head = e.push(body)?;
         let tail = e.finish()?;
         if head.is_empty() {
@@ -294,6 +567,13 @@ impl Encoder {
         out.extend_from_slice(&tail);
         Ok(out.into())
     }
+}
+
+fn truncated() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the encoded body stops short",
+    )
 }
 
 /// `(coding, q × 1000)` for each well-formed element of every
@@ -418,7 +698,7 @@ mod tests {
     #[test]
     fn each_flushed_chunk_decodes_on_arrival() {
         for coding in [Coding::Gzip, Coding::Br] {
-            let mut e = Encoder::new(coding, 5, true);
+            let mut e = Coder::encoder(coding, 5, true);
             let mut sent = Vec::new();
             let mut decoded_so_far = Vec::new();
             for i in 0..5 {
@@ -471,7 +751,7 @@ mod tests {
             br#"{"model":"llama3.2","response":"The sky is blue because of Rayleigh scattering."}"#
                 .repeat(50);
         for (coding, level) in [(Coding::Gzip, 6), (Coding::Br, 5)] {
-            let packed = Encoder::whole(coding, level, &body).unwrap();
+            let packed = Coder::whole(coding, level, &body).unwrap();
             assert!(
                 packed.len() < body.len() / 5,
                 "{coding:?}: {}",
@@ -499,5 +779,49 @@ mod tests {
         assert_eq!(qvalue(b"1.000"), Some(1000));
         assert_eq!(qvalue(b"1.001"), None);
         assert_eq!(qvalue(b".5"), None);
+    }
+
+    #[test]
+    fn stored_copies_are_kept_only_when_sound_and_worth_it() {
+        let body = br#"{"response":"The sky is blue."}"#.repeat(100);
+        let whole = |b: Vec<u8>| StoredBody::Whole(b.into());
+        let gz = Coder::whole(Coding::Gzip, 6, &body).unwrap();
+        let limit = 1 << 20;
+        let decoded = recode(Form::Decoded(Decoding::Gzip), 0, &whole(gz.to_vec()), limit);
+        assert!(matches!(decoded, Some(StoredBody::Whole(b)) if b[..] == body[..]));
+        // Stops short, or is not gzip at all.
+        let cut = whole(gz[..gz.len() - 6].to_vec());
+        assert!(recode(Form::Decoded(Decoding::Gzip), 0, &cut, limit).is_none());
+        assert!(recode(
+            Form::Decoded(Decoding::Gzip),
+            0,
+            &whole(body.clone()),
+            limit
+        )
+        .is_none());
+        let br = Coder::whole(Coding::Br, 5, &body).unwrap();
+        let cut = whole(br[..br.len() / 2].to_vec());
+        assert!(recode(Form::Decoded(Decoding::Br), 0, &cut, limit).is_none());
+        // Decodes past the limit (a small bomb).
+        let zeros = Coder::whole(Coding::Gzip, 9, &vec![0u8; 1 << 20]).unwrap();
+        assert!(zeros.len() < 4096);
+        assert!(recode(
+            Form::Decoded(Decoding::Gzip),
+            0,
+            &whole(zeros.to_vec()),
+            64 * 1024
+        )
+        .is_none());
+        // Compressing random bytes does not shrink them.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(recode(Form::Encoded(Coding::Gzip), 6, &whole(noise), limit).is_none());
     }
 }

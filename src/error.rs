@@ -40,6 +40,8 @@ pub enum ProxyError {
     PreconditionFailed,
     #[error("the request's Accept-Encoding refuses identity and every coding Hyperion offers")]
     NotAcceptable,
+    #[error("the stored answer does not decode as its Content-Encoding ({coding}) says")]
+    UndecodableBody { coding: &'static str },
 }
 
 // === impl ProxyError ===
@@ -59,6 +61,7 @@ impl ProxyError {
             ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ProxyError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
+            ProxyError::UndecodableBody { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -75,6 +78,7 @@ impl ProxyError {
             ProxyError::NotCached => "not_cached",
             ProxyError::PreconditionFailed => "precondition_failed",
             ProxyError::NotAcceptable => "not_acceptable",
+            ProxyError::UndecodableBody { .. } => "upstream_bad_encoding",
         }
     }
 

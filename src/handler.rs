@@ -153,22 +153,25 @@ impl Proxy {
         let forwarded = self
             .forward(req, conn, rec, &request_id, &mut rewrite)
             .await;
-        let cache_status = rec.cache;
-        let answered = forwarded.and_then(|mut resp| {
-            // What the upstream or the cache answered, as the route wants
-            // clients to see it (Hyperion's own errors are left alone).
-            if let Some(rw) = rewrite.filter(|_| resp.status() != StatusCode::SWITCHING_PROTOCOLS) {
-                rw.apply_response(resp.headers_mut());
+        let answered = match forwarded {
+            Ok(mut resp) => {
+                // What the upstream or the cache answered, as the route wants
+                // clients to see it (Hyperion's own errors are left alone).
+                let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if let Some(rw) = rewrite.filter(|_| !upgraded) {
+                    rw.apply_response(resp.headers_mut());
+                }
+                match &self.policy.compression {
+                    Some(cp) if !upgraded => {
+                        compress::encode_response(cp, &accept, head_only, &self.cache, &mut resp)
+                            .await
+                            .map(|()| resp)
+                    }
+                    _ => Ok(resp),
+                }
             }
-            // Straight from the upstream only: stored answers are sent as
-            // stored until each keeps its own compressed copies.
-            if let (Some(cp), "-" | "MISS" | "BYPASS" | "EXPIRED") =
-                (&self.policy.compression, cache_status)
-            {
-                compress::encode_response(cp, &accept, head_only, &mut resp)?;
-            }
-            Ok(resp)
-        });
+            Err(e) => Err(e),
+        };
         let mut resp = match answered {
             Ok(resp) => resp,
             Err(e) => {

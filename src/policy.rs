@@ -52,6 +52,16 @@ pub struct CompressionPolicy {
     pub brotli_quality: u32,
 }
 
+impl CompressionPolicy {
+    /// The level `coding` is produced at.
+    pub fn level(&self, coding: crate::compress::Coding) -> u32 {
+        match coding {
+            crate::compress::Coding::Gzip => self.gzip_level,
+            crate::compress::Coding::Br => self.brotli_quality,
+        }
+    }
+}
+
 /// `[server]`.
 #[derive(Debug, Clone)]
 pub struct ServerPolicy {

@@ -24,17 +24,7 @@ async fn call(
 }
 
 async fn until_hit(url: &str) -> (http::response::Parts, Bytes) {
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            let got = call(url, Method::GET, &[]).await;
-            if got.0.headers["x-cache"] == "HIT" {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("a hit in time")
+    hit_with(url, &[]).await
 }
 
 const LM: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
@@ -315,10 +305,10 @@ async fn answers_are_compressed_as_the_client_asks_and_left_alone_otherwise() {
                 "/no-transform" => ("application/json", Some(("cache-control", "no-transform"))),
                 _ => ("application/json; charset=utf-8", Some(("etag", "\"e1\""))),
             };
-            let body = if req.uri().path() == "/small" {
-                "{}".to_owned()
-            } else {
-                answer_json()
+            let body: Bytes = match req.uri().path() {
+                "/small" => "{}".into(),
+                "/already" => gzip_bytes(answer_json().as_bytes()).into(),
+                _ => answer_json().into(),
             };
             let mut resp = Response::builder().header("content-type", ct);
             if let Some((k, v)) = extra {
@@ -456,4 +446,281 @@ fn partial_decode(coding: &str, bytes: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&buf[..n]);
     }
     out
+}
+
+fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn brotli_bytes(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+    e.write_all(data).unwrap();
+    e.into_inner()
+}
+
+/// A route that stores for a minute and compresses.
+fn stored_compressed_policy(upstream: &str) -> String {
+    cached_policy(
+        upstream,
+        r#"mode = "force"
+ttl = "60s"
+scope = "shared"
+stream = "record"
+
+[compression]
+algorithms = ["br", "gzip"]
+min_size = "1KB"
+"#,
+    )
+}
+
+/// Asks with `accept` until the answer comes from the store.
+async fn hit_with(url: &str, accept: &[(&str, &str)]) -> (http::response::Parts, Bytes) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let got = call(url, Method::GET, accept).await;
+            if got.0.headers["x-cache"] == "HIT" {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("a hit in time")
+}
+
+#[tokio::test]
+async fn a_stored_answer_is_compressed_once_per_coding_and_kept() {
+    let up = Upstream::start(|_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .header("etag", "\"e1\"")
+            .body(full(answer_json()))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(&stored_compressed_policy(&up.url())).await;
+    let url = proxy.url("/api/generate");
+    let (p, _) = hit_with(&url, &[]).await;
+    assert_eq!(p.headers["vary"], "accept-encoding");
+    assert_eq!(p.headers["etag"], "\"e1\"");
+    assert_eq!(
+        p.headers["content-length"],
+        answer_json().len().to_string().as_str()
+    );
+    for coding in ["gzip", "br"] {
+        let before = proxy.cache.report().await.bytes;
+        let accept = [("accept-encoding", coding)];
+        let (first, body) = hit_with(&url, &accept).await;
+        let grown = proxy.cache.report().await.bytes;
+        let (again, same) = hit_with(&url, &accept).await;
+        assert_eq!(first.headers["content-encoding"], coding);
+        assert_eq!(first.headers["vary"], "accept-encoding");
+        assert_eq!(first.headers["etag"], "W/\"e1\"");
+        assert_eq!(
+            first.headers["content-length"],
+            body.len().to_string().as_str(),
+            "a stored copy has its exact length"
+        );
+        assert_eq!(decode(coding, &body), answer_json().as_bytes());
+        assert_eq!(body, same, "{coding}: the same kept bytes");
+        assert_eq!(
+            again.headers["content-length"],
+            first.headers["content-length"]
+        );
+        assert!(
+            grown >= before + body.len() as u64,
+            "{coding}: the copy is weighed by the store ({before} -> {grown})"
+        );
+        assert_eq!(
+            proxy.cache.report().await.bytes,
+            grown,
+            "{coding}: made once"
+        );
+        // HEAD: the GET's headers, no body.
+        let (head, nothing) = call(&url, Method::HEAD, &accept).await;
+        assert_eq!(head.headers["content-encoding"], coding);
+        assert_eq!(
+            head.headers["content-length"],
+            first.headers["content-length"]
+        );
+        assert!(nothing.is_empty());
+        // A client revalidating its compressed copy gets a 304 with the
+        // validator it holds.
+        let (p, nothing) = call(
+            &url,
+            Method::GET,
+            &[("accept-encoding", coding), ("if-none-match", "W/\"e1\"")],
+        )
+        .await;
+        assert_eq!(p.status, 304);
+        assert_eq!(p.headers["etag"], "W/\"e1\"");
+        assert_eq!(p.headers["vary"], "accept-encoding");
+        assert!(nothing.is_empty());
+    }
+    // Identity refused, a coding taken: still from the store.
+    let (p, body) = call(
+        &url,
+        Method::GET,
+        &[("accept-encoding", "identity;q=0, gzip")],
+    )
+    .await;
+    assert_eq!(p.headers["x-cache"], "HIT");
+    assert_eq!(p.headers["content-encoding"], "gzip");
+    assert_eq!(decode("gzip", &body), answer_json().as_bytes());
+    assert_eq!(up.count(), 1, "one upstream exchange for every coding");
+}
+
+#[tokio::test]
+async fn a_stored_stream_is_replayed_compressed_chunk_by_chunk() {
+    use http_body_util::BodyExt;
+    let up = Upstream::start(|_req| async {
+        let events: Vec<Bytes> = (0..40)
+            .map(|i| {
+                Bytes::from(format!(
+                    "{{\"model\":\"llama3.2\",\"response\":\"token {i}\",\"done\":{}}}\n",
+                    i == 39
+                ))
+            })
+            .collect();
+        Response::builder()
+            .header("content-type", "application/x-ndjson")
+            .body(chunked_body(events, Duration::from_millis(1)))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(&stored_compressed_policy(&up.url())).await;
+    let url = proxy.url("/api/generate");
+    let (_, identity) = hit_with(&url, &[]).await;
+    for coding in ["gzip", "br"] {
+        hit_with(&url, &[("accept-encoding", coding)]).await;
+        let req = Request::get(&url)
+            .header("accept-encoding", coding)
+            .body(full(""))
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        assert_eq!(resp.headers()["x-cache"], "HIT");
+        assert_eq!(resp.headers()["content-encoding"], coding);
+        let mut body = resp.into_body();
+        let (mut frames, mut sent) = (0, Vec::new());
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                frames += 1;
+                sent.extend_from_slice(&data);
+                // Every replayed chunk ends on a whole event.
+                let so_far = partial_decode(coding, &sent);
+                assert!(so_far.ends_with(b"\n"), "{coding}: frame {frames}");
+            }
+        }
+        assert!(frames > 1, "{coding}: replayed as a stream");
+        assert_eq!(decode(coding, &sent), identity);
+    }
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_encoding_the_client_does_not_take_is_decoded() {
+    let up = Upstream::start(|req| async move {
+        // Ignores the `identity` it is asked for.
+        let (coding, body) = match req.uri().path() {
+            "/gzip" => ("gzip", gzip_bytes(answer_json().as_bytes())),
+            _ => ("br", brotli_bytes(answer_json().as_bytes())),
+        };
+        Response::builder()
+            .header("content-type", "application/json")
+            .header("content-encoding", coding)
+            .body(full(body))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(&stored_compressed_policy(&up.url())).await;
+    for (path, coding) in [("/gzip", "gzip"), ("/br", "br")] {
+        let url = proxy.url(path);
+        // Straight from the upstream, then from the store's decoded copy.
+        let (p, body) = call(&url, Method::GET, &[]).await;
+        assert_eq!(p.headers["x-cache"], "MISS");
+        assert!(!p.headers.contains_key("content-encoding"), "{path}");
+        assert_eq!(body, answer_json().as_bytes());
+        let (p, body) = hit_with(&url, &[("accept-encoding", "deflate")]).await;
+        assert!(!p.headers.contains_key("content-encoding"), "{path}");
+        assert_eq!(
+            p.headers["content-length"],
+            answer_json().len().to_string().as_str()
+        );
+        assert_eq!(p.headers["vary"], "accept-encoding");
+        assert_eq!(body, answer_json().as_bytes());
+        // A client that takes the upstream's coding gets its bytes.
+        let (p, body) = call(&url, Method::GET, &[("accept-encoding", coding)]).await;
+        assert_eq!(p.headers["content-encoding"], coding);
+        assert_eq!(decode(coding, &body), answer_json().as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_lying_about_its_coding_is_never_passed_on_as_readable() {
+    // Says gzip, sends plain JSON.
+    let up = Upstream::start(|_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(full(answer_json()))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(&stored_compressed_policy(&up.url())).await;
+    let url = proxy.url("/api/generate");
+    // A client taking gzip gets what the upstream sent; it is stored.
+    let (p, body) = hit_with(&url, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(p.headers["content-encoding"], "gzip");
+    assert_eq!(body, answer_json().as_bytes());
+    let asked = up.count();
+    // One that does not: the stored body does not decode, so a 502 JSON
+    // error, and the entry is dropped.
+    let (p, body) = call(&url, Method::GET, &[]).await;
+    assert_eq!(p.status, 502);
+    assert_eq!(json(&body)["error"]["code"], "upstream_bad_encoding");
+    // Next time the upstream is asked again; decoding its answer on the way
+    // fails, and the client sees a broken body, never garbage as JSON.
+    let req = Request::get(&url).body(full("")).unwrap();
+    // Cut before or after the head, depending on when hyper writes it.
+    if let Ok(resp) = client().request(req).await {
+        assert!(!resp.headers().contains_key("content-encoding"));
+        let read = http_body_util::BodyExt::collect(resp.into_body()).await;
+        assert!(read.is_err(), "the body is cut, not passed on");
+    }
+    assert_eq!(up.count(), asked + 1);
+    // And the proxy keeps serving.
+    let (p, _) = call(&url, Method::GET, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(p.status, 200);
+}
+
+#[tokio::test]
+async fn an_answer_past_the_largest_entry_streams_compressed_and_is_not_stored() {
+    let up = Upstream::start(|_req| async {
+        // ~30 KB in 10 chunks, no Content-Length.
+        let chunks: Vec<Bytes> = (0..10)
+            .map(|_| Bytes::from(answer_json()[..3000].to_owned()))
+            .collect();
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(chunked_body(chunks, Duration::from_millis(1)))
+            .unwrap()
+    })
+    .await;
+    let policy = stored_compressed_policy(&up.url())
+        .replace("[server]", "[cache]\nmax_entry_size = \"16KB\"\n\n[server]");
+    let proxy = TestProxy::start(&policy).await;
+    let url = proxy.url("/api/generate");
+    for _ in 0..2 {
+        let (p, body) = call(&url, Method::GET, &[("accept-encoding", "br")]).await;
+        assert_eq!(p.headers["x-cache"], "MISS");
+        assert_eq!(p.headers["content-encoding"], "br");
+        assert_eq!(decode("br", &body).len(), 30_000);
+    }
+    assert_eq!(up.count(), 2, "never stored");
+    assert_eq!(proxy.cache.report().await.entries, 0);
 }

@@ -512,10 +512,12 @@ impl Exchange {
             target: old.target.clone(),
             cost: old.cost,
             own_etag: old.own_etag && !fresh.contains_key(header::ETAG),
+            key,
+            recodings: old.recodings.carried(),
         };
         let entry = Arc::new(entry);
         self.cache.stats.count(CacheStatus::Revalidated);
-        self.cache.insert(key, entry.clone()).await;
+        self.cache.insert(entry.clone()).await;
         Some(entry)
     }
 
@@ -645,6 +647,8 @@ impl Exchange {
                 target: self.target.clone(),
                 cost: Cost::default(),
                 own_etag: false,
+                key,
+                recodings: Default::default(),
             },
         })
     }
@@ -722,7 +726,7 @@ fn same_host_target(target: &str, value: &str) -> Option<String> {
 pub fn respond_to(
     method: &Method,
     req: &HeaderMap,
-    entry: &Entry,
+    entry: &Arc<Entry>,
     age: Duration,
     status: CacheStatus,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -734,7 +738,9 @@ pub fn respond_to(
         Precondition::Serve => Ok(respond(entry, age, status, head)),
         Precondition::Failed => Err(ProxyError::PreconditionFailed),
         Precondition::NotModified => {
-            let mut resp = Response::new(ResponseBody::empty());
+            // The entry goes along: the validators sent depend on the
+            // coding the client would have been sent (`compress`).
+            let mut resp = Response::new(ResponseBody::from_entry(entry, true));
             *resp.status_mut() = StatusCode::NOT_MODIFIED;
             let headers = resp.headers_mut();
             for name in conditional::NOT_MODIFIED_HEADERS {
@@ -758,17 +764,12 @@ fn has_preconditions(req: &HeaderMap) -> bool {
 
 /// A response built from a stored entry.
 pub fn respond(
-    entry: &Entry,
+    entry: &Arc<Entry>,
     age: Duration,
     status: CacheStatus,
     head: bool,
 ) -> Response<ResponseBody> {
-    let body = if head {
-        ResponseBody::empty()
-    } else {
-        ResponseBody::stored(&entry.body)
-    };
-    let mut resp = Response::new(body);
+    let mut resp = Response::new(ResponseBody::from_entry(entry, head));
     *resp.status_mut() = entry.status;
     let headers = resp.headers_mut();
     headers.clone_from(&entry.headers);

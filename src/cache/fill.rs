@@ -686,7 +686,6 @@ where
             .then(|| (st.chunks.iter().cloned().collect::<Vec<_>>(), st.received))
     };
     let cache = recording.cache.clone();
-    let key = recording.key;
     // Made before followers are told it is complete, so each of them can
     // count what it saved.
     let entry = recorded.and_then(|(chunks, size)| recording.complete(&chunks, size));
@@ -694,7 +693,7 @@ where
     if let Some(entry) = entry {
         // Still registered until stored, so no request in between misses
         // both the store and the fill.
-        cache.insert(key, Arc::new(entry)).await;
+        cache.insert(Arc::new(entry)).await;
     }
     drop(finish);
 }

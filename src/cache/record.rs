@@ -70,13 +70,12 @@ impl Recorder {
         }
         let chunks = std::mem::take(&mut self.chunks);
         let cache = rec.cache.clone();
-        let key = rec.key;
         let Some(entry) = rec.complete(&chunks, self.size) else {
             return;
         };
         // Inserting is async; the body's poll cannot wait for it.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { cache.insert(key, Arc::new(entry)).await });
+            rt.spawn(async move { cache.insert(Arc::new(entry)).await });
         }
     }
 }

@@ -243,6 +243,20 @@ pub fn channel_body() -> (ChunkSender, TestBody) {
     )
 }
 
+/// A body of `chunks`, sent `gap` apart (no Content-Length).
+pub fn chunked_body(chunks: Vec<Bytes>, gap: Duration) -> TestBody {
+    let (tx, body) = channel_body();
+    tokio::spawn(async move {
+        for chunk in chunks {
+            if tx.0.send(Ok(Frame::data(chunk))).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(gap).await;
+        }
+    });
+    body
+}
+
 pub fn full(b: impl Into<Bytes>) -> TestBody {
     Full::new(b.into())
         .map_err(|e: Infallible| match e {})
