@@ -170,15 +170,21 @@ impl Entry {
         vary::matches(&self.vary, req)
     }
 
-    /// Bytes it costs in the store: body, headers, and bookkeeping (the
-    /// store's own, ~250 bytes, and its key in the URL index, up to ~100).
+    /// Bytes it costs in the store: body and its copies, headers, the entry
+    /// itself, and bookkeeping (the store's own, ~250 bytes, and its key in
+    /// the URL index, up to ~100).
     fn weight(&self) -> u32 {
         let headers: usize = self
             .headers
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
-        let total = self.body.len() + self.recodings.weight() + headers + self.target.len() + 350;
+        let total = self.body.len()
+            + self.recodings.weight()
+            + headers
+            + self.target.len()
+            + std::mem::size_of::<Entry>()
+            + 350;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
