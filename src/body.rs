@@ -280,8 +280,9 @@ impl ResponseBody {
         self.coder = Some(Box::new(coder));
     }
 
-    /// The next frame of `kind`, compressed: each data frame through the
-    /// coder, and the coder's last bytes with the last frame.
+    /// The next frame of `kind` through the coder: each data frame, then
+    /// what the coder still holds back from it, and the coder's last bytes
+    /// with the last frame.
     fn poll_encoded(
         &mut self,
         cx: &mut Context<'_>,
@@ -290,22 +291,25 @@ impl ResponseBody {
             let Some(coder) = self.coder.as_mut() else {
                 return Poll::Ready(None);
             };
-            let data = match self.kind.poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                // Trailers are not compressed.
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => Some(data),
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                },
-                Poll::Ready(None) => None,
+            let (stepped, kind_done) = if coder.has_pending() {
+                (coder.resume(), false)
+            } else {
+                match self.kind.poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                    // Trailers are not compressed.
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => (coder.push(data), false),
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    },
+                    Poll::Ready(None) => (Ok(Bytes::new()), true),
+                }
             };
-            let mut out = match data.as_deref().map(|d| coder.push(d)) {
-                Some(Ok(out)) => out,
-                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
-                None => Bytes::new(),
+            let mut out = match stepped {
+                Ok(out) => out,
+                Err(e) => return Poll::Ready(Some(Err(Box::new(e)))),
             };
-            if data.is_none() || self.kind.is_end_stream() {
+            if !coder.has_pending() && (kind_done || self.kind.is_end_stream()) {
                 let coder = self.coder.take().expect("checked above");
                 match coder.finish() {
                     Ok(tail) if out.is_empty() => out = tail,

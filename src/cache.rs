@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
+use moka::ops::compute::Op;
 
 pub use control::CacheControl;
 pub use exchange::{After, Before, CacheQuery, Exchange};
@@ -78,6 +79,21 @@ pub enum StoredBody {
 }
 
 impl StoredBody {
+    /// Chunks that are slices of one buffer, `all`, ending at `ends`: one
+    /// exact-size allocation, whatever the number of chunks.
+    pub fn split(all: &Bytes, ends: impl IntoIterator<Item = usize>) -> StoredBody {
+        let mut start = 0;
+        let chunks: Vec<Bytes> = ends
+            .into_iter()
+            .map(|end| {
+                let part = all.slice(start..end);
+                start = end;
+                part
+            })
+            .collect();
+        StoredBody::Chunks(chunks.into())
+    }
+
     pub fn len(&self) -> usize {
         match self {
             StoredBody::Whole(b) => b.len(),
@@ -411,11 +427,31 @@ impl Cache {
         self.put(key, Stored::Varies(Arc::new(varies))).await;
     }
 
+    // Every write to the store goes through moka's compute, which takes the
+    // key's lock: a copy's re-weighing (`recoded`) checks and puts under
+    // that lock, so it can never put back what a write in between removed
+    // or replaced.
     async fn put(&self, key: CacheKey, value: Stored) {
         // Indexed before it can be found, so no invalidation misses it.
         self.targets
             .add(value.target(), key, |k| self.store.contains_key(k));
-        self.store.insert(key, value).await;
+        self.store
+            .entry(key)
+            .and_compute_with(|_| std::future::ready(Op::Put(value)))
+            .await;
+    }
+
+    /// Removes what `key` holds; returns it.
+    async fn take(&self, key: &CacheKey) -> Option<Stored> {
+        let removed = self
+            .store
+            .entry_by_ref(key)
+            .and_compute_with(|_| std::future::ready(Op::Remove))
+            .await;
+        match removed {
+            moka::ops::compute::CompResult::Removed(e) => Some(e.into_value()),
+            _ => None,
+        }
     }
 
     /// Drops every entry stored for `target` (host + path and query), in any
@@ -423,7 +459,7 @@ impl Cache {
     /// §4.4).
     pub async fn invalidate_target(&self, target: &str) {
         for key in self.targets.take(target) {
-            self.store.invalidate(&key).await;
+            self.take(&key).await;
         }
     }
 

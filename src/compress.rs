@@ -16,6 +16,8 @@ use http::{Response, StatusCode};
 
 use std::sync::Arc;
 
+use brotli::enc::StandardAlloc;
+
 use crate::body::ResponseBody;
 use crate::cache::{Cache, CacheControl, Entry, Form, Recoded, StoredBody};
 use crate::error::ProxyError;
@@ -117,12 +119,12 @@ pub enum Treatment {
 }
 
 /// A coding an upstream may have applied that Hyperion can undo.
+/// (`deflate` is not one: flate2 cannot tell a zlib stream cut short from
+/// a whole one, and a cut body must never look complete.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decoding {
     Br,
     Gzip,
-    /// RFC 9110 §8.4.1.2: the zlib format.
-    Deflate,
 }
 
 impl Decoding {
@@ -131,8 +133,6 @@ impl Decoding {
             Some(Decoding::Gzip)
         } else if name.eq_ignore_ascii_case(b"br") {
             Some(Decoding::Br)
-        } else if name.eq_ignore_ascii_case(b"deflate") {
-            Some(Decoding::Deflate)
         } else {
             None
         }
@@ -142,7 +142,6 @@ impl Decoding {
         match self {
             Decoding::Br => "br",
             Decoding::Gzip => "gzip",
-            Decoding::Deflate => "deflate",
         }
     }
 }
@@ -218,15 +217,20 @@ pub async fn encode_response(
     policy: &CompressionPolicy,
     accept: &HeaderMap,
     head_only: bool,
+    rewritten: bool,
     cache: &Cache,
     resp: &mut Response<ResponseBody>,
 ) -> Result<(), ProxyError> {
     let entry = resp.body().entry().cloned();
+    let not_modified = resp.status() == StatusCode::NOT_MODIFIED;
     let treatment = match &entry {
-        Some(e) => e
+        // Decided once per entry, from its stored headers; unless the route
+        // rewrote them (`no-transform`, another type): then from what the
+        // client is sent. A 304 has no type of its own: the entry's counts.
+        Some(e) if !rewritten || not_modified => e
             .recodings
             .treatment(|| treatment(policy, e.status, &e.headers)),
-        None => treatment(policy, resp.status(), resp.headers()),
+        _ => treatment(policy, resp.status(), resp.headers()),
     };
     match treatment {
         Treatment::AsIs => Ok(()),
@@ -244,31 +248,34 @@ async fn compress(
     resp: &mut Response<ResponseBody>,
 ) -> Result<(), ProxyError> {
     add_vary_accept_encoding(resp.headers_mut());
+    // A 304 carries the validator of what a 200 would have been: the same
+    // choices, without a body.
+    let not_modified = resp.status() == StatusCode::NOT_MODIFIED;
     let coding = match negotiate(accept, &policy.algorithms) {
         Choice::Identity => return Ok(()),
+        Choice::NotAcceptable if not_modified => return Ok(()),
         Choice::NotAcceptable => return Err(ProxyError::NotAcceptable),
         Choice::Encode(c) => c,
     };
     let level = policy.level(coding);
-    if resp.status() == StatusCode::NOT_MODIFIED {
-        // The validator of the representation this client holds.
-        weaken_etag(resp.headers_mut());
-        return Ok(());
-    }
     if let Some(entry) = entry {
         match cache.recoded(&entry, Form::Encoded(coding), level).await {
-            Some(copy) => {
+            Ok(copy) => {
                 serve_copy(resp, &copy, Some(coding.header_value()), head_only);
                 return Ok(());
             }
             // Compressing does not make it smaller: identity, unless refused.
-            None if negotiate(accept, &[]) != Choice::NotAcceptable => return Ok(()),
-            None => {}
+            Err(_) if negotiate(accept, &[]) != Choice::NotAcceptable => return Ok(()),
+            Err(_) => {}
         }
     }
     let headers = resp.headers_mut();
+    if not_modified {
+        mark_recoded(headers, None, None);
+        return Ok(());
+    }
     headers.insert(header::CONTENT_ENCODING, coding.header_value());
-    mark_recoded(headers, None);
+    mark_recoded(headers, None, None);
     if !head_only {
         let stream = crate::headers::is_event_stream(resp.headers());
         resp.body_mut()
@@ -289,26 +296,28 @@ async fn decode(
     if accepts(accept, decoding) {
         return Ok(());
     }
-    if resp.status() == StatusCode::NOT_MODIFIED {
-        weaken_etag(resp.headers_mut());
-        return Ok(());
-    }
     if let Some(entry) = entry {
-        let Some(copy) = cache.recoded(&entry, Form::Decoded(decoding), 0).await else {
-            // Stored, but it is not what its Content-Encoding says (or
-            // decodes past the largest entry): let the upstream try again.
-            cache.remove(&entry).await;
-            return Err(ProxyError::UndecodableBody {
-                coding: decoding.as_str(),
-            });
-        };
-        serve_copy(resp, &copy, None, head_only);
-        return Ok(());
+        match cache.recoded(&entry, Form::Decoded(decoding), 0).await {
+            Ok(copy) => {
+                serve_copy(resp, &copy, None, head_only);
+                return Ok(());
+            }
+            Err(Unkept::Corrupt) => {
+                // Stored, but not what its Content-Encoding says: let the
+                // upstream try again.
+                cache.remove(&entry).await;
+                return Err(ProxyError::UndecodableBody {
+                    coding: decoding.as_str(),
+                });
+            }
+            // Too large to keep decoded: decoded as it is sent, below.
+            Err(_) => {}
+        }
     }
     let headers = resp.headers_mut();
     headers.remove(header::CONTENT_ENCODING);
-    mark_recoded(headers, None);
-    if !head_only {
+    mark_recoded(headers, None, None);
+    if !head_only && resp.status() != StatusCode::NOT_MODIFIED {
         resp.body_mut().transcode(Coder::decoder(decoding));
     }
     Ok(())
@@ -322,34 +331,60 @@ fn serve_copy(
     coding: Option<HeaderValue>,
     head_only: bool,
 ) {
+    let not_modified = resp.status() == StatusCode::NOT_MODIFIED;
     let headers = resp.headers_mut();
-    match coding {
-        Some(c) => headers.insert(header::CONTENT_ENCODING, c),
-        None => headers.remove(header::CONTENT_ENCODING),
-    };
-    mark_recoded(headers, copy.length.clone());
-    if !head_only {
+    if !not_modified {
+        match coding {
+            Some(c) => headers.insert(header::CONTENT_ENCODING, c),
+            None => headers.remove(header::CONTENT_ENCODING),
+        };
+    }
+    let length = copy.length.clone().filter(|_| !not_modified);
+    mark_recoded(headers, length, copy.etag.as_ref());
+    if !head_only && !not_modified {
         *resp.body_mut() = ResponseBody::stored(&copy.body);
     }
 }
 
-/// What changes with the coding: the length (known for stored copies),
-/// byte ranges (of the other coding's bytes), and the validator, weakened:
-/// equivalent to the identity body, not byte-identical (RFC 9110 §8.8.1).
-fn mark_recoded(headers: &mut HeaderMap, length: Option<HeaderValue>) {
+/// Fields that describe the bytes and change with the coding: the length
+/// (known for stored copies), byte ranges, digests of the content, and the
+/// validator, weakened: equivalent to the identity body, not
+/// byte-identical (RFC 9110 §8.8.1). `etag`: the entry's strong tag and
+/// its weak form, made once per copy.
+fn mark_recoded(
+    headers: &mut HeaderMap,
+    length: Option<HeaderValue>,
+    etag: Option<&(HeaderValue, HeaderValue)>,
+) {
     match length {
         Some(n) => headers.insert(header::CONTENT_LENGTH, n),
         None => headers.remove(header::CONTENT_LENGTH),
     };
-    headers.remove(header::ACCEPT_RANGES);
-    weaken_etag(headers);
-}
-
-fn weaken_etag(headers: &mut HeaderMap) {
-    if let Some(weak) = headers.get(header::ETAG).and_then(weakened) {
-        headers.insert(header::ETAG, weak);
+    for name in BYTE_FIELDS {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+    match (etag, headers.get(header::ETAG)) {
+        (Some((strong, weak)), Some(now)) if now == strong => {
+            headers.insert(header::ETAG, weak.clone());
+        }
+        (_, Some(now)) => {
+            if let Some(weak) = weakened(now) {
+                headers.insert(header::ETAG, weak);
+            }
+        }
+        (_, None) => {}
     }
 }
+
+/// Fields about the exact bytes sent that a recoding makes false.
+const BYTE_FIELDS: [&str; 4] = [
+    "accept-ranges",
+    "content-md5",
+    "content-digest",
+    "repr-digest",
+];
 
 /// Whether the client takes `decoding` (named, or through `*`). A client
 /// that sends no `Accept-Encoding` is treated as taking none, as in
@@ -385,7 +420,7 @@ fn add_vary_accept_encoding(headers: &mut HeaderMap) {
 }
 
 /// `W/"x"` for a strong `"x"`; `None` when already weak or malformed.
-fn weakened(etag: &HeaderValue) -> Option<HeaderValue> {
+pub fn weakened(etag: &HeaderValue) -> Option<HeaderValue> {
     let b = etag.as_bytes();
     if b.starts_with(b"W/") || !b.starts_with(b"\"") {
         return None;
@@ -396,57 +431,83 @@ fn weakened(etag: &HeaderValue) -> Option<HeaderValue> {
     HeaderValue::from_bytes(&weak).ok()
 }
 
-/// A stored body in another coding: the whole body at once, or a recorded
-/// stream chunk by chunk (each flushed, so a replay still streams). `None`
-/// when it cannot be done: compressing does not shrink it, it does not
-/// decode, or decoded it would be larger than `limit`.
-pub fn recode(form: Form, level: u32, body: &StoredBody, limit: u64) -> Option<StoredBody> {
-    let (mut coder, whole) = match (form, body) {
-        (Form::Encoded(c), StoredBody::Whole(b)) => {
-            return Coder::whole(c, level, b)
-                .ok()
-                .filter(|out| out.len() < b.len())
-                .map(StoredBody::Whole);
-        }
-        (Form::Encoded(c), StoredBody::Chunks(_)) => (Coder::encoder(c, level, true), false),
-        (Form::Decoded(d), StoredBody::Whole(_)) => (Coder::decoder(d), true),
-        (Form::Decoded(d), StoredBody::Chunks(_)) => (Coder::decoder(d), false),
+/// Why a stored body has no copy in another coding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unkept {
+    /// Compressed, it would not be smaller.
+    NotSmaller,
+    /// Decoded, it would be larger than the largest entry.
+    TooLarge,
+    /// It does not decode: not what its `Content-Encoding` says.
+    Corrupt,
+}
+
+/// A stored body in another coding: a whole body as one, a recorded stream
+/// chunk by chunk (each chunk flushed, so a replay still streams). At most
+/// `limit` bytes are ever produced.
+pub fn recode(form: Form, level: u32, body: &StoredBody, limit: u64) -> Result<StoredBody, Unkept> {
+    let (mut coder, stream) = match (form, body) {
+        (Form::Encoded(c), StoredBody::Whole(_)) => (Coder::encoder(c, level, false), false),
+        (Form::Encoded(c), StoredBody::Chunks(_)) => (Coder::encoder(c, level, true), true),
+        (Form::Decoded(d), b) => (Coder::decoder(d), matches!(b, StoredBody::Chunks(_))),
     };
     let input: &[Bytes] = match body {
         StoredBody::Whole(b) => std::slice::from_ref(b),
         StoredBody::Chunks(c) => c,
     };
-    let mut out = Vec::with_capacity(input.len());
+    let too_large = match form {
+        Form::Encoded(_) => Unkept::NotSmaller,
+        Form::Decoded(_) => Unkept::TooLarge,
+    };
+    let limit = match form {
+        // Not worth keeping unless smaller.
+        Form::Encoded(_) => (body.len() as u64).min(limit).saturating_sub(1),
+        Form::Decoded(_) => limit,
+    };
+    // Pieces of output; with `stream`, each input chunk's ends one piece.
+    let mut pieces: Vec<Vec<u8>> = Vec::with_capacity(input.len());
     let mut total = 0u64;
+    let mut add = |pieces: &mut Vec<Vec<u8>>, out: Bytes, new_piece: bool| {
+        total += out.len() as u64;
+        if new_piece || pieces.is_empty() {
+            pieces.push(Vec::new());
+        }
+        pieces
+            .last_mut()
+            .expect("just pushed")
+            .extend_from_slice(&out);
+        total <= limit
+    };
     for chunk in input {
-        let piece = coder.push(chunk).ok()?;
-        total += piece.len() as u64;
-        if total > limit {
-            return None;
+        let mut out = coder.push(chunk.clone()).map_err(|_| Unkept::Corrupt)?;
+        let mut first = true;
+        loop {
+            if !add(&mut pieces, out, stream && first) {
+                return Err(too_large);
+            }
+            first = false;
+            if !coder.has_pending() {
+                break;
+            }
+            out = coder.resume().map_err(|_| Unkept::Corrupt)?;
         }
-        if !piece.is_empty() {
-            out.push(piece);
-        }
     }
-    let tail = coder.finish().ok()?;
-    total += tail.len() as u64;
-    if total > limit {
-        return None;
+    let tail = coder.finish().map_err(|_| Unkept::Corrupt)?;
+    if !add(&mut pieces, tail, false) {
+        return Err(too_large);
     }
-    if !tail.is_empty() {
-        out.push(tail);
+    // One exact-size buffer, sliced: the copy weighs what the store counts.
+    let mut all = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    let mut ends = Vec::with_capacity(pieces.len());
+    for piece in pieces.iter().filter(|p| !p.is_empty()) {
+        all.extend_from_slice(piece);
+        ends.push(all.len());
     }
-    if matches!(form, Form::Encoded(_)) && total >= body.len() as u64 {
-        return None;
-    }
-    Some(if whole {
-        let mut all = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-        for piece in &out {
-            all.extend_from_slice(piece);
-        }
-        StoredBody::Whole(all.into())
+    let all = Bytes::from(all);
+    Ok(if stream {
+        StoredBody::split(&all, ends)
     } else {
-        StoredBody::Chunks(out.into())
+        StoredBody::Whole(all)
     })
 }
 
@@ -456,18 +517,102 @@ pub struct Coder {
     /// Flush after every chunk, so each one can be decoded on arrival
     /// (NDJSON, SSE); otherwise the compressor keeps what it needs.
     flush_each: bool,
+    /// Input a decoder has not read yet: it is fed in small steps so that
+    /// what one step produces stays bounded (a small bomb stays small).
+    pending: Bytes,
 }
 
 enum CoderKind {
     Gzip(flate2::write::GzEncoder<Vec<u8>>),
     Br(Box<brotli::CompressorWriter<Vec<u8>>>),
-    Gunzip(flate2::write::GzDecoder<Vec<u8>>),
-    Inflate(flate2::write::ZlibDecoder<Vec<u8>>),
-    Unbrotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
+    Gunzip(flate2::write::MultiGzDecoder<Vec<u8>>),
+    Unbrotli(Box<Unbrotli>),
+}
+
+/// A brotli decoder on the library's streaming call, so that output comes
+/// in bounded steps even when a few input bytes expand to gigabytes.
+struct Unbrotli {
+    state: brotli::BrotliState<StandardAlloc, StandardAlloc, StandardAlloc>,
+    out: Vec<u8>,
+    total_out: usize,
+    /// It stopped for room, not for input: more output is waiting.
+    more_output: bool,
+    finished: bool,
+}
+
+impl Unbrotli {
+    fn new() -> Self {
+        Unbrotli {
+            state: brotli::BrotliState::new(
+                StandardAlloc::default(),
+                StandardAlloc::default(),
+                StandardAlloc::default(),
+            ),
+            out: Vec::new(),
+            total_out: 0,
+            more_output: false,
+            finished: false,
+        }
+    }
+
+    /// Reads `input` (advancing it) until it is used up, the stream ends,
+    /// or `limit` bytes of output are waiting.
+    fn decode(&mut self, input: &mut Bytes, limit: usize) -> std::io::Result<()> {
+        use bytes::Buf;
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let (mut avail_in, mut in_off) = (input.len(), 0);
+            let (mut avail_out, mut out_off) = (buf.len(), 0);
+            let result = brotli::BrotliDecompressStream(
+                &mut avail_in,
+                &mut in_off,
+                input,
+                &mut avail_out,
+                &mut out_off,
+                &mut buf,
+                &mut self.total_out,
+                &mut self.state,
+            );
+            input.advance(in_off);
+            self.out.extend_from_slice(&buf[..out_off]);
+            self.more_output = false;
+            match result {
+                brotli::BrotliResult::ResultFailure => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "not a brotli stream",
+                    ))
+                }
+                brotli::BrotliResult::ResultSuccess => {
+                    self.finished = true;
+                    if !input.is_empty() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "bytes after the end of the brotli stream",
+                        ));
+                    }
+                    return Ok(());
+                }
+                brotli::BrotliResult::NeedsMoreInput => return Ok(()),
+                brotli::BrotliResult::NeedsMoreOutput => {
+                    if self.out.len() >= limit {
+                        self.more_output = true;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Brotli's window: 4 MiB, ample for model answers, small enough per stream.
 const BROTLI_LGWIN: u32 = 22;
+/// Input the gzip decoder reads per step: at most ~1 MiB of output
+/// (deflate's ratio is at most ~1032:1). Brotli's is unbounded: its
+/// decoder stops on output instead.
+const DECODE_STEP_IN: usize = 1024;
+/// A decoder stops reading once a step has produced this much.
+const DECODE_STEP_OUT: usize = 256 * 1024;
 
 impl Coder {
     /// Compresses: `level` is gzip 0–9 or brotli quality 0–11 (checked by
@@ -485,26 +630,66 @@ impl Coder {
                 BROTLI_LGWIN,
             ))),
         };
-        Coder { kind, flush_each }
+        Coder {
+            kind,
+            flush_each,
+            pending: Bytes::new(),
+        }
     }
 
-    /// Decompresses, passing on whatever each chunk decodes to at once.
+    /// Decompresses, passing on what each step decodes at once.
     pub fn decoder(decoding: Decoding) -> Self {
         let kind = match decoding {
-            Decoding::Gzip => CoderKind::Gunzip(flate2::write::GzDecoder::new(Vec::new())),
-            Decoding::Deflate => CoderKind::Inflate(flate2::write::ZlibDecoder::new(Vec::new())),
-            Decoding::Br => {
-                CoderKind::Unbrotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096)))
-            }
+            Decoding::Gzip => CoderKind::Gunzip(flate2::write::MultiGzDecoder::new(Vec::new())),
+            Decoding::Br => CoderKind::Unbrotli(Box::new(Unbrotli::new())),
         };
         Coder {
             kind,
             flush_each: true,
+            pending: Bytes::new(),
         }
     }
 
-    /// Feeds `data`; returns what is ready to send (maybe nothing).
-    pub fn push(&mut self, data: &[u8]) -> std::io::Result<Bytes> {
+    fn decodes(&self) -> bool {
+        matches!(self.kind, CoderKind::Gunzip(_) | CoderKind::Unbrotli(_))
+    }
+
+    /// Feeds `data`; returns what is ready to send (maybe nothing). A
+    /// decoder may keep part of `data` back: call `resume` while
+    /// `has_pending`.
+    pub fn push(&mut self, data: Bytes) -> std::io::Result<Bytes> {
+        debug_assert!(self.pending.is_empty(), "resume until nothing is pending");
+        if !self.decodes() {
+            self.step(&data)?;
+            return Ok(self.take_output());
+        }
+        self.pending = data;
+        self.resume()
+    }
+
+    /// Whether input fed earlier is still to be read, or its output to
+    /// be handed out.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || matches!(&self.kind, CoderKind::Unbrotli(b) if b.more_output)
+    }
+
+    /// Reads on from the input kept back, for at most one step's output.
+    pub fn resume(&mut self) -> std::io::Result<Bytes> {
+        if let CoderKind::Unbrotli(b) = &mut self.kind {
+            b.decode(&mut self.pending, DECODE_STEP_OUT)?;
+            return Ok(std::mem::take(&mut b.out).into());
+        }
+        loop {
+            let n = self.pending.len().min(DECODE_STEP_IN);
+            let part = self.pending.split_to(n);
+            self.step(&part)?;
+            if self.pending.is_empty() || self.output_len() >= DECODE_STEP_OUT {
+                return Ok(self.take_output());
+            }
+        }
+    }
+
+    fn step(&mut self, data: &[u8]) -> std::io::Result<()> {
         fn step<W: Write>(w: &mut W, data: &[u8], flush: bool) -> std::io::Result<()> {
             w.write_all(data)?;
             if flush {
@@ -513,43 +698,41 @@ impl Coder {
             Ok(())
         }
         let flush = self.flush_each;
-        let out = match &mut self.kind {
-            CoderKind::Gzip(e) => {
-                step(e, data, flush)?;
-                e.get_mut()
-            }
-            CoderKind::Br(e) => {
-                step(e.as_mut(), data, flush)?;
-                e.get_mut()
-            }
-            CoderKind::Gunzip(d) => {
-                step(d, data, flush)?;
-                d.get_mut()
-            }
-            CoderKind::Inflate(d) => {
-                step(d, data, flush)?;
-                d.get_mut()
-            }
-            CoderKind::Unbrotli(d) => {
-                step(d.as_mut(), data, flush)?;
-                d.get_mut()
-            }
-        };
-        Ok(std::mem::take(out).into())
+        match &mut self.kind {
+            CoderKind::Gzip(e) => step(e, data, flush),
+            CoderKind::Br(e) => step(e.as_mut(), data, flush),
+            CoderKind::Gunzip(d) => step(d, data, flush),
+            CoderKind::Unbrotli(_) => unreachable!("brotli is decoded in resume"),
+        }
+    }
+
+    fn output(&mut self) -> &mut Vec<u8> {
+        match &mut self.kind {
+            CoderKind::Gzip(e) => e.get_mut(),
+            CoderKind::Br(e) => e.get_mut(),
+            CoderKind::Gunzip(d) => d.get_mut(),
+            CoderKind::Unbrotli(d) => &mut d.out,
+        }
+    }
+
+    fn output_len(&mut self) -> usize {
+        self.output().len()
+    }
+
+    fn take_output(&mut self) -> Bytes {
+        std::mem::take(self.output()).into()
     }
 
     /// Ends the stream; returns its last bytes. A decoder fails here when
     /// its input stopped short.
     pub fn finish(self) -> std::io::Result<Bytes> {
+        debug_assert!(self.pending.is_empty(), "resume until nothing is pending");
         let out = match self.kind {
             CoderKind::Gzip(e) => e.finish()?,
             CoderKind::Br(e) => e.into_inner(),
             CoderKind::Gunzip(d) => d.finish()?,
-            CoderKind::Inflate(d) => d.finish()?,
-            CoderKind::Unbrotli(mut d) => {
-                d.close()?;
-                d.into_inner().map_err(|_| truncated())?
-            }
+            CoderKind::Unbrotli(d) if d.finished => d.out,
+            CoderKind::Unbrotli(_) => return Err(truncated()),
         };
         Ok(out.into())
     }
@@ -557,7 +740,8 @@ impl Coder {
     /// Compresses a whole body at once.
     pub fn whole(coding: Coding, level: u32, body: &[u8]) -> std::io::Result<Bytes> {
         let mut e = Coder::encoder(coding, level, false);
-        let head = e.push(body)?;
+        e.step(body)?;
+        let head = e.take_output();
         let tail = e.finish()?;
         if head.is_empty() {
             return Ok(tail);
@@ -703,7 +887,7 @@ mod tests {
             let mut decoded_so_far = Vec::new();
             for i in 0..5 {
                 let event = format!("{{\"response\":\"token {i}\",\"done\":false}}\n");
-                let out = e.push(event.as_bytes()).unwrap();
+                let out = e.push(Bytes::from(event.clone())).unwrap();
                 assert!(!out.is_empty(), "{coding:?}: flushed bytes for chunk {i}");
                 sent.extend_from_slice(&out);
                 // A streaming decoder given what was sent so far sees the
@@ -787,31 +971,31 @@ mod tests {
         let whole = |b: Vec<u8>| StoredBody::Whole(b.into());
         let gz = Coder::whole(Coding::Gzip, 6, &body).unwrap();
         let limit = 1 << 20;
-        let decoded = recode(Form::Decoded(Decoding::Gzip), 0, &whole(gz.to_vec()), limit);
-        assert!(matches!(decoded, Some(StoredBody::Whole(b)) if b[..] == body[..]));
+        let gunzip = |b: StoredBody, limit| recode(Form::Decoded(Decoding::Gzip), 0, &b, limit);
+        let decoded = gunzip(whole(gz.to_vec()), limit);
+        assert!(matches!(decoded, Ok(StoredBody::Whole(b)) if b[..] == body[..]));
+        // Two gzip members back to back are one body.
+        let twice = [&gz[..], &gz[..]].concat();
+        let decoded = gunzip(whole(twice), limit);
+        assert!(matches!(decoded, Ok(b) if b.len() == 2 * body.len()));
         // Stops short, or is not gzip at all.
         let cut = whole(gz[..gz.len() - 6].to_vec());
-        assert!(recode(Form::Decoded(Decoding::Gzip), 0, &cut, limit).is_none());
-        assert!(recode(
-            Form::Decoded(Decoding::Gzip),
-            0,
-            &whole(body.clone()),
-            limit
-        )
-        .is_none());
+        assert_eq!(gunzip(cut, limit).unwrap_err(), Unkept::Corrupt);
+        assert_eq!(
+            gunzip(whole(body.clone()), limit).unwrap_err(),
+            Unkept::Corrupt
+        );
         let br = Coder::whole(Coding::Br, 5, &body).unwrap();
         let cut = whole(br[..br.len() / 2].to_vec());
-        assert!(recode(Form::Decoded(Decoding::Br), 0, &cut, limit).is_none());
-        // Decodes past the limit (a small bomb).
-        let zeros = Coder::whole(Coding::Gzip, 9, &vec![0u8; 1 << 20]).unwrap();
-        assert!(zeros.len() < 4096);
-        assert!(recode(
-            Form::Decoded(Decoding::Gzip),
-            0,
-            &whole(zeros.to_vec()),
-            64 * 1024
-        )
-        .is_none());
+        let unbrotli = recode(Form::Decoded(Decoding::Br), 0, &cut, limit);
+        assert_eq!(unbrotli.unwrap_err(), Unkept::Corrupt);
+        // A bomb: 64 MiB of zeros in ~64 KB; decoding stops at the limit.
+        let zeros = Coder::whole(Coding::Gzip, 9, &vec![0u8; 64 << 20]).unwrap();
+        assert!(zeros.len() < 100_000, "{}", zeros.len());
+        assert_eq!(
+            gunzip(whole(zeros.to_vec()), 1 << 20).unwrap_err(),
+            Unkept::TooLarge
+        );
         // Compressing random bytes does not shrink them.
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         let noise: Vec<u8> = (0..4096)
@@ -822,6 +1006,31 @@ mod tests {
                 x as u8
             })
             .collect();
-        assert!(recode(Form::Encoded(Coding::Gzip), 6, &whole(noise), limit).is_none());
+        let packed = recode(Form::Encoded(Coding::Gzip), 6, &whole(noise), limit);
+        assert_eq!(packed.unwrap_err(), Unkept::NotSmaller);
+    }
+
+    #[test]
+    fn a_decoder_hands_out_a_bomb_in_bounded_steps() {
+        let zeros = Coder::whole(Coding::Br, 5, &vec![0u8; 16 << 20]).unwrap();
+        let mut d = Coder::decoder(Decoding::Br);
+        let mut out = d.push(zeros).unwrap();
+        let (mut total, mut steps) = (0usize, 0usize);
+        loop {
+            assert!(
+                out.len() <= 2 * DECODE_STEP_OUT,
+                "step of {} bytes",
+                out.len()
+            );
+            total += out.len();
+            steps += 1;
+            if !d.has_pending() {
+                break;
+            }
+            out = d.resume().unwrap();
+        }
+        total += d.finish().unwrap().len();
+        assert_eq!(total, 16 << 20);
+        assert!(steps > 16, "{steps} steps");
     }
 }

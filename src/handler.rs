@@ -158,15 +158,22 @@ impl Proxy {
                 // What the upstream or the cache answered, as the route wants
                 // clients to see it (Hyperion's own errors are left alone).
                 let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                let mut rewritten = false;
                 if let Some(rw) = rewrite.filter(|_| !upgraded) {
+                    rewritten = rw.rewrites_responses();
                     rw.apply_response(resp.headers_mut());
                 }
                 match &self.policy.compression {
-                    Some(cp) if !upgraded => {
-                        compress::encode_response(cp, &accept, head_only, &self.cache, &mut resp)
-                            .await
-                            .map(|()| resp)
-                    }
+                    Some(cp) if !upgraded => compress::encode_response(
+                        cp,
+                        &accept,
+                        head_only,
+                        rewritten,
+                        &self.cache,
+                        &mut resp,
+                    )
+                    .await
+                    .map(|()| resp),
                     _ => Ok(resp),
                 }
             }

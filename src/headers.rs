@@ -36,6 +36,11 @@ impl crate::policy::HeaderRewrite {
         Self::apply(headers, &self.request_remove, &self.request_set);
     }
 
+    /// Whether it changes responses at all.
+    pub fn rewrites_responses(&self) -> bool {
+        !self.response_remove.is_empty() || !self.response_set.is_empty()
+    }
+
     /// `response_remove`, then `response_set`, on a response going to the client.
     pub fn apply_response(&self, headers: &mut HeaderMap) {
         Self::apply(headers, &self.response_remove, &self.response_set);

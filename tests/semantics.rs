@@ -724,3 +724,60 @@ async fn an_answer_past_the_largest_entry_streams_compressed_and_is_not_stored()
     assert_eq!(up.count(), 2, "never stored");
     assert_eq!(proxy.cache.report().await.entries, 0);
 }
+
+#[tokio::test]
+async fn a_route_saying_no_transform_is_obeyed_on_hits_too() {
+    let up = Upstream::start(|_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(answer_json()))
+            .unwrap()
+    })
+    .await;
+    let policy = stored_compressed_policy(&up.url()).replace(
+        "[compression]",
+        "[route.headers]\nresponse_set = { \"Cache-Control\" = \"public, no-transform\" }\n\n[compression]",
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let url = proxy.url("/api/generate");
+    let (p, body) = call(&url, Method::GET, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(p.headers["x-cache"], "MISS");
+    assert!(!p.headers.contains_key("content-encoding"));
+    assert_eq!(body, answer_json().as_bytes());
+    let (p, body) = hit_with(&url, &[("accept-encoding", "gzip")]).await;
+    assert!(!p.headers.contains_key("content-encoding"));
+    assert_eq!(body, answer_json().as_bytes());
+}
+
+#[tokio::test]
+async fn a_stored_answer_too_large_once_decoded_is_decoded_as_it_is_sent() {
+    // 4 MB of JSON-ish zeros, gzipped to a few KB: stored as sent, but its
+    // decoded copy would be past the largest entry (1 MB).
+    let big = [b"[".as_slice(), &vec![b'0'; 4 << 20], b"]"].concat();
+    let packed = Bytes::from(gzip_bytes(&big));
+    let up = Upstream::start(move |_req| {
+        let packed = packed.clone();
+        async move {
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(full(packed))
+                .unwrap()
+        }
+    })
+    .await;
+    let policy = stored_compressed_policy(&up.url())
+        .replace("[server]", "[cache]\nmax_entry_size = \"1MB\"\n\n[server]");
+    let proxy = TestProxy::start(&policy).await;
+    let url = proxy.url("/api/generate");
+    hit_with(&url, &[("accept-encoding", "gzip")]).await;
+    for _ in 0..2 {
+        let (p, body) = call(&url, Method::GET, &[]).await;
+        assert_eq!(p.status, 200);
+        assert_eq!(p.headers["x-cache"], "HIT");
+        assert!(!p.headers.contains_key("content-encoding"));
+        assert!(!p.headers.contains_key("content-length"));
+        assert_eq!(body.len(), big.len());
+    }
+    assert_eq!(up.count(), 1);
+}

@@ -464,8 +464,14 @@ impl Exchange {
         let now = SystemTime::now();
         let mut headers = old.headers.clone();
         for name in fresh.keys() {
-            // The 304 describes no body, and its age is counted below.
-            if name == header::CONTENT_LENGTH || name == X_CACHE || name == header::AGE {
+            // The 304 describes no body, and its age is counted below. The
+            // stored body and its copies are in the coding stored with them
+            // (RFC 9111 §3.2 lets a cache keep that field for integrity).
+            if name == header::CONTENT_LENGTH
+                || name == header::CONTENT_ENCODING
+                || name == X_CACHE
+                || name == header::AGE
+            {
                 continue;
             }
             headers.remove(name);

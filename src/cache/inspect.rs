@@ -109,7 +109,7 @@ impl Cache {
     /// Removes what `what` names; returns how many stored responses went.
     pub async fn purge(&self, what: &Purge) -> u64 {
         if let Purge::Key(key) = what {
-            match self.store.remove(key).await {
+            match self.take(key).await {
                 // Its variants are found only by looking through the store.
                 Some(Stored::Varies(_)) => {}
                 Some(_) => return 1,
@@ -147,7 +147,7 @@ impl Cache {
             .collect();
         let mut n = 0;
         for k in keys {
-            if let Some(slot) = self.store.remove(&*k).await {
+            if let Some(slot) = self.take(&k).await {
                 n += u64::from(slot.entry().is_some());
             }
         }

@@ -14,7 +14,7 @@ use moka::ops::compute::Op;
 use tokio::sync::OnceCell;
 
 use super::{Cache, Entry, Stored, StoredBody};
-use crate::compress::{self, Coding, Decoding, Treatment};
+use crate::compress::{self, Coding, Decoding, Treatment, Unkept};
 
 /// Which other coding of a body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,9 @@ pub enum Form {
     Decoded(Decoding),
 }
 
+/// A copy made, or why there is none (decided once, like the copy).
+pub type Copy = Result<Arc<Recoded>, Unkept>;
+
 /// One copy of a stored body in another coding.
 #[derive(Debug)]
 pub struct Recoded {
@@ -32,6 +35,8 @@ pub struct Recoded {
     /// Its exact `Content-Length`; none for a recorded stream, which is
     /// replayed chunked like its identity body.
     pub length: Option<HeaderValue>,
+    /// The entry's strong `ETag` and its weak form, sent with the copy.
+    pub etag: Option<(HeaderValue, HeaderValue)>,
 }
 
 /// The copies an entry has, and how its coding is treated.
@@ -39,10 +44,9 @@ pub struct Recoded {
 pub struct Recodings {
     /// Decided once, on the entry's first response.
     treatment: OnceLock<Treatment>,
-    /// `None` inside: tried, and not worth keeping (see `compress::recode`).
-    br: OnceCell<Option<Arc<Recoded>>>,
-    gzip: OnceCell<Option<Arc<Recoded>>>,
-    decoded: OnceCell<Option<Arc<Recoded>>>,
+    br: OnceCell<Copy>,
+    gzip: OnceCell<Copy>,
+    decoded: OnceCell<Copy>,
 }
 
 /// Bodies up to this size are recoded on the request's own thread; larger
@@ -57,7 +61,7 @@ impl Recodings {
     /// The copies, for an entry with the same body (a 304 refreshed its
     /// headers): the treatment is decided again.
     pub fn carried(&self) -> Recodings {
-        let keep = |c: &OnceCell<Option<Arc<Recoded>>>| OnceCell::new_with(c.get().cloned());
+        let keep = |c: &OnceCell<Copy>| OnceCell::new_with(c.get().cloned());
         Recodings {
             treatment: OnceLock::new(),
             br: keep(&self.br),
@@ -66,7 +70,7 @@ impl Recodings {
         }
     }
 
-    fn cell(&self, form: Form) -> &OnceCell<Option<Arc<Recoded>>> {
+    fn cell(&self, form: Form) -> &OnceCell<Copy> {
         match form {
             Form::Encoded(Coding::Br) => &self.br,
             Form::Encoded(Coding::Gzip) => &self.gzip,
@@ -78,7 +82,7 @@ impl Recodings {
     pub fn weight(&self) -> usize {
         [&self.br, &self.gzip, &self.decoded]
             .into_iter()
-            .filter_map(|c| c.get().cloned().flatten())
+            .filter_map(|c| c.get().and_then(|c| c.as_ref().ok()))
             .map(|c| c.body.len() + 64)
             .sum()
     }
@@ -86,13 +90,8 @@ impl Recodings {
 
 impl Cache {
     /// `entry`'s body as `form` (`level` for compression): the kept copy,
-    /// or one made now and kept. `None` when there is none worth having.
-    pub async fn recoded(
-        &self,
-        entry: &Arc<Entry>,
-        form: Form,
-        level: u32,
-    ) -> Option<Arc<Recoded>> {
+    /// or one made now and kept; or why there is none.
+    pub async fn recoded(&self, entry: &Arc<Entry>, form: Form, level: u32) -> Copy {
         let cell = entry.recodings.cell(form);
         if let Some(copy) = cell.get() {
             return copy.clone();
@@ -108,20 +107,22 @@ impl Cache {
                 } else {
                     tokio::task::spawn_blocking(move || compress::recode(form, level, &body, limit))
                         .await
-                        .ok()
-                        .flatten()
+                        .unwrap_or(Err(Unkept::Corrupt))
                 };
                 recoded.map(|body| {
                     let length = match body {
                         StoredBody::Whole(ref b) => Some(HeaderValue::from(b.len())),
                         StoredBody::Chunks(_) => None,
                     };
-                    Arc::new(Recoded { body, length })
+                    let etag = entry.headers.get(http::header::ETAG).and_then(|strong| {
+                        compress::weakened(strong).map(|weak| (strong.clone(), weak))
+                    });
+                    Arc::new(Recoded { body, length, etag })
                 })
             })
             .await
             .clone();
-        if made && copy.is_some() {
+        if made && copy.is_ok() {
             self.reweigh(entry).await;
         }
         copy

@@ -111,16 +111,7 @@ impl Recording {
             self.entry.own_etag = true;
         }
         self.entry.body = if self.chunked {
-            let mut start = 0;
-            let parts: Vec<Bytes> = bounds
-                .into_iter()
-                .map(|end| {
-                    let part = whole.slice(start..end);
-                    start = end;
-                    part
-                })
-                .collect();
-            StoredBody::Chunks(parts.into())
+            StoredBody::split(&whole, bounds)
         } else {
             self.entry
                 .headers
