@@ -194,14 +194,7 @@ fn worth_compressing(policy: &CompressionPolicy, headers: &HeaderMap) -> bool {
                 .is_some_and(|(mt, _)| mt.eq_ignore_ascii_case(ty)),
             None => t.eq_ignore_ascii_case(media),
         });
-    listed && content_length(headers).is_none_or(|n| n >= policy.min_size)
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
+    listed && crate::headers::content_length(headers).is_none_or(|n| n >= policy.min_size)
 }
 
 /// Puts one response on its way to a client whose request carried `accept`
@@ -455,14 +448,13 @@ pub fn recode(form: Form, level: u32, body: &StoredBody, limit: u64) -> Result<S
         StoredBody::Whole(b) => std::slice::from_ref(b),
         StoredBody::Chunks(c) => c,
     };
-    let too_large = match form {
-        Form::Encoded(_) => Unkept::NotSmaller,
-        Form::Decoded(_) => Unkept::TooLarge,
-    };
-    let limit = match form {
+    let (limit, too_large) = match form {
         // Not worth keeping unless smaller.
-        Form::Encoded(_) => (body.len() as u64).min(limit).saturating_sub(1),
-        Form::Decoded(_) => limit,
+        Form::Encoded(_) => (
+            (body.len() as u64).min(limit).saturating_sub(1),
+            Unkept::NotSmaller,
+        ),
+        Form::Decoded(_) => (limit, Unkept::TooLarge),
     };
     // Pieces of output; with `stream`, each input chunk's ends one piece.
     let mut pieces: Vec<Vec<u8>> = Vec::with_capacity(input.len());

@@ -244,6 +244,17 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).expect("hex is a valid header value")
 }
 
+/// A message's `Content-Length`, when it has a valid one.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Approximate size of a request head as it came on the wire: request line
 /// plus `name: value\r\n` per field.
 pub fn head_size(method: &str, uri_len: usize, headers: &HeaderMap) -> usize {
@@ -253,20 +264,22 @@ pub fn head_size(method: &str, uri_len: usize, headers: &HeaderMap) -> usize {
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
+/// A header map from `(name, value)` pairs, in order (for unit tests).
+#[cfg(test)]
+pub(crate) fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
-    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {

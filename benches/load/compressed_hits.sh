@@ -31,32 +31,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${OUT:=$REPO/benches/runs/$(date +%Y-%m-%d)-compressed-hits.txt}"
 ORIGIN_PORT=27280 NGINX_PORT=27281 HYPERION_PORT=27290
 
-die() { echo "compressed_hits.sh: $*" >&2; exit 1; }
-for tool in wrk nginx taskset curl; do
-  command -v "$tool" >/dev/null || die "$tool is missing — apt-get install -y wrk nginx util-linux curl"
-done
-[ -d "$SHARED/bench/origin" ] || die "no bench origin at $SHARED/bench/origin (set SHARED=)"
-
-rm -rf "$RUN_DIR"; mkdir -p "$RUN_DIR/nginx/cache" "$(dirname "$OUT")"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-echo "building hyperion and bench-origin (release)…"
-(cd "$REPO" && cargo build --release --quiet)
-(cd "$SHARED/bench/origin" && cargo build --release --quiet)
-HYPERION="$REPO/target/release/hyperion"
-ORIGIN="$SHARED/bench/origin/target/release/bench-origin"
-
-wait_port() {
-  for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$1/_count" && return 0; sleep 0.1; done
-  die "nothing answers on port $1"
-}
-
-taskset -c "$SERVER_CPU" "$ORIGIN" --listen "127.0.0.1:$ORIGIN_PORT" --threads 1 >"$RUN_DIR/origin.log" 2>&1 &
-PIDS+=($!); ORIGIN_PID=$!
-wait_port $ORIGIN_PORT
-curl -s "http://127.0.0.1:$ORIGIN_PORT/_delay?ms=0" >/dev/null
+SCRIPT=compressed_hits.sh
+# shellcheck source=benches/load/common.sh
+source "$REPO/benches/load/common.sh"
+mkdir -p "$RUN_DIR/nginx/cache"
 
 cat >"$RUN_DIR/hyperion.toml" <<EOF
 [server]
@@ -167,16 +145,6 @@ for coding in gzip br; do
     || die "hyperion does not answer $coding"
 done
 
-# utime+stime clock ticks of a process and its children (nginx's worker).
-ticks() {
-  local s=0 f p
-  for p in "$1" $(ps -o pid= --ppid "$1" 2>/dev/null); do
-    f=$(cat "/proc/$p/stat" 2>/dev/null) || continue
-    f=${f##*) }; set -- $f; s=$(( s + ${12} + ${13} ))
-  done
-  echo $s
-}
-to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v+0} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000000} else print v}'; }
 # Requests that reached the origin for the two measured URLs.
 count() { curl -s "http://127.0.0.1:$ORIGIN_PORT/_count" | sed -E 's/.*"static_16k":([0-9]+).*"generate":([0-9]+).*/\1 \2/' | awk '{print $1 + $2}'; }
 
@@ -190,9 +158,9 @@ run() { # round target req coding
   log="$RUN_DIR/$round-$target-$req-$coding.txt"
   taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d2s -s "$RUN_DIR/$req-$coding.lua" "$url" >/dev/null 2>&1   # warm-up
   local t0 t1 c0 c1
-  c0=$(count); t0=$(ticks "$pid")
+  c0=$(count); t0=$(tree_ticks "$pid")
   taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$RUN_DIR/$req-$coding.lua" "$url" >"$log" 2>&1
-  t1=$(ticks "$pid"); c1=$(count)
+  t1=$(tree_ticks "$pid"); c1=$(count)
   local reqs rps p50 errors cpu_us bytes
   reqs=$(awk '/requests in/{print $1}' "$log")
   rps=$(awk '/^Requests\/sec/{print $2}' "$log")
@@ -222,11 +190,8 @@ done
   echo "# server CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU; medians over $ROUNDS rounds [min..max]; cpu: the server process alone"
   echo "# gen: POST /api/generate (~1 KB JSON, body-keyed); 16k: GET /static/16k; hyperion gzip 6 / br 5 copies kept per entry, nginx gzip 6 on every hit"
   echo
-  awk -F'\t' 'NR>1 { k=$3" "$2" "$4; rps[k]=rps[k]" "$5; p50[k]=p50[k]" "$6; cpu[k]=cpu[k]" "$7; by[k]=$8; keys[k]=1 }
-    function med(s,   a,n,i,j,t){ n=split(s,a," "); for(i=1;i<=n;i++)for(j=i+1;j<=n;j++)if(a[j]+0<a[i]+0){t=a[i];a[i]=a[j];a[j]=t}
-      if(n%2) return a[(n+1)/2]; return (a[n/2]+a[n/2+1])/2 }
-    function mn(s,  a,n,i,m){ n=split(s,a," "); m=a[1]; for(i=2;i<=n;i++) if(a[i]+0<m+0) m=a[i]; return m }
-    function mx(s,  a,n,i,m){ n=split(s,a," "); m=a[1]; for(i=2;i<=n;i++) if(a[i]+0>m+0) m=a[i]; return m }
+  awk -F'\t' "$AWK_STATS"'
+    NR>1 { k=$3" "$2" "$4; rps[k]=rps[k]" "$5; p50[k]=p50[k]" "$6; cpu[k]=cpu[k]" "$7; by[k]=$8; keys[k]=1 }
     END {
       printf "%-4s %-9s %-9s %26s %8s %12s %8s %12s\n", "req", "target", "coding", "req/s", "p50 µs", "cpu µs/req", "B/resp", "vs identity"
       split("gen 16k", reqs, " "); split("hyperion nginx", ts, " "); split("identity gzip br", cs, " ")

@@ -33,32 +33,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${OUT:=$REPO/benches/runs/$(date +%Y-%m-%d)-passthrough.txt}"
 ORIGIN_PORT=27180 NGINX_PORT=27181 HYPERION_PORT=27190
 
-die() { echo "passthrough.sh: $*" >&2; exit 1; }
-for tool in wrk nginx taskset curl; do
-  command -v "$tool" >/dev/null || die "$tool is missing — apt-get install -y wrk nginx util-linux curl"
-done
-[ -d "$SHARED/bench/origin" ] || die "no bench origin at $SHARED/bench/origin (set SHARED=)"
-
-rm -rf "$RUN_DIR"; mkdir -p "$RUN_DIR/nginx" "$(dirname "$OUT")"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-echo "building hyperion and bench-origin (release)…"
-(cd "$REPO" && cargo build --release --quiet)
-(cd "$SHARED/bench/origin" && cargo build --release --quiet)
-HYPERION="$REPO/target/release/hyperion"
-ORIGIN="$SHARED/bench/origin/target/release/bench-origin"
-
-wait_port() {
-  for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$1/_count" && return 0; sleep 0.1; done
-  die "nothing answers on port $1"
-}
-
-taskset -c "$SERVER_CPU" "$ORIGIN" --listen "127.0.0.1:$ORIGIN_PORT" --threads 1 >"$RUN_DIR/origin.log" 2>&1 &
-PIDS+=($!); ORIGIN_PID=$!
-wait_port $ORIGIN_PORT
-curl -s "http://127.0.0.1:$ORIGIN_PORT/_delay?ms=0" >/dev/null
+SCRIPT=passthrough.sh
+# shellcheck source=benches/load/common.sh
+source "$REPO/benches/load/common.sh"
 
 cat >"$RUN_DIR/nginx/nginx.conf" <<EOF
 worker_processes 1;
@@ -122,19 +99,6 @@ wrk.body = '{"model":"llama3.2","prompt":"why is the sky blue?","stream":false}'
 wrk.headers["Content-Type"] = "application/json"
 EOF
 
-# utime+stime clock ticks of a process and all its descendants.
-tree_ticks() {
-  local pids
-  pids=$(ps -o pid= --ppid "$1" 2>/dev/null | tr '\n' ' ')
-  local s=0 f
-  for p in "$1" $pids; do
-    f=$(cat "/proc/$p/stat" 2>/dev/null) || continue
-    f=${f##*) }; set -- $f; s=$(( s + ${12} + ${13} ))
-  done
-  echo $s
-}
-# wrk latency percentile line → microseconds
-to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v+0} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000000} else print v}'; }
 
 pid_of() { case $1 in origin) echo "$ORIGIN_PID";; nginx) echo "$NGINX_PID";; hyperion) echo "$HYPERION_PID";; esac; }
 port_of() { case $1 in origin) echo $ORIGIN_PORT;; nginx) echo $NGINX_PORT;; hyperion) echo $HYPERION_PORT;; esac; }
@@ -186,11 +150,8 @@ done
   echo "# server CPU $SERVER_CPU (origin + proxy), wrk on CPU $CLIENT_CPU; medians over $ROUNDS rounds [min..max]"
   echo "# cpu µs/req counts the proxy and the origin behind it (the origin row: the origin alone)"
   echo
-  awk -F'\t' 'NR>1 { k=$3" "$4" "$2; rps[k]=rps[k]" "$5; p50[k]=p50[k]" "$6; cpu[k]=cpu[k]" "$7; keys[k]=1 }
-    function med(s,   a,n,i,j,t){ n=split(s,a," "); for(i=1;i<=n;i++)for(j=i+1;j<=n;j++)if(a[j]+0<a[i]+0){t=a[i];a[i]=a[j];a[j]=t}
-      if(n%2) return a[(n+1)/2]; return (a[n/2]+a[n/2+1])/2 }
-    function mn(s,  a,n,i,m){ n=split(s,a," "); m=a[1]; for(i=2;i<=n;i++) if(a[i]+0<m+0) m=a[i]; return m }
-    function mx(s,  a,n,i,m){ n=split(s,a," "); m=a[1]; for(i=2;i<=n;i++) if(a[i]+0>m+0) m=a[i]; return m }
+  awk -F'\t' "$AWK_STATS"'
+    NR>1 { k=$3" "$4" "$2; rps[k]=rps[k]" "$5; p50[k]=p50[k]" "$6; cpu[k]=cpu[k]" "$7; keys[k]=1 }
     END {
       printf "%-8s %-4s %-9s %26s %22s %12s\n", "request", "mode", "target", "req/s", "p50 µs", "cpu µs/req"
       split("get1k post", reqs, " "); split("tput lat", modes, " "); split("origin nginx hyperion", ts, " ")

@@ -169,16 +169,7 @@ pub const NOT_MODIFIED_HEADERS: [header::HeaderName; 7] = [
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::headers::map as headers;
 
     const LM: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
     const LATER: &str = "Mon, 07 Nov 1994 08:49:37 GMT";

@@ -306,16 +306,7 @@ pub fn age_value(age: Duration) -> HeaderValue {
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::headers::map;
 
     #[test]
     fn directives_parse_case_insensitively_with_quotes() {

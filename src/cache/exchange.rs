@@ -541,7 +541,9 @@ impl Exchange {
         if streamed && !self.policy.record_streams {
             return None;
         }
-        if content_length(headers).is_some_and(|n| n > self.cache.policy.max_entry_size) {
+        if crate::headers::content_length(headers)
+            .is_some_and(|n| n > self.cache.policy.max_entry_size)
+        {
             return None;
         }
         let (fresh_for, initial_age, swr, sie) = match self.policy.freshness {
@@ -681,15 +683,6 @@ fn compact(headers: &HeaderMap) -> HeaderMap {
         at += len;
     }
     out
-}
-
-pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// The cache target (`host` + path and query) a `Location` or

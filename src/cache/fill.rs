@@ -545,7 +545,7 @@ impl Lead {
             } => {
                 let reader = FillReader {
                     slot,
-                    remaining: super::exchange::content_length(&parts.headers),
+                    remaining: crate::headers::content_length(&parts.headers),
                     done: false,
                     _member: member.expect("a leader is a member"),
                 };

@@ -134,16 +134,7 @@ fn normalised<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> Option<Header
 mod tests {
     use super::*;
 
-    fn req(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::headers::map as req;
 
     fn resp(vary: &str) -> HeaderMap {
         req(&[("vary", vary)])
