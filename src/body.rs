@@ -10,7 +10,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,14 +78,48 @@ pub struct RequestBody {
 }
 
 enum Source {
-    Client(Incoming),
+    /// `first` is a frame that had already arrived when the request was
+    /// forwarded (see `RequestBody::new`), sent before the rest.
+    Client {
+        first: Option<Result<Frame<Bytes>, hyper::Error>>,
+        inner: Incoming,
+    },
     Buffered(Option<Bytes>),
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64) -> Self {
+    /// Streams `inner`. A small body usually arrives with the request head,
+    /// so its one frame is taken now, without waiting: a body that is then
+    /// complete goes upstream as bytes in hand, and the upstream connection
+    /// never polls the client connection's body channel (a cross-task wake
+    /// and the channel's bookkeeping on every POST).
+    pub fn new(mut inner: Incoming, limit: u64) -> Self {
+        let first = if inner.is_end_stream() {
+            None
+        } else {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match Pin::new(&mut inner).poll_frame(&mut cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => None,
+            }
+        };
+        let source = match first {
+            Some(Ok(frame)) if inner.is_end_stream() && frame.is_data() => {
+                let data = frame.into_data().unwrap_or_default();
+                if data.len() as u64 > limit {
+                    // Sent as a stream so the limit fails it as usual.
+                    Source::Client {
+                        first: Some(Ok(Frame::data(data))),
+                        inner,
+                    }
+                } else {
+                    Source::Buffered((!data.is_empty()).then_some(data))
+                }
+            }
+            first => Source::Client { first, inner },
+        };
         RequestBody {
-            source: Source::Client(inner),
+            source,
             seen: 0,
             limit,
         }
@@ -110,12 +144,15 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let inner = match &mut this.source {
+        let polled = match &mut this.source {
             Source::Buffered(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Source::Client(inner) => inner,
+            Source::Client { first, inner } => match first.take() {
+                Some(frame) => Some(frame),
+                None => ready!(Pin::new(inner).poll_frame(cx)),
+            },
         };
-        match Pin::new(inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+        match polled {
+            Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
@@ -126,22 +163,33 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
+            None => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.source {
-            Source::Client(inner) => inner.is_end_stream(),
+            Source::Client { first, inner } => first.is_none() && inner.is_end_stream(),
             Source::Buffered(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.source {
-            Source::Client(inner) => inner.size_hint(),
+            Source::Client { first, inner } => {
+                let held = match first {
+                    Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
+                    _ => 0,
+                };
+                let rest = inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + held);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + held);
+                }
+                hint
+            }
             Source::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
