@@ -11,6 +11,11 @@ use hyperion::{LogSink, Policy, Proxy};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+// mimalloc's thread-local free lists suit a proxy's many small, short-lived
+// allocations (header maps, futures, buffers) better than glibc's arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A caching reverse proxy for AI backends (Ollama, OpenAI-compatible servers, FastAPI).
 #[derive(Parser)]
 #[command(name = "hyperion", version, about, propagate_version = true)]
