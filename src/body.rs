@@ -20,6 +20,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::cache::{Entry, FillReader, Recorder, StoredBody};
 use crate::compress::Coder;
+use crate::limits::TokenMeter;
 use crate::upstream::ConnLease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -232,6 +233,8 @@ pub struct ResponseBody {
     /// The stored entry this response was built from: `compress` sends
     /// the entry's copy in the client's coding instead.
     entry: Option<Arc<Entry>>,
+    /// Reads the token usage for token rate limits; settles them when dropped.
+    meter: Option<Box<TokenMeter>>,
 }
 
 enum Kind {
@@ -304,6 +307,7 @@ impl ResponseBody {
             on_end: None,
             coder: None,
             entry: None,
+            meter: None,
         }
     }
 
@@ -321,6 +325,11 @@ impl ResponseBody {
     /// The stored entry this body was built from.
     pub fn entry(&self) -> Option<&Arc<Entry>> {
         self.entry.as_ref()
+    }
+
+    /// Shows the body (before any coding) to `meter` as it passes.
+    pub fn meter(&mut self, meter: TokenMeter) {
+        self.meter = Some(Box::new(meter));
     }
 
     /// Sends the body through `coder` (the headers say which coding).
@@ -347,7 +356,12 @@ impl ResponseBody {
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                     // Trailers are not compressed.
                     Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) => (coder.push(data), false),
+                        Ok(data) => {
+                            if let Some(m) = &mut self.meter {
+                                m.observe(&data);
+                            }
+                            (coder.push(data), false)
+                        }
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
                     },
                     Poll::Ready(None) => (Ok(Bytes::new()), true),
@@ -426,7 +440,13 @@ impl Body for ResponseBody {
         let polled = if this.coder.is_some() {
             this.poll_encoded(cx)
         } else {
-            this.kind.poll(cx)
+            let polled = this.kind.poll(cx);
+            if let (Some(m), Poll::Ready(Some(Ok(frame)))) = (&mut this.meter, &polled) {
+                if let Some(data) = frame.data_ref() {
+                    m.observe(data);
+                }
+            }
+            polled
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

@@ -42,6 +42,17 @@ pub enum ProxyError {
     NotAcceptable,
     #[error("the stored answer does not decode as its Content-Encoding ({coding}) says")]
     UndecodableBody { coding: &'static str },
+    #[error("rate limit `{limiter}` exceeded; retry in {}s", crate::limits::whole_seconds(*retry_after))]
+    RateLimited {
+        limiter: String,
+        retry_after: Duration,
+    },
+    #[error("every server of upstream `{upstream}` is busy; waited {}s for a free slot", waited.as_secs())]
+    UpstreamBusy {
+        upstream: String,
+        waited: Duration,
+        retry_after: Duration,
+    },
 }
 
 // === impl ProxyError ===
@@ -62,6 +73,8 @@ impl ProxyError {
             ProxyError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ProxyError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ProxyError::UndecodableBody { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -79,6 +92,17 @@ impl ProxyError {
             ProxyError::PreconditionFailed => "precondition_failed",
             ProxyError::NotAcceptable => "not_acceptable",
             ProxyError::UndecodableBody { .. } => "upstream_bad_encoding",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::UpstreamBusy { .. } => "upstream_busy",
+        }
+    }
+
+    /// When the client may try again (`Retry-After`), for the errors that know.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::RateLimited { retry_after, .. }
+            | ProxyError::UpstreamBusy { retry_after, .. } => Some(*retry_after),
+            _ => None,
         }
     }
 
@@ -121,6 +145,10 @@ impl ProxyError {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(crate::headers::X_REQUEST_ID, request_id.clone());
+        if let Some(after) = self.retry_after() {
+            let secs = crate::limits::whole_seconds(after).max(1);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp
     }
 }

@@ -26,6 +26,7 @@ use crate::compress;
 use crate::conn::ConnState;
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
+use crate::limits::{tokens, Admission, Limits, RouteLimits, Stage, Subject, TokenMeter};
 use crate::policy::UpstreamServer;
 use crate::policy::{BodyKey, HeaderRewrite, Policy, RoutePolicy};
 use crate::route::RouteTable;
@@ -38,6 +39,8 @@ pub struct Proxy {
     log: Arc<AccessLog>,
     /// One per process, shared by the workers.
     cache: Arc<Cache>,
+    /// Rate and concurrency limits, one set per process.
+    limits: Arc<Limits>,
 }
 
 /// A route with its upstream pool resolved.
@@ -45,6 +48,7 @@ struct Route {
     policy: Arc<RoutePolicy>,
     name: Arc<str>,
     pool: Arc<UpstreamPool>,
+    limits: RouteLimits,
 }
 
 /// What a request knows about the connection it came on.
@@ -69,16 +73,22 @@ impl Proxy {
     pub fn new(policy: Arc<Policy>, sink: LogSink) -> Self {
         let log = AccessLog::new(policy.server.access_log, policy.server.slow_request, sink);
         let cache = Cache::new(policy.cache.clone());
-        Proxy::worker(policy, Arc::new(log), cache)
+        let limits = Arc::new(Limits::new(&policy, None));
+        Proxy::worker(policy, Arc::new(log), cache, limits)
     }
 
     /// A proxy sharing the access log and the cache with other workers: one
     /// per worker runtime, each with its own upstream connection pools.
-    pub fn worker(policy: Arc<Policy>, log: Arc<AccessLog>, cache: Arc<Cache>) -> Self {
+    pub fn worker(
+        policy: Arc<Policy>,
+        log: Arc<AccessLog>,
+        cache: Arc<Cache>,
+        limits: Arc<Limits>,
+    ) -> Self {
         let pools: Vec<Arc<UpstreamPool>> = policy
             .upstreams
             .iter()
-            .map(|u| Arc::new(UpstreamPool::new(u.clone())))
+            .map(|u| Arc::new(UpstreamPool::new(u.clone(), limits.inflight(&u.name))))
             .collect();
         let routes = policy
             .routes
@@ -93,6 +103,7 @@ impl Proxy {
                     policy: r.clone(),
                     name: Arc::from(r.name.as_str()),
                     pool,
+                    limits: limits.for_route(&r.rate_limits),
                 };
                 (r.matcher.clone(), Arc::new(route))
             })
@@ -102,7 +113,13 @@ impl Proxy {
             log,
             policy,
             cache,
+            limits,
         }
+    }
+
+    /// The rate and concurrency limits (shared with the other workers).
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -150,9 +167,29 @@ impl Proxy {
             }
         }
         let head_only = req.method() == Method::HEAD;
-        let forwarded = self
-            .forward(req, conn, rec, &request_id, &mut rewrite)
+        let mut admission = Admission::default();
+        let mut forwarded = self
+            .forward(req, conn, rec, &request_id, &mut rewrite, &mut admission)
             .await;
+        let spends = admission.take_token_spends();
+        if !spends.is_empty() {
+            match &mut forwarded {
+                // Settled with the answer's usage when its body ends.
+                Ok(resp) => {
+                    let ct = resp.headers().get(header::CONTENT_TYPE);
+                    let meter = TokenMeter::new(
+                        spends,
+                        ct.map(|v| v.as_bytes()),
+                        resp.status().is_success(),
+                    );
+                    resp.body_mut().meter(meter);
+                }
+                // Cut off by a timeout, the backend may have worked all along:
+                // the reservation stands. Other failures generated nothing.
+                Err(ProxyError::UpstreamTimeout { .. }) => {}
+                Err(_) => spends.iter().for_each(|s| s.settle(0)),
+            }
+        }
         let answered = match forwarded {
             Ok(mut resp) => {
                 // What the upstream or the cache answered, as the route wants
@@ -198,6 +235,9 @@ impl Proxy {
         };
         rec.status = resp.status().as_u16();
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
+        if let Some(limit) = &admission.headers {
+            limit.apply(resp.headers_mut());
+        }
         let rec = pending.rec.take().expect("taken once");
         let log = self.log.clone();
         resp.body_mut().on_end(Box::new(move |bytes, outcome| {
@@ -214,6 +254,7 @@ impl Proxy {
         rec: &mut AccessRecord,
         request_id: &HeaderValue,
         rewrite: &mut Option<Arc<HeaderRewrite>>,
+        admission: &mut Admission,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let limits = &self.policy.server;
         let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
@@ -265,10 +306,36 @@ impl Proxy {
         let mut read_ahead = None;
         // Served stale while `exchange` refreshes the entry in the background.
         let mut serve_stale = None;
-        if let (Some(policy), None) = (&route.policy.cache, &upgrade) {
-            if policy.body_key != BodyKey::None && !http_body::Body::is_end_stream(req.body()) {
-                read_ahead = Some(read_body(req.body_mut(), limits.max_request_body).await?);
-            }
+        let cache_policy = route.policy.cache.as_ref().filter(|_| upgrade.is_none());
+        let body_keyed = cache_policy.is_some_and(|p| p.body_key != BodyKey::None);
+        // Body-keyed routes need the body for the key, token-limited ones for
+        // the request's `max_tokens`.
+        if (body_keyed || route.limits.counts_tokens())
+            && !http_body::Body::is_end_stream(req.body())
+        {
+            read_ahead = Some(read_body(req.body_mut(), limits.max_request_body).await?);
+        }
+        let tokens = if route.limits.counts_tokens() {
+            read_ahead
+                .as_deref()
+                .and_then(tokens::requested)
+                .unwrap_or_else(|| route.limits.default_tokens())
+        } else {
+            0
+        };
+        let client = rec.client;
+        if route.limits.checks(Stage::Arrival) {
+            route
+                .limits
+                .admit(
+                    &subject(client, req.headers(), &route.name),
+                    Stage::Arrival,
+                    tokens,
+                    admission,
+                )
+                .map_err(|r| refused(r, admission))?;
+        }
+        if let Some(policy) = cache_policy {
             // Waiting behind an identical request may end with it failing:
             // then look again, once, before going upstream alone.
             let mut joins_left = 2;
@@ -285,6 +352,9 @@ impl Proxy {
                 match self.cache.before(policy, query, joins_left > 0).await {
                     Before::Serve(resp, status, None) => {
                         rec.cache = status.as_str();
+                        route
+                            .limits
+                            .peek_rest(&subject(client, req.headers(), &route.name), admission);
                         return Ok(resp);
                     }
                     Before::Serve(resp, status, refresh) => {
@@ -304,6 +374,10 @@ impl Proxy {
                         match follow.wait(req.headers()).await {
                             Followed::Serve(resp, status) => {
                                 rec.cache = status.as_str();
+                                route.limits.peek_rest(
+                                    &subject(client, req.headers(), &route.name),
+                                    admission,
+                                );
                                 return Ok(resp);
                             }
                             Followed::Retry => {}
@@ -313,6 +387,50 @@ impl Proxy {
                 }
             }
         }
+
+        // Going upstream: the limiters that let cache hits through count now.
+        // A background refresh behind a stale answer is the proxy's own
+        // errand and spends nothing.
+        if !route.limits.is_empty() {
+            if serve_stale.is_none() && route.limits.checks(Stage::Upstream) {
+                route
+                    .limits
+                    .admit(
+                        &subject(client, req.headers(), &route.name),
+                        Stage::Upstream,
+                        tokens,
+                        admission,
+                    )
+                    .map_err(|r| refused(r, admission))?;
+            }
+            route
+                .limits
+                .peek_rest(&subject(client, req.headers(), &route.name), admission);
+        }
+        // A slot under `max_inflight_per_server`, waiting in line for one if
+        // need be. A background refresh does not queue: without a free slot
+        // the stale answer goes out and a later request refreshes.
+        let pool = &route.pool;
+        let (index, slot) = if let Some(stale) = serve_stale.take() {
+            match pool.try_admit() {
+                Some(admitted) => {
+                    serve_stale = Some(stale);
+                    admitted
+                }
+                None => return Ok(stale),
+            }
+        } else {
+            match pool.admit().await {
+                Ok(admitted) => admitted,
+                Err(e) => {
+                    if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
+                        rec.cache = CacheStatus::Stale.as_str();
+                        return Ok(stale);
+                    }
+                    return Err(e);
+                }
+            }
+        };
 
         let (mut parts, body) = req.into_parts();
         let had_transfer_encoding = parts.headers.contains_key(header::TRANSFER_ENCODING);
@@ -336,8 +454,7 @@ impl Proxy {
         );
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
 
-        let pool = &route.pool;
-        let pick = pool.pick();
+        let pick = pool.pick_at(index);
         let server = pick.server;
         rec.upstream = Some(server.url.clone());
         if !route.policy.preserve_host {
@@ -382,7 +499,7 @@ impl Proxy {
             let index = pick.index;
             let send = async move {
                 let pick = pool.pick_at(index);
-                let (resp, lease) = pool.send(&pick, req).await?;
+                let (resp, lease) = pool.send(&pick, req, slot).await?;
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(unasked_upgrade(pick.server));
                 }
@@ -396,7 +513,7 @@ impl Proxy {
             rec.cache = status.as_str();
             return Ok(resp);
         }
-        let (resp, lease) = match pool.send(&pick, req).await {
+        let (resp, lease) = match pool.send(&pick, req, slot).await {
             Ok(sent) => sent,
             Err(e) => {
                 if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
@@ -442,6 +559,23 @@ impl Proxy {
             }
             None => Ok(resp),
         }
+    }
+}
+
+fn subject<'a>(client: IpAddr, headers: &'a HeaderMap, route: &'a str) -> Subject<'a> {
+    Subject {
+        client,
+        headers,
+        route,
+    }
+}
+
+/// A refusal as the client sees it: 429, with the refusing bucket's level.
+fn refused(r: crate::limits::Refused, admission: &mut Admission) -> ProxyError {
+    admission.headers = Some(r.headers);
+    ProxyError::RateLimited {
+        limiter: r.limiter,
+        retry_after: r.retry_after,
     }
 }
 

@@ -14,6 +14,7 @@ pub mod conn;
 pub mod error;
 pub mod handler;
 pub mod headers;
+pub mod limits;
 pub mod policy;
 pub mod route;
 pub mod server;

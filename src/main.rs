@@ -104,6 +104,7 @@ fn run(policy: Policy) -> ExitCode {
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cache = hyperion::cache::Cache::new(policy.cache.clone());
+    let limits = Arc::new(hyperion::limits::Limits::new(&policy, None));
     let mut threads = Vec::with_capacity(workers);
     for w in 0..workers {
         let clones: std::io::Result<Vec<_>> = sockets.iter().map(|s| s.try_clone()).collect();
@@ -115,7 +116,7 @@ fn run(policy: Policy) -> ExitCode {
             }
         };
         let (policy, log, mut stop) = (policy.clone(), log.clone(), stop_rx.clone());
-        let cache = cache.clone();
+        let (cache, limits) = (cache.clone(), limits.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("hyperion-w{w}"))
             .spawn(move || -> std::io::Result<()> {
@@ -127,7 +128,7 @@ fn run(policy: Policy) -> ExitCode {
                         .into_iter()
                         .map(TcpListener::from_std)
                         .collect::<std::io::Result<Vec<_>>>()?;
-                    let proxy = Arc::new(Proxy::worker(policy, log, cache));
+                    let proxy = Arc::new(Proxy::worker(policy, log, cache, limits));
                     hyperion::serve(listeners, proxy, async move {
                         let _ = stop.wait_for(|stopped| *stopped).await;
                     })

@@ -36,6 +36,49 @@ pub struct Policy {
     pub routes: Vec<Arc<RoutePolicy>>,
     /// `[compression]`; `None`: bodies leave as the upstream sent them.
     pub compression: Option<Arc<CompressionPolicy>>,
+    /// `[rate_limits.NAME]`, sorted by name.
+    pub rate_limits: Vec<Arc<RateLimitPolicy>>,
+}
+
+/// `[rate_limits.NAME]`: one limiter (applied in `limits`). Two policies
+/// that compare equal describe the same limiter, so a reload keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitPolicy {
+    pub name: String,
+    pub key: LimitKey,
+    pub unit: LimitUnit,
+    /// Units (requests or tokens) per period.
+    pub rate: Rate,
+    /// Units that may be spent at once from a rested bucket.
+    pub burst: u64,
+    /// Whether cache hits (and coalesced followers) spend from the bucket.
+    pub count_hits: bool,
+    /// Distinct keys tracked at most; past it, keys that were idle longest go.
+    pub max_keys: u64,
+}
+
+/// What a limiter's buckets are keyed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitKey {
+    /// The client behind `trusted_proxies`.
+    ClientIp,
+    /// A request header's value (hashed); requests without it share one bucket.
+    Header(http::HeaderName),
+    /// One bucket per route naming the limiter.
+    Route,
+    /// One bucket for everything.
+    Global,
+}
+
+/// What a limiter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitUnit {
+    Requests,
+    /// LLM tokens from the response's usage fields; `default_tokens` are
+    /// reserved for a request that names no `max_tokens`/`num_predict`.
+    Tokens {
+        default_tokens: u64,
+    },
 }
 
 /// `[compression]`: which answers Hyperion compresses, and how hard
@@ -88,6 +131,11 @@ pub struct UpstreamPolicy {
     pub response_timeout: Duration,
     /// Longest gap between two response body chunks.
     pub idle_timeout: Duration,
+    /// Requests in flight to each server at most (until the response body
+    /// ends); `None`: unlimited.
+    pub max_inflight_per_server: Option<u32>,
+    /// How long a request waits for a free slot before a 503.
+    pub queue_timeout: Duration,
 }
 
 /// One entry of an upstream's `servers`.
@@ -115,6 +163,8 @@ pub struct RoutePolicy {
     pub cache: Option<Arc<RouteCachePolicy>>,
     /// `[route.headers]`; `None` when the route rewrites nothing.
     pub headers: Option<Arc<HeaderRewrite>>,
+    /// `rate_limit`: every limiter must allow a request.
+    pub rate_limits: Vec<Arc<RateLimitPolicy>>,
 }
 
 /// `[route.headers]`: fields set on or removed from what goes upstream and
@@ -273,6 +323,41 @@ impl fmt::Display for Policy {
                 Dur(u.response_timeout),
                 Dur(u.idle_timeout)
             )?;
+            if let Some(max) = u.max_inflight_per_server {
+                writeln!(
+                    f,
+                    "  {:<16} at most {max} in flight per server, queue {}",
+                    "",
+                    Dur(u.queue_timeout)
+                )?;
+            }
+        }
+        if !self.rate_limits.is_empty() {
+            writeln!(f, "rate limits:")?;
+            for l in &self.rate_limits {
+                let key = match &l.key {
+                    LimitKey::ClientIp => "client_ip".to_owned(),
+                    LimitKey::Header(h) => format!("header:{h}"),
+                    LimitKey::Route => "route".to_owned(),
+                    LimitKey::Global => "global".to_owned(),
+                };
+                let what = match l.unit {
+                    LimitUnit::Requests => "requests",
+                    LimitUnit::Tokens { .. } => "tokens",
+                };
+                writeln!(
+                    f,
+                    "  {:<16} {} {what} by {key}, burst {}{}",
+                    l.name,
+                    l.rate,
+                    l.burst,
+                    if l.count_hits {
+                        ", cache hits count"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
         }
         writeln!(f, "routes (first match wins):")?;
         for (i, r) in self.routes.iter().enumerate() {
@@ -284,16 +369,18 @@ impl fmt::Display for Policy {
                 r.matcher,
                 r.upstream
             )?;
-            match r.cache.as_deref() {
-                None => writeln!(f)?,
-                Some(c) => {
-                    match c.freshness {
-                        Freshness::Origin => write!(f, "  [cache origin")?,
-                        Freshness::Force { ttl } => write!(f, "  [cache force {}", Dur(ttl))?,
-                    }
-                    writeln!(f, ", scope {}]", c.scope)?;
+            if let Some(c) = r.cache.as_deref() {
+                match c.freshness {
+                    Freshness::Origin => write!(f, "  [cache origin")?,
+                    Freshness::Force { ttl } => write!(f, "  [cache force {}", Dur(ttl))?,
                 }
+                write!(f, ", scope {}]", c.scope)?;
             }
+            if !r.rate_limits.is_empty() {
+                let names: Vec<&str> = r.rate_limits.iter().map(|l| l.name.as_str()).collect();
+                write!(f, "  [limits {}]", names.join(", "))?;
+            }
+            writeln!(f)?;
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ use conns::{ConnectError, ServerConns};
 
 use crate::body::{BodyTooLarge, ClientBodyError, RequestBody};
 use crate::error::ProxyError;
+use crate::limits::{InflightLimit, InflightSlot};
 use crate::policy::{UpstreamPolicy, UpstreamServer};
 
 /// One `[upstreams.NAME]` at run time, owned by one worker thread.
@@ -31,6 +32,8 @@ pub struct UpstreamPool {
     /// Server indices in smooth weighted round-robin order, one cycle long.
     schedule: Box<[usize]>,
     next: AtomicUsize,
+    /// `max_inflight_per_server`, shared by every worker's pool.
+    inflight: Option<Arc<InflightLimit>>,
 }
 
 /// The server chosen for one request.
@@ -44,7 +47,7 @@ pub struct Pick<'a> {
 // === impl UpstreamPool ===
 
 impl UpstreamPool {
-    pub fn new(policy: Arc<UpstreamPolicy>) -> Self {
+    pub fn new(policy: Arc<UpstreamPolicy>, inflight: Option<Arc<InflightLimit>>) -> Self {
         let weights: Vec<u32> = policy.servers.iter().map(|s| s.weight).collect();
         UpstreamPool {
             conns: policy
@@ -55,16 +58,43 @@ impl UpstreamPool {
             schedule: smooth_weighted_schedule(&weights).into_boxed_slice(),
             policy,
             next: AtomicUsize::new(0),
+            inflight,
         }
     }
 
-    /// The next server in weighted round-robin order.
-    pub fn pick(&self) -> Pick<'_> {
+    /// The next server, and a slot there when the pool limits requests in
+    /// flight: waiting in line for one up to `queue_timeout`, then a 503.
+    /// The balancer's pick is preferred; a busy pick gives way to any free
+    /// server.
+    pub async fn admit(&self) -> Result<(usize, Option<InflightSlot>), ProxyError> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.pick_at(self.schedule[n % self.schedule.len()])
+        let index = self.schedule[n % self.schedule.len()];
+        let Some(limit) = &self.inflight else {
+            return Ok((index, None));
+        };
+        match limit.acquire(index).await {
+            Ok(slot) => Ok((slot.server, Some(slot))),
+            Err(full) => Err(ProxyError::UpstreamBusy {
+                upstream: self.policy.name.clone(),
+                waited: full.waited,
+                retry_after: full.retry_after,
+            }),
+        }
     }
 
-    /// The server at `index` of `servers`, as `pick` chose it before.
+    /// Like `admit`, without waiting: `None` when every server is busy.
+    pub fn try_admit(&self) -> Option<(usize, Option<InflightSlot>)> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let index = self.schedule[n % self.schedule.len()];
+        match &self.inflight {
+            None => Some((index, None)),
+            Some(limit) => limit
+                .try_acquire(index)
+                .map(|slot| (slot.server, Some(slot))),
+        }
+    }
+
+    /// The server at `index` of `servers`, as `admit` chose it.
     pub fn pick_at(&self, index: usize) -> Pick<'_> {
         Pick {
             server: &self.policy.servers[index],
@@ -93,10 +123,15 @@ impl UpstreamPool {
         &self,
         pick: &Pick<'_>,
         req: Request<RequestBody>,
+        slot: Option<InflightSlot>,
     ) -> Result<(Response<Incoming>, ConnLease), ProxyError> {
         let timeout = self.policy.response_timeout;
         match tokio::time::timeout(timeout, self.exchange(pick, req)).await {
-            Ok(res) => res,
+            Ok(Ok((resp, mut lease))) => {
+                lease.hold(slot);
+                Ok((resp, lease))
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(ProxyError::UpstreamTimeout {
                 server: pick.server.url.to_string(),
                 phase: "send response headers",

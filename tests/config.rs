@@ -58,11 +58,6 @@ fn keys_not_built_yet_are_refused_at_their_line() {
             "server.tls",
             1,
         ),
-        (
-            "[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"60/min\"\n",
-            "rate_limits.per_ip",
-            1,
-        ),
     ];
     for (snippet, key, line) in cases {
         let err = error_of(&format!("{snippet}{UPSTREAM}{ROUTE}"));
@@ -78,11 +73,6 @@ fn keys_not_built_yet_are_refused_at_their_line() {
             "model_routing = \"discover\"",
             "upstreams.ollama.model_routing",
         ),
-        (
-            "max_inflight_per_server = 4",
-            "upstreams.ollama.max_inflight_per_server",
-        ),
-        ("queue_timeout = \"30s\"", "upstreams.ollama.queue_timeout"),
         ("retries = 2", "upstreams.ollama.retries"),
     ];
     for (line, key) in upstream_keys {
@@ -323,6 +313,71 @@ fn version_is_printed() {
         String::from_utf8(out.stdout).unwrap().trim(),
         format!("hyperion {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+#[test]
+fn rate_limit_mistakes_name_their_line_and_fix() {
+    let limit = |body: &str, route: &str| {
+        format!("{UPSTREAM}[rate_limits.per_ip]\n{body}\n[[route]]\nname = \"all\"\nupstream = \"ollama\"\n{route}\n")
+    };
+    let cases = [
+        (
+            limit("key = \"client_ip\"\nrate = \"60/min\"", "rate_limit = [\"per_iq\"]"),
+            "proxy.toml:9:15: route[0] (all).rate_limit: no rate limit is named `per_iq` — did you mean `per_ip`?",
+        ),
+        (
+            limit("key = \"client\"\nrate = \"60/min\"", ""),
+            "proxy.toml:4:7: rate_limits.per_ip.key: unknown key `client` — use \"client_ip\"",
+        ),
+        (
+            limit("key = \"header:bad header\"\nrate = \"60/min\"", ""),
+            "rate_limits.per_ip.key: `bad header` is not a header name",
+        ),
+        (
+            limit("key = \"client_ip\"\nrate = \"60/min\"\ntokens = \"1000/hour\"", ""),
+            "both `rate` (requests) and `tokens` are set",
+        ),
+        (
+            limit("key = \"client_ip\"", ""),
+            "neither `rate` nor `tokens` is set",
+        ),
+        (
+            limit("rate = \"60/min\"", ""),
+            "rate_limits.per_ip: no `key`",
+        ),
+        (
+            limit("key = \"client_ip\"\nrate = \"60/min\"\nburst = 0", ""),
+            "proxy.toml:6:9: rate_limits.per_ip.burst: a burst of 0 allows nothing",
+        ),
+        (
+            limit("key = \"client_ip\"\nrate = \"60/min\"\ndefault_tokens = 5", ""),
+            "`default_tokens` only applies to a `tokens` limit",
+        ),
+        (
+            limit("key = \"client_ip\"\nrate = \"60/min\"", "rate_limit = [\"per_ip\", \"per_ip\"]"),
+            "`per_ip` is named twice",
+        ),
+        (
+            format!("{UPSTREAM}queue_timeout = \"5s\"\n{ROUTE}"),
+            "proxy.toml:3:17: upstreams.ollama.queue_timeout: nothing waits without `max_inflight_per_server`",
+        ),
+        (
+            format!("{UPSTREAM}max_inflight_per_server = 0\n{ROUTE}"),
+            "upstreams.ollama.max_inflight_per_server: 0 requests in flight sends nothing",
+        ),
+    ];
+    for (text, expected) in cases {
+        let err = error_of(&text);
+        assert!(err.contains(expected), "expected `{expected}` in:\n{err}");
+    }
+    // The reference shape's limits parse.
+    Policy::parse(
+        "p",
+        &format!(
+            "{UPSTREAM}max_inflight_per_server = 4\nqueue_timeout = \"30s\"\n[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"60/min\"\nburst = 20\n[rate_limits.tokens_per_key]\nkey = \"header:authorization\"\ntokens = \"100000/hour\"\n{ROUTE}rate_limit = [\"per_ip\", \"tokens_per_key\"]\n"
+        ),
+    )
+    .unwrap();
 }
 
 #[test]

@@ -166,10 +166,13 @@ pub struct RawHealth {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
-    pub key: Option<String>,
-    pub rate: Option<Rate>,
-    pub burst: Option<u32>,
-    pub tokens: Option<Rate>,
+    pub key: Option<Spanned<String>>,
+    pub rate: Option<Spanned<Rate>>,
+    pub burst: Option<Spanned<u64>>,
+    pub tokens: Option<Spanned<Rate>>,
+    pub default_tokens: Option<Spanned<u64>>,
+    pub count_hits: Option<bool>,
+    pub max_keys: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]

@@ -19,8 +19,9 @@ use super::error::{nearest, PolicyError, Source};
 use super::raw::{self, Balance, ModelRouting, RawPolicy};
 use super::units::Size;
 use super::{
-    BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness, HeaderRewrite, Policy,
-    RouteCachePolicy, RoutePolicy, ServerPolicy, UpstreamPolicy, UpstreamServer,
+    BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness, HeaderRewrite, LimitKey,
+    LimitUnit, Policy, RateLimitPolicy, RouteCachePolicy, RoutePolicy, ServerPolicy,
+    UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 
@@ -93,20 +94,141 @@ impl Validator<'_> {
             Some(c) => Some(Arc::new(self.compression(c)?)),
             None => None,
         };
-        if let Some((name, limit)) = raw.rate_limits.iter().next() {
-            return Err(self.not_yet(limit.span(), &format!("rate_limits.{name}")));
+        let mut rate_limits = Vec::with_capacity(raw.rate_limits.len());
+        for (name, limit) in raw.rate_limits {
+            rate_limits.push(Arc::new(self.rate_limit(name, limit)?));
         }
         let mut upstreams = Vec::with_capacity(raw.upstreams.len());
         for (name, up) in raw.upstreams {
             upstreams.push(Arc::new(self.upstream(name, up.into_inner())?));
         }
-        let routes = self.routes(raw.route, &upstreams, &cache)?;
+        let routes = self.routes(raw.route, &upstreams, &cache, &rate_limits)?;
         Ok(Policy {
             server,
             cache,
             upstreams,
             routes,
             compression,
+            rate_limits,
+        })
+    }
+
+    fn rate_limit(
+        &self,
+        name: String,
+        raw: Spanned<raw::RawRateLimit>,
+    ) -> Result<RateLimitPolicy, PolicyError> {
+        let k = |f: &str| format!("rate_limits.{name}.{f}");
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let Some(key_raw) = raw.key else {
+            return Err(self.err(
+                span,
+                format!("rate_limits.{name}"),
+                "no `key`: what the buckets are counted by",
+                "add key = \"client_ip\" (or \"header:<name>\", \"route\", \"global\")",
+            ));
+        };
+        let key = match key_raw.get_ref().as_str() {
+            "client_ip" => LimitKey::ClientIp,
+            "route" => LimitKey::Route,
+            "global" => LimitKey::Global,
+            other => match other.strip_prefix("header:") {
+                Some(h) => match http::HeaderName::from_bytes(h.trim().as_bytes()) {
+                    Ok(h) => LimitKey::Header(h),
+                    Err(_) => return Err(self.err(
+                        key_raw.span(),
+                        k("key"),
+                        format!("`{h}` is not a header name"),
+                        "write the header's name after `header:`, e.g. \"header:authorization\"",
+                    )),
+                },
+                None => {
+                    return Err(self.err(
+                        key_raw.span(),
+                        k("key"),
+                        format!("unknown key `{other}`"),
+                        "use \"client_ip\", \"header:<name>\", \"route\" or \"global\"",
+                    ))
+                }
+            },
+        };
+        let (unit, rate) = match (raw.rate, raw.tokens) {
+            (Some(rate), None) => {
+                if let Some(d) = &raw.default_tokens {
+                    return Err(self.err(
+                        d.span(),
+                        k("default_tokens"),
+                        "`default_tokens` only applies to a `tokens` limit",
+                        "remove it, or count tokens with tokens = \"N/period\" instead of `rate`",
+                    ));
+                }
+                (LimitUnit::Requests, rate.into_inner())
+            }
+            (None, Some(tokens)) => {
+                let default_tokens = match raw.default_tokens {
+                    Some(d) if *d.get_ref() == 0 => {
+                        return Err(self.err(
+                            d.span(),
+                            k("default_tokens"),
+                            "a request reserves at least one token",
+                            "use a typical answer's size, e.g. default_tokens = 1024",
+                        ))
+                    }
+                    Some(d) => d.into_inner(),
+                    None => 1024,
+                };
+                (LimitUnit::Tokens { default_tokens }, tokens.into_inner())
+            }
+            (Some(rate), Some(_)) => {
+                return Err(self.err(
+                    rate.span(),
+                    format!("rate_limits.{name}"),
+                    "both `rate` (requests) and `tokens` are set",
+                    "a limiter counts one thing: define two limiters and name both in the route's rate_limit",
+                ))
+            }
+            (None, None) => {
+                return Err(self.err(
+                    span,
+                    format!("rate_limits.{name}"),
+                    "neither `rate` nor `tokens` is set",
+                    "add rate = \"60/min\" (requests) or tokens = \"100000/hour\" (LLM tokens)",
+                ))
+            }
+        };
+        let burst = match raw.burst {
+            Some(b) if *b.get_ref() == 0 => {
+                return Err(self.err(
+                    b.span(),
+                    k("burst"),
+                    "a burst of 0 allows nothing",
+                    "use 1 or more (the default is the rate's count)",
+                ))
+            }
+            Some(b) => b.into_inner(),
+            None => rate.count,
+        };
+        let max_keys = match raw.max_keys {
+            Some(m) if *m.get_ref() == 0 => {
+                return Err(self.err(
+                    m.span(),
+                    k("max_keys"),
+                    "0 keys cannot track anybody",
+                    "use 1 or more (the default is 100000)",
+                ))
+            }
+            Some(m) => m.into_inner(),
+            None => 100_000,
+        };
+        Ok(RateLimitPolicy {
+            name,
+            key,
+            unit,
+            rate,
+            burst,
+            count_hits: raw.count_hits.unwrap_or(false),
+            max_keys,
         })
     }
 
@@ -285,12 +407,30 @@ impl Validator<'_> {
                 return Err(self.not_yet(m.span(), &key("model_routing")));
             }
         }
-        if let Some(v) = &raw.max_inflight_per_server {
-            return Err(self.not_yet(v.span(), &key("max_inflight_per_server")));
-        }
-        if let Some(v) = &raw.queue_timeout {
-            return Err(self.not_yet(v.span(), &key("queue_timeout")));
-        }
+        let max_inflight_per_server = match &raw.max_inflight_per_server {
+            Some(v) if *v.get_ref() == 0 => {
+                return Err(self.err(
+                    v.span(),
+                    key("max_inflight_per_server"),
+                    "0 requests in flight sends nothing",
+                    "use 1 or more, or remove the key for no limit",
+                ))
+            }
+            Some(v) => Some(*v.get_ref()),
+            None => None,
+        };
+        let queue_timeout = match (&raw.queue_timeout, max_inflight_per_server) {
+            (Some(t), None) => {
+                return Err(self.err(
+                    t.span(),
+                    key("queue_timeout"),
+                    "nothing waits without `max_inflight_per_server`",
+                    "set max_inflight_per_server, or remove queue_timeout",
+                ))
+            }
+            (Some(t), Some(_)) => t.get_ref().0,
+            (None, _) => Duration::from_secs(30),
+        };
         if let Some(v) = &raw.retries {
             if *v.get_ref() != 0 {
                 return Err(self.err(
@@ -360,6 +500,8 @@ impl Validator<'_> {
                 .response_timeout
                 .map_or(Duration::from_secs(300), |d| d.0),
             idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
+            max_inflight_per_server,
+            queue_timeout,
         })
     }
 
@@ -671,6 +813,7 @@ impl Validator<'_> {
         raw: Vec<Spanned<raw::RawRoute>>,
         upstreams: &[Arc<UpstreamPolicy>],
         cache: &CachePolicy,
+        rate_limits: &[Arc<RateLimitPolicy>],
     ) -> Result<Vec<Arc<RoutePolicy>>, PolicyError> {
         if raw.is_empty() {
             return Err(self.src.error(
@@ -704,8 +847,33 @@ impl Validator<'_> {
                 ));
             }
             let key = format!("route[{i}] ({name})");
-            if let Some(v) = &r.rate_limit {
-                return Err(self.not_yet(v.span(), &format!("{key}.rate_limit")));
+            let mut limits: Vec<Arc<RateLimitPolicy>> = Vec::new();
+            for n in r.rate_limit.map(|v| v.into_inner()).unwrap_or_default() {
+                let Some(found) = rate_limits.iter().find(|l| l.name == *n.get_ref()) else {
+                    let names: Vec<String> = rate_limits.iter().map(|l| l.name.clone()).collect();
+                    let fix = match nearest(n.get_ref(), &names) {
+                        Some(best) => format!("did you mean `{best}`?"),
+                        None if names.is_empty() => {
+                            "define it first, e.g. [rate_limits.per_ip] key = \"client_ip\" rate = \"60/min\"".into()
+                        }
+                        None => format!("use one of: {}", names.join(", ")),
+                    };
+                    return Err(self.err(
+                        n.span(),
+                        format!("{key}.rate_limit"),
+                        format!("no rate limit is named `{}`", n.get_ref()),
+                        fix,
+                    ));
+                };
+                if limits.iter().any(|l| l.name == found.name) {
+                    return Err(self.err(
+                        n.span(),
+                        format!("{key}.rate_limit"),
+                        format!("`{}` is named twice", found.name),
+                        "name each limiter once",
+                    ));
+                }
+                limits.push(found.clone());
             }
             let headers = match r.headers {
                 Some(h) => Some(Arc::new(self.route_headers(h, &key)?)),
@@ -767,6 +935,7 @@ impl Validator<'_> {
                     preserve_host: r.preserve_host.unwrap_or(true),
                     cache: route_cache,
                     headers,
+                    rate_limits: limits,
                 }),
             ));
         }

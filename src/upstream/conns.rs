@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
+use crate::limits::InflightSlot;
 use crate::policy::UpstreamServer;
 
 /// How long an unused upstream connection is kept. Below the 5 s keep-alive
@@ -170,6 +171,7 @@ impl ServerConns {
         ConnLease {
             conn,
             home: self.clone(),
+            slot: None,
         }
     }
 
@@ -253,6 +255,9 @@ impl ServerConns {
 pub struct ConnLease {
     conn: Box<UpstreamConn>,
     home: Arc<ServerConns>,
+    /// The request's place under `max_inflight_per_server`: held while the
+    /// response body is read, freed with the lease.
+    slot: Option<InflightSlot>,
 }
 
 impl ConnLease {
@@ -260,8 +265,14 @@ impl ConnLease {
         &mut self.conn
     }
 
+    /// The connection, for a tunnel: a tunnel is not a request in flight,
+    /// so any concurrency slot is freed here.
     pub fn into_conn(self) -> Box<UpstreamConn> {
         self.conn
+    }
+
+    pub fn hold(&mut self, slot: Option<InflightSlot>) {
+        self.slot = slot;
     }
 
     /// Polls the connection so the response body keeps arriving.

@@ -1,0 +1,550 @@
+//! Request and token rate limits, and the `RateLimit-*` headers clients see.
+//!
+//! `Limits` holds every `[rate_limits.NAME]` limiter and every upstream's
+//! concurrency limit for the whole process (workers share them), and carries
+//! their state over a policy reload when a definition did not change.
+//! `RouteLimits` is one route's `rate_limit` list: it decides whether a
+//! request may go on (every limiter must allow; a refusal undoes what the
+//! others spent) and what the headers say.
+//!
+//! The GCRA arithmetic is in `gcra`, the concurrency queue in `inflight`,
+//! reading token counts from requests and responses in `tokens`. Where the
+//! checks sit in the request path (cache hits are free unless a limiter says
+//! `count_hits`) is the handler's business.
+
+mod gcra;
+pub mod inflight;
+pub mod tokens;
+
+use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
+
+use gcra::Gcra;
+pub use gcra::Level;
+pub use inflight::{InflightLimit, InflightSlot};
+pub use tokens::TokenMeter;
+
+use crate::policy::{LimitKey, LimitUnit, Policy, RateLimitPolicy};
+
+pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// Every limiter of the process.
+pub struct Limits {
+    rate: Vec<Arc<RateLimiter>>,
+    inflight: Vec<(String, Arc<InflightLimit>)>,
+}
+
+/// One `[rate_limits.NAME]` with its buckets.
+pub struct RateLimiter {
+    pub policy: Arc<RateLimitPolicy>,
+    gcra: Gcra,
+    /// Bucket TATs by hashed key. Idle buckets are dropped once they hold
+    /// nothing a fresh one would not (see `Gcra::memory`), and past
+    /// `max_keys` the least recently used go first.
+    buckets: moka::sync::Cache<u64, Arc<AtomicU64>>,
+    /// Keyed per limiter, so a client cannot aim for another's bucket.
+    hasher: RandomState,
+    epoch: Instant,
+}
+
+/// Who a request is, as limiters key it.
+pub struct Subject<'a> {
+    pub client: IpAddr,
+    pub headers: &'a HeaderMap,
+    pub route: &'a str,
+}
+
+/// A route's limiters, in the order the route names them.
+#[derive(Clone, Default)]
+pub struct RouteLimits {
+    limiters: Arc<[Arc<RateLimiter>]>,
+}
+
+/// Which of a route's limiters a check covers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Stage {
+    /// Limiters that count every request, cache hits included: checked
+    /// before the cache is asked.
+    Arrival,
+    /// The others: checked only when the request goes upstream.
+    Upstream,
+}
+
+/// What a request spent from one bucket.
+pub struct Spent {
+    limiter: Arc<RateLimiter>,
+    key: u64,
+    units: u64,
+}
+
+/// The spends of an allowed request. Dropping it keeps them; token spends
+/// are settled by a `TokenMeter` once the answer's size is known.
+#[derive(Default)]
+pub struct Admission {
+    spent: Vec<Spent>,
+    /// The most constrained bucket seen, for the headers.
+    pub headers: Option<LimitHeaders>,
+}
+
+/// A refused request: which limiter, and when to come back.
+#[derive(Debug)]
+pub struct Refused {
+    pub limiter: String,
+    pub retry_after: Duration,
+    pub headers: LimitHeaders,
+}
+
+/// `RateLimit-Limit`, `-Remaining` and `-Reset` (seconds) of one bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitHeaders {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: Duration,
+}
+
+// === impl Limits ===
+
+impl Limits {
+    /// The limiters `policy` names. A limiter of `previous` whose definition
+    /// is unchanged is kept, buckets and all; the others start rested.
+    pub fn new(policy: &Policy, previous: Option<&Limits>) -> Self {
+        let rate = policy
+            .rate_limits
+            .iter()
+            .map(|p| {
+                previous
+                    .and_then(|prev| prev.rate.iter().find(|l| *l.policy == **p))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(RateLimiter::new(p.clone())))
+            })
+            .collect();
+        let inflight = policy
+            .upstreams
+            .iter()
+            .filter_map(|u| {
+                let max = u.max_inflight_per_server?;
+                let same = previous.and_then(|prev| {
+                    prev.inflight
+                        .iter()
+                        .find(|(name, l)| *name == u.name && l.same_shape(u, max))
+                });
+                let limit = match same {
+                    Some((_, l)) => l.clone(),
+                    None => Arc::new(InflightLimit::new(u.servers.len(), max, u.queue_timeout)),
+                };
+                Some((u.name.clone(), limit))
+            })
+            .collect();
+        Limits { rate, inflight }
+    }
+
+    /// The limiters of a route, in its order.
+    pub fn for_route(&self, names: &[Arc<RateLimitPolicy>]) -> RouteLimits {
+        let limiters: Vec<Arc<RateLimiter>> = names
+            .iter()
+            .filter_map(|p| self.rate.iter().find(|l| l.policy.name == p.name).cloned())
+            .collect();
+        RouteLimits {
+            limiters: limiters.into(),
+        }
+    }
+
+    /// The concurrency limit of upstream `name`, if it has one.
+    pub fn inflight(&self, name: &str) -> Option<Arc<InflightLimit>> {
+        self.inflight
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, l)| l.clone())
+    }
+
+    pub fn rate_limiter(&self, name: &str) -> Option<&Arc<RateLimiter>> {
+        self.rate.iter().find(|l| l.policy.name == name)
+    }
+}
+
+// === impl RateLimiter ===
+
+impl RateLimiter {
+    pub fn new(policy: Arc<RateLimitPolicy>) -> Self {
+        let gcra = Gcra::new(policy.rate, policy.burst);
+        let buckets = moka::sync::Cache::builder()
+            .max_capacity(policy.max_keys)
+            .time_to_idle(gcra.memory().max(Duration::from_secs(1)))
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        RateLimiter {
+            policy,
+            gcra,
+            buckets,
+            hasher: RandomState::new(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// The bucket key of a request: never the raw value, only its hash.
+    pub fn key(&self, subject: &Subject<'_>) -> u64 {
+        match &self.policy.key {
+            LimitKey::ClientIp => self.hasher.hash_one(subject.client),
+            // Header values cannot hold NUL, so no value hashes like "absent".
+            LimitKey::Header(name) => match subject.headers.get(name) {
+                Some(v) => self.hasher.hash_one(v.as_bytes()),
+                None => self.hasher.hash_one(b"\0absent"),
+            },
+            LimitKey::Route => self.hasher.hash_one(subject.route),
+            LimitKey::Global => 0,
+        }
+    }
+
+    fn bucket(&self, key: u64) -> Arc<AtomicU64> {
+        // get_with makes one bucket per key even when requests race for it.
+        self.buckets.get_with(key, || Arc::new(AtomicU64::new(0)))
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn headers(&self, level: Level) -> LimitHeaders {
+        LimitHeaders {
+            limit: self.gcra.burst(),
+            remaining: level.remaining,
+            reset: level.reset,
+        }
+    }
+
+    /// Spends `units` from `key`'s bucket if they fit.
+    pub fn spend(&self, key: u64, units: u64) -> Result<LimitHeaders, (Duration, LimitHeaders)> {
+        let now = self.now();
+        match self.gcra.spend(&self.bucket(key), now, units) {
+            Ok(level) => Ok(self.headers(level)),
+            Err(r) => Err((r.retry_after, self.headers(r.level))),
+        }
+    }
+
+    /// `key`'s bucket without spending. A key never seen is rested, and is
+    /// not stored just for being looked at.
+    pub fn peek(&self, key: u64) -> LimitHeaders {
+        let level = match self.buckets.get(&key) {
+            Some(tat) => self.gcra.peek(&tat, self.now()),
+            None => self.gcra.peek(&AtomicU64::new(0), self.now()),
+        };
+        self.headers(level)
+    }
+
+    /// Settles a spend of `reserved` units that turned out to be `actual`.
+    pub fn settle(&self, key: u64, reserved: u64, actual: u64) {
+        let now = self.now();
+        let tat = self.bucket(key);
+        if actual > reserved {
+            self.gcra.charge(&tat, now, actual - reserved);
+        } else if reserved > actual {
+            self.gcra.refund(&tat, now, reserved - actual);
+        }
+    }
+
+    fn refund(&self, key: u64, units: u64) {
+        let now = self.now();
+        self.gcra.refund(&self.bucket(key), now, units);
+    }
+
+    /// Buckets held now (after pending evictions), for tests and metrics.
+    pub fn tracked_keys(&self) -> u64 {
+        self.buckets.run_pending_tasks();
+        self.buckets.entry_count()
+    }
+
+    fn stage(&self) -> Stage {
+        if self.policy.count_hits {
+            Stage::Arrival
+        } else {
+            Stage::Upstream
+        }
+    }
+
+    fn counts_tokens(&self) -> bool {
+        matches!(self.policy.unit, LimitUnit::Tokens { .. })
+    }
+}
+
+// === impl RouteLimits ===
+
+impl RouteLimits {
+    pub fn is_empty(&self) -> bool {
+        self.limiters.is_empty()
+    }
+
+    /// Whether any limiter counts tokens (the request body is then read
+    /// ahead for its `max_tokens`).
+    pub fn counts_tokens(&self) -> bool {
+        self.limiters.iter().any(|l| l.counts_tokens())
+    }
+
+    /// Whether any limiter is checked at `stage`.
+    pub fn checks(&self, stage: Stage) -> bool {
+        self.limiters.iter().any(|l| l.stage() == stage)
+    }
+
+    /// Spends from every limiter of `stage` (a token limiter spends `tokens`,
+    /// clamped to its burst), or from none: when one refuses, what the others
+    /// spent is given back.
+    pub fn admit(
+        &self,
+        subject: &Subject<'_>,
+        stage: Stage,
+        tokens: u64,
+        into: &mut Admission,
+    ) -> Result<(), Refused> {
+        let first = into.spent.len();
+        for limiter in self.limiters.iter().filter(|l| l.stage() == stage) {
+            let key = limiter.key(subject);
+            let units = match limiter.policy.unit {
+                LimitUnit::Requests => 1,
+                LimitUnit::Tokens { .. } => tokens.clamp(1, limiter.gcra.burst()),
+            };
+            match limiter.spend(key, units) {
+                Ok(headers) => {
+                    into.note(headers);
+                    into.spent.push(Spent {
+                        limiter: limiter.clone(),
+                        key,
+                        units,
+                    });
+                }
+                Err((retry_after, headers)) => {
+                    for s in into.spent.drain(first..) {
+                        s.limiter.refund(s.key, s.units);
+                    }
+                    return Err(Refused {
+                        limiter: limiter.policy.name.clone(),
+                        retry_after,
+                        headers,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes the level of the limiters `admission` did not spend from (a
+    /// cache hit still tells the client where it stands).
+    pub fn peek_rest(&self, subject: &Subject<'_>, admission: &mut Admission) {
+        for limiter in self.limiters.iter() {
+            if admission
+                .spent
+                .iter()
+                .any(|s| Arc::ptr_eq(&s.limiter, limiter))
+            {
+                continue;
+            }
+            let headers = limiter.peek(limiter.key(subject));
+            admission.note(headers);
+        }
+    }
+
+    /// The default reservation of this route's token limiters (the largest).
+    pub fn default_tokens(&self) -> u64 {
+        self.limiters
+            .iter()
+            .filter_map(|l| match l.policy.unit {
+                LimitUnit::Tokens { default_tokens } => Some(default_tokens),
+                LimitUnit::Requests => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+// === impl Admission ===
+
+impl Admission {
+    /// Keeps the bucket closest to empty (by share of its limit): the one
+    /// the client will run into first.
+    fn note(&mut self, h: LimitHeaders) {
+        let tighter = match &self.headers {
+            None => true,
+            Some(cur) => {
+                u128::from(h.remaining) * u128::from(cur.limit)
+                    < u128::from(cur.remaining) * u128::from(h.limit)
+            }
+        };
+        if tighter {
+            self.headers = Some(h);
+        }
+    }
+
+    /// The token spends, taken out to be settled by a `TokenMeter`.
+    pub fn take_token_spends(&mut self) -> Vec<TokenSpend> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.spent.len() {
+            if self.spent[i].limiter.counts_tokens() {
+                let s = self.spent.swap_remove(i);
+                out.push(TokenSpend {
+                    limiter: s.limiter,
+                    key: s.key,
+                    reserved: s.units,
+                });
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+}
+
+/// Tokens reserved from one bucket, settled with the real count.
+pub struct TokenSpend {
+    limiter: Arc<RateLimiter>,
+    key: u64,
+    reserved: u64,
+}
+
+impl TokenSpend {
+    pub fn settle(&self, actual: u64) {
+        self.limiter.settle(self.key, self.reserved, actual);
+    }
+}
+
+// === impl LimitHeaders ===
+
+impl LimitHeaders {
+    /// Sets the three `RateLimit-*` fields (draft-ietf-httpapi-ratelimit-headers).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert(RATELIMIT_LIMIT, HeaderValue::from(self.limit));
+        headers.insert(RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
+        headers.insert(
+            RATELIMIT_RESET,
+            HeaderValue::from(whole_seconds(self.reset)),
+        );
+    }
+}
+
+/// Seconds, rounded up: "come back in 0 s" would be a lie for 300 ms.
+pub fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        Policy::parse("test.toml", text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const POLICY: &str = r#"
+[upstreams.up]
+servers = [{ url = "http://127.0.0.1:1" }]
+max_inflight_per_server = 2
+
+[rate_limits.per_ip]
+key = "client_ip"
+rate = "5/min"
+
+[rate_limits.per_route]
+key = "route"
+rate = "1/min"
+
+[rate_limits.tokens]
+key = "header:authorization"
+tokens = "1000/hour"
+
+[[route]]
+name = "r"
+upstream = "up"
+rate_limit = ["per_ip", "per_route"]
+"#;
+
+    fn who(headers: &HeaderMap) -> Subject<'_> {
+        Subject {
+            client: "192.0.2.1".parse().unwrap(),
+            headers,
+            route: "r",
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_limiter_must_allow_and_a_refusal_spends_nothing() {
+        let p = policy(POLICY);
+        let limits = Limits::new(&p, None);
+        let route = limits.for_route(&p.routes[0].rate_limits);
+        let headers = HeaderMap::new();
+        let mut first = Admission::default();
+        route
+            .admit(&who(&headers), Stage::Upstream, 0, &mut first)
+            .unwrap();
+        // per_route (1/min) is the tighter: it is the one the headers show.
+        assert_eq!(first.headers.unwrap().limit, 1);
+        let refused = route
+            .admit(
+                &who(&headers),
+                Stage::Upstream,
+                0,
+                &mut Admission::default(),
+            )
+            .unwrap_err();
+        assert_eq!(refused.limiter, "per_route");
+        assert_eq!(refused.retry_after, Duration::from_secs(60));
+        // per_ip gave back what it spent on the refused request: 4 left, not 3.
+        let per_ip = limits.rate_limiter("per_ip").unwrap();
+        assert_eq!(per_ip.peek(per_ip.key(&who(&headers))).remaining, 4);
+        // Time (tokio's, paused) brings per_route back.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        route
+            .admit(
+                &who(&headers),
+                Stage::Upstream,
+                0,
+                &mut Admission::default(),
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn ten_thousand_distinct_keys_stay_within_max_keys() {
+        let p = policy(&POLICY.replace(
+            "tokens = \"1000/hour\"",
+            "tokens = \"1000/hour\"\nmax_keys = 1000",
+        ));
+        let limits = Limits::new(&p, None);
+        let tokens = limits.rate_limiter("tokens").unwrap();
+        for i in 0..10_000 {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer key-{i}")).unwrap(),
+            );
+            let key = tokens.key(&who(&headers));
+            tokens.spend(key, 10).unwrap();
+        }
+        assert!(tokens.tracked_keys() <= 1000, "{}", tokens.tracked_keys());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_unchanged_limiters_only() {
+        let p = policy(POLICY);
+        let before = Limits::new(&p, None);
+        let headers = HeaderMap::new();
+        for name in ["per_ip", "per_route"] {
+            let l = before.rate_limiter(name).unwrap();
+            l.spend(l.key(&who(&headers)), 1).unwrap();
+        }
+        let slots = before.inflight("up").unwrap();
+        let changed = policy(&POLICY.replace("rate = \"1/min\"", "rate = \"2/min\""));
+        let after = Limits::new(&changed, Some(&before));
+        let per_ip = after.rate_limiter("per_ip").unwrap();
+        assert!(Arc::ptr_eq(per_ip, before.rate_limiter("per_ip").unwrap()));
+        assert_eq!(per_ip.peek(per_ip.key(&who(&headers))).remaining, 4);
+        let per_route = after.rate_limiter("per_route").unwrap();
+        assert_eq!(per_route.peek(per_route.key(&who(&headers))).remaining, 2);
+        assert!(Arc::ptr_eq(&after.inflight("up").unwrap(), &slots));
+    }
+}

@@ -1,0 +1,325 @@
+//! Limits seen from outside: 429s with `Retry-After` and `RateLimit-*`,
+//! buckets keyed by the real client, an API key or nothing at all, cache hits
+//! that cost nothing, token budgets settled from the answer's usage (streams
+//! cut short included), and `max_inflight_per_server` with its queue and 503.
+//! Refused requests never reach the upstream.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use support::*;
+
+/// An upstream answering Ollama-style JSON with `prompt_eval_count` 30 and
+/// `eval_count` 50 (80 tokens).
+async fn ollama_json() -> Upstream {
+    Upstream::start(|_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(
+                r#"{"response":"hi","done":true,"prompt_eval_count":30,"eval_count":50}"#,
+            ))
+            .unwrap()
+    })
+    .await
+}
+
+fn limited(upstream: &str, server: &str, limits: &str, route: &str) -> String {
+    format!(
+        "[server]\n{server}\n\n[upstreams.up]\nservers = [{{ url = \"{upstream}\" }}]\n\n{limits}\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n{route}\n"
+    )
+}
+
+fn header<'a>(parts: &'a http::response::Parts, name: &str) -> &'a str {
+    parts
+        .headers
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+}
+
+async fn get_with(url: &str, headers: &[(&str, &str)]) -> (http::response::Parts, Bytes) {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(req.body(empty()).unwrap()).await
+}
+
+#[tokio::test]
+async fn past_the_burst_a_client_gets_429_with_retry_after_and_ratelimit_headers() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::start(&limited(
+        &up.url(),
+        "",
+        "[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"3/min\"",
+        "rate_limit = [\"per_ip\"]",
+    ))
+    .await;
+    for remaining in ["2", "1", "0"] {
+        let (parts, _) = get(&proxy.url("/a")).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(header(&parts, "ratelimit-limit"), "3");
+        assert_eq!(header(&parts, "ratelimit-remaining"), remaining);
+    }
+    let (parts, body) = get(&proxy.url("/a")).await;
+    assert_eq!(parts.status, 429);
+    let err = json(&body);
+    assert_eq!(err["error"]["code"], "rate_limited");
+    assert!(err["error"]["request_id"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    // One request comes back every 20 s.
+    let retry: u64 = header(&parts, "retry-after").parse().unwrap();
+    assert!((19..=20).contains(&retry), "{retry}");
+    assert_eq!(header(&parts, "ratelimit-remaining"), "0");
+    let reset: u64 = header(&parts, "ratelimit-reset").parse().unwrap();
+    assert!((59..=60).contains(&reset), "{reset}");
+    assert_eq!(up.count(), 3, "the refused request never left");
+}
+
+#[tokio::test]
+async fn x_forwarded_for_counts_only_from_a_trusted_proxy() {
+    let up = Upstream::echo().await;
+    let limits = "[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"1/min\"";
+    let route = "rate_limit = [\"per_ip\"]";
+    // Untrusted peer: a made-up X-Forwarded-For does not buy a new bucket.
+    let proxy = TestProxy::start(&limited(&up.url(), "", limits, route)).await;
+    let (a, _) = get_with(&proxy.url("/"), &[("x-forwarded-for", "10.0.0.1")]).await;
+    let (b, _) = get_with(&proxy.url("/"), &[("x-forwarded-for", "10.0.0.2")]).await;
+    assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 429));
+
+    // Behind a trusted proxy, each forwarded client has its own bucket.
+    let proxy = TestProxy::start(&limited(
+        &up.url(),
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        limits,
+        route,
+    ))
+    .await;
+    let (a, _) = get_with(&proxy.url("/"), &[("x-forwarded-for", "10.0.0.1")]).await;
+    let (b, _) = get_with(&proxy.url("/"), &[("x-forwarded-for", "10.0.0.2")]).await;
+    let (c, _) = get_with(&proxy.url("/"), &[("x-forwarded-for", "10.0.0.1")]).await;
+    assert_eq!(
+        (a.status.as_u16(), b.status.as_u16(), c.status.as_u16()),
+        (200, 200, 429)
+    );
+}
+
+#[tokio::test]
+async fn api_keys_have_their_own_buckets_and_keyless_requests_share_one() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::start(&limited(
+        &up.url(),
+        "",
+        "[rate_limits.per_key]\nkey = \"header:authorization\"\nrate = \"1/hour\"",
+        "rate_limit = [\"per_key\"]",
+    ))
+    .await;
+    let status = |p: http::response::Parts| p.status.as_u16();
+    let alice = [("authorization", "Bearer alice")];
+    let bob = [("authorization", "Bearer bob")];
+    assert_eq!(status(get_with(&proxy.url("/"), &alice).await.0), 200);
+    assert_eq!(status(get_with(&proxy.url("/"), &bob).await.0), 200);
+    assert_eq!(status(get_with(&proxy.url("/"), &alice).await.0), 429);
+    assert_eq!(status(get_with(&proxy.url("/"), &[]).await.0), 200);
+    assert_eq!(status(get_with(&proxy.url("/"), &[]).await.0), 429);
+    assert_eq!(up.count(), 3);
+}
+
+#[tokio::test]
+async fn cache_hits_are_free_unless_the_limiter_counts_them() {
+    let up = Upstream::echo().await;
+    let policy = |count_hits: bool| {
+        format!(
+            "[upstreams.up]\nservers = [{{ url = \"{}\" }}]\n\n[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"1/hour\"\ncount_hits = {count_hits}\n\n[[route]]\nname = \"r\"\nupstream = \"up\"\nrate_limit = [\"per_ip\"]\n\n[route.cache]\nmode = \"force\"\nttl = \"1h\"\n",
+            up.url()
+        )
+    };
+    let proxy = TestProxy::start(&policy(false)).await;
+    let (first, _) = get(&proxy.url("/cached")).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(header(&first, "ratelimit-remaining"), "0");
+    for _ in 0..5 {
+        let (hit, _) = get(&proxy.url("/cached")).await;
+        assert_eq!(hit.status, 200);
+        assert_eq!(header(&hit, "x-cache"), "HIT");
+        // A hit still says where the client stands.
+        assert_eq!(header(&hit, "ratelimit-remaining"), "0");
+    }
+    let (miss, _) = get(&proxy.url("/other")).await;
+    assert_eq!(miss.status, 429);
+    assert_eq!(up.count(), 1);
+
+    let proxy = TestProxy::start(&policy(true)).await;
+    assert_eq!(get(&proxy.url("/counted")).await.0.status, 200);
+    assert_eq!(get(&proxy.url("/counted")).await.0.status, 429);
+}
+
+fn generate(url: &str, body: &'static str) -> Request<TestBody> {
+    Request::post(url)
+        .header("content-type", "application/json")
+        .body(full(body))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn token_budgets_reserve_the_request_estimate_and_settle_with_the_usage() {
+    let up = ollama_json().await;
+    let proxy = TestProxy::start(&limited(
+        &up.url(),
+        "",
+        "[rate_limits.tokens]\nkey = \"global\"\ntokens = \"100/hour\"\ndefault_tokens = 10",
+        "rate_limit = [\"tokens\"]",
+    ))
+    .await;
+    let body = r#"{"model":"m","prompt":"hi","options":{"num_predict":20}}"#;
+    // Reserves 20 of 100; the answer used 80.
+    let (first, _) = send(generate(&proxy.url("/api/generate"), body)).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(header(&first, "ratelimit-limit"), "100");
+    assert_eq!(header(&first, "ratelimit-remaining"), "80");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // 20 left: the next reservation of 20 fits, and its 80 put the key in debt.
+    let (second, _) = send(generate(&proxy.url("/api/generate"), body)).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(header(&second, "ratelimit-remaining"), "0");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (third, body3) = send(generate(&proxy.url("/api/generate"), body)).await;
+    assert_eq!(third.status, 429);
+    assert_eq!(json(&body3)["error"]["code"], "rate_limited");
+    let retry: u64 = header(&third, "retry-after").parse().unwrap();
+    // 160 tokens used of 100 an hour: the bucket is 96 min behind, and a
+    // reservation of 20 fits 48 min from now.
+    assert!((2879..=2880).contains(&retry), "{retry}");
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
+async fn a_stream_the_client_abandons_is_settled_with_what_was_generated() {
+    let up = Upstream::start(|_req| async {
+        let lines: Vec<Bytes> = (0..100)
+            .map(|i| Bytes::from(format!("{{\"response\":\"t{i}\",\"done\":false}}\n")))
+            .collect();
+        Response::builder()
+            .header("content-type", "application/x-ndjson")
+            .body(chunked_body(lines, Duration::from_millis(20)))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(&limited(
+        &up.url(),
+        "",
+        "[rate_limits.tokens]\nkey = \"global\"\ntokens = \"1000/hour\"\ndefault_tokens = 100",
+        "rate_limit = [\"tokens\"]",
+    ))
+    .await;
+    let resp = client()
+        .request(generate(&proxy.url("/api/generate"), r#"{"prompt":"hi"}"#))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["ratelimit-remaining"], "900");
+    let mut body = resp.into_body();
+    let mut lines = 0;
+    while lines < 3 {
+        let frame = body.frame().await.unwrap().unwrap();
+        lines += frame
+            .data_ref()
+            .map_or(0, |d| d.iter().filter(|&&b| b == b'\n').count());
+    }
+    drop(body);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // About three tokens were generated, not the 100 reserved: the next
+    // reservation of 100 leaves ~897.
+    let (next, _) = send(generate(&proxy.url("/api/generate"), r#"{"prompt":"hi"}"#)).await;
+    let remaining: u64 = header(&next, "ratelimit-remaining").parse().unwrap();
+    assert!((893..=898).contains(&remaining), "{remaining}");
+}
+
+#[tokio::test]
+async fn requests_past_max_inflight_wait_in_line_until_a_body_ends() {
+    // Headers at once, then the body over ~300 ms: the slot is held until
+    // the body ends, not when the headers arrive.
+    let up = Upstream::start(|_req| async {
+        let lines: Vec<Bytes> = (0..6).map(|i| Bytes::from(format!("{i}\n"))).collect();
+        Response::new(chunked_body(lines, Duration::from_millis(50)))
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"5s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        up.url()
+    ))
+    .await;
+    let first = client()
+        .request(Request::get(proxy.url("/1")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let second = tokio::spawn({
+        let url = proxy.url("/2");
+        async move { get(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        up.count(),
+        1,
+        "the second request waits while the first body streams"
+    );
+    let first_body = first.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(first_body.len(), 12);
+    let (parts, _) = second.await.unwrap();
+    assert_eq!(parts.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after_and_an_abandoned_stream_frees_its_slot() {
+    let (tx, body) = channel_body();
+    let body = Arc::new(std::sync::Mutex::new(Some(body)));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let up = Upstream::start({
+        let calls = calls.clone();
+        move |_req| {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            let body = body.clone();
+            async move {
+                match body.lock().unwrap().take().filter(|_| first) {
+                    Some(b) => Response::new(b),
+                    None => Response::new(full("ok")),
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"200ms\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        up.url()
+    ))
+    .await;
+    let stream = client()
+        .request(Request::get(proxy.url("/stream")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    tx.send("first chunk\n").await;
+    let (parts, body) = get(&proxy.url("/busy")).await;
+    assert_eq!(parts.status, 503);
+    assert_eq!(json(&body)["error"]["code"], "upstream_busy");
+    let retry: u64 = header(&parts, "retry-after").parse().unwrap();
+    assert!(retry >= 1);
+    assert_eq!(up.count(), 1, "a request that timed out in line never left");
+
+    // The client walks away from the stream: its slot comes free.
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (parts, body) = get(&proxy.url("/after")).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(&body[..], b"ok");
+    drop(tx);
+}
