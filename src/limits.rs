@@ -12,19 +12,20 @@
 //! checks sit in the request path (cache hits are free unless a limiter says
 //! `count_hits`) is the handler's business.
 
+mod buckets;
 mod gcra;
 pub mod inflight;
 pub mod tokens;
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
 
+use buckets::Buckets;
 use gcra::Gcra;
 pub use gcra::Level;
 pub use inflight::{InflightLimit, InflightSlot};
@@ -46,10 +47,8 @@ pub struct Limits {
 pub struct RateLimiter {
     pub policy: Arc<RateLimitPolicy>,
     gcra: Gcra,
-    /// Bucket TATs by hashed key. Idle buckets are dropped once they hold
-    /// nothing a fresh one would not (see `Gcra::memory`), and past
-    /// `max_keys` the least recently used go first.
-    buckets: moka::sync::Cache<u64, Arc<AtomicU64>>,
+    /// Bucket TATs by hashed key, at most `max_keys` of them.
+    buckets: Buckets,
     /// Keyed per limiter, so a client cannot aim for another's bucket.
     hasher: RandomState,
     epoch: Instant,
@@ -175,11 +174,8 @@ impl Limits {
 impl RateLimiter {
     pub fn new(policy: Arc<RateLimitPolicy>) -> Self {
         let gcra = Gcra::new(policy.rate, policy.burst);
-        let buckets = moka::sync::Cache::builder()
-            .max_capacity(policy.max_keys)
-            .time_to_idle(gcra.memory().max(Duration::from_secs(1)))
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .build();
+        let sweep_every = u64::try_from(gcra.memory().as_nanos()).unwrap_or(u64::MAX);
+        let buckets = Buckets::new(policy.max_keys, sweep_every);
         RateLimiter {
             policy,
             gcra,
@@ -203,11 +199,6 @@ impl RateLimiter {
         }
     }
 
-    fn bucket(&self, key: u64) -> Arc<AtomicU64> {
-        // get_with makes one bucket per key even when requests race for it.
-        self.buckets.get_with(key, || Arc::new(AtomicU64::new(0)))
-    }
-
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -223,7 +214,10 @@ impl RateLimiter {
     /// Spends `units` from `key`'s bucket if they fit.
     pub fn spend(&self, key: u64, units: u64) -> Result<LimitHeaders, (Duration, LimitHeaders)> {
         let now = self.now();
-        match self.gcra.spend(&self.bucket(key), now, units) {
+        match self
+            .buckets
+            .with(key, now, true, |tat| self.gcra.spend(tat, now, units))
+        {
             Ok(level) => Ok(self.headers(level)),
             Err(r) => Err((r.retry_after, self.headers(r.level))),
         }
@@ -232,33 +226,34 @@ impl RateLimiter {
     /// `key`'s bucket without spending. A key never seen is rested, and is
     /// not stored just for being looked at.
     pub fn peek(&self, key: u64) -> LimitHeaders {
-        let level = match self.buckets.get(&key) {
-            Some(tat) => self.gcra.peek(&tat, self.now()),
-            None => self.gcra.peek(&AtomicU64::new(0), self.now()),
-        };
+        let now = self.now();
+        let level = self
+            .buckets
+            .with(key, now, false, |tat| self.gcra.peek(tat, now));
         self.headers(level)
     }
 
     /// Settles a spend of `reserved` units that turned out to be `actual`.
     pub fn settle(&self, key: u64, reserved: u64, actual: u64) {
         let now = self.now();
-        let tat = self.bucket(key);
-        if actual > reserved {
-            self.gcra.charge(&tat, now, actual - reserved);
-        } else if reserved > actual {
-            self.gcra.refund(&tat, now, reserved - actual);
-        }
+        self.buckets.with(key, now, true, |tat| {
+            if actual > reserved {
+                self.gcra.charge(tat, now, actual - reserved);
+            } else if reserved > actual {
+                self.gcra.refund(tat, now, reserved - actual);
+            }
+        });
     }
 
     fn refund(&self, key: u64, units: u64) {
         let now = self.now();
-        self.gcra.refund(&self.bucket(key), now, units);
+        self.buckets
+            .with(key, now, false, |tat| self.gcra.refund(tat, now, units));
     }
 
-    /// Buckets held now (after pending evictions), for tests and metrics.
+    /// Buckets held now, for tests and metrics.
     pub fn tracked_keys(&self) -> u64 {
-        self.buckets.run_pending_tasks();
-        self.buckets.entry_count()
+        self.buckets.len()
     }
 
     fn stage(&self) -> Stage {
