@@ -168,26 +168,21 @@ impl Proxy {
         }
         let head_only = req.method() == Method::HEAD;
         let mut admission = Admission::default();
-        let mut forwarded = self
+        let forwarded = self
             .forward(req, conn, rec, &request_id, &mut rewrite, &mut admission)
             .await;
         let spends = admission.take_token_spends();
-        if !spends.is_empty() {
-            match &mut forwarded {
-                // Settled with the answer's usage when its body ends.
-                Ok(resp) => {
-                    let ct = resp.headers().get(header::CONTENT_TYPE);
-                    let meter = TokenMeter::new(
-                        spends,
-                        ct.map(|v| v.as_bytes()),
-                        resp.status().is_success(),
-                    );
-                    resp.body_mut().meter(meter);
-                }
-                // Cut off by a timeout, the backend may have worked all along:
-                // the reservation stands. Other failures generated nothing.
-                Err(ProxyError::UpstreamTimeout { .. }) => {}
-                Err(_) => spends.iter().for_each(|s| s.settle(0)),
+        let mut spends = (!spends.is_empty()).then_some(spends);
+        if let (Some(s), Err(e)) = (&spends, &forwarded) {
+            match e {
+                // Cut off waiting for the answer, the backend may have worked
+                // all along: the reservation stands. Other failures (connect
+                // timeouts included) generated nothing.
+                ProxyError::UpstreamTimeout {
+                    phase: "send response headers",
+                    ..
+                } => {}
+                _ => s.iter().for_each(|s| s.settle(0)),
             }
         }
         let answered = match forwarded {
@@ -200,7 +195,7 @@ impl Proxy {
                     rewritten = rw.rewrites_responses();
                     rw.apply_response(resp.headers_mut());
                 }
-                match &self.policy.compression {
+                let mut answered = match &self.policy.compression {
                     Some(cp) if !upgraded => compress::encode_response(
                         cp,
                         &accept,
@@ -212,7 +207,20 @@ impl Proxy {
                     .await
                     .map(|()| resp),
                     _ => Ok(resp),
+                };
+                // Settled with the answer's usage when its body ends (the
+                // meter reads the body before any coding).
+                if let (Some(spends), Ok(resp)) = (spends.take(), &mut answered) {
+                    let ct = resp.headers().get(header::CONTENT_TYPE);
+                    let meter = TokenMeter::new(
+                        spends,
+                        ct.map(|v| v.as_bytes()),
+                        resp.status().is_success(),
+                        admission.estimate.map_or(0, |(_, prompt)| prompt),
+                    );
+                    resp.body_mut().meter(meter);
                 }
+                answered
             }
             Err(e) => Err(e),
         };
@@ -315,16 +323,9 @@ impl Proxy {
         {
             read_ahead = Some(read_body(req.body_mut(), limits.max_request_body).await?);
         }
-        let tokens = if route.limits.counts_tokens() {
-            read_ahead
-                .as_deref()
-                .and_then(tokens::requested)
-                .unwrap_or_else(|| route.limits.default_tokens())
-        } else {
-            0
-        };
         let client = rec.client;
         if route.limits.checks(Stage::Arrival) {
+            let tokens = token_estimate(&route.limits, Stage::Arrival, &read_ahead, admission);
             route
                 .limits
                 .admit(
@@ -393,6 +394,7 @@ impl Proxy {
         // errand and spends nothing.
         if !route.limits.is_empty() {
             if serve_stale.is_none() && route.limits.checks(Stage::Upstream) {
+                let tokens = token_estimate(&route.limits, Stage::Upstream, &read_ahead, admission);
                 route
                     .limits
                     .admit(
@@ -423,6 +425,8 @@ impl Proxy {
             match pool.admit().await {
                 Ok(admitted) => admitted,
                 Err(e) => {
+                    // Nothing reached the upstream: nothing is spent.
+                    admission.refund_all();
                     if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
                         rec.cache = CacheStatus::Stale.as_str();
                         return Ok(stale);
@@ -471,8 +475,9 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
-        if self.policy.compression.is_some() {
-            // Hyperion compresses: the upstream's bytes must be readable here.
+        if self.policy.compression.is_some() || route.limits.counts_tokens() {
+            // Hyperion compresses, or counts tokens in the answer: the
+            // upstream's bytes must be readable here.
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
@@ -517,6 +522,7 @@ impl Proxy {
             Ok(sent) => sent,
             Err(e) => {
                 if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
+                    admission.refund_all();
                     tracing::warn!(
                         request_id = request_id.to_str().unwrap_or("-"),
                         "{e}; serving stale"
@@ -570,8 +576,27 @@ fn subject<'a>(client: IpAddr, headers: &'a HeaderMap, route: &'a str) -> Subjec
     }
 }
 
+/// What a route's token limiters at `stage` reserve: estimated from the
+/// request body once (only when such a limiter is checked).
+fn token_estimate(
+    limits: &RouteLimits,
+    stage: Stage,
+    body: &Option<bytes::Bytes>,
+    admission: &mut Admission,
+) -> u64 {
+    if !limits.counts_tokens_at(stage) {
+        return 0;
+    }
+    admission
+        .estimate
+        .get_or_insert_with(|| tokens::estimate(body.as_deref(), limits.default_tokens()))
+        .0
+}
+
 /// A refusal as the client sees it: 429, with the refusing bucket's level.
 fn refused(r: crate::limits::Refused, admission: &mut Admission) -> ProxyError {
+    // Refused at any stage: what earlier stages spent goes back too.
+    admission.refund_all();
     admission.headers = Some(r.headers);
     ProxyError::RateLimited {
         limiter: r.limiter,

@@ -91,6 +91,8 @@ pub struct Admission {
     spent: Vec<Spent>,
     /// The most constrained bucket seen, for the headers.
     pub headers: Option<LimitHeaders>,
+    /// Token limiters' reservation and its prompt part, once estimated.
+    pub estimate: Option<(u64, u64)>,
 }
 
 /// A refused request: which limiter, and when to come back.
@@ -188,7 +190,12 @@ impl RateLimiter {
     /// The bucket key of a request: never the raw value, only its hash.
     pub fn key(&self, subject: &Subject<'_>) -> u64 {
         match &self.policy.key {
-            LimitKey::ClientIp => self.hasher.hash_one(subject.client),
+            // An IPv6 client holds a whole /64: one bucket for all of it,
+            // or every address would be a fresh one.
+            LimitKey::ClientIp => match subject.client {
+                IpAddr::V6(v6) => self.hasher.hash_one((u128::from(v6) >> 64) as u64),
+                v4 => self.hasher.hash_one(v4),
+            },
             // Header values cannot hold NUL, so no value hashes like "absent".
             LimitKey::Header(name) => match subject.headers.get(name) {
                 Some(v) => self.hasher.hash_one(v.as_bytes()),
@@ -282,6 +289,15 @@ impl RouteLimits {
         self.limiters.iter().any(|l| l.counts_tokens())
     }
 
+    /// Whether a token limiter is checked at `stage` (the estimate is then
+    /// needed; a cache hit on a route whose token limiters let hits through
+    /// never parses the request).
+    pub fn counts_tokens_at(&self, stage: Stage) -> bool {
+        self.limiters
+            .iter()
+            .any(|l| l.stage() == stage && l.counts_tokens())
+    }
+
     /// Whether any limiter is checked at `stage`.
     pub fn checks(&self, stage: Stage) -> bool {
         self.limiters.iter().any(|l| l.stage() == stage)
@@ -360,6 +376,14 @@ impl RouteLimits {
 // === impl Admission ===
 
 impl Admission {
+    /// Gives back everything spent: the request was refused further on, or
+    /// answered without the upstream (a stale fallback).
+    pub fn refund_all(&mut self) {
+        for s in self.spent.drain(..) {
+            s.limiter.refund(s.key, s.units);
+        }
+    }
+
     /// Keeps the bucket closest to empty (by share of its limit): the one
     /// the client will run into first.
     fn note(&mut self, h: LimitHeaders) {
@@ -392,6 +416,16 @@ impl Admission {
             }
         }
         out
+    }
+}
+
+impl Drop for Admission {
+    /// Token reservations not handed to a meter bought nothing (the client
+    /// left while waiting, say): they go back. Request units stay spent.
+    fn drop(&mut self) {
+        for s in self.spent.iter().filter(|s| s.limiter.counts_tokens()) {
+            s.limiter.refund(s.key, s.units);
+        }
     }
 }
 

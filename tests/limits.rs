@@ -175,30 +175,34 @@ async fn token_budgets_reserve_the_request_estimate_and_settle_with_the_usage() 
     let proxy = TestProxy::start(&limited(
         &up.url(),
         "",
-        "[rate_limits.tokens]\nkey = \"global\"\ntokens = \"100/hour\"\ndefault_tokens = 10",
+        "[rate_limits.tokens]\nkey = \"global\"\ntokens = \"200/hour\"\ndefault_tokens = 10",
         "rate_limit = [\"tokens\"]",
     ))
     .await;
+    // 56 bytes: num_predict 20 plus a prompt of ~14 tokens reserves 34.
     let body = r#"{"model":"m","prompt":"hi","options":{"num_predict":20}}"#;
-    // Reserves 20 of 100; the answer used 80.
-    let (first, _) = send(generate(&proxy.url("/api/generate"), body)).await;
-    assert_eq!(first.status, 200);
-    assert_eq!(header(&first, "ratelimit-limit"), "100");
-    assert_eq!(header(&first, "ratelimit-remaining"), "80");
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    // 20 left: the next reservation of 20 fits, and its 80 put the key in debt.
-    let (second, _) = send(generate(&proxy.url("/api/generate"), body)).await;
-    assert_eq!(second.status, 200);
-    assert_eq!(header(&second, "ratelimit-remaining"), "0");
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let (third, body3) = send(generate(&proxy.url("/api/generate"), body)).await;
-    assert_eq!(third.status, 429);
-    assert_eq!(json(&body3)["error"]["code"], "rate_limited");
-    let retry: u64 = header(&third, "retry-after").parse().unwrap();
-    // 160 tokens used of 100 an hour: the bucket is 96 min behind, and a
-    // reservation of 20 fits 48 min from now.
-    assert!((2879..=2880).contains(&retry), "{retry}");
-    assert_eq!(up.count(), 2);
+    assert_eq!(body.len(), 56);
+    // Each answer used 80 (its usage), settled after the reservation showed.
+    for remaining in ["166", "86", "6"] {
+        let (parts, _) = send(generate(&proxy.url("/api/generate"), body)).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(header(&parts, "ratelimit-limit"), "200");
+        assert_eq!(header(&parts, "ratelimit-remaining"), remaining);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 240 used of 200 an hour: in debt, so the next reservation waits.
+    let (refused, body4) = send(generate(&proxy.url("/api/generate"), body)).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(json(&body4)["error"]["code"], "rate_limited");
+    // 240 + 34 - 200 = 74 tokens over, at 18 s a token.
+    let retry: u64 = header(&refused, "retry-after").parse().unwrap();
+    assert!((1331..=1332).contains(&retry), "{retry}");
+    assert_eq!(up.count(), 3);
+    // Token-limited routes ask for identity, so the usage is readable.
+    assert_eq!(
+        up.last().headers.get("accept-encoding").unwrap(),
+        "identity"
+    );
 }
 
 #[tokio::test]
@@ -224,7 +228,8 @@ async fn a_stream_the_client_abandons_is_settled_with_what_was_generated() {
         .request(generate(&proxy.url("/api/generate"), r#"{"prompt":"hi"}"#))
         .await
         .unwrap();
-    assert_eq!(resp.headers()["ratelimit-remaining"], "900");
+    // The default 100 plus a 15-byte body's ~3 prompt tokens.
+    assert_eq!(resp.headers()["ratelimit-remaining"], "897");
     let mut body = resp.into_body();
     let mut lines = 0;
     while lines < 3 {
@@ -235,11 +240,11 @@ async fn a_stream_the_client_abandons_is_settled_with_what_was_generated() {
     }
     drop(body);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // About three tokens were generated, not the 100 reserved: the next
-    // reservation of 100 leaves ~897.
+    // About three tokens were generated (plus the prompt's 3), not the 103
+    // reserved: the next reservation of 103 leaves ~891.
     let (next, _) = send(generate(&proxy.url("/api/generate"), r#"{"prompt":"hi"}"#)).await;
     let remaining: u64 = header(&next, "ratelimit-remaining").parse().unwrap();
-    assert!((893..=898).contains(&remaining), "{remaining}");
+    assert!((888..=892).contains(&remaining), "{remaining}");
 }
 
 #[tokio::test]

@@ -62,8 +62,7 @@ impl Gcra {
         self.burst
     }
 
-    /// How long an idle bucket keeps anything worth remembering: a full
-    /// window, or two for a bucket in debt (debt is capped there).
+    /// How often a store may look for rested buckets to forget.
     pub fn memory(&self) -> Duration {
         Duration::from_nanos(self.window.saturating_mul(2))
     }
@@ -97,13 +96,12 @@ impl Gcra {
         });
     }
 
-    /// Charges `n` more units without asking: the bucket may go into debt
-    /// (refusing everything until it recovers), at most one window deep.
+    /// Charges `n` more units without asking: the bucket may go into debt,
+    /// refusing everything until time has paid it off.
     pub fn charge(&self, tat: &AtomicU64, now: u64, n: u64) {
         let cost = n.saturating_mul(self.interval);
-        let floor = now.saturating_add(self.window.saturating_mul(2));
         let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-            Some(cur.max(now).saturating_add(cost).min(floor.max(cur)))
+            Some(cur.max(now).saturating_add(cost))
         });
     }
 
@@ -172,9 +170,10 @@ mod tests {
         g.spend(&tat, now, 10).unwrap();
         g.charge(&tat, now, 1_000);
         let refused = g.spend(&tat, now, 1).unwrap_err();
-        // Debt stops at two windows: 2 s ahead, so 1 s + 10 ms until one fits.
-        assert_eq!(refused.retry_after, Duration::from_millis(1_010));
-        assert!(g.spend(&tat, now + 2 * SEC, 100).is_ok());
+        // 1,010 units used: 10.1 s ahead, so 9.1 s + 10 ms until one fits.
+        assert_eq!(refused.retry_after, Duration::from_millis(9_110));
+        assert!(g.spend(&tat, now + 10 * SEC, 100).is_err());
+        assert!(g.spend(&tat, now + 10_100_000_000, 100).is_ok());
     }
 
     #[test]

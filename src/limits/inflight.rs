@@ -89,10 +89,13 @@ impl InflightLimit {
             Ok(p) => p,
             Err(_) => {
                 self.queued.fetch_add(1, Ordering::Relaxed);
+                // Counted out by a guard: a client leaving drops this future
+                // mid-wait.
+                let in_line = InLine(&self.queued);
                 let waited =
                     tokio::time::timeout(self.queue_timeout, self.pool.clone().acquire_owned())
                         .await;
-                self.queued.fetch_sub(1, Ordering::Relaxed);
+                drop(in_line);
                 let elapsed = started.elapsed();
                 match waited {
                     Ok(Ok(p)) => {
@@ -177,6 +180,15 @@ impl Drop for InflightSlot {
             avg - avg / 8 + held / 8
         };
         self.limit.hold_nanos.store(next, Ordering::Relaxed);
+    }
+}
+
+/// One request waiting in line, counted out of `queued` when it stops waiting.
+struct InLine<'a>(&'a AtomicUsize);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -21,6 +21,16 @@ use super::TokenSpend;
 /// Lines (and whole JSON bodies) longer than this are not read for usage.
 const MAX_LINE: usize = 1 << 20;
 
+/// What a token limiter reserves for a request: the answer's size it asks
+/// for (or `default`), plus its prompt at about four bytes a token.
+/// Returns (reservation, prompt estimate).
+pub fn estimate(body: Option<&[u8]>, default: u64) -> (u64, u64) {
+    let body = body.unwrap_or_default();
+    let prompt = body.len() as u64 / 4;
+    let answer = requested(body).unwrap_or(default);
+    (answer.saturating_add(prompt), prompt)
+}
+
 /// The tokens a request may use, if it says: `max_tokens`,
 /// `max_completion_tokens` or `options.num_predict` (Ollama's -1 and -2,
 /// "until done" and "fill the context", say nothing).
@@ -69,11 +79,19 @@ impl Usage {
                 return Some(t);
             }
             if u.prompt_tokens.is_some() || u.completion_tokens.is_some() {
-                return Some(u.prompt_tokens.unwrap_or(0) + u.completion_tokens.unwrap_or(0));
+                return Some(
+                    u.prompt_tokens
+                        .unwrap_or(0)
+                        .saturating_add(u.completion_tokens.unwrap_or(0)),
+                );
             }
         }
         if self.prompt_eval_count.is_some() || self.eval_count.is_some() {
-            return Some(self.prompt_eval_count.unwrap_or(0) + self.eval_count.unwrap_or(0));
+            return Some(
+                self.prompt_eval_count
+                    .unwrap_or(0)
+                    .saturating_add(self.eval_count.unwrap_or(0)),
+            );
         }
         None
     }
@@ -95,11 +113,19 @@ pub struct TokenMeter {
     events: u64,
     /// A non-2xx answer without usage cost the backend next to nothing.
     success: bool,
+    /// The prompt's estimated tokens, added to a count made from events.
+    prompt: u64,
 }
 
 impl TokenMeter {
-    /// A meter for an answer of `content_type` with status `success`.
-    pub fn new(spends: Vec<TokenSpend>, content_type: Option<&[u8]>, success: bool) -> Self {
+    /// A meter for an answer of `content_type` with status `success`, to a
+    /// prompt estimated at `prompt` tokens.
+    pub fn new(
+        spends: Vec<TokenSpend>,
+        content_type: Option<&[u8]>,
+        success: bool,
+        prompt: u64,
+    ) -> Self {
         let essence = content_type
             .map(|ct| ct.split(|&b| b == b';').next().unwrap_or(ct).trim_ascii())
             .unwrap_or_default();
@@ -111,6 +137,7 @@ impl TokenMeter {
             usage: None,
             events: 0,
             success,
+            prompt,
         }
     }
 
@@ -129,11 +156,13 @@ impl TokenMeter {
             if !self.skipping {
                 if self.buf.is_empty() {
                     self.line(&rest[..nl], true);
-                } else {
+                } else if self.buf.len() + nl <= MAX_LINE {
                     self.buf.extend_from_slice(&rest[..nl]);
                     let line = std::mem::take(&mut self.buf);
                     self.line(&line, true);
                     self.buf = line;
+                    self.buf.clear();
+                } else {
                     self.buf.clear();
                 }
             }
@@ -186,7 +215,9 @@ impl TokenMeter {
         if !self.success {
             return Some(0);
         }
-        (!self.whole && self.events > 0).then_some(self.events)
+        // A stream without usage (OpenAI's default, or cut short): about a
+        // token per event, and the prompt the backend read all the same.
+        (!self.whole && self.events > 0).then_some(self.events.saturating_add(self.prompt))
     }
 }
 
@@ -216,7 +247,7 @@ mod tests {
     use super::*;
 
     fn meter(ct: &str, success: bool) -> TokenMeter {
-        TokenMeter::new(Vec::new(), Some(ct.as_bytes()), success)
+        TokenMeter::new(Vec::new(), Some(ct.as_bytes()), success, 0)
     }
 
     #[test]
