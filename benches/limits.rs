@@ -43,6 +43,15 @@ fn client(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | i))
 }
 
+/// Client `i` of the `by_ip` route.
+fn by_ip_client(i: u32, headers: &HeaderMap) -> Subject<'_> {
+    Subject {
+        client: client(i),
+        headers,
+        route: "by_ip",
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let policy = Policy::parse("bench.toml", POLICY).expect("bench policy");
     let limits = Limits::new(&policy, None);
@@ -51,11 +60,7 @@ fn bench(c: &mut Criterion) {
     let none = HeaderMap::new();
     // 100,000 clients already have buckets.
     for i in 0..100_000 {
-        let who = Subject {
-            client: client(i),
-            headers: &none,
-            route: "by_ip",
-        };
+        let who = by_ip_client(i, &none);
         by_ip
             .admit(&who, Stage::Upstream, 0, &mut Admission::default())
             .unwrap();
@@ -66,11 +71,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("spend/client_ip_100k_keys", |b| {
         b.iter(|| {
             i = (i + 7919) % 100_000;
-            let who = Subject {
-                client: client(i),
-                headers: &none,
-                route: "by_ip",
-            };
+            let who = by_ip_client(i, &none);
             let mut admission = Admission::default();
             by_ip
                 .admit(black_box(&who), Stage::Upstream, 0, &mut admission)
@@ -81,11 +82,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("peek/client_ip_100k_keys", |b| {
         b.iter(|| {
             i = (i + 7919) % 100_000;
-            let who = Subject {
-                client: client(i),
-                headers: &none,
-                route: "by_ip",
-            };
+            let who = by_ip_client(i, &none);
             let mut admission = Admission::default();
             by_ip.peek_rest(black_box(&who), &mut admission);
             black_box(admission.headers)

@@ -39,8 +39,6 @@ pub struct Proxy {
     log: Arc<AccessLog>,
     /// One per process, shared by the workers.
     cache: Arc<Cache>,
-    /// Rate and concurrency limits, one set per process.
-    limits: Arc<Limits>,
 }
 
 /// A route with its upstream pool resolved.
@@ -113,13 +111,7 @@ impl Proxy {
             log,
             policy,
             cache,
-            limits,
         }
-    }
-
-    /// The rate and concurrency limits (shared with the other workers).
-    pub fn limits(&self) -> &Arc<Limits> {
-        &self.limits
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -324,18 +316,8 @@ impl Proxy {
             read_ahead = Some(read_body(req.body_mut(), limits.max_request_body).await?);
         }
         let client = rec.client;
-        if route.limits.checks(Stage::Arrival) {
-            let tokens = token_estimate(&route.limits, Stage::Arrival, &read_ahead, admission);
-            route
-                .limits
-                .admit(
-                    &subject(client, req.headers(), &route.name),
-                    Stage::Arrival,
-                    tokens,
-                    admission,
-                )
-                .map_err(|r| refused(r, admission))?;
-        }
+        let who = |headers| subject(client, headers, &route.name);
+        route.check_limits(Stage::Arrival, &who(req.headers()), &read_ahead, admission)?;
         if let Some(policy) = cache_policy {
             // Waiting behind an identical request may end with it failing:
             // then look again, once, before going upstream alone.
@@ -353,9 +335,7 @@ impl Proxy {
                 match self.cache.before(policy, query, joins_left > 0).await {
                     Before::Serve(resp, status, None) => {
                         rec.cache = status.as_str();
-                        route
-                            .limits
-                            .peek_rest(&subject(client, req.headers(), &route.name), admission);
+                        route.limits.peek_rest(&who(req.headers()), admission);
                         return Ok(resp);
                     }
                     Before::Serve(resp, status, refresh) => {
@@ -375,10 +355,7 @@ impl Proxy {
                         match follow.wait(req.headers()).await {
                             Followed::Serve(resp, status) => {
                                 rec.cache = status.as_str();
-                                route.limits.peek_rest(
-                                    &subject(client, req.headers(), &route.name),
-                                    admission,
-                                );
+                                route.limits.peek_rest(&who(req.headers()), admission);
                                 return Ok(resp);
                             }
                             Followed::Retry => {}
@@ -393,21 +370,10 @@ impl Proxy {
         // A background refresh behind a stale answer is the proxy's own
         // errand and spends nothing.
         if !route.limits.is_empty() {
-            if serve_stale.is_none() && route.limits.checks(Stage::Upstream) {
-                let tokens = token_estimate(&route.limits, Stage::Upstream, &read_ahead, admission);
-                route
-                    .limits
-                    .admit(
-                        &subject(client, req.headers(), &route.name),
-                        Stage::Upstream,
-                        tokens,
-                        admission,
-                    )
-                    .map_err(|r| refused(r, admission))?;
+            if serve_stale.is_none() {
+                route.check_limits(Stage::Upstream, &who(req.headers()), &read_ahead, admission)?;
             }
-            route
-                .limits
-                .peek_rest(&subject(client, req.headers(), &route.name), admission);
+            route.limits.peek_rest(&who(req.headers()), admission);
         }
         // A slot under `max_inflight_per_server`, waiting in line for one if
         // need be. A background refresh does not queue: without a free slot
@@ -576,31 +542,37 @@ fn subject<'a>(client: IpAddr, headers: &'a HeaderMap, route: &'a str) -> Subjec
     }
 }
 
-/// What a route's token limiters at `stage` reserve: estimated from the
-/// request body once (only when such a limiter is checked).
-fn token_estimate(
-    limits: &RouteLimits,
-    stage: Stage,
-    body: &Option<bytes::Bytes>,
-    admission: &mut Admission,
-) -> u64 {
-    if !limits.counts_tokens_at(stage) {
-        return 0;
-    }
-    admission
-        .estimate
-        .get_or_insert_with(|| tokens::estimate(body.as_deref(), limits.default_tokens()))
-        .0
-}
-
-/// A refusal as the client sees it: 429, with the refusing bucket's level.
-fn refused(r: crate::limits::Refused, admission: &mut Admission) -> ProxyError {
-    // Refused at any stage: what earlier stages spent goes back too.
-    admission.refund_all();
-    admission.headers = Some(r.headers);
-    ProxyError::RateLimited {
-        limiter: r.limiter,
-        retry_after: r.retry_after,
+impl Route {
+    /// Spends from the route's limiters checked at `stage`, or refuses with
+    /// a 429 (giving back what earlier stages spent). Token limiters reserve
+    /// an estimate made from the request body once, only when one is checked.
+    fn check_limits(
+        &self,
+        stage: Stage,
+        who: &Subject<'_>,
+        body: &Option<bytes::Bytes>,
+        admission: &mut Admission,
+    ) -> Result<(), ProxyError> {
+        let limits = &self.limits;
+        if !limits.checks(stage) {
+            return Ok(());
+        }
+        let tokens = if limits.counts_tokens_at(stage) {
+            admission
+                .estimate
+                .get_or_insert_with(|| tokens::estimate(body.as_deref(), limits.default_tokens()))
+                .0
+        } else {
+            0
+        };
+        limits.admit(who, stage, tokens, admission).map_err(|r| {
+            admission.refund_all();
+            admission.headers = Some(r.headers);
+            ProxyError::RateLimited {
+                limiter: r.limiter,
+                retry_after: r.retry_after,
+            }
+        })
     }
 }
 

@@ -176,8 +176,7 @@ impl Limits {
 impl RateLimiter {
     pub fn new(policy: Arc<RateLimitPolicy>) -> Self {
         let gcra = Gcra::new(policy.rate, policy.burst);
-        let sweep_every = u64::try_from(gcra.memory().as_nanos()).unwrap_or(u64::MAX);
-        let buckets = Buckets::new(policy.max_keys, sweep_every);
+        let buckets = Buckets::new(policy.max_keys, gcra.sweep_interval());
         RateLimiter {
             policy,
             gcra,

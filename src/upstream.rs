@@ -67,8 +67,7 @@ impl UpstreamPool {
     /// The balancer's pick is preferred; a busy pick gives way to any free
     /// server.
     pub async fn admit(&self) -> Result<(usize, Option<InflightSlot>), ProxyError> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let index = self.schedule[n % self.schedule.len()];
+        let index = self.next_index();
         let Some(limit) = &self.inflight else {
             return Ok((index, None));
         };
@@ -84,14 +83,19 @@ impl UpstreamPool {
 
     /// Like `admit`, without waiting: `None` when every server is busy.
     pub fn try_admit(&self) -> Option<(usize, Option<InflightSlot>)> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let index = self.schedule[n % self.schedule.len()];
+        let index = self.next_index();
         match &self.inflight {
             None => Some((index, None)),
             Some(limit) => limit
                 .try_acquire(index)
                 .map(|slot| (slot.server, Some(slot))),
         }
+    }
+
+    /// The balancer's next server, in weighted round-robin order.
+    fn next_index(&self) -> usize {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.schedule[n % self.schedule.len()]
     }
 
     /// The server at `index` of `servers`, as `admit` chose it.

@@ -153,11 +153,7 @@ ignore_fields = ["keep_alive"]"#,
 async fn set_cookie_and_private_responses_are_not_stored_in_force_mode() {
     let up = counting_upstream(&[("set-cookie", "session=1")]).await;
     let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "force""#)).await;
-    for _ in 0..3 {
-        let (p, _) = get(&proxy.url("/c")).await;
-        assert_eq!(p.headers["x-cache"], "MISS");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    three_misses(&proxy, "/c").await;
     assert_eq!(up.count(), 3);
 }
 
@@ -594,11 +590,7 @@ ignore_fields = ["keep_alive"]"#,
 async fn vary_star_is_never_stored() {
     let up = counting_upstream(&[("cache-control", "max-age=60"), ("vary", "*")]).await;
     let proxy = TestProxy::start(&cached_policy(&up.url(), r#"mode = "origin""#)).await;
-    for _ in 0..3 {
-        let (p, _) = get(&proxy.url("/v")).await;
-        assert_eq!(p.headers["x-cache"], "MISS");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    three_misses(&proxy, "/v").await;
     assert_eq!(up.count(), 3);
 }
 
@@ -699,4 +691,14 @@ async fn origin_mode_details_of_rfc_9111() {
     assert_eq!(p.status, 201);
     let (p, _) = get(&proxy.url("/loc")).await;
     assert_eq!(p.headers["x-cache"], "MISS");
+}
+
+/// Asks for `path` three times, 20 ms apart: each answer must be a MISS
+/// (nothing was stored).
+async fn three_misses(proxy: &TestProxy, path: &str) {
+    for _ in 0..3 {
+        let (p, _) = get(&proxy.url(path)).await;
+        assert_eq!(p.headers["x-cache"], "MISS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -113,6 +113,32 @@ async fn x_forwarded_for_counts_only_from_a_trusted_proxy() {
 }
 
 #[tokio::test]
+async fn ipv6_clients_share_a_bucket_per_slash_64() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::start(&limited(
+        &up.url(),
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        "[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"1/min\"",
+        "rate_limit = [\"per_ip\"]",
+    ))
+    .await;
+    let from = |ip: &'static str| get_with_owned(proxy.url("/"), ip);
+    // One /64 is one client: a second address in it is refused.
+    assert_eq!(from("2001:db8:1:2::1").await, 200);
+    assert_eq!(from("2001:db8:1:2::ffff").await, 429);
+    // The next /64 over is somebody else.
+    assert_eq!(from("2001:db8:1:3::1").await, 200);
+}
+
+async fn get_with_owned(url: String, forwarded_for: &'static str) -> u16 {
+    get_with(&url, &[("x-forwarded-for", forwarded_for)])
+        .await
+        .0
+        .status
+        .as_u16()
+}
+
+#[tokio::test]
 async fn api_keys_have_their_own_buckets_and_keyless_requests_share_one() {
     let up = Upstream::echo().await;
     let proxy = TestProxy::start(&limited(

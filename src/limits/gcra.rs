@@ -62,9 +62,10 @@ impl Gcra {
         self.burst
     }
 
-    /// How often a store may look for rested buckets to forget.
-    pub fn memory(&self) -> Duration {
-        Duration::from_nanos(self.window.saturating_mul(2))
+    /// Nanoseconds between a store's looks for rested buckets to forget:
+    /// two windows, so a bucket is idle a while before it goes.
+    pub fn sweep_interval(&self) -> u64 {
+        self.window.saturating_mul(2)
     }
 
     /// Spends `n` units (at most a whole burst, so any spend can succeed
