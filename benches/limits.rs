@@ -9,6 +9,8 @@
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
+use tokio::time::Instant;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 use hyperion::limits::{Admission, Limits, Stage, Subject};
@@ -49,6 +51,7 @@ fn by_ip_client(i: u32, headers: &HeaderMap) -> Subject<'_> {
         client: client(i),
         headers,
         route: "by_ip",
+        at: Instant::now(),
     }
 }
 
@@ -99,6 +102,7 @@ fn bench(c: &mut Criterion) {
                 client: client(1),
                 headers: &headers,
                 route: "by_key",
+                at: Instant::now(),
             };
             let mut admission = Admission::default();
             by_key

@@ -316,8 +316,18 @@ impl Proxy {
             read_ahead = Some(read_body(req.body_mut(), limits.max_request_body).await?);
         }
         let client = rec.client;
-        let who = |headers| subject(client, headers, &route.name);
-        route.check_limits(Stage::Arrival, &who(req.headers()), &read_ahead, admission)?;
+        let who = |headers, at| subject(client, headers, &route.name, at);
+        // One clock reading for every limiter checked on arrival, and for a
+        // cache hit's look at the rest.
+        let arrived = (!route.limits.is_empty()).then(tokio::time::Instant::now);
+        if let Some(at) = arrived {
+            route.check_limits(
+                Stage::Arrival,
+                &who(req.headers(), at),
+                &read_ahead,
+                admission,
+            )?;
+        }
         if let Some(policy) = cache_policy {
             // Waiting behind an identical request may end with it failing:
             // then look again, once, before going upstream alone.
@@ -335,7 +345,9 @@ impl Proxy {
                 match self.cache.before(policy, query, joins_left > 0).await {
                     Before::Serve(resp, status, None) => {
                         rec.cache = status.as_str();
-                        route.limits.peek_rest(&who(req.headers()), admission);
+                        if let Some(at) = arrived {
+                            route.limits.peek_rest(&who(req.headers(), at), admission);
+                        }
                         return Ok(resp);
                     }
                     Before::Serve(resp, status, refresh) => {
@@ -355,7 +367,10 @@ impl Proxy {
                         match follow.wait(req.headers()).await {
                             Followed::Serve(resp, status) => {
                                 rec.cache = status.as_str();
-                                route.limits.peek_rest(&who(req.headers()), admission);
+                                if arrived.is_some() {
+                                    let now = tokio::time::Instant::now();
+                                    route.limits.peek_rest(&who(req.headers(), now), admission);
+                                }
                                 return Ok(resp);
                             }
                             Followed::Retry => {}
@@ -370,10 +385,11 @@ impl Proxy {
         // A background refresh behind a stale answer is the proxy's own
         // errand and spends nothing.
         if !route.limits.is_empty() {
+            let who = who(req.headers(), tokio::time::Instant::now());
             if serve_stale.is_none() {
-                route.check_limits(Stage::Upstream, &who(req.headers()), &read_ahead, admission)?;
+                route.check_limits(Stage::Upstream, &who, &read_ahead, admission)?;
             }
-            route.limits.peek_rest(&who(req.headers()), admission);
+            route.limits.peek_rest(&who, admission);
         }
         // A slot under `max_inflight_per_server`, waiting in line for one if
         // need be. A background refresh does not queue: without a free slot
@@ -388,7 +404,13 @@ impl Proxy {
                 None => return Ok(stale),
             }
         } else {
-            match pool.admit().await {
+            // Identical requests behind this one wait with it, not time out.
+            let waiting = |queued| {
+                if let Some(ex) = &exchange {
+                    ex.queue(queued);
+                }
+            };
+            match pool.admit(waiting).await {
                 Ok(admitted) => admitted,
                 Err(e) => {
                     // Nothing reached the upstream: nothing is spent.
@@ -534,11 +556,17 @@ impl Proxy {
     }
 }
 
-fn subject<'a>(client: IpAddr, headers: &'a HeaderMap, route: &'a str) -> Subject<'a> {
+fn subject<'a>(
+    client: IpAddr,
+    headers: &'a HeaderMap,
+    route: &'a str,
+    at: tokio::time::Instant,
+) -> Subject<'a> {
     Subject {
         client,
         headers,
         route,
+        at,
     }
 }
 

@@ -15,6 +15,7 @@
 mod buckets;
 mod gcra;
 pub mod inflight;
+mod numerals;
 pub mod tokens;
 
 use std::hash::{BuildHasher, RandomState};
@@ -52,6 +53,7 @@ pub struct RateLimiter {
     /// Keyed per limiter, so a client cannot aim for another's bucket.
     hasher: RandomState,
     epoch: Instant,
+    limit_text: &'static str,
 }
 
 /// Who a request is, as limiters key it.
@@ -59,6 +61,8 @@ pub struct Subject<'a> {
     pub client: IpAddr,
     pub headers: &'a HeaderMap,
     pub route: &'a str,
+    /// When the check happens: read once for all of a route's limiters.
+    pub at: Instant,
 }
 
 /// A route's limiters, in the order the route names them.
@@ -109,6 +113,8 @@ pub struct LimitHeaders {
     pub limit: u64,
     pub remaining: u64,
     pub reset: Duration,
+    /// `limit` as text, made once per limiter.
+    limit_text: &'static str,
 }
 
 // === impl Limits ===
@@ -177,12 +183,14 @@ impl RateLimiter {
     pub fn new(policy: Arc<RateLimitPolicy>) -> Self {
         let gcra = Gcra::new(policy.rate, policy.burst);
         let buckets = Buckets::new(policy.max_keys, gcra.sweep_interval());
+        let limit_text = numerals::interned(gcra.burst());
         RateLimiter {
             policy,
             gcra,
             buckets,
             hasher: RandomState::new(),
             epoch: Instant::now(),
+            limit_text,
         }
     }
 
@@ -206,7 +214,13 @@ impl RateLimiter {
     }
 
     fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.nanos(Instant::now())
+    }
+
+    /// `at` on this limiter's clock (a request older than the limiter, from
+    /// before a reload, counts as its start).
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn headers(&self, level: Level) -> LimitHeaders {
@@ -214,12 +228,18 @@ impl RateLimiter {
             limit: self.gcra.burst(),
             remaining: level.remaining,
             reset: level.reset,
+            limit_text: self.limit_text,
         }
     }
 
     /// Spends `units` from `key`'s bucket if they fit.
-    pub fn spend(&self, key: u64, units: u64) -> Result<LimitHeaders, (Duration, LimitHeaders)> {
-        let now = self.now();
+    pub fn spend(
+        &self,
+        key: u64,
+        at: Instant,
+        units: u64,
+    ) -> Result<LimitHeaders, (Duration, LimitHeaders)> {
+        let now = self.nanos(at);
         match self
             .buckets
             .with(key, now, true, |tat| self.gcra.spend(tat, now, units))
@@ -231,8 +251,8 @@ impl RateLimiter {
 
     /// `key`'s bucket without spending. A key never seen is rested, and is
     /// not stored just for being looked at.
-    pub fn peek(&self, key: u64) -> LimitHeaders {
-        let now = self.now();
+    pub fn peek(&self, key: u64, at: Instant) -> LimitHeaders {
+        let now = self.nanos(at);
         let level = self
             .buckets
             .with(key, now, false, |tat| self.gcra.peek(tat, now));
@@ -319,7 +339,7 @@ impl RouteLimits {
                 LimitUnit::Requests => 1,
                 LimitUnit::Tokens { .. } => tokens.clamp(1, limiter.gcra.burst()),
             };
-            match limiter.spend(key, units) {
+            match limiter.spend(key, subject.at, units) {
                 Ok(headers) => {
                     into.note(headers);
                     into.spent.push(Spent {
@@ -354,7 +374,7 @@ impl RouteLimits {
             {
                 continue;
             }
-            let headers = limiter.peek(limiter.key(subject));
+            let headers = limiter.peek(limiter.key(subject), subject.at);
             admission.note(headers);
         }
     }
@@ -446,12 +466,9 @@ impl TokenSpend {
 impl LimitHeaders {
     /// Sets the three `RateLimit-*` fields (draft-ietf-httpapi-ratelimit-headers).
     pub fn apply(&self, headers: &mut HeaderMap) {
-        headers.insert(RATELIMIT_LIMIT, HeaderValue::from(self.limit));
-        headers.insert(RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
-        headers.insert(
-            RATELIMIT_RESET,
-            HeaderValue::from(whole_seconds(self.reset)),
-        );
+        headers.insert(RATELIMIT_LIMIT, HeaderValue::from_static(self.limit_text));
+        headers.insert(RATELIMIT_REMAINING, numerals::count(self.remaining));
+        headers.insert(RATELIMIT_RESET, numerals::count(whole_seconds(self.reset)));
     }
 }
 
@@ -496,6 +513,7 @@ rate_limit = ["per_ip", "per_route"]
             client: "192.0.2.1".parse().unwrap(),
             headers,
             route: "r",
+            at: Instant::now(),
         }
     }
 
@@ -523,7 +541,12 @@ rate_limit = ["per_ip", "per_route"]
         assert_eq!(refused.retry_after, Duration::from_secs(60));
         // per_ip gave back what it spent on the refused request: 4 left, not 3.
         let per_ip = limits.rate_limiter("per_ip").unwrap();
-        assert_eq!(per_ip.peek(per_ip.key(&who(&headers))).remaining, 4);
+        assert_eq!(
+            per_ip
+                .peek(per_ip.key(&who(&headers)), Instant::now())
+                .remaining,
+            4
+        );
         // Time (tokio's, paused) brings per_route back.
         tokio::time::advance(Duration::from_secs(60)).await;
         route
@@ -551,7 +574,7 @@ rate_limit = ["per_ip", "per_route"]
                 HeaderValue::from_str(&format!("Bearer key-{i}")).unwrap(),
             );
             let key = tokens.key(&who(&headers));
-            tokens.spend(key, 10).unwrap();
+            tokens.spend(key, Instant::now(), 10).unwrap();
         }
         assert!(tokens.tracked_keys() <= 1000, "{}", tokens.tracked_keys());
     }
@@ -563,16 +586,26 @@ rate_limit = ["per_ip", "per_route"]
         let headers = HeaderMap::new();
         for name in ["per_ip", "per_route"] {
             let l = before.rate_limiter(name).unwrap();
-            l.spend(l.key(&who(&headers)), 1).unwrap();
+            l.spend(l.key(&who(&headers)), Instant::now(), 1).unwrap();
         }
         let slots = before.inflight("up").unwrap();
         let changed = policy(&POLICY.replace("rate = \"1/min\"", "rate = \"2/min\""));
         let after = Limits::new(&changed, Some(&before));
         let per_ip = after.rate_limiter("per_ip").unwrap();
         assert!(Arc::ptr_eq(per_ip, before.rate_limiter("per_ip").unwrap()));
-        assert_eq!(per_ip.peek(per_ip.key(&who(&headers))).remaining, 4);
+        assert_eq!(
+            per_ip
+                .peek(per_ip.key(&who(&headers)), Instant::now())
+                .remaining,
+            4
+        );
         let per_route = after.rate_limiter("per_route").unwrap();
-        assert_eq!(per_route.peek(per_route.key(&who(&headers))).remaining, 2);
+        assert_eq!(
+            per_route
+                .peek(per_route.key(&who(&headers)), Instant::now())
+                .remaining,
+            2
+        );
         assert!(Arc::ptr_eq(&after.inflight("up").unwrap(), &slots));
     }
 }

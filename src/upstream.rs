@@ -65,13 +65,16 @@ impl UpstreamPool {
     /// The next server, and a slot there when the pool limits requests in
     /// flight: waiting in line for one up to `queue_timeout`, then a 503.
     /// The balancer's pick is preferred; a busy pick gives way to any free
-    /// server.
-    pub async fn admit(&self) -> Result<(usize, Option<InflightSlot>), ProxyError> {
+    /// server. `waiting` hears when the wait in line starts and ends.
+    pub async fn admit(
+        &self,
+        waiting: impl Fn(bool),
+    ) -> Result<(usize, Option<InflightSlot>), ProxyError> {
         let index = self.next_index();
         let Some(limit) = &self.inflight else {
             return Ok((index, None));
         };
-        match limit.acquire(index).await {
+        match limit.acquire(index, waiting).await {
             Ok(slot) => Ok((slot.server, Some(slot))),
             Err(full) => Err(ProxyError::UpstreamBusy {
                 upstream: self.policy.name.clone(),

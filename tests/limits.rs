@@ -354,3 +354,61 @@ async fn a_full_queue_answers_503_with_retry_after_and_an_abandoned_stream_frees
     assert_eq!(&body[..], b"ok");
     drop(tx);
 }
+
+#[tokio::test]
+async fn identical_requests_wait_with_a_queued_leader_instead_of_timing_out() {
+    // `/hold` keeps the only slot until its body is released; `/shared` is
+    // cacheable and answered at once.
+    let (tx, body) = channel_body();
+    let body = Arc::new(std::sync::Mutex::new(Some(body)));
+    let up = Upstream::start(move |req| {
+        let body = body.clone();
+        async move {
+            match req.uri().path() {
+                "/hold" => Response::new(body.lock().unwrap().take().expect("held once")),
+                _ => Response::builder()
+                    .header("cache-control", "max-age=60")
+                    .body(full("shared"))
+                    .unwrap(),
+            }
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"5s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n[route.cache]\nmode = \"origin\"\ncoalesce_timeout = \"100ms\"\n",
+        up.url()
+    ))
+    .await;
+    let hold = client()
+        .request(Request::get(proxy.url("/hold")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    let shared: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(get_owned(proxy.url("/shared"))))
+        .collect();
+    // Well past coalesce_timeout: the followers still wait with the leader,
+    // which waits in line; nothing more went upstream.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(up.count(), 1);
+    tx.send("done\n").await;
+    drop(tx);
+    hold.into_body().collect().await.unwrap();
+    let mut caches = Vec::new();
+    for s in shared {
+        let (parts, body) = s.await.unwrap();
+        assert_eq!(parts.status, 200);
+        assert_eq!(&body[..], b"shared");
+        caches.push(header(&parts, "x-cache").to_owned());
+    }
+    caches.sort();
+    assert_eq!(
+        caches,
+        ["HIT", "HIT", "MISS"],
+        "one went upstream for all three"
+    );
+    assert_eq!(up.count(), 2);
+}
+
+async fn get_owned(url: String) -> (http::response::Parts, Bytes) {
+    get(&url).await
+}

@@ -366,6 +366,15 @@ impl Exchange {
         self.lead.is_some()
     }
 
+    /// Tells identical requests waiting behind this one that it is waiting
+    /// (`true`) or done waiting for an upstream slot: meanwhile their
+    /// `coalesce_timeout` does not run.
+    pub fn queue(&self, waiting: bool) {
+        if let Some(lead) = &self.lead {
+            lead.queue(waiting);
+        }
+    }
+
     /// Sends the request (`send`) on behalf of every identical request, in a
     /// task the client leaving does not cancel while others wait.
     pub async fn lead<F>(

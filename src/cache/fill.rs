@@ -177,6 +177,9 @@ struct FillState {
 }
 
 enum Phase {
+    /// The leader waits in line for a slot under `max_inflight_per_server`.
+    /// Followers wait with it: going alone would only queue behind it.
+    Queued,
     /// Waiting for the upstream's response head.
     Sending,
     /// The head is in; body chunks are arriving.
@@ -195,7 +198,7 @@ enum Phase {
 
 impl Phase {
     fn is_final(&self) -> bool {
-        !matches!(self, Phase::Sending | Phase::Body(_))
+        !matches!(self, Phase::Queued | Phase::Sending | Phase::Body(_))
     }
 }
 
@@ -308,6 +311,19 @@ impl Fill {
         if let Some(cost) = &cost {
             self.cache.stats.saved_times(cost, live);
         }
+    }
+
+    /// The leader starts (`true`) or stops waiting for an upstream slot.
+    fn queue(self: &Arc<Self>, waiting: bool) {
+        {
+            let mut st = lock(&self.state);
+            match (&st.phase, waiting) {
+                (Phase::Sending, true) => st.phase = Phase::Queued,
+                (Phase::Queued, false) => st.phase = Phase::Sending,
+                _ => return,
+            }
+        }
+        self.changed.notify_waiters();
     }
 
     /// The head arrived: readers may start. Returns the leader's slot.
@@ -513,6 +529,12 @@ enum Answer {
 pub type Sent = Result<Response<ResponseBody>, ProxyError>;
 
 impl Lead {
+    /// Tells followers the leader is waiting (`true`) or done waiting for a
+    /// slot under `max_inflight_per_server`.
+    pub fn queue(&self, waiting: bool) {
+        self.fill.queue(waiting);
+    }
+
     /// Runs the exchange in its own task (the fill) and waits for the
     /// leader's answer. `send` sends the request upstream and returns the
     /// response as the client would get it.
@@ -717,6 +739,9 @@ pub struct Follow {
 }
 
 enum Check {
+    /// The leader is waiting for an upstream slot (bounded by its
+    /// `queue_timeout`; `coalesce_timeout` starts once it has one).
+    Queued,
     /// Waiting for the response head (bounded by `coalesce_timeout`).
     Sending,
     /// Waiting for the end of a body that is not joined live (bounded by
@@ -742,13 +767,17 @@ impl Follow {
     /// the route's `coalesce_timeout` for the response head.
     pub async fn wait(self, headers: &HeaderMap) -> Followed {
         let fill = self.member.0.clone();
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut deadline = tokio::time::Instant::now() + self.timeout;
         let ready = loop {
             // Registered before looking, so a change in between is not missed.
             let mut changed = pin!(fill.changed.notified());
             changed.as_mut().enable();
             match fill.check_follow(headers) {
                 Check::Ready(ready) => break ready,
+                Check::Queued => {
+                    changed.await;
+                    deadline = tokio::time::Instant::now() + self.timeout;
+                }
                 Check::Sending => {
                     if tokio::time::timeout_at(deadline, changed).await.is_err() {
                         break Ready::Alone;
@@ -803,6 +832,7 @@ impl Fill {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let ready = match &st.phase {
+            Phase::Queued => return Check::Queued,
             Phase::Sending => return Check::Sending,
             Phase::Body(head) => {
                 if !head.shareable || !vary::matches(&head.vary, headers) {

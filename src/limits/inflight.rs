@@ -82,8 +82,13 @@ impl InflightLimit {
     }
 
     /// A slot, preferably at server `preferred`; waits in line up to
-    /// `queue_timeout`.
-    pub async fn acquire(self: &Arc<Self>, preferred: usize) -> Result<InflightSlot, QueueFull> {
+    /// `queue_timeout`, calling `waiting(true)` when it starts to wait and
+    /// `waiting(false)` when it stops.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        preferred: usize,
+        waiting: impl Fn(bool),
+    ) -> Result<InflightSlot, QueueFull> {
         let started = Instant::now();
         let pool = match self.pool.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -92,9 +97,11 @@ impl InflightLimit {
                 // Counted out by a guard: a client leaving drops this future
                 // mid-wait.
                 let in_line = InLine(&self.queued);
+                waiting(true);
                 let waited =
                     tokio::time::timeout(self.queue_timeout, self.pool.clone().acquire_owned())
                         .await;
+                waiting(false);
                 drop(in_line);
                 let elapsed = started.elapsed();
                 match waited {
@@ -203,21 +210,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn slots_are_per_server_and_the_queue_is_first_come_first_served() {
         let limit = Arc::new(InflightLimit::new(2, 1, Duration::from_secs(5)));
-        let a = limit.acquire(0).await.unwrap();
+        let a = limit.acquire(0, |_| ()).await.unwrap();
         assert_eq!(a.server, 0);
         // Server 0 is busy: the next one goes to server 1.
-        let b = limit.acquire(0).await.unwrap();
+        let b = limit.acquire(0, |_| ()).await.unwrap();
         assert_eq!(b.server, 1);
         assert_eq!((limit.in_flight(0), limit.in_flight(1)), (1, 1));
 
         let first = tokio::spawn({
             let limit = limit.clone();
-            async move { limit.acquire(1).await }
+            async move { limit.acquire(1, |_| ()).await }
         });
         tokio::task::yield_now().await;
         let second = tokio::spawn({
             let limit = limit.clone();
-            async move { limit.acquire(1).await.map(|s| s.server) }
+            async move { limit.acquire(1, |_| ()).await.map(|s| s.server) }
         });
         tokio::task::yield_now().await;
         assert_eq!(limit.queued(), 2);
