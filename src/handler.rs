@@ -275,25 +275,44 @@ impl Proxy {
             .ok_or(ProxyError::NoRoute)?;
         rec.route = Some(route.name.clone());
         rewrite.clone_from(&route.policy.headers);
+        let client = rec.client;
+        let who = |headers, at| subject(client, headers, &route.name, at);
+        // One clock reading for every limiter checked on arrival, and for a
+        // cache hit's look at the rest.
+        let arrived = (!route.limits.is_empty()).then(tokio::time::Instant::now);
+        // A request refused before the limiters count it still tells the
+        // client where it stands.
+        let refuse = |e: ProxyError, headers: &HeaderMap, admission: &mut Admission| {
+            if let Some(at) = arrived {
+                route
+                    .limits
+                    .peek_rest(&subject(client, headers, &route.name, at), admission);
+            }
+            Err(e)
+        };
 
         let uri_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
         if headers::head_size(req.method().as_str(), uri_len, req.headers())
             > limits.max_header_size
         {
-            return Err(ProxyError::HeadersTooLarge {
+            let e = ProxyError::HeadersTooLarge {
                 limit: limits.max_header_size,
-            });
+            };
+            return refuse(e, req.headers(), admission);
         }
         let declared_len = req
             .headers()
             .get(header::CONTENT_LENGTH)
-            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()))
-            .map(|n| n.ok_or(ProxyError::BadRequest("Content-Length is not a number")))
-            .transpose()?;
-        if declared_len.is_some_and(|n| n > limits.max_request_body) {
-            return Err(ProxyError::BodyTooLarge {
+            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()));
+        let e = match declared_len {
+            Some(None) => Some(ProxyError::BadRequest("Content-Length is not a number")),
+            Some(Some(n)) if n > limits.max_request_body => Some(ProxyError::BodyTooLarge {
                 limit: limits.max_request_body,
-            });
+            }),
+            _ => None,
+        };
+        if let Some(e) = e {
+            return refuse(e, req.headers(), admission);
         }
 
         let upgrade = (req.version() == Version::HTTP_11)
@@ -313,13 +332,11 @@ impl Proxy {
         if (body_keyed || route.limits.counts_tokens())
             && !http_body::Body::is_end_stream(req.body())
         {
-            read_ahead = Some(read_body(req.body_mut(), limits.max_request_body).await?);
+            match read_body(req.body_mut(), limits.max_request_body).await {
+                Ok(body) => read_ahead = Some(body),
+                Err(e) => return refuse(e, req.headers(), admission),
+            }
         }
-        let client = rec.client;
-        let who = |headers, at| subject(client, headers, &route.name, at);
-        // One clock reading for every limiter checked on arrival, and for a
-        // cache hit's look at the rest.
-        let arrived = (!route.limits.is_empty()).then(tokio::time::Instant::now);
         if let Some(at) = arrived {
             route.check_limits(
                 Stage::Arrival,
@@ -356,7 +373,7 @@ impl Proxy {
                         exchange = refresh;
                         break;
                     }
-                    Before::Fail(e) => return Err(e),
+                    Before::Fail(e) => return refuse(e, req.headers(), admission),
                     Before::Forward(ex) => {
                         rec.cache = ex.status.as_str();
                         exchange = Some(ex);

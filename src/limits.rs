@@ -86,6 +86,8 @@ pub struct Spent {
     limiter: Arc<RateLimiter>,
     key: u64,
     units: u64,
+    /// The bucket's level right after the spend.
+    level: LimitHeaders,
 }
 
 /// The spends of an allowed request. Dropping it keeps them; token spends
@@ -271,10 +273,14 @@ impl RateLimiter {
         });
     }
 
-    fn refund(&self, key: u64, units: u64) {
+    /// Gives back `units` to `key`'s bucket; its level after.
+    fn refund(&self, key: u64, units: u64) -> LimitHeaders {
         let now = self.now();
-        self.buckets
-            .with(key, now, false, |tat| self.gcra.refund(tat, now, units));
+        let level = self.buckets.with(key, now, false, |tat| {
+            self.gcra.refund(tat, now, units);
+            self.gcra.peek(tat, now)
+        });
+        self.headers(level)
     }
 
     /// Buckets held now, for tests and metrics.
@@ -340,12 +346,13 @@ impl RouteLimits {
                 LimitUnit::Tokens { .. } => tokens.clamp(1, limiter.gcra.burst()),
             };
             match limiter.spend(key, subject.at, units) {
-                Ok(headers) => {
-                    into.note(headers);
+                Ok(level) => {
+                    into.note(level);
                     into.spent.push(Spent {
                         limiter: limiter.clone(),
                         key,
                         units,
+                        level,
                     });
                 }
                 Err((retry_after, headers)) => {
@@ -396,10 +403,14 @@ impl RouteLimits {
 
 impl Admission {
     /// Gives back everything spent: the request was refused further on, or
-    /// answered without the upstream (a stale fallback).
+    /// answered without the upstream (a stale fallback). Headers showing a
+    /// refunded bucket show it as it is now.
     pub fn refund_all(&mut self) {
         for s in self.spent.drain(..) {
-            s.limiter.refund(s.key, s.units);
+            let level = s.limiter.refund(s.key, s.units);
+            if self.headers == Some(s.level) {
+                self.headers = Some(level);
+            }
         }
     }
 

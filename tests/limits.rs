@@ -412,3 +412,62 @@ async fn identical_requests_wait_with_a_queued_leader_instead_of_timing_out() {
 async fn get_owned(url: String) -> (http::response::Parts, Bytes) {
     get(&url).await
 }
+
+#[tokio::test]
+async fn refused_and_busy_requests_spend_nothing_and_still_show_the_level() {
+    let (tx, body) = channel_body();
+    let body = Arc::new(std::sync::Mutex::new(Some(body)));
+    let up = Upstream::start(move |req| {
+        let body = body.clone();
+        async move {
+            match req.uri().path() {
+                "/hold" => Response::new(body.lock().unwrap().take().expect("held once")),
+                _ => Response::new(full("ok")),
+            }
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "[server]\nmax_request_body = \"1KB\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"100ms\"\n\n[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"3/min\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\nrate_limit = [\"per_ip\"]\n",
+        up.url()
+    ))
+    .await;
+    let level = |parts: &http::response::Parts| {
+        (
+            header(parts, "ratelimit-limit").to_owned(),
+            header(parts, "ratelimit-remaining").to_owned(),
+        )
+    };
+    // Too large: refused before any limiter counts it, and told the level.
+    let (parts, _) = send(
+        Request::post(proxy.url("/big"))
+            .body(full(vec![b'x'; 2048]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 413);
+    assert_eq!(level(&parts), ("3".into(), "3".into()));
+
+    // One request holds the only slot; the next times out in line: a 503
+    // that gives back what it spent.
+    let hold = client()
+        .request(Request::get(proxy.url("/hold")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    let (hold_parts, hold_body) = hold.into_parts();
+    assert_eq!(level(&hold_parts).1, "2");
+    let (parts, _) = get(&proxy.url("/busy")).await;
+    assert_eq!(parts.status, 503);
+    assert_eq!(level(&parts).1, "2", "the 503 spent nothing");
+    tx.send("done\n").await;
+    drop(tx);
+    hold_body.collect().await.unwrap();
+    let (parts, _) = get(&proxy.url("/after")).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(level(&parts).1, "1");
+    assert_eq!(
+        up.count(),
+        2,
+        "neither refused request reached the upstream"
+    );
+}

@@ -779,10 +779,16 @@ pub fn respond(
 ) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::from_entry(entry, head));
     *resp.status_mut() = entry.status;
-    let headers = resp.headers_mut();
-    headers.clone_from(&entry.headers);
+    // Sized for what is added on the way out (Age, X-Cache, X-Request-Id,
+    // RateLimit-*, Content-Encoding and Vary): a clone would be exactly
+    // full, and grow (copying every field) at the first insert.
+    let mut headers = HeaderMap::with_capacity(entry.headers.len() + 8);
+    for (name, value) in &entry.headers {
+        headers.append(name, value.clone());
+    }
     headers.insert(header::AGE, control::age_value(age));
     headers.insert(X_CACHE, status.header_value());
+    *resp.headers_mut() = headers;
     resp
 }
 
