@@ -126,6 +126,15 @@ impl RequestBody {
         }
     }
 
+    /// The whole body, when it is in hand (so the request can be sent
+    /// again): `None` while it still streams from the client.
+    pub fn replayable(&self) -> Option<Bytes> {
+        match &self.source {
+            Source::Buffered(b) => Some(b.clone().unwrap_or_default()),
+            Source::Client { .. } => None,
+        }
+    }
+
     /// A body read ahead of time (within the limit already).
     pub fn buffered(bytes: Bytes) -> Self {
         RequestBody {

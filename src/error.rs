@@ -53,6 +53,8 @@ pub enum ProxyError {
         waited: Duration,
         retry_after: Duration,
     },
+    #[error("no server of upstream `{upstream}` is healthy")]
+    NoHealthyServer { upstream: String },
 }
 
 // === impl ProxyError ===
@@ -74,7 +76,9 @@ impl ProxyError {
             ProxyError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ProxyError::UndecodableBody { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamBusy { .. } | ProxyError::NoHealthyServer { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -94,6 +98,7 @@ impl ProxyError {
             ProxyError::UndecodableBody { .. } => "upstream_bad_encoding",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamBusy { .. } => "upstream_busy",
+            ProxyError::NoHealthyServer { .. } => "no_healthy_upstream",
         }
     }
 
@@ -120,6 +125,9 @@ impl ProxyError {
             }
             ProxyError::UpstreamFailed { .. } => {
                 "the upstream server closed the connection or sent an invalid response".to_owned()
+            }
+            ProxyError::NoHealthyServer { .. } => {
+                "no upstream server is healthy right now; try again shortly".to_owned()
             }
             other => other.to_string(),
         }

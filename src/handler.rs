@@ -7,6 +7,7 @@
 //! handling lives in `server`.
 
 use std::borrow::Cow;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -21,15 +22,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord, LogSink};
 use crate::body::{BoxError, RequestBody, ResponseBody};
-use crate::cache::{Before, Cache, CacheQuery, CacheStatus, Followed};
+use crate::cache::{Before, Cache, CacheQuery, CacheStatus, Exchange, Followed};
 use crate::compress;
 use crate::conn::ConnState;
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
 use crate::limits::{tokens, Admission, Limits, RouteLimits, Stage, Subject, TokenMeter};
 use crate::policy::UpstreamServer;
-use crate::policy::{BodyKey, HeaderRewrite, Policy, RoutePolicy};
+use crate::policy::{Balance, BodyKey, HashKey, HeaderRewrite, Policy, RoutePolicy};
 use crate::route::RouteTable;
+use crate::upstream::balance::PickFilter;
+use crate::upstream::fleet::Fleet;
 use crate::upstream::{error_chain, ConnLease, UpstreamConn, UpstreamPool};
 
 /// A running policy: routes resolved to their upstream pools.
@@ -39,6 +42,8 @@ pub struct Proxy {
     log: Arc<AccessLog>,
     /// One per process, shared by the workers.
     cache: Arc<Cache>,
+    /// The upstream pools' shared state (kept alive for the health checks).
+    fleet: Arc<Fleet>,
 }
 
 /// A route with its upstream pool resolved.
@@ -72,7 +77,11 @@ impl Proxy {
         let log = AccessLog::new(policy.server.access_log, policy.server.slow_request, sink);
         let cache = Cache::new(policy.cache.clone());
         let limits = Arc::new(Limits::new(&policy, None));
-        Proxy::worker(policy, Arc::new(log), cache, limits)
+        let fleet = Arc::new(Fleet::new(&policy, None));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            fleet.start_checks(&runtime);
+        }
+        Proxy::worker(policy, Arc::new(log), cache, limits, fleet)
     }
 
     /// A proxy sharing the access log and the cache with other workers: one
@@ -82,11 +91,15 @@ impl Proxy {
         log: Arc<AccessLog>,
         cache: Arc<Cache>,
         limits: Arc<Limits>,
+        fleet: Arc<Fleet>,
     ) -> Self {
-        let pools: Vec<Arc<UpstreamPool>> = policy
-            .upstreams
+        let pools: Vec<Arc<UpstreamPool>> = fleet
+            .pools()
             .iter()
-            .map(|u| Arc::new(UpstreamPool::new(u.clone(), limits.inflight(&u.name))))
+            .map(|p| {
+                let inflight = limits.inflight(&p.policy.name);
+                Arc::new(UpstreamPool::new(p.clone(), inflight))
+            })
             .collect();
         let routes = policy
             .routes
@@ -111,7 +124,13 @@ impl Proxy {
             log,
             policy,
             cache,
+            fleet,
         }
+    }
+
+    /// The upstream pools' shared state: servers, health, load.
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -408,12 +427,18 @@ impl Proxy {
             }
             route.limits.peek_rest(&who, admission);
         }
-        // A slot under `max_inflight_per_server`, waiting in line for one if
-        // need be. A background refresh does not queue: without a free slot
-        // the stale answer goes out and a later request refreshes.
+        // A server, and a slot under `max_inflight_per_server`, waiting in
+        // line for one if need be. A background refresh does not queue:
+        // without a free slot the stale answer goes out and a later request
+        // refreshes.
         let pool = &route.pool;
-        let (index, slot) = if let Some(stale) = serve_stale.take() {
-            match pool.try_admit() {
+        let hash = self.balance_hash(pool, &req, exchange.as_ref(), host.as_deref());
+        let filter = PickFilter {
+            hash,
+            ..PickFilter::default()
+        };
+        let admitted = if let Some(stale) = serve_stale.take() {
+            match pool.try_admit(&filter) {
                 Some(admitted) => {
                     serve_stale = Some(stale);
                     admitted
@@ -427,7 +452,7 @@ impl Proxy {
                     ex.queue(queued);
                 }
             };
-            match pool.admit(waiting).await {
+            match pool.admit(&filter, waiting).await {
                 Ok(admitted) => admitted,
                 Err(e) => {
                     // Nothing reached the upstream: nothing is spent.
@@ -463,7 +488,7 @@ impl Proxy {
         );
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
 
-        let pick = pool.pick_at(index);
+        let pick = pool.pick_at(admitted.index);
         let server = pick.server;
         rec.upstream = Some(server.url.clone());
         if !route.policy.preserve_host {
@@ -506,12 +531,11 @@ impl Proxy {
             // Identical requests wait for this one: it runs in a task of its
             // own, which this client leaving does not cancel.
             let pool = pool.clone();
-            let index = pick.index;
+            let preserve_host = route.policy.preserve_host;
             let send = async move {
-                let pick = pool.pick_at(index);
-                let (resp, lease) = pool.send(&pick, req, slot).await?;
+                let (resp, lease, index) = pool.send(admitted, req, hash, preserve_host).await?;
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    return Err(unasked_upgrade(pick.server));
+                    return Err(unasked_upgrade(pool.pick_at(index).server));
                 }
                 Ok(client_response(resp, lease, pool.policy.idle_timeout))
             };
@@ -523,8 +547,17 @@ impl Proxy {
             rec.cache = status.as_str();
             return Ok(resp);
         }
-        let (resp, lease) = match pool.send(&pick, req, slot).await {
-            Ok(sent) => sent,
+        let sent = pool
+            .send(admitted, req, hash, route.policy.preserve_host)
+            .await;
+        let (resp, lease) = match sent {
+            Ok((resp, lease, index)) => {
+                // Another server than planned, after a retry.
+                if index != pick.index {
+                    rec.upstream = Some(pool.pick_at(index).server.url.clone());
+                }
+                (resp, lease)
+            }
             Err(e) => {
                 if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
                     admission.refund_all();
@@ -570,6 +603,38 @@ impl Proxy {
             }
             None => Ok(resp),
         }
+    }
+}
+
+impl Proxy {
+    /// What `consistent_hash` places the request by: its cache key (its
+    /// target when the route does not cache) or the pool's header. `None`
+    /// for the other strategies, and for a request without the header.
+    fn balance_hash(
+        &self,
+        pool: &UpstreamPool,
+        req: &Request<Incoming>,
+        exchange: Option<&Exchange>,
+        host: Option<&str>,
+    ) -> Option<u64> {
+        if pool.policy.balance != Balance::ConsistentHash {
+            return None;
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        match &pool.policy.hash_key {
+            HashKey::CacheKey => {
+                if let Some(key) = exchange.and_then(Exchange::key_hash) {
+                    return Some(key);
+                }
+                host.hash(&mut h);
+                req.uri()
+                    .path_and_query()
+                    .map(|pq| pq.as_str())
+                    .hash(&mut h);
+            }
+            HashKey::Header(name) => req.headers().get(name)?.as_bytes().hash(&mut h),
+        }
+        Some(h.finish())
     }
 }
 

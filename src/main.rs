@@ -105,6 +105,27 @@ fn run(policy: Policy) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cache = hyperion::cache::Cache::new(policy.cache.clone());
     let limits = Arc::new(hyperion::limits::Limits::new(&policy, None));
+    let fleet = Arc::new(hyperion::upstream::fleet::Fleet::new(&policy, None));
+    // Health checks run on a thread of their own, off the workers' loops.
+    let checks = {
+        let (fleet, mut stop) = (fleet.clone(), stop_rx.clone());
+        std::thread::Builder::new()
+            .name("hyperion-checks".into())
+            .spawn(move || -> std::io::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    fleet.start_checks(&tokio::runtime::Handle::current());
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                });
+                Ok(())
+            })
+    };
+    if let Err(e) = checks {
+        eprintln!("cannot start the health-check thread: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut threads = Vec::with_capacity(workers);
     for w in 0..workers {
         let clones: std::io::Result<Vec<_>> = sockets.iter().map(|s| s.try_clone()).collect();
@@ -116,7 +137,7 @@ fn run(policy: Policy) -> ExitCode {
             }
         };
         let (policy, log, mut stop) = (policy.clone(), log.clone(), stop_rx.clone());
-        let (cache, limits) = (cache.clone(), limits.clone());
+        let (cache, limits, fleet) = (cache.clone(), limits.clone(), fleet.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("hyperion-w{w}"))
             .spawn(move || -> std::io::Result<()> {
@@ -128,7 +149,7 @@ fn run(policy: Policy) -> ExitCode {
                         .into_iter()
                         .map(TcpListener::from_std)
                         .collect::<std::io::Result<Vec<_>>>()?;
-                    let proxy = Arc::new(Proxy::worker(policy, log, cache, limits));
+                    let proxy = Arc::new(Proxy::worker(policy, log, cache, limits, fleet));
                     hyperion::serve(listeners, proxy, async move {
                         let _ = stop.wait_for(|stopped| *stopped).await;
                     })

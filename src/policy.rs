@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 
 pub use error::PolicyError;
-pub use raw::AccessLogFormat;
+pub use raw::{AccessLogFormat, Balance};
 pub use units::{Dur, Rate, Size};
 
 use crate::route::RouteMatch;
@@ -136,6 +136,41 @@ pub struct UpstreamPolicy {
     pub max_inflight_per_server: Option<u32>,
     /// How long a request waits for a free slot before a 503.
     pub queue_timeout: Duration,
+    /// How a server is chosen.
+    pub balance: Balance,
+    /// What `consistent_hash` hashes.
+    pub hash_key: HashKey,
+    /// Further tries on another server after a failure before any response
+    /// byte (connect errors, resets), under the pool's retry budget.
+    pub retries: u32,
+    /// Consecutive failures (connect errors, resets, 5xx) that take a server
+    /// out of rotation for a while: the health table's `unhealthy_after`.
+    pub eject_after: u32,
+    /// `[upstreams.NAME.health]`: active checks.
+    pub health: Option<HealthPolicy>,
+}
+
+/// What `consistent_hash` keeps together on one server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The request's cache key (its target, when the route does not cache):
+    /// identical prompts meet the same server and its warm caches.
+    CacheKey,
+    /// A header's value, e.g. a session id; requests without it are spread
+    /// by load.
+    Header(http::HeaderName),
+}
+
+/// `[upstreams.NAME.health]`: a cheap GET that never costs a generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthPolicy {
+    pub path: http::uri::PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Failed checks in a row that mark a server unhealthy.
+    pub unhealthy_after: u32,
+    /// Passed checks in a row that bring it back.
+    pub healthy_after: u32,
 }
 
 /// One entry of an upstream's `servers`.

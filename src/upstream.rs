@@ -1,37 +1,46 @@
-//! Upstream pools: which server gets a request, and sending it there with the
-//! pool's connect and response timeouts over pooled keep-alive connections.
+//! Upstream pools at run time: choosing a server (by the pool's balancer,
+//! among healthy ones, within `max_inflight_per_server`), sending the
+//! request there with the pool's timeouts, and trying another server when
+//! an attempt fails before any response byte, under the retry budget.
 //!
-//! Choice is smooth weighted round-robin over a schedule computed once, so a
-//! pick is one atomic increment. Connections themselves (connecting, reuse,
-//! driving them) live in `conns`. Health, retries and other strategies belong
-//! to later work; this module does not read or change response bodies.
+//! Connections themselves (connecting, reuse, driving them) live in `conns`;
+//! the servers' shared state and the health checks in `fleet` and
+//! `server_state`; the strategies in `balance`. This module does not read
+//! or change response bodies.
 
+pub mod balance;
 mod conns;
+pub mod fleet;
+mod retry;
+pub mod server_state;
 
 use std::error::Error as StdError;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response};
+use http::{header, HeaderMap, Method, Request, Response, Version};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
+use balance::PickFilter;
 pub use conns::{ConnLease, UpstreamConn};
 use conns::{ConnectError, ServerConns};
+use fleet::PoolState;
+use server_state::InFlight;
 
 use crate::body::{BodyTooLarge, ClientBodyError, RequestBody};
 use crate::error::ProxyError;
 use crate::limits::{InflightLimit, InflightSlot};
 use crate::policy::{UpstreamPolicy, UpstreamServer};
 
-/// One `[upstreams.NAME]` at run time, owned by one worker thread.
+/// One `[upstreams.NAME]` at run time, owned by one worker thread (its
+/// connections); the servers' state is shared (`PoolState`).
 pub struct UpstreamPool {
     pub policy: Arc<UpstreamPolicy>,
     /// Parallel to `policy.servers`.
     conns: Box<[Arc<ServerConns>]>,
-    /// Server indices in smooth weighted round-robin order, one cycle long.
-    schedule: Box<[usize]>,
-    next: AtomicUsize,
+    pub state: Arc<PoolState>,
     /// `max_inflight_per_server`, shared by every worker's pool.
     inflight: Option<Arc<InflightLimit>>,
 }
@@ -39,66 +48,140 @@ pub struct UpstreamPool {
 /// The server chosen for one request.
 pub struct Pick<'a> {
     pub server: &'a UpstreamServer,
-    /// Its place in `servers`, to pick it again elsewhere (`pick_at`).
+    /// Its place in `servers`.
     pub index: usize,
-    conns: &'a Arc<ServerConns>,
+}
+
+/// A request's place at a server: counted in flight there (and holding its
+/// `max_inflight_per_server` slot) until dropped with the response body.
+pub struct Admitted {
+    pub index: usize,
+    _slot: Option<InflightSlot>,
+    _in_flight: InFlight,
+}
+
+/// A failed attempt, and whether another may follow.
+struct Failure {
+    error: ProxyError,
+    /// The request, when it never left (connect errors).
+    unsent: Option<Request<RequestBody>>,
+    /// The upstream may have seen the request but sent nothing back: worth
+    /// another server if the request can be sent again.
+    retryable: bool,
+}
+
+/// What a request needs to be sent again after its first copy was used up:
+/// kept only for requests whose body is in hand.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Replay {
+    fn of(req: &Request<RequestBody>) -> Option<Replay> {
+        Some(Replay {
+            body: req.body().replayable()?,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(&self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::buffered(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
 }
 
 // === impl UpstreamPool ===
 
 impl UpstreamPool {
-    pub fn new(policy: Arc<UpstreamPolicy>, inflight: Option<Arc<InflightLimit>>) -> Self {
-        let weights: Vec<u32> = policy.servers.iter().map(|s| s.weight).collect();
+    pub fn new(state: Arc<PoolState>, inflight: Option<Arc<InflightLimit>>) -> Self {
+        let policy = state.policy.clone();
         UpstreamPool {
             conns: policy
                 .servers
                 .iter()
                 .map(|s| ServerConns::new(s, policy.connect_timeout))
                 .collect(),
-            schedule: smooth_weighted_schedule(&weights).into_boxed_slice(),
             policy,
-            next: AtomicUsize::new(0),
+            state,
             inflight,
         }
     }
 
-    /// The next server, and a slot there when the pool limits requests in
-    /// flight: waiting in line for one up to `queue_timeout`, then a 503.
-    /// The balancer's pick is preferred; a busy pick gives way to any free
-    /// server. `waiting` hears when the wait in line starts and ends.
+    /// A server for a request, and a slot there when the pool limits
+    /// requests in flight: waiting in line for one up to `queue_timeout`,
+    /// then a 503. The balancer's pick is preferred; a busy pick gives way
+    /// to another usable server with a free slot. `waiting` hears when the
+    /// wait in line starts and ends.
     pub async fn admit(
         &self,
+        filter: &PickFilter<'_>,
         waiting: impl Fn(bool),
-    ) -> Result<(usize, Option<InflightSlot>), ProxyError> {
-        let index = self.next_index();
-        let Some(limit) = &self.inflight else {
-            return Ok((index, None));
+    ) -> Result<Admitted, ProxyError> {
+        let now = Instant::now();
+        let index = self.pick(filter, now)?;
+        let slot = match &self.inflight {
+            None => None,
+            Some(limit) => {
+                let allowed = |i| self.usable(i, filter, now);
+                match limit.acquire(index, allowed, waiting).await {
+                    Ok(slot) => Some(slot),
+                    Err(full) => {
+                        return Err(ProxyError::UpstreamBusy {
+                            upstream: self.policy.name.clone(),
+                            waited: full.waited,
+                            retry_after: full.retry_after,
+                        })
+                    }
+                }
+            }
         };
-        match limit.acquire(index, waiting).await {
-            Ok(slot) => Ok((slot.server, Some(slot))),
-            Err(full) => Err(ProxyError::UpstreamBusy {
+        Ok(self.admitted(index, slot))
+    }
+
+    /// Like `admit`, without waiting: `None` when no usable server has a
+    /// free slot.
+    pub fn try_admit(&self, filter: &PickFilter<'_>) -> Option<Admitted> {
+        let now = Instant::now();
+        let index = self.pick(filter, now).ok()?;
+        let slot = match &self.inflight {
+            None => None,
+            Some(limit) => Some(limit.try_acquire(index, |i| self.usable(i, filter, now))?),
+        };
+        Some(self.admitted(index, slot))
+    }
+
+    fn pick(&self, filter: &PickFilter<'_>, now: Instant) -> Result<usize, ProxyError> {
+        let state = &self.state;
+        state
+            .balancer
+            .pick(&state.servers, filter, now)
+            .ok_or_else(|| ProxyError::NoHealthyServer {
                 upstream: self.policy.name.clone(),
-                waited: full.waited,
-                retry_after: full.retry_after,
-            }),
-        }
+            })
     }
 
-    /// Like `admit`, without waiting: `None` when every server is busy.
-    pub fn try_admit(&self) -> Option<(usize, Option<InflightSlot>)> {
-        let index = self.next_index();
-        match &self.inflight {
-            None => Some((index, None)),
-            Some(limit) => limit
-                .try_acquire(index)
-                .map(|slot| (slot.server, Some(slot))),
-        }
+    fn usable(&self, i: usize, filter: &PickFilter<'_>, now: Instant) -> bool {
+        filter.only.is_none_or(|only| only[i]) && self.state.servers[i].usable(now)
     }
 
-    /// The balancer's next server, in weighted round-robin order.
-    fn next_index(&self) -> usize {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.schedule[n % self.schedule.len()]
+    fn admitted(&self, planned: usize, slot: Option<InflightSlot>) -> Admitted {
+        // The slot may be at another server than planned (the planned one
+        // was full).
+        let index = slot.as_ref().map_or(planned, |s| s.server);
+        Admitted {
+            index,
+            _slot: slot,
+            _in_flight: self.state.servers[index].begin(),
+        }
     }
 
     /// The server at `index` of `servers`, as `admit` chose it.
@@ -106,7 +189,6 @@ impl UpstreamPool {
         Pick {
             server: &self.policy.servers[index],
             index,
-            conns: &self.conns[index],
         }
     }
 
@@ -123,67 +205,197 @@ impl UpstreamPool {
         Uri::from(pq)
     }
 
-    /// Sends `req` to the picked server and waits for the response head, at
-    /// most `response_timeout`. The lease carries the connection the body
-    /// will arrive on; it goes back to the pool when the body has been read.
+    /// Sends `req` to the admitted server and waits for the response head,
+    /// at most `response_timeout` an attempt. An attempt that fails before
+    /// any response byte (connect error, connection reset) is tried again on
+    /// another server, up to `retries` times, after a jittered back-off and
+    /// only within the pool's retry budget; a timed-out one is not (the
+    /// server may still be working on it). Returns the response, the lease
+    /// its body arrives on (holding the request's place at its server), and
+    /// that server's index.
     pub async fn send(
         &self,
-        pick: &Pick<'_>,
-        req: Request<RequestBody>,
-        slot: Option<InflightSlot>,
-    ) -> Result<(Response<Incoming>, ConnLease), ProxyError> {
-        let timeout = self.policy.response_timeout;
-        match tokio::time::timeout(timeout, self.exchange(pick, req)).await {
-            Ok(Ok((resp, mut lease))) => {
-                lease.hold(slot);
-                Ok((resp, lease))
+        mut admitted: Admitted,
+        mut req: Request<RequestBody>,
+        hash: Option<u64>,
+        preserve_host: bool,
+    ) -> Result<(Response<Incoming>, ConnLease, usize), ProxyError> {
+        self.state.budget.earn();
+        let replay = if self.policy.retries > 0 {
+            Replay::of(&req)
+        } else {
+            None
+        };
+        let eject_after = self.policy.eject_after;
+        let may_eject = self.policy.servers.len() > 1;
+        let mut tried = Vec::new();
+        loop {
+            let index = admitted.index;
+            let server = &self.state.servers[index];
+            let started = Instant::now();
+            let failure = match self.attempt(index, req).await {
+                Ok((resp, mut lease)) => {
+                    let now = Instant::now();
+                    let status = resp.status();
+                    if status.is_server_error() {
+                        server.failed(&format!("answered {status}"), eject_after, may_eject, now);
+                    } else {
+                        server.succeeded(now - started, now);
+                    }
+                    lease.hold(admitted);
+                    return Ok((resp, lease, index));
+                }
+                Err(f) => f,
+            };
+            let now = Instant::now();
+            if !matches!(
+                failure.error,
+                ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody(_)
+            ) {
+                server.failed(&failure.error.to_string(), eject_after, may_eject, now);
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ProxyError::UpstreamTimeout {
-                server: pick.server.url.to_string(),
-                phase: "send response headers",
-                timeout,
+            tried.push(index);
+            let again = failure.unsent.or_else(|| {
+                failure
+                    .retryable
+                    .then(|| replay.as_ref().map(Replay::request))
+                    .flatten()
+            });
+            let Some(mut again) = again.filter(|_| tried.len() <= self.policy.retries as usize)
+            else {
+                return Err(failure.error);
+            };
+            if !self.state.budget.spend(now) {
+                return Err(failure.error);
+            }
+            // The failed attempt's place goes back before the pause.
+            drop(admitted);
+            tokio::time::sleep(retry::back_off(tried.len() as u32)).await;
+            let untried = PickFilter {
+                tried: &tried,
+                hash,
+                ..PickFilter::default()
+            };
+            let next = self.try_admit(&untried).or_else(|| {
+                // Every server tried: the least bad is one of them again
+                // (a pool of one, a server that refused while restarting).
+                self.try_admit(&PickFilter {
+                    hash,
+                    ..PickFilter::default()
+                })
+            });
+            let Some(next) = next else {
+                return Err(failure.error);
+            };
+            tracing::debug!(
+                from = &*self.policy.servers[index].url,
+                to = &*self.policy.servers[next.index].url,
+                "retrying: {}",
+                failure.error
+            );
+            if !preserve_host {
+                again.headers_mut().insert(
+                    header::HOST,
+                    self.policy.servers[next.index].host_header.clone(),
+                );
+            }
+            admitted = next;
+            req = again;
+        }
+    }
+
+    /// One attempt at server `index`, bounded by `response_timeout`.
+    async fn attempt(
+        &self,
+        index: usize,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, ConnLease), Failure> {
+        let timeout = self.policy.response_timeout;
+        match tokio::time::timeout(timeout, self.exchange(index, req)).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure {
+                error: ProxyError::UpstreamTimeout {
+                    server: self.policy.servers[index].url.to_string(),
+                    phase: "send response headers",
+                    timeout,
+                },
+                unsent: None,
+                retryable: false,
             }),
         }
     }
 
     async fn exchange(
         &self,
-        pick: &Pick<'_>,
+        index: usize,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, ConnLease), ProxyError> {
-        let connect_err = |e| self.connect_error(pick.server, e);
-        let mut lease = pick.conns.checkout().await.map_err(connect_err)?;
+    ) -> Result<(Response<Incoming>, ConnLease), Failure> {
+        let server = &self.policy.servers[index];
+        let conns = &self.conns[index];
+        let mut lease = match conns.checkout().await {
+            Ok(lease) => lease,
+            Err(e) => return Err(self.connect_failure(server, e, req)),
+        };
         let req = match lease.conn().send(req).await {
             Ok(resp) => return Ok((resp, lease)),
-            Err((e, None)) => return Err(classify(pick.server, &e)),
+            Err((e, None)) => return Err(sent_failure(server, &e)),
             // A pooled connection that was closing as we took it: the request
             // never left, so it goes out once more on a new connection.
             Err((_, Some(req))) => req,
         };
-        let mut lease = pick.conns.checkout_new().await.map_err(connect_err)?;
+        let mut lease = match conns.checkout_new().await {
+            Ok(lease) => lease,
+            Err(e) => return Err(self.connect_failure(server, e, req)),
+        };
         match lease.conn().send(req).await {
             Ok(resp) => Ok((resp, lease)),
-            Err((e, _)) => Err(classify(pick.server, &e)),
+            Err((e, unsent)) => Err(Failure {
+                unsent,
+                ..sent_failure(server, &e)
+            }),
         }
     }
 
-    fn connect_error(&self, server: &UpstreamServer, e: ConnectError) -> ProxyError {
+    fn connect_failure(
+        &self,
+        server: &UpstreamServer,
+        e: ConnectError,
+        req: Request<RequestBody>,
+    ) -> Failure {
         let timed_out = ProxyError::UpstreamTimeout {
             server: server.url.to_string(),
             phase: "accept the connection",
             timeout: self.policy.connect_timeout,
         };
-        let reason = match e {
-            ConnectError::TimedOut => return timed_out,
-            ConnectError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => return timed_out,
-            ConnectError::Io(e) => format!("connecting: {e}"),
-            ConnectError::Handshake(e) => error_chain(&e),
+        let error = match e {
+            ConnectError::TimedOut => timed_out,
+            ConnectError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => timed_out,
+            ConnectError::Io(e) => ProxyError::UpstreamUnavailable {
+                server: server.url.to_string(),
+                reason: format!("connecting: {e}"),
+            },
+            ConnectError::Handshake(e) => ProxyError::UpstreamUnavailable {
+                server: server.url.to_string(),
+                reason: error_chain(&e),
+            },
         };
-        ProxyError::UpstreamUnavailable {
-            server: server.url.to_string(),
-            reason,
+        Failure {
+            error,
+            unsent: Some(req),
+            retryable: true,
         }
+    }
+}
+
+/// A request that was (at least partly) sent failed: the client's own body
+/// failing is the client's fault and final; anything else the upstream's.
+fn sent_failure(server: &UpstreamServer, e: &hyper::Error) -> Failure {
+    let error = classify(server, e);
+    let retryable = matches!(error, ProxyError::UpstreamFailed { .. });
+    Failure {
+        error,
+        unsent: None,
+        retryable,
     }
 }
 
@@ -221,43 +433,4 @@ pub fn error_chain(e: &dyn StdError) -> String {
         source = err.source();
     }
     out
-}
-
-/// Smooth weighted round-robin (as nginx does it), unrolled into one cycle:
-/// weights 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
-fn smooth_weighted_schedule(weights: &[u32]) -> Vec<usize> {
-    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
-    let mut current = vec![0i64; weights.len()];
-    let mut out = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        for (c, &w) in current.iter_mut().zip(weights) {
-            *c += i64::from(w);
-        }
-        let (best, _) = current
-            .iter()
-            .enumerate()
-            .max_by_key(|&(i, &c)| (c, std::cmp::Reverse(i)))
-            .expect("a pool has at least one server");
-        current[best] -= total;
-        out.push(best);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schedule_is_smooth_and_weighted() {
-        assert_eq!(smooth_weighted_schedule(&[1]), vec![0]);
-        assert_eq!(smooth_weighted_schedule(&[1, 1, 1]), vec![0, 1, 2]);
-        assert_eq!(
-            smooth_weighted_schedule(&[5, 1, 1]),
-            vec![0, 0, 1, 0, 2, 0, 0]
-        );
-        let s = smooth_weighted_schedule(&[2, 3]);
-        assert_eq!(s.iter().filter(|&&i| i == 0).count(), 2);
-        assert_eq!(s.len(), 5);
-    }
 }

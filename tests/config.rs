@@ -67,14 +67,10 @@ fn keys_not_built_yet_are_refused_at_their_line() {
             "{err}"
         );
     }
-    let upstream_keys = [
-        ("balance = \"least_inflight\"", "upstreams.ollama.balance"),
-        (
-            "model_routing = \"discover\"",
-            "upstreams.ollama.model_routing",
-        ),
-        ("retries = 2", "upstreams.ollama.retries"),
-    ];
+    let upstream_keys = [(
+        "model_routing = \"discover\"",
+        "upstreams.ollama.model_routing",
+    )];
     for (line, key) in upstream_keys {
         let err = error_of(&format!("{UPSTREAM}{line}\n{ROUTE}"));
         assert!(err.starts_with("proxy.toml:3:"), "{err}");

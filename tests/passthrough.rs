@@ -268,7 +268,7 @@ async fn weighted_round_robin_spreads_requests() {
     let a = Upstream::echo().await;
     let b = Upstream::echo().await;
     let policy = format!(
-        "[upstreams.up]\nservers = [{{ url = \"{}\", weight = 3 }}, {{ url = \"{}\" }}]\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        "[upstreams.up]\nservers = [{{ url = \"{}\", weight = 3 }}, {{ url = \"{}\" }}]\nbalance = \"round_robin\"\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
         a.url(),
         b.url()
     );

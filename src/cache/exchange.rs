@@ -356,6 +356,12 @@ impl Exchange {
         Some(entry.clone())
     }
 
+    /// The request's cache key as a 64-bit hash (for `consistent_hash`).
+    pub fn key_hash(&self) -> Option<u64> {
+        let key = self.key.as_ref()?;
+        Some(u64::from_le_bytes(key.0[..8].try_into().expect("8 bytes")))
+    }
+
     pub fn is_head(&self) -> bool {
         self.head
     }

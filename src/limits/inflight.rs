@@ -81,12 +81,14 @@ impl InflightLimit {
             && self.queue_timeout == upstream.queue_timeout
     }
 
-    /// A slot, preferably at server `preferred`; waits in line up to
+    /// A slot, preferably at server `preferred`, else at another server
+    /// `allowed` (healthy, serving the model); waits in line up to
     /// `queue_timeout`, calling `waiting(true)` when it starts to wait and
     /// `waiting(false)` when it stops.
     pub async fn acquire(
         self: &Arc<Self>,
         preferred: usize,
+        allowed: impl Fn(usize) -> bool,
         waiting: impl Fn(bool),
     ) -> Result<InflightSlot, QueueFull> {
         let started = Instant::now();
@@ -122,30 +124,70 @@ impl InflightLimit {
                 }
             }
         };
-        Ok(self.server_slot(preferred, pool))
+        let pool = match self.server_slot(preferred, pool, &allowed) {
+            Ok(slot) => return Ok(slot),
+            Err(pool) => pool,
+        };
+        // The free slots are at servers this request may not use: wait for
+        // one at its own, within what is left of the line's time.
+        let left = self.queue_timeout.saturating_sub(started.elapsed());
+        let server = self.servers[preferred].clone();
+        match tokio::time::timeout(left, server.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(self.slot(preferred, permit, pool)),
+            Ok(Err(_)) | Err(_) => {
+                self.timed_out.fetch_add(1, Ordering::Relaxed);
+                Err(QueueFull {
+                    waited: started.elapsed(),
+                    retry_after: self.retry_after(),
+                })
+            }
+        }
     }
 
     /// A slot now, or `None` when all are taken (nothing waits).
-    pub fn try_acquire(self: &Arc<Self>, preferred: usize) -> Option<InflightSlot> {
+    pub fn try_acquire(
+        self: &Arc<Self>,
+        preferred: usize,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Option<InflightSlot> {
         let pool = self.pool.clone().try_acquire_owned().ok()?;
-        Some(self.server_slot(preferred, pool))
+        self.server_slot(preferred, pool, &allowed).ok()
     }
 
-    fn server_slot(self: &Arc<Self>, preferred: usize, pool: OwnedSemaphorePermit) -> InflightSlot {
+    /// A slot at `preferred` or, when it is full, at the next allowed server
+    /// with one free; the pool permit back when there is none.
+    fn server_slot(
+        self: &Arc<Self>,
+        preferred: usize,
+        pool: OwnedSemaphorePermit,
+        allowed: &impl Fn(usize) -> bool,
+    ) -> Result<InflightSlot, OwnedSemaphorePermit> {
         let n = self.servers.len();
         for i in 0..n {
             let server = (preferred + i) % n;
+            if i > 0 && !allowed(server) {
+                continue;
+            }
             if let Ok(permit) = self.servers[server].clone().try_acquire_owned() {
-                return InflightSlot {
-                    server,
-                    limit: self.clone(),
-                    since: Instant::now(),
-                    _server: permit,
-                    _pool: pool,
-                };
+                return Ok(self.slot(server, permit, pool));
             }
         }
-        unreachable!("a pool permit always has a free server slot behind it")
+        Err(pool)
+    }
+
+    fn slot(
+        self: &Arc<Self>,
+        server: usize,
+        permit: OwnedSemaphorePermit,
+        pool: OwnedSemaphorePermit,
+    ) -> InflightSlot {
+        InflightSlot {
+            server,
+            limit: self.clone(),
+            since: Instant::now(),
+            _server: permit,
+            _pool: pool,
+        }
     }
 
     /// Requests waiting for a slot now.
@@ -210,21 +252,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn slots_are_per_server_and_the_queue_is_first_come_first_served() {
         let limit = Arc::new(InflightLimit::new(2, 1, Duration::from_secs(5)));
-        let a = limit.acquire(0, |_| ()).await.unwrap();
+        let a = limit.acquire(0, |_| true, |_| ()).await.unwrap();
         assert_eq!(a.server, 0);
         // Server 0 is busy: the next one goes to server 1.
-        let b = limit.acquire(0, |_| ()).await.unwrap();
+        let b = limit.acquire(0, |_| true, |_| ()).await.unwrap();
         assert_eq!(b.server, 1);
         assert_eq!((limit.in_flight(0), limit.in_flight(1)), (1, 1));
 
         let first = tokio::spawn({
             let limit = limit.clone();
-            async move { limit.acquire(1, |_| ()).await }
+            async move { limit.acquire(1, |_| true, |_| ()).await }
         });
         tokio::task::yield_now().await;
         let second = tokio::spawn({
             let limit = limit.clone();
-            async move { limit.acquire(1, |_| ()).await.map(|s| s.server) }
+            async move { limit.acquire(1, |_| true, |_| ()).await.map(|s| s.server) }
         });
         tokio::task::yield_now().await;
         assert_eq!(limit.queued(), 2);

@@ -114,6 +114,7 @@ pub struct RawUpstream {
     pub max_inflight_per_server: Option<Spanned<u32>>,
     pub queue_timeout: Option<Spanned<Dur>>,
     pub retries: Option<Spanned<u32>>,
+    pub hash_key: Option<Spanned<String>>,
     pub health: Option<Spanned<RawHealth>>,
 }
 
@@ -156,11 +157,11 @@ pub enum ModelRouting {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
-    pub path: Option<String>,
-    pub interval: Option<Dur>,
-    pub timeout: Option<Dur>,
-    pub unhealthy_after: Option<u32>,
-    pub healthy_after: Option<u32>,
+    pub path: Option<Spanned<String>>,
+    pub interval: Option<Spanned<Dur>>,
+    pub timeout: Option<Spanned<Dur>>,
+    pub unhealthy_after: Option<Spanned<u32>>,
+    pub healthy_after: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]

@@ -19,13 +19,15 @@ use super::error::{nearest, PolicyError, Source};
 use super::raw::{self, Balance, ModelRouting, RawPolicy};
 use super::units::Size;
 use super::{
-    BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness, HeaderRewrite, LimitKey,
-    LimitUnit, Policy, RateLimitPolicy, RouteCachePolicy, RoutePolicy, ServerPolicy,
-    UpstreamPolicy, UpstreamServer,
+    BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness, HashKey, HeaderRewrite,
+    HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy, RouteCachePolicy, RoutePolicy,
+    ServerPolicy, UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 
 const NOT_YET: &str = "not supported yet in this version of hyperion";
+/// Servers in one pool at most (the balancers track them in 64-bit sets).
+const MAX_SERVERS: usize = 64;
 
 pub(super) fn parse(name: &str, text: &str) -> Result<Policy, PolicyError> {
     let src = Source { name, text };
@@ -392,16 +394,38 @@ impl Validator<'_> {
 
     fn upstream(&self, name: String, raw: raw::RawUpstream) -> Result<UpstreamPolicy, PolicyError> {
         let key = |k: &str| format!("upstreams.{name}.{k}");
-        if let Some(b) = &raw.balance {
-            if *b.get_ref() != Balance::RoundRobin {
+        let balance = raw
+            .balance
+            .as_ref()
+            .map_or(Balance::LeastInflight, |b| *b.get_ref());
+        let hash_key = match &raw.hash_key {
+            None => HashKey::CacheKey,
+            Some(h) if balance != Balance::ConsistentHash => {
                 return Err(self.err(
-                    b.span(),
-                    key("balance"),
-                    format!("`{}` balancing is {NOT_YET}", b.get_ref().as_str()),
-                    "use balance = \"round_robin\" (the default for now) or remove the key",
-                ));
+                    h.span(),
+                    key("hash_key"),
+                    format!("hash_key is only read by consistent_hash, not `{}`", balance.as_str()),
+                    "set balance = \"consistent_hash\", or remove hash_key",
+                ))
             }
-        }
+            Some(h) => match h.get_ref().as_str() {
+                "cache_key" => HashKey::CacheKey,
+                other => match other
+                    .strip_prefix("header:")
+                    .map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()))
+                {
+                    Some(Ok(n)) => HashKey::Header(n),
+                    _ => {
+                        return Err(self.err(
+                            h.span(),
+                            key("hash_key"),
+                            format!("`{other}` is not something to hash on"),
+                            "use \"cache_key\" (the default) or \"header:<name>\", e.g. \"header:x-session-id\"",
+                        ))
+                    }
+                },
+            },
+        };
         if let Some(m) = &raw.model_routing {
             if *m.get_ref() != ModelRouting::Off {
                 return Err(self.not_yet(m.span(), &key("model_routing")));
@@ -431,19 +455,22 @@ impl Validator<'_> {
             (Some(t), Some(_)) => t.get_ref().0,
             (None, _) => Duration::from_secs(30),
         };
-        if let Some(v) = &raw.retries {
-            if *v.get_ref() != 0 {
+        let retries = match &raw.retries {
+            Some(v) if *v.get_ref() > 10 => {
                 return Err(self.err(
                     v.span(),
                     key("retries"),
-                    format!("retries are {NOT_YET}"),
-                    "use retries = 0 or remove the key",
-                ));
+                    format!("{} retries would multiply an outage's load", v.get_ref()),
+                    "use 0 to 10 (a retry budget caps them at ~20% of requests anyway)",
+                ))
             }
-        }
-        if let Some(v) = &raw.health {
-            return Err(self.not_yet(v.span(), &key("health")));
-        }
+            Some(v) => *v.get_ref(),
+            None => 1,
+        };
+        let health = match raw.health {
+            Some(h) => Some(self.health(&name, h)?),
+            None => None,
+        };
         let servers_span = raw.servers.span();
         let entries = raw.servers.into_inner();
         if entries.is_empty() {
@@ -452,6 +479,17 @@ impl Validator<'_> {
                 key("servers"),
                 "no servers",
                 "add at least one, e.g. servers = [{ url = \"http://127.0.0.1:11434\" }]",
+            ));
+        }
+        if entries.len() > MAX_SERVERS {
+            return Err(self.err(
+                servers_span,
+                key("servers"),
+                format!(
+                    "{} servers in one pool; at most {MAX_SERVERS}",
+                    entries.len()
+                ),
+                "split them into several upstreams, or front them with another balancer",
             ));
         }
         let mut servers = Vec::with_capacity(entries.len());
@@ -502,6 +540,89 @@ impl Validator<'_> {
             idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
             max_inflight_per_server,
             queue_timeout,
+            balance,
+            hash_key,
+            retries,
+            eject_after: health.as_ref().map_or(3, |h| h.unhealthy_after),
+            health,
+        })
+    }
+
+    fn health(
+        &self,
+        name: &str,
+        raw: Spanned<raw::RawHealth>,
+    ) -> Result<HealthPolicy, PolicyError> {
+        let key = |k: &str| format!("upstreams.{name}.health.{k}");
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let Some(path) = raw.path else {
+            return Err(self.err(
+                span,
+                format!("upstreams.{name}.health"),
+                "no `path` to check",
+                "add a cheap GET that never runs a model, e.g. path = \"/api/version\" (Ollama) or \"/health\"",
+            ));
+        };
+        let parsed = match path.get_ref().parse::<http::uri::PathAndQuery>() {
+            Ok(p) if path.get_ref().starts_with('/') => p,
+            _ => {
+                return Err(self.err(
+                    path.span(),
+                    key("path"),
+                    format!("`{}` is not a path", path.get_ref()),
+                    "write a path starting with /, e.g. \"/api/version\"",
+                ))
+            }
+        };
+        let interval = raw
+            .interval
+            .as_ref()
+            .map_or(Duration::from_secs(5), |d| d.get_ref().0);
+        if interval < Duration::from_millis(100) {
+            let span = raw.interval.as_ref().map_or(span.clone(), |d| d.span());
+            return Err(self.err(
+                span,
+                key("interval"),
+                "checks more often than every 100ms load the server for nothing",
+                "use an interval of 100ms or more, e.g. \"5s\"",
+            ));
+        }
+        let timeout = raw
+            .timeout
+            .as_ref()
+            .map_or(Duration::from_secs(2).min(interval), |d| d.get_ref().0);
+        if let Some(t) = raw
+            .timeout
+            .as_ref()
+            .filter(|_| timeout > interval || timeout.is_zero())
+        {
+            return Err(self.err(
+                t.span(),
+                key("timeout"),
+                "a check's timeout must be above 0 and at most its interval",
+                format!(
+                    "use a timeout of at most {}",
+                    humantime::format_duration(interval)
+                ),
+            ));
+        }
+        let count = |v: &Option<Spanned<u32>>, k: &str, default: u32| match v {
+            Some(v) if *v.get_ref() == 0 || *v.get_ref() > 100 => Err(self.err(
+                v.span(),
+                key(k),
+                format!("{} checks in a row cannot be used", v.get_ref()),
+                "use 1 to 100",
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(default),
+        };
+        Ok(HealthPolicy {
+            path: parsed,
+            interval,
+            timeout,
+            unhealthy_after: count(&raw.unhealthy_after, "unhealthy_after", 3)?,
+            healthy_after: count(&raw.healthy_after, "healthy_after", 2)?,
         })
     }
 

@@ -27,7 +27,6 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
-use crate::limits::InflightSlot;
 use crate::policy::UpstreamServer;
 
 /// How long an unused upstream connection is kept. Below the 5 s keep-alive
@@ -46,6 +45,16 @@ pub enum ConnectError {
     Io(std::io::Error),
     TimedOut,
     Handshake(hyper::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Io(e) => write!(f, "{e}"),
+            ConnectError::TimedOut => f.write_str("timed out"),
+            ConnectError::Handshake(e) => f.write_str(&super::error_chain(e)),
+        }
+    }
 }
 
 /// One upstream connection: the handle requests go in by, and the protocol
@@ -171,7 +180,7 @@ impl ServerConns {
         ConnLease {
             conn,
             home: self.clone(),
-            slot: None,
+            held: None,
         }
     }
 
@@ -255,9 +264,10 @@ impl ServerConns {
 pub struct ConnLease {
     conn: Box<UpstreamConn>,
     home: Arc<ServerConns>,
-    /// The request's place under `max_inflight_per_server`: held while the
-    /// response body is read, freed with the lease.
-    slot: Option<InflightSlot>,
+    /// The request's place at its server (in flight, and its slot under
+    /// `max_inflight_per_server`): held while the response body is read,
+    /// freed with the lease.
+    held: Option<super::Admitted>,
 }
 
 impl ConnLease {
@@ -271,8 +281,8 @@ impl ConnLease {
         self.conn
     }
 
-    pub fn hold(&mut self, slot: Option<InflightSlot>) {
-        self.slot = slot;
+    pub fn hold(&mut self, admitted: super::Admitted) {
+        self.held = Some(admitted);
     }
 
     /// Polls the connection so the response body keeps arriving.

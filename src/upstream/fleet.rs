@@ -1,0 +1,221 @@
+//! Every upstream pool's process-wide state: its servers' states, its
+//! balancer and its retry budget, built once per policy and shared by the
+//! workers' `UpstreamPool`s. A server keeps its state (health, latency,
+//! counters) across a rebuild when its pool and URL are unchanged.
+//!
+//! The active health checks run here too: one task per checked server,
+//! started on a runtime the caller gives, stopped when the fleet is dropped.
+//! Connections and the request path belong to `upstream`.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::{header, Request, StatusCode};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::balance::Balancer;
+use super::conns::ServerConns;
+use super::retry::RetryBudget;
+use super::server_state::{ServerSnapshot, ServerState};
+use crate::body::{RequestBody, ResponseBody};
+use crate::policy::{HealthPolicy, Policy, UpstreamPolicy, UpstreamServer};
+
+pub struct Fleet {
+    pools: Vec<Arc<PoolState>>,
+    /// Cancelled on drop: the health checks of this fleet stop.
+    checks: CancellationToken,
+}
+
+/// One `[upstreams.NAME]`, shared by every worker.
+pub struct PoolState {
+    pub policy: Arc<UpstreamPolicy>,
+    /// Parallel to `policy.servers`.
+    pub servers: Box<[Arc<ServerState>]>,
+    pub balancer: Balancer,
+    pub budget: RetryBudget,
+}
+
+impl Fleet {
+    /// The pools of `policy`; servers of `previous` with the same pool and
+    /// URL keep their state.
+    pub fn new(policy: &Policy, previous: Option<&Fleet>) -> Self {
+        let epoch = Instant::now();
+        let pools = policy
+            .upstreams
+            .iter()
+            .map(|u| {
+                let before = previous.and_then(|p| p.pool(&u.name));
+                let servers: Box<[Arc<ServerState>]> = u
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        before
+                            .and_then(|b| {
+                                b.servers
+                                    .iter()
+                                    .find(|old| old.url == s.url && old.weight == s.weight)
+                            })
+                            .cloned()
+                            .unwrap_or_else(|| {
+                                Arc::new(ServerState::new(s.url.clone(), s.weight, epoch))
+                            })
+                    })
+                    .collect();
+                Arc::new(PoolState {
+                    balancer: Balancer::new(u.balance, &servers),
+                    servers,
+                    policy: u.clone(),
+                    budget: RetryBudget::new(),
+                })
+            })
+            .collect();
+        Fleet {
+            pools,
+            checks: CancellationToken::new(),
+        }
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<PoolState>> {
+        self.pools.iter().find(|p| p.policy.name == name)
+    }
+
+    pub fn pools(&self) -> &[Arc<PoolState>] {
+        &self.pools
+    }
+
+    /// Starts the active health checks on `runtime`.
+    pub fn start_checks(&self, runtime: &tokio::runtime::Handle) {
+        for pool in &self.pools {
+            let Some(health) = &pool.policy.health else {
+                continue;
+            };
+            for (i, state) in pool.servers.iter().enumerate() {
+                let check = HealthCheck {
+                    server: pool.policy.servers[i].clone(),
+                    state: Arc::downgrade(state),
+                    policy: health.clone(),
+                    connect_timeout: pool.policy.connect_timeout,
+                };
+                let stop = self.checks.clone();
+                runtime.spawn(async move {
+                    tokio::select! {
+                        () = check.run() => {}
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.checks.cancel();
+    }
+}
+
+impl PoolState {
+    pub fn snapshot(&self) -> Vec<ServerSnapshot> {
+        let now = Instant::now();
+        self.servers.iter().map(|s| s.snapshot(now)).collect()
+    }
+}
+
+/// The checks of one server.
+struct HealthCheck {
+    server: UpstreamServer,
+    state: Weak<ServerState>,
+    policy: HealthPolicy,
+    connect_timeout: Duration,
+}
+
+impl HealthCheck {
+    async fn run(self) {
+        let conns = ServerConns::new(&self.server, self.connect_timeout);
+        let (mut passed, mut failed) = (0u32, 0u32);
+        let mut healthy = true;
+        // Spread the first checks over an interval so servers (and proxies)
+        // started together do not check in step.
+        tokio::time::sleep(self.policy.interval.mul_f64(fastrand::f64())).await;
+        loop {
+            let outcome = tokio::time::timeout(self.policy.timeout, self.probe(&conns)).await;
+            let Some(state) = self.state.upgrade() else {
+                return;
+            };
+            match outcome.unwrap_or_else(|_| {
+                Err(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.policy.timeout)
+                ))
+            }) {
+                Ok(()) => {
+                    passed += 1;
+                    failed = 0;
+                    if !healthy && passed >= self.policy.healthy_after {
+                        healthy = true;
+                        tracing::info!(server = &*self.server.url, "upstream server healthy again");
+                        state.set_checked(true, None);
+                    }
+                }
+                Err(why) => {
+                    failed += 1;
+                    passed = 0;
+                    if healthy && failed >= self.policy.unhealthy_after {
+                        healthy = false;
+                        tracing::warn!(
+                            server = &*self.server.url,
+                            "upstream server unhealthy: {why}"
+                        );
+                        state.set_checked(
+                            false,
+                            Some(format!(
+                                "health check: {failed} failed in a row (last: {why})"
+                            )),
+                        );
+                    }
+                }
+            }
+            drop(state);
+            tokio::time::sleep(self.policy.interval).await;
+        }
+    }
+
+    /// One GET of the health path: any 2xx passes.
+    async fn probe(&self, conns: &Arc<ServerConns>) -> Result<(), String> {
+        let mut lease = conns
+            .checkout()
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        let req = Request::get(self.policy.path.as_str())
+            .header(header::HOST, self.server.host_header.clone())
+            .header(header::USER_AGENT, "hyperion-health-check")
+            .body(RequestBody::buffered(bytes::Bytes::new()))
+            .expect("a valid health request");
+        let resp = lease
+            .conn()
+            .send(req)
+            .await
+            .map_err(|(e, _)| super::error_chain(&e))?;
+        let status = resp.status();
+        // Read to the end (driving the connection), so it can be used again.
+        let body = ResponseBody::upstream(resp.into_body(), lease, self.policy.timeout);
+        let _ = http_body_util::BodyExt::collect(body).await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "GET {} answered {}",
+                self.policy.path,
+                status_text(status)
+            ))
+        }
+    }
+}
+
+fn status_text(s: StatusCode) -> String {
+    match s.canonical_reason() {
+        Some(r) => format!("{} {r}", s.as_u16()),
+        None => s.as_u16().to_string(),
+    }
+}
