@@ -152,10 +152,17 @@ impl HealthCheck {
                 Ok(()) => {
                     passed += 1;
                     failed = 0;
-                    if !healthy && passed >= self.policy.healthy_after {
-                        healthy = true;
-                        tracing::info!(server = &*self.server.url, "upstream server healthy again");
-                        state.set_checked(true, None);
+                    if passed >= self.policy.healthy_after {
+                        if healthy {
+                            state.passed_checks(Instant::now());
+                        } else {
+                            healthy = true;
+                            tracing::info!(
+                                server = &*self.server.url,
+                                "upstream server healthy again"
+                            );
+                            state.set_checked(true, None);
+                        }
                     }
                 }
                 Err(why) => {

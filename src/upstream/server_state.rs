@@ -166,6 +166,18 @@ impl ServerState {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
+    /// The active checks keep passing: a passive ejection ends early (the
+    /// back-off's exponent stays until a real request succeeds).
+    pub fn passed_checks(&self, now: Instant) {
+        if self.ejected_until.load(Ordering::Relaxed) > self.nanos(now) {
+            self.ejected_until.store(0, Ordering::Relaxed);
+            tracing::info!(
+                server = &*self.url,
+                "upstream server back in rotation: its health checks pass"
+            );
+        }
+    }
+
     /// Folds a latency sample into the peak-EWMA: a slower sample is taken
     /// at once, a faster one is averaged in by how long it has been.
     fn observe(&self, latency: Duration, now: Instant) {

@@ -280,6 +280,7 @@ pub fn response(status: u16, body: impl Into<Bytes>) -> Response<TestBody> {
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub cache: Arc<hyperion::cache::Cache>,
+    pub fleet: Arc<hyperion::upstream::fleet::Fleet>,
     logs: std::sync::mpsc::Receiver<String>,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<JoinHandle<()>>,
@@ -296,6 +297,7 @@ impl TestProxy {
         let (log_tx, logs) = std::sync::mpsc::sync_channel(10_000);
         let proxy = Arc::new(Proxy::new(Arc::new(policy), LogSink::Channel(log_tx)));
         let cache = proxy.cache().clone();
+        let fleet = proxy.fleet().clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let done = tokio::spawn(hyperion::serve(vec![listener], proxy, async {
             let _ = stop_rx.await;
@@ -303,6 +305,7 @@ impl TestProxy {
         TestProxy {
             addr,
             cache,
+            fleet,
             logs,
             stop: Some(stop_tx),
             done: Some(done),
