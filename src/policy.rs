@@ -358,6 +358,29 @@ impl fmt::Display for Policy {
                 Dur(u.response_timeout),
                 Dur(u.idle_timeout)
             )?;
+            let hashed = match (&u.balance, &u.hash_key) {
+                (Balance::ConsistentHash, HashKey::CacheKey) => " on the cache key".to_owned(),
+                (Balance::ConsistentHash, HashKey::Header(h)) => format!(" on header {h}"),
+                _ => String::new(),
+            };
+            let checks = match &u.health {
+                Some(h) => format!(
+                    "GET {} every {}, down after {}, up after {}",
+                    h.path,
+                    Dur(h.interval),
+                    h.unhealthy_after,
+                    h.healthy_after
+                ),
+                None => "no active checks".to_owned(),
+            };
+            writeln!(
+                f,
+                "  {:<16} {}{hashed}, {} retries, out after {} failures; {checks}",
+                "",
+                u.balance.as_str(),
+                u.retries,
+                u.eject_after
+            )?;
             if let Some(max) = u.max_inflight_per_server {
                 writeln!(
                     f,

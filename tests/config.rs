@@ -433,3 +433,48 @@ fn cache_mistakes_name_their_line_and_fix() {
         "{err}"
     );
 }
+
+#[test]
+fn upstream_pool_mistakes_name_their_line_and_fix() {
+    let cases = [
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }, { url = \"http://127.0.0.1:11434\" }]\n",
+            "proxy.toml:2:",
+            "listed twice",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\nhash_key = \"header:x-session\"\n",
+            "proxy.toml:3:",
+            "only read by consistent_hash",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\nbalance = \"consistent_hash\"\nhash_key = \"model\"\n",
+            "proxy.toml:4:",
+            "not something to hash on",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\nretries = 50\n",
+            "proxy.toml:3:",
+            "use 0 to 10",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\n[upstreams.ollama.health]\ninterval = \"5s\"\n",
+            "proxy.toml:3:",
+            "no `path`",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\n[upstreams.ollama.health]\npath = \"/api/version\"\ninterval = \"1s\"\ntimeout = \"2s\"\n",
+            "proxy.toml:6:",
+            "at most its interval",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\n[upstreams.ollama.health]\npath = \"/api/version\"\nunhealthy_after = 0\n",
+            "proxy.toml:5:",
+            "use 1 to 100",
+        ),
+    ];
+    for (upstream, at, says) in cases {
+        let err = error_of(&format!("{upstream}{ROUTE}"));
+        assert!(err.starts_with(at) && err.contains(says), "{err}");
+    }
+}

@@ -520,6 +520,17 @@ impl Validator<'_> {
                 None => 1,
             };
             let (scheme, authority) = self.server_url(&entry.url, &format!("{k}.url"))?;
+            if servers
+                .iter()
+                .any(|s: &UpstreamServer| s.authority == authority)
+            {
+                return Err(self.err(
+                    entry.url.span(),
+                    format!("{k}.url"),
+                    format!("{authority} is listed twice in this pool"),
+                    "list each server once; give it weight = 2 to send it twice the traffic",
+                ));
+            }
             let host_header = http::HeaderValue::from_str(authority.as_str())
                 .expect("a parsed authority is a valid header value");
             servers.push(UpstreamServer {

@@ -83,13 +83,24 @@ impl Balancer {
         filter: &PickFilter<'_>,
         now: Instant,
     ) -> Option<usize> {
-        let ok = |i: usize| filter.allows(i) && servers[i].usable(now);
+        // Who may be chosen, as a bit set: one clock reading, one look at
+        // each server's health, whatever the strategy does next.
+        let now = servers.first()?.nanos(now);
+        let mut ok = Candidates(0);
+        for (i, s) in servers.iter().enumerate() {
+            if filter.allows(i) && s.usable_at(now) {
+                ok.0 |= 1 << i;
+            }
+        }
+        if ok.0 == 0 {
+            return None;
+        }
         match self {
             Balancer::RoundRobin { schedule, next } => {
                 let start = next.fetch_add(1, Ordering::Relaxed);
                 (0..schedule.len())
                     .map(|k| schedule[(start + k) % schedule.len()])
-                    .find(|&i| ok(i))
+                    .find(|&i| ok.has(i))
             }
             Balancer::LeastInflight => least_inflight(servers, ok),
             Balancer::P2cEwma => p2c(servers, ok, now),
@@ -102,16 +113,35 @@ impl Balancer {
     }
 }
 
+/// The servers a pick may choose from (a pool has at most 64).
+#[derive(Clone, Copy)]
+struct Candidates(u64);
+
+impl Candidates {
+    fn has(self, i: usize) -> bool {
+        self.0 & (1 << i) != 0
+    }
+
+    fn iter(self) -> impl Iterator<Item = usize> {
+        let mut bits = self.0;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let i = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                i
+            })
+        })
+    }
+}
+
 /// Fewest in flight per unit of weight (as nginx's `least_conn`); ties at
 /// random, in proportion to weight, so idle servers share traffic by
 /// weight too (weighted reservoir sampling: one pass, nothing locked).
-fn least_inflight(servers: &[Arc<ServerState>], ok: impl Fn(usize) -> bool) -> Option<usize> {
+fn least_inflight(servers: &[Arc<ServerState>], ok: Candidates) -> Option<usize> {
     // (index, in flight, weight, summed weight of the tied)
     let mut best: Option<(usize, u64, u64, u64)> = None;
-    for (i, s) in servers.iter().enumerate() {
-        if !ok(i) {
-            continue;
-        }
+    for i in ok.iter() {
+        let s = &servers[i];
         let load = u64::from(s.in_flight());
         let weight = u64::from(s.weight);
         best = match best {
@@ -134,23 +164,12 @@ fn least_inflight(servers: &[Arc<ServerState>], ok: impl Fn(usize) -> bool) -> O
 /// Power of two choices on peak-EWMA latency × (in flight + 1) / weight.
 /// The two candidates are drawn by weight; a server with no latency yet
 /// costs nothing while idle (so it gets tried) and a penalty once busy.
-fn p2c(servers: &[Arc<ServerState>], ok: impl Fn(usize) -> bool, now: Instant) -> Option<usize> {
-    let usable: u64 = servers
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| ok(i))
-        .map(|(_, s)| u64::from(s.weight))
-        .sum();
-    if usable == 0 {
-        return None;
-    }
+fn p2c(servers: &[Arc<ServerState>], ok: Candidates, now: u64) -> Option<usize> {
+    let usable: u64 = ok.iter().map(|i| u64::from(servers[i].weight)).sum();
     let draw = || {
         let mut ticket = fastrand::u64(..usable);
-        for (i, s) in servers.iter().enumerate() {
-            if !ok(i) {
-                continue;
-            }
-            let w = u64::from(s.weight);
+        for i in ok.iter() {
+            let w = u64::from(servers[i].weight);
             if ticket < w {
                 return i;
             }
@@ -164,16 +183,19 @@ fn p2c(servers: &[Arc<ServerState>], ok: impl Fn(usize) -> bool, now: Instant) -
     if a == b {
         b = draw();
     }
+    if a == b {
+        return Some(a);
+    }
     let cost = |i: usize| {
         let s = &servers[i];
-        let pending = f64::from(s.in_flight()) + 1.0;
-        let latency = match s.latency(now) {
+        let in_flight = s.in_flight();
+        let latency = match s.latency_at(now) {
             Some(l) => l,
-            None if s.in_flight() == 0 => 0.0,
+            None if in_flight == 0 => 0.0,
             // Busy and never measured: as if it took a second.
             None => 1e9,
         };
-        (latency + 1.0) * pending / f64::from(s.weight)
+        (latency + 1.0) * (f64::from(in_flight) + 1.0) / f64::from(s.weight)
     };
     Some(if cost(b) < cost(a) { b } else { a })
 }
@@ -185,30 +207,28 @@ fn bounded_ring_walk(
     ring: &[(u64, usize)],
     servers: &[Arc<ServerState>],
     hash: u64,
-    ok: impl Fn(usize) -> bool,
+    ok: Candidates,
 ) -> Option<usize> {
     let total_weight: u64 = servers.iter().map(|s| u64::from(s.weight)).sum();
     let total_in_flight: u64 = servers.iter().map(|s| u64::from(s.in_flight())).sum();
     let start = ring.partition_point(|&(p, _)| p < hash);
     let mut fallback = None;
+    // Each server is judged once, at its first point.
     let mut seen = 0u64;
     for k in 0..ring.len() {
         let (_, i) = ring[(start + k) % ring.len()];
-        // Each server is judged once, at its first point (a pool has at
-        // most 64 servers).
         if seen & (1 << i) != 0 {
             continue;
         }
         seen |= 1 << i;
-        if !ok(i) {
-            continue;
+        if ok.has(i) {
+            let s = &servers[i];
+            let share = (total_in_flight + 1) as f64 * s.weight as f64 / total_weight as f64;
+            if f64::from(s.in_flight()) + 1.0 <= (LOAD_FACTOR * share).ceil() {
+                return Some(i);
+            }
+            fallback.get_or_insert(i);
         }
-        let s = &servers[i];
-        let share = (total_in_flight + 1) as f64 * s.weight as f64 / total_weight as f64;
-        if f64::from(s.in_flight()) + 1.0 <= (LOAD_FACTOR * share).ceil() {
-            return Some(i);
-        }
-        fallback.get_or_insert(i);
         if seen.count_ones() as usize == servers.len() {
             break;
         }

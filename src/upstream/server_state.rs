@@ -88,14 +88,21 @@ impl ServerState {
         }
     }
 
-    fn nanos(&self, at: Instant) -> u64 {
+    /// `at` on this server's clock (shared by the servers of one fleet, so
+    /// a pick reads it once for all of them).
+    pub fn nanos(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Whether a balancer may choose this server at `now`.
     pub fn usable(&self, now: Instant) -> bool {
+        self.usable_at(self.nanos(now))
+    }
+
+    /// `usable`, at `now` as `nanos` gives it.
+    pub fn usable_at(&self, now: u64) -> bool {
         self.checked_healthy.load(Ordering::Relaxed)
-            && self.ejected_until.load(Ordering::Relaxed) <= self.nanos(now)
+            && self.ejected_until.load(Ordering::Relaxed) <= now
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -200,13 +207,16 @@ impl ServerState {
     /// server that was slow once and left alone is tried again. `None`
     /// before the first sample.
     pub fn latency(&self, now: Instant) -> Option<f64> {
+        self.latency_at(self.nanos(now))
+    }
+
+    /// `latency`, at `now` as `nanos` gives it.
+    pub fn latency_at(&self, now: u64) -> Option<f64> {
         let ewma = f64::from_bits(self.ewma.load(Ordering::Relaxed));
         if ewma == 0.0 {
             return None;
         }
-        let elapsed = self
-            .nanos(now)
-            .saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
+        let elapsed = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
         Some(ewma * (-elapsed / DECAY.as_nanos() as f64).exp())
     }
 
