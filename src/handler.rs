@@ -432,7 +432,7 @@ impl Proxy {
         // without a free slot the stale answer goes out and a later request
         // refreshes.
         let pool = &route.pool;
-        let hash = self.balance_hash(pool, &req, exchange.as_ref(), host.as_deref());
+        let hash = balance_hash(pool, &req, exchange.as_ref(), host.as_deref());
         let filter = PickFilter {
             hash,
             ..PickFilter::default()
@@ -606,36 +606,33 @@ impl Proxy {
     }
 }
 
-impl Proxy {
-    /// What `consistent_hash` places the request by: its cache key (its
-    /// target when the route does not cache) or the pool's header. `None`
-    /// for the other strategies, and for a request without the header.
-    fn balance_hash(
-        &self,
-        pool: &UpstreamPool,
-        req: &Request<Incoming>,
-        exchange: Option<&Exchange>,
-        host: Option<&str>,
-    ) -> Option<u64> {
-        if pool.policy.balance != Balance::ConsistentHash {
-            return None;
-        }
-        let mut h = std::hash::DefaultHasher::new();
-        match &pool.policy.hash_key {
-            HashKey::CacheKey => {
-                if let Some(key) = exchange.and_then(Exchange::key_hash) {
-                    return Some(key);
-                }
-                host.hash(&mut h);
-                req.uri()
-                    .path_and_query()
-                    .map(|pq| pq.as_str())
-                    .hash(&mut h);
-            }
-            HashKey::Header(name) => req.headers().get(name)?.as_bytes().hash(&mut h),
-        }
-        Some(h.finish())
+/// What `consistent_hash` places the request by: its cache key (its
+/// target when the route does not cache) or the pool's header. `None`
+/// for the other strategies, and for a request without the header.
+fn balance_hash(
+    pool: &UpstreamPool,
+    req: &Request<Incoming>,
+    exchange: Option<&Exchange>,
+    host: Option<&str>,
+) -> Option<u64> {
+    if pool.policy.balance != Balance::ConsistentHash {
+        return None;
     }
+    let mut h = std::hash::DefaultHasher::new();
+    match &pool.policy.hash_key {
+        HashKey::CacheKey => {
+            if let Some(key) = exchange.and_then(Exchange::key_hash) {
+                return Some(key);
+            }
+            host.hash(&mut h);
+            req.uri()
+                .path_and_query()
+                .map(|pq| pq.as_str())
+                .hash(&mut h);
+        }
+        HashKey::Header(name) => req.headers().get(name)?.as_bytes().hash(&mut h),
+    }
+    Some(h.finish())
 }
 
 fn subject<'a>(

@@ -29,6 +29,25 @@ async fn ollama_json() -> Upstream {
     .await
 }
 
+/// An upstream whose `/hold` answers at once with a body that streams only
+/// what is sent through the returned sender (holding its request in flight
+/// until the sender is dropped); every other path answers `other()`.
+async fn holding_upstream(other: fn() -> Response<TestBody>) -> (ChunkSender, Upstream) {
+    let (tx, body) = channel_body();
+    let body = Arc::new(std::sync::Mutex::new(Some(body)));
+    let up = Upstream::start(move |req| {
+        let body = body.clone();
+        async move {
+            match req.uri().path() {
+                "/hold" => Response::new(body.lock().unwrap().take().expect("held once")),
+                _ => other(),
+            }
+        }
+    })
+    .await;
+    (tx, up)
+}
+
 fn limited(upstream: &str, server: &str, limits: &str, route: &str) -> String {
     format!(
         "[server]\n{server}\n\n[upstreams.up]\nservers = [{{ url = \"{upstream}\" }}]\n\n{limits}\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n{route}\n"
@@ -359,19 +378,11 @@ async fn a_full_queue_answers_503_with_retry_after_and_an_abandoned_stream_frees
 async fn identical_requests_wait_with_a_queued_leader_instead_of_timing_out() {
     // `/hold` keeps the only slot until its body is released; `/shared` is
     // cacheable and answered at once.
-    let (tx, body) = channel_body();
-    let body = Arc::new(std::sync::Mutex::new(Some(body)));
-    let up = Upstream::start(move |req| {
-        let body = body.clone();
-        async move {
-            match req.uri().path() {
-                "/hold" => Response::new(body.lock().unwrap().take().expect("held once")),
-                _ => Response::builder()
-                    .header("cache-control", "max-age=60")
-                    .body(full("shared"))
-                    .unwrap(),
-            }
-        }
+    let (tx, up) = holding_upstream(|| {
+        Response::builder()
+            .header("cache-control", "max-age=60")
+            .body(full("shared"))
+            .unwrap()
     })
     .await;
     let proxy = TestProxy::start(&format!(
@@ -384,7 +395,10 @@ async fn identical_requests_wait_with_a_queued_leader_instead_of_timing_out() {
         .await
         .unwrap();
     let shared: Vec<_> = (0..3)
-        .map(|_| tokio::spawn(get_owned(proxy.url("/shared"))))
+        .map(|_| {
+            let url = proxy.url("/shared");
+            tokio::spawn(async move { get(&url).await })
+        })
         .collect();
     // Well past coalesce_timeout: the followers still wait with the leader,
     // which waits in line; nothing more went upstream.
@@ -409,24 +423,9 @@ async fn identical_requests_wait_with_a_queued_leader_instead_of_timing_out() {
     assert_eq!(up.count(), 2);
 }
 
-async fn get_owned(url: String) -> (http::response::Parts, Bytes) {
-    get(&url).await
-}
-
 #[tokio::test]
 async fn refused_and_busy_requests_spend_nothing_and_still_show_the_level() {
-    let (tx, body) = channel_body();
-    let body = Arc::new(std::sync::Mutex::new(Some(body)));
-    let up = Upstream::start(move |req| {
-        let body = body.clone();
-        async move {
-            match req.uri().path() {
-                "/hold" => Response::new(body.lock().unwrap().take().expect("held once")),
-                _ => Response::new(full("ok")),
-            }
-        }
-    })
-    .await;
+    let (tx, up) = holding_upstream(|| Response::new(full("ok"))).await;
     let proxy = TestProxy::start(&format!(
         "[server]\nmax_request_body = \"1KB\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"100ms\"\n\n[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"3/min\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\nrate_limit = [\"per_ip\"]\n",
         up.url()

@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # =============================================================================
 # common.sh — what the side-by-side load scripts (passthrough.sh,
-# compressed_hits.sh) share: checks, the release builds, the bench origin on
-# SERVER_CPU, process cleanup, and the readings of wrk and /proc.
+# compressed_hits.sh, limited_hits.sh, pool_passthrough.sh) share: checks,
+# the release builds, the bench origin on SERVER_CPU, process cleanup, the
+# readings of wrk and /proc, and two routes measured round by round.
 #
 # Sourced after the script has set SCRIPT (its name, for messages), SHARED,
 # RUN_DIR, OUT, SERVER_CPU and ORIGIN_PORT. Leaves HYPERION, ORIGIN and
@@ -57,3 +58,50 @@ AWK_STATS='
     if(n%2) return a[(n+1)/2]; return (a[n/2]+a[n/2+1])/2 }
   function mn(s,  a,n,i,m){ n=split(s,a," "); m=a[1]; for(i=2;i<=n;i++) if(a[i]+0<m+0) m=a[i]; return m }
   function mx(s,  a,n,i,m){ n=split(s,a," "); m=a[1]; for(i=2;i<=n;i++) if(a[i]+0>m+0) m=a[i]; return m }'
+
+# side_by_side BASE OTHER TITLE DETAIL [WRK_ARGS...]
+# ROUNDS rounds, each measuring GET /static/1k through the route picked by
+# Host BASE.test and the one picked by OTHER.test, back to back in rotating
+# order (wrk -t1 -c$CONNS on CLIENT_CPU: 2 s warm-up, then DURATION), with
+# Hyperion's CPU per request from /proc. Writes the report to OUT: medians,
+# and the per-round OTHER/BASE ratio, the steadier reading on a noisy
+# machine. Needs HYPERION_PID and HYPERION_PORT.
+side_by_side() {
+  local base=$1 other=$2 title=$3 detail=$4; shift 4
+  local results="$RUN_DIR/results.tsv" hz round r log t0 t1 reqs rps cpu_us
+  local url="http://127.0.0.1:$HYPERION_PORT/static/1k"
+  local order=("$base" "$other")
+  hz=$(getconf CLK_TCK)
+  printf "round\troute\trps\tcpu_us\n" >"$results"
+  for round in $(seq 1 "$ROUNDS"); do
+    echo "round $round/$ROUNDS"
+    for r in "${order[@]}"; do
+      log="$RUN_DIR/$round-$r.txt"
+      taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d2s "$@" -H "Host: $r.test" "$url" >/dev/null 2>&1
+      t0=$(tree_ticks "$HYPERION_PID")
+      taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$@" -H "Host: $r.test" "$url" >"$log" 2>&1
+      t1=$(tree_ticks "$HYPERION_PID")
+      reqs=$(awk '/requests in/{print $1}' "$log"); rps=$(awk '/^Requests\/sec/{print $2}' "$log")
+      if grep -q "Non-2xx" "$log"; then echo "  warning: $r: $(grep Non-2xx "$log")" >&2; fi
+      cpu_us=$(awk -v c="$(( t1 - t0 ))" -v hz="$hz" -v n="$reqs" 'BEGIN{printf "%.2f", c/hz*1e6/n}')
+      printf "%s\t%s\t%s\t%s\n" "$round" "$r" "$rps" "$cpu_us" >>"$results"
+      printf "  round %s %-8s %10s req/s  cpu %6s µs/req\n" "$round" "$r" "$rps" "$cpu_us"
+    done
+    order=("${order[1]}" "${order[0]}")
+  done
+  {
+    echo "# $title — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "# command: benches/load/$SCRIPT (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS)"
+    echo "# machine: $(nproc) cores; hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); Hyperion on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU"
+    echo "# $detail; medians [min..max]"
+    echo
+    awk -F'\t' -v a="$base" -v b="$other" "$AWK_STATS"'
+      NR>1 { rps[$2]=rps[$2]" "$3; cpu[$2]=cpu[$2]" "$4; r[$1,$2]=$3; c[$1,$2]=$4; if ($1>n) n=$1 }
+      END {
+        for (k in rps) printf "%-8s %10.0f req/s [%6.0f..%6.0f]  cpu %5.2f µs/req\n", k, med(rps[k]), mn(rps[k]), mx(rps[k]), med(cpu[k])
+        for (i=1;i<=n;i++) { ratio=ratio" "r[i,b]/r[i,a]; extra=extra" "c[i,b]-c[i,a] }
+        printf "  → %s/%s throughput %.3f× (medians); per round %.3f× [%.3f..%.3f]; cpu µs/request %+.2f (per round %+.2f)\n", b, a, med(rps[b])/med(rps[a]), med(ratio), mn(ratio), mx(ratio), med(cpu[b])-med(cpu[a]), med(extra)
+      }' "$results"
+  } | tee "$OUT"
+  echo "report: $OUT"
+}

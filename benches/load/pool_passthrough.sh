@@ -60,43 +60,5 @@ taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DI
 PIDS+=($!); HYPERION_PID=$!
 wait_port $HYPERION_PORT
 
-RESULTS="$RUN_DIR/results.tsv"
-printf "round\troute\trps\tcpu_us\n" >"$RESULTS"
-hz=$(getconf CLK_TCK)
-run() { # round route host
-  local log="$RUN_DIR/$1-$2.txt" t0 t1 reqs rps cpu_us
-  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d2s -H "Host: $3" "http://127.0.0.1:$HYPERION_PORT/static/1k" >/dev/null 2>&1
-  t0=$(tree_ticks "$HYPERION_PID")
-  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" -H "Host: $3" "http://127.0.0.1:$HYPERION_PORT/static/1k" >"$log" 2>&1
-  t1=$(tree_ticks "$HYPERION_PID")
-  reqs=$(awk '/requests in/{print $1}' "$log"); rps=$(awk '/^Requests\/sec/{print $2}' "$log")
-  if grep -q "Non-2xx" "$log"; then echo "  warning: $2: $(grep Non-2xx "$log")" >&2; fi
-  cpu_us=$(awk -v c="$(( t1 - t0 ))" -v hz="$hz" -v n="$reqs" 'BEGIN{printf "%.2f", c/hz*1e6/n}')
-  printf "%s\t%s\t%s\t%s\n" "$1" "$2" "$rps" "$cpu_us" >>"$RESULTS"
-  printf "  round %s %-8s %10s req/s  cpu %6s µs/req\n" "$1" "$2" "$rps" "$cpu_us"
-}
-order=(single trio)
-for round in $(seq 1 "$ROUNDS"); do
-  echo "round $round/$ROUNDS"
-  for r in "${order[@]}"; do
-    run "$round" "$r" "$r.test"
-  done
-  order=("${order[1]}" "${order[0]}")
-done
-{
-  echo "# Pass-through to a 3-server pool and to a 1-server pool — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "# command: benches/load/pool_passthrough.sh (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS)"
-  echo "# machine: $(nproc) cores; hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); Hyperion on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU"
-  echo "# uncached GET /static/1k; trio: least_inflight over three origins with health checks; medians [min..max]"
-  echo
-  awk -F'\t' "$AWK_STATS"'
-    NR>1 { rps[$2]=rps[$2]" "$3; cpu[$2]=cpu[$2]" "$4; r[$1,$2]=$3; c[$1,$2]=$4; if ($1>n) n=$1 }
-    END {
-      for (k in rps) printf "%-8s %10.0f req/s [%6.0f..%6.0f]  cpu %5.2f µs/req\n", k, med(rps[k]), mn(rps[k]), mx(rps[k]), med(cpu[k])
-      # Each round measures both routes back to back: its ratio is the
-      # steadier reading on a noisy machine.
-      for (i=1;i<=n;i++) { ratio=ratio" "r[i,"trio"]/r[i,"single"]; extra=extra" "c[i,"trio"]-c[i,"single"] }
-      printf "  → trio/single throughput %.3f× (medians); per round %.3f× [%.3f..%.3f]; cpu µs/request %+.2f (per round %+.2f)\n", med(rps["trio"])/med(rps["single"]), med(ratio), mn(ratio), mx(ratio), med(cpu["trio"])-med(cpu["single"]), med(extra)
-    }' "$RESULTS"
-} | tee "$OUT"
-echo "report: $OUT"
+side_by_side single trio "Pass-through to a 3-server pool and to a 1-server pool" \
+  "uncached GET /static/1k; trio: least_inflight over three origins with health checks"
