@@ -131,6 +131,8 @@ impl RequestBody {
     pub fn replayable(&self) -> Option<Bytes> {
         match &self.source {
             Source::Buffered(b) => Some(b.clone().unwrap_or_default()),
+            // No body at all (a GET): nothing to lose by sending it again.
+            Source::Client { first: None, inner } if inner.is_end_stream() => Some(Bytes::new()),
             Source::Client { .. } => None,
         }
     }

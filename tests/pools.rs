@@ -289,3 +289,39 @@ async fn consistent_hash_keeps_a_key_on_one_server() {
         assert!(moved.contains(&10), "{session}: {moved:?}");
     }
 }
+
+/// A server that reads a request's head and closes the connection without
+/// answering, every time (a box crashing under load).
+async fn closer() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut stream).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_request_cut_off_before_any_answer_is_retried_on_another_server() {
+    let good = FleetServer::start().await;
+    let bad = closer().await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.up]\nservers = [{{ url = \"http://{bad}\" }}, {{ url = \"{}\" }}]\nbalance = \"round_robin\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        good.url()
+    ))
+    .await;
+    // Without a body (GET) and with one in hand (POST): both can be sent
+    // again, so no client sees the cut.
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/api/tags")).await.0.status, 200);
+        let post = Request::post(proxy.url("/api/generate"))
+            .body(full(r#"{"model":"llama3.2","prompt":"hi"}"#))
+            .unwrap();
+        assert_eq!(send(post).await.0.status, 200);
+    }
+    assert_eq!(good.served(), 6);
+}
