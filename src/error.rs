@@ -55,6 +55,13 @@ pub enum ProxyError {
     },
     #[error("no server of upstream `{upstream}` is healthy")]
     NoHealthyServer { upstream: String },
+    #[error("model `{model}` is not served by upstream `{upstream}`")]
+    UnknownModel {
+        upstream: String,
+        model: String,
+        /// What the pool does serve, for the client to choose from.
+        served: Vec<String>,
+    },
 }
 
 // === impl ProxyError ===
@@ -62,7 +69,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoRoute | ProxyError::UnknownModel { .. } => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
@@ -99,6 +106,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamBusy { .. } => "upstream_busy",
             ProxyError::NoHealthyServer { .. } => "no_healthy_upstream",
+            ProxyError::UnknownModel { .. } => "unknown_model",
         }
     }
 
@@ -129,19 +137,25 @@ impl ProxyError {
             ProxyError::NoHealthyServer { .. } => {
                 "no upstream server is healthy right now; try again shortly".to_owned()
             }
+            ProxyError::UnknownModel { model, .. } => {
+                format!("model `{model}` is not served here; `models` lists those that are")
+            }
             other => other.to_string(),
         }
     }
 
     /// The response the client receives: status, JSON body, request id.
     pub fn into_response(&self, request_id: &HeaderValue) -> Response<ResponseBody> {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": {
                 "code": self.code(),
                 "message": self.public_message(),
                 "request_id": request_id.to_str().unwrap_or(""),
             }
         });
+        if let ProxyError::UnknownModel { served, .. } = self {
+            body["error"]["models"] = served.as_slice().into();
+        }
         let mut bytes = serde_json::to_vec(&body).expect("JSON values serialize");
         bytes.push(b'\n');
         let mut resp = Response::new(ResponseBody::full(Bytes::from(bytes)));

@@ -29,10 +29,11 @@ use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
 use crate::limits::{tokens, Admission, Limits, RouteLimits, Stage, Subject, TokenMeter};
 use crate::policy::UpstreamServer;
-use crate::policy::{Balance, BodyKey, HashKey, HeaderRewrite, Policy, RoutePolicy};
+use crate::policy::{Balance, BodyKey, HashKey, HeaderRewrite, Policy, RoutePolicy, UnknownModel};
 use crate::route::RouteTable;
 use crate::upstream::balance::PickFilter;
 use crate::upstream::fleet::Fleet;
+use crate::upstream::models::{self, ModelChoice};
 use crate::upstream::{error_chain, ConnLease, UpstreamConn, UpstreamPool};
 
 /// A running policy: routes resolved to their upstream pools.
@@ -346,9 +347,10 @@ impl Proxy {
         let mut serve_stale = None;
         let cache_policy = route.policy.cache.as_ref().filter(|_| upgrade.is_none());
         let body_keyed = cache_policy.is_some_and(|p| p.body_key != BodyKey::None);
+        let by_model = route.pool.state.models.routes_by_model();
         // Body-keyed routes need the body for the key, token-limited ones for
-        // the request's `max_tokens`.
-        if (body_keyed || route.limits.counts_tokens())
+        // the request's `max_tokens`, model-routed ones for its `model`.
+        if (body_keyed || by_model || route.limits.counts_tokens())
             && !http_body::Body::is_end_stream(req.body())
         {
             match read_body(req.body_mut(), limits.max_request_body).await {
@@ -432,11 +434,37 @@ impl Proxy {
         // without a free slot the stale answer goes out and a later request
         // refreshes.
         let pool = &route.pool;
-        let hash = balance_hash(pool, &req, exchange.as_ref(), host.as_deref());
-        let filter = PickFilter {
-            hash,
+        let mut filter = PickFilter {
+            hash: balance_hash(pool, &req, exchange.as_ref(), host.as_deref()),
             ..PickFilter::default()
         };
+        // Only servers serving the request's model, those having it loaded
+        // first.
+        let model = read_ahead
+            .as_deref()
+            .filter(|_| by_model)
+            .and_then(models::requested_model);
+        match pool.state.models.choose(model.as_ref()) {
+            ModelChoice::Any => {}
+            ModelChoice::Among { serving, loaded } => {
+                filter.only = serving;
+                filter.prefer = loaded;
+            }
+            ModelChoice::Unknown { served } => {
+                if route.policy.unknown_model == UnknownModel::Reject {
+                    // Nothing reached the upstream: nothing is spent.
+                    admission.refund_all();
+                    if let Some(stale) = serve_stale.take() {
+                        return Ok(stale);
+                    }
+                    return Err(ProxyError::UnknownModel {
+                        upstream: pool.policy.name.clone(),
+                        model: model.map(|m| m.to_string()).unwrap_or_default(),
+                        served,
+                    });
+                }
+            }
+        }
         let admitted = if let Some(stale) = serve_stale.take() {
             match pool.try_admit(&filter) {
                 Some(admitted) => {
@@ -533,7 +561,9 @@ impl Proxy {
             let pool = pool.clone();
             let preserve_host = route.policy.preserve_host;
             let send = async move {
-                let (resp, lease, index) = pool.send(admitted, req, hash, preserve_host).await?;
+                let (resp, lease, index) = pool
+                    .send(admitted, req, filter, model.as_ref(), preserve_host)
+                    .await?;
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(unasked_upgrade(pool.pick_at(index).server));
                 }
@@ -548,7 +578,13 @@ impl Proxy {
             return Ok(resp);
         }
         let sent = pool
-            .send(admitted, req, hash, route.policy.preserve_host)
+            .send(
+                admitted,
+                req,
+                filter,
+                model.as_ref(),
+                route.policy.preserve_host,
+            )
             .await;
         let (resp, lease) = match sent {
             Ok((resp, lease, index)) => {

@@ -19,10 +19,11 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 
 pub use error::PolicyError;
-pub use raw::{AccessLogFormat, Balance};
+pub use raw::{AccessLogFormat, Balance, ModelRouting, UnknownModel};
 pub use units::{Dur, Rate, Size};
 
 use crate::route::RouteMatch;
+use crate::upstream::models::ModelName;
 
 /// A validated `proxy.toml`.
 #[derive(Debug)]
@@ -148,6 +149,11 @@ pub struct UpstreamPolicy {
     pub eject_after: u32,
     /// `[upstreams.NAME.health]`: active checks.
     pub health: Option<HealthPolicy>,
+    /// Whether requests go only to servers serving their `model`, and how
+    /// the proxy learns who serves what.
+    pub model_routing: ModelRouting,
+    /// How often `discover` asks each server for its models.
+    pub discover_interval: Duration,
 }
 
 /// What `consistent_hash` keeps together on one server.
@@ -183,6 +189,9 @@ pub struct UpstreamServer {
     /// `Host` for this server, sent when a route has `preserve_host = false`.
     pub host_header: http::HeaderValue,
     pub weight: u32,
+    /// Its `models`, normalized; `None`: any model (or, under `discover`,
+    /// whatever it says it serves).
+    pub models: Option<Vec<ModelName>>,
 }
 
 /// One `[[route]]`.
@@ -200,6 +209,9 @@ pub struct RoutePolicy {
     pub headers: Option<Arc<HeaderRewrite>>,
     /// `rate_limit`: every limiter must allow a request.
     pub rate_limits: Vec<Arc<RateLimitPolicy>>,
+    /// What a request for a model its model-routed upstream does not serve
+    /// gets.
+    pub unknown_model: UnknownModel,
 }
 
 /// `[route.headers]`: fields set on or removed from what goes upstream and
@@ -381,6 +393,18 @@ impl fmt::Display for Policy {
                 u.retries,
                 u.eject_after
             )?;
+            match u.model_routing {
+                ModelRouting::Off => {}
+                ModelRouting::Static => {
+                    writeln!(f, "  {:<16} by model, from the servers' `models`", "")?
+                }
+                ModelRouting::Discover => writeln!(
+                    f,
+                    "  {:<16} by model, asking each server every {} (/api/tags, /api/ps)",
+                    "",
+                    Dur(u.discover_interval)
+                )?,
+            }
             if let Some(max) = u.max_inflight_per_server {
                 writeln!(
                     f,

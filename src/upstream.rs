@@ -11,6 +11,7 @@
 pub mod balance;
 mod conns;
 pub mod fleet;
+pub mod models;
 mod retry;
 pub mod server_state;
 
@@ -27,6 +28,7 @@ use balance::PickFilter;
 pub use conns::{ConnLease, UpstreamConn};
 use conns::{ConnectError, ServerConns};
 use fleet::PoolState;
+use models::ModelName;
 use server_state::InFlight;
 
 use crate::body::{BodyTooLarge, ClientBodyError, RequestBody};
@@ -123,7 +125,7 @@ impl UpstreamPool {
     /// wait in line starts and ends.
     pub async fn admit(
         &self,
-        filter: &PickFilter<'_>,
+        filter: &PickFilter,
         waiting: impl Fn(bool),
     ) -> Result<Admitted, ProxyError> {
         let now = Instant::now();
@@ -149,7 +151,7 @@ impl UpstreamPool {
 
     /// Like `admit`, without waiting: `None` when no usable server has a
     /// free slot.
-    pub fn try_admit(&self, filter: &PickFilter<'_>) -> Option<Admitted> {
+    pub fn try_admit(&self, filter: &PickFilter) -> Option<Admitted> {
         let now = Instant::now();
         let index = self.pick(filter, now).ok()?;
         let slot = match &self.inflight {
@@ -159,7 +161,7 @@ impl UpstreamPool {
         Some(self.admitted(index, slot))
     }
 
-    fn pick(&self, filter: &PickFilter<'_>, now: Instant) -> Result<usize, ProxyError> {
+    fn pick(&self, filter: &PickFilter, now: Instant) -> Result<usize, ProxyError> {
         let state = &self.state;
         state
             .balancer
@@ -169,8 +171,8 @@ impl UpstreamPool {
             })
     }
 
-    fn usable(&self, i: usize, filter: &PickFilter<'_>, now: Instant) -> bool {
-        filter.only.is_none_or(|only| only[i]) && self.state.servers[i].usable(now)
+    fn usable(&self, i: usize, filter: &PickFilter, now: Instant) -> bool {
+        filter.only & (1 << i) != 0 && self.state.servers[i].usable(now)
     }
 
     fn admitted(&self, planned: usize, slot: Option<InflightSlot>) -> Admitted {
@@ -212,12 +214,15 @@ impl UpstreamPool {
     /// only within the pool's retry budget; a timed-out one is not (the
     /// server may still be working on it). Returns the response, the lease
     /// its body arrives on (holding the request's place at its server), and
-    /// that server's index.
+    /// that server's index. Retries respect `filter` (the request's model,
+    /// its hash) but not its preference. A success for `model` tells the
+    /// pool the model is loaded there.
     pub async fn send(
         &self,
         mut admitted: Admitted,
         mut req: Request<RequestBody>,
-        hash: Option<u64>,
+        filter: PickFilter,
+        model: Option<&ModelName>,
         preserve_host: bool,
     ) -> Result<(Response<Incoming>, ConnLease, usize), ProxyError> {
         self.state.budget.earn();
@@ -228,7 +233,8 @@ impl UpstreamPool {
         };
         let eject_after = self.policy.eject_after;
         let may_eject = self.policy.servers.len() > 1;
-        let mut tried = Vec::new();
+        let mut tried = 0u64;
+        let mut attempts = 0u32;
         loop {
             let index = admitted.index;
             let server = &self.state.servers[index];
@@ -241,6 +247,9 @@ impl UpstreamPool {
                         server.failed(&format!("answered {status}"), eject_after, may_eject, now);
                     } else {
                         server.succeeded(now - started, now);
+                        if let (Some(model), true) = (model, status.is_success()) {
+                            self.state.models.note_loaded(index, model);
+                        }
                     }
                     lease.hold(admitted);
                     return Ok((resp, lease, index));
@@ -254,15 +263,15 @@ impl UpstreamPool {
             ) {
                 server.failed(&failure.error.to_string(), eject_after, may_eject, now);
             }
-            tried.push(index);
+            tried |= 1 << index;
+            attempts += 1;
             let again = failure.unsent.or_else(|| {
                 failure
                     .retryable
                     .then(|| replay.as_ref().map(Replay::request))
                     .flatten()
             });
-            let Some(mut again) = again.filter(|_| tried.len() <= self.policy.retries as usize)
-            else {
+            let Some(mut again) = again.filter(|_| attempts <= self.policy.retries) else {
                 return Err(failure.error);
             };
             if !self.state.budget.spend(now) {
@@ -270,20 +279,17 @@ impl UpstreamPool {
             }
             // The failed attempt's place goes back before the pause.
             drop(admitted);
-            tokio::time::sleep(retry::back_off(tried.len() as u32)).await;
-            let untried = PickFilter {
-                tried: &tried,
-                hash,
-                ..PickFilter::default()
+            tokio::time::sleep(retry::back_off(attempts)).await;
+            let anywhere = PickFilter {
+                tried: 0,
+                prefer: 0,
+                ..filter
             };
-            let next = self.try_admit(&untried).or_else(|| {
+            let next = self
+                .try_admit(&PickFilter { tried, ..anywhere })
                 // Every server tried: the least bad is one of them again
                 // (a pool of one, a server that refused while restarting).
-                self.try_admit(&PickFilter {
-                    hash,
-                    ..PickFilter::default()
-                })
-            });
+                .or_else(|| self.try_admit(&anywhere));
             let Some(next) = next else {
                 return Err(failure.error);
             };

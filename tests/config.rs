@@ -67,18 +67,6 @@ fn keys_not_built_yet_are_refused_at_their_line() {
             "{err}"
         );
     }
-    let upstream_keys = [(
-        "model_routing = \"discover\"",
-        "upstreams.ollama.model_routing",
-    )];
-    for (line, key) in upstream_keys {
-        let err = error_of(&format!("{UPSTREAM}{line}\n{ROUTE}"));
-        assert!(err.starts_with("proxy.toml:3:"), "{err}");
-        assert!(
-            err.contains(key) && err.contains("not supported yet"),
-            "{err}"
-        );
-    }
     Policy::parse(
         "p",
         &format!("{ROUTE}[route.cache]\nmode = \"force\"\nttl = \"5m\"\n{UPSTREAM}"),
@@ -436,6 +424,19 @@ fn cache_mistakes_name_their_line_and_fix() {
 
 #[test]
 fn upstream_pool_mistakes_name_their_line_and_fix() {
+    // A route's unknown_model needs a pool that routes by model.
+    let err = error_of(&format!(
+        "{UPSTREAM}{ROUTE}unknown_model = \"any_server\"\n"
+    ));
+    assert!(
+        err.contains("unknown_model: upstream `ollama` does not route by model"),
+        "{err}"
+    );
+    Policy::parse(
+        "p",
+        &format!("{UPSTREAM}model_routing = \"discover\"\n{ROUTE}unknown_model = \"any_server\"\n"),
+    )
+    .unwrap();
     let cases = [
         (
             "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }, { url = \"http://127.0.0.1:11434\" }]\n",
@@ -471,6 +472,36 @@ fn upstream_pool_mistakes_name_their_line_and_fix() {
             "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\n[upstreams.ollama.health]\npath = \"/api/version\"\nunhealthy_after = 0\n",
             "proxy.toml:5:",
             "use 1 to 100",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\", models = [\"llama3.2\"] }]\n",
+            "proxy.toml:2:",
+            "upstreams.ollama.servers[0].models: `models` are read only when the pool routes by model",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\nmodel_routing = \"static\"\n",
+            "proxy.toml:3:",
+            "no server lists its `models`",
+        ),
+        (
+            "[upstreams.ollama]\nmodel_routing = \"static\"\nservers = [{ url = \"http://127.0.0.1:11434\", models = [] }]\n",
+            "proxy.toml:3:",
+            "an empty list serves no model",
+        ),
+        (
+            "[upstreams.ollama]\nmodel_routing = \"static\"\nservers = [{ url = \"http://127.0.0.1:11434\", models = [\"two words\"] }]\n",
+            "proxy.toml:3:",
+            "`two words` is not a model name",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\nmodel_routing = \"static\"\ndiscover_interval = \"5s\"\n",
+            "proxy.toml:4:",
+            "only `model_routing = \"discover\"` asks",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\nmodel_routing = \"discover\"\ndiscover_interval = \"100ms\"\n",
+            "proxy.toml:4:",
+            "use 1s or more",
         ),
     ];
     for (upstream, at, says) in cases {

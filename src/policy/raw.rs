@@ -115,6 +115,7 @@ pub struct RawUpstream {
     pub queue_timeout: Option<Spanned<Dur>>,
     pub retries: Option<Spanned<u32>>,
     pub hash_key: Option<Spanned<String>>,
+    pub discover_interval: Option<Spanned<Dur>>,
     pub health: Option<Spanned<RawHealth>>,
 }
 
@@ -154,6 +155,28 @@ pub enum ModelRouting {
     Discover,
 }
 
+impl ModelRouting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelRouting::Off => "off",
+            ModelRouting::Static => "static",
+            ModelRouting::Discover => "discover",
+        }
+    }
+}
+
+/// A route's `unknown_model`: what a request for a model no server of a
+/// model-routed pool serves gets.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownModel {
+    /// 404 JSON listing the models the pool serves.
+    #[default]
+    Reject,
+    /// Any server, which answers for itself (e.g. pulls the model).
+    AnyServer,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
@@ -184,6 +207,7 @@ pub struct RawRoute {
     pub matcher: Option<Spanned<RawMatch>>,
     pub upstream: Spanned<String>,
     pub preserve_host: Option<bool>,
+    pub unknown_model: Option<Spanned<UnknownModel>>,
     pub rate_limit: Option<Spanned<Vec<Spanned<String>>>>,
     pub cache: Option<Spanned<RawRouteCache>>,
     pub headers: Option<Spanned<RawRouteHeaders>>,

@@ -16,7 +16,7 @@ use http::{Method, Uri};
 use toml::Spanned;
 
 use super::error::{nearest, PolicyError, Source};
-use super::raw::{self, Balance, ModelRouting, RawPolicy};
+use super::raw::{self, Balance, ModelRouting, RawPolicy, UnknownModel};
 use super::units::Size;
 use super::{
     BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness, HashKey, HeaderRewrite,
@@ -24,6 +24,7 @@ use super::{
     ServerPolicy, UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
+use crate::upstream::models::ModelName;
 
 const NOT_YET: &str = "not supported yet in this version of hyperion";
 /// Servers in one pool at most (the balancers track them in 64-bit sets).
@@ -426,11 +427,30 @@ impl Validator<'_> {
                 },
             },
         };
-        if let Some(m) = &raw.model_routing {
-            if *m.get_ref() != ModelRouting::Off {
-                return Err(self.not_yet(m.span(), &key("model_routing")));
+        let model_routing = raw
+            .model_routing
+            .as_ref()
+            .map_or(ModelRouting::Off, |m| *m.get_ref());
+        let discover_interval = match &raw.discover_interval {
+            Some(d) if model_routing != ModelRouting::Discover => {
+                return Err(self.err(
+                    d.span(),
+                    key("discover_interval"),
+                    "only `model_routing = \"discover\"` asks servers for their models",
+                    "set model_routing = \"discover\", or remove discover_interval",
+                ))
             }
-        }
+            Some(d) if d.get_ref().0 < Duration::from_secs(1) => {
+                return Err(self.err(
+                    d.span(),
+                    key("discover_interval"),
+                    "asking for the model list more often than every second loads the server for nothing",
+                    "use 1s or more, e.g. \"10s\"",
+                ))
+            }
+            Some(d) => d.get_ref().0,
+            None => Duration::from_secs(10),
+        };
         let max_inflight_per_server = match &raw.max_inflight_per_server {
             Some(v) if *v.get_ref() == 0 => {
                 return Err(self.err(
@@ -496,9 +516,10 @@ impl Validator<'_> {
         for (i, entry) in entries.into_iter().enumerate() {
             let entry = entry.into_inner();
             let k = format!("upstreams.{name}.servers[{i}]");
-            if let Some(m) = &entry.models {
-                return Err(self.not_yet(m.span(), &format!("{k}.models")));
-            }
+            let models = match &entry.models {
+                None => None,
+                Some(m) => Some(self.server_models(m, &format!("{k}.models"), model_routing)?),
+            };
             let weight = match &entry.weight {
                 Some(w) if *w.get_ref() == 0 => {
                     return Err(self.err(
@@ -539,7 +560,16 @@ impl Validator<'_> {
                 scheme,
                 authority,
                 weight,
+                models,
             });
+        }
+        if model_routing == ModelRouting::Static && servers.iter().all(|s| s.models.is_none()) {
+            return Err(self.err(
+                raw.model_routing.as_ref().map_or(servers_span, |m| m.span()),
+                key("model_routing"),
+                "static model routing, but no server lists its `models`",
+                "give servers a list, e.g. { url = \"http://10.0.0.12:11434\", models = [\"llama3.2\"] }, or use \"discover\"",
+            ));
         }
         Ok(UpstreamPolicy {
             name,
@@ -556,7 +586,52 @@ impl Validator<'_> {
             retries,
             eject_after: health.as_ref().map_or(3, |h| h.unhealthy_after),
             health,
+            model_routing,
+            discover_interval,
         })
+    }
+
+    /// A server's `models`: names Ollama would resolve, for a pool that
+    /// routes by model.
+    fn server_models(
+        &self,
+        raw: &Spanned<Vec<String>>,
+        key: &str,
+        routing: ModelRouting,
+    ) -> Result<Vec<ModelName>, PolicyError> {
+        if routing == ModelRouting::Off {
+            return Err(self.err(
+                raw.span(),
+                key,
+                "`models` are read only when the pool routes by model",
+                "set model_routing = \"static\" (or \"discover\") on this upstream, or remove models",
+            ));
+        }
+        if raw.get_ref().is_empty() {
+            return Err(self.err(
+                raw.span(),
+                key,
+                "an empty list serves no model",
+                "list the models it serves, or remove `models` for any model",
+            ));
+        }
+        let mut names = Vec::with_capacity(raw.get_ref().len());
+        for m in raw.get_ref() {
+            match ModelName::parse(m) {
+                Some(name) => names.push(name),
+                None => {
+                    return Err(self.err(
+                        raw.span(),
+                        key,
+                        format!("`{m}` is not a model name"),
+                        "write names as Ollama does, e.g. \"llama3.2\" or \"llama3.2:1b\"",
+                    ))
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     fn health(
@@ -1030,10 +1105,25 @@ impl Validator<'_> {
                     fix,
                 ));
             }
-            let response_timeout = upstreams
+            let pool = upstreams
                 .iter()
                 .find(|u| u.name == upstream)
-                .map_or(Duration::ZERO, |u| u.response_timeout);
+                .expect("the upstream was found above");
+            let response_timeout = pool.response_timeout;
+            let unknown_model = match &r.unknown_model {
+                Some(u) if pool.model_routing == ModelRouting::Off => {
+                    return Err(self.err(
+                        u.span(),
+                        format!("{key}.unknown_model"),
+                        format!("upstream `{upstream}` does not route by model"),
+                        format!(
+                            "set model_routing on [upstreams.{upstream}], or remove unknown_model"
+                        ),
+                    ))
+                }
+                Some(u) => *u.get_ref(),
+                None => UnknownModel::Reject,
+            };
             let route_cache = match r.cache {
                 Some(c) => self
                     .route_cache(c, &key, cache, response_timeout)?
@@ -1068,6 +1158,7 @@ impl Validator<'_> {
                     cache: route_cache,
                     headers,
                     rate_limits: limits,
+                    unknown_model,
                 }),
             ));
         }

@@ -42,21 +42,35 @@ pub enum Balancer {
     },
 }
 
-/// What a pick must respect beyond health.
-#[derive(Default, Clone, Copy)]
-pub struct PickFilter<'a> {
+/// What a pick must respect beyond health, as bit sets over the pool's
+/// servers (a pool has at most 64).
+#[derive(Clone, Copy, Debug)]
+pub struct PickFilter {
     /// Servers already tried by this request.
-    pub tried: &'a [usize],
-    /// Servers allowed at all (those serving the request's model), when
-    /// not all are.
-    pub only: Option<&'a [bool]>,
+    pub tried: u64,
+    /// Servers allowed at all (those serving the request's model).
+    pub only: u64,
+    /// Of the usable allowed servers, the ones to choose among when any is
+    /// usable (those with the model loaded); 0: no preference.
+    pub prefer: u64,
     /// The request's hash, for `consistent_hash`.
     pub hash: Option<u64>,
 }
 
-impl PickFilter<'_> {
-    fn allows(&self, i: usize) -> bool {
-        !self.tried.contains(&i) && self.only.is_none_or(|only| only[i])
+impl Default for PickFilter {
+    fn default() -> Self {
+        PickFilter {
+            tried: 0,
+            only: u64::MAX,
+            prefer: 0,
+            hash: None,
+        }
+    }
+}
+
+impl PickFilter {
+    pub fn allows(&self, i: usize) -> bool {
+        (self.only & !self.tried) & (1 << i) != 0
     }
 }
 
@@ -80,7 +94,7 @@ impl Balancer {
     pub fn pick(
         &self,
         servers: &[Arc<ServerState>],
-        filter: &PickFilter<'_>,
+        filter: &PickFilter,
         now: Instant,
     ) -> Option<usize> {
         // Who may be chosen, as a bit set: one clock reading, one look at
@@ -94,6 +108,9 @@ impl Balancer {
         }
         if ok.0 == 0 {
             return None;
+        }
+        if ok.0 & filter.prefer != 0 {
+            ok.0 &= filter.prefer;
         }
         match self {
             Balancer::RoundRobin { schedule, next } => {
@@ -297,6 +314,13 @@ mod tests {
             .collect()
     }
 
+    const EVERY_STRATEGY: [Balance; 4] = [
+        Balance::RoundRobin,
+        Balance::LeastInflight,
+        Balance::P2cEwma,
+        Balance::ConsistentHash,
+    ];
+
     fn counts(
         b: &Balancer,
         s: &[Arc<ServerState>],
@@ -394,17 +418,8 @@ mod tests {
         drop(held);
         assert_eq!(b.pick(&s, &key, now), Some(home));
         // Tried already: the next server on the ring.
-        let tried = [home];
-        let other = b
-            .pick(
-                &s,
-                &PickFilter {
-                    tried: &tried,
-                    ..key
-                },
-                now,
-            )
-            .unwrap();
+        let tried = 1 << home;
+        let other = b.pick(&s, &PickFilter { tried, ..key }, now).unwrap();
         assert_ne!(other, home);
     }
 
@@ -427,25 +442,49 @@ mod tests {
         for _ in 0..3 {
             s[1].failed("refused", 3, true, now);
         }
-        let only = [true, true, false];
-        let tried = [0];
-        for balance in [
-            Balance::RoundRobin,
-            Balance::LeastInflight,
-            Balance::P2cEwma,
-            Balance::ConsistentHash,
-        ] {
+        let only = 0b011;
+        let tried = 0b001;
+        for balance in EVERY_STRATEGY {
             let b = Balancer::new(balance, &s);
             for k in 0..50u64 {
                 let f = PickFilter {
-                    only: Some(&only),
+                    only,
                     hash: Some(k * 7919),
                     ..Default::default()
                 };
                 assert_eq!(b.pick(&s, &f, now), Some(0), "{balance:?}");
-                let f = PickFilter { tried: &tried, ..f };
+                let f = PickFilter { tried, ..f };
                 assert_eq!(b.pick(&s, &f, now), None, "{balance:?}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn preferred_servers_are_chosen_while_any_is_usable() {
+        let s = servers(&[1, 1, 1]);
+        let now = Instant::now();
+        for balance in EVERY_STRATEGY {
+            let b = Balancer::new(balance, &s);
+            for k in 0..50u64 {
+                let f = PickFilter {
+                    only: 0b110,
+                    prefer: 0b100,
+                    hash: Some(k * 7919),
+                    ..Default::default()
+                };
+                assert_eq!(b.pick(&s, &f, now), Some(2), "{balance:?}");
+            }
+        }
+        // The preferred server out: another allowed one.
+        for _ in 0..3 {
+            s[2].failed("refused", 3, true, now);
+        }
+        let b = Balancer::new(Balance::LeastInflight, &s);
+        let f = PickFilter {
+            only: 0b110,
+            prefer: 0b100,
+            ..Default::default()
+        };
+        assert_eq!(b.pick(&s, &f, now), Some(1));
     }
 }

@@ -19,20 +19,24 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{header, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::RequestBody;
+use crate::body::{RequestBody, ResponseBody};
 use crate::policy::UpstreamServer;
 
 /// How long an unused upstream connection is kept. Below the 5 s keep-alive
 /// of uvicorn (FastAPI's server), so the proxy never reuses a connection the
 /// upstream is closing at the same moment.
 pub const POOL_IDLE: Duration = Duration::from_secs(4);
+
+/// Longest pause in the answer to one of the proxy's own GETs.
+const ERRAND_IDLE: Duration = Duration::from_secs(30);
 
 /// Idle connections kept per server and worker; more are closed on release.
 const MAX_IDLE: usize = 256;
@@ -174,6 +178,40 @@ impl ServerConns {
     /// turned out to be closing).
     pub async fn checkout_new(self: &Arc<Self>) -> Result<ConnLease, ConnectError> {
         Ok(self.lease(self.connect().await?))
+    }
+
+    /// One GET of `path` on this server, its answer read whole (at most
+    /// `limit` bytes): the proxy's own errands (health checks, model
+    /// discovery). The caller bounds the time it may take.
+    pub async fn get(
+        self: &Arc<Self>,
+        server: &UpstreamServer,
+        path: &str,
+        agent: &'static str,
+        limit: usize,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let mut lease = self
+            .checkout()
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        let req = Request::get(path)
+            .header(header::HOST, server.host_header.clone())
+            .header(header::USER_AGENT, agent)
+            .body(RequestBody::buffered(Bytes::new()))
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let resp = lease
+            .conn()
+            .send(req)
+            .await
+            .map_err(|(e, _)| super::error_chain(&e))?;
+        let status = resp.status();
+        // Read to the end (driving the connection), so it can be used again.
+        let body = ResponseBody::upstream(resp.into_body(), lease, ERRAND_IDLE);
+        let body = http_body_util::Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|e| format!("GET {path}: reading the answer: {e}"))?;
+        Ok((status, body.to_bytes()))
     }
 
     fn lease(self: &Arc<Self>, conn: Box<UpstreamConn>) -> ConnLease {

@@ -3,23 +3,24 @@
 //! workers' `UpstreamPool`s. A server keeps its state (health, latency,
 //! counters) across a rebuild when its pool and URL are unchanged.
 //!
-//! The active health checks run here too: one task per checked server,
-//! started on a runtime the caller gives, stopped when the fleet is dropped.
+//! The active health checks run here too: one task per checked server
+//! (and one per server for model discovery, see `models`), started on a
+//! runtime the caller gives, stopped when the fleet is dropped.
 //! Connections and the request path belong to `upstream`.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::{header, Request, StatusCode};
+use http::StatusCode;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::balance::Balancer;
 use super::conns::ServerConns;
+use super::models::{Discovery, PoolModels};
 use super::retry::RetryBudget;
 use super::server_state::{ServerSnapshot, ServerState};
-use crate::body::{RequestBody, ResponseBody};
-use crate::policy::{HealthPolicy, Policy, UpstreamPolicy, UpstreamServer};
+use crate::policy::{HealthPolicy, ModelRouting, Policy, UpstreamPolicy, UpstreamServer};
 
 pub struct Fleet {
     pools: Vec<Arc<PoolState>>,
@@ -34,6 +35,8 @@ pub struct PoolState {
     pub servers: Box<[Arc<ServerState>]>,
     pub balancer: Balancer,
     pub budget: RetryBudget,
+    /// Who serves which model (`model_routing`).
+    pub models: Arc<PoolModels>,
 }
 
 impl Fleet {
@@ -63,6 +66,7 @@ impl Fleet {
                     })
                     .collect();
                 Arc::new(PoolState {
+                    models: Arc::new(PoolModels::new(u, before.map(|b| &*b.models))),
                     balancer: Balancer::new(u.balance, &servers),
                     servers,
                     policy: u.clone(),
@@ -84,9 +88,25 @@ impl Fleet {
         &self.pools
     }
 
-    /// Starts the active health checks on `runtime`.
+    /// Starts the active health checks and model discovery on `runtime`.
     pub fn start_checks(&self, runtime: &tokio::runtime::Handle) {
         for pool in &self.pools {
+            if pool.policy.model_routing == ModelRouting::Discover {
+                for (index, server) in pool.policy.servers.iter().enumerate() {
+                    let discovery = Discovery {
+                        server: server.clone(),
+                        index,
+                        models: Arc::downgrade(&pool.models),
+                        interval: pool.policy.discover_interval,
+                        connect_timeout: pool.policy.connect_timeout,
+                    };
+                    runtime.spawn(
+                        self.checks
+                            .clone()
+                            .run_until_cancelled_owned(discovery.run()),
+                    );
+                }
+            }
             let Some(health) = &pool.policy.health else {
                 continue;
             };
@@ -97,13 +117,7 @@ impl Fleet {
                     policy: health.clone(),
                     connect_timeout: pool.policy.connect_timeout,
                 };
-                let stop = self.checks.clone();
-                runtime.spawn(async move {
-                    tokio::select! {
-                        () = check.run() => {}
-                        () = stop.cancelled() => {}
-                    }
-                });
+                runtime.spawn(self.checks.clone().run_until_cancelled_owned(check.run()));
             }
         }
     }
@@ -118,7 +132,15 @@ impl Drop for Fleet {
 impl PoolState {
     pub fn snapshot(&self) -> Vec<ServerSnapshot> {
         let now = Instant::now();
-        self.servers.iter().map(|s| s.snapshot(now)).collect()
+        let by_model = self.policy.model_routing != ModelRouting::Off;
+        self.servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ServerSnapshot {
+                models: by_model.then(|| self.models.snapshot(i)),
+                ..s.snapshot(now)
+            })
+            .collect()
     }
 }
 
@@ -190,24 +212,14 @@ impl HealthCheck {
 
     /// One GET of the health path: any 2xx passes.
     async fn probe(&self, conns: &Arc<ServerConns>) -> Result<(), String> {
-        let mut lease = conns
-            .checkout()
-            .await
-            .map_err(|e| format!("connecting: {e}"))?;
-        let req = Request::get(self.policy.path.as_str())
-            .header(header::HOST, self.server.host_header.clone())
-            .header(header::USER_AGENT, "hyperion-health-check")
-            .body(RequestBody::buffered(bytes::Bytes::new()))
-            .expect("a valid health request");
-        let resp = lease
-            .conn()
-            .send(req)
-            .await
-            .map_err(|(e, _)| super::error_chain(&e))?;
-        let status = resp.status();
-        // Read to the end (driving the connection), so it can be used again.
-        let body = ResponseBody::upstream(resp.into_body(), lease, self.policy.timeout);
-        let _ = http_body_util::BodyExt::collect(body).await;
+        let (status, _) = conns
+            .get(
+                &self.server,
+                self.policy.path.as_str(),
+                "hyperion-health-check",
+                64 << 10,
+            )
+            .await?;
         if status.is_success() {
             Ok(())
         } else {

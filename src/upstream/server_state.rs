@@ -55,6 +55,9 @@ pub struct ServerSnapshot {
     pub ewma_ms: f64,
     pub requests: u64,
     pub failures: u64,
+    /// What it serves, when its pool routes by model.
+    #[serde(flatten)]
+    pub models: Option<super::models::ServerModelsSnapshot>,
 }
 
 /// Counts a request in flight to a server until dropped (when the response
@@ -238,6 +241,7 @@ impl ServerState {
             ewma_ms: self.latency(now).unwrap_or(0.0) / 1e6,
             requests: self.requests.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
+            models: None,
         }
     }
 }
