@@ -192,6 +192,17 @@ pub struct UpstreamServer {
     /// Its `models`, normalized; `None`: any model (or, under `discover`,
     /// whatever it says it serves).
     pub models: Option<Vec<ModelName>>,
+    /// For an `https://` server: how to talk TLS to it.
+    pub tls: Option<ServerTls>,
+}
+
+/// How the proxy reaches an `https://` server: the pool's trust roots (the
+/// platform's, or its `ca_file`) and the name the server's certificate must
+/// carry, sent as SNI (an IP address is checked but not sent).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
 }
 
 /// One `[[route]]`.

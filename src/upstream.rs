@@ -380,6 +380,10 @@ impl UpstreamPool {
                 server: server.url.to_string(),
                 reason: format!("connecting: {e}"),
             },
+            ConnectError::Tls(e) => ProxyError::UpstreamUnavailable {
+                server: server.url.to_string(),
+                reason: format!("TLS handshake: {}", error_chain(&e)),
+            },
             ConnectError::Handshake(e) => ProxyError::UpstreamUnavailable {
                 server: server.url.to_string(),
                 reason: error_chain(&e),

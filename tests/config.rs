@@ -116,7 +116,7 @@ fn mistakes_name_file_line_column_key_and_fix() {
         ),
         (
             "[upstreams.a]\nservers = [{ url = \"127.0.0.1:11434\" }]\n",
-            "proxy.toml:2:20: upstreams.a.servers[0].url: `127.0.0.1:11434` has no http:// scheme",
+            "proxy.toml:2:20: upstreams.a.servers[0].url: `127.0.0.1:11434` has no http:// or https:// scheme",
         ),
         (
             "[upstreams.a]\nservers = [{ url = \"http://x:1\", wieght = 2 }]\n",

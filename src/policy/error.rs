@@ -36,6 +36,16 @@ pub(crate) struct Source<'a> {
 }
 
 impl Source<'_> {
+    /// A path written in the policy: relative ones are relative to the
+    /// policy file's directory, wherever hyperion was started.
+    pub fn relative_path(&self, written: &str) -> std::path::PathBuf {
+        let path = std::path::Path::new(written);
+        match std::path::Path::new(self.name).parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
     pub fn error(
         &self,
         span: Option<Range<usize>>,

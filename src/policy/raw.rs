@@ -116,6 +116,7 @@ pub struct RawUpstream {
     pub retries: Option<Spanned<u32>>,
     pub hash_key: Option<Spanned<String>>,
     pub discover_interval: Option<Spanned<Dur>>,
+    pub ca_file: Option<Spanned<String>>,
     pub health: Option<Spanned<RawHealth>>,
 }
 

@@ -21,7 +21,7 @@ use super::units::Size;
 use super::{
     BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness, HashKey, HeaderRewrite,
     HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy, RouteCachePolicy, RoutePolicy,
-    ServerPolicy, UpstreamPolicy, UpstreamServer,
+    ServerPolicy, ServerTls, UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 use crate::upstream::models::ModelName;
@@ -49,11 +49,18 @@ pub(super) fn parse(name: &str, text: &str) -> Result<Policy, PolicyError> {
     })?;
     let raw: RawPolicy =
         serde_path_to_error::deserialize(de).map_err(|e| src.deserialize_error(e))?;
-    Validator { src }.policy(raw)
+    Validator {
+        src,
+        platform_roots: std::cell::OnceCell::new(),
+    }
+    .policy(raw)
 }
 
 struct Validator<'a> {
     src: Source<'a>,
+    /// The platform's CA certificates, read once, for https upstreams
+    /// without a `ca_file`.
+    platform_roots: std::cell::OnceCell<Arc<rustls::RootCertStore>>,
 }
 
 impl Validator<'_> {
@@ -513,6 +520,8 @@ impl Validator<'_> {
             ));
         }
         let mut servers = Vec::with_capacity(entries.len());
+        // Built for the pool's first https server, shared by the others.
+        let mut tls_config: Option<Arc<rustls::ClientConfig>> = None;
         for (i, entry) in entries.into_iter().enumerate() {
             let entry = entry.into_inner();
             let k = format!("upstreams.{name}.servers[{i}]");
@@ -554,6 +563,34 @@ impl Validator<'_> {
             }
             let host_header = http::HeaderValue::from_str(authority.as_str())
                 .expect("a parsed authority is a valid header value");
+            let tls = if scheme == Scheme::HTTPS {
+                let config = match &tls_config {
+                    Some(c) => c.clone(),
+                    None => tls_config
+                        .insert(self.client_tls(
+                            raw.ca_file.as_ref(),
+                            &key("ca_file"),
+                            &entry.url,
+                        )?)
+                        .clone(),
+                };
+                let host = authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name =
+                    rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
+                        self.err(
+                            entry.url.span(),
+                            format!("{k}.url"),
+                            format!("`{host}` cannot be checked against a certificate"),
+                            "use the DNS name or IP address the server's certificate is for",
+                        )
+                    })?;
+                Some(ServerTls { config, name })
+            } else {
+                None
+            };
             servers.push(UpstreamServer {
                 url: Arc::from(entry.url.into_inner()),
                 host_header,
@@ -561,7 +598,16 @@ impl Validator<'_> {
                 authority,
                 weight,
                 models,
+                tls,
             });
+        }
+        if let (Some(f), None) = (&raw.ca_file, &tls_config) {
+            return Err(self.err(
+                f.span(),
+                key("ca_file"),
+                "ca_file is only read for https:// servers, and this pool has none",
+                "use https:// server URLs, or remove ca_file",
+            ));
         }
         if model_routing == ModelRouting::Static && servers.iter().all(|s| s.models.is_none()) {
             return Err(self.err(
@@ -719,22 +765,23 @@ impl Validator<'_> {
     ) -> Result<(Scheme, Authority), PolicyError> {
         let span = url.span();
         let text = url.get_ref();
-        let fix = "write it as http://HOST:PORT, e.g. \"http://127.0.0.1:11434\"";
+        let fix =
+            "write it as http://HOST:PORT or https://HOST:PORT, e.g. \"http://127.0.0.1:11434\"";
         let uri: Uri = text
             .parse()
             .map_err(|_| self.err(span.clone(), key, format!("`{text}` is not a URL"), fix))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => {
                 return Err(self.err(
                     span,
                     key,
-                    format!("https upstreams are {NOT_YET}"),
-                    "use an http:// URL for now",
-                ));
+                    format!("`{text}` has no http:// or https:// scheme"),
+                    fix,
+                ))
             }
-            _ => return Err(self.err(span, key, format!("`{text}` has no http:// scheme"), fix)),
-        }
+        };
         let authority = match uri.authority() {
             Some(a) if !a.host().is_empty() => a.clone(),
             _ => return Err(self.err(span, key, format!("`{text}` has no host"), fix)),
@@ -755,7 +802,86 @@ impl Validator<'_> {
                 "remove the path: requests keep their own path",
             ));
         }
-        Ok((Scheme::HTTP, authority))
+        Ok((scheme, authority))
+    }
+
+    /// The TLS client setup of a pool with https servers: trusting the
+    /// certificates of `ca_file` (relative to the policy file), or else the
+    /// platform's.
+    fn client_tls(
+        &self,
+        ca_file: Option<&Spanned<String>>,
+        key: &str,
+        first_https: &Spanned<String>,
+    ) -> Result<Arc<rustls::ClientConfig>, PolicyError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let roots = match ca_file {
+            Some(f) => {
+                let path = self.src.relative_path(f.get_ref());
+                let fix = "give the path of a PEM file of CA certificates that hyperion can read";
+                let pem = std::fs::read(&path).map_err(|e| {
+                    self.err(
+                        f.span(),
+                        key,
+                        format!("cannot read {}: {e}", path.display()),
+                        fix,
+                    )
+                })?;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    let added = cert
+                        .map_err(|e| format!("{e:?}"))
+                        .and_then(|c| roots.add(c).map_err(|e| e.to_string()));
+                    if let Err(e) = added {
+                        return Err(self.err(
+                            f.span(),
+                            key,
+                            format!(
+                                "{} holds a certificate that cannot be used: {e}",
+                                path.display()
+                            ),
+                            fix,
+                        ));
+                    }
+                }
+                if roots.is_empty() {
+                    return Err(self.err(
+                        f.span(),
+                        key,
+                        format!("{} holds no PEM certificate", path.display()),
+                        fix,
+                    ));
+                }
+                Arc::new(roots)
+            }
+            None => {
+                let roots = self.platform_roots.get_or_init(|| {
+                    let found = rustls_native_certs::load_native_certs();
+                    let mut roots = rustls::RootCertStore::empty();
+                    roots.add_parsable_certificates(found.certs);
+                    Arc::new(roots)
+                });
+                if roots.is_empty() {
+                    return Err(self.err(
+                        first_https.span(),
+                        key.replace("ca_file", "servers"),
+                        "an https server, but this machine has no CA certificates to check it with",
+                        "install the platform's CA certificates (e.g. apt-get install ca-certificates), or set ca_file",
+                    ));
+                }
+                roots.clone()
+            }
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Upstream connections speak HTTP/1.1 only.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
     }
 
     fn cache(&self, raw: Spanned<raw::RawCache>) -> Result<CachePolicy, PolicyError> {

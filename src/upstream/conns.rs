@@ -9,11 +9,12 @@
 //! connection waits in its server's idle stack (`ServerConns`), one per
 //! server per worker thread, so taking one locks nothing shared across cores.
 //!
-//! This module owns connecting, reuse and retirement. Choosing the server and
+//! This module owns connecting (TCP, and TLS for `https://` servers), reuse
+//! and retirement. Choosing the server and
 //! mapping errors to statuses belong to `upstream`.
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -24,6 +25,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -41,13 +44,81 @@ const ERRAND_IDLE: Duration = Duration::from_secs(30);
 /// Idle connections kept per server and worker; more are closed on release.
 const MAX_IDLE: usize = 256;
 
-type Io = TokioIo<TcpStream>;
+type Io = TokioIo<UpstreamStream>;
+
+/// The byte stream under an upstream connection: plain TCP, or TLS over it
+/// for an `https://` server.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    /// Boxed: rustls' connection state is large, and most pools are plain.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Why no connection could be had.
 #[derive(Debug)]
 pub enum ConnectError {
     Io(std::io::Error),
     TimedOut,
+    /// The TLS handshake failed (certificate not trusted, wrong name, …).
+    Tls(std::io::Error),
     Handshake(hyper::Error),
 }
 
@@ -56,6 +127,7 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Io(e) => write!(f, "{e}"),
             ConnectError::TimedOut => f.write_str("timed out"),
+            ConnectError::Tls(e) => write!(f, "TLS handshake: {}", super::error_chain(e)),
             ConnectError::Handshake(e) => f.write_str(&super::error_chain(e)),
         }
     }
@@ -120,7 +192,7 @@ impl UpstreamConn {
     /// After a 101, the raw connection and any bytes the upstream sent past
     /// the response head, for the tunnel. hyper ends the exchange once the
     /// head is read; this drives it there.
-    pub async fn into_upgraded(mut self) -> Result<(TcpStream, Bytes), hyper::Error> {
+    pub async fn into_upgraded(mut self) -> Result<(UpstreamStream, Bytes), hyper::Error> {
         std::future::poll_fn(|cx| {
             if self.driver.drive(cx) {
                 Poll::Ready(())
@@ -148,6 +220,8 @@ impl UpstreamConn {
 pub struct ServerConns {
     /// `host:port` to connect to.
     addr: Box<str>,
+    /// For an `https://` server.
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     connect_timeout: Duration,
     /// Most recently released on top; released times only grow upwards.
     idle: Mutex<Vec<(Instant, Box<UpstreamConn>)>>,
@@ -156,9 +230,16 @@ pub struct ServerConns {
 
 impl ServerConns {
     pub fn new(server: &UpstreamServer, connect_timeout: Duration) -> Arc<Self> {
-        let port = server.authority.port_u16().unwrap_or(80);
+        let default_port = if server.tls.is_some() { 443 } else { 80 };
+        let port = server.authority.port_u16().unwrap_or(default_port);
         Arc::new(ServerConns {
             addr: format!("{}:{port}", server.authority.host()).into(),
+            tls: server.tls.as_ref().map(|t| {
+                (
+                    tokio_rustls::TlsConnector::from(t.config.clone()),
+                    t.name.clone(),
+                )
+            }),
             connect_timeout,
             idle: Mutex::new(Vec::new()),
             sweeping: std::sync::atomic::AtomicBool::new(false),
@@ -240,11 +321,11 @@ impl ServerConns {
     /// moves between the idle stack, the request and the response body.
     async fn connect(self: &Arc<Self>) -> Result<Box<UpstreamConn>, ConnectError> {
         self.start_sweeper();
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.addr))
+        // `connect_timeout` covers the TLS handshake too: both are the
+        // server accepting the connection.
+        let stream = tokio::time::timeout(self.connect_timeout, self.open())
             .await
-            .map_err(|_| ConnectError::TimedOut)?
-            .map_err(ConnectError::Io)?;
-        stream.set_nodelay(true).map_err(ConnectError::Io)?;
+            .map_err(|_| ConnectError::TimedOut)??;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -257,6 +338,22 @@ impl ServerConns {
                 error: None,
             },
         }))
+    }
+
+    async fn open(&self) -> Result<UpstreamStream, ConnectError> {
+        let stream = TcpStream::connect(&*self.addr)
+            .await
+            .map_err(ConnectError::Io)?;
+        stream.set_nodelay(true).map_err(ConnectError::Io)?;
+        Ok(match &self.tls {
+            None => UpstreamStream::Plain(stream),
+            Some((connector, name)) => UpstreamStream::Tls(Box::new(
+                connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(ConnectError::Tls)?,
+            )),
+        })
     }
 
     fn release(&self, conn: Box<UpstreamConn>) {
