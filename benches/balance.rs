@@ -2,14 +2,19 @@
 //! requests in flight: the hot-path part of `UpstreamPool::admit` (the
 //! balancer's pick over the shared server state).
 //!
+//! Also what model routing adds before the pick (reading `model` from a
+//! chat request, finding its servers), and what keeping a request's head
+//! for a retry costs (one `HeaderMap` clone of a forwarded request).
+//!
 //! Run: `cargo bench --bench balance`. Target: under 200 ns median.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use hyperion::policy::Balance;
+use hyperion::policy::{Balance, Policy};
 use hyperion::upstream::balance::{Balancer, PickFilter};
+use hyperion::upstream::models::{requested_model, PoolModels};
 use hyperion::upstream::server_state::ServerState;
 use tokio::time::Instant;
 
@@ -55,5 +60,69 @@ fn bench(c: &mut Criterion) {
     drop(held);
 }
 
-criterion_group!(benches, bench);
+fn model_routing(c: &mut Criterion) {
+    let servers: Vec<String> = (0..16)
+        .map(|i| {
+            let models = match i % 3 {
+                0 => r#""llama3.2", "phi3""#,
+                1 => r#""qwen2.5:7b", "llama3.2""#,
+                _ => r#""mistral""#,
+            };
+            format!(r#"{{ url = "http://10.0.0.{i}:11434", models = [{models}] }}"#)
+        })
+        .collect();
+    let policy = Policy::parse(
+        "bench.toml",
+        &format!(
+            "[upstreams.up]\nservers = [{}]\nmodel_routing = \"static\"\n[[route]]\nname = \"r\"\nupstream = \"up\"\n",
+            servers.join(", ")
+        ),
+    )
+    .unwrap();
+    let models = PoolModels::new(&policy.upstreams[0], None);
+    let body = br#"{"model":"llama3.2","stream":true,"messages":[{"role":"system","content":"You are a helpful assistant. Answer briefly and cite sources when you can."},{"role":"user","content":"Why is the sky blue? Explain Rayleigh scattering in two sentences, for a curious ten-year-old who likes experiments."}],"options":{"temperature":0.2,"num_predict":256,"num_ctx":4096},"keep_alive":"5m"}"#;
+    let mut g = c.benchmark_group("model_routing");
+    g.bench_function("read_model_from_chat_body", |b| {
+        b.iter(|| black_box(requested_model(black_box(body))))
+    });
+    let model = requested_model(body).unwrap();
+    g.bench_function("servers_for_model_16", |b| {
+        b.iter(|| black_box(models.choose(Some(black_box(&model)))))
+    });
+    g.finish();
+}
+
+fn retry_replay(c: &mut Criterion) {
+    // A request head as it leaves for the upstream.
+    let mut head = http::HeaderMap::new();
+    for (k, v) in [
+        ("host", "127.0.0.1:11434"),
+        ("user-agent", "python-httpx/0.27.0"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        (
+            "authorization",
+            "Bearer sk-0123456789abcdef0123456789abcdef",
+        ),
+        ("x-forwarded-for", "10.1.2.3"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "ai.internal"),
+        ("via", "1.1 hyperion"),
+        ("x-request-id", "96e08335ba65148f7107a33f4f0f86de"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ] {
+        head.insert(
+            http::HeaderName::from_static(k),
+            http::HeaderValue::from_static(v),
+        );
+    }
+    c.bench_function("retry_replay_head_clone", |b| {
+        b.iter(|| black_box(black_box(&head).clone()))
+    });
+}
+
+criterion_group!(benches, bench, model_routing, retry_replay);
 criterion_main!(benches);
