@@ -23,7 +23,8 @@ use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyperion::{LogSink, Policy, Proxy};
+use hyperion::generation::{Generation, LiveProxy};
+use hyperion::{LogSink, Policy};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -104,10 +105,11 @@ upstream = "up"
 algorithms = ["br", "gzip"]
 "#
     );
-    let policy = Arc::new(Policy::parse("stream_delay.toml", &policy).unwrap());
+    let policy = Policy::parse("stream_delay.toml", &policy).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let proxy = Arc::new(Proxy::new(policy, LogSink::Stderr));
+    let first = Generation::first(policy, LogSink::Stderr);
+    let proxy = Arc::new(LiveProxy::from_pointee(first.proxy(None)));
     tokio::spawn(hyperion::serve(
         vec![listener],
         proxy,

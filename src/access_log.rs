@@ -23,6 +23,7 @@ use crate::policy::AccessLogFormat;
 const QUEUE: usize = 65_536;
 
 /// Where formatted lines go.
+#[derive(Clone)]
 pub enum LogSink {
     Stderr,
     /// Tests read lines from the other end.

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access_log::{AccessLog, AccessRecord, LogSink};
+use crate::access_log::{AccessLog, AccessRecord};
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::cache::{Before, Cache, CacheQuery, CacheStatus, Exchange, Followed};
 use crate::compress;
@@ -45,6 +45,8 @@ pub struct Proxy {
     cache: Arc<Cache>,
     /// The upstream pools' shared state (kept alive for the health checks).
     fleet: Arc<Fleet>,
+    /// This worker's side of each pool (its connections).
+    pools: Vec<Arc<UpstreamPool>>,
 }
 
 /// A route with its upstream pool resolved.
@@ -59,8 +61,6 @@ struct Route {
 pub struct ConnInfo {
     /// The TCP peer, IPv4-mapped addresses as IPv4.
     pub peer: IpAddr,
-    /// Whether the peer is one of `trusted_proxies`, decided once per connection.
-    pub peer_trusted: bool,
     /// `http` or `https`.
     pub proto: &'static str,
     pub state: Arc<ConnState>,
@@ -73,33 +73,29 @@ pub struct ConnInfo {
 // === impl Proxy ===
 
 impl Proxy {
-    /// A proxy with its own access log (tests, single-runtime use).
-    pub fn new(policy: Arc<Policy>, sink: LogSink) -> Self {
-        let log = AccessLog::new(policy.server.access_log, policy.server.slow_request, sink);
-        let cache = Cache::new(policy.cache.clone());
-        let limits = Arc::new(Limits::new(&policy, None));
-        let fleet = Arc::new(Fleet::new(&policy, None));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            fleet.start_checks(&runtime);
-        }
-        Proxy::worker(policy, Arc::new(log), cache, limits, fleet)
-    }
-
     /// A proxy sharing the access log and the cache with other workers: one
-    /// per worker runtime, each with its own upstream connection pools.
+    /// per worker runtime, each with its own upstream connection pools
+    /// (those of `previous`, the worker's proxy before a reload, kept where
+    /// the servers are the same).
     pub fn worker(
         policy: Arc<Policy>,
         log: Arc<AccessLog>,
         cache: Arc<Cache>,
         limits: Arc<Limits>,
         fleet: Arc<Fleet>,
+        previous: Option<&Proxy>,
     ) -> Self {
         let pools: Vec<Arc<UpstreamPool>> = fleet
             .pools()
             .iter()
             .map(|p| {
                 let inflight = limits.inflight(&p.policy.name);
-                Arc::new(UpstreamPool::new(p.clone(), inflight))
+                let before = previous.and_then(|prev| {
+                    prev.pools
+                        .iter()
+                        .find(|old| old.policy.name == p.policy.name)
+                });
+                Arc::new(UpstreamPool::new(p.clone(), inflight, before.map(|b| &**b)))
             })
             .collect();
         let routes = policy
@@ -122,6 +118,7 @@ impl Proxy {
             .collect();
         Proxy {
             routes: RouteTable::new(routes),
+            pools,
             log,
             policy,
             cache,
@@ -148,9 +145,11 @@ impl Proxy {
         let inflight = conn.state.begin(req.version());
         let request_id = headers::request_id(req.headers());
         let trusted = &self.policy.server.trusted_proxies;
+        // Per request, not per connection: a reload may change the list.
+        let peer_trusted = headers::is_trusted(conn.peer, trusted);
         let rec = AccessRecord {
             started: Instant::now(),
-            client: headers::client_ip(conn.peer, conn.peer_trusted, req.headers(), trusted),
+            client: headers::client_ip(conn.peer, peer_trusted, req.headers(), trusted),
             method: req.method().clone(),
             target: req.uri().path_and_query().cloned(),
             version: req.version(),
@@ -181,7 +180,14 @@ impl Proxy {
         let head_only = req.method() == Method::HEAD;
         let mut admission = Admission::default();
         let forwarded = self
-            .forward(req, conn, rec, &request_id, &mut rewrite, &mut admission)
+            .forward(
+                req,
+                (conn, peer_trusted),
+                rec,
+                &request_id,
+                &mut rewrite,
+                &mut admission,
+            )
             .await;
         let spends = admission.take_token_spends();
         let mut spends = (!spends.is_empty()).then_some(spends);
@@ -270,7 +276,7 @@ impl Proxy {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        conn: &ConnInfo,
+        (conn, peer_trusted): (&ConnInfo, bool),
         rec: &mut AccessRecord,
         request_id: &HeaderValue,
         rewrite: &mut Option<Arc<HeaderRewrite>>,
@@ -508,7 +514,7 @@ impl Proxy {
             &mut parts.headers,
             &Forwarding {
                 peer: conn.peer,
-                peer_trusted: conn.peer_trusted,
+                peer_trusted,
                 proto: conn.proto,
                 host: host_value.as_ref(),
                 version: parts.version,

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod compress;
 pub mod conn;
 pub mod error;
+pub mod generation;
 pub mod handler;
 pub mod headers;
 pub mod limits;

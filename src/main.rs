@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use hyperion::access_log::AccessLog;
-use hyperion::{LogSink, Policy, Proxy};
+use hyperion::generation::{follow, Generation, LiveProxy, Reloader};
+use hyperion::{LogSink, Policy};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -61,11 +61,11 @@ fn main() -> ExitCode {
             let _ = write!(out, "{policy}");
             ExitCode::SUCCESS
         }
-        Command::Run => run(policy),
+        Command::Run => run(policy, &cli.config),
     }
 }
 
-fn run(policy: Policy) -> ExitCode {
+fn run(policy: Policy, config: &std::path::Path) -> ExitCode {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -96,36 +96,34 @@ fn run(policy: Policy) -> ExitCode {
     // Workers share each listening socket (dup'd descriptors, not SO_REUSEPORT,
     // so a second instance still fails with "address in use").
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let policy = Arc::new(policy);
-    let log = Arc::new(AccessLog::new(
-        policy.server.access_log,
-        policy.server.slow_request,
-        LogSink::Stderr,
-    ));
+    let shutdown_grace = policy.server.shutdown_grace;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let cache = hyperion::cache::Cache::new(policy.cache.clone());
-    let limits = Arc::new(hyperion::limits::Limits::new(&policy, None));
-    let fleet = Arc::new(hyperion::upstream::fleet::Fleet::new(&policy, None));
-    // Health checks run on a thread of their own, off the workers' loops.
-    let checks = {
-        let (fleet, mut stop) = (fleet.clone(), stop_rx.clone());
-        std::thread::Builder::new()
-            .name("hyperion-checks".into())
+    // The proxy's own errands (health checks, model discovery) run on a
+    // thread of their own, off the workers' loops.
+    let ops = {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let mut stop = stop_rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hyperion-ops".into())
             .spawn(move || -> std::io::Result<()> {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
+                let _ = handle_tx.send(runtime.handle().clone());
                 runtime.block_on(async move {
-                    fleet.start_checks(&tokio::runtime::Handle::current());
                     let _ = stop.wait_for(|stopped| *stopped).await;
                 });
                 Ok(())
-            })
+            });
+        match spawned.map(|_| handle_rx.recv()) {
+            Ok(Ok(handle)) => handle,
+            Ok(Err(_)) | Err(_) => {
+                eprintln!("cannot start the operations thread");
+                return ExitCode::FAILURE;
+            }
+        }
     };
-    if let Err(e) = checks {
-        eprintln!("cannot start the health-check thread: {e}");
-        return ExitCode::FAILURE;
-    }
+    let reloader = Reloader::new(config, Generation::first(policy, LogSink::Stderr), ops);
     let mut threads = Vec::with_capacity(workers);
     for w in 0..workers {
         let clones: std::io::Result<Vec<_>> = sockets.iter().map(|s| s.try_clone()).collect();
@@ -136,8 +134,7 @@ fn run(policy: Policy) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let (policy, log, mut stop) = (policy.clone(), log.clone(), stop_rx.clone());
-        let (cache, limits, fleet) = (cache.clone(), limits.clone(), fleet.clone());
+        let (reloader, mut stop) = (reloader.clone(), stop_rx.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("hyperion-w{w}"))
             .spawn(move || -> std::io::Result<()> {
@@ -149,8 +146,9 @@ fn run(policy: Policy) -> ExitCode {
                         .into_iter()
                         .map(TcpListener::from_std)
                         .collect::<std::io::Result<Vec<_>>>()?;
-                    let proxy = Arc::new(Proxy::worker(policy, log, cache, limits, fleet));
-                    hyperion::serve(listeners, proxy, async move {
+                    let live = Arc::new(LiveProxy::from_pointee(reloader.current().proxy(None)));
+                    tokio::spawn(follow(live.clone(), reloader.subscribe()));
+                    hyperion::serve(listeners, live, async move {
                         let _ = stop.wait_for(|stopped| *stopped).await;
                     })
                     .await;
@@ -178,7 +176,7 @@ fn run(policy: Policy) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let streams = signals.block_on(shutdown_signal());
+    let streams = signals.block_on(shutdown_signal(&reloader));
     // A second SIGINT or SIGTERM during the drain exits at once.
     std::thread::spawn(move || {
         if let Some((mut term, mut int)) = streams {
@@ -193,7 +191,7 @@ fn run(policy: Policy) -> ExitCode {
         }
     });
     tracing::info!(
-        grace_s = policy.server.shutdown_grace.as_secs_f64(),
+        grace_s = shutdown_grace.as_secs_f64(),
         "shutting down: no new connections, draining in-flight requests"
     );
     let _ = stop_tx.send(true);
@@ -213,9 +211,8 @@ fn run(policy: Policy) -> ExitCode {
 }
 
 /// Resolves on SIGTERM or SIGINT, and returns the streams so a second signal
-/// can be awaited. SIGHUP (reload) is acknowledged but not yet acted on, rather
-/// than killing the process as its default action would.
-async fn shutdown_signal() -> Option<(Signal, Signal)> {
+/// can be awaited. SIGHUP reloads the policy file meanwhile.
+async fn shutdown_signal(reloader: &Reloader) -> Option<(Signal, Signal)> {
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -228,7 +225,11 @@ async fn shutdown_signal() -> Option<(Signal, Signal)> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received"); break }
             _ = int.recv() => { tracing::info!("SIGINT received"); break }
-            _ = hup.recv() => tracing::warn!("SIGHUP received: reloading the policy is not supported yet; restart to apply changes"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading {}", reloader.path().display());
+                // The outcome is logged by the reloader.
+                let _ = reloader.reload();
+            }
         }
     }
     Some((term, int))

@@ -20,12 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::conn::{ActivityIo, ConnState, ConnTimeout};
-use crate::handler::{ConnInfo, Proxy};
+use crate::generation::LiveProxy;
+use crate::handler::ConnInfo;
 use crate::policy::ServerPolicy;
 
 /// What every connection task shares.
 struct Shared {
-    proxy: Arc<Proxy>,
+    /// Read once per request: a reload swaps it.
+    proxy: Arc<LiveProxy>,
     builder: auto::Builder<TokioExecutor>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
@@ -34,17 +36,18 @@ struct Shared {
     tasks: TaskTracker,
 }
 
-/// Serves `proxy` on already-bound `listeners` until `shutdown` resolves,
-/// then drains for at most the policy's `shutdown_grace`.
+/// Serves the `proxy` of the moment on already-bound `listeners` until
+/// `shutdown` resolves, then drains for at most the policy's
+/// `shutdown_grace` (as it was at start, like the connection settings).
 ///
 /// Listeners are passed in bound, so tests bind `127.0.0.1:0` without racing
 /// for ports, and the binary can report bind errors before serving.
 pub async fn serve(
     listeners: Vec<TcpListener>,
-    proxy: Arc<Proxy>,
+    proxy: Arc<LiveProxy>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let policy: ServerPolicy = proxy.policy().server.clone();
+    let policy: ServerPolicy = proxy.load().policy().server.clone();
     let shared = Arc::new(Shared {
         builder: connection_builder(&policy),
         header_read_timeout: policy.header_read_timeout,
@@ -149,18 +152,15 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let peer_ip = peer.ip().to_canonical();
     let info = Arc::new(ConnInfo {
         peer: peer_ip,
-        peer_trusted: crate::headers::is_trusted(
-            peer_ip,
-            &shared.proxy.policy().server.trusted_proxies,
-        ),
         proto: "http",
         state: state.clone(),
         tasks: shared.tasks.clone(),
         force_close: shared.force_close.clone(),
     });
-    let proxy = shared.proxy.clone();
+    let live = shared.proxy.clone();
     let service = service_fn(move |req| {
-        let proxy = proxy.clone();
+        // This request runs to its end on the proxy of this moment.
+        let proxy = live.load_full();
         let info = info.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
     });

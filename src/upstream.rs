@@ -104,13 +104,30 @@ impl Replay {
 // === impl UpstreamPool ===
 
 impl UpstreamPool {
-    pub fn new(state: Arc<PoolState>, inflight: Option<Arc<InflightLimit>>) -> Self {
+    /// The pool of `state` for one worker; servers that `previous` (the
+    /// worker's pool before a reload) reached the same way keep their
+    /// idle connections.
+    pub fn new(
+        state: Arc<PoolState>,
+        inflight: Option<Arc<InflightLimit>>,
+        previous: Option<&UpstreamPool>,
+    ) -> Self {
         let policy = state.policy.clone();
         UpstreamPool {
             conns: policy
                 .servers
                 .iter()
-                .map(|s| ServerConns::new(s, policy.connect_timeout))
+                .map(|s| {
+                    previous
+                        .filter(|p| p.policy.connect_timeout == policy.connect_timeout)
+                        .and_then(|p| {
+                            let i = p.policy.servers.iter().position(|old| {
+                                old.url == s.url && old.tls.is_none() && s.tls.is_none()
+                            })?;
+                            Some(p.conns[i].clone())
+                        })
+                        .unwrap_or_else(|| ServerConns::new(s, policy.connect_timeout))
+                })
                 .collect(),
             policy,
             state,

@@ -22,34 +22,7 @@ use tokio::net::TcpListener;
 /// A CA, written as PEM to a file of its own.
 struct TestCa {
     issuer: CertifiedIssuer<'static, KeyPair>,
-    file: tempfile_path::TempPath,
-}
-
-mod tempfile_path {
-    /// A file removed when dropped.
-    pub struct TempPath(pub std::path::PathBuf);
-
-    impl TempPath {
-        pub fn write(tag: &str, contents: &str) -> TempPath {
-            let path = std::env::temp_dir().join(format!(
-                "hyperion-test-{}-{tag}-{}.pem",
-                std::process::id(),
-                fastrand::u64(..)
-            ));
-            std::fs::write(&path, contents).unwrap();
-            TempPath(path)
-        }
-
-        pub fn display(&self) -> String {
-            self.0.display().to_string()
-        }
-    }
-
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    file: TempFile,
 }
 
 impl TestCa {
@@ -57,7 +30,7 @@ impl TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let file = tempfile_path::TempPath::write(tag, &issuer.pem());
+        let file = TempFile::new(&format!("{tag}.pem"), &issuer.pem());
         TestCa { issuer, file }
     }
 }
@@ -240,7 +213,7 @@ async fn an_untrusted_certificate_is_a_502_and_reaches_nothing() {
 #[test]
 fn tls_mistakes_name_their_line_and_fix() {
     let ca = TestCa::new("ca-check");
-    let garbage = tempfile_path::TempPath::write("garbage", "not a certificate\n");
+    let garbage = TempFile::new("garbage.pem", "not a certificate\n");
     let cases = [
         (
             tls_policy(

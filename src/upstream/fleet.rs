@@ -123,6 +123,14 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Stops this fleet's checks and discovery (a newer fleet runs its
+    /// own), though requests may still hold it.
+    pub fn stop_checks(&self) {
+        self.checks.cancel();
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.checks.cancel();

@@ -19,7 +19,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyperion::{LogSink, Policy, Proxy};
+use hyperion::generation::{follow, Generation, LiveProxy, Reloader};
+use hyperion::{LogSink, Policy};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -279,8 +280,10 @@ pub fn response(status: u16, body: impl Into<Bytes>) -> Response<TestBody> {
 /// Hyperion running in-process on a listener bound to port 0.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The first generation's: a reload keeps the cache, builds a new fleet.
     pub cache: Arc<hyperion::cache::Cache>,
     pub fleet: Arc<hyperion::upstream::fleet::Fleet>,
+    pub reloader: Arc<Reloader>,
     logs: std::sync::mpsc::Receiver<String>,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<JoinHandle<()>>,
@@ -292,20 +295,33 @@ impl TestProxy {
     pub async fn start(policy: &str) -> TestProxy {
         let policy = Policy::parse("test.toml", policy)
             .unwrap_or_else(|e| panic!("test policy invalid: {e}"));
+        TestProxy::serve(policy, std::path::Path::new("test.toml")).await
+    }
+
+    /// Starts the proxy from a policy file, which `reloader` reads again.
+    pub async fn start_file(path: &std::path::Path) -> TestProxy {
+        let policy = Policy::load(path).unwrap_or_else(|e| panic!("test policy invalid: {e}"));
+        TestProxy::serve(policy, path).await
+    }
+
+    async fn serve(policy: Policy, path: &std::path::Path) -> TestProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (log_tx, logs) = std::sync::mpsc::sync_channel(10_000);
-        let proxy = Arc::new(Proxy::new(Arc::new(policy), LogSink::Channel(log_tx)));
-        let cache = proxy.cache().clone();
-        let fleet = proxy.fleet().clone();
+        let first = Generation::first(policy, LogSink::Channel(log_tx));
+        let (cache, fleet) = (first.cache.clone(), first.fleet.clone());
+        let reloader = Reloader::new(path, first, tokio::runtime::Handle::current());
+        let live = Arc::new(LiveProxy::from_pointee(reloader.current().proxy(None)));
+        tokio::spawn(follow(live.clone(), reloader.subscribe()));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let done = tokio::spawn(hyperion::serve(vec![listener], proxy, async {
+        let done = tokio::spawn(hyperion::serve(vec![listener], live, async {
             let _ = stop_rx.await;
         }));
         TestProxy {
             addr,
             cache,
             fleet,
+            reloader,
             logs,
             stop: Some(stop_tx),
             done: Some(done),
@@ -459,4 +475,34 @@ pub async fn read_until_close(stream: &mut TcpStream, wait: Duration) -> String 
     })
     .await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A file in the temp directory, removed when dropped (policy files, CA
+/// bundles).
+pub struct TempFile(pub std::path::PathBuf);
+
+impl TempFile {
+    pub fn new(name: &str, contents: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!(
+            "hyperion-test-{}-{}-{name}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::write(&path, contents).unwrap();
+        TempFile(path)
+    }
+
+    pub fn write(&self, contents: &str) {
+        std::fs::write(&self.0, contents).unwrap();
+    }
+
+    pub fn display(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

@@ -1,0 +1,233 @@
+//! The live policy and its reloads.
+//!
+//! A `Generation` is everything built from one policy that the workers
+//! share: the policy, the access log, the limiters, the upstream fleet, and
+//! the cache (which outlives every generation). A reload (SIGHUP,
+//! `POST /admin/reload`) reads and validates the file again; if it is good,
+//! the next generation is built from it and the previous one (limiters and
+//! server states carried over where unchanged) and published. Each worker
+//! follows the publications and swaps in a new `Proxy` of its own
+//! (`follow`): a request runs start to end on the proxy it began with, so
+//! in-flight requests finish on the old policy. If the file is bad, nothing
+//! changes and the error says why.
+//!
+//! Listening addresses and the cache's size are fixed at start: a reload
+//! that changes them says so and keeps the running ones. Serving requests
+//! is `handler`'s business; this module only decides what they are served
+//! with.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::access_log::{AccessLog, LogSink};
+use crate::cache::Cache;
+use crate::handler::Proxy;
+use crate::limits::Limits;
+use crate::policy::{Policy, PolicyError};
+use crate::upstream::fleet::Fleet;
+
+/// What the workers share, built from one policy.
+pub struct Generation {
+    /// 1 for the policy the process started with, +1 per reload.
+    pub number: u64,
+    pub policy: Arc<Policy>,
+    pub log: Arc<AccessLog>,
+    pub cache: Arc<Cache>,
+    pub limits: Arc<Limits>,
+    pub fleet: Arc<Fleet>,
+    pub loaded_at: SystemTime,
+    /// Where access-log lines go, for the generations after this one.
+    sink: LogSink,
+}
+
+/// One worker's current proxy, swapped whole on reload.
+pub type LiveProxy = ArcSwap<Proxy>;
+
+impl Generation {
+    /// The first generation. Health checks start once the caller has a
+    /// runtime for them (`Fleet::start_checks`).
+    pub fn first(policy: Policy, sink: LogSink) -> Generation {
+        let policy = Arc::new(policy);
+        Generation {
+            number: 1,
+            log: Arc::new(AccessLog::new(
+                policy.server.access_log,
+                policy.server.slow_request,
+                sink.clone(),
+            )),
+            cache: Cache::new(policy.cache.clone()),
+            limits: Arc::new(Limits::new(&policy, None)),
+            fleet: Arc::new(Fleet::new(&policy, None)),
+            loaded_at: SystemTime::now(),
+            sink,
+            policy,
+        }
+    }
+
+    /// The generation after this one, for `policy`; and what of the new
+    /// policy waits for a restart.
+    fn next(&self, policy: Policy) -> (Generation, Vec<String>) {
+        let mut deferred = Vec::new();
+        let (old, new) = (&self.policy.server, &policy.server);
+        if old.listen != new.listen {
+            deferred.push("server.listen".to_owned());
+        }
+        if (
+            old.header_read_timeout,
+            old.idle_timeout,
+            old.max_header_size,
+        ) != (
+            new.header_read_timeout,
+            new.idle_timeout,
+            new.max_header_size,
+        ) {
+            deferred.push(
+                "server.header_read_timeout, idle_timeout and max_header_size (for connections already open)"
+                    .to_owned(),
+            );
+        }
+        if self.policy.cache.max_size != policy.cache.max_size {
+            deferred.push("cache.max_size".to_owned());
+        }
+        let log = if (old.access_log, old.slow_request) == (new.access_log, new.slow_request) {
+            self.log.clone()
+        } else {
+            Arc::new(AccessLog::new(
+                new.access_log,
+                new.slow_request,
+                self.sink.clone(),
+            ))
+        };
+        let next = Generation {
+            number: self.number + 1,
+            log,
+            cache: self.cache.clone(),
+            limits: Arc::new(Limits::new(&policy, Some(&self.limits))),
+            fleet: Arc::new(Fleet::new(&policy, Some(&self.fleet))),
+            loaded_at: SystemTime::now(),
+            sink: self.sink.clone(),
+            policy: Arc::new(policy),
+        };
+        (next, deferred)
+    }
+
+    /// A worker's proxy for this generation; `previous` lends it the
+    /// upstream connections it can keep.
+    pub fn proxy(&self, previous: Option<&Proxy>) -> Proxy {
+        Proxy::worker(
+            self.policy.clone(),
+            self.log.clone(),
+            self.cache.clone(),
+            self.limits.clone(),
+            self.fleet.clone(),
+            previous,
+        )
+    }
+}
+
+/// A reload that did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not read or validate: the message is the `check` line.
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reloaded {
+    pub generation: u64,
+    /// Changed settings that only a restart applies.
+    pub needs_restart: Vec<String>,
+}
+
+/// Re-reads the policy file and publishes new generations. One per process.
+pub struct Reloader {
+    path: PathBuf,
+    /// Held for a whole reload: two at once would race to publish.
+    current: Mutex<Arc<Generation>>,
+    publish: watch::Sender<Arc<Generation>>,
+    /// Where the new fleet's health checks run.
+    checks: tokio::runtime::Handle,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl Reloader {
+    /// Starts from `first`, whose health checks run on `checks`.
+    pub fn new(path: &Path, first: Generation, checks: tokio::runtime::Handle) -> Arc<Reloader> {
+        first.fleet.start_checks(&checks);
+        let first = Arc::new(first);
+        let (publish, _) = watch::channel(first.clone());
+        Arc::new(Reloader {
+            path: path.to_owned(),
+            current: Mutex::new(first),
+            publish,
+            checks,
+            succeeded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        })
+    }
+
+    /// The policy file it reads.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The generation requests are served with now.
+    pub fn current(&self) -> Arc<Generation> {
+        self.publish.borrow().clone()
+    }
+
+    /// What the workers follow.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Generation>> {
+        self.publish.subscribe()
+    }
+
+    /// Reads, validates and applies the policy file. On error nothing
+    /// changes.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let policy = match Policy::load(&self.path) {
+            Ok(p) => p,
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("reload refused, still serving the previous policy: {e}");
+                return Err(e.into());
+            }
+        };
+        let (next, needs_restart) = current.next(policy);
+        next.fleet.start_checks(&self.checks);
+        let next = Arc::new(next);
+        // The old fleet's checks stop now, though requests in flight still
+        // hold it.
+        current.fleet.stop_checks();
+        *current = next.clone();
+        self.publish.send_replace(next.clone());
+        self.succeeded.fetch_add(1, Ordering::Relaxed);
+        for what in &needs_restart {
+            tracing::warn!("reload: {what} changed; the running value stays until a restart");
+        }
+        tracing::info!(generation = next.number, "policy reloaded");
+        Ok(Reloaded {
+            generation: next.number,
+            needs_restart,
+        })
+    }
+}
+
+/// Keeps a worker's `live` proxy on the newest generation until the
+/// publisher goes away. Runs on the worker's runtime: the new proxy's
+/// connections belong to it.
+pub async fn follow(live: Arc<LiveProxy>, mut generations: watch::Receiver<Arc<Generation>>) {
+    while generations.changed().await.is_ok() {
+        let generation = generations.borrow_and_update().clone();
+        let next = generation.proxy(Some(&live.load()));
+        live.store(Arc::new(next));
+    }
+}
