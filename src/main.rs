@@ -90,6 +90,27 @@ fn run(policy: Policy, config: &std::path::Path) -> ExitCode {
     for addr in &policy.server.listen {
         tracing::info!("listening on http://{addr}");
     }
+    let admin = match &policy.admin {
+        None => None,
+        Some(a) => match std::net::TcpListener::bind(a.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        {
+            Ok(l) => {
+                match &a.token_source {
+                    Some(source) => tracing::info!("admin API on http://{} (token from {source})", a.listen),
+                    None => tracing::warn!(
+                        "admin API on http://{}: no token configured, so only /healthz, /readyz and /metrics are served (set [admin] token_env or token_file)",
+                        a.listen
+                    ),
+                }
+                Some(l)
+            }
+            Err(e) => {
+                eprintln!("cannot listen on {} for the admin API: {e} — free the port or change admin.listen in the policy file", a.listen);
+                return ExitCode::FAILURE;
+            }
+        },
+    };
 
     // Thread per core, as nginx runs workers: each worker is a single-threaded
     // runtime with its own upstream pools, so a request never crosses threads.
@@ -123,7 +144,25 @@ fn run(policy: Policy, config: &std::path::Path) -> ExitCode {
             }
         }
     };
-    let reloader = Reloader::new(config, Generation::first(policy, LogSink::Stderr), ops);
+    let reloader = Reloader::new(
+        config,
+        Generation::first(policy, LogSink::Stderr),
+        ops.clone(),
+    );
+    if let Some(listener) = admin {
+        let (reloader, mut stop) = (reloader.clone(), stop_rx.clone());
+        ops.spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(l) => {
+                    hyperion::admin::serve(l, reloader, async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    })
+                    .await
+                }
+                Err(e) => tracing::error!("admin API not served: {e}"),
+            }
+        });
+    }
     let mut threads = Vec::with_capacity(workers);
     for w in 0..workers {
         let clones: std::io::Result<Vec<_>> = sockets.iter().map(|s| s.try_clone()).collect();

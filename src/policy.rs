@@ -39,6 +39,41 @@ pub struct Policy {
     pub compression: Option<Arc<CompressionPolicy>>,
     /// `[rate_limits.NAME]`, sorted by name.
     pub rate_limits: Vec<Arc<RateLimitPolicy>>,
+    /// `[admin]`; `None`: no admin listener.
+    pub admin: Option<AdminPolicy>,
+}
+
+/// `[admin]`: the operators' listener (served by `admin`).
+#[derive(Debug, Clone)]
+pub struct AdminPolicy {
+    pub listen: SocketAddr,
+    /// `None`: only `/healthz`, `/readyz` and `/metrics` are served.
+    pub token: Option<AdminToken>,
+    /// Where the token comes from (`env HYPERION_ADMIN_TOKEN`, `file …`),
+    /// for operators; never the token.
+    pub token_source: Option<String>,
+}
+
+/// The admin bearer token, kept only as its digest: comparing digests takes
+/// the same time whatever the guess (blake3's `Hash` compares in constant
+/// time), and the policy never holds the secret itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(blake3::Hash);
+
+impl AdminToken {
+    pub fn new(token: &str) -> Self {
+        AdminToken(blake3::hash(token.as_bytes()))
+    }
+
+    pub fn accepts(&self, presented: &str) -> bool {
+        blake3::hash(presented.as_bytes()) == self.0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
 }
 
 /// `[rate_limits.NAME]`: one limiter (applied in `limits`). Two policies
@@ -344,6 +379,18 @@ impl fmt::Display for Policy {
         let s = &self.server;
         let listen: Vec<String> = s.listen.iter().map(|a| format!("http://{a}")).collect();
         writeln!(f, "listeners: {}", listen.join(", "))?;
+        if let Some(a) = &self.admin {
+            match &a.token_source {
+                Some(source) => {
+                    writeln!(f, "admin:     http://{} (token from {source})", a.listen)?
+                }
+                None => writeln!(
+                    f,
+                    "admin:     http://{} (no token: /healthz, /readyz and /metrics only)",
+                    a.listen
+                )?,
+            }
+        }
         writeln!(
             f,
             "limits:    body {}, header {}, header read {}, keep-alive idle {}, drain {}",

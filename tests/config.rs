@@ -52,7 +52,6 @@ fn keys_not_built_yet_are_refused_at_their_line() {
             "cache.redis",
             1,
         ),
-        ("[admin]\nlisten = \"127.0.0.1:9090\"\n", "admin", 1),
         (
             "[server.tls]\nlisten = [\"0.0.0.0:8443\"]\ncert = \"c\"\nkey = \"k\"\n",
             "server.tls",
@@ -420,6 +419,52 @@ fn cache_mistakes_name_their_line_and_fix() {
         err.contains("cache.max_entry_size") && err.starts_with("proxy.toml:1:"),
         "{err}"
     );
+}
+
+#[test]
+fn admin_mistakes_name_their_line_and_fix() {
+    let cases = [
+        (
+            "[server]\nlisten = [\"127.0.0.1:9090\"]\n[admin]\nlisten = \"127.0.0.1:9090\"\n",
+            "proxy.toml:3:",
+            "admin.listen: 127.0.0.1:9090 is also a server.listen address",
+        ),
+        (
+            "[admin]\ntoken_env = \"HYPERION_TEST_UNSET_TOKEN_VAR\"\n",
+            "proxy.toml:1:",
+            "the environment variable HYPERION_TEST_UNSET_TOKEN_VAR is not set",
+        ),
+        (
+            "[admin]\ntoken_file = \"/nonexistent/admin.token\"\n",
+            "proxy.toml:1:",
+            "admin.token_file: cannot read /nonexistent/admin.token",
+        ),
+        (
+            "[admin]\ntoken_env = \"A\"\ntoken_file = \"b\"\n",
+            "proxy.toml:1:",
+            "both token_env and token_file are set",
+        ),
+    ];
+    for (admin, at, says) in cases {
+        let err = error_of(&format!("{admin}{UPSTREAM}{ROUTE}"));
+        assert!(err.starts_with(at) && err.contains(says), "{err}");
+    }
+    let short = std::env::temp_dir().join(format!("hyperion-short-{}", std::process::id()));
+    std::fs::write(&short, "secret\n").unwrap();
+    let err = error_of(&format!(
+        "[admin]\ntoken_file = \"{}\"\n{UPSTREAM}{ROUTE}",
+        short.display()
+    ));
+    std::fs::remove_file(&short).unwrap();
+    assert!(
+        err.contains("6 characters long; a short token can be guessed"),
+        "{err}"
+    );
+    // No token: the admin API serves only what needs none.
+    let p = Policy::parse("p", &format!("[admin]\n{UPSTREAM}{ROUTE}")).unwrap();
+    let admin = p.admin.unwrap();
+    assert_eq!(admin.listen, "127.0.0.1:9090".parse().unwrap());
+    assert!(admin.token.is_none());
 }
 
 #[test]

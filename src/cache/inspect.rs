@@ -48,6 +48,10 @@ pub enum Purge {
     Target(String),
     /// Every entry whose `host` + path starts with this.
     Prefix(String),
+    /// Every entry for one path and query, on any host.
+    Path(String),
+    /// Every entry whose path starts with this, on any host.
+    PathPrefix(String),
     /// Every entry one route stored.
     Route(String),
     All,
@@ -128,21 +132,11 @@ impl Cache {
             self.store.run_pending_tasks().await;
             return n as u64;
         }
-        let matches = |k: &CacheKey, s: &Stored| match what {
-            // A variant of `key` is where `key` and its values place it.
-            Purge::Key(key) => s
-                .entry()
-                .is_some_and(|e| !e.vary.is_empty() && vary::stored_key(key, &e.vary) == *k),
-            Purge::Target(t) => s.target() == t,
-            Purge::Prefix(p) => s.target().starts_with(p.as_str()),
-            Purge::Route(r) => s.route() == r,
-            Purge::All => false,
-        };
         // Collected first: the store's iterator must not see its own removals.
         let keys: Vec<Arc<CacheKey>> = self
             .store
             .iter()
-            .filter(|(k, s)| matches(k, s))
+            .filter(|(k, s)| what.selects(k, s))
             .map(|(k, _)| k)
             .collect();
         let mut n = 0;
@@ -152,6 +146,16 @@ impl Cache {
             }
         }
         n
+    }
+
+    /// How many stored responses `purge(what)` would remove, removing
+    /// nothing (a purge's dry run).
+    pub async fn count(&self, what: &Purge) -> u64 {
+        self.store.run_pending_tasks().await;
+        self.store
+            .iter()
+            .filter(|(k, s)| s.entry().is_some() && (what.selects(k, s) || *what == Purge::All))
+            .count() as u64
     }
 
     /// How `q` is keyed on a route with `policy`, and what is stored for it.
@@ -173,5 +177,28 @@ impl Cache {
             target: e.target.to_string(),
         });
         Ok(Explained { key, parts, stored })
+    }
+}
+
+impl Purge {
+    /// Whether the slot `k` holding `s` goes (`All` is handled whole).
+    fn selects(&self, k: &CacheKey, s: &Stored) -> bool {
+        let target = s.target();
+        let path = &target[target.find('/').unwrap_or(target.len())..];
+        match self {
+            // The key itself, and a variant of it: where `key` and the
+            // variant's values place it.
+            Purge::Key(key) => {
+                k == key
+                    || s.entry()
+                        .is_some_and(|e| !e.vary.is_empty() && vary::stored_key(key, &e.vary) == *k)
+            }
+            Purge::Target(t) => target == t,
+            Purge::Prefix(p) => target.starts_with(p.as_str()),
+            Purge::Path(p) => path == p,
+            Purge::PathPrefix(p) => path.starts_with(p.as_str()),
+            Purge::Route(r) => s.route() == r,
+            Purge::All => false,
+        }
     }
 }

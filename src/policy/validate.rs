@@ -19,9 +19,9 @@ use super::error::{nearest, PolicyError, Source};
 use super::raw::{self, Balance, ModelRouting, RawPolicy, UnknownModel};
 use super::units::Size;
 use super::{
-    BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness, HashKey, HeaderRewrite,
-    HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy, RouteCachePolicy, RoutePolicy,
-    ServerPolicy, ServerTls, UpstreamPolicy, UpstreamServer,
+    AdminPolicy, AdminToken, BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness,
+    HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy,
+    RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls, UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 use crate::upstream::models::ModelName;
@@ -93,9 +93,10 @@ impl Validator<'_> {
 
     fn policy(&self, raw: RawPolicy) -> Result<Policy, PolicyError> {
         let server = self.server(raw.server)?;
-        if let Some(admin) = &raw.admin {
-            return Err(self.not_yet(admin.span(), "admin"));
-        }
+        let admin = match raw.admin {
+            Some(a) => Some(self.admin(a, &server)?),
+            None => None,
+        };
         let cache = match raw.cache {
             Some(c) => self.cache(c)?,
             None => CachePolicy::default(),
@@ -120,7 +121,100 @@ impl Validator<'_> {
             routes,
             compression,
             rate_limits,
+            admin,
         })
+    }
+
+    fn admin(
+        &self,
+        raw: Spanned<raw::RawAdmin>,
+        server: &ServerPolicy,
+    ) -> Result<AdminPolicy, PolicyError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let listen = raw.listen.map_or_else(
+            || "127.0.0.1:9090".parse().expect("a valid address"),
+            |l| l.0,
+        );
+        if server.listen.contains(&listen) {
+            return Err(self.err(
+                span,
+                "admin.listen",
+                format!("{listen} is also a server.listen address"),
+                "give the admin API an address of its own, e.g. listen = \"127.0.0.1:9090\"",
+            ));
+        }
+        let (token, token_source) = match (raw.token_env, raw.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    span,
+                    "admin",
+                    "both token_env and token_file are set",
+                    "keep one of them",
+                ))
+            }
+            (Some(var), None) => {
+                let value = std::env::var(&var).map_err(|_| {
+                    self.err(
+                        span.clone(),
+                        "admin.token_env",
+                        format!("the environment variable {var} is not set"),
+                        format!("export {var}=<a long random token> (e.g. openssl rand -hex 32), or remove token_env"),
+                    )
+                })?;
+                (
+                    self.admin_token(value.trim(), &span, "admin.token_env")?,
+                    format!("env {var}"),
+                )
+            }
+            (None, Some(file)) => {
+                let path = self.src.relative_path(&file);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(
+                        span.clone(),
+                        "admin.token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                        "write the token to that file, readable by hyperion (e.g. openssl rand -hex 32 > FILE)",
+                    )
+                })?;
+                (
+                    self.admin_token(text.trim(), &span, "admin.token_file")?,
+                    format!("file {}", path.display()),
+                )
+            }
+            (None, None) => {
+                return Ok(AdminPolicy {
+                    listen,
+                    token: None,
+                    token_source: None,
+                })
+            }
+        };
+        Ok(AdminPolicy {
+            listen,
+            token: Some(token),
+            token_source: Some(token_source),
+        })
+    }
+
+    fn admin_token(
+        &self,
+        token: &str,
+        span: &Range<usize>,
+        key: &str,
+    ) -> Result<AdminToken, PolicyError> {
+        if token.len() < 16 {
+            return Err(self.err(
+                span.clone(),
+                key,
+                format!(
+                    "the admin token is {} characters long; a short token can be guessed",
+                    token.len()
+                ),
+                "use at least 16 random characters, e.g. openssl rand -hex 32",
+            ));
+        }
+        Ok(AdminToken::new(token))
     }
 
     fn rate_limit(

@@ -284,6 +284,9 @@ pub struct TestProxy {
     pub cache: Arc<hyperion::cache::Cache>,
     pub fleet: Arc<hyperion::upstream::fleet::Fleet>,
     pub reloader: Arc<Reloader>,
+    /// The admin API's address, when the policy has `[admin]` (its
+    /// `listen` is ignored, like the server's).
+    pub admin: Option<SocketAddr>,
     logs: std::sync::mpsc::Receiver<String>,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<JoinHandle<()>>,
@@ -308,11 +311,24 @@ impl TestProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (log_tx, logs) = std::sync::mpsc::sync_channel(10_000);
+        let has_admin = policy.admin.is_some();
         let first = Generation::first(policy, LogSink::Channel(log_tx));
         let (cache, fleet) = (first.cache.clone(), first.fleet.clone());
         let reloader = Reloader::new(path, first, tokio::runtime::Handle::current());
         let live = Arc::new(LiveProxy::from_pointee(reloader.current().proxy(None)));
         tokio::spawn(follow(live.clone(), reloader.subscribe()));
+        let admin = if has_admin {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let admin_addr = l.local_addr().unwrap();
+            tokio::spawn(hyperion::admin::serve(
+                l,
+                reloader.clone(),
+                std::future::pending(),
+            ));
+            Some(admin_addr)
+        } else {
+            None
+        };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let done = tokio::spawn(hyperion::serve(vec![listener], live, async {
             let _ = stop_rx.await;
@@ -322,6 +338,7 @@ impl TestProxy {
             cache,
             fleet,
             reloader,
+            admin,
             logs,
             stop: Some(stop_tx),
             done: Some(done),

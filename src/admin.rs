@@ -1,0 +1,508 @@
+//! The admin listener (`[admin]`): what operators ask with curl.
+//!
+//! - `GET /healthz`: the process answers;
+//! - `GET /readyz`: a policy is loaded and every upstream pool has a usable
+//!   server (503 with the reasons otherwise);
+//! - with `Authorization: Bearer <token>`: `GET /admin/cache`,
+//!   `POST /admin/cache/purge`, `GET /admin/cache/explain`,
+//!   `GET /admin/upstreams`, `GET /admin/config`, `POST /admin/reload`.
+//!
+//! Answers are JSON, indented for curl (or with `?pretty`). Without a
+//! configured token only the open endpoints answer; the others say so.
+//! The figures themselves belong to their modules (`cache::inspect`,
+//! `upstream::fleet`); reloading to `generation`. This module is the HTTP
+//! around them, served on the operations thread, never on the workers.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::{CacheQuery, Purge};
+use crate::generation::Reloader;
+
+/// The largest body `explain` reads (the request to explain).
+const MAX_EXPLAIN_BODY: usize = 8 << 20;
+
+type AdminResponse = Response<Full<Bytes>>;
+
+/// Serves the admin API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    reloader: Arc<Reloader>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let accept = async {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, most likely: let some close.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let reloader = reloader.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                let svc = service_fn(move |req| {
+                    let reloader = reloader.clone();
+                    async move { Ok::<_, Infallible>(answer(req, &reloader).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    () = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        () = shutdown => {}
+    }
+    stop.cancel();
+    tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tasks.wait()).await;
+}
+
+/// One admin request.
+async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminResponse {
+    let pretty = wants_pretty(&req);
+    let reply = |status: StatusCode, body: Value| json_response(status, &body, pretty);
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match (&method, path.as_str()) {
+        (&Method::GET | &Method::HEAD, "/healthz") => {
+            return reply(StatusCode::OK, json!({ "status": "ok" }))
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => return readiness(reloader, pretty),
+        _ if !path.starts_with("/admin/") => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such admin endpoint; see /admin/ in the README",
+                pretty,
+            )
+        }
+        _ => {}
+    }
+    let generation = reloader.current();
+    let Some(token) = generation
+        .policy
+        .admin
+        .as_ref()
+        .and_then(|a| a.token.as_ref())
+    else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "admin_token_not_configured",
+            "this endpoint needs an admin token: set [admin] token_env or token_file and reload",
+            pretty,
+        );
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if !presented.is_some_and(|p| token.accepts(p)) {
+        let mut resp = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer <the admin token>",
+            pretty,
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"hyperion-admin\""),
+        );
+        return resp;
+    }
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let params = || form_urlencoded(&query);
+    match (method, path.as_str()) {
+        (Method::GET, "/admin/cache") => {
+            let report = generation.cache.report().await;
+            reply(StatusCode::OK, json!(report))
+        }
+        (Method::POST, "/admin/cache/purge") => match purge_of(&params(), &generation.policy) {
+            Ok((what, dry_run)) => {
+                let cache = &generation.cache;
+                let n = if dry_run {
+                    cache.count(&what).await
+                } else {
+                    cache.purge(&what).await
+                };
+                tracing::info!(?what, dry_run, purged = n, "admin: cache purge");
+                reply(StatusCode::OK, json!({ "purged": n, "dry_run": dry_run }))
+            }
+            Err(why) => error(StatusCode::BAD_REQUEST, "bad_request", &why, pretty),
+        },
+        (Method::GET | Method::POST, "/admin/cache/explain") => {
+            explain(req, &params(), reloader, pretty).await
+        }
+        (Method::GET, "/admin/upstreams") => {
+            let pools: Vec<Value> = generation
+                .fleet
+                .pools()
+                .iter()
+                .map(|p| {
+                    json!({
+                        "name": p.policy.name,
+                        "balance": p.policy.balance.as_str(),
+                        "model_routing": p.policy.model_routing.as_str(),
+                        "servers": p.snapshot(),
+                    })
+                })
+                .collect();
+            reply(StatusCode::OK, json!({ "upstreams": pools }))
+        }
+        (Method::GET, "/admin/config") => {
+            let summary = generation.policy.to_string();
+            reply(
+                StatusCode::OK,
+                json!({
+                    "file": reloader.path().display().to_string(),
+                    "generation": generation.number,
+                    "loaded_at": httpdate::fmt_http_date(generation.loaded_at),
+                    "summary": summary.lines().collect::<Vec<_>>(),
+                }),
+            )
+        }
+        (Method::POST, "/admin/reload") => {
+            // Reading the file and building the pools is blocking work.
+            let r = reloader.clone();
+            let outcome = match tokio::task::spawn_blocking(move || r.reload()).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "reload_failed",
+                        "the reload stopped unexpectedly; the previous policy is still served",
+                        pretty,
+                    )
+                }
+            };
+            match outcome {
+                Ok(done) => reply(
+                    StatusCode::OK,
+                    json!({
+                        "reloaded": true,
+                        "generation": done.generation,
+                        "needs_restart": done.needs_restart,
+                    }),
+                ),
+                Err(e) => error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_policy",
+                    &e.to_string(),
+                    pretty,
+                ),
+            }
+        }
+        (
+            _,
+            "/admin/cache" | "/admin/cache/purge" | "/admin/upstreams" | "/admin/config"
+            | "/admin/reload",
+        ) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "see the README for each endpoint's method",
+            pretty,
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such admin endpoint; see /admin/ in the README",
+            pretty,
+        ),
+    }
+}
+
+/// Ready: a policy is loaded and every pool has a server it may use.
+fn readiness(reloader: &Reloader, pretty: bool) -> AdminResponse {
+    let generation = reloader.current();
+    let mut reasons = Vec::new();
+    for pool in generation.fleet.pools() {
+        let servers = pool.snapshot();
+        if !servers.iter().any(|s| s.healthy) {
+            let why: Vec<String> = servers
+                .iter()
+                .map(|s| format!("{}: {}", s.url, s.reason.as_deref().unwrap_or("out")))
+                .collect();
+            reasons.push(format!(
+                "upstream `{}` has no healthy server ({})",
+                pool.policy.name,
+                why.join("; ")
+            ));
+        }
+    }
+    let (status, word) = if reasons.is_empty() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    };
+    json_response(
+        status,
+        &json!({ "status": word, "generation": generation.number, "reasons": reasons }),
+        pretty,
+    )
+}
+
+/// What `POST /admin/cache/purge?…` asks for: exactly one of `url`,
+/// `prefix`, `route`, `all=true`; and whether it is a dry run.
+fn purge_of(
+    params: &[(String, String)],
+    policy: &crate::policy::Policy,
+) -> Result<(Purge, bool), String> {
+    let mut what = Vec::new();
+    let mut dry_run = false;
+    for (k, v) in params {
+        match k.as_str() {
+            "url" => what.push(match split_url(v)? {
+                (Some(host), target) => Purge::Target(format!("{host}{target}")),
+                (None, target) => Purge::Path(target),
+            }),
+            "prefix" => what.push(match split_url(v)? {
+                (Some(host), prefix) => Purge::Prefix(format!("{host}{prefix}")),
+                (None, prefix) => Purge::PathPrefix(prefix),
+            }),
+            "route" => {
+                if !policy.routes.iter().any(|r| r.name == *v) {
+                    let names: Vec<&str> = policy.routes.iter().map(|r| r.name.as_str()).collect();
+                    return Err(format!(
+                        "no route named `{v}`; routes: {}",
+                        names.join(", ")
+                    ));
+                }
+                what.push(Purge::Route(v.clone()));
+            }
+            "all" if v == "true" => what.push(Purge::All),
+            "dry_run" => dry_run = v == "true" || v.is_empty(),
+            "pretty" => {}
+            other => {
+                return Err(format!(
+                "unknown parameter `{other}`; use url, prefix, route or all=true, and dry_run=true"
+            ))
+            }
+        }
+    }
+    match what.len() {
+        1 => Ok((what.remove(0), dry_run)),
+        0 => Err("say what to purge: url=, prefix=, route= or all=true".to_owned()),
+        _ => Err("give one of url=, prefix=, route=, all=true at a time".to_owned()),
+    }
+}
+
+/// `http://host[:port]/path?q` → (host, lower-case and without port, as
+/// the cache records it; path and query); `/path?q` → (None, path and query).
+fn split_url(v: &str) -> Result<(Option<String>, String), String> {
+    if v.starts_with('/') {
+        return Ok((None, v.to_owned()));
+    }
+    let uri: http::Uri = v
+        .parse()
+        .map_err(|_| format!("`{v}` is neither a path (/…) nor a URL (http://host/…)"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("`{v}` has no host"))?
+        .to_ascii_lowercase();
+    let target = uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    Ok((Some(host), target))
+}
+
+/// `GET /admin/cache/explain?method=POST&url=http://host/api/generate`,
+/// with the request's body as the body and its headers as the headers
+/// (its `Authorization` as `X-Explain-Authorization`): the route it would
+/// take, its key and the parts that went in, and what is stored under it.
+async fn explain(
+    req: Request<Incoming>,
+    params: &[(String, String)],
+    reloader: &Reloader,
+    pretty: bool,
+) -> AdminResponse {
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let bad = |why: &str| error(StatusCode::BAD_REQUEST, "bad_request", why, pretty);
+    let Some(url) = get("url") else {
+        return bad("give the request to explain: url=http://host/path (and method=, default GET)");
+    };
+    let Ok(method) = get("method").unwrap_or("GET").parse::<Method>() else {
+        return bad("method= is not an HTTP method");
+    };
+    let (host, target) = match split_url(url) {
+        Ok((Some(h), t)) => (h, t),
+        Ok((None, _)) => {
+            return bad("url= needs a host, as the client would send it: http://host/path")
+        }
+        Err(why) => return bad(&why),
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (target.clone(), None),
+    };
+    // The headers are the request's own, but Authorization is the admin's:
+    // the client's, which scopes keys by default, comes as
+    // X-Explain-Authorization.
+    let mut headers = req.headers().clone();
+    headers.remove(header::AUTHORIZATION);
+    if let Some(client) = headers.remove("x-explain-authorization") {
+        headers.insert(header::AUTHORIZATION, client);
+    }
+    let body = match Limited::new(req.into_body(), MAX_EXPLAIN_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad("the body to explain is larger than 8 MB or was cut off"),
+    };
+    let generation = reloader.current();
+    let Some(route) = generation
+        .policy
+        .routes
+        .iter()
+        .find(|r| r.matcher.accepts(&method, Some(&host), &path))
+    else {
+        return json_response(
+            StatusCode::OK,
+            &json!({ "route": null, "cached": false, "why": "no route matches" }),
+            pretty,
+        );
+    };
+    let Some(cache_policy) = &route.cache else {
+        return json_response(
+            StatusCode::OK,
+            &json!({ "route": route.name, "cached": false, "why": "the route does not cache" }),
+            pretty,
+        );
+    };
+    let route_name: Arc<str> = Arc::from(route.name.as_str());
+    let q = CacheQuery {
+        route: &route_name,
+        method: &method,
+        host: &host,
+        path: &path,
+        query: query.as_deref(),
+        headers: &headers,
+        body: (!body.is_empty()).then_some(&body),
+    };
+    match generation.cache.explain(cache_policy, &q).await {
+        Ok(e) => {
+            let key: String = e.key.0.iter().map(|b| format!("{b:02x}")).collect();
+            let parts: Vec<Value> = e
+                .parts
+                .0
+                .iter()
+                .map(|(name, value)| json!({ "part": name, "value": value }))
+                .collect();
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "route": route.name,
+                    "cached": true,
+                    "key": key,
+                    "parts": parts,
+                    "stored": e.stored,
+                }),
+                pretty,
+            )
+        }
+        Err(_) => json_response(
+            StatusCode::OK,
+            &json!({ "route": route.name, "cached": false, "why": "the route keys on the JSON body, and this body is not JSON: it would pass uncached (BYPASS)" }),
+            pretty,
+        ),
+    }
+}
+
+/// `a=1&b=x%20y` → pairs, decoded.
+fn form_urlencoded(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn wants_pretty(req: &Request<Incoming>) -> bool {
+    req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "pretty" || p.starts_with("pretty="))
+    }) || req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ua| ua.starts_with("curl/"))
+}
+
+fn json_response(status: StatusCode, body: &Value, pretty: bool) -> AdminResponse {
+    let mut bytes = if pretty {
+        serde_json::to_vec_pretty(body)
+    } else {
+        serde_json::to_vec(body)
+    }
+    .expect("JSON values serialize");
+    bytes.push(b'\n');
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn error(status: StatusCode, code: &str, message: &str, pretty: bool) -> AdminResponse {
+    json_response(
+        status,
+        &json!({ "error": { "code": code, "message": message } }),
+        pretty,
+    )
+}
