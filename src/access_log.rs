@@ -118,6 +118,13 @@ impl AccessLog {
     /// Records a finished request: the access-log line, and a WARN when slow.
     pub fn finish(&self, rec: &AccessRecord, bytes: u64, outcome: BodyOutcome) {
         let elapsed = rec.started.elapsed();
+        crate::telemetry::request_finished(
+            rec.route.as_deref(),
+            &rec.method,
+            rec.status,
+            rec.cache,
+            elapsed,
+        );
         if self.slow.is_some_and(|slow| elapsed >= slow) {
             tracing::warn!(
                 route = rec.route.as_deref().unwrap_or("-"),

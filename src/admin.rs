@@ -3,6 +3,7 @@
 //! - `GET /healthz`: the process answers;
 //! - `GET /readyz`: a policy is loaded and every upstream pool has a usable
 //!   server (503 with the reasons otherwise);
+//! - `GET /metrics`: Prometheus text (`telemetry`);
 //! - with `Authorization: Bearer <token>`: `GET /admin/cache`,
 //!   `POST /admin/cache/purge`, `GET /admin/cache/explain`,
 //!   `GET /admin/upstreams`, `GET /admin/config`, `POST /admin/reload`.
@@ -93,6 +94,24 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
             return reply(StatusCode::OK, json!({ "status": "ok" }))
         }
         (&Method::GET | &Method::HEAD, "/readyz") => return readiness(reloader, pretty),
+        (&Method::GET, "/metrics") => {
+            return match crate::telemetry::render(reloader).await {
+                Some(text) => {
+                    let mut resp = Response::new(Full::new(Bytes::from(text)));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    resp
+                }
+                None => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "metrics_unavailable",
+                    "no metrics recorder is installed in this process",
+                    pretty,
+                ),
+            }
+        }
         _ if !path.starts_with("/admin/") => {
             return error(
                 StatusCode::NOT_FOUND,

@@ -482,6 +482,9 @@ impl Proxy {
         } else {
             // Identical requests behind this one wait with it, not time out.
             let waiting = |queued| {
+                if queued {
+                    crate::telemetry::queued(&pool.policy.name);
+                }
                 if let Some(ex) = &exchange {
                     ex.queue(queued);
                 }
@@ -715,6 +718,7 @@ impl Route {
             0
         };
         limits.admit(who, stage, tokens, admission).map_err(|r| {
+            crate::telemetry::rate_limited(&r.limiter);
             admission.refund_all();
             admission.headers = Some(r.headers);
             ProxyError::RateLimited {

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod policy;
 pub mod route;
 pub mod server;
+pub mod telemetry;
 pub mod upstream;
 
 pub use access_log::LogSink;

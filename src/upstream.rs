@@ -45,6 +45,8 @@ pub struct UpstreamPool {
     pub state: Arc<PoolState>,
     /// `max_inflight_per_server`, shared by every worker's pool.
     inflight: Option<Arc<InflightLimit>>,
+    /// Time to the response head, for `/metrics`.
+    latency: metrics::Histogram,
 }
 
 /// The server chosen for one request.
@@ -129,6 +131,7 @@ impl UpstreamPool {
                         .unwrap_or_else(|| ServerConns::new(s, policy.connect_timeout))
                 })
                 .collect(),
+            latency: crate::telemetry::upstream_latency(&policy.name),
             policy,
             state,
             inflight,
@@ -264,6 +267,7 @@ impl UpstreamPool {
                         server.failed(&format!("answered {status}"), eject_after, may_eject, now);
                     } else {
                         server.succeeded(now - started, now);
+                        self.latency.record((now - started).as_secs_f64());
                         if let (Some(model), true) = (model, status.is_success()) {
                             self.state.models.note_loaded(index, model);
                         }

@@ -318,3 +318,118 @@ async fn curl_gets_indented_json() {
     let (_, compact) = get(&format!("http://{}/healthz", proxy.admin.unwrap())).await;
     assert_eq!(String::from_utf8_lossy(&compact), "{\"status\":\"ok\"}\n");
 }
+
+/// `/metrics`, read with a Prometheus text-format parser.
+async fn scrape(proxy: &TestProxy) -> prometheus_parse::Scrape {
+    let (parts, body) = get(&format!("http://{}/metrics", proxy.admin.unwrap())).await;
+    assert_eq!(parts.status, 200);
+    assert!(parts.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_without_a_token() {
+    let up = Upstream::echo().await;
+    // Route names of its own: the recorder is the test process's.
+    let proxy = TestProxy::start(&format!(
+        "[admin]\n[upstreams.metered]\nservers = [{{ url = \"{}\" }}]\n[rate_limits.once]\nkey = \"global\"\nrate = \"1/hour\"\n[[route]]\nname = \"metered_cached\"\nmatch = {{ path_prefix = \"/c/\" }}\nupstream = \"metered\"\n[route.cache]\nmode = \"force\"\nttl = \"5m\"\n[[route]]\nname = \"metered_limited\"\nupstream = \"metered\"\nrate_limit = [\"once\"]\n",
+        up.url()
+    ))
+    .await;
+    for path in ["/c/a", "/c/a", "/x", "/x"] {
+        get(&proxy.url(path)).await;
+    }
+    let s = scrape(&proxy).await;
+    let requests = |route, status, cache| {
+        value(
+            &s,
+            "hyperion_requests_total",
+            &[
+                ("route", route),
+                ("status", status),
+                ("cache", cache),
+                ("method", "GET"),
+            ],
+        )
+    };
+    assert_eq!(requests("metered_cached", "200", "MISS"), Some(1.0));
+    assert_eq!(requests("metered_cached", "200", "HIT"), Some(1.0));
+    assert_eq!(requests("metered_limited", "200", "-"), Some(1.0));
+    assert_eq!(requests("metered_limited", "429", "-"), Some(1.0));
+    assert_eq!(
+        value(&s, "hyperion_rate_limited_total", &[("limiter", "once")]),
+        Some(1.0)
+    );
+    // Timed: a histogram with buckets, by route.
+    assert_eq!(
+        value(
+            &s,
+            "hyperion_request_duration_seconds",
+            &[("route", "metered_cached")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "hyperion_upstream_duration_seconds",
+            &[("upstream", "metered")]
+        ),
+        Some(2.0)
+    );
+    let server = up.url();
+    let per_server = [("upstream", "metered"), ("server", server.as_str())];
+    assert_eq!(
+        value(&s, "hyperion_upstream_healthy", &per_server),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&s, "hyperion_upstream_requests_total", &per_server),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&s, "hyperion_upstream_in_flight", &per_server),
+        Some(0.0)
+    );
+    assert!(value(&s, "hyperion_cache_entries", &[]).is_some_and(|v| v >= 1.0));
+    assert!(
+        value(&s, "hyperion_cache_lookups_total", &[("result", "hit")]).is_some_and(|v| v >= 1.0)
+    );
+    assert!(value(&s, "hyperion_reloads_total", &[("outcome", "ok")]).is_some());
+    assert_eq!(
+        value(
+            &s,
+            "hyperion_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    // No label carries a path or a client.
+    for sample in &s.samples {
+        for (k, v) in sample.labels.iter() {
+            assert!(
+                !v.contains("/c/a") && k != "path" && k != "client",
+                "{}: {k}={v}",
+                sample.metric
+            );
+        }
+    }
+}

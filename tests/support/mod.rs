@@ -312,6 +312,7 @@ impl TestProxy {
         let addr = listener.local_addr().unwrap();
         let (log_tx, logs) = std::sync::mpsc::sync_channel(10_000);
         let has_admin = policy.admin.is_some();
+        hyperion::telemetry::install();
         let first = Generation::first(policy, LogSink::Channel(log_tx));
         let (cache, fleet) = (first.cache.clone(), first.fleet.clone());
         let reloader = Reloader::new(path, first, tokio::runtime::Handle::current());

@@ -1,0 +1,245 @@
+//! Every metric Hyperion exports (Prometheus text on the admin listener's
+//! `/metrics`): their names, labels, and where their values come from.
+//!
+//! Two kinds, so the request path pays little:
+//! - counted as requests pass (`request_finished`, `upstream_answered`,
+//!   `rate_limited`, `queued`): handles fetched once per label set and
+//!   worker thread, then an atomic add;
+//! - read at scrape time from the state that counts them anyway (cache
+//!   statistics, server states, reloads): `render` copies them in.
+//!
+//! Labels are bounded: routes, upstreams, servers and limiters come from
+//! the policy, statuses and methods from short fixed lists; never paths,
+//! keys or clients. Recording without `install` (tests, benches) is free.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http::Method;
+use metrics::{counter, gauge, histogram, Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::generation::{Generation, Reloader};
+
+/// Latency buckets, in seconds: a cache hit's tens of microseconds up to a
+/// generation's minutes.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    30.0, 120.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's recorder (once; later calls return the same
+/// handle). `None` when another recorder is installed already.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    if let Some(h) = HANDLE.get() {
+        return Some(h);
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+        .expect("the buckets are not empty")
+        .build_recorder();
+    let handle = recorder.handle();
+    // Failing means another install won the race: theirs stands.
+    if metrics::set_global_recorder(recorder).is_ok() {
+        let _ = HANDLE.set(handle);
+        gauge!("hyperion_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    }
+    HANDLE.get()
+}
+
+/// Folds recorded histogram samples into their buckets every few seconds,
+/// so they do not pile up between scrapes (or when nobody scrapes). Runs
+/// for the life of the process, on the operations thread.
+pub async fn upkeep() {
+    let Some(handle) = HANDLE.get() else { return };
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// The exposition text: the counted metrics, after copying in what is read
+/// at scrape time.
+pub async fn render(reloader: &Reloader) -> Option<String> {
+    let handle = HANDLE.get()?;
+    let generation = reloader.current();
+    scrape_cache(&generation).await;
+    scrape_upstreams(&generation);
+    counter!("hyperion_reloads_total", "outcome" => "ok").absolute(
+        reloader
+            .succeeded
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    counter!("hyperion_reloads_total", "outcome" => "error")
+        .absolute(reloader.failed.load(std::sync::atomic::Ordering::Relaxed));
+    gauge!("hyperion_policy_generation").set(generation.number as f64);
+    // Histograms keep their samples until upkeep folds them in.
+    handle.run_upkeep();
+    Some(handle.render())
+}
+
+async fn scrape_cache(generation: &Generation) {
+    let r = generation.cache.report().await;
+    gauge!("hyperion_cache_entries").set(r.entries as f64);
+    gauge!("hyperion_cache_bytes").set(r.bytes as f64);
+    gauge!("hyperion_cache_max_bytes").set(r.max_bytes as f64);
+    for (result, value) in [
+        ("hit", r.hits),
+        ("miss", r.misses),
+        ("stale", r.stale),
+        ("bypass", r.bypasses),
+        ("revalidated", r.revalidated),
+        ("coalesced", r.coalesced),
+    ] {
+        counter!("hyperion_cache_lookups_total", "result" => result).absolute(value);
+    }
+    counter!("hyperion_cache_stored_total").absolute(r.stored);
+    counter!("hyperion_cache_tokens_saved_total").absolute(r.tokens_saved);
+    // A float that only grows: exported as a gauge, since the facade's
+    // counters are whole numbers.
+    gauge!("hyperion_cache_upstream_saved_seconds").set(r.upstream_seconds_saved);
+    gauge!("hyperion_cache_fills_in_flight").set(r.fills_in_flight as f64);
+}
+
+fn scrape_upstreams(generation: &Generation) {
+    for pool in generation.fleet.pools() {
+        let upstream = pool.policy.name.clone();
+        for server in pool.snapshot() {
+            let labels = [
+                ("upstream", upstream.clone()),
+                ("server", server.url.clone()),
+            ];
+            gauge!("hyperion_upstream_healthy", &labels).set(f64::from(u8::from(server.healthy)));
+            gauge!("hyperion_upstream_in_flight", &labels).set(f64::from(server.in_flight));
+            gauge!("hyperion_upstream_latency_ewma_seconds", &labels).set(server.ewma_ms / 1e3);
+            counter!("hyperion_upstream_requests_total", &labels).absolute(server.requests);
+            counter!("hyperion_upstream_failures_total", &labels).absolute(server.failures);
+        }
+    }
+}
+
+/// The label set of one finished request.
+#[derive(PartialEq, Eq, Hash, Clone, Copy)]
+struct RequestLabels {
+    /// The route name's hash (names are the policy's, so few).
+    route: u64,
+    method: &'static str,
+    status: u16,
+    cache: &'static str,
+}
+
+thread_local! {
+    /// This worker's handles: a request's metrics take no lock and
+    /// touch no cache line another worker writes, beyond the counters.
+    static REQUESTS: RefCell<HashMap<RequestLabels, Counter>> = RefCell::new(HashMap::new());
+    static DURATIONS: RefCell<HashMap<u64, Histogram>> = RefCell::new(HashMap::new());
+}
+
+/// A request has ended (its body sent, or given up): counted by route,
+/// method, status and cache status, timed by route.
+pub fn request_finished(
+    route: Option<&str>,
+    method: &Method,
+    status: u16,
+    cache: &'static str,
+    took: Duration,
+) {
+    if HANDLE.get().is_none() {
+        return;
+    }
+    let route_name = route.unwrap_or("-");
+    let mut h = std::hash::DefaultHasher::new();
+    route_name.hash(&mut h);
+    let route_hash = h.finish();
+    let labels = RequestLabels {
+        route: route_hash,
+        method: method_label(method),
+        status: bounded_status(status),
+        cache,
+    };
+    REQUESTS.with_borrow_mut(|map| {
+        map.entry(labels)
+            .or_insert_with(|| {
+                counter!(
+                    "hyperion_requests_total",
+                    "route" => route_name.to_owned(),
+                    "method" => labels.method,
+                    "status" => labels.status.to_string(),
+                    "cache" => cache,
+                )
+            })
+            .increment(1)
+    });
+    DURATIONS.with_borrow_mut(|map| {
+        map.entry(route_hash)
+            .or_insert_with(|| {
+                histogram!("hyperion_request_duration_seconds", "route" => route_name.to_owned())
+            })
+            .record(took.as_secs_f64())
+    });
+}
+
+/// The histogram of one pool's time to a response head, for its
+/// `UpstreamPool` to keep.
+pub fn upstream_latency(upstream: &str) -> Histogram {
+    histogram!("hyperion_upstream_duration_seconds", "upstream" => upstream.to_owned())
+}
+
+/// A request refused by rate limiter `limiter`.
+pub fn rate_limited(limiter: &str) {
+    if HANDLE.get().is_some() {
+        counter!("hyperion_rate_limited_total", "limiter" => limiter.to_owned()).increment(1);
+    }
+}
+
+/// A request began waiting for a slot at `upstream`
+/// (`max_inflight_per_server`).
+pub fn queued(upstream: &str) {
+    if HANDLE.get().is_some() {
+        counter!("hyperion_upstream_queued_total", "upstream" => upstream.to_owned()).increment(1);
+    }
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Statuses as they are, except unusual ones folded into their class's
+/// hundred (a client sending odd codes cannot grow the label set).
+fn bounded_status(status: u16) -> u16 {
+    match status {
+        200..=206 | 301..=308 | 400..=417 | 421..=431 | 500..=504 => status,
+        100..=599 => status / 100 * 100,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_stay_a_short_list() {
+        assert_eq!(bounded_status(200), 200);
+        assert_eq!(bounded_status(429), 429);
+        assert_eq!(bounded_status(299), 200);
+        assert_eq!(bounded_status(599), 500);
+        assert_eq!(bounded_status(1000), 0);
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+    }
+}
