@@ -193,11 +193,22 @@ impl Reloader {
     /// changes.
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        // Under systemd (Type=notify), `systemctl reload` waits for READY.
+        notify_service_manager(&[
+            sd_notify::NotifyState::Reloading,
+            sd_notify::NotifyState::monotonic_usec_now()
+                .unwrap_or(sd_notify::NotifyState::MonotonicUsec(0)),
+        ]);
         let policy = match Policy::load(&self.path) {
             Ok(p) => p,
             Err(e) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("reload refused, still serving the previous policy: {e}");
+                let status = format!("reload refused: {e}");
+                notify_service_manager(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status(&status),
+                ]);
                 return Err(e.into());
             }
         };
@@ -214,6 +225,11 @@ impl Reloader {
             tracing::warn!("reload: {what} changed; the running value stays until a restart");
         }
         tracing::info!(generation = next.number, "policy reloaded");
+        let status = format!("serving policy generation {}", next.number);
+        notify_service_manager(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]);
         Ok(Reloaded {
             generation: next.number,
             needs_restart,
@@ -229,5 +245,13 @@ pub async fn follow(live: Arc<LiveProxy>, mut generations: watch::Receiver<Arc<G
         let generation = generations.borrow_and_update().clone();
         let next = generation.proxy(Some(&live.load()));
         live.store(Arc::new(next));
+    }
+}
+
+/// Tells systemd (when it started us with `Type=notify`) where the process
+/// stands; nothing happens elsewhere.
+pub fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify the service manager: {e}");
     }
 }

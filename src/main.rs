@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use hyperion::generation::{follow, Generation, LiveProxy, Reloader};
+use hyperion::generation::{follow, notify_service_manager, Generation, LiveProxy, Reloader};
 use hyperion::{LogSink, Policy};
+use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -208,6 +209,10 @@ fn run(policy: Policy, config: &std::path::Path) -> ExitCode {
     }
     drop(sockets);
     tracing::info!(workers, "serving");
+    notify_service_manager(&[
+        NotifyState::Ready,
+        NotifyState::Status("serving policy generation 1"),
+    ]);
 
     let signals = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -237,6 +242,7 @@ fn run(policy: Policy, config: &std::path::Path) -> ExitCode {
         grace_s = shutdown_grace.as_secs_f64(),
         "shutting down: no new connections, draining in-flight requests"
     );
+    notify_service_manager(&[NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let mut code = ExitCode::SUCCESS;
     for t in threads {
