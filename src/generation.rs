@@ -77,6 +77,10 @@ impl Generation {
         if old.listen != new.listen {
             deferred.push("server.listen".to_owned());
         }
+        let tls_listen = |s: &crate::policy::ServerPolicy| s.tls.as_ref().map(|t| t.listen.clone());
+        if tls_listen(old) != tls_listen(new) {
+            deferred.push("server.tls.listen (the certificate and key are re-read now)".to_owned());
+        }
         if (
             old.header_read_timeout,
             old.idle_timeout,

@@ -26,4 +26,4 @@ pub mod upstream;
 pub use access_log::LogSink;
 pub use handler::Proxy;
 pub use policy::{Policy, PolicyError};
-pub use server::serve;
+pub use server::{serve, serve_on, Transport};

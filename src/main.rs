@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use hyperion::generation::{follow, notify_service_manager, Generation, LiveProxy, Reloader};
-use hyperion::{LogSink, Policy};
+use hyperion::{LogSink, Policy, Transport};
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -78,18 +78,38 @@ fn run(policy: Policy, config: &std::path::Path) -> ExitCode {
         .init();
 
     // Bind before starting anything, so a busy port is one clear error.
-    let mut sockets = Vec::with_capacity(policy.server.listen.len());
-    for addr in &policy.server.listen {
+    let tls_listen = policy
+        .server
+        .tls
+        .as_ref()
+        .map_or(&[][..], |t| &t.listen[..]);
+    let wanted = policy
+        .server
+        .listen
+        .iter()
+        .map(|a| (a, Transport::Plain, "server.listen"))
+        .chain(
+            tls_listen
+                .iter()
+                .map(|a| (a, Transport::Tls, "server.tls.listen")),
+        );
+    let mut sockets = Vec::new();
+    for (addr, transport, key) in wanted {
         match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
-            Ok(l) => sockets.push(l),
+            Ok(l) => {
+                let scheme = if transport == Transport::Tls {
+                    "https"
+                } else {
+                    "http"
+                };
+                tracing::info!("listening on {scheme}://{addr}");
+                sockets.push((l, transport));
+            }
             Err(e) => {
-                eprintln!("cannot listen on {addr}: {e} — free the port or change server.listen in the policy file");
+                eprintln!("cannot listen on {addr}: {e} — free the port or change {key} in the policy file");
                 return ExitCode::FAILURE;
             }
         }
-    }
-    for addr in &policy.server.listen {
-        tracing::info!("listening on http://{addr}");
     }
     let admin = match &policy.admin {
         None => None,
@@ -170,7 +190,10 @@ fn run(policy: Policy, config: &std::path::Path) -> ExitCode {
     }
     let mut threads = Vec::with_capacity(workers);
     for w in 0..workers {
-        let clones: std::io::Result<Vec<_>> = sockets.iter().map(|s| s.try_clone()).collect();
+        let clones: std::io::Result<Vec<_>> = sockets
+            .iter()
+            .map(|(s, t)| s.try_clone().map(|s| (s, *t)))
+            .collect();
         let clones = match clones {
             Ok(c) => c,
             Err(e) => {
@@ -188,11 +211,11 @@ fn run(policy: Policy, config: &std::path::Path) -> ExitCode {
                 runtime.block_on(async move {
                     let listeners = clones
                         .into_iter()
-                        .map(TcpListener::from_std)
+                        .map(|(s, t)| TcpListener::from_std(s).map(|l| (l, t)))
                         .collect::<std::io::Result<Vec<_>>>()?;
                     let live = Arc::new(LiveProxy::from_pointee(reloader.current().proxy(None)));
                     tokio::spawn(follow(live.clone(), reloader.subscribe()));
-                    hyperion::serve(listeners, live, async move {
+                    hyperion::serve_on(listeners, live, async move {
                         let _ = stop.wait_for(|stopped| *stopped).await;
                     })
                     .await;

@@ -155,6 +155,19 @@ pub struct ServerPolicy {
     pub access_log: AccessLogFormat,
     /// `None` when set to `"0s"`.
     pub slow_request: Option<Duration>,
+    /// `[server.tls]`: listeners that speak TLS.
+    pub tls: Option<TlsTermination>,
+}
+
+/// `[server.tls]`: TLS on its own listeners (HTTP/1.1 and h2 by ALPN), with
+/// the certificate chain and key read when the policy is (so a reload
+/// picks up renewed files).
+#[derive(Debug, Clone)]
+pub struct TlsTermination {
+    pub listen: Vec<SocketAddr>,
+    pub config: Arc<rustls::ServerConfig>,
+    /// Where the chain was read from, for the summary.
+    pub cert: std::path::PathBuf,
 }
 
 /// `[upstreams.NAME]`.
@@ -379,6 +392,15 @@ impl fmt::Display for Policy {
         let s = &self.server;
         let listen: Vec<String> = s.listen.iter().map(|a| format!("http://{a}")).collect();
         writeln!(f, "listeners: {}", listen.join(", "))?;
+        if let Some(tls) = &s.tls {
+            let listen: Vec<String> = tls.listen.iter().map(|a| format!("https://{a}")).collect();
+            writeln!(
+                f,
+                "tls:       {} (certificate {})",
+                listen.join(", "),
+                tls.cert.display()
+            )?;
+        }
         if let Some(a) = &self.admin {
             match &a.token_source {
                 Some(source) => {

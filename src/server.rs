@@ -47,6 +47,28 @@ pub async fn serve(
     proxy: Arc<LiveProxy>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let plain = listeners
+        .into_iter()
+        .map(|l| (l, Transport::Plain))
+        .collect();
+    serve_on(plain, proxy, shutdown).await;
+}
+
+/// How a listener's connections begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    /// A TLS handshake first, with `[server.tls]` of the policy of the
+    /// moment (so renewed certificates apply after a reload).
+    Tls,
+}
+
+/// Like `serve`, for listeners of either transport.
+pub async fn serve_on(
+    listeners: Vec<(TcpListener, Transport)>,
+    proxy: Arc<LiveProxy>,
+    shutdown: impl Future<Output = ()>,
+) {
     let policy: ServerPolicy = proxy.load().policy().server.clone();
     let shared = Arc::new(Shared {
         builder: connection_builder(&policy),
@@ -58,8 +80,12 @@ pub async fn serve(
         proxy,
     });
     let mut accept_loops = Vec::with_capacity(listeners.len());
-    for listener in listeners {
-        accept_loops.push(tokio::spawn(accept_loop(listener, shared.clone())));
+    for (listener, transport) in listeners {
+        accept_loops.push(tokio::spawn(accept_loop(
+            listener,
+            transport,
+            shared.clone(),
+        )));
     }
 
     shutdown.await;
@@ -107,7 +133,7 @@ fn connection_builder(policy: &ServerPolicy) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, transport: Transport, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -118,9 +144,14 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let _ = stream.set_nodelay(true);
-                shared
-                    .tasks
-                    .spawn(serve_connection(stream, peer, shared.clone()));
+                match transport {
+                    Transport::Plain => {
+                        shared
+                            .tasks
+                            .spawn(serve_connection(stream, peer, "http", shared.clone()))
+                    }
+                    Transport::Tls => shared.tasks.spawn(serve_tls(stream, peer, shared.clone())),
+                };
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
@@ -146,13 +177,49 @@ fn is_per_connection(e: &std::io::Error) -> bool {
     )
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// The TLS handshake, bounded by `header_read_timeout` like a request
+/// head, then the connection as any other.
+async fn serve_tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let config = shared
+        .proxy
+        .load()
+        .policy()
+        .server
+        .tls
+        .as_ref()
+        .map(|t| t.config.clone());
+    let Some(config) = config else {
+        // A reload removed [server.tls]; its listeners go at the restart.
+        return;
+    };
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let tls = tokio::select! {
+        res = tokio::time::timeout(shared.header_read_timeout, handshake) => match res {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake not done within header_read_timeout");
+                return;
+            }
+        },
+        _ = shared.stop_accepting.cancelled() => return,
+    };
+    serve_connection(tls, peer, "https", shared).await;
+}
+
+async fn serve_connection<S>(stream: S, peer: SocketAddr, proto: &'static str, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let state = Arc::new(ConnState::new());
     let io = TokioIo::new(ActivityIo::new(stream, state.clone()));
     let peer_ip = peer.ip().to_canonical();
     let info = Arc::new(ConnInfo {
         peer: peer_ip,
-        proto: "http",
+        proto,
         state: state.clone(),
         tasks: shared.tasks.clone(),
         force_close: shared.force_close.clone(),

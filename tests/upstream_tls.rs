@@ -14,26 +14,8 @@ use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
 use tokio::net::TcpListener;
-
-/// A CA, written as PEM to a file of its own.
-struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    file: TempFile,
-}
-
-impl TestCa {
-    fn new(tag: &str) -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let file = TempFile::new(&format!("{tag}.pem"), &issuer.pem());
-        TestCa { issuer, file }
-    }
-}
 
 /// A TLS server answering every request with `echo`, its certificate for
 /// `localhost` and 127.0.0.1 issued by `ca`. Records the SNI it was sent.
@@ -46,20 +28,14 @@ struct TlsUpstream {
 
 impl TlsUpstream {
     async fn start(ca: &TestCa) -> TlsUpstream {
-        let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        let cert = params.signed_by(&key, &ca.issuer).unwrap();
+        let (cert, key) = ca.issue();
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
+        .with_single_cert(vec![cert], key)
         .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -21,7 +21,8 @@ use super::units::Size;
 use super::{
     AdminPolicy, AdminToken, BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness,
     HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy,
-    RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls, UpstreamPolicy, UpstreamServer,
+    RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls, TlsTermination, UpstreamPolicy,
+    UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 use crate::upstream::models::ModelName;
@@ -429,15 +430,108 @@ impl Validator<'_> {
         })
     }
 
-    fn server(&self, raw: raw::RawServer) -> Result<ServerPolicy, PolicyError> {
-        if let Some(tls) = &raw.tls {
-            return Err(self.not_yet(tls.span(), "server.tls"));
+    /// `[server.tls]`: its listeners, and the chain and key read and
+    /// checked now (unreadable, empty or mismatched files are errors here,
+    /// not at the first handshake).
+    fn server_tls(
+        &self,
+        raw: Spanned<raw::RawTls>,
+        plain: &[std::net::SocketAddr],
+    ) -> Result<TlsTermination, PolicyError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let listen: Vec<_> = raw.listen.0.into_iter().map(|a| a.0).collect();
+        if listen.is_empty() {
+            return Err(self.err(
+                span,
+                "server.tls.listen",
+                "no address to listen on",
+                "give at least one, e.g. listen = [\"0.0.0.0:8443\"]",
+            ));
         }
+        if let Some(both) = listen.iter().find(|a| plain.contains(a)) {
+            return Err(self.err(
+                span,
+                "server.tls.listen",
+                format!("{both} is also in server.listen"),
+                "an address speaks either plain HTTP or TLS: give TLS its own port",
+            ));
+        }
+        let read = |file: &str, key: &str, what: &str| {
+            let path = self.src.relative_path(file);
+            std::fs::read(&path)
+                .map(|b| (b, path.clone()))
+                .map_err(|e| {
+                    self.err(
+                        span.clone(),
+                        key,
+                        format!("cannot read {}: {e}", path.display()),
+                        format!("give the path of the PEM {what}, readable by hyperion"),
+                    )
+                })
+        };
+        let (pem, cert_path) = read(&raw.cert, "server.tls.cert", "certificate chain")?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                self.err(
+                    span.clone(),
+                    "server.tls.cert",
+                    format!(
+                        "{} is not a PEM certificate chain: {e:?}",
+                        cert_path.display()
+                    ),
+                    "give the server certificate first, then its intermediates, in PEM",
+                )
+            })?;
+        if chain.is_empty() {
+            return Err(self.err(
+                span,
+                "server.tls.cert",
+                format!("{} holds no PEM certificate", cert_path.display()),
+                "give the server certificate first, then its intermediates, in PEM",
+            ));
+        }
+        let (pem, key_path) = read(&raw.key, "server.tls.key", "private key")?;
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+            self.err(
+                span.clone(),
+                "server.tls.key",
+                format!("{} holds no PEM private key", key_path.display()),
+                "give the key in PEM: PKCS#8 (BEGIN PRIVATE KEY), RSA or EC",
+            )
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| {
+                self.err(
+                    span.clone(),
+                    "server.tls",
+                    format!("the certificate and key cannot be used together: {e}"),
+                    "give the key that belongs to the certificate (the first in the chain)",
+                )
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsTermination {
+            listen,
+            config: Arc::new(config),
+            cert: cert_path,
+        })
+    }
+
+    fn server(&self, raw: raw::RawServer) -> Result<ServerPolicy, PolicyError> {
         let listen = match raw.listen {
             Some(l) => {
                 let span = l.span();
                 let addrs: Vec<_> = l.into_inner().0.into_iter().map(|a| a.0).collect();
-                if addrs.is_empty() {
+                // TLS listeners alone are enough.
+                if addrs.is_empty() && raw.tls.is_none() {
                     return Err(self.err(
                         span,
                         "server.listen",
@@ -474,7 +568,12 @@ impl Validator<'_> {
             None => 32 << 10,
         };
         let slow = raw.slow_request.map_or(Duration::from_secs(5), |d| d.0);
+        let tls = match raw.tls {
+            Some(t) => Some(self.server_tls(t, &listen)?),
+            None => None,
+        };
         Ok(ServerPolicy {
+            tls,
             listen,
             max_request_body: raw.max_request_body.map_or(50 << 20, |s| s.0),
             max_header_size,

@@ -287,6 +287,8 @@ pub struct TestProxy {
     /// The admin API's address, when the policy has `[admin]` (its
     /// `listen` is ignored, like the server's).
     pub admin: Option<SocketAddr>,
+    /// The TLS listener's address, when the policy has `[server.tls]`.
+    pub tls: Option<SocketAddr>,
     logs: std::sync::mpsc::Receiver<String>,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<JoinHandle<()>>,
@@ -312,6 +314,7 @@ impl TestProxy {
         let addr = listener.local_addr().unwrap();
         let (log_tx, logs) = std::sync::mpsc::sync_channel(10_000);
         let has_admin = policy.admin.is_some();
+        let has_tls = policy.server.tls.is_some();
         hyperion::telemetry::install();
         let first = Generation::first(policy, LogSink::Channel(log_tx));
         let (cache, fleet) = (first.cache.clone(), first.fleet.clone());
@@ -330,8 +333,17 @@ impl TestProxy {
         } else {
             None
         };
+        let mut listeners = vec![(listener, hyperion::Transport::Plain)];
+        let tls = if has_tls {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let tls_addr = l.local_addr().unwrap();
+            listeners.push((l, hyperion::Transport::Tls));
+            Some(tls_addr)
+        } else {
+            None
+        };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let done = tokio::spawn(hyperion::serve(vec![listener], live, async {
+        let done = tokio::spawn(hyperion::serve_on(listeners, live, async {
             let _ = stop_rx.await;
         }));
         TestProxy {
@@ -340,6 +352,7 @@ impl TestProxy {
             fleet,
             reloader,
             admin,
+            tls,
             logs,
             stop: Some(stop_tx),
             done: Some(done),
@@ -522,5 +535,66 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A certificate authority for tests, its certificate written as PEM to a
+/// file of its own.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub file: TempFile,
+}
+
+impl TestCa {
+    pub fn new(tag: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let file = TempFile::new(&format!("{tag}.pem"), &issuer.pem());
+        TestCa { issuer, file }
+    }
+
+    /// A certificate for `localhost` and 127.0.0.1, and its key.
+    pub fn issue(
+        &self,
+    ) -> (
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let (cert, key) = self.issue_pem();
+        use rustls::pki_types::pem::PemObject;
+        (
+            rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap(),
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        )
+    }
+
+    /// The same, as PEM text (certificate, key).
+    pub fn issue_pem(&self) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A TLS client trusting only this CA, offering `alpn`.
+    pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(&self.file.0).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
     }
 }
