@@ -6,7 +6,8 @@
 //! - `GET /metrics`: Prometheus text (`telemetry`);
 //! - with `Authorization: Bearer <token>`: `GET /admin/cache`,
 //!   `POST /admin/cache/purge`, `GET /admin/cache/explain`,
-//!   `GET /admin/upstreams`, `GET /admin/config`, `POST /admin/reload`.
+//!   `GET /admin/upstreams`, `GET /admin/limits`, `GET /admin/config`,
+//!   `POST /admin/reload`.
 //!
 //! Answers are JSON, indented for curl (or with `?pretty`). Without a
 //! configured token only the open endpoints answer; the others say so.
@@ -193,6 +194,18 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
                 })
                 .collect();
             reply(StatusCode::OK, json!({ "upstreams": pools }))
+        }
+        (Method::GET, "/admin/limits") => {
+            let top = params()
+                .iter()
+                .find(|(k, _)| k == "top")
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(10)
+                .min(100);
+            reply(
+                StatusCode::OK,
+                json!({ "limiters": generation.limits.report(top) }),
+            )
         }
         (Method::GET, "/admin/config") => {
             let summary = generation.policy.to_string();

@@ -56,6 +56,28 @@ pub struct RateLimiter {
     limit_text: &'static str,
 }
 
+/// One limiter for the admin API (`/admin/limits`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LimiterReport {
+    pub name: String,
+    pub key: String,
+    pub unit: &'static str,
+    pub rate: String,
+    pub burst: u64,
+    pub tracked_keys: u64,
+    pub max_keys: u64,
+    /// The most spent buckets, most spent first.
+    pub busiest: Vec<BucketReport>,
+}
+
+/// One bucket: its key's hash, and where it stands.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BucketReport {
+    pub key: String,
+    pub remaining: u64,
+    pub reset_seconds: f64,
+}
+
 /// Who a request is, as limiters key it.
 pub struct Subject<'a> {
     pub client: IpAddr,
@@ -167,6 +189,11 @@ impl Limits {
     }
 
     /// The concurrency limit of upstream `name`, if it has one.
+    /// Every rate limiter for operators, each with its `n` busiest buckets.
+    pub fn report(&self, n: usize) -> Vec<LimiterReport> {
+        self.rate.iter().map(|l| l.report(n)).collect()
+    }
+
     pub fn inflight(&self, name: &str) -> Option<Arc<InflightLimit>> {
         self.inflight
             .iter()
@@ -193,6 +220,45 @@ impl RateLimiter {
             hasher: RandomState::new(),
             epoch: Instant::now(),
             limit_text,
+        }
+    }
+
+    /// This limiter as operators see it: its definition, how many keys it
+    /// tracks, and the `n` most spent buckets (by hashed key: the raw
+    /// values are never kept).
+    pub fn report(&self, n: usize) -> LimiterReport {
+        let now = self.now();
+        let busiest = self
+            .buckets
+            .busiest(n, now)
+            .into_iter()
+            .map(|(key, tat)| {
+                let level = self.gcra.peek(&std::sync::atomic::AtomicU64::new(tat), now);
+                BucketReport {
+                    key: format!("{key:016x}"),
+                    remaining: level.remaining,
+                    reset_seconds: level.reset.as_secs_f64(),
+                }
+            })
+            .collect();
+        let p = &self.policy;
+        LimiterReport {
+            name: p.name.clone(),
+            key: match &p.key {
+                LimitKey::ClientIp => "client_ip".to_owned(),
+                LimitKey::Header(h) => format!("header:{h}"),
+                LimitKey::Route => "route".to_owned(),
+                LimitKey::Global => "global".to_owned(),
+            },
+            unit: match p.unit {
+                crate::policy::LimitUnit::Requests => "requests",
+                crate::policy::LimitUnit::Tokens { .. } => "tokens",
+            },
+            rate: p.rate.to_string(),
+            burst: p.burst,
+            tracked_keys: self.buckets.len(),
+            max_keys: p.max_keys,
+            busiest,
         }
     }
 

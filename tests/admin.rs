@@ -433,3 +433,75 @@ async fn metrics_parse_as_prometheus_text_without_a_token() {
         }
     }
 }
+
+#[tokio::test]
+async fn limiters_and_their_busiest_keys_are_shown_hashed() {
+    let up = Upstream::echo().await;
+    let token = TempFile::new("admin.token", TOKEN);
+    let proxy = TestProxy::start(&format!(
+        "[admin]\ntoken_file = \"{}\"\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\n[rate_limits.per_key]\nkey = \"header:x-api-key\"\nrate = \"10/min\"\n[[route]]\nname = \"all\"\nupstream = \"up\"\nrate_limit = [\"per_key\"]\n",
+        token.display(),
+        up.url()
+    ))
+    .await;
+    let call = |key: &'static str| {
+        let url = proxy.url("/x");
+        async move {
+            send(
+                Request::get(url)
+                    .header("x-api-key", key)
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    for _ in 0..4 {
+        call("secret-key-heavy").await;
+    }
+    call("secret-key-light").await;
+    let (status, body) = admin(&proxy, Method::GET, "/admin/limits?top=5", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let limiter = &body["limiters"][0];
+    assert_eq!(limiter["name"], "per_key");
+    assert_eq!(limiter["key"], "header:x-api-key");
+    assert_eq!(limiter["tracked_keys"], 2);
+    let busiest = limiter["busiest"].as_array().unwrap();
+    assert_eq!(busiest.len(), 2);
+    assert_eq!(busiest[0]["remaining"], 6);
+    assert_eq!(busiest[1]["remaining"], 9);
+    assert!(!body.to_string().contains("secret-key"), "{body}");
+}
+
+#[test]
+fn the_grafana_dashboard_and_prometheus_example_use_exported_names() {
+    let dashboard: Value = serde_json::from_str(include_str!(
+        "../examples/monitoring/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let exported = include_str!("../src/telemetry.rs");
+    let mut names = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("hyperion_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                names.push(name.trim_end_matches("_bucket").to_owned());
+            }
+        }
+    }
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        assert!(
+            exported.contains(&format!("\"{name}\"")),
+            "the dashboard uses {name}, which telemetry does not export"
+        );
+    }
+    let scrape = include_str!("../examples/monitoring/prometheus.yml");
+    assert!(scrape.contains("metrics_path: /metrics") && scrape.contains("127.0.0.1:9090"));
+}

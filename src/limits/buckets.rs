@@ -86,6 +86,30 @@ impl Buckets {
         f(shard.tats.entry(key).or_insert_with(|| AtomicU64::new(0)))
     }
 
+    /// The `n` buckets furthest from rested (the most spent) at `now`,
+    /// as (key, TAT), most spent first: for operators. Each shard is locked
+    /// once, briefly.
+    pub fn busiest(&self, n: usize, now: u64) -> Vec<(u64, u64)> {
+        let mut found: Vec<(u64, u64)> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            found.extend(
+                shard
+                    .tats
+                    .iter()
+                    .map(|(k, t)| (*k, t.load(Ordering::Acquire)))
+                    .filter(|&(_, tat)| tat > now),
+            );
+            if found.len() > n * 4 {
+                found.sort_unstable_by_key(|&(_, tat)| std::cmp::Reverse(tat));
+                found.truncate(n);
+            }
+        }
+        found.sort_unstable_by_key(|&(_, tat)| std::cmp::Reverse(tat));
+        found.truncate(n);
+        found
+    }
+
     /// Buckets held now.
     pub fn len(&self) -> u64 {
         self.shards
