@@ -512,6 +512,23 @@ pub struct Coder {
     /// Input a decoder has not read yet: it is fed in small steps so that
     /// what one step produces stays bounded (a small bomb stays small).
     pending: Bytes,
+    /// Bytes in and out, reported to the metrics when the coder goes.
+    tally: Tally,
+}
+
+/// A coder's bytes in and out, for `hyperion_compression_*_bytes_total`:
+/// reported once, when it is dropped (with its coder, finished or not).
+struct Tally {
+    coding: &'static str,
+    op: &'static str,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        crate::telemetry::coded(self.coding, self.op, self.bytes_in, self.bytes_out);
+    }
 }
 
 enum CoderKind {
@@ -626,19 +643,34 @@ impl Coder {
             kind,
             flush_each,
             pending: Bytes::new(),
+            tally: Tally {
+                coding: coding.as_str(),
+                op: "encode",
+                bytes_in: 0,
+                bytes_out: 0,
+            },
         }
     }
 
     /// Decompresses, passing on what each step decodes at once.
     pub fn decoder(decoding: Decoding) -> Self {
-        let kind = match decoding {
-            Decoding::Gzip => CoderKind::Gunzip(flate2::write::MultiGzDecoder::new(Vec::new())),
-            Decoding::Br => CoderKind::Unbrotli(Box::new(Unbrotli::new())),
+        let (kind, coding) = match decoding {
+            Decoding::Gzip => (
+                CoderKind::Gunzip(flate2::write::MultiGzDecoder::new(Vec::new())),
+                "gzip",
+            ),
+            Decoding::Br => (CoderKind::Unbrotli(Box::new(Unbrotli::new())), "br"),
         };
         Coder {
             kind,
             flush_each: true,
             pending: Bytes::new(),
+            tally: Tally {
+                coding,
+                op: "decode",
+                bytes_in: 0,
+                bytes_out: 0,
+            },
         }
     }
 
@@ -651,6 +683,7 @@ impl Coder {
     /// `has_pending`.
     pub fn push(&mut self, data: Bytes) -> std::io::Result<Bytes> {
         debug_assert!(self.pending.is_empty(), "resume until nothing is pending");
+        self.tally.bytes_in += data.len() as u64;
         if !self.decodes() {
             self.step(&data)?;
             return Ok(self.take_output());
@@ -669,7 +702,9 @@ impl Coder {
     pub fn resume(&mut self) -> std::io::Result<Bytes> {
         if let CoderKind::Unbrotli(b) = &mut self.kind {
             b.decode(&mut self.pending, DECODE_STEP_OUT)?;
-            return Ok(std::mem::take(&mut b.out).into());
+            let out: Bytes = std::mem::take(&mut b.out).into();
+            self.tally.bytes_out += out.len() as u64;
+            return Ok(out);
         }
         loop {
             let n = self.pending.len().min(DECODE_STEP_IN);
@@ -712,26 +747,33 @@ impl Coder {
     }
 
     fn take_output(&mut self) -> Bytes {
-        std::mem::take(self.output()).into()
+        let out: Bytes = std::mem::take(self.output()).into();
+        self.tally.bytes_out += out.len() as u64;
+        out
     }
 
     /// Ends the stream; returns its last bytes. A decoder fails here when
     /// its input stopped short.
     pub fn finish(self) -> std::io::Result<Bytes> {
         debug_assert!(self.pending.is_empty(), "resume until nothing is pending");
-        let out = match self.kind {
+        let Coder {
+            kind, mut tally, ..
+        } = self;
+        let out = match kind {
             CoderKind::Gzip(e) => e.finish()?,
             CoderKind::Br(e) => e.into_inner(),
             CoderKind::Gunzip(d) => d.finish()?,
             CoderKind::Unbrotli(d) if d.finished => d.out,
             CoderKind::Unbrotli(_) => return Err(truncated()),
         };
+        tally.bytes_out += out.len() as u64;
         Ok(out.into())
     }
 
     /// Compresses a whole body at once.
     pub fn whole(coding: Coding, level: u32, body: &[u8]) -> std::io::Result<Bytes> {
         let mut e = Coder::encoder(coding, level, false);
+        e.tally.bytes_in += body.len() as u64;
         e.step(body)?;
         let head = e.take_output();
         let tail = e.finish()?;

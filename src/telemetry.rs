@@ -191,6 +191,31 @@ pub fn upstream_latency(upstream: &str) -> Histogram {
     histogram!("hyperion_upstream_duration_seconds", "upstream" => upstream.to_owned())
 }
 
+/// Bytes in and out, by (coding, op).
+type CodedCounters = HashMap<(&'static str, &'static str), (Counter, Counter)>;
+
+thread_local! {
+    static CODED: RefCell<CodedCounters> = RefCell::new(HashMap::new());
+}
+
+/// A body compressed or decompressed (`op`: encode, decode) with `coding`:
+/// its bytes before and after.
+pub fn coded(coding: &'static str, op: &'static str, bytes_in: u64, bytes_out: u64) {
+    if HANDLE.get().is_none() || (bytes_in == 0 && bytes_out == 0) {
+        return;
+    }
+    CODED.with_borrow_mut(|map| {
+        let (i, o) = map.entry((coding, op)).or_insert_with(|| {
+            (
+                counter!("hyperion_compression_in_bytes_total", "coding" => coding, "op" => op),
+                counter!("hyperion_compression_out_bytes_total", "coding" => coding, "op" => op),
+            )
+        });
+        i.increment(bytes_in);
+        o.increment(bytes_out);
+    });
+}
+
 /// A request refused by rate limiter `limiter`.
 pub fn rate_limited(limiter: &str) {
     if HANDLE.get().is_some() {

@@ -350,14 +350,37 @@ async fn metrics_parse_as_prometheus_text_without_a_token() {
     let up = Upstream::echo().await;
     // Route names of its own: the recorder is the test process's.
     let proxy = TestProxy::start(&format!(
-        "[admin]\n[upstreams.metered]\nservers = [{{ url = \"{}\" }}]\n[rate_limits.once]\nkey = \"global\"\nrate = \"1/hour\"\n[[route]]\nname = \"metered_cached\"\nmatch = {{ path_prefix = \"/c/\" }}\nupstream = \"metered\"\n[route.cache]\nmode = \"force\"\nttl = \"5m\"\n[[route]]\nname = \"metered_limited\"\nupstream = \"metered\"\nrate_limit = [\"once\"]\n",
+        "[admin]\n[upstreams.metered]\nservers = [{{ url = \"{}\" }}]\n[rate_limits.once]\nkey = \"global\"\nrate = \"1/hour\"\n[[route]]\nname = \"metered_cached\"\nmatch = {{ path_prefix = \"/c/\" }}\nupstream = \"metered\"\n[route.cache]\nmode = \"force\"\nttl = \"5m\"\n[[route]]\nname = \"metered_zip\"\nmatch = {{ path_prefix = \"/z/\" }}\nupstream = \"metered\"\n[[route]]\nname = \"metered_limited\"\nupstream = \"metered\"\nrate_limit = [\"once\"]\n[compression]\nmin_size = \"16B\"\n",
         up.url()
     ))
     .await;
     for path in ["/c/a", "/c/a", "/x", "/x"] {
         get(&proxy.url(path)).await;
     }
+    let (zipped, body) = send(
+        Request::get(proxy.url("/z/1"))
+            .header("accept-encoding", "gzip")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(zipped.headers["content-encoding"], "gzip");
     let s = scrape(&proxy).await;
+    let gzip_out = value(
+        &s,
+        "hyperion_compression_out_bytes_total",
+        &[("coding", "gzip"), ("op", "encode")],
+    );
+    assert!(
+        gzip_out.is_some_and(|v| v >= body.len() as f64),
+        "{gzip_out:?}"
+    );
+    assert!(value(
+        &s,
+        "hyperion_compression_in_bytes_total",
+        &[("coding", "gzip"), ("op", "encode")]
+    )
+    .is_some_and(|v| v > 0.0));
     let requests = |route, status, cache| {
         value(
             &s,
@@ -393,7 +416,7 @@ async fn metrics_parse_as_prometheus_text_without_a_token() {
             "hyperion_upstream_duration_seconds",
             &[("upstream", "metered")]
         ),
-        Some(2.0)
+        Some(3.0)
     );
     let server = up.url();
     let per_server = [("upstream", "metered"), ("server", server.as_str())];
@@ -403,7 +426,7 @@ async fn metrics_parse_as_prometheus_text_without_a_token() {
     );
     assert_eq!(
         value(&s, "hyperion_upstream_requests_total", &per_server),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         value(&s, "hyperion_upstream_in_flight", &per_server),
