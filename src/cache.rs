@@ -17,6 +17,7 @@ mod recoded;
 mod record;
 mod targets;
 mod vary;
+pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
