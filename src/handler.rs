@@ -43,8 +43,6 @@ pub struct Proxy {
     log: Arc<AccessLog>,
     /// One per process, shared by the workers.
     cache: Arc<Cache>,
-    /// The upstream pools' shared state (kept alive for the health checks).
-    fleet: Arc<Fleet>,
     /// This worker's side of each pool (its connections).
     pools: Vec<Arc<UpstreamPool>>,
 }
@@ -122,22 +120,11 @@ impl Proxy {
             log,
             policy,
             cache,
-            fleet,
         }
-    }
-
-    /// The upstream pools' shared state: servers, health, load.
-    pub fn fleet(&self) -> &Arc<Fleet> {
-        &self.fleet
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
         &self.policy
-    }
-
-    /// The store this proxy answers from (shared with the other workers).
-    pub fn cache(&self) -> &Arc<Cache> {
-        &self.cache
     }
 
     /// Answers one request. Never fails: errors become JSON responses.

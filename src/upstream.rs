@@ -123,6 +123,8 @@ impl UpstreamPool {
                     previous
                         .filter(|p| p.policy.connect_timeout == policy.connect_timeout)
                         .and_then(|p| {
+                            // TLS connections are made again: the reload
+                            // may have changed what the server is trusted by.
                             let i = p.policy.servers.iter().position(|old| {
                                 old.url == s.url && old.tls.is_none() && s.tls.is_none()
                             })?;

@@ -2,7 +2,8 @@
 # =============================================================================
 # common.sh — what the side-by-side load scripts (passthrough.sh,
 # compressed_hits.sh, limited_hits.sh, pool_passthrough.sh) share: checks,
-# the release builds, the bench origin on SERVER_CPU, process cleanup, the
+# the release builds, the bench origin and Hyperion on SERVER_CPU, process
+# cleanup, the
 # readings of wrk and /proc, and two routes measured round by round.
 #
 # Sourced after the script has set SCRIPT (its name, for messages), SHARED,
@@ -37,6 +38,17 @@ taskset -c "$SERVER_CPU" "$ORIGIN" --listen "127.0.0.1:$ORIGIN_PORT" --threads 1
 PIDS+=($!); ORIGIN_PID=$!
 wait_port "$ORIGIN_PORT"
 curl -s "http://127.0.0.1:$ORIGIN_PORT/_delay?ms=0" >/dev/null
+
+# Starts Hyperion on SERVER_CPU with the policy on stdin after a [server]
+# table of its own (HYPERION_PORT, access log off), checked first so a bad
+# policy is its own error; sets HYPERION_PID once it answers.
+start_hyperion() {
+  { printf '[server]\nlisten = ["127.0.0.1:%s"]\naccess_log = "off"\n' "$HYPERION_PORT"; cat; } >"$RUN_DIR/hyperion.toml"
+  "$HYPERION" check --config "$RUN_DIR/hyperion.toml" >/dev/null
+  taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DIR/hyperion.log" 2>&1 &
+  PIDS+=($!); HYPERION_PID=$!
+  wait_port "$HYPERION_PORT"
+}
 
 # utime+stime clock ticks of a process and its children (nginx's worker).
 tree_ticks() {

@@ -36,11 +36,7 @@ SCRIPT=compressed_hits.sh
 source "$REPO/benches/load/common.sh"
 mkdir -p "$RUN_DIR/nginx/cache"
 
-cat >"$RUN_DIR/hyperion.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$HYPERION_PORT"]
-access_log = "off"
-
+start_hyperion <<EOF
 [upstreams.origin]
 servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
 
@@ -69,10 +65,6 @@ algorithms = ["br", "gzip"]
 min_size = "256B"
 content_types = ["application/json", "application/octet-stream"]
 EOF
-"$HYPERION" check --config "$RUN_DIR/hyperion.toml" >/dev/null
-taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DIR/hyperion.log" 2>&1 &
-PIDS+=($!); HYPERION_PID=$!
-wait_port $HYPERION_PORT
 
 # nginx: the same hits from proxy_cache, compressed by its gzip filter (it
 # has no brotli in Debian's build; its br rows are left out).

@@ -29,10 +29,7 @@ SCRIPT=limited_hits.sh
 # shellcheck source=benches/load/common.sh
 source "$REPO/benches/load/common.sh"
 
-cat >"$RUN_DIR/hyperion.toml" <<TOML
-[server]
-listen = ["127.0.0.1:$HYPERION_PORT"]
-access_log = "off"
+start_hyperion <<TOML
 [upstreams.origin]
 servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
 [rate_limits.per_ip]
@@ -56,9 +53,6 @@ upstream = "origin"
 mode = "force"
 ttl = "1h"
 TOML
-taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DIR/hyperion.log" 2>&1 &
-PIDS+=($!); HYPERION_PID=$!
-wait_port $HYPERION_PORT
 # The same path on both routes: the limited one is picked by Host.
 for host in limited.test plain.test; do
   curl -s -o /dev/null -H "Host: $host" "http://127.0.0.1:$HYPERION_PORT/static/1k"

@@ -79,19 +79,13 @@ taskset -c "$SERVER_CPU" nginx -e "$RUN_DIR/nginx/error.log" -p "$RUN_DIR/nginx/
 PIDS+=($!); NGINX_PID=$!
 wait_port $NGINX_PORT
 
-cat >"$RUN_DIR/hyperion.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$HYPERION_PORT"]
-access_log = "off"
+start_hyperion <<EOF
 [upstreams.origin]
 servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
 [[route]]
 name = "all"
 upstream = "origin"
 EOF
-taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DIR/hyperion.log" 2>&1 &
-PIDS+=($!); HYPERION_PID=$!
-wait_port $HYPERION_PORT
 
 cat >"$RUN_DIR/post.lua" <<'EOF'
 wrk.method = "POST"

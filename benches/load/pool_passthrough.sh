@@ -49,10 +49,7 @@ else
   TRIO="\"http://127.0.0.1:$ORIGIN_PORT\", \"http://127.1:$ORIGIN_PORT\", \"http://localhost:$ORIGIN_PORT\""
 fi
 TRIO_SERVERS=$(echo "$TRIO" | sed -E 's/("[^"]+")/{ url = \1 }/g')
-cat >"$RUN_DIR/hyperion.toml" <<TOML
-[server]
-listen = ["127.0.0.1:$HYPERION_PORT"]
-access_log = "off"
+start_hyperion <<TOML
 [upstreams.single]
 servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
 [upstreams.trio]
@@ -68,9 +65,6 @@ upstream = "trio"
 name = "single"
 upstream = "single"
 TOML
-taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DIR/hyperion.log" 2>&1 &
-PIDS+=($!); HYPERION_PID=$!
-wait_port $HYPERION_PORT
 
 side_by_side single trio "Pass-through to a 3-server pool and to a 1-server pool" \
   "uncached GET /static/1k; trio: least_inflight over $ORIGINS origin process(es) behind three servers, with health checks"

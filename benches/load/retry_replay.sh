@@ -29,10 +29,7 @@ SCRIPT=retry_replay.sh
 # shellcheck source=benches/load/common.sh
 source "$REPO/benches/load/common.sh"
 
-cat >"$RUN_DIR/hyperion.toml" <<TOML
-[server]
-listen = ["127.0.0.1:$HYPERION_PORT"]
-access_log = "off"
+start_hyperion <<TOML
 [upstreams.once]
 servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
 retries = 0
@@ -47,9 +44,6 @@ upstream = "again"
 name = "retries0"
 upstream = "once"
 TOML
-taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DIR/hyperion.log" 2>&1 &
-PIDS+=($!); HYPERION_PID=$!
-wait_port $HYPERION_PORT
 
 side_by_side retries0 retries1 "Pass-through with retries = 1 and with retries = 0" \
   "uncached GET /static/1k to one server; retries1 keeps each request's head to send again"

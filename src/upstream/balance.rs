@@ -69,7 +69,7 @@ impl Default for PickFilter {
 }
 
 impl PickFilter {
-    pub fn allows(&self, i: usize) -> bool {
+    fn allows(&self, i: usize) -> bool {
         (self.only & !self.tried) & (1 << i) != 0
     }
 }
