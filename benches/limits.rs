@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use tokio::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue};
 use hyperion::limits::{Admission, Limits, Stage, Subject};
 use hyperion::Policy;
@@ -66,6 +67,8 @@ fn bench(c: &mut Criterion) {
         let who = by_ip_client(i, &none);
         by_ip
             .admit(&who, Stage::Upstream, 0, &mut Admission::default())
+            .now_or_never()
+            .expect("local limits decide at once")
             .unwrap();
     }
 
@@ -78,6 +81,8 @@ fn bench(c: &mut Criterion) {
             let mut admission = Admission::default();
             by_ip
                 .admit(black_box(&who), Stage::Upstream, 0, &mut admission)
+                .now_or_never()
+                .expect("local limits decide at once")
                 .unwrap();
             black_box(admission.headers)
         })
@@ -107,6 +112,8 @@ fn bench(c: &mut Criterion) {
             let mut admission = Admission::default();
             by_key
                 .admit(black_box(&who), Stage::Upstream, 0, &mut admission)
+                .now_or_never()
+                .expect("local limits decide at once")
                 .unwrap();
             black_box(admission.headers)
         })

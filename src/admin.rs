@@ -171,8 +171,21 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
                 } else {
                     cache.purge(&what).await
                 };
+                let mut body = json!({ "purged": n, "dry_run": dry_run });
+                // With a shared tier the purge reaches Redis and, through
+                // it, every instance's memory. A dry run counts memory only.
+                if let Some(tier) = cache.shared_tier().filter(|_| !dry_run) {
+                    let shared = cache.purge_shared(&what).await;
+                    body["shared"] = json!({
+                        "up": tier.is_up(),
+                        "purged": shared,
+                    });
+                    if shared.is_none() {
+                        tracing::warn!(?what, "admin: cache purge not applied to the shared tier (down): other instances keep their copies until they expire");
+                    }
+                }
                 tracing::info!(?what, dry_run, purged = n, "admin: cache purge");
-                reply(StatusCode::OK, json!({ "purged": n, "dry_run": dry_run }))
+                reply(StatusCode::OK, body)
             }
             Err(why) => error(StatusCode::BAD_REQUEST, "bad_request", &why, pretty),
         },

@@ -15,6 +15,7 @@ mod inspect;
 mod key;
 mod recoded;
 mod record;
+mod shared;
 mod targets;
 mod vary;
 pub mod wire;
@@ -35,8 +36,10 @@ pub use inspect::{CacheReport, Explained, Purge, StoredSummary};
 pub use key::{CacheKey, DigestHash, KeyInput, KeyParts, NotJson};
 pub use recoded::{Form, Recoded, Recodings};
 pub use record::{Recorder, Recording};
+pub use shared::FleetLock;
 
 use crate::policy::CachePolicy;
+use crate::shared::SharedTier;
 
 /// What the cache did for a response; sent as `X-Cache` and logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,9 +280,11 @@ impl Stored {
         }
     }
 
-    fn keep_for(&self) -> Duration {
+    /// How much longer the store keeps it: an entry promoted from the
+    /// shared tier has aged there.
+    fn keep_left(&self) -> Duration {
         match self {
-            Stored::Entry(e) => e.keep_for(),
+            Stored::Entry(e) => e.keep_for().saturating_sub(e.stored_at.elapsed()),
             Stored::Varies(v) => v.keep,
         }
     }
@@ -295,7 +300,7 @@ impl moka::Expiry<CacheKey, Stored> for EntryExpiry {
         stored: &Stored,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(stored.keep_for())
+        Some(stored.keep_left())
     }
 
     fn expire_after_update(
@@ -372,6 +377,8 @@ pub struct Cache {
     fills: fill::Fills,
     /// The keys stored for each URL, for invalidation.
     targets: targets::TargetIndex,
+    /// The tier shared with other instances (`[cache.redis]`).
+    shared: Option<shared::SharedCache>,
 }
 
 impl Cache {
@@ -383,18 +390,68 @@ impl Cache {
             .build_with_hasher(DigestHash);
         Arc::new(Cache {
             store,
-            policy,
             stats: CacheStats::default(),
             fills: fill::Fills::new(),
             targets: targets::TargetIndex::new(),
+            shared: policy
+                .redis
+                .clone()
+                .map(|r| shared::SharedCache::new(SharedTier::new(r))),
+            policy,
         })
+    }
+
+    /// The Redis shared with other instances, if the policy names one.
+    pub fn shared_tier(&self) -> Option<&Arc<SharedTier>> {
+        self.shared.as_ref().map(|s| &s.tier)
+    }
+
+    /// Connects the shared tier (if any) from `runtime`, and applies the
+    /// purges other instances broadcast to this store.
+    pub fn start_shared(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        let Some(shared) = &self.shared else { return };
+        let cache = Arc::downgrade(self);
+        shared.tier.start(
+            runtime,
+            Box::new(move |text| {
+                let Some(what) = shared::decode_purge(text) else {
+                    tracing::debug!("shared tier: a purge this build does not know: {text}");
+                    return;
+                };
+                if let Some(cache) = cache.upgrade() {
+                    tokio::spawn(async move {
+                        cache.purge(&what).await;
+                    });
+                }
+            }),
+        );
     }
 
     /// The response stored for a request with `key` and headers `req`: the
     /// one under the key, or the variant `req` selects. The caller still
     /// checks `Entry::vary_matches` (a variant stored under other names
     /// than the key's newest).
+    /// Memory first; then the shared tier, whose finds are promoted into
+    /// memory.
     pub async fn lookup(&self, key: &CacheKey, req: &HeaderMap) -> Option<Arc<Entry>> {
+        let stored = match self.store.get(key).await {
+            Some(s) => s,
+            None => self.promote(key).await?,
+        };
+        match stored {
+            Stored::Entry(e) => Some(e),
+            Stored::Varies(v) => {
+                let variant = vary::request_key(key, &v.names, req);
+                match self.store.get(&variant).await {
+                    Some(s) => s.entry().cloned(),
+                    None => self.promote(&variant).await?.entry().cloned(),
+                }
+            }
+        }
+    }
+
+    /// Like `lookup`, in memory only.
+    pub async fn lookup_local(&self, key: &CacheKey, req: &HeaderMap) -> Option<Arc<Entry>> {
         match self.store.get(key).await? {
             Stored::Entry(e) => Some(e),
             Stored::Varies(v) => {
@@ -402,6 +459,13 @@ impl Cache {
                 self.store.get(&variant).await?.entry().cloned()
             }
         }
+    }
+
+    /// What the shared tier holds under `key`, put in memory too.
+    async fn promote(&self, key: &CacheKey) -> Option<Stored> {
+        let stored = self.shared.as_ref()?.fetch(key).await?;
+        self.put(*key, stored.clone()).await;
+        Some(stored)
     }
 
     /// Stores `entry` as the response to requests with its key: under the
@@ -413,19 +477,31 @@ impl Cache {
         }
         self.stats.stored.fetch_add(1, Ordering::Relaxed);
         if entry.vary.is_empty() {
-            self.put(key, Stored::Entry(entry)).await;
+            let stored = Stored::Entry(entry);
+            self.put(key, stored.clone()).await;
+            self.share(key, &stored).await;
             return;
         }
-        let varies = Varies {
+        let varies = Stored::Varies(Arc::new(Varies {
             names: entry.vary.iter().map(|(n, _)| n.clone()).collect(),
             route: entry.route.clone(),
             target: entry.target.clone(),
             keep: entry.keep_for(),
-        };
+        }));
         let variant = entry.store_key();
+        let entry = Stored::Entry(entry);
         // The variant first: a lookup that finds the names finds it too.
-        self.put(variant, Stored::Entry(entry)).await;
-        self.put(key, Stored::Varies(Arc::new(varies))).await;
+        self.put(variant, entry.clone()).await;
+        self.put(key, varies.clone()).await;
+        self.share(variant, &entry).await;
+        self.share(key, &varies).await;
+    }
+
+    /// Writes `stored` to the shared tier, if there is one.
+    async fn share(&self, key: CacheKey, stored: &Stored) {
+        if let Some(shared) = &self.shared {
+            shared.store(key, stored).await;
+        }
     }
 
     // Every write to the store goes through moka's compute, which takes the
@@ -461,6 +537,11 @@ impl Cache {
     pub async fn invalidate_target(&self, target: &str) {
         for key in self.targets.take(target) {
             self.take(&key).await;
+        }
+        if let Some(shared) = &self.shared {
+            if shared.tier.is_up() {
+                shared.invalidate_target(target).await;
+            }
         }
     }
 

@@ -53,6 +53,7 @@ impl Generation {
     /// runtime for them (`Fleet::start_checks`).
     pub fn first(policy: Policy, sink: LogSink) -> Generation {
         let policy = Arc::new(policy);
+        let cache = Cache::new(policy.cache.clone());
         Generation {
             number: 1,
             log: Arc::new(AccessLog::new(
@@ -60,8 +61,8 @@ impl Generation {
                 policy.server.slow_request,
                 sink.clone(),
             )),
-            cache: Cache::new(policy.cache.clone()),
-            limits: Arc::new(Limits::new(&policy, None)),
+            limits: Arc::new(Limits::with_shared(&policy, None, cache.shared_tier())),
+            cache,
             fleet: Arc::new(Fleet::new(&policy, None)),
             loaded_at: SystemTime::now(),
             sink,
@@ -98,6 +99,9 @@ impl Generation {
         if self.policy.cache.max_size != policy.cache.max_size {
             deferred.push("cache.max_size".to_owned());
         }
+        if self.policy.cache.redis != policy.cache.redis {
+            deferred.push("cache.redis".to_owned());
+        }
         let log = if (old.access_log, old.slow_request) == (new.access_log, new.slow_request) {
             self.log.clone()
         } else {
@@ -111,7 +115,11 @@ impl Generation {
             number: self.number + 1,
             log,
             cache: self.cache.clone(),
-            limits: Arc::new(Limits::new(&policy, Some(&self.limits))),
+            limits: Arc::new(Limits::with_shared(
+                &policy,
+                Some(&self.limits),
+                self.cache.shared_tier(),
+            )),
             fleet: Arc::new(Fleet::new(&policy, Some(&self.fleet))),
             loaded_at: SystemTime::now(),
             sink: self.sink.clone(),
@@ -166,6 +174,7 @@ impl Reloader {
     /// Starts from `first`, whose health checks run on `checks`.
     pub fn new(path: &Path, first: Generation, checks: tokio::runtime::Handle) -> Arc<Reloader> {
         first.fleet.start_checks(&checks);
+        first.cache.start_shared(&checks);
         let first = Arc::new(first);
         let (publish, _) = watch::channel(first.clone());
         Arc::new(Reloader {

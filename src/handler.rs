@@ -352,12 +352,14 @@ impl Proxy {
             }
         }
         if let Some(at) = arrived {
-            route.check_limits(
-                Stage::Arrival,
-                &who(req.headers(), at),
-                &read_ahead,
-                admission,
-            )?;
+            route
+                .check_limits(
+                    Stage::Arrival,
+                    &who(req.headers(), at),
+                    &read_ahead,
+                    admission,
+                )
+                .await?;
         }
         if let Some(policy) = cache_policy {
             // Waiting behind an identical request may end with it failing:
@@ -418,7 +420,9 @@ impl Proxy {
         if !route.limits.is_empty() {
             let who = who(req.headers(), tokio::time::Instant::now());
             if serve_stale.is_none() {
-                route.check_limits(Stage::Upstream, &who, &read_ahead, admission)?;
+                route
+                    .check_limits(Stage::Upstream, &who, &read_ahead, admission)
+                    .await?;
             }
             route.limits.peek_rest(&who, admission);
         }
@@ -685,7 +689,7 @@ impl Route {
     /// Spends from the route's limiters checked at `stage`, or refuses with
     /// a 429 (giving back what earlier stages spent). Token limiters reserve
     /// an estimate made from the request body once, only when one is checked.
-    fn check_limits(
+    async fn check_limits(
         &self,
         stage: Stage,
         who: &Subject<'_>,
@@ -704,15 +708,18 @@ impl Route {
         } else {
             0
         };
-        limits.admit(who, stage, tokens, admission).map_err(|r| {
-            crate::telemetry::rate_limited(&r.limiter);
-            admission.refund_all();
-            admission.headers = Some(r.headers);
-            ProxyError::RateLimited {
-                limiter: r.limiter,
-                retry_after: r.retry_after,
-            }
-        })
+        limits
+            .admit(who, stage, tokens, admission)
+            .await
+            .map_err(|r| {
+                crate::telemetry::rate_limited(&r.limiter);
+                admission.refund_all();
+                admission.headers = Some(r.headers);
+                ProxyError::RateLimited {
+                    limiter: r.limiter,
+                    retry_after: r.retry_after,
+                }
+            })
     }
 }
 

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod policy;
 pub mod route;
 pub mod server;
+pub mod shared;
 pub mod telemetry;
 pub mod upstream;
 

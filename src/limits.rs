@@ -16,6 +16,7 @@ mod buckets;
 mod gcra;
 pub mod inflight;
 mod numerals;
+mod shared;
 pub mod tokens;
 
 use std::hash::{BuildHasher, RandomState};
@@ -33,6 +34,8 @@ pub use inflight::{InflightLimit, InflightSlot};
 pub use tokens::TokenMeter;
 
 use crate::policy::{LimitKey, LimitUnit, Policy, RateLimitPolicy};
+use crate::shared::SharedTier;
+use shared::{SharedBuckets, SharedKey};
 
 pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
@@ -54,6 +57,9 @@ pub struct RateLimiter {
     hasher: RandomState,
     epoch: Instant,
     limit_text: &'static str,
+    /// The fleet's buckets, with a shared tier: decisions are made there
+    /// while it answers, the local buckets mirroring them.
+    shared: Option<Arc<SharedBuckets>>,
 }
 
 /// One limiter for the admin API (`/admin/limits`).
@@ -107,6 +113,8 @@ pub enum Stage {
 pub struct Spent {
     limiter: Arc<RateLimiter>,
     key: u64,
+    /// The fleet's bucket, when the spend was made there.
+    shared: Option<SharedKey>,
     units: u64,
     /// The bucket's level right after the spend.
     level: LimitHeaders,
@@ -147,6 +155,16 @@ impl Limits {
     /// The limiters `policy` names. A limiter of `previous` whose definition
     /// is unchanged is kept, buckets and all; the others start rested.
     pub fn new(policy: &Policy, previous: Option<&Limits>) -> Self {
+        Limits::with_shared(policy, previous, None)
+    }
+
+    /// Like `new`; with `shared`, rate limits are the fleet's (decided in
+    /// Redis while it answers).
+    pub fn with_shared(
+        policy: &Policy,
+        previous: Option<&Limits>,
+        shared: Option<&Arc<SharedTier>>,
+    ) -> Self {
         let rate = policy
             .rate_limits
             .iter()
@@ -154,7 +172,7 @@ impl Limits {
                 previous
                     .and_then(|prev| prev.rate.iter().find(|l| *l.policy == **p))
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(RateLimiter::new(p.clone())))
+                    .unwrap_or_else(|| Arc::new(RateLimiter::with_shared(p.clone(), shared)))
             })
             .collect();
         let inflight = policy
@@ -210,9 +228,14 @@ impl Limits {
 
 impl RateLimiter {
     pub fn new(policy: Arc<RateLimitPolicy>) -> Self {
+        RateLimiter::with_shared(policy, None)
+    }
+
+    pub fn with_shared(policy: Arc<RateLimitPolicy>, shared: Option<&Arc<SharedTier>>) -> Self {
         let gcra = Gcra::new(policy.rate, policy.burst);
         let buckets = Buckets::new(policy.max_keys, gcra.sweep_interval());
         let limit_text = numerals::interned(gcra.burst());
+        let shared = shared.map(|t| Arc::new(SharedBuckets::new(t.clone(), &policy.name, &gcra)));
         RateLimiter {
             policy,
             gcra,
@@ -220,6 +243,7 @@ impl RateLimiter {
             hasher: RandomState::new(),
             epoch: Instant::now(),
             limit_text,
+            shared,
         }
     }
 
@@ -317,6 +341,41 @@ impl RateLimiter {
         }
     }
 
+    /// Spends `units` for `subject` (local bucket `key`): in the fleet's
+    /// bucket while the shared tier answers, mirrored locally; else locally.
+    /// Also returns the fleet's bucket when the spend was made there.
+    async fn spend_shared(
+        &self,
+        subject: &Subject<'_>,
+        key: u64,
+        units: u64,
+    ) -> (
+        Result<LimitHeaders, (Duration, LimitHeaders)>,
+        Option<SharedKey>,
+    ) {
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.is_up()) {
+            let fleet_key = shared.key(&self.policy.name, &self.policy.key, subject);
+            if let Some(decided) = shared.spend(&fleet_key, units).await {
+                let level = match &decided {
+                    Ok(level) => *level,
+                    Err(r) => r.level,
+                };
+                // The local bucket follows, for peeks and for an outage.
+                let now = self.now();
+                let tat =
+                    now.saturating_add(u64::try_from(level.reset.as_nanos()).unwrap_or(u64::MAX));
+                self.buckets.with(key, now, true, |t| {
+                    t.store(tat, std::sync::atomic::Ordering::Release)
+                });
+                return match decided {
+                    Ok(level) => (Ok(self.headers(level)), Some(fleet_key)),
+                    Err(r) => (Err((r.retry_after, self.headers(r.level))), None),
+                };
+            }
+        }
+        (self.spend(key, subject.at, units), None)
+    }
+
     /// `key`'s bucket without spending. A key never seen is rested, and is
     /// not stored just for being looked at.
     pub fn peek(&self, key: u64, at: Instant) -> LimitHeaders {
@@ -327,8 +386,18 @@ impl RateLimiter {
         self.headers(level)
     }
 
-    /// Settles a spend of `reserved` units that turned out to be `actual`.
-    pub fn settle(&self, key: u64, reserved: u64, actual: u64) {
+    /// Settles a spend of `reserved` units that turned out to be `actual`
+    /// (in the fleet's bucket too when it was spent there).
+    pub fn settle(&self, key: u64, shared: Option<&SharedKey>, reserved: u64, actual: u64) {
+        if let (Some(buckets), Some(fleet_key)) = (&self.shared, shared) {
+            if actual != reserved {
+                buckets.adjust(
+                    fleet_key.clone(),
+                    reserved > actual,
+                    reserved.abs_diff(actual),
+                );
+            }
+        }
         let now = self.now();
         self.buckets.with(key, now, true, |tat| {
             if actual > reserved {
@@ -339,8 +408,12 @@ impl RateLimiter {
         });
     }
 
-    /// Gives back `units` to `key`'s bucket; its level after.
-    fn refund(&self, key: u64, units: u64) -> LimitHeaders {
+    /// Gives back `units` to `key`'s bucket (and the fleet's, when spent
+    /// there); its level after.
+    fn refund(&self, key: u64, shared: Option<&SharedKey>, units: u64) -> LimitHeaders {
+        if let (Some(buckets), Some(fleet_key)) = (&self.shared, shared) {
+            buckets.adjust(fleet_key.clone(), true, units);
+        }
         let now = self.now();
         let level = self.buckets.with(key, now, false, |tat| {
             self.gcra.refund(tat, now, units);
@@ -397,7 +470,7 @@ impl RouteLimits {
     /// Spends from every limiter of `stage` (a token limiter spends `tokens`,
     /// clamped to its burst), or from none: when one refuses, what the others
     /// spent is given back.
-    pub fn admit(
+    pub async fn admit(
         &self,
         subject: &Subject<'_>,
         stage: Stage,
@@ -411,19 +484,21 @@ impl RouteLimits {
                 LimitUnit::Requests => 1,
                 LimitUnit::Tokens { .. } => tokens.clamp(1, limiter.gcra.burst()),
             };
-            match limiter.spend(key, subject.at, units) {
+            let (decided, shared) = limiter.spend_shared(subject, key, units).await;
+            match decided {
                 Ok(level) => {
                     into.note(level);
                     into.spent.push(Spent {
                         limiter: limiter.clone(),
                         key,
+                        shared,
                         units,
                         level,
                     });
                 }
                 Err((retry_after, headers)) => {
                     for s in into.spent.drain(first..) {
-                        s.limiter.refund(s.key, s.units);
+                        s.limiter.refund(s.key, s.shared.as_ref(), s.units);
                     }
                     return Err(Refused {
                         limiter: limiter.policy.name.clone(),
@@ -473,7 +548,7 @@ impl Admission {
     /// refunded bucket show it as it is now.
     pub fn refund_all(&mut self) {
         for s in self.spent.drain(..) {
-            let level = s.limiter.refund(s.key, s.units);
+            let level = s.limiter.refund(s.key, s.shared.as_ref(), s.units);
             if self.headers == Some(s.level) {
                 self.headers = Some(level);
             }
@@ -505,6 +580,7 @@ impl Admission {
                 out.push(TokenSpend {
                     limiter: s.limiter,
                     key: s.key,
+                    shared: s.shared,
                     reserved: s.units,
                 });
             } else {
@@ -520,7 +596,7 @@ impl Drop for Admission {
     /// left while waiting, say): they go back. Request units stay spent.
     fn drop(&mut self) {
         for s in self.spent.iter().filter(|s| s.limiter.counts_tokens()) {
-            s.limiter.refund(s.key, s.units);
+            s.limiter.refund(s.key, s.shared.as_ref(), s.units);
         }
     }
 }
@@ -529,12 +605,14 @@ impl Drop for Admission {
 pub struct TokenSpend {
     limiter: Arc<RateLimiter>,
     key: u64,
+    shared: Option<SharedKey>,
     reserved: u64,
 }
 
 impl TokenSpend {
     pub fn settle(&self, actual: u64) {
-        self.limiter.settle(self.key, self.reserved, actual);
+        self.limiter
+            .settle(self.key, self.shared.as_ref(), self.reserved, actual);
     }
 }
 
@@ -603,6 +681,7 @@ rate_limit = ["per_ip", "per_route"]
         let mut first = Admission::default();
         route
             .admit(&who(&headers), Stage::Upstream, 0, &mut first)
+            .await
             .unwrap();
         // per_route (1/min) is the tighter: it is the one the headers show.
         assert_eq!(first.headers.unwrap().limit, 1);
@@ -613,6 +692,7 @@ rate_limit = ["per_ip", "per_route"]
                 0,
                 &mut Admission::default(),
             )
+            .await
             .unwrap_err();
         assert_eq!(refused.limiter, "per_route");
         assert_eq!(refused.retry_after, Duration::from_secs(60));
@@ -633,6 +713,7 @@ rate_limit = ["per_ip", "per_route"]
                 0,
                 &mut Admission::default(),
             )
+            .await
             .unwrap();
     }
 

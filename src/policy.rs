@@ -293,6 +293,37 @@ pub struct CachePolicy {
     pub max_entry_size: u64,
     /// `ttl` of `force` routes that set none.
     pub default_ttl: Duration,
+    /// `[cache.redis]`: the tier shared with other instances, if any.
+    pub redis: Option<RedisPolicy>,
+}
+
+/// `[cache.redis]`: where the shared tier is, and how long it may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisPolicy {
+    /// As written (the password, if any, never printed: see `display_url`).
+    pub url: String,
+    /// Prepended to every key and channel, so fleets can share one Redis.
+    pub key_prefix: String,
+    /// Slower than this counts as unavailable: serve from memory.
+    pub timeout: Duration,
+}
+
+impl RedisPolicy {
+    /// The URL with any password masked, for logs and `check`.
+    pub fn display_url(&self) -> String {
+        match (self.url.find("://"), self.url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &self.url[scheme + 3..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                if userinfo.contains(':') {
+                    format!("{}{user}:***{}", &self.url[..scheme + 3], &self.url[at..])
+                } else {
+                    format!("{}***{}", &self.url[..scheme + 3], &self.url[at..])
+                }
+            }
+            _ => self.url.clone(),
+        }
+    }
 }
 
 impl Default for CachePolicy {
@@ -301,6 +332,7 @@ impl Default for CachePolicy {
             max_size: 256 << 20,
             max_entry_size: 8 << 20,
             default_ttl: Duration::from_secs(300),
+            redis: None,
         }
     }
 }
@@ -429,6 +461,15 @@ impl fmt::Display for Policy {
                 Size(self.cache.max_size),
                 Size(self.cache.max_entry_size),
                 Dur(self.cache.default_ttl)
+            )?;
+        }
+        if let Some(r) = &self.cache.redis {
+            writeln!(
+                f,
+                "shared:    {} (keys {}*, timeout {}): cache, rate limits and fill locks shared with the fleet",
+                r.display_url(),
+                r.key_prefix,
+                Dur(r.timeout)
             )?;
         }
         writeln!(f, "upstreams:")?;

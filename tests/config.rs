@@ -35,8 +35,7 @@ fn the_shipped_proxy_toml_is_valid() {
 
 #[test]
 fn every_key_of_the_reference_shape_parses() {
-    // POLICY.md's reference uses keys whose behaviour lands later: the file
-    // must fail only with "not supported yet", never as unknown or mistyped.
+    // POLICY.md's reference, every key of it, is what this version reads.
     // Its files and secrets are the operator's: stand-ins here, so only the
     // keys themselves are judged.
     let ca = support::TestCa::new("reference");
@@ -53,29 +52,54 @@ fn every_key_of_the_reference_shape_parses() {
             "token_env = \"HYPERION_ADMIN_TOKEN\"",
             &format!("token_file = \"{}\"", token.display()),
         );
-    let err = error_of(&reference);
-    assert!(err.contains("not supported yet"), "{err}");
-    assert!(
-        !err.contains("unknown key") && !err.contains("invalid type"),
-        "{err}"
-    );
+    let policy = Policy::parse("proxy.toml", &reference).unwrap_or_else(|e| panic!("{e}"));
+    let redis = policy.cache.redis.as_ref().expect("[cache.redis]");
+    assert_eq!(redis.key_prefix, "hyperion:");
+    assert_eq!(redis.timeout, std::time::Duration::from_millis(50));
 }
 
 #[test]
-fn keys_not_built_yet_are_refused_at_their_line() {
-    let cases = [(
-        "[cache]\nmax_size = \"256MB\"\n[cache.redis]\nurl = \"redis://127.0.0.1/0\"\n",
-        "cache.redis",
-        1,
-    )];
-    for (snippet, key, line) in cases {
-        let err = error_of(&format!("{snippet}{UPSTREAM}{ROUTE}"));
+fn shared_tier_mistakes_name_their_line() {
+    let cases = [
+        (
+            "url = \"rediss://cache.internal:6380/0\"\n",
+            "cache.redis.url: TLS to Redis (rediss://) is not built into this version",
+        ),
+        (
+            "url = \"http://127.0.0.1:6379\"\n",
+            "cache.redis.url: not a Redis URL",
+        ),
+        (
+            "url = \"redis://127.0.0.1/0\"\nkey_prefix = \"my fleet\"\n",
+            "cache.redis.key_prefix: a prefix must be 1 to 64 characters",
+        ),
+        (
+            "url = \"redis://127.0.0.1/0\"\ntimeout = \"30s\"\n",
+            "cache.redis.timeout: 30s is not between 1ms and 10s",
+        ),
+    ];
+    for (keys, expected) in cases {
+        let text = format!("[cache]\nmax_size = \"256MB\"\n[cache.redis]\n{keys}{UPSTREAM}{ROUTE}");
+        let err = error_of(&text);
+        let line = 4 + keys.lines().count() - 1;
         assert!(err.starts_with(&format!("proxy.toml:{line}:")), "{err}");
-        assert!(
-            err.contains(&format!(": {key}: not supported yet")),
-            "{err}"
-        );
+        assert!(err.contains(expected), "{err}");
     }
+    let ok = Policy::parse(
+        "p",
+        &format!("[cache.redis]\nurl = \"redis://app:pw@127.0.0.1:6379/2\"\n{UPSTREAM}{ROUTE}"),
+    )
+    .unwrap();
+    let summary = ok.to_string();
+    assert!(
+        summary.contains("redis://app:***@127.0.0.1:6379/2"),
+        "{summary}"
+    );
+    assert!(!summary.contains("pw"), "{summary}");
+}
+
+#[test]
+fn defaults_this_version_has_are_accepted() {
     Policy::parse(
         "p",
         &format!("{ROUTE}[route.cache]\nmode = \"force\"\nttl = \"5m\"\n{UPSTREAM}"),

@@ -17,6 +17,7 @@ use http::{Method, Response, StatusCode};
 use super::conditional::{self, Precondition};
 use super::control::{self, CacheControl};
 use super::fill::{Follow, Lead, Role, Sent};
+use super::shared::FleetLead;
 use super::{Cache, CacheKey, CacheStatus, Cost, Entry, KeyInput, Recorder, Recording, StoredBody};
 use crate::body::ResponseBody;
 use crate::error::ProxyError;
@@ -219,13 +220,53 @@ impl Cache {
             Role::Lead(lead) => {
                 // A fill that stored its entry and left between our lookup
                 // and our registering would otherwise be fetched twice.
-                let again = self.lookup(&key, q.headers).await;
+                let again = self.lookup_local(&key, q.headers).await;
                 if let Some(served) = self.serve_stored(again.as_ref(), &client, &q) {
+                    return served;
+                }
+                if let Some(served) = self.lead_fleet(&key, &lead, policy, &client, &q).await {
                     return served;
                 }
                 forward(status, Some(key), stale, client, Some(lead))
             }
         }
+    }
+
+    /// With a shared tier: claims the fill of `key` for the whole fleet, or
+    /// waits (at most `coalesce_timeout`, local followers waiting with it)
+    /// for the instance that claimed it, and serves what it stored. `None`:
+    /// go upstream (this instance now holds the claim, or the other
+    /// instance gave up or is too slow, or the tier is down).
+    async fn lead_fleet(
+        &self,
+        key: &CacheKey,
+        lead: &Lead,
+        policy: &RouteCachePolicy,
+        client: &CacheControl,
+        q: &CacheQuery<'_>,
+    ) -> Option<Before> {
+        let shared = self.shared.as_ref()?;
+        let found = match shared.lead(key, policy.coalesce_timeout).await {
+            FleetLead::Took(claim) => {
+                lead.hold_fleet_lock(claim);
+                return None;
+            }
+            FleetLead::Alone => return None,
+            FleetLead::Found(stored) => Some(stored),
+            FleetLead::Held => {
+                lead.queue(true);
+                let deadline = tokio::time::Instant::now() + policy.coalesce_timeout;
+                let found = shared.await_fill(key, deadline).await;
+                lead.queue(false);
+                found
+            }
+        };
+        // Without an entry: a variant, or a fill stored as the wait ended.
+        if let Some(found) = found {
+            self.put(*key, found).await;
+        }
+        let entry = self.lookup(key, q.headers).await;
+        self.serve_stored(entry.as_ref(), client, q)
     }
 
     /// A stored entry served as it is: fresh, or stale where the client

@@ -43,7 +43,9 @@ use tokio::task::AbortHandle;
 use super::control::age_value;
 use super::exchange::{respond, After, Exchange};
 use super::vary::{self, VaryValues};
-use super::{Cache, CacheKey, CacheStatus, Cost, DigestHash, Entry, Recording, StoredBody};
+use super::{
+    Cache, CacheKey, CacheStatus, Cost, DigestHash, Entry, FleetLock, Recording, StoredBody,
+};
 use crate::body::{BoxError, ResponseBody};
 use crate::error::ProxyError;
 use crate::headers::X_CACHE;
@@ -174,6 +176,10 @@ struct FillState {
     live_followers: u64,
     /// What the answer cost the upstream, once complete and recorded.
     cost: Option<Cost>,
+    /// The fleet-wide claim on this key (shared tier): given back when the
+    /// fill ends, after its entry was stored, so other instances waiting
+    /// find it.
+    fleet_lock: Option<FleetLock>,
 }
 
 enum Phase {
@@ -276,6 +282,7 @@ impl Fill {
                 writer: None,
                 live_followers: 0,
                 cost: None,
+                fleet_lock: None,
             }),
             changed: Notify::new(),
         })
@@ -506,6 +513,8 @@ impl Drop for Lead {
     fn drop(&mut self) {
         if !self.launched {
             self.fill.settle(Phase::Pass { failed: true });
+            let claim = lock(&self.fill.state).fleet_lock.take();
+            drop(claim);
         }
     }
 }
@@ -529,6 +538,11 @@ enum Answer {
 pub type Sent = Result<Response<ResponseBody>, ProxyError>;
 
 impl Lead {
+    /// Keeps the fleet-wide claim on the key until the fill ends.
+    pub fn hold_fleet_lock(&self, claim: FleetLock) {
+        lock(&self.fill.state).fleet_lock = Some(claim);
+    }
+
     /// Tells followers the leader is waiting (`true`) or done waiting for a
     /// slot under `max_inflight_per_server`.
     pub fn queue(&self, waiting: bool) {
@@ -615,14 +629,16 @@ struct Finish(Arc<Fill>);
 impl Drop for Finish {
     fn drop(&mut self) {
         self.0.cache.fills.remove(&self.0);
-        {
+        let claim = {
             let mut st = lock(&self.0.state);
             if !st.phase.is_final() {
                 st.phase = Phase::Failed;
             }
             st.wake_readers();
-        }
+            st.fleet_lock.take()
+        };
         self.0.changed.notify_waiters();
+        drop(claim);
     }
 }
 

@@ -36,6 +36,9 @@ pub struct CacheReport {
     pub tokens_saved: u64,
     /// Upstream time hits did not cost: each stored answer's fetch time, once per hit.
     pub upstream_seconds_saved: f64,
+    /// The tier shared with other instances, when `[cache.redis]` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<crate::shared::SharedReport>,
 }
 
 /// Which entries a purge removes.
@@ -107,6 +110,7 @@ impl Cache {
             tokens_saved: get(&s.tokens_saved),
             upstream_seconds_saved: Duration::from_micros(get(&s.upstream_micros_saved))
                 .as_secs_f64(),
+            shared: self.shared_tier().map(|t| t.report()),
         }
     }
 
@@ -148,6 +152,14 @@ impl Cache {
         n
     }
 
+    /// Removes what `what` names from the shared tier and has every other
+    /// instance drop it from memory: how many entries Redis held, `None`
+    /// when there is no shared tier or it is down. This instance's memory
+    /// is `purge`'s.
+    pub async fn purge_shared(&self, what: &Purge) -> Option<u64> {
+        self.shared.as_ref()?.purge(what).await
+    }
+
     /// How many stored responses `purge(what)` would remove, removing
     /// nothing (a purge's dry run).
     pub async fn count(&self, what: &Purge) -> u64 {
@@ -183,8 +195,6 @@ impl Cache {
 impl Purge {
     /// Whether the slot `k` holding `s` goes (`All` is handled whole).
     fn selects(&self, k: &CacheKey, s: &Stored) -> bool {
-        let target = s.target();
-        let path = &target[target.find('/').unwrap_or(target.len())..];
         match self {
             // The key itself, and a variant of it: where `key` and the
             // variant's values place it.
@@ -193,12 +203,21 @@ impl Purge {
                     || s.entry()
                         .is_some_and(|e| !e.vary.is_empty() && vary::stored_key(key, &e.vary) == *k)
             }
+            Purge::Route(r) => s.route() == r,
+            _ => self.selects_target(s.target()),
+        }
+    }
+
+    /// Whether the entries of URL `target` (host + path and query) go;
+    /// false for purges that do not select by URL.
+    pub fn selects_target(&self, target: &str) -> bool {
+        let path = &target[target.find('/').unwrap_or(target.len())..];
+        match self {
             Purge::Target(t) => target == t,
             Purge::Prefix(p) => target.starts_with(p.as_str()),
             Purge::Path(p) => path == p,
             Purge::PathPrefix(p) => path.starts_with(p.as_str()),
-            Purge::Route(r) => s.route() == r,
-            Purge::All => false,
+            Purge::Key(_) | Purge::Route(_) | Purge::All => false,
         }
     }
 }

@@ -9,7 +9,9 @@
 //! Every length is checked against the bytes left before anything is
 //! allocated, so a corrupt or hostile value costs nothing. A value of
 //! another version is `WireError::Version`: ignored by the reader, never
-//! misread. Copies in other codings are not carried: each instance makes
+//! misread. A key whose responses vary is stored as a `Varies` record
+//! (`HYPV`, version, how long to keep it, route, target, the header names):
+//! what selects the variant key. Copies in other codings are not carried: each instance makes
 //! its own when a client asks. Where values are kept, and for how long, is
 //! the tier's business; this module only turns entries into bytes and back.
 
@@ -24,6 +26,7 @@ use super::recoded::Recodings;
 use super::{CacheKey, Cost, Entry, StoredBody};
 
 const MAGIC: &[u8; 4] = b"HYPE";
+const VARIES_MAGIC: &[u8; 4] = b"HYPV";
 /// Bumped whenever the layout changes: readers skip other versions.
 pub const VERSION: u16 = 1;
 
@@ -196,6 +199,71 @@ pub fn decode(bytes: &Bytes) -> Result<Entry, WireError> {
         key: CacheKey(key),
         recodings: Recodings::default(),
     })
+}
+
+/// The request headers a key's responses vary on, as another process needs
+/// them to find the variant a request selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariesRecord {
+    pub names: Vec<HeaderName>,
+    pub route: Arc<str>,
+    pub target: Box<str>,
+    /// How long the names are kept from when they were stored.
+    pub keep: Duration,
+}
+
+/// `varies` as bytes.
+pub fn encode_varies(varies: &VariesRecord) -> Bytes {
+    let mut out = BytesMut::with_capacity(64 + varies.target.len() + varies.names.len() * 24);
+    out.put_slice(VARIES_MAGIC);
+    out.put_u16_le(VERSION);
+    out.put_u64_le(micros(varies.keep));
+    put_bytes(&mut out, varies.route.as_bytes());
+    put_bytes(&mut out, varies.target.as_bytes());
+    out.put_u32_le(varies.names.len() as u32);
+    for n in &varies.names {
+        put_bytes(&mut out, n.as_str().as_bytes());
+    }
+    out.freeze()
+}
+
+/// What stored bytes hold: an entry or the names a key varies on.
+// Decoded once per read and turned into an `Arc` at once: boxing would only
+// add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Decoded {
+    Entry(Entry),
+    Varies(VariesRecord),
+}
+
+/// An entry or a `Varies` record, whichever `bytes` hold.
+pub fn decode_any(bytes: &Bytes) -> Result<Decoded, WireError> {
+    if bytes.get(..4) != Some(&VARIES_MAGIC[..]) {
+        return decode(bytes).map(Decoded::Entry);
+    }
+    let mut r = Reader { bytes, at: 4 };
+    let version = r.u16()?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let keep = r.duration()?;
+    let route: Arc<str> = Arc::from(r.str("route")?);
+    let target: Box<str> = Box::from(r.str("target")?);
+    let count = r.count(5)?;
+    let mut names = Vec::with_capacity(count);
+    for _ in 0..count {
+        names.push(r.header_name()?);
+    }
+    if r.at != bytes.len() || names.is_empty() {
+        return Err(WireError::Invalid("varies record"));
+    }
+    Ok(Decoded::Varies(VariesRecord {
+        names,
+        route,
+        target,
+        keep,
+    }))
 }
 
 fn micros(d: Duration) -> u64 {
@@ -390,6 +458,29 @@ mod tests {
             WireError::NotAnEntry
         );
         assert_eq!(decode(&Bytes::new()).unwrap_err(), WireError::NotAnEntry);
+    }
+
+    #[test]
+    fn varies_records_come_back_and_cuts_fail() {
+        let v = VariesRecord {
+            names: vec![
+                HeaderName::from_static("accept-language"),
+                HeaderName::from_static("x-user"),
+            ],
+            route: "r".into(),
+            target: "h/p?q".into(),
+            keep: Duration::from_secs(90),
+        };
+        let bytes = encode_varies(&v);
+        match decode_any(&bytes).unwrap() {
+            Decoded::Varies(back) => assert_eq!(back, v),
+            Decoded::Entry(_) => panic!("an entry"),
+        }
+        for cut in 0..bytes.len() {
+            assert!(decode_any(&bytes.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let entry = encode(&sample(StoredBody::Whole(Bytes::from_static(b"x"))));
+        assert!(matches!(decode_any(&entry), Ok(Decoded::Entry(_))));
     }
 
     #[test]

@@ -62,6 +62,16 @@ impl Gcra {
         self.burst
     }
 
+    /// Nanoseconds for one unit to come back.
+    pub fn interval_nanos(&self) -> u64 {
+        self.interval
+    }
+
+    /// Nanoseconds for an empty bucket to fill.
+    pub fn window_nanos(&self) -> u64 {
+        self.window
+    }
+
     /// Nanoseconds between a store's looks for rested buckets to forget:
     /// two windows, so a bucket is idle a while before it goes.
     pub fn sweep_interval(&self) -> u64 {

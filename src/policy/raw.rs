@@ -74,15 +74,15 @@ pub struct RawCache {
     pub max_size: Option<Size>,
     pub max_entry_size: Option<Size>,
     pub default_ttl: Option<Dur>,
-    pub redis: Option<RawRedis>,
+    pub redis: Option<Spanned<RawRedis>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
-    pub url: String,
-    pub key_prefix: Option<String>,
-    pub timeout: Option<Dur>,
+    pub url: Spanned<String>,
+    pub key_prefix: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize)]

@@ -21,13 +21,12 @@ use super::units::Size;
 use super::{
     AdminPolicy, AdminToken, BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness,
     HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy,
-    RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls, TlsTermination, UpstreamPolicy,
-    UpstreamServer,
+    RedisPolicy, RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls, TlsTermination,
+    UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 use crate::upstream::models::ModelName;
 
-const NOT_YET: &str = "not supported yet in this version of hyperion";
 /// Servers in one pool at most (the balancers track them in 64-bit sets).
 const MAX_SERVERS: usize = 64;
 
@@ -73,16 +72,6 @@ impl Validator<'_> {
         fix: impl Into<String>,
     ) -> PolicyError {
         self.src.error(Some(span), key, problem, fix)
-    }
-
-    /// A key that parses but whose behaviour is not built.
-    fn not_yet(&self, span: Range<usize>, key: &str) -> PolicyError {
-        self.err(
-            span,
-            key,
-            NOT_YET,
-            format!("remove `{key}` for now (see README, \"What works today\")"),
-        )
     }
 
     fn line_of(&self, span: &Range<usize>) -> usize {
@@ -1080,14 +1069,13 @@ impl Validator<'_> {
     fn cache(&self, raw: Spanned<raw::RawCache>) -> Result<CachePolicy, PolicyError> {
         let span = raw.span();
         let raw = raw.into_inner();
-        if raw.redis.is_some() {
-            return Err(self.not_yet(span, "cache.redis"));
-        }
+        let redis = raw.redis.map(|r| self.redis(r)).transpose()?;
         let d = CachePolicy::default();
         let c = CachePolicy {
             max_size: raw.max_size.map_or(d.max_size, |s| s.0),
             max_entry_size: raw.max_entry_size.map_or(d.max_entry_size, |s| s.0),
             default_ttl: raw.default_ttl.map_or(d.default_ttl, |t| t.0),
+            redis,
         };
         if c.max_size == 0 {
             return Err(self.err(
@@ -1118,6 +1106,72 @@ impl Validator<'_> {
             ));
         }
         Ok(c)
+    }
+
+    fn redis(&self, raw: Spanned<raw::RawRedis>) -> Result<RedisPolicy, PolicyError> {
+        let raw = raw.into_inner();
+        let url_span = raw.url.span();
+        let url = raw.url.into_inner();
+        let scheme = url.split("://").next().unwrap_or("");
+        if url.contains("://") && matches!(scheme, "rediss" | "valkeys") {
+            return Err(self.err(
+                url_span,
+                "cache.redis.url",
+                "TLS to Redis (rediss://) is not built into this version",
+                "use redis:// on a trusted network or loopback, or a local TLS tunnel (stunnel, spiped) and point url at it",
+            ));
+        }
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+            return Err(self.err(
+                url_span,
+                "cache.redis.url",
+                format!("not a Redis URL: {e}"),
+                "write it as redis://[user:password@]host:port/db, e.g. url = \"redis://127.0.0.1:6379/0\", or redis+unix:///path/to/redis.sock",
+            ));
+        }
+        let key_prefix = match raw.key_prefix {
+            None => "hyperion:".to_owned(),
+            Some(p) => {
+                let span = p.span();
+                let p = p.into_inner();
+                if p.is_empty()
+                    || p.len() > 64
+                    || p.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(self.err(
+                        span,
+                        "cache.redis.key_prefix",
+                        "a prefix must be 1 to 64 characters, without spaces or control characters",
+                        "name the fleet, e.g. key_prefix = \"hyperion:\"",
+                    ));
+                }
+                p
+            }
+        };
+        let timeout = match raw.timeout {
+            None => Duration::from_millis(50),
+            Some(t) => {
+                let span = t.span();
+                let t = t.into_inner().0;
+                if t < Duration::from_millis(1) || t > Duration::from_secs(10) {
+                    return Err(self.err(
+                        span,
+                        "cache.redis.timeout",
+                        format!(
+                            "{} is not between 1ms and 10s",
+                            humantime::format_duration(t)
+                        ),
+                        "a few round trips on your network, e.g. timeout = \"50ms\"",
+                    ));
+                }
+                t
+            }
+        };
+        Ok(RedisPolicy {
+            url,
+            key_prefix,
+            timeout,
+        })
     }
 
     /// `None` for `mode = "off"` (the other keys may stay, so caching can be

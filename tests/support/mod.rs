@@ -598,3 +598,101 @@ impl TestCa {
         tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
     }
 }
+
+// === a real Redis for the shared tier ===
+
+/// A `redis-server` of the test's own on a free loopback port, without
+/// persistence; stopped when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut server = RedisServer { port, child: None };
+        server.resume().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it (again) on its port.
+    pub async fn resume(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}): the shared-tier tests need a real Redis. \
+                     Install it with `apt-get install -y redis-server` (Debian/Ubuntu) or \
+                     `brew install redis` (macOS), then run the tests again"
+                )
+            });
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)).await {
+                let _ = s.write_all(b"PING\r\n").await;
+                let mut buf = [0u8; 16];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+                {
+                    if buf[..n].starts_with(b"+PONG") {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not answer on port {}", self.port);
+    }
+
+    /// Kills it (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A connection for looking at what it holds.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until the proxy's shared tier is `up` (or not).
+pub async fn shared_tier_up(proxy: &TestProxy, up: bool) {
+    let tier = proxy
+        .cache
+        .shared_tier()
+        .expect("a policy with [cache.redis]");
+    for _ in 0..400 {
+        if tier.is_up() == up {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the shared tier did not become {}",
+        if up { "available" } else { "unavailable" }
+    );
+}

@@ -1,0 +1,401 @@
+//! The shared tier with a real Redis and two Hyperion instances: a fill
+//! through one is a hit through the other; a purge through one empties the
+//! other; a rate limit holds across both; identical requests spread over
+//! both reach the backend once; Redis dying costs no request, and its
+//! return is taken up again.
+//!
+//! Each test starts its own `redis-server` (see `support::RedisServer`).
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use support::*;
+
+/// Routes caching GETs (`pages`) and POST bodies by JSON (`r`), the rate
+/// limit `fleet` when `extra` defines it, and the shared tier at `redis`.
+fn policy(upstream: &str, redis: &str, prefix: &str, token: &TempFile, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[admin]
+token_file = "{token}"
+
+[cache]
+max_size = "16MB"
+
+[cache.redis]
+url = "{redis}"
+key_prefix = "{prefix}"
+timeout = "250ms"
+
+[upstreams.up]
+servers = [{{ url = "{upstream}" }}]
+
+{extra}
+
+[[route]]
+name = "pages"
+match = {{ methods = ["GET", "HEAD", "DELETE"] }}
+upstream = "up"
+{route_extra}
+
+[route.cache]
+mode = "force"
+ttl = "5m"
+
+[[route]]
+name = "r"
+upstream = "up"
+{route_extra}
+
+[route.cache]
+mode = "force"
+ttl = "5m"
+body_key = "json"
+coalesce_timeout = "10s"
+"#,
+        token = token.display(),
+        route_extra = if extra.is_empty() {
+            ""
+        } else {
+            "rate_limit = [\"fleet\"]"
+        },
+    )
+}
+
+const TOKEN: &str = "shared-tier-test-token";
+
+/// An upstream that answers after `delay` with a numbered JSON answer.
+async fn numbered(delay: Duration) -> Upstream {
+    let n = Arc::new(AtomicUsize::new(0));
+    Upstream::start(move |req| {
+        let n = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let varies = req.uri().path().starts_with("/lang");
+        async move {
+            tokio::time::sleep(delay).await;
+            let mut resp = Response::builder().header("content-type", "application/json");
+            if varies {
+                resp = resp.header("vary", "accept-language");
+            }
+            resp.body(full(format!(r#"{{"response":"answer {n}","done":true}}"#)))
+                .unwrap()
+        }
+    })
+    .await
+}
+
+fn post(url: &str, body: &str) -> Request<TestBody> {
+    Request::post(url)
+        .header("content-type", "application/json")
+        .body(full(body.to_owned()))
+        .unwrap()
+}
+
+const PROMPT: &str = r#"{"model":"llama3.2","prompt":"why is the sky blue?","stream":false}"#;
+
+/// Two instances sharing `redis` under one prefix.
+async fn fleet(
+    upstream: &Upstream,
+    redis: &RedisServer,
+    extra: &str,
+) -> (TestProxy, TestProxy, TempFile) {
+    let token = TempFile::new("admin.token", TOKEN);
+    let prefix = format!("test{:08x}:", fastrand::u32(..));
+    let text = policy(&upstream.url(), &redis.url(), &prefix, &token, extra);
+    let a = TestProxy::start(&text).await;
+    let b = TestProxy::start(&text).await;
+    shared_tier_up(&a, true).await;
+    shared_tier_up(&b, true).await;
+    (a, b, token)
+}
+
+/// Waits until `proxy` has written `n` entries to Redis.
+async fn written(proxy: &TestProxy, n: u64) {
+    let tier = proxy.cache.shared_tier().unwrap();
+    for _ in 0..300 {
+        if tier.stats.writes.load(Ordering::Relaxed) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no write to the shared tier");
+}
+
+async fn admin_post(proxy: &TestProxy, path: &str) -> serde_json::Value {
+    let req = Request::post(format!("http://{}{path}", proxy.admin.unwrap()))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(empty())
+        .unwrap();
+    let (parts, body) = send(req).await;
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&body));
+    json(&body)
+}
+
+#[tokio::test]
+async fn a_fill_through_one_instance_is_a_hit_through_the_other() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let (a, b, _t) = fleet(&up, &redis, "").await;
+
+    let (parts, body) = send(post(&a.url("/api/generate"), PROMPT)).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    written(&a, 1).await;
+    let (parts, again) = send(post(&b.url("/api/generate"), PROMPT)).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["x-cache"], "HIT");
+    assert_eq!(again, body, "the same answer, from Redis");
+    assert!(parts.headers.contains_key("etag"));
+    assert_eq!(up.count(), 1);
+    let tier = b.cache.shared_tier().unwrap();
+    assert_eq!(tier.stats.hits.load(Ordering::Relaxed), 1);
+
+    // Promoted into B's memory: the next hit does not ask Redis.
+    let (parts, _) = send(post(&b.url("/api/generate"), PROMPT)).await;
+    assert_eq!(parts.headers["x-cache"], "HIT");
+    assert_eq!(tier.stats.hits.load(Ordering::Relaxed), 1);
+
+    // GETs travel too, and the variants of a response that varies.
+    let (parts, _) = get(&a.url("/models?x=1")).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    written(&a, 2).await;
+    let (parts, _) = get(&b.url("/models?x=1")).await;
+    assert_eq!(parts.headers["x-cache"], "HIT");
+    assert_eq!(up.count(), 2);
+    let lang = |url: String, l: &'static str| {
+        Request::get(url)
+            .header("accept-language", l)
+            .body(empty())
+            .unwrap()
+    };
+    let (parts, _) = send(lang(a.url("/lang"), "fr")).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    // The variant and the names it varies on.
+    written(&a, 4).await;
+    let (parts, fr) = send(lang(b.url("/lang"), "fr")).await;
+    assert_eq!(parts.headers["x-cache"], "HIT");
+    let (parts, de) = send(lang(b.url("/lang"), "de")).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    assert_ne!(fr, de);
+    assert_eq!(up.count(), 4);
+
+    // The report shows the tier.
+    let req = Request::get(format!("http://{}/admin/cache", b.admin.unwrap()))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(empty())
+        .unwrap();
+    let (_, report) = send(req).await;
+    let report = json(&report);
+    assert_eq!(report["shared"]["up"], true, "{report}");
+    assert_eq!(report["shared"]["hits"], 4, "{report}");
+}
+
+#[tokio::test]
+async fn entries_another_format_version_wrote_are_ignored_not_misread() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let (a, b, _t) = fleet(&up, &redis, "").await;
+    send(post(&a.url("/api/generate"), PROMPT)).await;
+    written(&a, 1).await;
+    // Every stored entry rewritten as a future version would write it.
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*e:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for k in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg(b"HYPE\x09\x00something else entirely".as_slice())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let (parts, body) = send(post(&b.url("/api/generate"), PROMPT)).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    assert!(String::from_utf8_lossy(&body).contains("answer 2"));
+}
+
+#[tokio::test]
+async fn a_purge_through_one_instance_empties_the_other() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let (a, b, _t) = fleet(&up, &redis, "").await;
+    send(post(&a.url("/api/generate"), PROMPT)).await;
+    written(&a, 1).await;
+    // Now in both memories.
+    let (parts, _) = send(post(&b.url("/api/generate"), PROMPT)).await;
+    assert_eq!(parts.headers["x-cache"], "HIT");
+
+    let purged = admin_post(&b, "/admin/cache/purge?url=/api/generate").await;
+    assert_eq!(purged["shared"]["up"], true, "{purged}");
+    assert_eq!(purged["shared"]["purged"], 1, "{purged}");
+    assert_eq!(purged["purged"], 1, "{purged}");
+    // A hears of it through pub/sub.
+    let received = &a.cache.shared_tier().unwrap().stats.purges_received;
+    for _ in 0..300 {
+        if received.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (parts, body) = send(post(&a.url("/api/generate"), PROMPT)).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    assert!(String::from_utf8_lossy(&body).contains("answer 2"));
+    assert_eq!(up.count(), 2);
+
+    // An unsafe method through one instance invalidates the URL everywhere.
+    let (parts, _) = get(&a.url("/doc")).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    written(&a, 2).await;
+    let (parts, _) = get(&b.url("/doc")).await;
+    assert_eq!(parts.headers["x-cache"], "HIT");
+    let (parts, _) = send(Request::delete(a.url("/doc")).body(empty()).unwrap()).await;
+    assert_eq!(parts.status, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (parts, _) = get(&b.url("/doc")).await;
+    assert_eq!(parts.headers["x-cache"], "MISS", "B dropped its copy");
+}
+
+#[tokio::test]
+async fn a_rate_limit_holds_across_the_fleet() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let limit = "[rate_limits.fleet]\nkey = \"client_ip\"\nrate = \"6/min\"\nburst = 6\ncount_hits = true\n";
+    let (a, b, _t) = fleet(&up, &redis, limit).await;
+    let mut allowed = 0;
+    let mut refused = 0;
+    for i in 0..12 {
+        let proxy = if i % 2 == 0 { &a } else { &b };
+        let (parts, _) = get(&proxy.url(&format!("/q{i}"))).await;
+        match parts.status.as_u16() {
+            200 => allowed += 1,
+            429 => {
+                refused += 1;
+                assert!(parts.headers.contains_key("retry-after"));
+                assert_eq!(parts.headers["ratelimit-remaining"], "0");
+            }
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!(
+        (allowed, refused),
+        (6, 6),
+        "6/min for the fleet, not per instance"
+    );
+    let checks = |p: &TestProxy| {
+        p.cache
+            .shared_tier()
+            .unwrap()
+            .stats
+            .limit_checks
+            .load(Ordering::Relaxed)
+    };
+    assert_eq!(checks(&a) + checks(&b), 12);
+}
+
+#[tokio::test]
+async fn identical_requests_spread_over_the_fleet_reach_the_backend_once() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::from_millis(400)).await;
+    let (a, b, _t) = fleet(&up, &redis, "").await;
+    let client = h2c_client();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let url = if i % 2 == 0 {
+            a.url("/api/generate")
+        } else {
+            b.url("/api/generate")
+        };
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = client.request(post(&url, PROMPT)).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            let body = http_body_util::BodyExt::collect(body)
+                .await
+                .unwrap()
+                .to_bytes();
+            (parts.status, body)
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            String::from_utf8_lossy(&body).contains("answer 1"),
+            "{body:?}"
+        );
+    }
+    assert_eq!(up.count(), 1, "one generation for the whole fleet");
+    let waits = |p: &TestProxy| {
+        p.cache
+            .shared_tier()
+            .unwrap()
+            .stats
+            .fill_waits_served
+            .load(Ordering::Relaxed)
+    };
+    assert_eq!(
+        waits(&a) + waits(&b),
+        1,
+        "one instance waited for the other"
+    );
+}
+
+#[tokio::test]
+async fn redis_dying_costs_no_request_and_its_return_is_taken_up() {
+    let mut redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let limit =
+        "[rate_limits.fleet]\nkey = \"client_ip\"\nrate = \"1000/min\"\ncount_hits = true\n";
+    let (a, b, _t) = fleet(&up, &redis, limit).await;
+    let (parts, _) = get(&a.url("/before")).await;
+    assert_eq!(parts.status, 200);
+    written(&a, 1).await;
+
+    redis.kill();
+    // Every request answers while Redis is gone (memory and local limits).
+    for i in 0..20 {
+        let proxy = if i % 2 == 0 { &a } else { &b };
+        let (parts, _) = get(&proxy.url(&format!("/during{}", i / 4))).await;
+        assert_eq!(parts.status, 200, "request {i}");
+    }
+    shared_tier_up(&a, false).await;
+    shared_tier_up(&b, false).await;
+    // Memory still serves what it holds.
+    let (parts, _) = get(&a.url("/during0")).await;
+    assert_eq!(parts.headers["x-cache"], "HIT");
+
+    redis.resume().await;
+    shared_tier_up(&a, true).await;
+    shared_tier_up(&b, true).await;
+    let writes = a
+        .cache
+        .shared_tier()
+        .unwrap()
+        .stats
+        .writes
+        .load(Ordering::Relaxed);
+    let (parts, _) = get(&a.url("/after")).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    written(&a, writes + 1).await;
+    let (parts, _) = get(&b.url("/after")).await;
+    assert_eq!(parts.headers["x-cache"], "HIT", "shared again");
+    let outages = a
+        .cache
+        .shared_tier()
+        .unwrap()
+        .stats
+        .outages
+        .load(Ordering::Relaxed);
+    assert_eq!(outages, 1);
+}
