@@ -105,6 +105,23 @@ async fn scrape_cache(generation: &Generation) {
     // counters are whole numbers.
     gauge!("hyperion_cache_upstream_saved_seconds").set(r.upstream_seconds_saved);
     gauge!("hyperion_cache_fills_in_flight").set(r.fills_in_flight as f64);
+    if let Some(t) = r.shared {
+        gauge!("hyperion_shared_tier_up").set(f64::from(u8::from(t.up)));
+        for (result, value) in [("hit", t.hits), ("miss", t.misses)] {
+            counter!("hyperion_shared_tier_lookups_total", "result" => result).absolute(value);
+        }
+        counter!("hyperion_shared_tier_writes_total").absolute(t.writes);
+        counter!("hyperion_shared_tier_errors_total").absolute(t.errors);
+        counter!("hyperion_shared_tier_outages_total").absolute(t.outages);
+        for (result, value) in [
+            ("served", t.fill_waits_served),
+            ("not_served", t.fill_waits.saturating_sub(t.fill_waits_served)),
+        ] {
+            counter!("hyperion_shared_tier_fill_waits_total", "result" => result).absolute(value);
+        }
+        counter!("hyperion_shared_tier_limit_checks_total").absolute(t.limit_checks);
+        counter!("hyperion_shared_tier_purges_received_total").absolute(t.purges_received);
+    }
 }
 
 fn scrape_upstreams(generation: &Generation) {

@@ -398,4 +398,14 @@ async fn redis_dying_costs_no_request_and_its_return_is_taken_up() {
         .outages
         .load(Ordering::Relaxed);
     assert_eq!(outages, 1);
+    // Operators see it in the metrics.
+    let (_, metrics) = get(&format!("http://{}/metrics", a.admin.unwrap())).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    for line in [
+        "hyperion_shared_tier_up 1",
+        "hyperion_shared_tier_outages_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    assert!(metrics.contains("hyperion_shared_tier_errors_total "), "{metrics}");
 }
