@@ -393,10 +393,12 @@ impl Cache {
             stats: CacheStats::default(),
             fills: fill::Fills::new(),
             targets: targets::TargetIndex::new(),
-            shared: policy
-                .redis
-                .clone()
-                .map(|r| shared::SharedCache::new(SharedTier::new(r))),
+            shared: policy.redis.clone().map(|r| {
+                if !key::share_keys_with_fleet(&r.key_prefix) {
+                    tracing::warn!("cache keys were made before the shared tier was set up: this process's entries are named its own way and are not shared");
+                }
+                shared::SharedCache::new(SharedTier::new(r))
+            }),
             policy,
         })
     }

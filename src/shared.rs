@@ -53,6 +53,9 @@ pub struct SharedTier {
     fill_waiters: Mutex<HashMap<[u8; 32], Weak<Notify>>>,
     /// Whether the listener is subscribed (only its state changes are logged).
     listening: std::sync::atomic::AtomicBool,
+    started: std::time::Instant,
+    /// Seconds after `started` when a refusal was last logged (0: never).
+    refusal_logged: AtomicU64,
 }
 
 /// Counters for metrics and the admin API.
@@ -124,6 +127,8 @@ impl SharedTier {
             stats: SharedStats::default(),
             fill_waiters: Mutex::new(HashMap::new()),
             listening: std::sync::atomic::AtomicBool::new(false),
+            started: std::time::Instant::now(),
+            refusal_logged: AtomicU64::new(0),
         })
     }
 
@@ -220,9 +225,35 @@ impl SharedTier {
         }
     }
 
-    /// Marks the tier down after `what` failed; logged once per outage.
+    /// Marks the tier down after `what` failed; logged once per outage. A
+    /// refusal from a Redis that is up (out of memory, say) only counts,
+    /// logged at most once a minute: taking the tier down for it would only
+    /// make it flap.
     fn fail(&self, what: &str, why: Failure) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if let Failure::Redis(e) = &why {
+            let unreachable = e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+                || e.is_unrecoverable_error()
+                || matches!(
+                    e.code(),
+                    Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN")
+                );
+            if !unreachable {
+                let now = self.started.elapsed().as_secs();
+                let last = self.refusal_logged.load(Ordering::Relaxed);
+                if last == 0 || now >= last + 60 {
+                    self.refusal_logged.store(now.max(1), Ordering::Relaxed);
+                    tracing::warn!(
+                        "shared tier {} refused a {what}: {e} (this request used memory only; further refusals are counted, logged once a minute)",
+                        self.policy.display_url()
+                    );
+                }
+                return;
+            }
+        }
         if self.link.swap(None).is_some() {
             self.stats.outages.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(

@@ -115,7 +115,10 @@ async fn scrape_cache(generation: &Generation) {
         counter!("hyperion_shared_tier_outages_total").absolute(t.outages);
         for (result, value) in [
             ("served", t.fill_waits_served),
-            ("not_served", t.fill_waits.saturating_sub(t.fill_waits_served)),
+            (
+                "not_served",
+                t.fill_waits.saturating_sub(t.fill_waits_served),
+            ),
         ] {
             counter!("hyperion_shared_tier_fill_waits_total", "result" => result).absolute(value);
         }

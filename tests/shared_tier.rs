@@ -407,5 +407,146 @@ async fn redis_dying_costs_no_request_and_its_return_is_taken_up() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
-    assert!(metrics.contains("hyperion_shared_tier_errors_total "), "{metrics}");
+    assert!(
+        metrics.contains("hyperion_shared_tier_errors_total "),
+        "{metrics}"
+    );
+}
+
+/// The binary, started on a policy file, killed when dropped.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn two_processes_name_entries_alike() {
+    // In-process instances share everything a process has; separate
+    // processes must agree on entry names through the policy alone.
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let token = TempFile::new("admin.token", TOKEN);
+    let mut ports = Vec::new();
+    let mut running = Vec::new();
+    let mut files = Vec::new();
+    for _ in 0..2 {
+        let (port, admin) = (free_port(), free_port());
+        let text = policy(&up.url(), &redis.url(), "procs:", &token, "")
+            .replace(
+                "listen = [\"127.0.0.1:0\"]",
+                &format!("listen = [\"127.0.0.1:{port}\"]\naccess_log = \"off\""),
+            )
+            .replace(
+                "[admin]\n",
+                &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+            );
+        let file = TempFile::new("policy.toml", &text);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_hyperion"))
+            .args(["--config", file.0.to_str().unwrap()])
+            .env_remove("HYPERION_CONFIG")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        running.push(Process(child));
+        files.push(file);
+        ports.push((port, admin));
+    }
+    // Both serving, with the tier up.
+    for (_, admin) in &ports {
+        let url = format!("http://127.0.0.1:{admin}/admin/cache");
+        let mut up_now = false;
+        for _ in 0..300 {
+            let req = Request::get(&url)
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(empty())
+                .unwrap();
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(Duration::from_secs(1), client().request(req)).await
+            {
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                if json(&body)["shared"]["up"] == true {
+                    up_now = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            up_now,
+            "instance with admin port {admin} never had the tier up"
+        );
+    }
+    let url = |i: usize, path: &str| format!("http://127.0.0.1:{}{path}", ports[i].0);
+    let (parts, body) = send(post(&url(0, "/api/generate"), PROMPT)).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    let (parts, _) = get(&url(0, "/page")).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (parts, again) = send(post(&url(1, "/api/generate"), PROMPT)).await;
+    assert_eq!(
+        parts.headers["x-cache"], "HIT",
+        "the other process finds it"
+    );
+    assert_eq!(again, body);
+    let (parts, _) = get(&url(1, "/page")).await;
+    assert_eq!(parts.headers["x-cache"], "HIT");
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
+async fn a_full_redis_refusing_writes_neither_fails_requests_nor_flaps() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let (a, b, _t) = fleet(&up, &redis, "").await;
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        let (parts, _) = get(&a.url(&format!("/full{i}"))).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.headers["x-cache"], "MISS");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let tier = a.cache.shared_tier().unwrap();
+    assert!(
+        tier.stats.errors.load(Ordering::Relaxed) >= 5,
+        "OOM refusals counted: {:?}",
+        tier.report()
+    );
+    assert_eq!(
+        tier.stats.outages.load(Ordering::Relaxed),
+        0,
+        "and not an outage"
+    );
+    assert!(tier.is_up());
+    // Memory still serves them; the other instance, which Redis could not
+    // tell, asks the upstream.
+    let (parts, _) = get(&a.url("/full0")).await;
+    assert_eq!(parts.headers["x-cache"], "HIT");
+    let (parts, _) = get(&b.url("/full0")).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
 }

@@ -29,8 +29,10 @@ impl std::hash::Hash for CacheKey {
     }
 }
 
-/// Hashes a `CacheKey` to its own first bytes, where the store would
-/// otherwise run SipHash over a digest on every lookup.
+/// Hashes a `CacheKey` from its own first bytes, mixed with a seed of this
+/// process (a digest already; SipHash over it on every lookup would be
+/// wasted). The seed keeps the table's buckets unpredictable even to whoever
+/// knows how keys are made (a fleet's are derived from its `key_prefix`).
 #[derive(Clone, Copy, Default)]
 pub struct DigestHash;
 
@@ -51,7 +53,14 @@ impl std::hash::Hasher for DigestHasher {
         }
     }
     fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
+        // murmur3's finalizer: every output bit depends on every input bit.
+        let mut x = n ^ *TABLE_SEED;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^= x >> 33;
+        self.0 ^= x;
     }
     fn finish(&self) -> u64 {
         self.0
@@ -116,7 +125,7 @@ impl CacheKey {
             let mut buf = buf.borrow_mut();
             buf.clear();
             let res = Self::gather(policy, req, explain, &mut buf);
-            let key = blake3::keyed_hash(&KEY_SECRET, &buf);
+            let key = blake3::keyed_hash(key_secret(), &buf);
             if buf.capacity() > 64 * 1024 {
                 // A huge path or query once must not pin its buffer forever.
                 *buf = Vec::new();
@@ -135,7 +144,7 @@ impl CacheKey {
             buf.extend_from_slice(b"variant of ");
             buf.extend_from_slice(&self.0);
             input(&mut buf);
-            let key = blake3::keyed_hash(&KEY_SECRET, &buf);
+            let key = blake3::keyed_hash(key_secret(), &buf);
             if buf.capacity() > 64 * 1024 {
                 *buf = Vec::new();
             }
@@ -222,17 +231,39 @@ thread_local! {
     static KEY_INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The BLAKE3 key of cache-key hashing, random per process: nobody outside
-/// can compute a key, so nobody can pick requests whose keys collide in the
-/// store's hash table (the table hashes keys by their first bytes). A tier
-/// shared between processes needs its own stable names for entries.
-static KEY_SECRET: std::sync::LazyLock<[u8; 32]> = std::sync::LazyLock::new(|| {
-    let mut k = [0u8; 32];
+/// The BLAKE3 key of cache-key hashing: random per process, unless a
+/// shared tier names entries for the whole fleet (`share_keys_with_fleet`).
+/// Either way the store's hash table is keyed on its own (`DigestHash`), so
+/// knowing this key does not let anyone pick colliding requests.
+static KEY_SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+
+fn key_secret() -> &'static [u8; 32] {
+    KEY_SECRET.get_or_init(random_bytes::<32>)
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut k = [0u8; N];
     for chunk in k.chunks_mut(8) {
-        chunk.copy_from_slice(&fastrand::u64(..).to_le_bytes());
+        let r = fastrand::u64(..).to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
     }
     k
-});
+}
+
+/// Makes this process key requests as every instance sharing the tier
+/// under `key_prefix` does, so their entries have the same names. Must run
+/// before any key is made; false (and keys stay this process's own) when
+/// it came too late.
+pub fn share_keys_with_fleet(key_prefix: &str) -> bool {
+    let fleet = blake3::derive_key(
+        "hyperion 2026-11 cache keys shared by a fleet",
+        key_prefix.as_bytes(),
+    );
+    KEY_SECRET.get_or_init(|| fleet) == &fleet
+}
+
+/// A random seed of this process for the store's hash table.
+static TABLE_SEED: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| fastrand::u64(..));
 
 fn scope_digest(value: Option<&[u8]>) -> [u8; 32] {
     match value {
