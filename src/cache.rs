@@ -463,6 +463,36 @@ impl Cache {
         }
     }
 
+    /// What the shared tier holds for this request when it is fresh where
+    /// `than`, the memory copy, is stale (another instance refreshed it):
+    /// put in memory, and returned.
+    async fn newer_shared(
+        &self,
+        key: &CacheKey,
+        req: &HeaderMap,
+        than: &Entry,
+    ) -> Option<Arc<Entry>> {
+        let shared = self.shared.as_ref().filter(|s| s.tier.is_up())?;
+        let (at, stored) = match shared.fetch(key).await? {
+            Stored::Varies(v) => {
+                let variant = vary::request_key(key, &v.names, req);
+                (variant, shared.fetch(&variant).await?)
+            }
+            entry => (*key, entry),
+        };
+        let entry = stored.entry()?.clone();
+        // Only a fresh one is worth taking: an equally stale copy (the same
+        // entry, read back) changes nothing.
+        if !entry.is_fresh(Instant::now())
+            || entry.stored_at <= than.stored_at
+            || !entry.vary_matches(req)
+        {
+            return None;
+        }
+        self.put(at, stored).await;
+        Some(entry)
+    }
+
     /// What the shared tier holds under `key`, put in memory too.
     async fn promote(&self, key: &CacheKey) -> Option<Stored> {
         let stored = self.shared.as_ref()?.fetch(key).await?;

@@ -550,3 +550,43 @@ async fn a_full_redis_refusing_writes_neither_fails_requests_nor_flaps() {
     let (parts, _) = get(&b.url("/full0")).await;
     assert_eq!(parts.headers["x-cache"], "MISS");
 }
+
+#[tokio::test]
+async fn a_stale_entry_is_refreshed_once_for_the_fleet() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::from_millis(300)).await;
+    let token = TempFile::new("admin.token", TOKEN);
+    let text = policy(&up.url(), &redis.url(), "swr:", &token, "").replace(
+        "mode = \"force\"\nttl = \"5m\"\n\n[[route]]\nname = \"r\"",
+        "mode = \"force\"\nttl = \"1s\"\nstale_while_revalidate = \"1m\"\n\n[[route]]\nname = \"r\"",
+    );
+    assert!(text.contains("stale_while_revalidate"));
+    let a = TestProxy::start(&text).await;
+    let b = TestProxy::start(&text).await;
+    shared_tier_up(&a, true).await;
+    shared_tier_up(&b, true).await;
+    let (parts, _) = get(&a.url("/news")).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    written(&a, 1).await;
+    let (parts, _) = get(&b.url("/news")).await;
+    assert_eq!(parts.headers["x-cache"], "HIT");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Both serve stale at once; one of them refreshes, for both.
+    let (ua, ub) = (a.url("/news"), b.url("/news"));
+    let (ra, rb) = tokio::join!(get(&ua), get(&ub));
+    assert_eq!(ra.0.headers["x-cache"], "STALE");
+    assert_eq!(rb.0.headers["x-cache"], "STALE");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(up.count(), 2, "one refresh for the fleet");
+    // Each instance now serves the refreshed answer: the one that did not
+    // refresh finds it in Redis rather than refreshing again.
+    for p in [&a, &b] {
+        let (parts, body) = get(&p.url("/news")).await;
+        assert_eq!(parts.headers["x-cache"], "HIT");
+        assert!(
+            String::from_utf8_lossy(&body).contains("answer 2"),
+            "{body:?}"
+        );
+    }
+    assert_eq!(up.count(), 2);
+}

@@ -24,6 +24,10 @@ use crate::error::ProxyError;
 use crate::headers::X_CACHE;
 use crate::policy::{BodyKey, Freshness, RouteCachePolicy};
 
+/// How long a background refresh holds the fleet's claim on its key at
+/// least (a route may coalesce for less, or not at all).
+const SHARED_REFRESH_HOLD: Duration = Duration::from_secs(30);
+
 /// The request as the cache needs it.
 pub struct CacheQuery<'a> {
     pub route: &'a Arc<str>,
@@ -163,7 +167,13 @@ impl Cache {
             // Not JSON on a JSON-keyed route: not the client's problem.
             Err(_) => return forward(CacheStatus::Bypass, None, None, client, None),
         };
-        let stored = self.lookup(&key, q.headers).await;
+        let mut stored = self.lookup(&key, q.headers).await;
+        if let Some(stale) = stored.as_ref().filter(|e| !e.is_fresh(Instant::now())) {
+            // Another instance may have refreshed it already.
+            if let Some(newer) = self.newer_shared(&key, q.headers, stale).await {
+                stored = Some(newer);
+            }
+        }
         if let Some(served) = self.serve_stored(stored.as_ref(), &client, &q) {
             return served;
         }
@@ -187,18 +197,30 @@ impl Cache {
             self.stats.saved(entry);
             // One refresh per key: while one is in flight, the others just
             // serve stale. A HEAD cannot refresh a GET's entry.
-            let refresh = (!head)
+            let mut lead = (!head)
                 .then(|| self.fills.lead_background(self, key))
-                .flatten()
-                .map(|lead| {
-                    exchange(
-                        CacheStatus::Expired,
-                        Some(key),
-                        Some(entry.clone()),
-                        client,
-                        Some(lead),
-                    )
-                });
+                .flatten();
+            // And one per fleet: an instance that finds the key claimed
+            // leaves the refresh to the claimant.
+            if let (Some(l), Some(shared)) = (&lead, &self.shared) {
+                match shared
+                    .claim(&key, policy.coalesce_timeout.max(SHARED_REFRESH_HOLD))
+                    .await
+                {
+                    Some(claim) => l.hold_fleet_lock(claim),
+                    None if shared.tier.is_up() => lead = None,
+                    None => {}
+                }
+            }
+            let refresh = lead.map(|lead| {
+                exchange(
+                    CacheStatus::Expired,
+                    Some(key),
+                    Some(entry.clone()),
+                    client,
+                    Some(lead),
+                )
+            });
             return Before::Serve(resp, CacheStatus::Stale, refresh);
         }
         // Nothing it may be given without asking the upstream (§5.2.1.7).

@@ -398,6 +398,29 @@ impl SharedCache {
         }
     }
 
+    /// Claims the fill of `key` for `hold` without looking for its entry (a
+    /// background refresh, which has one already). `None`: claimed by
+    /// another instance, or the tier is down (`tier.is_up()` tells which).
+    pub async fn claim(&self, key: &CacheKey, hold: Duration) -> Option<FleetLock> {
+        if !self.tier.is_up() {
+            return None;
+        }
+        let token = format!("{}:{:016x}", self.tier.instance(), fastrand::u64(..));
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.tier.key(format_args!("f:{}", hex32(&key.0))))
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1));
+        let took: Option<String> = self.tier.query("refresh claim", &cmd).await?;
+        took.map(|_| FleetLock {
+            tier: self.tier.clone(),
+            release: self.release.clone(),
+            key: *key,
+            token,
+        })
+    }
+
     /// Waits until the instance filling `key` stored its entry (then it is
     /// returned) or gave up, or `deadline`. A key whose responses vary
     /// waits for the lock to go: the caller looks its variant up then.
