@@ -375,7 +375,10 @@ impl Proxy {
                     headers: req.headers(),
                     body: read_ahead.as_ref(),
                 };
-                match self.cache.before(policy, query, joins_left > 0).await {
+                // The cache's futures are boxed where they are awaited: inline,
+                // their size would be carried (and copied) by every request's
+                // future, pass-through ones included.
+                match Box::pin(self.cache.before(policy, query, joins_left > 0)).await {
                     Before::Serve(resp, status, None) => {
                         rec.cache = status.as_str();
                         if let Some(at) = arrived {
@@ -397,7 +400,7 @@ impl Proxy {
                     }
                     Before::Follow(follow) => {
                         joins_left -= 1;
-                        match follow.wait(req.headers()).await {
+                        match Box::pin(follow.wait(req.headers())).await {
                             Followed::Serve(resp, status) => {
                                 rec.cache = status.as_str();
                                 if arrived.is_some() {
@@ -573,7 +576,7 @@ impl Proxy {
                 ex.refresh(send);
                 return Ok(stale);
             }
-            let (resp, status) = ex.lead(send).await?;
+            let (resp, status) = Box::pin(ex.lead(send)).await?;
             rec.cache = status.as_str();
             return Ok(resp);
         }
@@ -633,7 +636,7 @@ impl Proxy {
         let resp = client_response(resp, lease, pool.policy.idle_timeout);
         match exchange {
             Some(ex) => {
-                let (resp, status) = ex.respond(resp).await;
+                let (resp, status) = Box::pin(ex.respond(resp)).await;
                 rec.cache = status.as_str();
                 Ok(resp)
             }

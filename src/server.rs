@@ -229,7 +229,9 @@ where
         // This request runs to its end on the proxy of this moment.
         let proxy = live.load_full();
         let info = info.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+        // The request's future is large (~9 KB) and hyper moves what this
+        // returns into place: boxed on its first poll, only a pointer moves.
+        async move { Ok::<_, Infallible>(Box::pin(proxy.handle(req, &info)).await) }
     });
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);

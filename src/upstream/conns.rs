@@ -252,13 +252,16 @@ impl ServerConns {
         if let Some(conn) = self.take_idle() {
             return Ok(self.lease(conn));
         }
-        Ok(self.lease(self.connect().await?))
+        self.checkout_new().await
     }
 
     /// A new connection, bypassing the idle ones (after a pooled connection
     /// turned out to be closing).
     pub async fn checkout_new(self: &Arc<Self>) -> Result<ConnLease, ConnectError> {
-        Ok(self.lease(self.connect().await?))
+        // Boxed: connecting (TCP, TLS, the HTTP handshake) is a large future
+        // that every request's future would otherwise carry, and copy, for
+        // the rare request that needs a new connection.
+        Ok(self.lease(Box::pin(self.connect()).await?))
     }
 
     /// One GET of `path` on this server, its answer read whole (at most
