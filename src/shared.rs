@@ -109,7 +109,10 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Redis(e) => write!(f, "{e}"),
-            Failure::Slow(t) => write!(f, "no answer within {t:?} (cache.redis.timeout)"),
+            Failure::Slow(t) => write!(
+                f,
+                "no answer within {t:?} (cache.redis.timeout, plus the time to send a large entry)"
+            ),
         }
     }
 }
@@ -191,9 +194,22 @@ impl SharedTier {
         what: &str,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Option<T> {
+        self.script_sending(what, inv, 0).await
+    }
+
+    /// Like `script`, for one that carries `bytes` to Redis: the timeout
+    /// grows by the time they take at 50 MB/s, so a large entry written over
+    /// a real network is not mistaken for an outage.
+    pub async fn script_sending<T: FromRedisValue>(
+        &self,
+        what: &str,
+        inv: &redis::ScriptInvocation<'_>,
+        bytes: usize,
+    ) -> Option<T> {
         let mut conn = self.conn()?;
-        let answer = tokio::time::timeout(self.policy.timeout, inv.invoke_async::<T>(&mut conn));
-        self.settle(what, answer.await)
+        let timeout = self.policy.timeout + Duration::from_micros(bytes as u64 / 50);
+        let answer = tokio::time::timeout(timeout, inv.invoke_async::<T>(&mut conn));
+        self.settle_within(what, answer.await, timeout)
     }
 
     /// Runs a pipeline, as `query` does.
@@ -212,6 +228,15 @@ impl SharedTier {
         what: &str,
         answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Option<T> {
+        self.settle_within(what, answer, self.policy.timeout)
+    }
+
+    fn settle_within<T>(
+        &self,
+        what: &str,
+        answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        timeout: Duration,
+    ) -> Option<T> {
         match answer {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
@@ -219,7 +244,7 @@ impl SharedTier {
                 None
             }
             Err(_) => {
-                self.fail(what, Failure::Slow(self.policy.timeout));
+                self.fail(what, Failure::Slow(timeout));
                 None
             }
         }
@@ -319,7 +344,10 @@ impl SharedTier {
         let connect_timeout = self.policy.timeout.max(Duration::from_millis(500));
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(self.policy.timeout));
+            // Calls are bounded by `timeout` (more for large entries) where
+            // they are made; this only clears what a hung server never
+            // answers.
+            .set_response_timeout(Some(Duration::from_secs(30)));
         let connecting = self
             .client
             .get_multiplexed_async_connection_with_config(&config);

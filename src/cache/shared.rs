@@ -219,6 +219,7 @@ impl SharedCache {
         if ttl == 0 {
             return;
         }
+        let size = bytes.len();
         let mut inv = self.store.prepare_invoke();
         inv.key(self.entry_key(&key))
             .key(self.target_key(stored.target()))
@@ -227,7 +228,12 @@ impl SharedCache {
             .arg(ttl)
             .arg(hex32(&key.0))
             .arg(stored.target());
-        if self.tier.script::<i64>("store", &inv).await.is_some() {
+        if self
+            .tier
+            .script_sending::<i64>("store", &inv, size)
+            .await
+            .is_some()
+        {
             self.tier
                 .stats
                 .writes
