@@ -277,9 +277,13 @@ impl SharedCache {
             Purge::Key(key) => {
                 // A key whose responses vary is found with its variants
                 // through its URL: that URL goes whole.
-                match self.fetch(key).await {
-                    Some(Stored::Varies(v)) => self.invalidate(&v.target, None).await?,
-                    Some(Stored::Entry(e)) if !e.vary.is_empty() => {
+                let mut get = redis::cmd("GET");
+                get.arg(self.entry_key(key));
+                let bytes: Option<Vec<u8>> = self.tier.query("purge", &get).await?;
+                // Read without counting: a purge is not a lookup.
+                match bytes.map(|b| wire::decode_any(&Bytes::from(b))) {
+                    Some(Ok(Decoded::Varies(v))) => self.invalidate(&v.target, None).await?,
+                    Some(Ok(Decoded::Entry(e))) if !e.vary.is_empty() => {
                         self.invalidate(&e.target, None).await?
                     }
                     _ => {
