@@ -436,9 +436,12 @@ impl Cache {
     /// Memory first; then the shared tier, whose finds are promoted into
     /// memory.
     pub async fn lookup(&self, key: &CacheKey, req: &HeaderMap) -> Option<Arc<Entry>> {
+        // The shared tier's futures are boxed: inline, every lookup's
+        // future would carry (and copy) them, hits included.
         let stored = match self.store.get(key).await {
             Some(s) => s,
-            None => self.promote(key).await?,
+            None if self.shared.is_some() => Box::pin(self.promote(key)).await?,
+            None => return None,
         };
         match stored {
             Stored::Entry(e) => Some(e),
@@ -446,7 +449,10 @@ impl Cache {
                 let variant = vary::request_key(key, &v.names, req);
                 match self.store.get(&variant).await {
                     Some(s) => s.entry().cloned(),
-                    None => self.promote(&variant).await?.entry().cloned(),
+                    None if self.shared.is_some() => {
+                        Box::pin(self.promote(&variant)).await?.entry().cloned()
+                    }
+                    None => None,
                 }
             }
         }

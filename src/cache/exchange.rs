@@ -170,7 +170,7 @@ impl Cache {
         let mut stored = self.lookup(&key, q.headers).await;
         if let Some(stale) = stored.as_ref().filter(|e| !e.is_fresh(Instant::now())) {
             // Another instance may have refreshed it already.
-            if let Some(newer) = self.newer_shared(&key, q.headers, stale).await {
+            if let Some(newer) = Box::pin(self.newer_shared(&key, q.headers, stale)).await {
                 stored = Some(newer);
             }
         }
@@ -203,10 +203,8 @@ impl Cache {
             // And one per fleet: an instance that finds the key claimed
             // leaves the refresh to the claimant.
             if let (Some(l), Some(shared)) = (&lead, &self.shared) {
-                match shared
-                    .claim(&key, policy.coalesce_timeout.max(SHARED_REFRESH_HOLD))
-                    .await
-                {
+                let hold = policy.coalesce_timeout.max(SHARED_REFRESH_HOLD);
+                match Box::pin(shared.claim(&key, hold)).await {
                     Some(claim) => l.hold_fleet_lock(claim),
                     None if shared.tier.is_up() => lead = None,
                     None => {}
@@ -246,7 +244,9 @@ impl Cache {
                 if let Some(served) = self.serve_stored(again.as_ref(), &client, &q) {
                     return served;
                 }
-                if let Some(served) = self.lead_fleet(&key, &lead, policy, &client, &q).await {
+                if let Some(served) =
+                    Box::pin(self.lead_fleet(&key, &lead, policy, &client, &q)).await
+                {
                     return served;
                 }
                 forward(status, Some(key), stale, client, Some(lead))
