@@ -590,3 +590,39 @@ async fn a_stale_entry_is_refreshed_once_for_the_fleet() {
     }
     assert_eq!(up.count(), 2);
 }
+
+#[tokio::test]
+async fn a_slow_redis_is_not_waited_for() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let (a, _b, _t) = fleet(&up, &redis, "").await;
+    // Redis stops answering for 1.5 s (the policy's timeout is 250 ms).
+    let mut conn = redis.conn().await;
+    let sleeper = tokio::spawn(async move {
+        let _: Result<(), _> = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("1.5")
+            .query_async(&mut conn)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..4 {
+        let started = std::time::Instant::now();
+        let (parts, _) = send(post(
+            &a.url("/api/generate"),
+            &PROMPT.replace("sky", &format!("sky {i}")),
+        ))
+        .await;
+        assert_eq!(parts.status, 200);
+        // At most one timeout's wait; once the tier is down, none.
+        assert!(
+            started.elapsed() < Duration::from_millis(700),
+            "request {i} waited {:?}",
+            started.elapsed()
+        );
+    }
+    let tier = a.cache.shared_tier().unwrap();
+    assert_eq!(tier.stats.outages.load(Ordering::Relaxed), 1);
+    sleeper.await.unwrap();
+    shared_tier_up(&a, true).await;
+}

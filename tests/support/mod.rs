@@ -628,6 +628,8 @@ impl RedisServer {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            // DEBUG SLEEP stands in for a Redis that is slow, not down.
+            .args(["--enable-debug-command", "local"])
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
