@@ -240,6 +240,7 @@ enum Stored {
 }
 
 /// The request headers a key's responses vary on.
+#[derive(Debug, PartialEq, Eq)]
 struct Varies {
     names: Box<[HeaderName]>,
     route: Arc<str>,
@@ -436,36 +437,34 @@ impl Cache {
     /// Memory first; then the shared tier, whose finds are promoted into
     /// memory.
     pub async fn lookup(&self, key: &CacheKey, req: &HeaderMap) -> Option<Arc<Entry>> {
-        // The shared tier's futures are boxed: inline, every lookup's
-        // future would carry (and copy) them, hits included.
-        let stored = match self.store.get(key).await {
-            Some(s) => s,
-            None if self.shared.is_some() => Box::pin(self.promote(key)).await?,
-            None => return None,
-        };
-        match stored {
-            Stored::Entry(e) => Some(e),
-            Stored::Varies(v) => {
-                let variant = vary::request_key(key, &v.names, req);
-                match self.store.get(&variant).await {
-                    Some(s) => s.entry().cloned(),
-                    None if self.shared.is_some() => {
-                        Box::pin(self.promote(&variant)).await?.entry().cloned()
-                    }
-                    None => None,
-                }
-            }
-        }
+        self.find(key, req, self.shared.is_some()).await
     }
 
     /// Like `lookup`, in memory only.
     pub async fn lookup_local(&self, key: &CacheKey, req: &HeaderMap) -> Option<Arc<Entry>> {
-        match self.store.get(key).await? {
+        self.find(key, req, false).await
+    }
+
+    async fn find(&self, key: &CacheKey, req: &HeaderMap, shared: bool) -> Option<Arc<Entry>> {
+        let stored = self.get(key, shared).await?;
+        match stored {
             Stored::Entry(e) => Some(e),
             Stored::Varies(v) => {
                 let variant = vary::request_key(key, &v.names, req);
-                self.store.get(&variant).await?.entry().cloned()
+                self.get(&variant, shared).await?.entry().cloned()
             }
+        }
+    }
+
+    /// What memory holds under `key`, or with `shared` what the shared tier
+    /// does (put in memory too).
+    async fn get(&self, key: &CacheKey, shared: bool) -> Option<Stored> {
+        match self.store.get(key).await {
+            Some(s) => Some(s),
+            // Boxed: inline, every lookup's future would carry (and copy)
+            // the shared tier's, hits included.
+            None if shared => Box::pin(self.promote(key)).await,
+            None => None,
         }
     }
 
@@ -577,9 +576,7 @@ impl Cache {
             self.take(&key).await;
         }
         if let Some(shared) = &self.shared {
-            if shared.tier.is_up() {
-                shared.invalidate_target(target).await;
-            }
+            shared.invalidate_target(target).await;
         }
     }
 

@@ -288,21 +288,7 @@ impl RateLimiter {
 
     /// The bucket key of a request: never the raw value, only its hash.
     pub fn key(&self, subject: &Subject<'_>) -> u64 {
-        match &self.policy.key {
-            // An IPv6 client holds a whole /64: one bucket for all of it,
-            // or every address would be a fresh one.
-            LimitKey::ClientIp => match subject.client {
-                IpAddr::V6(v6) => self.hasher.hash_one((u128::from(v6) >> 64) as u64),
-                v4 => self.hasher.hash_one(v4),
-            },
-            // Header values cannot hold NUL, so no value hashes like "absent".
-            LimitKey::Header(name) => match subject.headers.get(name) {
-                Some(v) => self.hasher.hash_one(v.as_bytes()),
-                None => self.hasher.hash_one(b"\0absent"),
-            },
-            LimitKey::Route => self.hasher.hash_one(subject.route),
-            LimitKey::Global => 0,
-        }
+        with_key_material(&self.policy.key, subject, |m| self.hasher.hash_one(m))
     }
 
     fn now(&self) -> u64 {
@@ -354,7 +340,9 @@ impl RateLimiter {
         Option<SharedKey>,
     ) {
         if let Some(shared) = self.shared.as_ref().filter(|s| s.is_up()) {
-            let fleet_key = shared.key(&self.policy.name, &self.policy.key, subject);
+            let fleet_key = with_key_material(&self.policy.key, subject, |m| {
+                shared.key(&self.policy.name, m)
+            });
             if let Some(decided) = shared.spend(&fleet_key, units).await {
                 let level = match &decided {
                     Ok(level) => *level,
@@ -437,6 +425,26 @@ impl RateLimiter {
 
     fn counts_tokens(&self) -> bool {
         matches!(self.policy.unit, LimitUnit::Tokens { .. })
+    }
+}
+
+/// What of a request picks its bucket under `key`, handed to `f`: the
+/// same bytes for the local buckets' hash and the fleet's digest.
+fn with_key_material<R>(key: &LimitKey, subject: &Subject<'_>, f: impl FnOnce(&[u8]) -> R) -> R {
+    match key {
+        // An IPv6 client holds a whole /64: one bucket for all of it, or
+        // every address would be a fresh one.
+        LimitKey::ClientIp => match subject.client {
+            IpAddr::V6(v6) => f(&v6.octets()[..8]),
+            IpAddr::V4(v4) => f(&v4.octets()),
+        },
+        // Header values cannot hold NUL, so no value reads like "absent".
+        LimitKey::Header(name) => match subject.headers.get(name) {
+            Some(v) => f(v.as_bytes()),
+            None => f(b"\0absent"),
+        },
+        LimitKey::Route => f(subject.route.as_bytes()),
+        LimitKey::Global => f(b""),
     }
 }
 

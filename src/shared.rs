@@ -185,7 +185,7 @@ impl SharedTier {
     pub async fn query<T: FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Option<T> {
         let mut conn = self.conn()?;
         let answer = tokio::time::timeout(self.policy.timeout, cmd.query_async::<T>(&mut conn));
-        self.settle(what, answer.await)
+        self.settle(what, answer.await, self.policy.timeout)
     }
 
     /// Runs a script invocation, as `query` does.
@@ -209,29 +209,22 @@ impl SharedTier {
         let mut conn = self.conn()?;
         let timeout = self.policy.timeout + Duration::from_micros(bytes as u64 / 50);
         let answer = tokio::time::timeout(timeout, inv.invoke_async::<T>(&mut conn));
-        self.settle_within(what, answer.await, timeout)
+        self.settle(what, answer.await, timeout)
     }
 
     /// Runs a pipeline, as `query` does.
     pub async fn pipe<T: FromRedisValue>(&self, what: &str, pipe: &redis::Pipeline) -> Option<T> {
         let mut conn = self.conn()?;
         let answer = tokio::time::timeout(self.policy.timeout, pipe.query_async::<T>(&mut conn));
-        self.settle(what, answer.await)
+        self.settle(what, answer.await, self.policy.timeout)
     }
 
     fn conn(&self) -> Option<MultiplexedConnection> {
         self.link.load().as_deref().cloned()
     }
 
+    /// The answer, if it came within `timeout`; else the failure is noted.
     fn settle<T>(
-        &self,
-        what: &str,
-        answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Option<T> {
-        self.settle_within(what, answer, self.policy.timeout)
-    }
-
-    fn settle_within<T>(
         &self,
         what: &str,
         answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,

@@ -200,26 +200,6 @@ async fn restart_only_settings_are_named() {
     );
 }
 
-/// The binary, started on a policy file, stopped (SIGTERM) when dropped.
-struct Running(std::process::Child);
-
-impl Running {
-    fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.signal("TERM");
-        let _ = self.0.wait();
-    }
-}
-
 async fn wait_for_tag(url: &str, want: &str) -> bool {
     for _ in 0..200 {
         if let Ok(Ok(resp)) =
@@ -237,10 +217,7 @@ async fn wait_for_tag(url: &str, want: &str) -> bool {
 #[tokio::test]
 async fn the_binary_reloads_on_sighup_and_survives_a_broken_file() {
     let up = Upstream::echo().await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let with_listen = |tag: &str, extra: &str| {
         format!(
             "[server]\nlisten = [\"127.0.0.1:{port}\"]\naccess_log = \"off\"\n{}",
@@ -248,13 +225,7 @@ async fn the_binary_reloads_on_sighup_and_survives_a_broken_file() {
         )
     };
     let file = TempFile::new("policy.toml", &with_listen("one", ""));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_hyperion"))
-        .args(["--config", file.0.to_str().unwrap()])
-        .env_remove("HYPERION_CONFIG")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let running = Running(child);
+    let running = Running::start(&file);
     let url = format!("http://127.0.0.1:{port}/x");
     assert!(wait_for_tag(&url, "one").await, "the proxy did not start");
 

@@ -64,10 +64,7 @@ async fn the_binary_tells_systemd_when_it_serves_reloads_and_stops() {
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let policy = TempFile::new(
         "policy.toml",
         &format!(

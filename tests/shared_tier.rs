@@ -413,21 +413,6 @@ async fn redis_dying_costs_no_request_and_its_return_is_taken_up() {
     );
 }
 
-/// The binary, started on a policy file, killed when dropped.
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 #[tokio::test]
 async fn two_processes_name_entries_alike() {
     // In-process instances share everything a process has; separate
@@ -450,13 +435,7 @@ async fn two_processes_name_entries_alike() {
                 &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
             );
         let file = TempFile::new("policy.toml", &text);
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_hyperion"))
-            .args(["--config", file.0.to_str().unwrap()])
-            .env_remove("HYPERION_CONFIG")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        running.push(Process(child));
+        running.push(Running::start(&file));
         files.push(file);
         ports.push((port, admin));
     }

@@ -168,7 +168,8 @@ impl Cache {
             Err(_) => return forward(CacheStatus::Bypass, None, None, client, None),
         };
         let mut stored = self.lookup(&key, q.headers).await;
-        if let Some(stale) = stored.as_ref().filter(|e| !e.is_fresh(Instant::now())) {
+        let stale = stored.as_ref().filter(|e| !e.is_fresh(Instant::now()));
+        if let Some(stale) = stale.filter(|_| self.shared.is_some()) {
             // Another instance may have refreshed it already.
             if let Some(newer) = Box::pin(self.newer_shared(&key, q.headers, stale)).await {
                 stored = Some(newer);
@@ -244,10 +245,11 @@ impl Cache {
                 if let Some(served) = self.serve_stored(again.as_ref(), &client, &q) {
                     return served;
                 }
-                if let Some(served) =
-                    Box::pin(self.lead_fleet(&key, &lead, policy, &client, &q)).await
-                {
-                    return served;
+                if self.shared.is_some() {
+                    let fleet = Box::pin(self.lead_fleet(&key, &lead, policy, &client, &q));
+                    if let Some(served) = fleet.await {
+                        return served;
+                    }
                 }
                 forward(status, Some(key), stale, client, Some(lead))
             }

@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::Script;
 
-use super::wire::{self, Decoded, VariesRecord};
-use super::{CacheKey, Purge, Stored, Varies};
+use super::wire::{self, Decoded};
+use super::{CacheKey, Purge, Stored};
 use crate::shared::{hex32, parse_hex32, SharedTier};
 
 /// SET the entry; add it to its URL's and route's indexes, pruning what
@@ -136,7 +136,7 @@ impl SharedCache {
     }
 
     /// What Redis holds under `key`: `None` when nothing usable (absent, of
-    /// another format version, or the tier down).
+    /// another format version, or the tier down). Counted as a lookup.
     pub async fn fetch(&self, key: &CacheKey) -> Option<Stored> {
         if !self.tier.is_up() {
             return None;
@@ -144,60 +144,23 @@ impl SharedCache {
         let mut cmd = redis::cmd("GET");
         cmd.arg(self.entry_key(key));
         let bytes: Option<Vec<u8>> = self.tier.query("get", &cmd).await?;
-        self.decoded(key, bytes)
+        let stored = bytes.and_then(|b| decoded(key, b));
+        self.count(stored.is_some());
+        stored
     }
 
-    fn decoded(&self, key: &CacheKey, bytes: Option<Vec<u8>>) -> Option<Stored> {
-        let stats = &self.tier.stats;
-        let Some(bytes) = bytes else {
-            stats
-                .misses
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return None;
-        };
-        let stored = match wire::decode_any(&Bytes::from(bytes)) {
-            Ok(Decoded::Entry(e)) if e.store_key() == *key => Stored::Entry(Arc::new(e)),
-            Ok(Decoded::Varies(v)) => Stored::Varies(Arc::new(Varies {
-                names: v.names.into(),
-                route: v.route,
-                target: v.target,
-                keep: v.keep,
-            })),
-            Ok(Decoded::Entry(_)) => {
-                tracing::debug!(
-                    ?key,
-                    "shared tier: an entry stored under another key, ignored"
-                );
-                return None;
-            }
-            Err(e) => {
-                // Another version's entry (a rolling upgrade), or not ours.
-                tracing::debug!(?key, "shared tier: entry not read: {e}");
-                stats
-                    .misses
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return None;
-            }
-        };
-        stats
-            .hits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(stored)
-    }
-
-    /// The entry `bytes` hold for `key`, counted as a hit; `None` for a
-    /// `Varies` record or what does not decode.
+    /// The entry `bytes` hold for `key`, counted as a hit; `None` (and not
+    /// counted) for a `Varies` record or what does not decode.
     fn entry_in(&self, key: &CacheKey, bytes: Vec<u8>) -> Option<Stored> {
-        match wire::decode(&Bytes::from(bytes)) {
-            Ok(e) if e.store_key() == *key => {
-                self.tier
-                    .stats
-                    .hits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Some(Stored::Entry(Arc::new(e)))
-            }
-            _ => None,
-        }
+        let entry = decoded(key, bytes).filter(|s| s.entry().is_some())?;
+        self.count(true);
+        Some(entry)
+    }
+
+    fn count(&self, hit: bool) {
+        let stats = &self.tier.stats;
+        let counter = if hit { &stats.hits } else { &stats.misses };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Writes what memory now holds under `key` to Redis, with its indexes.
@@ -207,12 +170,7 @@ impl SharedCache {
         }
         let bytes = match stored {
             Stored::Entry(e) => wire::encode(e),
-            Stored::Varies(v) => wire::encode_varies(&VariesRecord {
-                names: v.names.to_vec(),
-                route: v.route.clone(),
-                target: v.target.clone(),
-                keep: v.keep,
-            }),
+            Stored::Varies(v) => wire::encode_varies(v),
         };
         let keep = stored.keep_left();
         let ttl = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
@@ -281,9 +239,9 @@ impl SharedCache {
                 get.arg(self.entry_key(key));
                 let bytes: Option<Vec<u8>> = self.tier.query("purge", &get).await?;
                 // Read without counting: a purge is not a lookup.
-                match bytes.map(|b| wire::decode_any(&Bytes::from(b))) {
-                    Some(Ok(Decoded::Varies(v))) => self.invalidate(&v.target, None).await?,
-                    Some(Ok(Decoded::Entry(e))) if !e.vary.is_empty() => {
+                match bytes.and_then(|b| decoded(key, b)) {
+                    Some(Stored::Varies(v)) => self.invalidate(&v.target, None).await?,
+                    Some(Stored::Entry(e)) if !e.vary.is_empty() => {
                         self.invalidate(&e.target, None).await?
                     }
                     _ => {
@@ -471,6 +429,27 @@ impl SharedCache {
             }
             let wake = deadline.min(now + FILL_POLL);
             let _ = tokio::time::timeout_at(wake, notified).await;
+        }
+    }
+}
+
+/// What `bytes`, stored under `key`, hold: `None` for another version's
+/// value, or an entry stored under another key.
+fn decoded(key: &CacheKey, bytes: Vec<u8>) -> Option<Stored> {
+    match wire::decode_any(&Bytes::from(bytes)) {
+        Ok(Decoded::Entry(e)) if e.store_key() == *key => Some(Stored::Entry(Arc::new(e))),
+        Ok(Decoded::Varies(v)) => Some(Stored::Varies(Arc::new(v))),
+        Ok(Decoded::Entry(_)) => {
+            tracing::debug!(
+                ?key,
+                "shared tier: an entry stored under another key, ignored"
+            );
+            None
+        }
+        Err(e) => {
+            // Another version's entry (a rolling upgrade), or not ours.
+            tracing::debug!(?key, "shared tier: entry not read: {e}");
+            None
         }
     }
 }

@@ -23,7 +23,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
 use super::recoded::Recodings;
-use super::{CacheKey, Cost, Entry, StoredBody};
+use super::{CacheKey, Cost, Entry, StoredBody, Varies};
 
 const MAGIC: &[u8; 4] = b"HYPE";
 const VARIES_MAGIC: &[u8; 4] = b"HYPV";
@@ -201,19 +201,9 @@ pub fn decode(bytes: &Bytes) -> Result<Entry, WireError> {
     })
 }
 
-/// The request headers a key's responses vary on, as another process needs
-/// them to find the variant a request selects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VariesRecord {
-    pub names: Vec<HeaderName>,
-    pub route: Arc<str>,
-    pub target: Box<str>,
-    /// How long the names are kept from when they were stored.
-    pub keep: Duration,
-}
-
-/// `varies` as bytes.
-pub fn encode_varies(varies: &VariesRecord) -> Bytes {
+/// `varies` (the names a key's responses vary on: what another process
+/// needs to find the variant a request selects) as bytes.
+pub(super) fn encode_varies(varies: &Varies) -> Bytes {
     let mut out = BytesMut::with_capacity(64 + varies.target.len() + varies.names.len() * 24);
     out.put_slice(VARIES_MAGIC);
     out.put_u16_le(VERSION);
@@ -221,7 +211,7 @@ pub fn encode_varies(varies: &VariesRecord) -> Bytes {
     put_bytes(&mut out, varies.route.as_bytes());
     put_bytes(&mut out, varies.target.as_bytes());
     out.put_u32_le(varies.names.len() as u32);
-    for n in &varies.names {
+    for n in varies.names.iter() {
         put_bytes(&mut out, n.as_str().as_bytes());
     }
     out.freeze()
@@ -232,13 +222,13 @@ pub fn encode_varies(varies: &VariesRecord) -> Bytes {
 // add an allocation.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub enum Decoded {
+pub(super) enum Decoded {
     Entry(Entry),
-    Varies(VariesRecord),
+    Varies(Varies),
 }
 
 /// An entry or a `Varies` record, whichever `bytes` hold.
-pub fn decode_any(bytes: &Bytes) -> Result<Decoded, WireError> {
+pub(super) fn decode_any(bytes: &Bytes) -> Result<Decoded, WireError> {
     if bytes.get(..4) != Some(&VARIES_MAGIC[..]) {
         return decode(bytes).map(Decoded::Entry);
     }
@@ -258,8 +248,8 @@ pub fn decode_any(bytes: &Bytes) -> Result<Decoded, WireError> {
     if r.at != bytes.len() || names.is_empty() {
         return Err(WireError::Invalid("varies record"));
     }
-    Ok(Decoded::Varies(VariesRecord {
-        names,
+    Ok(Decoded::Varies(Varies {
+        names: names.into(),
         route,
         target,
         keep,
@@ -462,11 +452,12 @@ mod tests {
 
     #[test]
     fn varies_records_come_back_and_cuts_fail() {
-        let v = VariesRecord {
+        let v = Varies {
             names: vec![
                 HeaderName::from_static("accept-language"),
                 HeaderName::from_static("x-user"),
-            ],
+            ]
+            .into(),
             route: "r".into(),
             target: "h/p?q".into(),
             keep: Duration::from_secs(90),

@@ -13,15 +13,12 @@
 //! mirror what Redis last said for the keys this instance saw. Not here:
 //! the connection (`shared`), the local arithmetic (`gcra`).
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Script;
 
 use super::gcra::{Gcra, Level, Refusal};
-use super::Subject;
-use crate::policy::LimitKey;
 use crate::shared::SharedTier;
 
 /// ARGV: interval (µs), window (µs), burst, operation, units. Returns
@@ -99,30 +96,12 @@ impl SharedBuckets {
         self.tier.is_up()
     }
 
-    /// The bucket of `subject` under `key` (the same in every instance).
-    pub fn key(&self, limiter: &str, key: &LimitKey, subject: &Subject<'_>) -> SharedKey {
+    /// The bucket of the request whose key material (`limits`) is
+    /// `material`: the same in every instance.
+    pub fn key(&self, limiter: &str, material: &[u8]) -> SharedKey {
         let mut h = blake3::Hasher::new();
-        h.update(limiter.as_bytes());
-        h.update(b"\0");
-        match key {
-            LimitKey::ClientIp => match subject.client {
-                IpAddr::V6(v6) => h.update(&v6.octets()[..8]),
-                IpAddr::V4(v4) => h.update(&v4.octets()),
-            },
-            LimitKey::Header(name) => match subject.headers.get(name) {
-                Some(v) => h.update(b"v").update(v.as_bytes()),
-                None => h.update(b"absent"),
-            },
-            LimitKey::Route => h.update(subject.route.as_bytes()),
-            LimitKey::Global => &mut h,
-        };
-        let digest = h.finalize();
-        let mut name = self.prefix.clone();
-        for b in &digest.as_bytes()[..16] {
-            use std::fmt::Write;
-            let _ = write!(name, "{b:02x}");
-        }
-        name.into()
+        h.update(limiter.as_bytes()).update(b"\0").update(material);
+        format!("{}{}", self.prefix, &h.finalize().to_hex()[..32]).into()
     }
 
     /// Spends `units` from the bucket for the whole fleet. `None` when the

@@ -610,10 +610,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let mut server = RedisServer { port, child: None };
         server.resume().await;
         server
@@ -697,4 +694,43 @@ pub async fn shared_tier_up(proxy: &TestProxy, up: bool) {
         "the shared tier did not become {}",
         if up { "available" } else { "unavailable" }
     );
+}
+
+// === the binary ===
+
+/// A loopback port free a moment ago, for a process that binds it itself.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The `hyperion` binary, started on a policy file; stopped (SIGTERM) when
+/// dropped.
+pub struct Running(pub std::process::Child);
+
+impl Running {
+    pub fn start(policy: &TempFile) -> Running {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_hyperion"))
+            .args(["--config", policy.0.to_str().unwrap()])
+            .env_remove("HYPERION_CONFIG")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Running(child)
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.signal("TERM");
+        let _ = self.0.wait();
+    }
 }
