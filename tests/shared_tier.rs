@@ -605,3 +605,53 @@ async fn a_slow_redis_is_not_waited_for() {
     sleeper.await.unwrap();
     shared_tier_up(&a, true).await;
 }
+
+#[tokio::test]
+async fn purges_by_prefix_route_and_all_reach_redis_and_the_fleet() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let (a, b, _t) = fleet(&up, &redis, "").await;
+    for path in ["/docs/a", "/docs/b", "/other"] {
+        let (parts, _) = get(&a.url(path)).await;
+        assert_eq!(parts.headers["x-cache"], "MISS");
+    }
+    send(post(&a.url("/api/generate"), PROMPT)).await;
+    written(&a, 4).await;
+    let cached = |p: &TestProxy, path: &'static str| {
+        let url = p.url(path);
+        async move { get(&url).await.0.headers["x-cache"].clone() }
+    };
+
+    // By prefix: the two /docs pages, from Redis and from A's memory.
+    let purged = admin_post(&b, "/admin/cache/purge?prefix=/docs/").await;
+    assert_eq!(purged["shared"]["purged"], 2, "{purged}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(cached(&a, "/docs/a").await, "MISS");
+    assert_eq!(cached(&a, "/other").await, "HIT");
+
+    // By route: everything `pages` stored (the /docs pages again, /other).
+    written(&a, 5).await;
+    let purged = admin_post(&b, "/admin/cache/purge?route=pages").await;
+    assert_eq!(purged["shared"]["purged"], 2, "{purged}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(cached(&b, "/other").await, "MISS");
+    let (parts, _) = send(post(&b.url("/api/generate"), PROMPT)).await;
+    assert_eq!(
+        parts.headers["x-cache"], "HIT",
+        "the other route's entry stays"
+    );
+
+    // Everything.
+    let purged = admin_post(&b, "/admin/cache/purge?all=true").await;
+    assert_eq!(purged["shared"]["up"], true, "{purged}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (parts, _) = send(post(&a.url("/api/generate"), PROMPT)).await;
+    assert_eq!(parts.headers["x-cache"], "MISS");
+    let mut conn = redis.conn().await;
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("*t:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.len() <= 1, "only what was stored since: {left:?}");
+}
