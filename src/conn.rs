@@ -74,6 +74,11 @@ impl ConnState {
         InflightGuard(self.clone())
     }
 
+    /// No request in flight: the only time a timeout can run.
+    pub fn is_idle(&self) -> bool {
+        self.inflight.load(Ordering::Acquire) == 0
+    }
+
     fn on_read(&self) {
         if self.inflight.load(Ordering::Acquire) == 0
             && !self.h2.load(Ordering::Relaxed)

@@ -59,6 +59,8 @@ struct Route {
 pub struct ConnInfo {
     /// The TCP peer, IPv4-mapped addresses as IPv4.
     pub peer: IpAddr,
+    /// `peer` as forwarding headers write it.
+    pub peer_value: HeaderValue,
     /// `http` or `https`.
     pub proto: &'static str,
     pub state: Arc<ConnState>,
@@ -510,7 +512,7 @@ impl Proxy {
         headers::add_forwarding(
             &mut parts.headers,
             &Forwarding {
-                peer: conn.peer,
+                peer_value: &conn.peer_value,
                 peer_trusted,
                 proto: conn.proto,
                 host: host_value.as_ref(),

@@ -9,7 +9,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -33,6 +36,11 @@ struct Shared {
     idle_timeout: Duration,
     stop_accepting: CancellationToken,
     force_close: CancellationToken,
+    /// Set before either token is cancelled. A connection looks at its
+    /// tokens' futures again only once this is set: polling them takes a
+    /// lock each time, and a connection's task is polled several times per
+    /// request.
+    stopping: AtomicBool,
     tasks: TaskTracker,
 }
 
@@ -76,6 +84,7 @@ pub async fn serve_on(
         idle_timeout: policy.idle_timeout,
         stop_accepting: CancellationToken::new(),
         force_close: CancellationToken::new(),
+        stopping: AtomicBool::new(false),
         tasks: TaskTracker::new(),
         proxy,
     });
@@ -95,6 +104,7 @@ pub async fn serve_on(
         grace_s = policy.shutdown_grace.as_secs_f64(),
         "shutting down: no new connections, draining in-flight requests"
     );
+    shared.stopping.store(true, Ordering::Release);
     shared.stop_accepting.cancel();
     for l in accept_loops {
         let _ = l.await;
@@ -219,6 +229,7 @@ where
     let peer_ip = peer.ip().to_canonical();
     let info = Arc::new(ConnInfo {
         peer: peer_ip,
+        peer_value: crate::headers::peer_value(peer_ip),
         proto,
         state: state.clone(),
         tasks: shared.tasks.clone(),
@@ -234,33 +245,50 @@ where
         async move { Ok::<_, Infallible>(Box::pin(proxy.handle(req, &info)).await) }
     });
     let conn = shared.builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let timeout = state.timeout(shared.header_read_timeout, shared.idle_timeout);
-    tokio::pin!(timeout);
+    let mut conn = pin!(conn);
+    let mut stop = pin!(shared.stop_accepting.cancelled());
+    let mut force = pin!(shared.force_close.cancelled());
+    let mut timeout = pin!(state.timeout(shared.header_read_timeout, shared.idle_timeout));
     let mut draining = false;
-    loop {
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(%peer, "connection ended: {e}");
-                }
-                return;
+    // The first poll registers this task with the tokens and the timer; after
+    // that each is looked at only when it can matter: the tokens once the
+    // worker is stopping, the timer while no request is in flight (the only
+    // time either timeout runs).
+    let mut registered = false;
+    std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+            if let Err(e) = res {
+                tracing::debug!(%peer, "connection ended: {e}");
             }
-            _ = shared.stop_accepting.cancelled(), if !draining => {
+            return Poll::Ready(());
+        }
+        let stopping = !registered || shared.stopping.load(Ordering::Acquire);
+        if stopping && force.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if !draining {
+            if stopping && stop.as_mut().poll(cx).is_ready() {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
+                continue;
             }
-            why = &mut timeout, if !draining => match why {
-                ConnTimeout::Idle => {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
+            if !registered || state.is_idle() {
+                match timeout.as_mut().poll(cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(ConnTimeout::Idle) => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                        continue;
+                    }
+                    Poll::Ready(ConnTimeout::HeaderRead) => {
+                        tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
+                        return Poll::Ready(());
+                    }
                 }
-                ConnTimeout::HeaderRead => {
-                    tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
-                    return;
-                }
-            },
-            _ = shared.force_close.cancelled() => return,
+            }
         }
-    }
+        registered = true;
+        return Poll::Pending;
+    })
+    .await;
 }

@@ -246,10 +246,10 @@ impl ServerConns {
         })
     }
 
-    /// A connection to this server: the most recently used idle one that is
-    /// still good, or a new one.
-    pub async fn checkout(self: &Arc<Self>) -> Result<ConnLease, ConnectError> {
-        if let Some(conn) = self.take_idle() {
+    /// A connection to this server at `now`: the most recently used idle
+    /// one that is still good, or a new one.
+    pub async fn checkout(self: &Arc<Self>, now: Instant) -> Result<ConnLease, ConnectError> {
+        if let Some(conn) = self.take_idle(now) {
             return Ok(self.lease(conn));
         }
         self.checkout_new().await
@@ -275,7 +275,7 @@ impl ServerConns {
         limit: usize,
     ) -> Result<(StatusCode, Bytes), String> {
         let mut lease = self
-            .checkout()
+            .checkout(Instant::now())
             .await
             .map_err(|e| format!("connecting: {e}"))?;
         let req = Request::get(path)
@@ -306,10 +306,10 @@ impl ServerConns {
         }
     }
 
-    fn take_idle(&self) -> Option<Box<UpstreamConn>> {
+    fn take_idle(&self, now: Instant) -> Option<Box<UpstreamConn>> {
         loop {
             let (since, mut conn) = self.idle.lock().expect("idle stack lock").pop()?;
-            if since.elapsed() >= POOL_IDLE {
+            if now.saturating_duration_since(since) >= POOL_IDLE {
                 // Everything below is older still.
                 self.idle.lock().expect("idle stack lock").clear();
                 return None;
