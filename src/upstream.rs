@@ -231,8 +231,8 @@ impl UpstreamPool {
 
     /// Sends `req` to the admitted server and waits for the response head,
     /// at most `response_timeout` an attempt. An attempt that fails before
-    /// any response byte (connect error, connection reset) is tried again on
-    /// another server, up to `retries` times, after a jittered back-off and
+    /// any response byte (connect error, connection reset; once sent, only
+    /// for an idempotent method) is tried again on another server, up to `retries` times, after a jittered back-off and
     /// only within the pool's retry budget; a timed-out one is not (the
     /// server may still be working on it). Returns the response, the lease
     /// its body arrives on (holding the request's place at its server), and
@@ -248,7 +248,13 @@ impl UpstreamPool {
         preserve_host: bool,
     ) -> Result<(Response<Incoming>, ConnLease, usize), ProxyError> {
         self.state.budget.earn();
-        let replay = if self.policy.retries > 0 {
+        // A request that reached the server and failed is sent again only
+        // when its method is idempotent: RFC 9110 §9.2.2 forbids a proxy to
+        // retry a POST the server may have acted on (as nginx's
+        // `proxy_next_upstream` does by default). One that never left (a
+        // refused connect, a pooled connection found closing) comes back
+        // from the attempt and goes again whatever its method.
+        let replay = if self.policy.retries > 0 && req.method().is_idempotent() {
             Replay::of(&req)
         } else {
             None

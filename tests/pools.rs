@@ -314,14 +314,59 @@ async fn a_request_cut_off_before_any_answer_is_retried_on_another_server() {
         good.url()
     ))
     .await;
-    // Without a body (GET) and with one in hand (POST): both can be sent
-    // again, so no client sees the cut.
-    for _ in 0..3 {
+    // A GET (idempotent) can be sent again, so no client sees the cut.
+    for _ in 0..6 {
         assert_eq!(get(&proxy.url("/api/tags")).await.0.status, 200);
+    }
+    assert_eq!(good.served(), 6);
+}
+
+#[tokio::test]
+async fn a_post_the_server_may_have_acted_on_is_not_sent_again() {
+    let good = FleetServer::start().await;
+    let bad = closer().await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.up]\nservers = [{{ url = \"http://{bad}\" }}, {{ url = \"{}\" }}]\nbalance = \"round_robin\"\nretries = 2\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        good.url()
+    ))
+    .await;
+    // The server that read the POST and hung up may have started on it:
+    // RFC 9110 §9.2.2 forbids resending it, so that client gets the 502.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let post = Request::post(proxy.url("/api/generate"))
+            .body(full(r#"{"model":"llama3.2","prompt":"hi"}"#))
+            .unwrap();
+        statuses.push(send(post).await.0.status);
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let failed = statuses.iter().filter(|s| **s == 502).count();
+    assert_eq!(ok + failed, 6, "{statuses:?}");
+    assert!(
+        failed >= 1,
+        "some POSTs met the server that hangs up: {statuses:?}"
+    );
+    assert_eq!(good.served(), ok, "no POST went out twice");
+}
+
+#[tokio::test]
+async fn a_post_that_never_reached_a_server_is_sent_to_another() {
+    let good = FleetServer::start().await;
+    // Nothing listens there: the connection is refused, the POST never left.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.up]\nservers = [{{ url = \"http://{refused}\" }}, {{ url = \"{}\" }}]\nbalance = \"round_robin\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        good.url()
+    ))
+    .await;
+    for _ in 0..4 {
         let post = Request::post(proxy.url("/api/generate"))
             .body(full(r#"{"model":"llama3.2","prompt":"hi"}"#))
             .unwrap();
         assert_eq!(send(post).await.0.status, 200);
     }
-    assert_eq!(good.served(), 6);
+    assert_eq!(good.served(), 4);
 }
