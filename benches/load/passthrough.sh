@@ -11,12 +11,17 @@
 #             access_log off, proxy_buffering off, and the forwarding headers
 #             Hyperion adds: X-Forwarded-For/-Proto/-Host, Via, X-Request-Id
 #             both ways) → origin
+#   floor     wrk → hyper-floor (benches/load/hyper-floor: hyper's server and
+#             client state machines polled by one task, request and answer
+#             untouched, no timeouts, logs or metrics) → origin. Not a proxy to
+#             run: the least a hyper 1 proxy can spend, so the report tells how
+#             much of Hyperion's cost is hyper's and how much its own.
 #   hyperion  wrk → hyperion (access_log off, one tokio worker) → origin
 # Requests: GET /static/1k and POST /api/generate (origin delay 0, ~1 KB answer).
 #   tput  wrk -t1 -c$CONNS -d$DURATION       throughput, and server CPU µs/request
 #   lat   wrk -t1 -c1 -d$LAT_DURATION        unloaded round trip, p50
 #
-# Usage: benches/load/passthrough.sh          (ROUNDS=3, ~4 min on a quiet machine)
+# Usage: benches/load/passthrough.sh          (ROUNDS=3, ~8 min on a quiet machine)
 # Knobs: ROUNDS DURATION LAT_DURATION CONNS SERVER_CPU CLIENT_CPU SHARED OUT
 # Needs: wrk, nginx, taskset, curl (apt-get install -y wrk nginx util-linux curl)
 #        and ../shared/bench/origin (built here if missing).
@@ -31,7 +36,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${SHARED:=$REPO/../shared}"
 : "${RUN_DIR:=/tmp/hyperion-passthrough}"
 : "${OUT:=$REPO/benches/runs/$(date +%Y-%m-%d)-passthrough.txt}"
-ORIGIN_PORT=27180 NGINX_PORT=27181 HYPERION_PORT=27190
+ORIGIN_PORT=27180 NGINX_PORT=27181 FLOOR_PORT=27182 HYPERION_PORT=27190
 
 SCRIPT=passthrough.sh
 # shellcheck source=benches/load/common.sh
@@ -79,6 +84,12 @@ taskset -c "$SERVER_CPU" nginx -e "$RUN_DIR/nginx/error.log" -p "$RUN_DIR/nginx/
 PIDS+=($!); NGINX_PID=$!
 wait_port $NGINX_PORT
 
+(cd "$REPO/benches/load/hyper-floor" && cargo build --release --quiet)
+taskset -c "$SERVER_CPU" "$REPO/benches/load/hyper-floor/target/release/hyper-floor" \
+  "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$ORIGIN_PORT" >"$RUN_DIR/floor.log" 2>&1 &
+PIDS+=($!); FLOOR_PID=$!
+wait_port $FLOOR_PORT
+
 start_hyperion <<EOF
 [upstreams.origin]
 servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
@@ -94,8 +105,8 @@ wrk.headers["Content-Type"] = "application/json"
 EOF
 
 
-pid_of() { case $1 in origin) echo "$ORIGIN_PID";; nginx) echo "$NGINX_PID";; hyperion) echo "$HYPERION_PID";; esac; }
-port_of() { case $1 in origin) echo $ORIGIN_PORT;; nginx) echo $NGINX_PORT;; hyperion) echo $HYPERION_PORT;; esac; }
+pid_of() { case $1 in origin) echo "$ORIGIN_PID";; nginx) echo "$NGINX_PID";; floor) echo "$FLOOR_PID";; hyperion) echo "$HYPERION_PID";; esac; }
+port_of() { case $1 in origin) echo $ORIGIN_PORT;; nginx) echo $NGINX_PORT;; floor) echo $FLOOR_PORT;; hyperion) echo $HYPERION_PORT;; esac; }
 
 RESULTS="$RUN_DIR/results.tsv"
 printf "round\ttarget\treq\tmode\trps\tp50_us\tcpu_us_per_req\n" >"$RESULTS"
@@ -126,7 +137,7 @@ run() { # round target req mode
   printf "  round %s %-8s %-6s %-4s %10s req/s  p50 %7s µs  cpu %6s µs/req\n" "$round" "$target" "$req" "$mode" "$rps" "$p50" "$cpu_us"
 }
 
-targets=(origin nginx hyperion)
+targets=(origin nginx floor hyperion)
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS"
   for req in get1k post; do
@@ -138,7 +149,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 {
-  echo "# Hyperion pass-through vs nginx vs bare origin — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "# Hyperion pass-through vs nginx vs hyper-floor vs bare origin — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "# command: benches/load/passthrough.sh (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS LAT_DURATION=${LAT_DURATION}s)"
   echo "# machine: $(nproc) cores, $(awk -F: '/model name/{print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); $(nginx -v 2>&1); hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
   echo "# server CPU $SERVER_CPU (origin + proxy), wrk on CPU $CLIENT_CPU; medians over $ROUNDS rounds [min..max]"
@@ -148,15 +159,15 @@ done
     NR>1 { k=$3" "$4" "$2; rps[k]=rps[k]" "$5; p50[k]=p50[k]" "$6; cpu[k]=cpu[k]" "$7; keys[k]=1 }
     END {
       printf "%-8s %-4s %-9s %26s %22s %12s\n", "request", "mode", "target", "req/s", "p50 µs", "cpu µs/req"
-      split("get1k post", reqs, " "); split("tput lat", modes, " "); split("origin nginx hyperion", ts, " ")
+      split("get1k post", reqs, " "); split("tput lat", modes, " "); split("origin nginx floor hyperion", ts, " ")
       for (r=1;r<=2;r++) for (m=1;m<=2;m++) {
-        for (t=1;t<=3;t++) { k=reqs[r]" "modes[m]" "ts[t]; if(!(k in keys)) continue
+        for (t=1;t<=4;t++) { k=reqs[r]" "modes[m]" "ts[t]; if(!(k in keys)) continue
           printf "%-8s %-4s %-9s %10.0f [%6.0f..%6.0f] %8.0f [%4.0f..%4.0f] %12.1f\n", reqs[r], modes[m], ts[t],
             med(rps[k]), mn(rps[k]), mx(rps[k]), med(p50[k]), mn(p50[k]), mx(p50[k]), med(cpu[k]) }
-        o=reqs[r]" "modes[m]" origin"; n=reqs[r]" "modes[m]" nginx"; h=reqs[r]" "modes[m]" hyperion"
-        if (modes[m]=="tput") printf "  → hyperion/nginx throughput %.2f×, hyperion/origin %.2f×; cpu µs/req hyperion %.1f vs nginx %.1f\n",
-            med(rps[h])/med(rps[n]), med(rps[h])/med(rps[o]), med(cpu[h]), med(cpu[n])
-        else printf "  → added p50 latency over the bare origin: hyperion %+.0f µs, nginx %+.0f µs\n", med(p50[h])-med(p50[o]), med(p50[n])-med(p50[o])
+        o=reqs[r]" "modes[m]" origin"; n=reqs[r]" "modes[m]" nginx"; h=reqs[r]" "modes[m]" hyperion"; f=reqs[r]" "modes[m]" floor"
+        if (modes[m]=="tput") printf "  → hyperion/nginx throughput %.2f×, floor/nginx %.2f×, hyperion/floor %.2f×, hyperion/origin %.2f×; cpu µs/req hyperion %.1f, floor %.1f, nginx %.1f\n",
+            med(rps[h])/med(rps[n]), med(rps[f])/med(rps[n]), med(rps[h])/med(rps[f]), med(rps[h])/med(rps[o]), med(cpu[h]), med(cpu[f]), med(cpu[n])
+        else printf "  → added p50 latency over the bare origin: hyperion %+.0f µs, floor %+.0f µs, nginx %+.0f µs\n", med(p50[h])-med(p50[o]), med(p50[f])-med(p50[o]), med(p50[n])-med(p50[o])
       }
     }' "$RESULTS"
 } | tee "$OUT"
