@@ -9,6 +9,7 @@
 //! the connection reads and the requests it has in flight. Serving the
 //! connection is `server.rs`'s job.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use http::Version;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 const NONE: u64 = u64::MAX;
 
@@ -102,17 +103,60 @@ impl ConnState {
             started => Some((ms(started) + header, ConnTimeout::HeaderRead)),
         }
     }
+}
 
-    /// Resolves when the connection should be closed for a timeout.
-    pub async fn timeout(&self, header: Duration, idle: Duration) -> ConnTimeout {
+/// A connection's timer: fires when `header_read_timeout` or `idle_timeout`
+/// runs out, whichever applies at the moment.
+///
+/// Polled by the connection's task while nothing is in flight. The deadline
+/// is worked out afresh on each poll (no clock reading: `ConnState` keeps
+/// the moments), and the sleep is moved earlier when a request head starts
+/// arriving, so a head trickling in on a keep-alive connection is cut off
+/// after `header_read_timeout`, not after what was left of `idle_timeout`.
+/// A deadline that moved later is taken up when the sleep wakes.
+pub struct ConnTimer {
+    state: Arc<ConnState>,
+    header: Duration,
+    idle: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl ConnTimer {
+    pub fn new(state: Arc<ConnState>, header: Duration, idle: Duration) -> Self {
+        let at = state
+            .deadline(header, idle)
+            .map_or_else(|| Instant::now() + header.min(idle), |(at, _)| at);
+        ConnTimer {
+            state,
+            header,
+            idle,
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+
+    /// Ready with the reason once the connection should be closed. Pending
+    /// while a request is in flight: its end polls the connection again.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<ConnTimeout> {
         loop {
-            match self.deadline(header, idle) {
-                Some((at, why)) if at <= Instant::now() => return why,
-                Some((at, _)) => tokio::time::sleep_until(at).await,
-                // Busy: look again later; a request ending records the time.
-                None => tokio::time::sleep(header.min(idle).max(Duration::from_millis(100))).await,
+            let Some((at, why)) = self.state.deadline(self.header, self.idle) else {
+                return Poll::Pending;
+            };
+            if at < self.sleep.deadline() {
+                self.sleep.as_mut().reset(at);
+            }
+            match self.sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                // The armed moment (not later than the deadline) has passed.
+                Poll::Ready(()) if at <= self.sleep.deadline() => return Poll::Ready(why),
+                // The deadline moved later since the sleep was armed.
+                Poll::Ready(()) => self.sleep.as_mut().reset(at),
             }
         }
+    }
+
+    /// Resolves when the connection should be closed for a timeout.
+    pub async fn expired(&mut self) -> ConnTimeout {
+        std::future::poll_fn(|cx| self.poll_expired(cx)).await
     }
 }
 
@@ -202,13 +246,14 @@ mod tests {
         let state = Arc::new(ConnState::new());
         // A fresh connection must send a head within the header timeout.
         let started = Instant::now();
-        assert_eq!(state.timeout(header, idle).await, ConnTimeout::HeaderRead);
+        let mut timer = ConnTimer::new(state.clone(), header, idle);
+        assert_eq!(timer.expired().await, ConnTimeout::HeaderRead);
         assert_eq!(started.elapsed(), header);
 
         // After a request, an idle connection lasts idle_timeout.
         drop(state.begin(Version::HTTP_11));
         let started = Instant::now();
-        assert_eq!(state.timeout(header, idle).await, ConnTimeout::Idle);
+        assert_eq!(timer.expired().await, ConnTimeout::Idle);
         assert_eq!(started.elapsed(), idle);
 
         // Bytes of a new head restart the header clock.
@@ -216,7 +261,25 @@ mod tests {
         tokio::time::advance(Duration::from_secs(30)).await;
         state.on_read();
         let started = Instant::now();
-        assert_eq!(state.timeout(header, idle).await, ConnTimeout::HeaderRead);
+        assert_eq!(timer.expired().await, ConnTimeout::HeaderRead);
+        assert_eq!(started.elapsed(), header);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_starting_on_an_idle_connection_moves_the_timer_earlier() {
+        let header = Duration::from_secs(10);
+        let idle = Duration::from_secs(75);
+        let state = Arc::new(ConnState::new());
+        drop(state.begin(Version::HTTP_11));
+        let mut timer = ConnTimer::new(state.clone(), header, idle);
+        // Armed for the idle deadline, 75 s away...
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(timer.poll_expired(&mut cx).is_pending());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // ...until the next head starts: then it has 10 s, not 70.
+        state.on_read();
+        let started = Instant::now();
+        assert_eq!(timer.expired().await, ConnTimeout::HeaderRead);
         assert_eq!(started.elapsed(), header);
     }
 
@@ -224,10 +287,12 @@ mod tests {
     async fn busy_connections_do_not_time_out() {
         let state = Arc::new(ConnState::new());
         let guard = state.begin(Version::HTTP_11);
-        let t = tokio::time::timeout(
-            Duration::from_secs(600),
-            state.timeout(Duration::from_secs(10), Duration::from_secs(75)),
+        let mut timer = ConnTimer::new(
+            state.clone(),
+            Duration::from_secs(10),
+            Duration::from_secs(75),
         );
+        let t = tokio::time::timeout(Duration::from_secs(600), timer.expired());
         assert!(
             t.await.is_err(),
             "a request in flight keeps the connection open"

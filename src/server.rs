@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conn::{ActivityIo, ConnState, ConnTimeout};
+use crate::conn::{ActivityIo, ConnState, ConnTimeout, ConnTimer};
 use crate::generation::LiveProxy;
 use crate::handler::ConnInfo;
 use crate::policy::ServerPolicy;
@@ -248,7 +248,11 @@ where
     let mut conn = pin!(conn);
     let mut stop = pin!(shared.stop_accepting.cancelled());
     let mut force = pin!(shared.force_close.cancelled());
-    let mut timeout = pin!(state.timeout(shared.header_read_timeout, shared.idle_timeout));
+    let mut timer = ConnTimer::new(
+        state.clone(),
+        shared.header_read_timeout,
+        shared.idle_timeout,
+    );
     let mut draining = false;
     // The first poll registers this task with the tokens and the timer; after
     // that each is looked at only when it can matter: the tokens once the
@@ -273,7 +277,7 @@ where
                 continue;
             }
             if !registered || state.is_idle() {
-                match timeout.as_mut().poll(cx) {
+                match timer.poll_expired(cx) {
                     Poll::Pending => {}
                     Poll::Ready(ConnTimeout::Idle) => {
                         draining = true;

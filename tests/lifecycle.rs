@@ -71,6 +71,36 @@ async fn idle_keep_alive_outlives_the_header_timeout_then_closes() {
 }
 
 #[tokio::test]
+async fn a_slow_head_on_a_keep_alive_connection_is_cut_off_by_the_header_timeout() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::to(
+        &up.url(),
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"20s\"",
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(GET).await.unwrap();
+    assert!(read_response(&mut stream).await.starts_with("HTTP/1.1 200"));
+    // Idle a while (the connection's timer now waits for idle_timeout)...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...then the next head starts and never ends: it gets
+    // header_read_timeout, not what is left of idle_timeout.
+    stream
+        .write_all(b"GET /slowloris HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = read_until_close(&mut stream, PATIENCE).await;
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}: by the header timeout, not the idle one",
+        started.elapsed()
+    );
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
 async fn a_long_wait_for_the_upstream_is_not_an_idle_connection() {
     let up = Upstream::start(|_req| async {
         tokio::time::sleep(Duration::from_millis(800)).await;
