@@ -256,7 +256,10 @@ fn new_request_id() -> HeaderValue {
         *b = HEX[(n & 0xf) as usize];
         n >>= 4;
     }
-    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+    // Owned by its `Bytes` from the start: the id is cloned (for the log, the
+    // upstream request), and a clone of a `Vec`-backed `Bytes` allocates.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+        .expect("hex is a valid header value")
 }
 
 /// A message's `Content-Length`, when it has a valid one.
