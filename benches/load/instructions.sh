@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# =============================================================================
+# instructions.sh — user-space instructions per pass-through request, counted
+# by callgrind: the same figure run after run (within ~0.1%), where a wrk A/B
+# on this shared VM moves by ±5%. For weighing a change to the request path
+# too small to show in req/s; the real-time benchmarks stay the verdict.
+#
+# Each binary (default: target/release/hyperion, built here) runs under
+# `valgrind --tool=callgrind` with one route to the bench origin; after a
+# warm-up the counters are zeroed, `wrk -c8` sends GET /static/1k for SECS
+# seconds, and the instructions of that window are divided by the requests
+# the origin counted. hyper-floor (benches/load/hyper-floor) is measured as
+# the reference unless FLOOR=0. The callgrind files are kept in RUN_DIR
+# (callgrind_annotate reads them) to see where the instructions go.
+#
+# Usage: benches/load/instructions.sh [BIN ...]     (~20 s per binary)
+# Knobs: SECS (5) FLOOR (1) SHARED SERVER_CPU CLIENT_CPU
+# Needs: valgrind, wrk, curl, taskset (apt-get install -y valgrind wrk curl
+#        util-linux) and ../shared/bench/origin (built here if missing).
+# Every process is started here, on loopback ports 27680-27690, and stopped on exit.
+# Counts include what instrumentation cannot see the cost of: an atomic
+# operation or a cache miss counts as one instruction, a memcpy done with
+# `rep movsb` as one per byte (so copies are reported apart as well).
+# Compare binaries with each other, not with wall-clock figures.
+# =============================================================================
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+: "${SECS:=5}" "${FLOOR:=1}"
+: "${SERVER_CPU:=0}" "${CLIENT_CPU:=1}"
+: "${SHARED:=$REPO/../shared}"
+RUN_DIR=/tmp/hyperion-instructions
+ORIGIN_PORT=27680 PROXY_PORT=27690
+
+die() { echo "instructions.sh: $*" >&2; exit 1; }
+for tool in valgrind callgrind_control callgrind_annotate wrk curl taskset; do
+  command -v "$tool" >/dev/null || die "$tool is missing — apt-get install -y valgrind wrk curl util-linux"
+done
+[ -d "$SHARED/bench/origin" ] || die "no bench origin at $SHARED/bench/origin (set SHARED=)"
+
+rm -rf "$RUN_DIR"; mkdir -p "$RUN_DIR"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+(cd "$SHARED/bench/origin" && cargo build --release --quiet)
+BINS=("$@")
+if [ ${#BINS[@]} -eq 0 ]; then
+  (cd "$REPO" && cargo build --release --quiet)
+  BINS=("$REPO/target/release/hyperion")
+fi
+if [ "$FLOOR" = 1 ]; then
+  (cd "$REPO/benches/load/hyper-floor" && cargo build --release --quiet)
+  BINS+=(floor)
+fi
+
+taskset -c "$SERVER_CPU" "$SHARED/bench/origin/target/release/bench-origin" \
+  --listen "127.0.0.1:$ORIGIN_PORT" --threads 1 >"$RUN_DIR/origin.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$ORIGIN_PORT/_count" && break; sleep 0.1; done
+curl -s "http://127.0.0.1:$ORIGIN_PORT/_delay?ms=0" >/dev/null
+
+cat >"$RUN_DIR/policy.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$PROXY_PORT"]
+access_log = "off"
+[upstreams.origin]
+servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
+[[route]]
+name = "all"
+upstream = "origin"
+EOF
+
+URL="http://127.0.0.1:$PROXY_PORT/static/1k"
+for bin in "${BINS[@]}"; do
+  out="$RUN_DIR/callgrind.$(basename "$bin").$$"
+  if [ "$bin" = floor ]; then
+    cmd=("$REPO/benches/load/hyper-floor/target/release/hyper-floor" "127.0.0.1:$PROXY_PORT" "127.0.0.1:$ORIGIN_PORT")
+  else
+    cmd=("$bin" --config "$RUN_DIR/policy.toml")
+  fi
+  taskset -c "$SERVER_CPU" valgrind --tool=callgrind --callgrind-out-file="$out" \
+    "${cmd[@]}" >"$RUN_DIR/valgrind.log" 2>&1 &
+  vg=$!; PIDS+=($vg)
+  up=0
+  for _ in $(seq 1 200); do curl -s -o /dev/null "$URL" && { up=1; break; }; sleep 0.2; done
+  [ $up = 1 ] || die "$bin does not answer under valgrind (see $RUN_DIR/valgrind.log)"
+  taskset -c "$CLIENT_CPU" wrk -t1 -c8 -d2s "$URL" >/dev/null   # warm-up: connections, pools
+  callgrind_control -z "$vg" >/dev/null 2>&1
+  curl -s "http://127.0.0.1:$ORIGIN_PORT/_reset" >/dev/null
+  taskset -c "$CLIENT_CPU" wrk -t1 -c8 -d"${SECS}s" "$URL" >"$RUN_DIR/wrk.log"
+  n=$(curl -s "http://127.0.0.1:$ORIGIN_PORT/_count" | sed 's/.*"total":\([0-9]*\).*/\1/')
+  callgrind_control -d "$vg" >/dev/null 2>&1
+  kill "$vg"; wait "$vg" 2>/dev/null || true
+  dump=$(ls -t "$out".* 2>/dev/null | head -1)
+  [ -n "$dump" ] && [ "$n" -gt 0 ] || die "no measurement for $bin"
+  ir=$(callgrind_annotate "$dump" | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
+  # Copies on their own: rep movsb counts a byte as an instruction, which
+  # weighs them far above what they cost a real CPU.
+  copy=$(callgrind_annotate --threshold=100 "$dump" 2>/dev/null \
+    | awk '/memmove-vec-unaligned-erms.S:__mem/ && !/=>/ && $1 ~ /^[0-9,]+$/ {gsub(",","",$1); s+=$1} END{print s+0}')
+  printf "%-32s %7d requests  %7d instructions/request, %6d of them memcpy, %6d without\n" \
+    "$(basename "$bin")" "$n" $(( ir / n )) $(( copy / n )) $(( (ir - copy) / n ))
+done
