@@ -75,11 +75,6 @@ impl ConnState {
         InflightGuard(self.clone())
     }
 
-    /// No request in flight: the only time a timeout can run.
-    pub fn is_idle(&self) -> bool {
-        self.inflight.load(Ordering::Acquire) == 0
-    }
-
     fn on_read(&self) {
         if self.inflight.load(Ordering::Acquire) == 0
             && !self.h2.load(Ordering::Relaxed)
@@ -108,9 +103,10 @@ impl ConnState {
 /// A connection's timer: fires when `header_read_timeout` or `idle_timeout`
 /// runs out, whichever applies at the moment.
 ///
-/// Polled by the connection's task while nothing is in flight. The deadline
-/// is worked out afresh on each poll (no clock reading: `ConnState` keeps
-/// the moments), and the sleep is moved earlier when a request head starts
+/// Polled by the connection's task on each wake-up: while a request is in
+/// flight it answers at once, touching no timer. The deadline is worked out
+/// afresh on each poll (no clock reading: `ConnState` keeps the moments),
+/// and the sleep is moved earlier when a request head starts
 /// arriving, so a head trickling in on a keep-alive connection is cut off
 /// after `header_read_timeout`, not after what was left of `idle_timeout`.
 /// A deadline that moved later is taken up when the sleep wakes.

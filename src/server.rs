@@ -254,10 +254,9 @@ where
         shared.idle_timeout,
     );
     let mut draining = false;
-    // The first poll registers this task with the tokens and the timer; after
-    // that each is looked at only when it can matter: the tokens once the
-    // worker is stopping, the timer while no request is in flight (the only
-    // time either timeout runs).
+    // The first poll registers this task with the tokens; after that they are
+    // looked at again only once the worker is stopping. The timer answers at
+    // once while a request is in flight.
     let mut registered = false;
     std::future::poll_fn(|cx| loop {
         if let Poll::Ready(res) = conn.as_mut().poll(cx) {
@@ -276,18 +275,16 @@ where
                 conn.as_mut().graceful_shutdown();
                 continue;
             }
-            if !registered || state.is_idle() {
-                match timer.poll_expired(cx) {
-                    Poll::Pending => {}
-                    Poll::Ready(ConnTimeout::Idle) => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                        continue;
-                    }
-                    Poll::Ready(ConnTimeout::HeaderRead) => {
-                        tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
-                        return Poll::Ready(());
-                    }
+            match timer.poll_expired(cx) {
+                Poll::Pending => {}
+                Poll::Ready(ConnTimeout::Idle) => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                    continue;
+                }
+                Poll::Ready(ConnTimeout::HeaderRead) => {
+                    tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
+                    return Poll::Ready(());
                 }
             }
         }

@@ -157,20 +157,19 @@ struct RequestLabels {
 /// FNV-1a: the label maps' keys are the policy's names and short fixed
 /// lists, never a client's bytes, so they need no flood-resistant hash, and
 /// SipHash three times per request was a visible cost.
-#[derive(Default)]
 struct LabelHasher(u64);
+
+impl Default for LabelHasher {
+    fn default() -> Self {
+        LabelHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
 
 impl Hasher for LabelHasher {
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
         for b in bytes {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
         }
-        self.0 = h;
     }
 
     fn finish(&self) -> u64 {

@@ -232,7 +232,8 @@ impl UpstreamPool {
     /// Sends `req` to the admitted server and waits for the response head,
     /// at most `response_timeout` an attempt. An attempt that fails before
     /// any response byte (connect error, connection reset; once sent, only
-    /// for an idempotent method) is tried again on another server, up to `retries` times, after a jittered back-off and
+    /// for an idempotent method) is tried again on another server, up to
+    /// `retries` times, after a jittered back-off and
     /// only within the pool's retry budget; a timed-out one is not (the
     /// server may still be working on it). Returns the response, the lease
     /// its body arrives on (holding the request's place at its server), and

@@ -116,9 +116,15 @@ async fn fleet(n: usize) -> Vec<Arc<FleetServer>> {
 }
 
 fn pool_policy(servers: &[Arc<FleetServer>], upstream_extra: &str, route_extra: &str) -> String {
-    let list: Vec<String> = servers
+    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    policy_for_urls(&urls, upstream_extra, route_extra)
+}
+
+/// One pool `up` of `urls` (in that order) behind one route `all`.
+fn policy_for_urls(urls: &[String], upstream_extra: &str, route_extra: &str) -> String {
+    let list: Vec<String> = urls
         .iter()
-        .map(|s| format!("{{ url = \"{}\" }}", s.url()))
+        .map(|u| format!("{{ url = \"{u}\" }}"))
         .collect();
     format!(
         "[upstreams.up]\nservers = [{}]\n{upstream_extra}\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n{route_extra}\n",
@@ -309,9 +315,10 @@ async fn closer() -> SocketAddr {
 async fn a_request_cut_off_before_any_answer_is_retried_on_another_server() {
     let good = FleetServer::start().await;
     let bad = closer().await;
-    let proxy = TestProxy::start(&format!(
-        "[upstreams.up]\nservers = [{{ url = \"http://{bad}\" }}, {{ url = \"{}\" }}]\nbalance = \"round_robin\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        good.url()
+    let proxy = TestProxy::start(&policy_for_urls(
+        &[format!("http://{bad}"), good.url()],
+        "balance = \"round_robin\"",
+        "",
     ))
     .await;
     // A GET (idempotent) can be sent again, so no client sees the cut.
@@ -325,9 +332,10 @@ async fn a_request_cut_off_before_any_answer_is_retried_on_another_server() {
 async fn a_post_the_server_may_have_acted_on_is_not_sent_again() {
     let good = FleetServer::start().await;
     let bad = closer().await;
-    let proxy = TestProxy::start(&format!(
-        "[upstreams.up]\nservers = [{{ url = \"http://{bad}\" }}, {{ url = \"{}\" }}]\nbalance = \"round_robin\"\nretries = 2\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        good.url()
+    let proxy = TestProxy::start(&policy_for_urls(
+        &[format!("http://{bad}"), good.url()],
+        "balance = \"round_robin\"\nretries = 2",
+        "",
     ))
     .await;
     // The server that read the POST and hung up may have started on it:
@@ -357,9 +365,10 @@ async fn a_post_that_never_reached_a_server_is_sent_to_another() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let proxy = TestProxy::start(&format!(
-        "[upstreams.up]\nservers = [{{ url = \"http://{refused}\" }}, {{ url = \"{}\" }}]\nbalance = \"round_robin\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        good.url()
+    let proxy = TestProxy::start(&policy_for_urls(
+        &[format!("http://{refused}"), good.url()],
+        "balance = \"round_robin\"",
+        "",
     ))
     .await;
     for _ in 0..4 {

@@ -1,20 +1,23 @@
 # shellcheck shell=bash
 # =============================================================================
 # common.sh — what the side-by-side load scripts (passthrough.sh,
-# compressed_hits.sh, limited_hits.sh, pool_passthrough.sh) share: checks,
+# compressed_hits.sh, limited_hits.sh, pool_passthrough.sh, instructions.sh)
+# share: checks,
 # the release builds, the bench origin and Hyperion on SERVER_CPU, process
 # cleanup, the
 # readings of wrk and /proc, and two routes measured round by round.
 #
 # Sourced after the script has set SCRIPT (its name, for messages), SHARED,
-# RUN_DIR, OUT, SERVER_CPU and ORIGIN_PORT. Leaves HYPERION, ORIGIN and
-# ORIGIN_PID set, RUN_DIR/nginx created, and every started process (PIDS)
-# stopped on exit.
+# RUN_DIR, OUT, SERVER_CPU and ORIGIN_PORT, and NEEDS if it needs other
+# tools than wrk, nginx, taskset and curl ("tool:debian-package ..."). Leaves
+# HYPERION, ORIGIN and ORIGIN_PID set, RUN_DIR/nginx created, and every
+# started process (PIDS) stopped on exit.
 # =============================================================================
 
 die() { echo "$SCRIPT: $*" >&2; exit 1; }
-for tool in wrk nginx taskset curl; do
-  command -v "$tool" >/dev/null || die "$tool is missing — apt-get install -y wrk nginx util-linux curl"
+: "${NEEDS:=wrk:wrk nginx:nginx taskset:util-linux curl:curl}"
+for need in $NEEDS; do
+  command -v "${need%%:*}" >/dev/null || die "${need%%:*} is missing — apt-get install -y ${need#*:}"
 done
 [ -d "$SHARED/bench/origin" ] || die "no bench origin at $SHARED/bench/origin (set SHARED=)"
 

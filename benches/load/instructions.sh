@@ -14,9 +14,10 @@
 # (callgrind_annotate reads them) to see where the instructions go.
 #
 # Usage: benches/load/instructions.sh [BIN ...]     (~20 s per binary)
-# Knobs: SECS (5) FLOOR (1) SHARED SERVER_CPU CLIENT_CPU
+# Knobs: SECS (5) FLOOR (1) SHARED SERVER_CPU CLIENT_CPU OUT
 # Needs: valgrind, wrk, curl, taskset (apt-get install -y valgrind wrk curl
 #        util-linux) and ../shared/bench/origin (built here if missing).
+# Output: a dated report in benches/runs/ (and the callgrind files in $RUN_DIR).
 # Every process is started here, on loopback ports 27680-27690, and stopped on exit.
 # Counts include what instrumentation cannot see the cost of: an atomic
 # operation or a cache miss counts as one instruction, a memcpy done with
@@ -29,36 +30,21 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${SECS:=5}" "${FLOOR:=1}"
 : "${SERVER_CPU:=0}" "${CLIENT_CPU:=1}"
 : "${SHARED:=$REPO/../shared}"
-RUN_DIR=/tmp/hyperion-instructions
+: "${RUN_DIR:=/tmp/hyperion-instructions}"
+: "${OUT:=$REPO/benches/runs/$(date +%Y-%m-%d)-instructions.txt}"
 ORIGIN_PORT=27680 PROXY_PORT=27690
 
-die() { echo "instructions.sh: $*" >&2; exit 1; }
-for tool in valgrind callgrind_control callgrind_annotate wrk curl taskset; do
-  command -v "$tool" >/dev/null || die "$tool is missing — apt-get install -y valgrind wrk curl util-linux"
-done
-[ -d "$SHARED/bench/origin" ] || die "no bench origin at $SHARED/bench/origin (set SHARED=)"
+SCRIPT=instructions.sh
+NEEDS="valgrind:valgrind callgrind_control:valgrind callgrind_annotate:valgrind wrk:wrk curl:curl taskset:util-linux"
+# shellcheck source=benches/load/common.sh
+source "$REPO/benches/load/common.sh"
 
-rm -rf "$RUN_DIR"; mkdir -p "$RUN_DIR"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-(cd "$SHARED/bench/origin" && cargo build --release --quiet)
 BINS=("$@")
-if [ ${#BINS[@]} -eq 0 ]; then
-  (cd "$REPO" && cargo build --release --quiet)
-  BINS=("$REPO/target/release/hyperion")
-fi
+[ ${#BINS[@]} -gt 0 ] || BINS=("$HYPERION")
 if [ "$FLOOR" = 1 ]; then
   (cd "$REPO/benches/load/hyper-floor" && cargo build --release --quiet)
   BINS+=(floor)
 fi
-
-taskset -c "$SERVER_CPU" "$SHARED/bench/origin/target/release/bench-origin" \
-  --listen "127.0.0.1:$ORIGIN_PORT" --threads 1 >"$RUN_DIR/origin.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$ORIGIN_PORT/_count" && break; sleep 0.1; done
-curl -s "http://127.0.0.1:$ORIGIN_PORT/_delay?ms=0" >/dev/null
 
 cat >"$RUN_DIR/policy.toml" <<EOF
 [server]
@@ -72,6 +58,11 @@ upstream = "origin"
 EOF
 
 URL="http://127.0.0.1:$PROXY_PORT/static/1k"
+# Not a `{ …; } | tee` around the loop: that subshell's PIDS would escape cleanup.
+{
+  echo "# instructions per pass-through request (callgrind) — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "# command: benches/load/instructions.sh (SECS=$SECS); hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); GET /static/1k, wrk -t1 -c8"
+} | tee "$OUT"
 for bin in "${BINS[@]}"; do
   out="$RUN_DIR/callgrind.$(basename "$bin").$$"
   if [ "$bin" = floor ]; then
@@ -100,5 +91,6 @@ for bin in "${BINS[@]}"; do
   copy=$(callgrind_annotate --threshold=100 "$dump" 2>/dev/null \
     | awk '/memmove-vec-unaligned-erms.S:__mem/ && !/=>/ && $1 ~ /^[0-9,]+$/ {gsub(",","",$1); s+=$1} END{print s+0}')
   printf "%-32s %7d requests  %7d instructions/request, %6d of them memcpy, %6d without\n" \
-    "$(basename "$bin")" "$n" $(( ir / n )) $(( copy / n )) $(( (ir - copy) / n ))
+    "$(basename "$bin")" "$n" $(( ir / n )) $(( copy / n )) $(( (ir - copy) / n )) | tee -a "$OUT"
 done
+echo "report: $OUT"
