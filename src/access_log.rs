@@ -115,6 +115,12 @@ impl AccessLog {
         }
     }
 
+    /// Whether lines are written (`access_log` is not `off`): what only a
+    /// line shows (user agent, referer) is not collected otherwise.
+    pub fn writes_lines(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// Records a finished request: the access-log line, and a WARN when slow.
     pub fn finish(&self, rec: &AccessRecord, bytes: u64, outcome: BodyOutcome) {
         let elapsed = rec.started.elapsed();

@@ -136,6 +136,8 @@ impl Proxy {
         let trusted = &self.policy.server.trusted_proxies;
         // Per request, not per connection: a reload may change the list.
         let peer_trusted = headers::is_trusted(conn.peer, trusted);
+        let lines = self.log.writes_lines();
+        let line_field = |name| lines.then(|| req.headers().get(name).cloned()).flatten();
         let rec = AccessRecord {
             started: Instant::now(),
             client: headers::client_ip(conn.peer, peer_trusted, req.headers(), trusted),
@@ -147,8 +149,8 @@ impl Proxy {
             upstream: None,
             request_id: request_id.clone(),
             cache: "-",
-            user_agent: req.headers().get(header::USER_AGENT).cloned(),
-            referer: req.headers().get(header::REFERER).cloned(),
+            user_agent: line_field(header::USER_AGENT),
+            referer: line_field(header::REFERER),
             error: None,
         };
         // If the client leaves before a response exists, hyper drops this

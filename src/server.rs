@@ -1,5 +1,6 @@
-//! Listening and connections: the accept loops, hyper-util's auto builder
-//! (HTTP/1.1 and h2c), client timeouts, and the graceful drain on shutdown.
+//! Listening and connections: the accept loops, which protocol a connection
+//! speaks (HTTP/1.1, h2c, or HTTP/2 by ALPN), client timeouts, and the
+//! graceful drain on shutdown.
 //!
 //! Owns the life of a connection, not what happens to a request on it
 //! (`handler.rs`). Shutdown: stop accepting, ask every connection to finish its
@@ -9,12 +10,13 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -22,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::body::BoxError;
 use crate::conn::{ActivityIo, ConnState, ConnTimeout, ConnTimer};
 use crate::generation::LiveProxy;
 use crate::handler::ConnInfo;
@@ -31,7 +34,7 @@ use crate::policy::ServerPolicy;
 struct Shared {
     /// Read once per request: a reload swaps it.
     proxy: Arc<LiveProxy>,
-    builder: auto::Builder<TokioExecutor>,
+    builders: Builders,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     stop_accepting: CancellationToken,
@@ -79,7 +82,7 @@ pub async fn serve_on(
 ) {
     let policy: ServerPolicy = proxy.load().policy().server.clone();
     let shared = Arc::new(Shared {
-        builder: connection_builder(&policy),
+        builders: Builders::new(&policy),
         header_read_timeout: policy.header_read_timeout,
         idle_timeout: policy.idle_timeout,
         stop_accepting: CancellationToken::new(),
@@ -124,23 +127,80 @@ pub async fn serve_on(
     tracing::debug!("worker drained");
 }
 
-fn connection_builder(policy: &ServerPolicy) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Heads up to twice the limit are read so `handler` can answer an oversized
-    // head with a JSON 431; beyond that hyper refuses it (bare 431) before
-    // buffering more. hyper's own header timer is off: see `conn.rs`.
-    let head_buffer = (policy.max_header_size * 2).max(8192);
-    builder
-        .http1()
-        .keep_alive(true)
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(head_buffer);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(head_buffer as u32);
-    builder
+/// How connections are served, one builder per way of telling the protocol.
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    /// For a connection whose first bytes could not tell (a client sending
+    /// the start of the HTTP/2 preface in pieces): hyper-util reads them
+    /// and replays them to the protocol it picks. Not the usual way: its
+    /// replaying wrapper sits under every later read of the connection.
+    auto: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(policy: &ServerPolicy) -> Self {
+        // Heads up to twice the limit are read so `handler` can answer an
+        // oversized head with a JSON 431; beyond that hyper refuses it (bare
+        // 431) before buffering more. hyper's own header timer is off: see
+        // `conn.rs`.
+        let head_buffer = (policy.max_header_size * 2).max(8192);
+        let mut http1 = http1::Builder::new();
+        http1
+            .keep_alive(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(head_buffer);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(head_buffer as u32);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .keep_alive(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(head_buffer);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(head_buffer as u32);
+        Builders { http1, http2, auto }
+    }
+}
+
+/// The protocol a connection speaks, as far as its start tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// Not known yet: the first bytes are a part of the HTTP/2 preface.
+    Unsure,
+}
+
+/// RFC 9113 §3.4: what an h2c client with prior knowledge sends first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a cleartext connection speaks, from a peek at its first bytes
+/// (left in the socket for hyper). `None` when it closed without a byte.
+/// An HTTP/1 request differs from the preface by its second byte at the
+/// latest, so one peek almost always tells.
+async fn sniff(stream: &TcpStream) -> std::io::Result<Option<Protocol>> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = stream.peek(&mut first).await?;
+    Ok(match n {
+        0 => None,
+        n if first[..n] != H2_PREFACE[..n] => Some(Protocol::Http1),
+        n if n == H2_PREFACE.len() => Some(Protocol::Http2),
+        _ => Some(Protocol::Unsure),
+    })
+}
+
+/// A connection being served, whichever way it was told. Boxed once per
+/// connection so the task can hold any of them.
+enum Serving<A, B, C> {
+    Http1(Pin<Box<A>>),
+    Http2(Pin<Box<B>>),
+    Auto(Pin<Box<C>>),
 }
 
 async fn accept_loop(listener: TcpListener, transport: Transport, shared: Arc<Shared>) {
@@ -158,7 +218,7 @@ async fn accept_loop(listener: TcpListener, transport: Transport, shared: Arc<Sh
                     Transport::Plain => {
                         shared
                             .tasks
-                            .spawn(serve_connection(stream, peer, "http", shared.clone()))
+                            .spawn(serve_plain(stream, peer, shared.clone()))
                     }
                     Transport::Tls => shared.tasks.spawn(serve_tls(stream, peer, shared.clone())),
                 };
@@ -217,14 +277,52 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         },
         _ = shared.stop_accepting.cancelled() => return,
     };
-    serve_connection(tls, peer, "https", shared).await;
+    // RFC 9113 §3.3: HTTP/2 over TLS is agreed by ALPN. Without ALPN the
+    // first bytes tell, as in cleartext.
+    let protocol = match tls.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        Some(_) => Protocol::Http1,
+        None => Protocol::Unsure,
+    };
+    let state = Arc::new(ConnState::new());
+    serve_connection(tls, peer, "https", protocol, state, shared).await;
 }
 
-async fn serve_connection<S>(stream: S, peer: SocketAddr, proto: &'static str, shared: Arc<Shared>)
-where
+/// A cleartext connection: its first bytes say whether it is h2c, within
+/// `header_read_timeout` like a request head.
+async fn serve_plain(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    // Made before the peek: the header timeout counts from the connection's
+    // start, whatever the peek took.
+    let state = Arc::new(ConnState::new());
+    let sniffed = tokio::select! {
+        res = tokio::time::timeout(shared.header_read_timeout, sniff(&stream)) => res,
+        _ = shared.stop_accepting.cancelled() => return,
+    };
+    let protocol = match sniffed {
+        Ok(Ok(Some(p))) => p,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "connection ended: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "closing connection: no request within header_read_timeout");
+            return;
+        }
+    };
+    serve_connection(stream, peer, "http", protocol, state, shared).await;
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    proto: &'static str,
+    protocol: Protocol,
+    state: Arc<ConnState>,
+    shared: Arc<Shared>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let state = Arc::new(ConnState::new());
     let io = TokioIo::new(ActivityIo::new(stream, state.clone()));
     let peer_ip = peer.ip().to_canonical();
     let info = Arc::new(ConnInfo {
@@ -244,8 +342,16 @@ where
         // returns into place: boxed on its first poll, only a pointer moves.
         async move { Ok::<_, Infallible>(Box::pin(proxy.handle(req, &info)).await) }
     });
-    let conn = shared.builder.serve_connection_with_upgrades(io, service);
-    let mut conn = pin!(conn);
+    let builders = &shared.builders;
+    let mut conn = match protocol {
+        Protocol::Http1 => Serving::Http1(Box::pin(
+            builders.http1.serve_connection(io, service).with_upgrades(),
+        )),
+        Protocol::Http2 => Serving::Http2(Box::pin(builders.http2.serve_connection(io, service))),
+        Protocol::Unsure => Serving::Auto(Box::pin(
+            builders.auto.serve_connection_with_upgrades(io, service),
+        )),
+    };
     let mut stop = pin!(shared.stop_accepting.cancelled());
     let mut force = pin!(shared.force_close.cancelled());
     let mut timer = ConnTimer::new(
@@ -253,13 +359,28 @@ where
         shared.header_read_timeout,
         shared.idle_timeout,
     );
+    // hyper's connection types share no trait for this.
+    macro_rules! graceful_shutdown {
+        () => {
+            match &mut conn {
+                Serving::Http1(c) => c.as_mut().graceful_shutdown(),
+                Serving::Http2(c) => c.as_mut().graceful_shutdown(),
+                Serving::Auto(c) => c.as_mut().graceful_shutdown(),
+            }
+        };
+    }
     let mut draining = false;
     // The first poll registers this task with the tokens; after that they are
     // looked at again only once the worker is stopping. The timer answers at
     // once while a request is in flight.
     let mut registered = false;
     std::future::poll_fn(|cx| loop {
-        if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+        let ended = match &mut conn {
+            Serving::Http1(c) => c.as_mut().poll(cx).map_err(BoxError::from),
+            Serving::Http2(c) => c.as_mut().poll(cx).map_err(BoxError::from),
+            Serving::Auto(c) => c.as_mut().poll(cx),
+        };
+        if let Poll::Ready(res) = ended {
             if let Err(e) = res {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
@@ -272,14 +393,14 @@ where
         if !draining {
             if stopping && stop.as_mut().poll(cx).is_ready() {
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                graceful_shutdown!();
                 continue;
             }
             match timer.poll_expired(cx) {
                 Poll::Pending => {}
                 Poll::Ready(ConnTimeout::Idle) => {
                     draining = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown!();
                     continue;
                 }
                 Poll::Ready(ConnTimeout::HeaderRead) => {

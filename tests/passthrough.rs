@@ -307,6 +307,43 @@ async fn h2c_clients_are_served() {
     );
 }
 
+/// A connection's first bytes say which protocol it speaks; when they arrive
+/// in pieces that could still be either, the proxy waits for more rather
+/// than guessing.
+#[tokio::test]
+async fn a_connection_whose_first_bytes_arrive_in_pieces_is_still_told_right() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::to(&up.url(), "").await;
+    let pause = std::time::Duration::from_millis(50);
+
+    // HTTP/2 prior knowledge, the preface split inside "PRI * HTTP/2.0".
+    let mut h2 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    h2.write_all(b"PRI * HT").await.unwrap();
+    tokio::time::sleep(pause).await;
+    h2.write_all(b"TP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    h2.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(PATIENCE, h2.read_exact(&mut frame))
+        .await
+        .expect("an answer in time")
+        .expect("a frame header");
+    assert_eq!(frame[3], 4, "the server's first frame is its SETTINGS");
+
+    // An HTTP/1.1 POST whose first byte is also the preface's.
+    let mut h1 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    h1.write_all(b"P").await.unwrap();
+    tokio::time::sleep(pause).await;
+    h1.write_all(b"OST /split HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let head = read_head(&mut h1).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(up.count(), 1);
+    assert_eq!(up.last().uri.path(), "/split");
+}
+
 #[tokio::test]
 async fn access_log_has_one_line_per_request() {
     let up = Upstream::echo().await;
