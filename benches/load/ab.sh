@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# =============================================================================
+# ab.sh — two Hyperion binaries side by side on the pass-through path: which
+# one is faster, by how much, measured in one run on the same origin.
+#
+# Each binary listens on its own port with the same policy (one route to the
+# bench origin, access log off) and runs on SERVER_CPU with the origin; wrk
+# runs on CLIENT_CPU. Every round measures A then B, or B then A (alternating,
+# so a drift of the machine weighs on both), GET /static/1k, wrk -t1
+# -c$CONNS for DURATION seconds after a 2 s warm-up. The report gives medians
+# and the per-round B/A ratio, the steadier reading on a shared machine, with
+# each binary's user and system CPU per request from /proc.
+#
+# Usage: benches/load/ab.sh BIN_A BIN_B      (ROUNDS=8, ~2 min)
+#        e.g. git stash; cargo build --release; cp target/release/hyperion /tmp/a
+#             git stash pop; cargo build --release; benches/load/ab.sh /tmp/a target/release/hyperion
+# Knobs: ROUNDS DURATION CONNS PATHQ SERVER_CPU CLIENT_CPU SHARED OUT
+# Needs: wrk, taskset, curl and ../shared/bench/origin (built here if missing).
+# Output: a dated report in benches/runs/ (raw wrk logs in $RUN_DIR).
+# Every process is started here, on loopback ports 27780-27792, and stopped on exit.
+# =============================================================================
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+[ $# -eq 2 ] || { echo "usage: benches/load/ab.sh BIN_A BIN_B" >&2; exit 2; }
+BIN_A=$(realpath "$1") BIN_B=$(realpath "$2")
+: "${ROUNDS:=8}" "${DURATION:=5}" "${CONNS:=64}" "${PATHQ:=/static/1k}"
+: "${SERVER_CPU:=0}" "${CLIENT_CPU:=1}"
+: "${SHARED:=$REPO/../shared}"
+: "${RUN_DIR:=/tmp/hyperion-ab}"
+: "${OUT:=$REPO/benches/runs/$(date +%Y-%m-%d)-ab.txt}"
+ORIGIN_PORT=27780 PORT_A=27791 PORT_B=27792
+
+SCRIPT=ab.sh
+NEEDS="wrk:wrk taskset:util-linux curl:curl"
+# shellcheck source=benches/load/common.sh
+source "$REPO/benches/load/common.sh"
+
+start() { # name binary port → pid on stdout
+  cat >"$RUN_DIR/$1.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$3"]
+access_log = "off"
+[upstreams.origin]
+servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
+[[route]]
+name = "all"
+upstream = "origin"
+EOF
+  "$2" check --config "$RUN_DIR/$1.toml" >/dev/null
+  taskset -c "$SERVER_CPU" "$2" --config "$RUN_DIR/$1.toml" >"$RUN_DIR/$1.log" 2>&1 &
+  echo $!
+}
+PID_A=$(start a "$BIN_A" $PORT_A); PIDS+=("$PID_A")
+PID_B=$(start b "$BIN_B" $PORT_B); PIDS+=("$PID_B")
+wait_port $PORT_A; wait_port $PORT_B
+
+# user and system clock ticks of one process: "utime stime"
+ticks() { local f; f=$(cat "/proc/$1/stat"); f=${f##*) }; set -- $f; echo "${12} ${13}"; }
+hz=$(getconf CLK_TCK)
+RESULTS="$RUN_DIR/results.tsv"
+printf "round\tbin\trps\tuser_us\tsys_us\n" >"$RESULTS"
+order=(a b)
+for round in $(seq 1 "$ROUNDS"); do
+  for w in "${order[@]}"; do
+    if [ "$w" = a ]; then pid=$PID_A port=$PORT_A; else pid=$PID_B port=$PORT_B; fi
+    url="http://127.0.0.1:$port$PATHQ"
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null 2>&1
+    read -r u0 s0 < <(ticks "$pid")
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$url" >"$RUN_DIR/$round-$w.txt" 2>&1
+    read -r u1 s1 < <(ticks "$pid")
+    reqs=$(awk '/requests in/{print $1}' "$RUN_DIR/$round-$w.txt")
+    rps=$(awk '/^Requests\/sec/{print $2}' "$RUN_DIR/$round-$w.txt")
+    if grep -q "Non-2xx\|Socket errors" "$RUN_DIR/$round-$w.txt"; then
+      echo "  warning: $w: $(grep -h "Non-2xx\|Socket errors" "$RUN_DIR/$round-$w.txt")" >&2
+    fi
+    read -r uu su < <(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$hz" -v n="$reqs" 'BEGIN{printf "%.2f %.2f\n", u/hz*1e6/n, s/hz*1e6/n}')
+    printf "%s\t%s\t%s\t%s\t%s\n" "$round" "$w" "$rps" "$uu" "$su" >>"$RESULTS"
+    printf "  round %s %s %10s req/s  user %5s sys %5s µs/req\n" "$round" "$w" "$rps" "$uu" "$su"
+  done
+  order=("${order[1]}" "${order[0]}")
+done
+
+{
+  echo "# A/B of two Hyperion binaries, pass-through GET $PATHQ — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "# command: benches/load/ab.sh A B (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS)"
+  echo "# A: $BIN_A ($(sha256sum "$BIN_A" | cut -c1-12))"
+  echo "# B: $BIN_B ($(sha256sum "$BIN_B" | cut -c1-12))"
+  echo "# machine: $(nproc) cores; proxies and origin on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU; medians [min..max]"
+  echo
+  awk -F'\t' "$AWK_STATS"'
+    NR>1 { rps[$2]=rps[$2]" "$3; u[$2]=u[$2]" "$4; s[$2]=s[$2]" "$5; r[$1,$2]=$3; uu[$1,$2]=$4; if ($1>n) n=$1 }
+    END {
+      for (k in rps) printf "%s %10.0f req/s [%6.0f..%6.0f]  user %5.2f  sys %5.2f µs/req\n", k, med(rps[k]), mn(rps[k]), mx(rps[k]), med(u[k]), med(s[k])
+      for (i=1;i<=n;i++) { ratio=ratio" "r[i,"b"]/r[i,"a"]; du=du" "uu[i,"b"]-uu[i,"a"] }
+      printf "  → B/A throughput %.3f× (medians); per round %.3f× [%.3f..%.3f]; user µs/request %+.2f (per round %+.2f)\n", med(rps["b"])/med(rps["a"]), med(ratio), mn(ratio), mx(ratio), med(u["b"])-med(u["a"]), med(du)
+    }' "$RESULTS"
+} | tee "$OUT"
+echo "report: $OUT"
