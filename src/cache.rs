@@ -463,7 +463,7 @@ impl Cache {
             Some(s) => Some(s),
             // Boxed: inline, every lookup's future would carry (and copy)
             // the shared tier's, hits included.
-            None if shared => Box::pin(self.promote(key)).await,
+            None if shared => boxed_in_place!(self.promote(key)).await,
             None => None,
         }
     }

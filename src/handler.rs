@@ -382,7 +382,7 @@ impl Proxy {
                 // The cache's futures are boxed where they are awaited: inline,
                 // their size would be carried (and copied) by every request's
                 // future, pass-through ones included.
-                match Box::pin(self.cache.before(policy, query, joins_left > 0)).await {
+                match boxed_in_place!(self.cache.before(policy, query, joins_left > 0)).await {
                     Before::Serve(resp, status, None) => {
                         rec.cache = status.as_str();
                         if let Some(at) = arrived {
@@ -404,7 +404,7 @@ impl Proxy {
                     }
                     Before::Follow(follow) => {
                         joins_left -= 1;
-                        match Box::pin(follow.wait(req.headers())).await {
+                        match boxed_in_place!(follow.wait(req.headers())).await {
                             Followed::Serve(resp, status) => {
                                 rec.cache = status.as_str();
                                 if arrived.is_some() {
@@ -580,7 +580,7 @@ impl Proxy {
                 ex.refresh(send);
                 return Ok(stale);
             }
-            let (resp, status) = Box::pin(ex.lead(send)).await?;
+            let (resp, status) = boxed_in_place!(ex.lead(send)).await?;
             rec.cache = status.as_str();
             return Ok(resp);
         }
@@ -640,7 +640,7 @@ impl Proxy {
         let resp = client_response(resp, lease, pool.policy.idle_timeout);
         match exchange {
             Some(ex) => {
-                let (resp, status) = Box::pin(ex.respond(resp)).await;
+                let (resp, status) = boxed_in_place!(ex.respond(resp)).await;
                 rec.cache = status.as_str();
                 Ok(resp)
             }

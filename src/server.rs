@@ -339,15 +339,9 @@ async fn serve_connection<S>(
         let proxy = live.load_full();
         let info = info.clone();
         // The request's future is large (~9 KB) and hyper moves what this
-        // returns into place: boxed on its first poll, only a pointer moves.
-        async move {
-            // The box exists before the future is made, so the compiler
-            // builds it there; `Box::pin(handle(..))` built it on the stack
-            // and copied all 9 KB over, every request.
-            let slot = Box::new_uninit();
-            let handling = Box::into_pin(Box::write(slot, proxy.handle(req, &info)));
-            Ok::<_, Infallible>(handling.await)
-        }
+        // returns into place: boxed on its first poll, only a pointer moves
+        // (and built in its box, not copied there).
+        async move { Ok::<_, Infallible>(boxed_in_place!(proxy.handle(req, &info)).await) }
     });
     let builders = &shared.builders;
     let mut conn = match protocol {

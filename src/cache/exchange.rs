@@ -171,7 +171,7 @@ impl Cache {
         let stale = stored.as_ref().filter(|e| !e.is_fresh(Instant::now()));
         if let Some(stale) = stale.filter(|_| self.shared.is_some()) {
             // Another instance may have refreshed it already.
-            if let Some(newer) = Box::pin(self.newer_shared(&key, q.headers, stale)).await {
+            if let Some(newer) = boxed_in_place!(self.newer_shared(&key, q.headers, stale)).await {
                 stored = Some(newer);
             }
         }
@@ -205,7 +205,7 @@ impl Cache {
             // leaves the refresh to the claimant.
             if let (Some(l), Some(shared)) = (&lead, &self.shared) {
                 let hold = policy.coalesce_timeout.max(SHARED_REFRESH_HOLD);
-                match Box::pin(shared.claim(&key, hold)).await {
+                match boxed_in_place!(shared.claim(&key, hold)).await {
                     Some(claim) => l.hold_fleet_lock(claim),
                     None if shared.tier.is_up() => lead = None,
                     None => {}
@@ -246,7 +246,7 @@ impl Cache {
                     return served;
                 }
                 if self.shared.is_some() {
-                    let fleet = Box::pin(self.lead_fleet(&key, &lead, policy, &client, &q));
+                    let fleet = boxed_in_place!(self.lead_fleet(&key, &lead, policy, &client, &q));
                     if let Some(served) = fleet.await {
                         return served;
                     }

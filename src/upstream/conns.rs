@@ -261,7 +261,7 @@ impl ServerConns {
         // Boxed: connecting (TCP, TLS, the HTTP handshake) is a large future
         // that every request's future would otherwise carry, and copy, for
         // the rare request that needs a new connection.
-        Ok(self.lease(Box::pin(self.connect()).await?))
+        Ok(self.lease(boxed_in_place!(self.connect()).await?))
     }
 
     /// One GET of `path` on this server, its answer read whole (at most
