@@ -42,6 +42,52 @@ PIDS+=($!); ORIGIN_PID=$!
 wait_port "$ORIGIN_PORT"
 curl -s "http://127.0.0.1:$ORIGIN_PORT/_delay?ms=0" >/dev/null
 
+# Writes RUN_DIR/nginx/nginx.conf: nginx as the pass-through to compare with,
+# listening on port $1, to the origin on ORIGIN_PORT, adding the headers
+# Hyperion adds by default. $2 non-empty: one process, no master (to run
+# under valgrind).
+write_nginx_passthrough() {
+  cat >"$RUN_DIR/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;${2:+
+master_process off;}
+pid $RUN_DIR/nginx/nginx.pid;
+error_log $RUN_DIR/nginx/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_timeout 65s;
+  keepalive_requests 1000000;
+  client_body_temp_path $RUN_DIR/nginx/body;
+  proxy_temp_path $RUN_DIR/nginx/proxy;
+  fastcgi_temp_path $RUN_DIR/nginx/fastcgi;
+  uwsgi_temp_path $RUN_DIR/nginx/uwsgi;
+  scgi_temp_path $RUN_DIR/nginx/scgi;
+  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 64; keepalive_requests 1000000; }
+  # The same headers Hyperion adds by default: a request id (kept from the
+  # client or made up) both ways, X-Forwarded-*, and Via.
+  map \$http_x_request_id \$rid { "" \$request_id; default \$http_x_request_id; }
+  server {
+    listen 127.0.0.1:$1 backlog=4096;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header Via "1.1 nginx";
+      proxy_set_header X-Request-Id \$rid;
+      add_header X-Request-Id \$rid always;
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }
+  }
+}
+EOF
+}
+
 # Starts Hyperion on SERVER_CPU with the policy on stdin after a [server]
 # table of its own (HYPERION_PORT, access log off), checked first so a bad
 # policy is its own error; sets HYPERION_PID once it answers.

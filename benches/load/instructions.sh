@@ -9,14 +9,15 @@
 # `valgrind --tool=callgrind` with one route to the bench origin; after a
 # warm-up the counters are zeroed, `wrk -c8` sends GET /static/1k for SECS
 # seconds, and the instructions of that window are divided by the requests
-# the origin counted. hyper-floor (benches/load/hyper-floor) is measured as
-# the reference unless FLOOR=0. The callgrind files are kept in RUN_DIR
+# the origin counted. hyper-floor (benches/load/hyper-floor) and nginx (the
+# pass-through of passthrough.sh, one process) are measured as references
+# unless FLOOR=0 or NGINX=0. The callgrind files are kept in RUN_DIR
 # (callgrind_annotate reads them) to see where the instructions go.
 #
 # Usage: benches/load/instructions.sh [BIN ...]     (~20 s per binary)
-# Knobs: SECS (5) FLOOR (1) SHARED SERVER_CPU CLIENT_CPU OUT
-# Needs: valgrind, wrk, curl, taskset (apt-get install -y valgrind wrk curl
-#        util-linux) and ../shared/bench/origin (built here if missing).
+# Knobs: SECS (5) FLOOR (1) NGINX (1) SHARED SERVER_CPU CLIENT_CPU OUT
+# Needs: valgrind, wrk, curl, taskset, nginx (apt-get install -y valgrind wrk
+#        curl util-linux nginx) and ../shared/bench/origin (built here if missing).
 # Output: a dated report in benches/runs/ (and the callgrind files in $RUN_DIR).
 # Every process is started here, on loopback ports 27680-27690, and stopped on exit.
 # Counts include what instrumentation cannot see the cost of: an atomic
@@ -27,7 +28,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-: "${SECS:=5}" "${FLOOR:=1}"
+: "${SECS:=5}" "${FLOOR:=1}" "${NGINX:=1}"
 : "${SERVER_CPU:=0}" "${CLIENT_CPU:=1}"
 : "${SHARED:=$REPO/../shared}"
 : "${RUN_DIR:=/tmp/hyperion-instructions}"
@@ -44,6 +45,11 @@ BINS=("$@")
 if [ "$FLOOR" = 1 ]; then
   (cd "$REPO/benches/load/hyper-floor" && cargo build --release --quiet)
   BINS+=(floor)
+fi
+if [ "$NGINX" = 1 ]; then
+  command -v nginx >/dev/null || die "nginx is missing — apt-get install -y nginx (or NGINX=0)"
+  write_nginx_passthrough "$PROXY_PORT" one-process
+  BINS+=(nginx)
 fi
 
 cat >"$RUN_DIR/policy.toml" <<EOF
@@ -67,6 +73,8 @@ for bin in "${BINS[@]}"; do
   out="$RUN_DIR/callgrind.$(basename "$bin").$$"
   if [ "$bin" = floor ]; then
     cmd=("$REPO/benches/load/hyper-floor/target/release/hyper-floor" "127.0.0.1:$PROXY_PORT" "127.0.0.1:$ORIGIN_PORT")
+  elif [ "$bin" = nginx ]; then
+    cmd=(nginx -e "$RUN_DIR/nginx/error.log" -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf")
   else
     cmd=("$bin" --config "$RUN_DIR/policy.toml")
   fi

@@ -42,44 +42,7 @@ SCRIPT=passthrough.sh
 # shellcheck source=benches/load/common.sh
 source "$REPO/benches/load/common.sh"
 
-cat >"$RUN_DIR/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $RUN_DIR/nginx/nginx.pid;
-error_log $RUN_DIR/nginx/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_timeout 65s;
-  keepalive_requests 1000000;
-  client_body_temp_path $RUN_DIR/nginx/body;
-  proxy_temp_path $RUN_DIR/nginx/proxy;
-  fastcgi_temp_path $RUN_DIR/nginx/fastcgi;
-  uwsgi_temp_path $RUN_DIR/nginx/uwsgi;
-  scgi_temp_path $RUN_DIR/nginx/scgi;
-  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 64; keepalive_requests 1000000; }
-  # The same headers Hyperion adds by default: a request id (kept from the
-  # client or made up) both ways, X-Forwarded-*, and Via.
-  map \$http_x_request_id \$rid { "" \$request_id; default \$http_x_request_id; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT backlog=4096;
-    location / {
-      proxy_pass http://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-      proxy_set_header Via "1.1 nginx";
-      proxy_set_header X-Request-Id \$rid;
-      add_header X-Request-Id \$rid always;
-      proxy_buffering off;
-      proxy_request_buffering off;
-    }
-  }
-}
-EOF
+write_nginx_passthrough "$NGINX_PORT"
 taskset -c "$SERVER_CPU" nginx -e "$RUN_DIR/nginx/error.log" -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf" >"$RUN_DIR/nginx.log" 2>&1 &
 PIDS+=($!); NGINX_PID=$!
 wait_port $NGINX_PORT
