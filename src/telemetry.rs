@@ -4,7 +4,8 @@
 //! Two kinds, so the request path pays little:
 //! - counted as requests pass (`request_finished`, `upstream_answered`,
 //!   `rate_limited`, `queued`): handles fetched once per label set and
-//!   worker thread, then an atomic add;
+//!   worker thread, then an atomic add; durations go to fixed-bucket
+//!   histograms of our own (`seconds`), rendered after the recorder's text;
 //! - read at scrape time from the state that counts them anyway (cache
 //!   statistics, server states, reloads): `render` copies them in.
 //!
@@ -15,23 +16,22 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::OnceLock;
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use http::Method;
-use metrics::{counter, gauge, histogram, Counter, Histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{counter, gauge, Counter};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::generation::{Generation, Reloader};
 
-/// Latency buckets, in seconds: a cache hit's tens of microseconds up to a
-/// generation's minutes.
-const SECONDS_BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-    30.0, 120.0,
-];
+mod seconds;
+pub use seconds::SecondsHistogram;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The duration histograms, beside the recorder's metrics.
+static SECONDS: LazyLock<seconds::Registry> = LazyLock::new(seconds::Registry::default);
 
 /// Installs the process's recorder (once; later calls return the same
 /// handle). `None` when another recorder is installed already.
@@ -39,10 +39,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
     if let Some(h) = HANDLE.get() {
         return Some(h);
     }
-    let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
-        .expect("the buckets are not empty")
-        .build_recorder();
+    let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     // Failing means another install won the race: theirs stands.
     if metrics::set_global_recorder(recorder).is_ok() {
@@ -52,9 +49,9 @@ pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE.get()
 }
 
-/// Folds recorded histogram samples into their buckets every few seconds,
-/// so they do not pile up between scrapes (or when nobody scrapes). Runs
-/// for the life of the process, on the operations thread.
+/// The recorder's housekeeping every few seconds (it has no histograms of
+/// ours to fold, but keeps its own state tidy). Runs for the life of the
+/// process, on the operations thread.
 pub async fn upkeep() {
     let Some(handle) = HANDLE.get() else { return };
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -79,9 +76,10 @@ pub async fn render(reloader: &Reloader) -> Option<String> {
     counter!("hyperion_reloads_total", "outcome" => "error")
         .absolute(reloader.failed.load(std::sync::atomic::Ordering::Relaxed));
     gauge!("hyperion_policy_generation").set(generation.number as f64);
-    // Histograms keep their samples until upkeep folds them in.
     handle.run_upkeep();
-    Some(handle.render())
+    let mut text = handle.render();
+    SECONDS.render(&mut text);
+    Some(text)
 }
 
 async fn scrape_cache(generation: &Generation) {
@@ -183,7 +181,7 @@ thread_local! {
     /// This worker's handles: a request's metrics take no lock and
     /// touch no cache line another worker writes, beyond the counters.
     static REQUESTS: RefCell<LabelMap<RequestLabels, Counter>> = RefCell::default();
-    static DURATIONS: RefCell<LabelMap<u64, Histogram>> = RefCell::default();
+    static DURATIONS: RefCell<LabelMap<u64, Arc<SecondsHistogram>>> = RefCell::default();
 }
 
 /// A request has ended (its body sent, or given up): counted by route,
@@ -224,16 +222,16 @@ pub fn request_finished(
     DURATIONS.with_borrow_mut(|map| {
         map.entry(route_hash)
             .or_insert_with(|| {
-                histogram!("hyperion_request_duration_seconds", "route" => route_name.to_owned())
+                SECONDS.get("hyperion_request_duration_seconds", "route", route_name)
             })
-            .record(took.as_secs_f64())
+            .record(took)
     });
 }
 
 /// The histogram of one pool's time to a response head, for its
 /// `UpstreamPool` to keep.
-pub fn upstream_latency(upstream: &str) -> Histogram {
-    histogram!("hyperion_upstream_duration_seconds", "upstream" => upstream.to_owned())
+pub fn upstream_latency(upstream: &str) -> Arc<SecondsHistogram> {
+    SECONDS.get("hyperion_upstream_duration_seconds", "upstream", upstream)
 }
 
 /// Bytes in and out, by (coding, op).

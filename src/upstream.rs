@@ -46,7 +46,7 @@ pub struct UpstreamPool {
     /// `max_inflight_per_server`, shared by every worker's pool.
     inflight: Option<Arc<InflightLimit>>,
     /// Time to the response head, for `/metrics`.
-    latency: metrics::Histogram,
+    latency: Arc<crate::telemetry::SecondsHistogram>,
 }
 
 /// The server chosen for one request.
@@ -288,7 +288,7 @@ impl UpstreamPool {
                         server.failed(&format!("answered {status}"), eject_after, may_eject, now);
                     } else {
                         server.succeeded(now - started, now);
-                        self.latency.record((now - started).as_secs_f64());
+                        self.latency.record(now - started);
                         if let (Some(model), true) = (model, status.is_success()) {
                             self.state.models.note_loaded(index, model);
                         }
