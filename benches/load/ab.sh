@@ -37,16 +37,7 @@ NEEDS="wrk:wrk taskset:util-linux curl:curl"
 source "$REPO/benches/load/common.sh"
 
 start() { # name binary port → pid on stdout
-  cat >"$RUN_DIR/$1.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$3"]
-access_log = "off"
-[upstreams.origin]
-servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
-[[route]]
-name = "all"
-upstream = "origin"
-EOF
+  passthrough_policy "$3" >"$RUN_DIR/$1.toml"
   "$2" check --config "$RUN_DIR/$1.toml" >/dev/null
   taskset -c "$SERVER_CPU" "$2" --config "$RUN_DIR/$1.toml" >"$RUN_DIR/$1.log" 2>&1 &
   echo $!

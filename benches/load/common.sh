@@ -88,6 +88,21 @@ http {
 EOF
 }
 
+# The policy the pass-through scripts measure (ab.sh, instructions.sh): one
+# route to the origin, listening on 127.0.0.1:$1, access log off.
+passthrough_policy() {
+  cat <<EOF
+[server]
+listen = ["127.0.0.1:$1"]
+access_log = "off"
+[upstreams.origin]
+servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
+[[route]]
+name = "all"
+upstream = "origin"
+EOF
+}
+
 # Starts Hyperion on SERVER_CPU with the policy on stdin after a [server]
 # table of its own (HYPERION_PORT, access log off), checked first so a bad
 # policy is its own error; sets HYPERION_PID once it answers.

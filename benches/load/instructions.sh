@@ -52,7 +52,7 @@ if [ "$NGINX" = 1 ]; then
   BINS+=(nginx)
 fi
 
-cat >"$RUN_DIR/policy.toml" <<EOF
+passthrough_policy "$PROXY_PORT" >"$RUN_DIR/policy.toml"
 [server]
 listen = ["127.0.0.1:$PROXY_PORT"]
 access_log = "off"
