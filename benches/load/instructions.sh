@@ -53,15 +53,6 @@ if [ "$NGINX" = 1 ]; then
 fi
 
 passthrough_policy "$PROXY_PORT" >"$RUN_DIR/policy.toml"
-[server]
-listen = ["127.0.0.1:$PROXY_PORT"]
-access_log = "off"
-[upstreams.origin]
-servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
-[[route]]
-name = "all"
-upstream = "origin"
-EOF
 
 URL="http://127.0.0.1:$PROXY_PORT/static/1k"
 # Not a `{ …; } | tee` around the loop: that subshell's PIDS would escape cleanup.
