@@ -14,7 +14,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::Version;
@@ -115,6 +115,11 @@ pub struct ConnTimer {
     header: Duration,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
+    /// The waker the sleep was last polled with, since it was last set: the
+    /// timer will wake it, so until the sleep fires, a poll with the same
+    /// waker only asks whether it has. Polling the sleep again re-registers
+    /// the waker, a visible cost on every wake-up of a keep-alive connection.
+    armed: Option<Waker>,
 }
 
 impl ConnTimer {
@@ -127,6 +132,7 @@ impl ConnTimer {
             header,
             idle,
             sleep: Box::pin(tokio::time::sleep_until(at)),
+            armed: None,
         }
     }
 
@@ -139,13 +145,26 @@ impl ConnTimer {
             };
             if at < self.sleep.deadline() {
                 self.sleep.as_mut().reset(at);
+                self.armed = None;
+            }
+            let armed = self.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if armed && !self.sleep.is_elapsed() {
+                return Poll::Pending;
             }
             match self.sleep.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if !armed {
+                        self.armed = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
                 // The armed moment (not later than the deadline) has passed.
                 Poll::Ready(()) if at <= self.sleep.deadline() => return Poll::Ready(why),
                 // The deadline moved later since the sleep was armed.
-                Poll::Ready(()) => self.sleep.as_mut().reset(at),
+                Poll::Ready(()) => {
+                    self.sleep.as_mut().reset(at);
+                    self.armed = None;
+                }
             }
         }
     }
@@ -276,6 +295,26 @@ mod tests {
         state.on_read();
         let started = Instant::now();
         assert_eq!(timer.expired().await, ConnTimeout::HeaderRead);
+        assert_eq!(started.elapsed(), header);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_polled_again_before_its_deadline_still_fires() {
+        let header = Duration::from_secs(10);
+        let state = Arc::new(ConnState::new());
+        let mut timer = ConnTimer::new(state.clone(), header, Duration::from_secs(75));
+        let started = Instant::now();
+        // Polled before it is due: once with another waker (which must not
+        // stay the one the timer wakes), then by this task, several times.
+        let mut other = Context::from_waker(std::task::Waker::noop());
+        assert!(timer.poll_expired(&mut other).is_pending());
+        for _ in 0..3 {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(timer.poll_expired(cx))).await;
+            assert!(polled.is_pending());
+        }
+        // Bounded: a timer that kept the wrong waker would never wake this.
+        let fired = tokio::time::timeout(header * 2, timer.expired()).await;
+        assert_eq!(fired, Ok(ConnTimeout::HeaderRead));
         assert_eq!(started.elapsed(), header);
     }
 
