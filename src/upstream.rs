@@ -67,8 +67,10 @@ pub struct Admitted {
 /// A failed attempt, and whether another may follow.
 struct Failure {
     error: ProxyError,
-    /// The request, when it never left (connect errors).
-    unsent: Option<Request<RequestBody>>,
+    /// The request, when it never left (connect errors). Boxed: failures
+    /// are rare, and inline it made every attempt's `Result` 456 bytes,
+    /// copied at each layer an answer returns through.
+    unsent: Option<Box<Request<RequestBody>>>,
     /// The upstream may have seen the request but sent nothing back: worth
     /// another server if the request can be sent again.
     retryable: bool,
@@ -307,7 +309,7 @@ impl UpstreamPool {
             }
             tried |= 1 << index;
             attempts += 1;
-            let again = failure.unsent.or_else(|| {
+            let again = failure.unsent.map(|req| *req).or_else(|| {
                 failure
                     .retryable
                     .then(|| replay.as_ref().map(Replay::request))
@@ -403,7 +405,7 @@ impl UpstreamPool {
         match lease.conn().send(req).await {
             Ok(resp) => Ok((resp, lease)),
             Err((e, unsent)) => Err(Failure {
-                unsent,
+                unsent: unsent.map(Box::new),
                 ..sent_failure(server, &e)
             }),
         }
@@ -438,7 +440,7 @@ impl UpstreamPool {
         };
         Failure {
             error,
-            unsent: Some(req),
+            unsent: Some(Box::new(req)),
             retryable: true,
         }
     }
