@@ -168,7 +168,6 @@ fn run(policy: Policy, config: &std::path::Path) -> ExitCode {
     if hyperion::telemetry::install().is_none() {
         tracing::warn!("metrics are not recorded: another recorder is installed");
     }
-    ops.spawn(hyperion::telemetry::upkeep());
     let reloader = Reloader::new(
         config,
         Generation::first(policy, LogSink::Stderr),

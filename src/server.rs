@@ -173,7 +173,9 @@ impl Builders {
 enum Protocol {
     Http1,
     Http2,
-    /// Not known yet: the first bytes are a part of the HTTP/2 preface.
+    /// Not told: the bytes so far are a part of the HTTP/2 preface, or a
+    /// TLS client agreed on no protocol by ALPN. hyper-util's auto builder
+    /// reads on until it can tell.
     Unsure,
 }
 

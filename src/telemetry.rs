@@ -5,7 +5,9 @@
 //! - counted as requests pass (`request_finished`, `upstream_answered`,
 //!   `rate_limited`, `queued`): handles fetched once per label set and
 //!   worker thread, then an atomic add; durations go to fixed-bucket
-//!   histograms of our own (`seconds`), rendered after the recorder's text;
+//!   histograms of our own (`seconds`), rendered after the recorder's text
+//!   (the recorder's own histograms would keep every sample until an
+//!   upkeep folded them in: none is used, so none runs);
 //! - read at scrape time from the state that counts them anyway (cache
 //!   statistics, server states, reloads): `render` copies them in.
 //!
@@ -49,18 +51,6 @@ pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE.get()
 }
 
-/// The recorder's housekeeping every few seconds (it has no histograms of
-/// ours to fold, but keeps its own state tidy). Runs for the life of the
-/// process, on the operations thread.
-pub async fn upkeep() {
-    let Some(handle) = HANDLE.get() else { return };
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        handle.run_upkeep();
-    }
-}
-
 /// The exposition text: the counted metrics, after copying in what is read
 /// at scrape time.
 pub async fn render(reloader: &Reloader) -> Option<String> {
@@ -76,7 +66,6 @@ pub async fn render(reloader: &Reloader) -> Option<String> {
     counter!("hyperion_reloads_total", "outcome" => "error")
         .absolute(reloader.failed.load(std::sync::atomic::Ordering::Relaxed));
     gauge!("hyperion_policy_generation").set(generation.number as f64);
-    handle.run_upkeep();
     let mut text = handle.render();
     SECONDS.render(&mut text);
     Some(text)

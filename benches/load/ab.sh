@@ -37,7 +37,7 @@ NEEDS="wrk:wrk taskset:util-linux curl:curl"
 source "$REPO/benches/load/common.sh"
 
 start() { # name binary port → pid on stdout
-  passthrough_policy "$3" >"$RUN_DIR/$1.toml"
+  { server_table "$3"; origin_route; } >"$RUN_DIR/$1.toml"
   "$2" check --config "$RUN_DIR/$1.toml" >/dev/null
   taskset -c "$SERVER_CPU" "$2" --config "$RUN_DIR/$1.toml" >"$RUN_DIR/$1.log" 2>&1 &
   echo $!

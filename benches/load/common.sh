@@ -42,14 +42,14 @@ PIDS+=($!); ORIGIN_PID=$!
 wait_port "$ORIGIN_PORT"
 curl -s "http://127.0.0.1:$ORIGIN_PORT/_delay?ms=0" >/dev/null
 
-# Writes RUN_DIR/nginx/nginx.conf: nginx as the pass-through to compare with,
-# listening on port $1, to the origin on ORIGIN_PORT, adding the headers
-# Hyperion adds by default. $2 non-empty: one process, no master (to run
+# The start of every nginx.conf the load scripts write, up to inside its
+# http block: one worker, in the foreground, files under RUN_DIR/nginx, no
+# access log, long keep-alive. $1 non-empty: one process, no master (to run
 # under valgrind).
-write_nginx_passthrough() {
-  cat >"$RUN_DIR/nginx/nginx.conf" <<EOF
+nginx_preamble() {
+  cat <<EOF
 worker_processes 1;
-daemon off;${2:+
+daemon off;${1:+
 master_process off;}
 pid $RUN_DIR/nginx/nginx.pid;
 error_log $RUN_DIR/nginx/error.log warn;
@@ -63,6 +63,14 @@ http {
   fastcgi_temp_path $RUN_DIR/nginx/fastcgi;
   uwsgi_temp_path $RUN_DIR/nginx/uwsgi;
   scgi_temp_path $RUN_DIR/nginx/scgi;
+EOF
+}
+
+# Writes RUN_DIR/nginx/nginx.conf: nginx as the pass-through to compare with,
+# listening on port $1, to the origin on ORIGIN_PORT, adding the headers
+# Hyperion adds by default. $2 non-empty: one process (see nginx_preamble).
+write_nginx_passthrough() {
+  { nginx_preamble "${2:-}"; cat <<EOF; } >"$RUN_DIR/nginx/nginx.conf"
   upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 64; keepalive_requests 1000000; }
   # The same headers Hyperion adds by default: a request id (kept from the
   # client or made up) both ways, X-Forwarded-*, and Via.
@@ -88,13 +96,15 @@ http {
 EOF
 }
 
-# The policy the pass-through scripts measure (ab.sh, instructions.sh): one
-# route to the origin, listening on 127.0.0.1:$1, access log off.
-passthrough_policy() {
+# The [server] table of a measured Hyperion: 127.0.0.1:$1, access log off.
+server_table() {
+  printf '[server]\nlisten = ["127.0.0.1:%s"]\naccess_log = "off"\n' "$1"
+}
+
+# The pass-through policy's routing (passthrough.sh, ab.sh, instructions.sh):
+# every request to the origin.
+origin_route() {
   cat <<EOF
-[server]
-listen = ["127.0.0.1:$1"]
-access_log = "off"
 [upstreams.origin]
 servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
 [[route]]
@@ -107,7 +117,7 @@ EOF
 # table of its own (HYPERION_PORT, access log off), checked first so a bad
 # policy is its own error; sets HYPERION_PID once it answers.
 start_hyperion() {
-  { printf '[server]\nlisten = ["127.0.0.1:%s"]\naccess_log = "off"\n' "$HYPERION_PORT"; cat; } >"$RUN_DIR/hyperion.toml"
+  { server_table "$HYPERION_PORT"; cat; } >"$RUN_DIR/hyperion.toml"
   "$HYPERION" check --config "$RUN_DIR/hyperion.toml" >/dev/null
   taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DIR/hyperion.log" 2>&1 &
   PIDS+=($!); HYPERION_PID=$!

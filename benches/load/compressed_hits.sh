@@ -68,21 +68,7 @@ EOF
 
 # nginx: the same hits from proxy_cache, compressed by its gzip filter (it
 # has no brotli in Debian's build; its br rows are left out).
-cat >"$RUN_DIR/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $RUN_DIR/nginx/nginx.pid;
-error_log $RUN_DIR/nginx/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_timeout 65s;
-  keepalive_requests 1000000;
-  client_body_temp_path $RUN_DIR/nginx/body;
-  proxy_temp_path $RUN_DIR/nginx/proxy;
-  fastcgi_temp_path $RUN_DIR/nginx/fastcgi;
-  uwsgi_temp_path $RUN_DIR/nginx/uwsgi;
-  scgi_temp_path $RUN_DIR/nginx/scgi;
+{ nginx_preamble; cat <<EOF; } >"$RUN_DIR/nginx/nginx.conf"
   proxy_cache_path $RUN_DIR/nginx/cache keys_zone=hits:10m max_size=256m inactive=1h;
   upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 64; }
   gzip on;

@@ -52,7 +52,7 @@ if [ "$NGINX" = 1 ]; then
   BINS+=(nginx)
 fi
 
-passthrough_policy "$PROXY_PORT" >"$RUN_DIR/policy.toml"
+{ server_table "$PROXY_PORT"; origin_route; } >"$RUN_DIR/policy.toml"
 
 URL="http://127.0.0.1:$PROXY_PORT/static/1k"
 # Not a `{ …; } | tee` around the loop: that subshell's PIDS would escape cleanup.

@@ -53,13 +53,8 @@ taskset -c "$SERVER_CPU" "$REPO/benches/load/hyper-floor/target/release/hyper-fl
 PIDS+=($!); FLOOR_PID=$!
 wait_port $FLOOR_PORT
 
-start_hyperion <<EOF
-[upstreams.origin]
-servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
-[[route]]
-name = "all"
-upstream = "origin"
-EOF
+# Not `origin_route | start_hyperion`: a pipeline's subshell would keep its PIDS.
+start_hyperion < <(origin_route)
 
 cat >"$RUN_DIR/post.lua" <<'EOF'
 wrk.method = "POST"

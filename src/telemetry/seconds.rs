@@ -1,5 +1,5 @@
 //! Durations as Prometheus histograms with fixed buckets: recording one is
-//! a bucket search and three relaxed atomic adds.
+//! a bucket search and two relaxed atomic adds.
 //!
 //! Owns the two per-request histograms (`hyperion_request_duration_seconds`,
 //! `hyperion_upstream_duration_seconds`) and their exposition text. Not the
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// Bucket bounds (`le`), in seconds: a cache hit's tens of microseconds up
 /// to a generation's minutes.
-pub const BOUNDS: [f64; 16] = [
+const BOUNDS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
     30.0, 120.0,
 ];
