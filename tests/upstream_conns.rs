@@ -134,3 +134,22 @@ async fn an_upstream_closing_idle_connections_costs_the_client_nothing() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 4);
 }
+
+#[tokio::test]
+async fn a_post_on_a_connection_the_upstream_closed_goes_out_once_on_a_new_one() {
+    // A POST is never retried once it may have reached the upstream (RFC 9110
+    // §9.2.2), so this passes only if the proxy finds the pooled connection
+    // closed before writing the request on it.
+    let (addr, accepted) = closing_upstream().await;
+    let proxy = TestProxy::to(&format!("http://{addr}"), "").await;
+    for i in 1..=4 {
+        let req = Request::post(proxy.url("/api/generate"))
+            .body(full(r#"{"prompt":"hi"}"#))
+            .unwrap();
+        let (parts, body) = send(req).await;
+        assert_eq!(parts.status, 200, "request {i}");
+        assert_eq!(body, format!("conn {i}"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+}
