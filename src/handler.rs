@@ -274,7 +274,8 @@ impl Proxy {
         admission: &mut Admission,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let limits = &self.policy.server;
-        let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
+        let fields = headers::RequestFields::of(req.headers());
+        let host_value = fields.host.or_else(|| {
             req.uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -309,19 +310,14 @@ impl Proxy {
         };
 
         let uri_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
-        if headers::head_size(req.method().as_str(), uri_len, req.headers())
-            > limits.max_header_size
+        if headers::head_size(req.method().as_str(), uri_len, fields.size) > limits.max_header_size
         {
             let e = ProxyError::HeadersTooLarge {
                 limit: limits.max_header_size,
             };
             return refuse(e, req.headers(), admission);
         }
-        let declared_len = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()));
-        let e = match declared_len {
+        let e = match fields.content_length {
             Some(None) => Some(ProxyError::BadRequest("Content-Length is not a number")),
             Some(Some(n)) if n > limits.max_request_body => Some(ProxyError::BodyTooLarge {
                 limit: limits.max_request_body,
@@ -332,7 +328,7 @@ impl Proxy {
             return refuse(e, req.headers(), admission);
         }
 
-        let upgrade = (req.version() == Version::HTTP_11)
+        let upgrade = (fields.upgrade && req.version() == Version::HTTP_11)
             .then(|| headers::requested_upgrade(req.headers()))
             .flatten();
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -502,15 +498,18 @@ impl Proxy {
         };
 
         let (mut parts, body) = req.into_parts();
-        let had_transfer_encoding = parts.headers.contains_key(header::TRANSFER_ENCODING);
-        headers::strip_hop_by_hop(&mut parts.headers);
-        if had_transfer_encoding {
+        if fields.hop_by_hop {
+            headers::strip_hop_by_hop(&mut parts.headers);
+        }
+        if fields.transfer_encoding {
             // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; a length
             // sent alongside it must not reach the upstream.
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        // hyper has already answered `Expect: 100-continue` by reading the body.
-        parts.headers.remove(header::EXPECT);
+        if fields.expect {
+            // hyper has already answered `Expect: 100-continue` by reading the body.
+            parts.headers.remove(header::EXPECT);
+        }
         headers::add_forwarding(
             &mut parts.headers,
             &Forwarding {
@@ -561,7 +560,9 @@ impl Proxy {
             Some(bytes) => RequestBody::buffered(bytes),
             None => RequestBody::new(body, limits.max_request_body),
         };
-        let req = Request::from_parts(parts, body);
+        // Boxed once here: it passes down four layers (send, attempt,
+        // exchange, the connection), each of which would otherwise copy it.
+        let req = Box::new(Request::from_parts(parts, body));
         if let Some(ex) = exchange.take_if(|ex| ex.leads()) {
             // Identical requests wait for this one: it runs in a task of its
             // own, which this client leaving does not cancel.
@@ -574,7 +575,7 @@ impl Proxy {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(unasked_upgrade(pool.pick_at(index).server));
                 }
-                Ok(client_response(resp, lease, pool.policy.idle_timeout))
+                Ok(client_response(*resp, lease, pool.policy.idle_timeout))
             };
             if let Some(stale) = serve_stale {
                 ex.refresh(send);
@@ -637,7 +638,7 @@ impl Proxy {
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
 
-        let resp = client_response(resp, lease, pool.policy.idle_timeout);
+        let resp = client_response(*resp, lease, pool.policy.idle_timeout);
         match exchange {
             Some(ex) => {
                 let (resp, status) = boxed_in_place!(ex.respond(resp)).await;

@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -207,15 +207,21 @@ pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
         Version::HTTP_2 => "2 hyperion",
         _ => "1.1 hyperion",
     };
-    match joined(headers, &header::VIA) {
-        Some(prior) => {
-            if let Ok(v) = HeaderValue::from_str(&format!("{prior}, {via}")) {
-                headers.insert(header::VIA, v);
+    // One lookup for both cases: most requests come without a Via.
+    match headers.entry(header::VIA) {
+        Entry::Vacant(slot) => {
+            slot.insert(HeaderValue::from_static(via));
+        }
+        Entry::Occupied(mut prior) => match join(prior.iter()) {
+            Some(joined) => {
+                if let Ok(v) = HeaderValue::from_str(&format!("{joined}, {via}")) {
+                    prior.insert(v);
+                }
             }
-        }
-        None => {
-            headers.insert(header::VIA, HeaderValue::from_static(via));
-        }
+            None => {
+                prior.insert(HeaderValue::from_static(via));
+            }
+        },
     }
 }
 
@@ -227,7 +233,12 @@ pub fn peer_value(peer: IpAddr) -> HeaderValue {
 
 /// All values of a field joined with ", ", or `None` when absent.
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    join(headers.get_all(name).iter())
+}
+
+/// `values` joined with ", " (those that are text), or `None` when there is none.
+fn join<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Option<String> {
+    let mut values = values.filter_map(|v| v.to_str().ok());
     let first = values.next()?;
     Some(values.fold(first.to_owned(), |mut acc, v| {
         acc.push_str(", ");
@@ -273,13 +284,58 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// What forwarding needs to know of a request's fields, found in one pass
+/// over them: a handful of hashed lookups and removals, each paid on every
+/// request whether the field is there or not, cost more than the pass.
+#[derive(Debug, Default)]
+pub struct RequestFields {
+    /// `name: value\r\n` of every field, as on the wire.
+    pub size: usize,
+    /// The first `Host`.
+    pub host: Option<HeaderValue>,
+    /// The first `Content-Length`: `Some(None)` when it is not a number.
+    pub content_length: Option<Option<u64>>,
+    pub transfer_encoding: bool,
+    pub expect: bool,
+    pub upgrade: bool,
+    /// Any field `strip_hop_by_hop` removes by name.
+    pub hop_by_hop: bool,
+}
+
+impl RequestFields {
+    pub fn of(headers: &HeaderMap) -> RequestFields {
+        let mut f = RequestFields::default();
+        for (name, value) in headers {
+            f.size += name.as_str().len() + value.len() + 4;
+            if name == header::HOST {
+                if f.host.is_none() {
+                    f.host = Some(value.clone());
+                }
+            } else if name == header::CONTENT_LENGTH {
+                if f.content_length.is_none() {
+                    f.content_length = Some(
+                        value
+                            .to_str()
+                            .ok()
+                            .and_then(|s| s.trim().parse::<u64>().ok()),
+                    );
+                }
+            } else if name == header::EXPECT {
+                f.expect = true;
+            } else if HOP_BY_HOP.contains(name) {
+                f.hop_by_hop = true;
+                f.transfer_encoding |= name == header::TRANSFER_ENCODING;
+                f.upgrade |= name == header::UPGRADE;
+            }
+        }
+        f
+    }
+}
+
 /// Approximate size of a request head as it came on the wire: request line
-/// plus `name: value\r\n` per field.
-pub fn head_size(method: &str, uri_len: usize, headers: &HeaderMap) -> usize {
-    let line = method.len() + 1 + uri_len + 11;
-    headers
-        .iter()
-        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+/// plus `name: value\r\n` per field (`fields_size` from `RequestFields`).
+pub fn head_size(method: &str, uri_len: usize, fields_size: usize) -> usize {
+    method.len() + 1 + uri_len + 11 + fields_size
 }
 
 /// A header map from `(name, value)` pairs, in order (for unit tests).
@@ -315,6 +371,61 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn request_fields_are_found_in_one_pass() {
+        let h = map(&[
+            ("host", "a.test"),
+            ("host", "b.test"),
+            ("content-length", "12"),
+            ("expect", "100-continue"),
+            ("x-other", "1"),
+        ]);
+        let f = RequestFields::of(&h);
+        assert_eq!(f.host.as_ref().unwrap(), "a.test", "the first Host");
+        assert_eq!(f.content_length, Some(Some(12)));
+        assert!(f.expect);
+        assert!(!f.hop_by_hop && !f.transfer_encoding && !f.upgrade);
+        let wire: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+        assert_eq!(f.size, wire);
+
+        let h = map(&[
+            ("content-length", " twelve"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+        ]);
+        let f = RequestFields::of(&h);
+        assert_eq!(f.content_length, Some(None), "not a number");
+        assert!(f.hop_by_hop && f.transfer_encoding && f.upgrade);
+        assert!(f.host.is_none() && !f.expect);
+
+        let f = RequestFields::of(&map(&[("keep-alive", "5")]));
+        assert!(f.hop_by_hop && !f.transfer_encoding && !f.upgrade);
+    }
+
+    #[test]
+    fn via_is_appended_to_or_added() {
+        let fwd = |h: &mut HeaderMap| {
+            let peer = HeaderValue::from_static("10.0.0.1");
+            add_forwarding(
+                h,
+                &Forwarding {
+                    peer_value: &peer,
+                    peer_trusted: false,
+                    proto: "http",
+                    host: None,
+                    version: Version::HTTP_11,
+                },
+            )
+        };
+        let mut h = HeaderMap::new();
+        fwd(&mut h);
+        assert_eq!(h["via"], "1.1 hyperion");
+        let mut h = map(&[("via", "1.0 a"), ("via", "1.1 b")]);
+        fwd(&mut h);
+        assert_eq!(h.get_all("via").iter().count(), 1);
+        assert_eq!(h["via"], "1.0 a, 1.1 b, 1.1 hyperion");
     }
 
     #[test]

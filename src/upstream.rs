@@ -257,11 +257,11 @@ impl UpstreamPool {
     pub async fn send(
         &self,
         mut admitted: Admitted,
-        mut req: Request<RequestBody>,
+        mut req: Box<Request<RequestBody>>,
         filter: PickFilter,
         model: Option<&ModelName>,
         preserve_host: bool,
-    ) -> Result<(Response<Incoming>, ConnLease, usize), ProxyError> {
+    ) -> Result<(Box<Response<Incoming>>, ConnLease, usize), ProxyError> {
         self.state.budget.earn();
         // A request that reached the server and failed is sent again only
         // when its method is idempotent: RFC 9110 §9.2.2 forbids a proxy to
@@ -309,10 +309,10 @@ impl UpstreamPool {
             }
             tried |= 1 << index;
             attempts += 1;
-            let again = failure.unsent.map(|req| *req).or_else(|| {
+            let again = failure.unsent.or_else(|| {
                 failure
                     .retryable
-                    .then(|| replay.as_ref().map(Replay::request))
+                    .then(|| replay.as_ref().map(|r| Box::new(r.request())))
                     .flatten()
             });
             let Some(mut again) = again.filter(|_| attempts <= self.policy.retries) else {
@@ -360,9 +360,9 @@ impl UpstreamPool {
     async fn attempt(
         &self,
         index: usize,
-        req: Request<RequestBody>,
+        req: Box<Request<RequestBody>>,
         started: Instant,
-    ) -> Result<(Response<Incoming>, ConnLease), Failure> {
+    ) -> Result<(Box<Response<Incoming>>, ConnLease), Failure> {
         let timeout = self.policy.response_timeout;
         let exchange = self.exchange(index, req, started);
         match tokio::time::timeout_at(started + timeout, exchange).await {
@@ -382,9 +382,9 @@ impl UpstreamPool {
     async fn exchange(
         &self,
         index: usize,
-        req: Request<RequestBody>,
+        req: Box<Request<RequestBody>>,
         now: Instant,
-    ) -> Result<(Response<Incoming>, ConnLease), Failure> {
+    ) -> Result<(Box<Response<Incoming>>, ConnLease), Failure> {
         let server = &self.policy.servers[index];
         let conns = &self.conns[index];
         let mut lease = match conns.checkout(now).await {
@@ -405,7 +405,7 @@ impl UpstreamPool {
         match lease.conn().send(req).await {
             Ok(resp) => Ok((resp, lease)),
             Err((e, unsent)) => Err(Failure {
-                unsent: unsent.map(Box::new),
+                unsent,
                 ..sent_failure(server, &e)
             }),
         }
@@ -415,7 +415,7 @@ impl UpstreamPool {
         &self,
         server: &UpstreamServer,
         e: ConnectError,
-        req: Request<RequestBody>,
+        req: Box<Request<RequestBody>>,
     ) -> Failure {
         let timed_out = ProxyError::UpstreamTimeout {
             server: server.url.to_string(),
@@ -440,7 +440,7 @@ impl UpstreamPool {
         };
         Failure {
             error,
-            unsent: Some(Box::new(req)),
+            unsent: Some(req),
             retryable: true,
         }
     }

@@ -172,9 +172,9 @@ impl UpstreamConn {
     /// it (it was closing), so it can go out on another.
     pub async fn send(
         &mut self,
-        req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<RequestBody>>)> {
-        let mut response = pin!(self.sender.try_send_request(req));
+        req: Box<Request<RequestBody>>,
+    ) -> Result<Box<Response<Incoming>>, (hyper::Error, Option<Box<Request<RequestBody>>>)> {
+        let mut response = pin!(self.sender.try_send_request(*req));
         let driver = &mut self.driver;
         std::future::poll_fn(|cx| {
             // An end with the response in hand (an upgrade, or the upstream
@@ -183,8 +183,10 @@ impl UpstreamConn {
             response.as_mut().poll(cx)
         })
         .await
+        // Boxed here, as the request was: it goes up as many layers.
+        .map(Box::new)
         .map_err(|mut e| {
-            let req = e.take_message();
+            let req = e.take_message().map(Box::new);
             (e.into_error(), req)
         })
     }
@@ -283,6 +285,7 @@ impl ServerConns {
             .header(header::USER_AGENT, agent)
             .body(RequestBody::buffered(Bytes::new()))
             .map_err(|e| format!("GET {path}: {e}"))?;
+        let req = Box::new(req);
         let resp = lease
             .conn()
             .send(req)
