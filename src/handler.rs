@@ -132,7 +132,8 @@ impl Proxy {
     /// Answers one request. Never fails: errors become JSON responses.
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
         let inflight = conn.state.begin(req.version());
-        let request_id = headers::request_id(req.headers());
+        let fields = headers::RequestFields::of(req.headers());
+        let request_id = headers::request_id(fields.request_id.as_ref());
         let trusted = &self.policy.server.trusted_proxies;
         // Per request, not per connection: a reload may change the list.
         let peer_trusted = headers::is_trusted(conn.peer, trusted);
@@ -172,7 +173,7 @@ impl Proxy {
         let mut admission = Admission::default();
         let forwarded = self
             .forward(
-                req,
+                (req, fields),
                 (conn, peer_trusted),
                 rec,
                 &request_id,
@@ -194,7 +195,23 @@ impl Proxy {
                 _ => s.iter().for_each(|s| s.settle(0)),
             }
         }
-        let answered = match forwarded {
+        // The answer is moved as little as it can be: it is a few hundred
+        // bytes, and every move of it is a copy.
+        let failed = |e: ProxyError, rec: &mut AccessRecord| {
+            if e.status().is_server_error() {
+                tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
+            } else {
+                tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
+            }
+            rec.error = Some(e.code());
+            let mut resp = e.into_response(&request_id);
+            if rec.cache != "-" {
+                resp.headers_mut()
+                    .insert(X_CACHE, HeaderValue::from_static(rec.cache));
+            }
+            resp
+        };
+        let mut resp = match forwarded {
             Ok(mut resp) => {
                 // What the upstream or the cache answered, as the route wants
                 // clients to see it (Hyperion's own errors are left alone).
@@ -204,51 +221,40 @@ impl Proxy {
                     rewritten = rw.rewrites_responses();
                     rw.apply_response(resp.headers_mut());
                 }
-                let mut answered = match &self.policy.compression {
-                    Some(cp) if !upgraded => compress::encode_response(
-                        cp,
-                        &accept,
-                        head_only,
-                        rewritten,
-                        &self.cache,
-                        &mut resp,
-                    )
-                    .await
-                    .map(|()| resp),
-                    _ => Ok(resp),
+                let coded = match &self.policy.compression {
+                    Some(cp) if !upgraded => {
+                        compress::encode_response(
+                            cp,
+                            &accept,
+                            head_only,
+                            rewritten,
+                            &self.cache,
+                            &mut resp,
+                        )
+                        .await
+                    }
+                    _ => Ok(()),
                 };
-                // Settled with the answer's usage when its body ends (the
-                // meter reads the body before any coding).
-                if let (Some(spends), Ok(resp)) = (spends.take(), &mut answered) {
-                    let ct = resp.headers().get(header::CONTENT_TYPE);
-                    let meter = TokenMeter::new(
-                        spends,
-                        ct.map(|v| v.as_bytes()),
-                        resp.status().is_success(),
-                        admission.estimate.map_or(0, |(_, prompt)| prompt),
-                    );
-                    resp.body_mut().meter(meter);
+                match coded {
+                    Ok(()) => {
+                        // Settled with the answer's usage when its body ends
+                        // (the meter reads the body before any coding).
+                        if let Some(spends) = spends.take() {
+                            let ct = resp.headers().get(header::CONTENT_TYPE);
+                            let meter = TokenMeter::new(
+                                spends,
+                                ct.map(|v| v.as_bytes()),
+                                resp.status().is_success(),
+                                admission.estimate.map_or(0, |(_, prompt)| prompt),
+                            );
+                            resp.body_mut().meter(meter);
+                        }
+                        resp
+                    }
+                    Err(e) => failed(e, rec),
                 }
-                answered
             }
-            Err(e) => Err(e),
-        };
-        let mut resp = match answered {
-            Ok(resp) => resp,
-            Err(e) => {
-                if e.status().is_server_error() {
-                    tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
-                } else {
-                    tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
-                }
-                rec.error = Some(e.code());
-                let mut resp = e.into_response(&request_id);
-                if rec.cache != "-" {
-                    resp.headers_mut()
-                        .insert(X_CACHE, HeaderValue::from_static(rec.cache));
-                }
-                resp
-            }
+            Err(e) => failed(e, rec),
         };
         rec.status = resp.status().as_u16();
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
@@ -266,7 +272,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        (mut req, fields): (Request<Incoming>, headers::RequestFields),
         (conn, peer_trusted): (&ConnInfo, bool),
         rec: &mut AccessRecord,
         request_id: &HeaderValue,
@@ -274,7 +280,6 @@ impl Proxy {
         admission: &mut Admission,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let limits = &self.policy.server;
-        let fields = headers::RequestFields::of(req.headers());
         let host_value = fields.host.or_else(|| {
             req.uri()
                 .authority()

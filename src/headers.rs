@@ -189,7 +189,11 @@ pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
         }
     }
     if !(fwd.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+        // Constants: `from_static` checks its bytes each time it runs.
+        const HTTP: HeaderValue = HeaderValue::from_static("http");
+        const HTTPS: HeaderValue = HeaderValue::from_static("https");
+        let proto = if fwd.proto == "https" { HTTPS } else { HTTP };
+        headers.insert(X_FORWARDED_PROTO, proto);
     }
     if !(fwd.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
         match fwd.host {
@@ -202,24 +206,28 @@ pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
         }
     }
     // RFC 9110 §7.6.3: a gateway MUST send Via in each inbound request it forwards.
+    const VIA_10: HeaderValue = HeaderValue::from_static("1.0 hyperion");
+    const VIA_11: HeaderValue = HeaderValue::from_static("1.1 hyperion");
+    const VIA_2: HeaderValue = HeaderValue::from_static("2 hyperion");
     let via = match fwd.version {
-        Version::HTTP_10 => "1.0 hyperion",
-        Version::HTTP_2 => "2 hyperion",
-        _ => "1.1 hyperion",
+        Version::HTTP_10 => VIA_10,
+        Version::HTTP_2 => VIA_2,
+        _ => VIA_11,
     };
     // One lookup for both cases: most requests come without a Via.
     match headers.entry(header::VIA) {
         Entry::Vacant(slot) => {
-            slot.insert(HeaderValue::from_static(via));
+            slot.insert(via);
         }
         Entry::Occupied(mut prior) => match join(prior.iter()) {
             Some(joined) => {
+                let via = via.to_str().unwrap_or_default();
                 if let Ok(v) = HeaderValue::from_str(&format!("{joined}, {via}")) {
                     prior.insert(v);
                 }
             }
             None => {
-                prior.insert(HeaderValue::from_static(via));
+                prior.insert(via);
             }
         },
     }
@@ -247,10 +255,11 @@ fn join<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Option<String> {
     }))
 }
 
-/// The request's id: the client's `X-Request-Id` when it is a sane token
-/// (1–128 visible ASCII characters), otherwise a new random one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
+/// The request's id: the client's `X-Request-Id` (the first, as
+/// `RequestFields` found it) when it is a sane token (1–128 visible ASCII
+/// characters), otherwise a new random one.
+pub fn request_id(given: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(v) = given {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
             return v.clone();
@@ -293,6 +302,8 @@ pub struct RequestFields {
     pub size: usize,
     /// The first `Host`.
     pub host: Option<HeaderValue>,
+    /// The first `X-Request-Id`.
+    pub request_id: Option<HeaderValue>,
     /// The first `Content-Length`: `Some(None)` when it is not a number.
     pub content_length: Option<Option<u64>>,
     pub transfer_encoding: bool,
@@ -322,6 +333,10 @@ impl RequestFields {
                 }
             } else if name == header::EXPECT {
                 f.expect = true;
+            } else if name == X_REQUEST_ID {
+                if f.request_id.is_none() {
+                    f.request_id = Some(value.clone());
+                }
             } else if HOP_BY_HOP.contains(name) {
                 f.hop_by_hop = true;
                 f.transfer_encoding |= name == header::TRANSFER_ENCODING;
@@ -448,12 +463,13 @@ mod tests {
 
     #[test]
     fn request_ids() {
-        let h = map(&[("x-request-id", "abc-123")]);
-        assert_eq!(request_id(&h), "abc-123");
+        let id_of = |h: &HeaderMap| request_id(RequestFields::of(h).request_id.as_ref());
+        let h = map(&[("x-request-id", "abc-123"), ("x-request-id", "second")]);
+        assert_eq!(id_of(&h), "abc-123");
         let bad = map(&[("x-request-id", "has space")]);
-        let id = request_id(&bad);
+        let id = id_of(&bad);
         assert_eq!(id.len(), 32);
-        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+        assert_ne!(id_of(&HeaderMap::new()), id_of(&HeaderMap::new()));
     }
 
     #[test]
