@@ -78,11 +78,15 @@ pub struct RequestBody {
     limit: u64,
 }
 
+type FirstFrame = Result<Frame<Bytes>, hyper::Error>;
+
 enum Source {
     /// `first` is a frame that had already arrived when the request was
-    /// forwarded (see `RequestBody::new`), sent before the rest.
+    /// forwarded (see `RequestBody::new`), sent before the rest. Boxed: only
+    /// a body still streaming has one, and inline it made every request
+    /// (moved several times on its way through hyper) ~100 bytes larger.
     Client {
-        first: Option<Result<Frame<Bytes>, hyper::Error>>,
+        first: Option<Box<FirstFrame>>,
         inner: Incoming,
     },
     Buffered(Option<Bytes>),
@@ -110,14 +114,17 @@ impl RequestBody {
                 if data.len() as u64 > limit {
                     // Sent as a stream so the limit fails it as usual.
                     Source::Client {
-                        first: Some(Ok(Frame::data(data))),
+                        first: Some(Box::new(Ok(Frame::data(data)))),
                         inner,
                     }
                 } else {
                     Source::Buffered((!data.is_empty()).then_some(data))
                 }
             }
-            first => Source::Client { first, inner },
+            first => Source::Client {
+                first: first.map(Box::new),
+                inner,
+            },
         };
         RequestBody {
             source,
@@ -159,7 +166,7 @@ impl Body for RequestBody {
         let polled = match &mut this.source {
             Source::Buffered(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Source::Client { first, inner } => match first.take() {
-                Some(frame) => Some(frame),
+                Some(frame) => Some(*frame),
                 None => ready!(Pin::new(inner).poll_frame(cx)),
             },
         };
@@ -190,7 +197,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             Source::Client { first, inner } => {
-                let held = match first {
+                let held = match first.as_deref() {
                     Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
                     _ => 0,
                 };
