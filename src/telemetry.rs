@@ -171,6 +171,19 @@ thread_local! {
     /// touch no cache line another worker writes, beyond the counters.
     static REQUESTS: RefCell<LabelMap<RequestLabels, Counter>> = RefCell::default();
     static DURATIONS: RefCell<LabelMap<u64, Arc<SecondsHistogram>>> = RefCell::default();
+    /// The handles of the last request finished on this worker: steady
+    /// traffic repeats its labels, and a repeat skips hashing them and the
+    /// two map lookups.
+    static LAST_FINISHED: RefCell<Option<LastFinished>> = const { RefCell::new(None) };
+}
+
+struct LastFinished {
+    route: Box<str>,
+    method: &'static str,
+    status: u16,
+    cache: &'static str,
+    requests: Counter,
+    seconds: Arc<SecondsHistogram>,
 }
 
 /// A request has ended (its body sent, or given up): counted by route,
@@ -186,35 +199,63 @@ pub fn request_finished(
         return;
     }
     let route_name = route.unwrap_or("-");
+    let method = method_label(method);
+    let status = bounded_status(status);
+    let repeated = LAST_FINISHED.with_borrow(|last| match last {
+        Some(l)
+            if l.status == status
+                && l.method == method
+                && l.cache == cache
+                && *l.route == *route_name =>
+        {
+            l.requests.increment(1);
+            l.seconds.record(took);
+            true
+        }
+        _ => false,
+    });
+    if repeated {
+        return;
+    }
     let mut h = LabelHasher::default();
     route_name.hash(&mut h);
     let route_hash = h.finish();
     let labels = RequestLabels {
         route: route_hash,
-        method: method_label(method),
-        status: bounded_status(status),
+        method,
+        status,
         cache,
     };
-    REQUESTS.with_borrow_mut(|map| {
+    let requests = REQUESTS.with_borrow_mut(|map| {
         map.entry(labels)
             .or_insert_with(|| {
                 counter!(
                     "hyperion_requests_total",
                     "route" => route_name.to_owned(),
-                    "method" => labels.method,
-                    "status" => labels.status.to_string(),
+                    "method" => method,
+                    "status" => status.to_string(),
                     "cache" => cache,
                 )
             })
-            .increment(1)
+            .clone()
     });
-    DURATIONS.with_borrow_mut(|map| {
+    let seconds = DURATIONS.with_borrow_mut(|map| {
         map.entry(route_hash)
             .or_insert_with(|| {
                 SECONDS.get("hyperion_request_duration_seconds", "route", route_name)
             })
-            .record(took)
+            .clone()
     });
+    requests.increment(1);
+    seconds.record(took);
+    LAST_FINISHED.set(Some(LastFinished {
+        route: route_name.into(),
+        method,
+        status,
+        cache,
+        requests,
+        seconds,
+    }));
 }
 
 /// The histogram of one pool's time to a response head, for its

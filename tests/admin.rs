@@ -365,6 +365,9 @@ async fn metrics_parse_as_prometheus_text_without_a_token() {
     )
     .await;
     assert_eq!(zipped.headers["content-encoding"], "gzip");
+    // The same labels again, back to back (a worker keeps the last ones).
+    get(&proxy.url("/z/2")).await;
+    get(&proxy.url("/z/3")).await;
     let s = scrape(&proxy).await;
     let gzip_out = value(
         &s,
@@ -397,6 +400,7 @@ async fn metrics_parse_as_prometheus_text_without_a_token() {
     assert_eq!(requests("metered_cached", "200", "HIT"), Some(1.0));
     assert_eq!(requests("metered_limited", "200", "-"), Some(1.0));
     assert_eq!(requests("metered_limited", "429", "-"), Some(1.0));
+    assert_eq!(requests("metered_zip", "200", "-"), Some(3.0));
     assert_eq!(
         value(&s, "hyperion_rate_limited_total", &[("limiter", "once")]),
         Some(1.0)
@@ -413,10 +417,18 @@ async fn metrics_parse_as_prometheus_text_without_a_token() {
     assert_eq!(
         value(
             &s,
+            "hyperion_request_duration_seconds",
+            &[("route", "metered_zip")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &s,
             "hyperion_upstream_duration_seconds",
             &[("upstream", "metered")]
         ),
-        Some(3.0)
+        Some(5.0)
     );
     let server = up.url();
     let per_server = [("upstream", "metered"), ("server", server.as_str())];
@@ -426,7 +438,7 @@ async fn metrics_parse_as_prometheus_text_without_a_token() {
     );
     assert_eq!(
         value(&s, "hyperion_upstream_requests_total", &per_server),
-        Some(3.0)
+        Some(5.0)
     );
     assert_eq!(
         value(&s, "hyperion_upstream_in_flight", &per_server),
