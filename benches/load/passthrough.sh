@@ -114,7 +114,8 @@ done
   echo "# cpu µs/req counts the proxy and the origin behind it (the origin row: the origin alone)"
   echo
   awk -F'\t' "$AWK_STATS"'
-    NR>1 { k=$3" "$4" "$2; rps[k]=rps[k]" "$5; p50[k]=p50[k]" "$6; cpu[k]=cpu[k]" "$7; keys[k]=1 }
+    NR>1 { k=$3" "$4" "$2; rps[k]=rps[k]" "$5; p50[k]=p50[k]" "$6; cpu[k]=cpu[k]" "$7; keys[k]=1
+           byround[k" "$1]=$5; if ($1+0>rounds) rounds=$1+0 }
     END {
       printf "%-8s %-4s %-9s %26s %22s %12s\n", "request", "mode", "target", "req/s", "p50 µs", "cpu µs/req"
       split("get1k post", reqs, " "); split("tput lat", modes, " "); split("origin nginx floor hyperion", ts, " ")
@@ -125,6 +126,12 @@ done
         o=reqs[r]" "modes[m]" origin"; n=reqs[r]" "modes[m]" nginx"; h=reqs[r]" "modes[m]" hyperion"; f=reqs[r]" "modes[m]" floor"
         if (modes[m]=="tput") printf "  → hyperion/nginx throughput %.2f×, floor/nginx %.2f×, hyperion/floor %.2f×, hyperion/origin %.2f×; cpu µs/req hyperion %.1f, floor %.1f, nginx %.1f\n",
             med(rps[h])/med(rps[n]), med(rps[f])/med(rps[n]), med(rps[h])/med(rps[f]), med(rps[h])/med(rps[o]), med(cpu[h]), med(cpu[f]), med(cpu[n])
+        # Each round measures every target within a minute or so: the ratio
+        # within a round is steadier than the ratio of medians on a busy host.
+        if (modes[m]=="tput") { hn=""; fn=""
+          for (i=1;i<=rounds;i++) if ((h" "i in byround) && (n" "i in byround) && byround[n" "i]>0) {
+            hn=hn" "byround[h" "i]/byround[n" "i]; fn=fn" "byround[f" "i]/byround[n" "i] }
+          if (hn!="") printf "  → per round: hyperion/nginx %.2f× [%.2f..%.2f], floor/nginx %.2f× [%.2f..%.2f]\n", med(hn), mn(hn), mx(hn), med(fn), mn(fn), mx(fn) }
         else printf "  → added p50 latency over the bare origin: hyperion %+.0f µs, floor %+.0f µs, nginx %+.0f µs\n", med(p50[h])-med(p50[o]), med(p50[f])-med(p50[o]), med(p50[n])-med(p50[o])
       }
     }' "$RESULTS"
