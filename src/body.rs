@@ -528,10 +528,19 @@ impl Kind {
 
 impl UpstreamBody {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(lease) = &mut self.lease {
-            lease.drive(cx);
+        // What the connection has already read is taken first: the
+        // connection is polled (a pass of hyper's client state machine,
+        // and a waker registered on its request queue) only when the body
+        // has nothing to give, which is also the only time progress
+        // depends on it. A body that arrived with its head costs no poll.
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending() {
+            if let Some(lease) = &mut self.lease {
+                lease.drive(cx);
+                polled = Pin::new(&mut self.inner).poll_frame(cx);
+            }
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 self.armed = false;
                 if let (Some(rec), Some(data)) = (&mut self.recorder, frame.data_ref()) {
