@@ -284,13 +284,12 @@ fn new_request_id() -> HeaderValue {
 
 /// A message's `Content-Length`, when it has a valid one.
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    parse_length(headers.get(header::CONTENT_LENGTH)?)
+}
+
+/// A `Content-Length` value as a number, when it is one.
+fn parse_length(value: &HeaderValue) -> Option<u64> {
+    value.to_str().ok()?.trim().parse().ok()
 }
 
 /// What forwarding needs to know of a request's fields, found in one pass
@@ -324,12 +323,7 @@ impl RequestFields {
                 }
             } else if name == header::CONTENT_LENGTH {
                 if f.content_length.is_none() {
-                    f.content_length = Some(
-                        value
-                            .to_str()
-                            .ok()
-                            .and_then(|s| s.trim().parse::<u64>().ok()),
-                    );
+                    f.content_length = Some(parse_length(value));
                 }
             } else if name == header::EXPECT {
                 f.expect = true;

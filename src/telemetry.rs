@@ -248,8 +248,14 @@ pub fn request_finished(
     });
     requests.increment(1);
     seconds.record(took);
+    // The name is kept without a new allocation when only the other labels
+    // changed (a route's hits and misses alternating).
+    let route = match LAST_FINISHED.take() {
+        Some(last) if *last.route == *route_name => last.route,
+        _ => route_name.into(),
+    };
     LAST_FINISHED.set(Some(LastFinished {
-        route: route_name.into(),
+        route,
         method,
         status,
         cache,

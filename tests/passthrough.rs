@@ -4,6 +4,7 @@ mod support;
 
 use http::{Method, Request};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn methods_bodies_queries_and_statuses_pass_through() {
@@ -112,6 +113,42 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     assert!(!parts.headers.contains_key("x-upstream-private"));
     assert!(!parts.headers.contains_key("keep-alive"));
     assert_eq!(parts.headers["x-upstream-public"], "fine");
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_here_and_not_forwarded() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::to(&up.url(), "").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /expect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The client waits for the 100 before it sends the body, as curl does.
+    while !String::from_utf8_lossy(&out).contains("100 Continue") {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("a 100 Continue in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before 100 Continue: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+    }
+    stream.write_all(b"hello").await.unwrap();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut out))
+        .await
+        .expect("the answer in time")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"body\":\"hello\""), "{out}");
+    let seen = up.last().headers;
+    assert!(!seen.contains_key("expect"), "Expect is hop-by-hop here");
 }
 
 #[tokio::test]
