@@ -26,10 +26,18 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-echo "building hyperion and bench-origin (release)…"
-(cd "$REPO" && cargo build --release --quiet)
+# HYPERION_BIN: another Hyperion binary to measure (e.g. target/bolt/hyperion
+# from bolt.sh) instead of building target/release/hyperion.
+if [ -n "${HYPERION_BIN:-}" ]; then
+  HYPERION=$(realpath "$HYPERION_BIN")
+  [ -x "$HYPERION" ] || die "HYPERION_BIN=$HYPERION_BIN is not an executable"
+  echo "building bench-origin (release)…"
+else
+  echo "building hyperion and bench-origin (release)…"
+  (cd "$REPO" && cargo build --release --quiet)
+  HYPERION="$REPO/target/release/hyperion"
+fi
 (cd "$SHARED/bench/origin" && cargo build --release --quiet)
-HYPERION="$REPO/target/release/hyperion"
 ORIGIN="$SHARED/bench/origin/target/release/bench-origin"
 
 wait_port() {

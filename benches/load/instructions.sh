@@ -15,7 +15,11 @@
 # (callgrind_annotate reads them) to see where the instructions go.
 #
 # Usage: benches/load/instructions.sh [BIN ...]     (~20 s per binary)
-# Knobs: SECS (5) FLOOR (1) NGINX (1) SHARED SERVER_CPU CLIENT_CPU OUT
+# Knobs: SECS (5) CONNS (8) FLOOR (1) NGINX (1) CACHE_SIM (0) SHARED SERVER_CPU
+#        CLIENT_CPU OUT. CACHE_SIM=1 adds callgrind's cache simulation (L1
+#        32 KB, last level 1 MB as this EPYC's L2, 64-byte lines) and reports
+#        L1 instruction and data misses and last-level misses per request:
+#        the proxy's own accesses only, not the origin's or the kernel's.
 # Needs: valgrind, wrk, curl, taskset, nginx (apt-get install -y valgrind wrk
 #        curl util-linux nginx) and ../shared/bench/origin (built here if missing).
 # Output: a dated report in benches/runs/ (and the callgrind files in $RUN_DIR).
@@ -28,7 +32,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-: "${SECS:=5}" "${FLOOR:=1}" "${NGINX:=1}"
+: "${SECS:=5}" "${FLOOR:=1}" "${NGINX:=1}" "${CONNS:=8}" "${CACHE_SIM:=0}"
 : "${SERVER_CPU:=0}" "${CLIENT_CPU:=1}"
 : "${SHARED:=$REPO/../shared}"
 : "${RUN_DIR:=/tmp/hyperion-instructions}"
@@ -39,6 +43,9 @@ SCRIPT=instructions.sh
 NEEDS="valgrind:valgrind callgrind_control:valgrind callgrind_annotate:valgrind wrk:wrk curl:curl taskset:util-linux"
 # shellcheck source=benches/load/common.sh
 source "$REPO/benches/load/common.sh"
+
+SIM=()
+[ "$CACHE_SIM" = 1 ] && SIM=(--cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=1048576,16,64)
 
 BINS=("$@")
 [ ${#BINS[@]} -gt 0 ] || BINS=("$HYPERION")
@@ -58,10 +65,13 @@ URL="http://127.0.0.1:$PROXY_PORT/static/1k"
 # Not a `{ …; } | tee` around the loop: that subshell's PIDS would escape cleanup.
 {
   echo "# instructions per pass-through request (callgrind) — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "# command: benches/load/instructions.sh (SECS=$SECS); hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); GET /static/1k, wrk -t1 -c8"
+  echo "# command: benches/load/instructions.sh (SECS=$SECS); hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); GET /static/1k, wrk -t1 -c$CONNS"
 } | tee "$OUT"
 for bin in "${BINS[@]}"; do
-  out="$RUN_DIR/callgrind.$(basename "$bin").$$"
+  # Named by the binary's directory too: target/release/hyperion and
+  # target/bolt/hyperion are both "hyperion".
+  case $bin in floor|nginx) label=$bin;; *) label="$(basename "$(dirname "$bin")")/$(basename "$bin")";; esac
+  out="$RUN_DIR/callgrind.${label//\//-}.$$"
   if [ "$bin" = floor ]; then
     cmd=("$REPO/benches/load/hyper-floor/target/release/hyper-floor" "127.0.0.1:$PROXY_PORT" "127.0.0.1:$ORIGIN_PORT")
   elif [ "$bin" = nginx ]; then
@@ -69,16 +79,16 @@ for bin in "${BINS[@]}"; do
   else
     cmd=("$bin" --config "$RUN_DIR/policy.toml")
   fi
-  taskset -c "$SERVER_CPU" valgrind --tool=callgrind --callgrind-out-file="$out" \
+  taskset -c "$SERVER_CPU" valgrind --tool=callgrind --callgrind-out-file="$out" "${SIM[@]}" \
     "${cmd[@]}" >"$RUN_DIR/valgrind.log" 2>&1 &
   vg=$!; PIDS+=($vg)
   up=0
   for _ in $(seq 1 200); do curl -s -o /dev/null "$URL" && { up=1; break; }; sleep 0.2; done
   [ $up = 1 ] || die "$bin does not answer under valgrind (see $RUN_DIR/valgrind.log)"
-  taskset -c "$CLIENT_CPU" wrk -t1 -c8 -d2s "$URL" >/dev/null   # warm-up: connections, pools
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d2s "$URL" >/dev/null   # warm-up: connections, pools
   callgrind_control -z "$vg" >/dev/null 2>&1
   curl -s "http://127.0.0.1:$ORIGIN_PORT/_reset" >/dev/null
-  taskset -c "$CLIENT_CPU" wrk -t1 -c8 -d"${SECS}s" "$URL" >"$RUN_DIR/wrk.log"
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" "$URL" >"$RUN_DIR/wrk.log"
   n=$(curl -s "http://127.0.0.1:$ORIGIN_PORT/_count" | sed 's/.*"total":\([0-9]*\).*/\1/')
   callgrind_control -d "$vg" >/dev/null 2>&1
   kill "$vg"; wait "$vg" 2>/dev/null || true
@@ -90,6 +100,13 @@ for bin in "${BINS[@]}"; do
   copy=$(callgrind_annotate --threshold=100 "$dump" 2>/dev/null \
     | awk '/memmove-vec-unaligned-erms.S:__mem/ && !/=>/ && $1 ~ /^[0-9,]+$/ {gsub(",","",$1); s+=$1} END{print s+0}')
   printf "%-32s %7d requests  %7d instructions/request, %6d of them memcpy, %6d without\n" \
-    "$(basename "$bin")" "$n" $(( ir / n )) $(( copy / n )) $(( (ir - copy) / n )) | tee -a "$OUT"
+    "$label" "$n" $(( ir / n )) $(( copy / n )) $(( (ir - copy) / n )) | tee -a "$OUT"
+  if [ "$CACHE_SIM" = 1 ]; then
+    # Totals in callgrind's event order, each followed by its "(100.0%)":
+    # Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+    callgrind_annotate "$dump" | awk -v n="$n" '/PROGRAM TOTALS/{for(i=1;i<=17;i+=2) gsub(",","",$i);
+      printf "%-32s %7s           %7.0f L1i misses/request, %5.0f L1d, %5.0f last-level (i+d); %6.0f data accesses\n",
+        "", "", $7/n, ($9+$11)/n, ($13+$15+$17)/n, ($3+$5)/n}' | tee -a "$OUT"
+  fi
 done
 echo "report: $OUT"

@@ -17,12 +17,15 @@
 #             run: the least a hyper 1 proxy can spend, so the report tells how
 #             much of Hyperion's cost is hyper's and how much its own.
 #   hyperion  wrk → hyperion (access_log off, one tokio worker) → origin
+#   bolt      with BOLT_BIN=target/bolt/hyperion (benches/load/bolt.sh): the
+#             same proxy, its code laid out by BOLT, on its own port
 # Requests: GET /static/1k and POST /api/generate (origin delay 0, ~1 KB answer).
 #   tput  wrk -t1 -c$CONNS -d$DURATION       throughput, and server CPU µs/request
 #   lat   wrk -t1 -c1 -d$LAT_DURATION        unloaded round trip, p50
 #
 # Usage: benches/load/passthrough.sh          (ROUNDS=3, ~8 min on a quiet machine)
 # Knobs: ROUNDS DURATION LAT_DURATION CONNS SERVER_CPU CLIENT_CPU SHARED OUT
+#        HYPERION_BIN (measure that binary as hyperion) BOLT_BIN (add the bolt row)
 # Needs: wrk, nginx, taskset, curl (apt-get install -y wrk nginx util-linux curl)
 #        and ../shared/bench/origin (built here if missing).
 # Output: a dated report in benches/runs/ (and the raw wrk logs in $RUN_DIR).
@@ -36,7 +39,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${SHARED:=$REPO/../shared}"
 : "${RUN_DIR:=/tmp/hyperion-passthrough}"
 : "${OUT:=$REPO/benches/runs/$(date +%Y-%m-%d)-passthrough.txt}"
-ORIGIN_PORT=27180 NGINX_PORT=27181 FLOOR_PORT=27182 HYPERION_PORT=27190
+ORIGIN_PORT=27180 NGINX_PORT=27181 FLOOR_PORT=27182 HYPERION_PORT=27190 BOLT_PORT=27191
 
 SCRIPT=passthrough.sh
 # shellcheck source=benches/load/common.sh
@@ -55,6 +58,15 @@ wait_port $FLOOR_PORT
 
 # Not `origin_route | start_hyperion`: a pipeline's subshell would keep its PIDS.
 start_hyperion < <(origin_route)
+targets=(origin nginx floor hyperion)
+if [ -n "${BOLT_BIN:-}" ]; then
+  [ -x "$BOLT_BIN" ] || die "BOLT_BIN=$BOLT_BIN is not an executable (benches/load/bolt.sh builds it)"
+  { server_table "$BOLT_PORT"; origin_route; } >"$RUN_DIR/bolt.toml"
+  taskset -c "$SERVER_CPU" "$BOLT_BIN" --config "$RUN_DIR/bolt.toml" >"$RUN_DIR/bolt.log" 2>&1 &
+  PIDS+=($!); BOLT_PID=$!
+  wait_port $BOLT_PORT
+  targets+=(bolt)
+fi
 
 cat >"$RUN_DIR/post.lua" <<'EOF'
 wrk.method = "POST"
@@ -63,8 +75,8 @@ wrk.headers["Content-Type"] = "application/json"
 EOF
 
 
-pid_of() { case $1 in origin) echo "$ORIGIN_PID";; nginx) echo "$NGINX_PID";; floor) echo "$FLOOR_PID";; hyperion) echo "$HYPERION_PID";; esac; }
-port_of() { case $1 in origin) echo $ORIGIN_PORT;; nginx) echo $NGINX_PORT;; floor) echo $FLOOR_PORT;; hyperion) echo $HYPERION_PORT;; esac; }
+pid_of() { case $1 in origin) echo "$ORIGIN_PID";; nginx) echo "$NGINX_PID";; floor) echo "$FLOOR_PID";; hyperion) echo "$HYPERION_PID";; bolt) echo "$BOLT_PID";; esac; }
+port_of() { case $1 in origin) echo $ORIGIN_PORT;; nginx) echo $NGINX_PORT;; floor) echo $FLOOR_PORT;; hyperion) echo $HYPERION_PORT;; bolt) echo $BOLT_PORT;; esac; }
 
 RESULTS="$RUN_DIR/results.tsv"
 printf "round\ttarget\treq\tmode\trps\tp50_us\tcpu_us_per_req\n" >"$RESULTS"
@@ -95,7 +107,6 @@ run() { # round target req mode
   printf "  round %s %-8s %-6s %-4s %10s req/s  p50 %7s µs  cpu %6s µs/req\n" "$round" "$target" "$req" "$mode" "$rps" "$p50" "$cpu_us"
 }
 
-targets=(origin nginx floor hyperion)
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS"
   for req in get1k post; do
@@ -109,7 +120,7 @@ done
 {
   echo "# Hyperion pass-through vs nginx vs hyper-floor vs bare origin — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "# command: benches/load/passthrough.sh (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS LAT_DURATION=${LAT_DURATION}s)"
-  echo "# machine: $(nproc) cores, $(awk -F: '/model name/{print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); $(nginx -v 2>&1); hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
+  echo "# machine: $(nproc) cores, $(awk -F: '/model name/{print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); $(nginx -v 2>&1); hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) ($HYPERION${BOLT_BIN:+; bolt: $(realpath "$BOLT_BIN")})"
   echo "# server CPU $SERVER_CPU (origin + proxy), wrk on CPU $CLIENT_CPU; medians over $ROUNDS rounds [min..max]"
   echo "# cpu µs/req counts the proxy and the origin behind it (the origin row: the origin alone)"
   echo
@@ -118,12 +129,12 @@ done
            byround[k" "$1]=$5; if ($1+0>rounds) rounds=$1+0 }
     END {
       printf "%-8s %-4s %-9s %26s %22s %12s\n", "request", "mode", "target", "req/s", "p50 µs", "cpu µs/req"
-      split("get1k post", reqs, " "); split("tput lat", modes, " "); split("origin nginx floor hyperion", ts, " ")
+      split("get1k post", reqs, " "); split("tput lat", modes, " "); split("origin nginx floor hyperion bolt", ts, " ")
       for (r=1;r<=2;r++) for (m=1;m<=2;m++) {
-        for (t=1;t<=4;t++) { k=reqs[r]" "modes[m]" "ts[t]; if(!(k in keys)) continue
+        for (t=1;t<=5;t++) { k=reqs[r]" "modes[m]" "ts[t]; if(!(k in keys)) continue
           printf "%-8s %-4s %-9s %10.0f [%6.0f..%6.0f] %8.0f [%4.0f..%4.0f] %12.1f\n", reqs[r], modes[m], ts[t],
             med(rps[k]), mn(rps[k]), mx(rps[k]), med(p50[k]), mn(p50[k]), mx(p50[k]), med(cpu[k]) }
-        o=reqs[r]" "modes[m]" origin"; n=reqs[r]" "modes[m]" nginx"; h=reqs[r]" "modes[m]" hyperion"; f=reqs[r]" "modes[m]" floor"
+        o=reqs[r]" "modes[m]" origin"; n=reqs[r]" "modes[m]" nginx"; h=reqs[r]" "modes[m]" hyperion"; f=reqs[r]" "modes[m]" floor"; b=reqs[r]" "modes[m]" bolt"
         if (modes[m]=="tput") printf "  → hyperion/nginx throughput %.2f×, floor/nginx %.2f×, hyperion/floor %.2f×, hyperion/origin %.2f×; cpu µs/req hyperion %.1f, floor %.1f, nginx %.1f\n",
             med(rps[h])/med(rps[n]), med(rps[f])/med(rps[n]), med(rps[h])/med(rps[f]), med(rps[h])/med(rps[o]), med(cpu[h]), med(cpu[f]), med(cpu[n])
         # Each round measures every target within a minute or so: the ratio
@@ -131,8 +142,15 @@ done
         if (modes[m]=="tput") { hn=""; fn=""
           for (i=1;i<=rounds;i++) if ((h" "i in byround) && (n" "i in byround) && byround[n" "i]>0) {
             hn=hn" "byround[h" "i]/byround[n" "i]; fn=fn" "byround[f" "i]/byround[n" "i] }
-          if (hn!="") printf "  → per round: hyperion/nginx %.2f× [%.2f..%.2f], floor/nginx %.2f× [%.2f..%.2f]\n", med(hn), mn(hn), mx(hn), med(fn), mn(fn), mx(fn) }
-        else printf "  → added p50 latency over the bare origin: hyperion %+.0f µs, floor %+.0f µs, nginx %+.0f µs\n", med(p50[h])-med(p50[o]), med(p50[f])-med(p50[o]), med(p50[n])-med(p50[o])
+          if (hn!="") printf "  → per round: hyperion/nginx %.2f× [%.2f..%.2f], floor/nginx %.2f× [%.2f..%.2f]\n", med(hn), mn(hn), mx(hn), med(fn), mn(fn), mx(fn)
+          if (b in keys) { bn=""; bh=""
+            for (i=1;i<=rounds;i++) if ((b" "i in byround) && (n" "i in byround) && byround[n" "i]>0) {
+              bn=bn" "byround[b" "i]/byround[n" "i]; bh=bh" "byround[b" "i]/byround[h" "i] }
+            printf "  → bolt/nginx throughput %.2f× (per round %.2f× [%.2f..%.2f]), bolt/hyperion per round %.2f× [%.2f..%.2f]; cpu µs/req bolt %.1f\n",
+              med(rps[b])/med(rps[n]), med(bn), mn(bn), mx(bn), med(bh), mn(bh), mx(bh), med(cpu[b]) } }
+        else { printf "  → added p50 latency over the bare origin: hyperion %+.0f µs, floor %+.0f µs, nginx %+.0f µs", med(p50[h])-med(p50[o]), med(p50[f])-med(p50[o]), med(p50[n])-med(p50[o])
+          if (b in keys) printf ", bolt %+.0f µs", med(p50[b])-med(p50[o])
+          printf "\n" }
       }
     }' "$RESULTS"
 } | tee "$OUT"
