@@ -65,7 +65,7 @@ URL="http://127.0.0.1:$PROXY_PORT/static/1k"
 # Not a `{ …; } | tee` around the loop: that subshell's PIDS would escape cleanup.
 {
   echo "# instructions per pass-through request (callgrind) — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "# command: benches/load/instructions.sh (SECS=$SECS); hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); GET /static/1k, wrk -t1 -c$CONNS"
+  echo "# command: benches/load/instructions.sh (SECS=$SECS CONNS=$CONNS CACHE_SIM=$CACHE_SIM) $*; hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); GET /static/1k, wrk -t1 -c$CONNS"
 } | tee "$OUT"
 for bin in "${BINS[@]}"; do
   # Named by the binary's directory too: target/release/hyperion and
