@@ -237,8 +237,16 @@ impl BodyOutcome {
     }
 }
 
-/// Called once when a response body ends or is dropped: bytes sent, outcome.
-pub type OnEnd = Box<dyn FnOnce(u64, BodyOutcome) + Send>;
+/// What runs once when a response body ends or is dropped, with the bytes
+/// sent and how it ended. A trait rather than a boxed closure: a value the
+/// request already keeps on the heap (its access-log record) becomes the
+/// hook as it is, instead of being copied into a closure's new box.
+pub trait BodyEnd: Send {
+    fn end(self: Box<Self>, bytes: u64, outcome: BodyOutcome);
+}
+
+/// The end hook of a response body.
+pub type OnEnd = Box<dyn BodyEnd>;
 
 /// The body the client receives.
 pub struct ResponseBody {
@@ -429,8 +437,8 @@ impl ResponseBody {
                 rec.finish(outcome == BodyOutcome::Complete);
             }
         }
-        if let Some(f) = self.on_end.take() {
-            f(self.sent, outcome);
+        if let Some(hook) = self.on_end.take() {
+            hook.end(self.sent, outcome);
         }
     }
 }

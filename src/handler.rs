@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord};
-use crate::body::{BoxError, RequestBody, ResponseBody};
+use crate::body::{BodyEnd, BodyOutcome, BoxError, RequestBody, ResponseBody};
 use crate::cache::{Before, Cache, CacheQuery, CacheStatus, Exchange, Followed};
 use crate::compress;
-use crate::conn::ConnState;
+use crate::conn::{ConnState, InflightGuard};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
 use crate::limits::{tokens, Admission, Limits, RouteLimits, Stage, Subject, TokenMeter};
@@ -156,11 +156,16 @@ impl Proxy {
         };
         // If the client leaves before a response exists, hyper drops this
         // future: the guard still logs the request, as 499 (nginx's code).
-        let mut pending = PendingLog {
-            rec: Some(rec),
-            log: self.log.clone(),
-        };
-        let rec = pending.rec.as_mut().expect("just set");
+        // Boxed once, here: the box becomes the response body's end hook.
+        let mut pending = PendingLog(Some(Box::write(
+            Box::new_uninit(),
+            RequestLog {
+                rec,
+                log: self.log.clone(),
+                _inflight: inflight,
+            },
+        )));
+        let rec = &mut pending.0.as_mut().expect("just set").rec;
         let mut rewrite = None;
         // What compression needs of the request, kept before it is consumed.
         let mut accept = HeaderMap::new();
@@ -261,12 +266,8 @@ impl Proxy {
         if let Some(limit) = &admission.headers {
             limit.apply(resp.headers_mut());
         }
-        let rec = pending.rec.take().expect("taken once");
-        let log = self.log.clone();
-        resp.body_mut().on_end(Box::new(move |bytes, outcome| {
-            log.finish(&rec, bytes, outcome);
-            drop(inflight);
-        }));
+        resp.body_mut()
+            .on_end(pending.0.take().expect("taken once"));
         resp
     }
 
@@ -774,18 +775,30 @@ async fn read_body(body: &mut Incoming, limit: u64) -> Result<bytes::Bytes, Prox
     Ok(buf.freeze())
 }
 
-/// The access record of a request that has no response yet.
-struct PendingLog {
-    rec: Option<AccessRecord>,
+/// A request's access-log record, written when its response body ends (or
+/// is dropped), with the connection's in-flight count held until then.
+struct RequestLog {
+    rec: AccessRecord,
     log: Arc<AccessLog>,
+    _inflight: InflightGuard,
 }
+
+impl BodyEnd for RequestLog {
+    fn end(self: Box<Self>, bytes: u64, outcome: BodyOutcome) {
+        self.log.finish(&self.rec, bytes, outcome);
+    }
+}
+
+/// The record until a response exists: dropped with it still inside, the
+/// request is logged as 499.
+struct PendingLog(Option<Box<RequestLog>>);
 
 impl Drop for PendingLog {
     fn drop(&mut self) {
-        if let Some(mut rec) = self.rec.take() {
-            rec.status = 499;
-            rec.error = Some("client_closed_request");
-            self.log.finish(&rec, 0, crate::body::BodyOutcome::Aborted);
+        if let Some(mut pending) = self.0.take() {
+            pending.rec.status = 499;
+            pending.rec.error = Some("client_closed_request");
+            pending.end(0, BodyOutcome::Aborted);
         }
     }
 }
