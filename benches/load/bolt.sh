@@ -20,11 +20,11 @@
 # ones split off, functions ordered by calls). Code the mix does not reach
 # (TLS, HTTP/2, compression, errors) keeps working as before; it is only not
 # reordered. Last, the result is smoke-tested: `check` of the default
-# proxy.toml, and a pass-through and a cached answer compared with the
-# origin's bytes.
+# proxy.toml, and a pass-through answer and a cached one (miss, then hit)
+# compared with the origin's bytes.
 #
-# Usage: benches/load/bolt.sh        (~6 min: one release build, ~30 s of load)
-#        then e.g. HYPERION_BIN=target/bolt/hyperion benches/load/passthrough.sh
+# Usage: benches/load/bolt.sh        (~3–6 min: one release build, ~30 s of load)
+#        then e.g. BOLT_BIN=target/bolt/hyperion benches/load/passthrough.sh
 # Knobs: TRAIN_SECS (5) SHARED SERVER_CPU CLIENT_CPU
 # Needs: llvm-bolt (apt-get install -y bolt-19), wrk, curl, taskset and
 #        ../shared/bench/origin (built here if missing).
@@ -49,7 +49,7 @@ PLAIN="$BUILD/release/hyperion"
 
 SCRIPT=bolt.sh
 NEEDS="wrk:wrk curl:curl taskset:util-linux"
-OUT=$RUN_DIR/unused
+OUT=$RUN_DIR/unused   # common.sh wants one; this script writes no report
 HYPERION_BIN=$PLAIN   # common.sh: no second build
 # shellcheck source=benches/load/common.sh
 source "$REPO/benches/load/common.sh"

@@ -121,15 +121,21 @@ upstream = "origin"
 EOF
 }
 
-# Starts Hyperion on SERVER_CPU with the policy on stdin after a [server]
-# table of its own (HYPERION_PORT, access log off), checked first so a bad
-# policy is its own error; sets HYPERION_PID once it answers.
+# Starts a Hyperion binary (NAME BIN PORT) on SERVER_CPU with the policy on
+# stdin after a [server] table of its own (PORT, access log off), checked
+# first so a bad policy is its own error; sets STARTED_PID once it answers.
+start_proxy() {
+  { server_table "$3"; cat; } >"$RUN_DIR/$1.toml"
+  "$2" check --config "$RUN_DIR/$1.toml" >/dev/null
+  taskset -c "$SERVER_CPU" "$2" --config "$RUN_DIR/$1.toml" >"$RUN_DIR/$1.log" 2>&1 &
+  PIDS+=($!); STARTED_PID=$!
+  wait_port "$3"
+}
+
+# start_proxy for HYPERION on HYPERION_PORT; sets HYPERION_PID.
 start_hyperion() {
-  { server_table "$HYPERION_PORT"; cat; } >"$RUN_DIR/hyperion.toml"
-  "$HYPERION" check --config "$RUN_DIR/hyperion.toml" >/dev/null
-  taskset -c "$SERVER_CPU" "$HYPERION" --config "$RUN_DIR/hyperion.toml" >"$RUN_DIR/hyperion.log" 2>&1 &
-  PIDS+=($!); HYPERION_PID=$!
-  wait_port "$HYPERION_PORT"
+  start_proxy hyperion "$HYPERION" "$HYPERION_PORT"
+  HYPERION_PID=$STARTED_PID
 }
 
 # utime+stime clock ticks of a process and its children (nginx's worker).

@@ -61,10 +61,8 @@ start_hyperion < <(origin_route)
 targets=(origin nginx floor hyperion)
 if [ -n "${BOLT_BIN:-}" ]; then
   [ -x "$BOLT_BIN" ] || die "BOLT_BIN=$BOLT_BIN is not an executable (benches/load/bolt.sh builds it)"
-  { server_table "$BOLT_PORT"; origin_route; } >"$RUN_DIR/bolt.toml"
-  taskset -c "$SERVER_CPU" "$BOLT_BIN" --config "$RUN_DIR/bolt.toml" >"$RUN_DIR/bolt.log" 2>&1 &
-  PIDS+=($!); BOLT_PID=$!
-  wait_port $BOLT_PORT
+  start_proxy bolt "$BOLT_BIN" "$BOLT_PORT" < <(origin_route)
+  BOLT_PID=$STARTED_PID
   targets+=(bolt)
 fi
 
