@@ -142,8 +142,9 @@ pub struct UpstreamConn {
 
 /// The polled half of a connection.
 struct Driver {
-    /// Kept after the end so an upgraded connection can be taken apart.
-    conn: Connection<Io, RequestBody>,
+    /// Kept after the end so an upgraded connection can be taken apart;
+    /// `None` once dropped to give back a request it never took.
+    conn: Option<Connection<Io, RequestBody>>,
     done: bool,
     /// Why it ended, when it failed.
     error: Option<hyper::Error>,
@@ -154,7 +155,11 @@ impl Driver {
     /// body), reads the response. True once it has ended.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.done {
-            match self.conn.poll_without_shutdown(cx) {
+            let Some(conn) = &mut self.conn else {
+                self.done = true;
+                return true;
+            };
+            match conn.poll_without_shutdown(cx) {
                 Poll::Pending => {}
                 Poll::Ready(res) => {
                     self.done = true;
@@ -179,8 +184,18 @@ impl UpstreamConn {
         std::future::poll_fn(|cx| {
             // An end with the response in hand (an upgrade, or the upstream
             // closing right after it) leaves the response future to report.
-            driver.drive(cx);
-            response.as_mut().poll(cx)
+            let ended = driver.drive(cx);
+            match response.as_mut().poll(cx) {
+                // Ended cleanly with the request still queued: the upstream
+                // closed this idle connection before it took the request
+                // (`take_idle` no longer polls for that). hyper hands a
+                // queued request back only when the connection is dropped.
+                Poll::Pending if ended => {
+                    driver.conn = None;
+                    response.as_mut().poll(cx)
+                }
+                polled => polled,
+            }
         })
         .await
         // Boxed here, as the request was: it goes up as many layers.
@@ -206,13 +221,30 @@ impl UpstreamConn {
         if let Some(e) = self.driver.error.take() {
             return Err(e);
         }
-        let parts = self.driver.conn.into_parts();
+        // Only `send` drops the connection, and only while no response has
+        // come: an upgrade has one.
+        let conn = self
+            .driver
+            .conn
+            .take()
+            .expect("connection kept after a 101");
+        let parts = conn.into_parts();
         Ok((parts.io.into_inner(), parts.read_buf))
     }
 
-    /// Whether it may carry another request: polled once to notice an
-    /// upstream close, then asked whether it wants the next request.
+    /// Whether it may carry another request. One that already asks for the
+    /// next request is taken as it is: polling it here to notice an
+    /// upstream close would cost a pass through hyper's state machine on
+    /// every request, and `send` notices that close as well, before the
+    /// request leaves, and hands the request back for a new connection.
+    /// Otherwise it is polled once so it can get there.
     fn reusable(&mut self) -> bool {
+        if self.driver.done {
+            return false;
+        }
+        if self.sender.is_ready() {
+            return true;
+        }
         let mut cx = Context::from_waker(Waker::noop());
         !self.driver.drive(&mut cx) && self.sender.is_ready()
     }
@@ -339,7 +371,7 @@ impl ServerConns {
         Ok(Box::new(UpstreamConn {
             sender,
             driver: Driver {
-                conn,
+                conn: Some(conn),
                 done: false,
                 error: None,
             },
