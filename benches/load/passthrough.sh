@@ -25,6 +25,8 @@
 #
 # Usage: benches/load/passthrough.sh          (ROUNDS=3, ~8 min on a quiet machine)
 # Knobs: ROUNDS DURATION LAT_DURATION CONNS SERVER_CPU CLIENT_CPU SHARED OUT
+#        MODES ("tput lat"; "tput" skips the latency runs: more, shorter
+#        rounds in the same time on a busy host)
 #        HYPERION_BIN (measure that binary as hyperion) BOLT_BIN (add the bolt row)
 # Needs: wrk, nginx, taskset, curl (apt-get install -y wrk nginx util-linux curl)
 #        and ../shared/bench/origin (built here if missing).
@@ -34,7 +36,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-: "${ROUNDS:=3}" "${DURATION:=10}" "${LAT_DURATION:=5}" "${CONNS:=64}"
+: "${ROUNDS:=3}" "${DURATION:=10}" "${LAT_DURATION:=5}" "${CONNS:=64}" "${MODES:=tput lat}"
 : "${SERVER_CPU:=0}" "${CLIENT_CPU:=1}"
 : "${SHARED:=$REPO/../shared}"
 : "${RUN_DIR:=/tmp/hyperion-passthrough}"
@@ -108,7 +110,7 @@ run() { # round target req mode
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS"
   for req in get1k post; do
-    for mode in tput lat; do
+    for mode in $MODES; do
       for t in "${targets[@]}"; do run "$round" "$t" "$req" "$mode"; done
     done
   done
@@ -117,7 +119,7 @@ done
 
 {
   echo "# Hyperion pass-through vs nginx vs hyper-floor vs bare origin — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "# command: benches/load/passthrough.sh (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS LAT_DURATION=${LAT_DURATION}s)"
+  echo "# command: benches/load/passthrough.sh (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS LAT_DURATION=${LAT_DURATION}s MODES=\"$MODES\")"
   echo "# machine: $(nproc) cores, $(awk -F: '/model name/{print $2; exit}' /proc/cpuinfo | sed 's/^ *//'); $(nginx -v 2>&1); hyperion $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) ($HYPERION${BOLT_BIN:+; bolt: $(realpath "$BOLT_BIN")})"
   echo "# server CPU $SERVER_CPU (origin + proxy), wrk on CPU $CLIENT_CPU; medians over $ROUNDS rounds [min..max]"
   echo "# cpu µs/req counts the proxy and the origin behind it (the origin row: the origin alone)"
@@ -129,6 +131,7 @@ done
       printf "%-8s %-4s %-9s %26s %22s %12s\n", "request", "mode", "target", "req/s", "p50 µs", "cpu µs/req"
       split("get1k post", reqs, " "); split("tput lat", modes, " "); split("origin nginx floor hyperion bolt", ts, " ")
       for (r=1;r<=2;r++) for (m=1;m<=2;m++) {
+        if (!((reqs[r]" "modes[m]" nginx") in keys)) continue   # a mode left out (MODES)
         for (t=1;t<=5;t++) { k=reqs[r]" "modes[m]" "ts[t]; if(!(k in keys)) continue
           printf "%-8s %-4s %-9s %10.0f [%6.0f..%6.0f] %8.0f [%4.0f..%4.0f] %12.1f\n", reqs[r], modes[m], ts[t],
             med(rps[k]), mn(rps[k]), mx(rps[k]), med(p50[k]), mn(p50[k]), mx(p50[k]), med(cpu[k]) }
