@@ -12,10 +12,12 @@ use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+mod allocator;
+
 // mimalloc's thread-local free lists suit a proxy's many small, short-lived
 // allocations (header maps, futures, buffers) better than glibc's arenas.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Mimalloc = allocator::Mimalloc;
 
 /// A caching reverse proxy for AI backends (Ollama, OpenAI-compatible servers, FastAPI).
 #[derive(Parser)]
