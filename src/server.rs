@@ -340,7 +340,7 @@ async fn serve_connection<S>(
         // This request runs to its end on the proxy of this moment.
         let proxy = live.load_full();
         let info = info.clone();
-        // The request's future is large (~9 KB) and hyper moves what this
+        // The request's future is large (~5.5 KB) and hyper moves what this
         // returns into place: boxed on its first poll, only a pointer moves
         // (and built in its box, not copied there).
         async move { Ok::<_, Infallible>(boxed_in_place!(proxy.handle(req, &info)).await) }
