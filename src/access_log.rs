@@ -123,7 +123,7 @@ impl AccessLog {
 
     /// Records a finished request: the access-log line, and a WARN when slow.
     pub fn finish(&self, rec: &AccessRecord, bytes: u64, outcome: BodyOutcome) {
-        let elapsed = rec.started.elapsed();
+        let elapsed = crate::clock::now().saturating_duration_since(rec.started);
         crate::telemetry::request_finished(
             rec.route.as_deref(),
             &rec.method,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 use crate::cache::{Entry, FillReader, Recorder, StoredBody};
 use crate::compress::Coder;
@@ -561,7 +561,7 @@ impl UpstreamBody {
             Poll::Pending => {
                 // The timer is only touched when the upstream makes us wait, so a
                 // body that arrives in one read costs no timer work at all.
-                let deadline = Instant::now() + self.idle;
+                let deadline = crate::clock::now() + self.idle;
                 if !self.armed {
                     self.armed = true;
                     match &mut self.timer {

@@ -61,7 +61,9 @@ impl ConnState {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        crate::clock::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64
     }
 
     /// A request's head has been parsed; the guard ends it when dropped (with

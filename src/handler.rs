@@ -16,7 +16,6 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -140,7 +139,7 @@ impl Proxy {
         let lines = self.log.writes_lines();
         let line_field = |name| lines.then(|| req.headers().get(name).cloned()).flatten();
         let rec = AccessRecord {
-            started: Instant::now(),
+            started: crate::clock::now(),
             client: headers::client_ip(conn.peer, peer_trusted, req.headers(), trusted),
             method: req.method().clone(),
             target: req.uri().path_and_query().cloned(),
@@ -303,7 +302,7 @@ impl Proxy {
         let who = |headers, at| subject(client, headers, &route.name, at);
         // One clock reading for every limiter checked on arrival, and for a
         // cache hit's look at the rest.
-        let arrived = (!route.limits.is_empty()).then(tokio::time::Instant::now);
+        let arrived = (!route.limits.is_empty()).then(crate::clock::now);
         // A request refused before the limiters count it still tells the
         // client where it stands.
         let refuse = |e: ProxyError, headers: &HeaderMap, admission: &mut Admission| {
@@ -410,7 +409,7 @@ impl Proxy {
                             Followed::Serve(resp, status) => {
                                 rec.cache = status.as_str();
                                 if arrived.is_some() {
-                                    let now = tokio::time::Instant::now();
+                                    let now = crate::clock::now();
                                     route.limits.peek_rest(&who(req.headers(), now), admission);
                                 }
                                 return Ok(resp);
@@ -427,7 +426,7 @@ impl Proxy {
         // A background refresh behind a stale answer is the proxy's own
         // errand and spends nothing.
         if !route.limits.is_empty() {
-            let who = who(req.headers(), tokio::time::Instant::now());
+            let who = who(req.headers(), crate::clock::now());
             if serve_stale.is_none() {
                 route
                     .check_limits(Stage::Upstream, &who, &read_ahead, admission)

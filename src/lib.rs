@@ -23,6 +23,7 @@ pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod cache;
+pub mod clock;
 pub mod compress;
 pub mod conn;
 pub mod error;

@@ -377,7 +377,10 @@ async fn serve_connection<S>(
     // looked at again only once the worker is stopping. The timer answers at
     // once while a request is in flight.
     let mut registered = false;
-    std::future::poll_fn(|cx| loop {
+    std::future::poll_fn(|cx| {
+        // Clock readings in this poll are shared (clock.rs).
+        let _pass = crate::clock::Pass::begin();
+        loop {
         let ended = match &mut conn {
             Serving::Http1(c) => c.as_mut().poll(cx).map_err(BoxError::from),
             Serving::Http2(c) => c.as_mut().poll(cx).map_err(BoxError::from),
@@ -414,6 +417,7 @@ async fn serve_connection<S>(
         }
         registered = true;
         return Poll::Pending;
+        }
     })
     .await;
 }

@@ -164,7 +164,7 @@ impl UpstreamPool {
         filter: &PickFilter,
         waiting: impl Fn(bool),
     ) -> Result<Admitted, ProxyError> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let index = self.pick(filter, now)?;
         let slot = match &self.inflight {
             None => None,
@@ -188,7 +188,7 @@ impl UpstreamPool {
     /// Like `admit`, without waiting: `None` when no usable server has a
     /// free slot.
     pub fn try_admit(&self, filter: &PickFilter) -> Option<Admitted> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let index = self.pick(filter, now).ok()?;
         let slot = match &self.inflight {
             None => None,
@@ -281,10 +281,10 @@ impl UpstreamPool {
         loop {
             let index = admitted.index;
             let server = &self.state.servers[index];
-            let started = Instant::now();
+            let started = crate::clock::now();
             let failure = match self.attempt(index, req, started).await {
                 Ok((resp, mut lease)) => {
-                    let now = Instant::now();
+                    let now = crate::clock::now();
                     let status = resp.status();
                     if status.is_server_error() {
                         server.failed(&format!("answered {status}"), eject_after, may_eject, now);
@@ -300,7 +300,7 @@ impl UpstreamPool {
                 }
                 Err(f) => f,
             };
-            let now = Instant::now();
+            let now = crate::clock::now();
             if !matches!(
                 failure.error,
                 ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody(_)

@@ -400,7 +400,7 @@ impl ServerConns {
         }
         let mut idle = self.idle.lock().expect("idle stack lock");
         if idle.len() < MAX_IDLE {
-            idle.push((Instant::now(), conn));
+            idle.push((crate::clock::now(), conn));
         }
     }
 
