@@ -7,6 +7,7 @@
 //! handling lives in `server`.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -129,528 +130,545 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: errors become JSON responses.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
-        let inflight = conn.state.begin(req.version());
-        let fields = headers::RequestFields::of(req.headers());
-        let request_id = headers::request_id(fields.request_id.as_ref());
-        let trusted = &self.policy.server.trusted_proxies;
-        // Per request, not per connection: a reload may change the list.
-        let peer_trusted = headers::is_trusted(conn.peer, trusted);
-        let lines = self.log.writes_lines();
-        let line_field = |name| lines.then(|| req.headers().get(name).cloned()).flatten();
-        let rec = AccessRecord {
-            started: crate::clock::now(),
-            client: headers::client_ip(conn.peer, peer_trusted, req.headers(), trusted),
-            method: req.method().clone(),
-            target: req.uri().path_and_query().cloned(),
-            version: req.version(),
-            status: 0,
-            route: None,
-            upstream: None,
-            request_id: request_id.clone(),
-            cache: "-",
-            user_agent: line_field(header::USER_AGENT),
-            referer: line_field(header::REFERER),
-            error: None,
-        };
-        // If the client leaves before a response exists, hyper drops this
-        // future: the guard still logs the request, as 499 (nginx's code).
-        // Boxed once, here: the box becomes the response body's end hook.
-        let mut pending = PendingLog(Some(Box::write(
-            Box::new_uninit(),
-            RequestLog {
-                rec,
-                log: self.log.clone(),
-                _inflight: inflight,
-            },
-        )));
-        let rec = &mut pending.0.as_mut().expect("just set").rec;
-        let mut rewrite = None;
-        // What compression needs of the request, kept before it is consumed.
-        let mut accept = HeaderMap::new();
-        if self.policy.compression.is_some() {
-            for v in req.headers().get_all(header::ACCEPT_ENCODING) {
-                accept.append(header::ACCEPT_ENCODING, v.clone());
-            }
-        }
-        let head_only = req.method() == Method::HEAD;
-        let mut admission = Admission::default();
-        let forwarded = self
-            .forward(
-                (req, fields),
-                (conn, peer_trusted),
-                rec,
-                &request_id,
-                &mut rewrite,
-                &mut admission,
-            )
-            .await;
-        let spends = admission.take_token_spends();
-        let mut spends = (!spends.is_empty()).then_some(spends);
-        if let (Some(s), Err(e)) = (&spends, &forwarded) {
-            match e {
-                // Cut off waiting for the answer, the backend may have worked
-                // all along: the reservation stands. Other failures (connect
-                // timeouts included) generated nothing.
-                ProxyError::UpstreamTimeout {
-                    phase: "send response headers",
-                    ..
-                } => {}
-                _ => s.iter().for_each(|s| s.settle(0)),
-            }
-        }
-        // The answer is moved as little as it can be: it is a few hundred
-        // bytes, and every move of it is a copy.
-        let failed = |e: ProxyError, rec: &mut AccessRecord| {
-            if e.status().is_server_error() {
-                tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
-            } else {
-                tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
-            }
-            rec.error = Some(e.code());
-            let mut resp = e.into_response(&request_id);
-            if rec.cache != "-" {
-                resp.headers_mut()
-                    .insert(X_CACHE, HeaderValue::from_static(rec.cache));
-            }
-            resp
-        };
-        let mut resp = match forwarded {
-            Ok(mut resp) => {
-                // What the upstream or the cache answered, as the route wants
-                // clients to see it (Hyperion's own errors are left alone).
-                let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                let mut rewritten = false;
-                if let Some(rw) = rewrite.filter(|_| !upgraded) {
-                    rewritten = rw.rewrites_responses();
-                    rw.apply_response(resp.headers_mut());
+    ///
+    /// An async block, not an `async fn`: an `async fn` copies its arguments
+    /// into its body's locals on the first poll, and this one's request is
+    /// 264 bytes.
+    #[allow(clippy::manual_async_fn)]
+    pub fn handle<'a>(
+        &'a self,
+        req: Request<Incoming>,
+        conn: &'a ConnInfo,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'a {
+        async move {
+            let inflight = conn.state.begin(req.version());
+            let fields = headers::RequestFields::of(req.headers());
+            let request_id = headers::request_id(fields.request_id.as_ref());
+            let trusted = &self.policy.server.trusted_proxies;
+            // Per request, not per connection: a reload may change the list.
+            let peer_trusted = headers::is_trusted(conn.peer, trusted);
+            let lines = self.log.writes_lines();
+            let line_field = |name| lines.then(|| req.headers().get(name).cloned()).flatten();
+            let rec = AccessRecord {
+                started: crate::clock::now(),
+                client: headers::client_ip(conn.peer, peer_trusted, req.headers(), trusted),
+                method: req.method().clone(),
+                target: req.uri().path_and_query().cloned(),
+                version: req.version(),
+                status: 0,
+                route: None,
+                upstream: None,
+                request_id: request_id.clone(),
+                cache: "-",
+                user_agent: line_field(header::USER_AGENT),
+                referer: line_field(header::REFERER),
+                error: None,
+            };
+            // If the client leaves before a response exists, hyper drops this
+            // future: the guard still logs the request, as 499 (nginx's code).
+            // Boxed once, here: the box becomes the response body's end hook.
+            let mut pending = PendingLog(Some(Box::write(
+                Box::new_uninit(),
+                RequestLog {
+                    rec,
+                    log: self.log.clone(),
+                    _inflight: inflight,
+                },
+            )));
+            let rec = &mut pending.0.as_mut().expect("just set").rec;
+            let mut rewrite = None;
+            // What compression needs of the request, kept before it is consumed.
+            let mut accept = HeaderMap::new();
+            if self.policy.compression.is_some() {
+                for v in req.headers().get_all(header::ACCEPT_ENCODING) {
+                    accept.append(header::ACCEPT_ENCODING, v.clone());
                 }
-                let coded = match &self.policy.compression {
-                    Some(cp) if !upgraded => {
-                        compress::encode_response(
-                            cp,
-                            &accept,
-                            head_only,
-                            rewritten,
-                            &self.cache,
-                            &mut resp,
-                        )
-                        .await
+            }
+            let head_only = req.method() == Method::HEAD;
+            let mut admission = Admission::default();
+            let forwarded = self
+                .forward(
+                    (req, fields),
+                    (conn, peer_trusted),
+                    rec,
+                    &request_id,
+                    &mut rewrite,
+                    &mut admission,
+                )
+                .await;
+            let spends = admission.take_token_spends();
+            let mut spends = (!spends.is_empty()).then_some(spends);
+            if let (Some(s), Err(e)) = (&spends, &forwarded) {
+                match e {
+                    // Cut off waiting for the answer, the backend may have worked
+                    // all along: the reservation stands. Other failures (connect
+                    // timeouts included) generated nothing.
+                    ProxyError::UpstreamTimeout {
+                        phase: "send response headers",
+                        ..
+                    } => {}
+                    _ => s.iter().for_each(|s| s.settle(0)),
+                }
+            }
+            // The answer is moved as little as it can be: it is a few hundred
+            // bytes, and every move of it is a copy.
+            let failed = |e: ProxyError, rec: &mut AccessRecord| {
+                if e.status().is_server_error() {
+                    tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
+                } else {
+                    tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
+                }
+                rec.error = Some(e.code());
+                let mut resp = e.into_response(&request_id);
+                if rec.cache != "-" {
+                    resp.headers_mut()
+                        .insert(X_CACHE, HeaderValue::from_static(rec.cache));
+                }
+                resp
+            };
+            let mut resp = match forwarded {
+                Ok(mut resp) => {
+                    // What the upstream or the cache answered, as the route wants
+                    // clients to see it (Hyperion's own errors are left alone).
+                    let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    let mut rewritten = false;
+                    if let Some(rw) = rewrite.filter(|_| !upgraded) {
+                        rewritten = rw.rewrites_responses();
+                        rw.apply_response(resp.headers_mut());
                     }
-                    _ => Ok(()),
-                };
-                match coded {
-                    Ok(()) => {
-                        // Settled with the answer's usage when its body ends
-                        // (the meter reads the body before any coding).
-                        if let Some(spends) = spends.take() {
-                            let ct = resp.headers().get(header::CONTENT_TYPE);
-                            let meter = TokenMeter::new(
-                                spends,
-                                ct.map(|v| v.as_bytes()),
-                                resp.status().is_success(),
-                                admission.estimate.map_or(0, |(_, prompt)| prompt),
-                            );
-                            resp.body_mut().meter(meter);
+                    let coded = match &self.policy.compression {
+                        Some(cp) if !upgraded => {
+                            compress::encode_response(
+                                cp,
+                                &accept,
+                                head_only,
+                                rewritten,
+                                &self.cache,
+                                &mut resp,
+                            )
+                            .await
                         }
-                        resp
+                        _ => Ok(()),
+                    };
+                    match coded {
+                        Ok(()) => {
+                            // Settled with the answer's usage when its body ends
+                            // (the meter reads the body before any coding).
+                            if let Some(spends) = spends.take() {
+                                let ct = resp.headers().get(header::CONTENT_TYPE);
+                                let meter = TokenMeter::new(
+                                    spends,
+                                    ct.map(|v| v.as_bytes()),
+                                    resp.status().is_success(),
+                                    admission.estimate.map_or(0, |(_, prompt)| prompt),
+                                );
+                                resp.body_mut().meter(meter);
+                            }
+                            resp
+                        }
+                        Err(e) => failed(e, rec),
                     }
-                    Err(e) => failed(e, rec),
                 }
+                Err(e) => failed(e, rec),
+            };
+            rec.status = resp.status().as_u16();
+            resp.headers_mut().insert(X_REQUEST_ID, request_id);
+            if let Some(limit) = &admission.headers {
+                limit.apply(resp.headers_mut());
             }
-            Err(e) => failed(e, rec),
-        };
-        rec.status = resp.status().as_u16();
-        resp.headers_mut().insert(X_REQUEST_ID, request_id);
-        if let Some(limit) = &admission.headers {
-            limit.apply(resp.headers_mut());
+            resp.body_mut()
+                .on_end(pending.0.take().expect("taken once"));
+            resp
         }
-        resp.body_mut()
-            .on_end(pending.0.take().expect("taken once"));
-        resp
     }
 
-    async fn forward(
-        &self,
+    /// An async block for the reason `handle` is one.
+    #[allow(clippy::manual_async_fn)]
+    fn forward<'a>(
+        &'a self,
         (mut req, fields): (Request<Incoming>, headers::RequestFields),
-        (conn, peer_trusted): (&ConnInfo, bool),
-        rec: &mut AccessRecord,
-        request_id: &HeaderValue,
-        rewrite: &mut Option<Arc<HeaderRewrite>>,
-        admission: &mut Admission,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        let limits = &self.policy.server;
-        let host_value = fields.host.or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        if host_value.is_none() && req.version() == Version::HTTP_11 {
-            // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
-            return Err(ProxyError::BadRequest(
-                "HTTP/1.1 requests need a Host header",
-            ));
-        }
-        let host = host_value.as_ref().and_then(host_name);
-        let route = self
-            .routes
-            .find(req.method(), host.as_deref(), req.uri().path())
-            .ok_or(ProxyError::NoRoute)?;
-        rec.route = Some(route.name.clone());
-        rewrite.clone_from(&route.policy.headers);
-        let client = rec.client;
-        let who = |headers, at| subject(client, headers, &route.name, at);
-        // One clock reading for every limiter checked on arrival, and for a
-        // cache hit's look at the rest.
-        let arrived = (!route.limits.is_empty()).then(crate::clock::now);
-        // A request refused before the limiters count it still tells the
-        // client where it stands.
-        let refuse = |e: ProxyError, headers: &HeaderMap, admission: &mut Admission| {
+        (conn, peer_trusted): (&'a ConnInfo, bool),
+        rec: &'a mut AccessRecord,
+        request_id: &'a HeaderValue,
+        rewrite: &'a mut Option<Arc<HeaderRewrite>>,
+        admission: &'a mut Admission,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + 'a {
+        async move {
+            let limits = &self.policy.server;
+            let host_value = fields.host.or_else(|| {
+                req.uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            });
+            if host_value.is_none() && req.version() == Version::HTTP_11 {
+                // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+                return Err(ProxyError::BadRequest(
+                    "HTTP/1.1 requests need a Host header",
+                ));
+            }
+            let host = host_value.as_ref().and_then(host_name);
+            let route = self
+                .routes
+                .find(req.method(), host.as_deref(), req.uri().path())
+                .ok_or(ProxyError::NoRoute)?;
+            rec.route = Some(route.name.clone());
+            rewrite.clone_from(&route.policy.headers);
+            let client = rec.client;
+            let who = |headers, at| subject(client, headers, &route.name, at);
+            // One clock reading for every limiter checked on arrival, and for a
+            // cache hit's look at the rest.
+            let arrived = (!route.limits.is_empty()).then(crate::clock::now);
+            // A request refused before the limiters count it still tells the
+            // client where it stands.
+            let refuse = |e: ProxyError, headers: &HeaderMap, admission: &mut Admission| {
+                if let Some(at) = arrived {
+                    route
+                        .limits
+                        .peek_rest(&subject(client, headers, &route.name, at), admission);
+                }
+                Err(e)
+            };
+
+            let uri_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+            if headers::head_size(req.method().as_str(), uri_len, fields.size)
+                > limits.max_header_size
+            {
+                let e = ProxyError::HeadersTooLarge {
+                    limit: limits.max_header_size,
+                };
+                return refuse(e, req.headers(), admission);
+            }
+            let e = match fields.content_length {
+                Some(None) => Some(ProxyError::BadRequest("Content-Length is not a number")),
+                Some(Some(n)) if n > limits.max_request_body => Some(ProxyError::BodyTooLarge {
+                    limit: limits.max_request_body,
+                }),
+                _ => None,
+            };
+            if let Some(e) = e {
+                return refuse(e, req.headers(), admission);
+            }
+
+            let upgrade = (fields.upgrade && req.version() == Version::HTTP_11)
+                .then(|| headers::requested_upgrade(req.headers()))
+                .flatten();
+            let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+            // The cache: answer from it, or learn how to treat the upstream's answer.
+            let mut exchange = None;
+            let mut read_ahead = None;
+            // Served stale while `exchange` refreshes the entry in the background.
+            let mut serve_stale = None;
+            let cache_policy = route.policy.cache.as_ref().filter(|_| upgrade.is_none());
+            let body_keyed = cache_policy.is_some_and(|p| p.body_key != BodyKey::None);
+            let by_model = route.pool.state.models.routes_by_model();
+            // Body-keyed routes need the body for the key, token-limited ones for
+            // the request's `max_tokens`, model-routed ones for its `model`.
+            if (body_keyed || by_model || route.limits.counts_tokens())
+                && !http_body::Body::is_end_stream(req.body())
+            {
+                match read_body(req.body_mut(), limits.max_request_body).await {
+                    Ok(body) => read_ahead = Some(body),
+                    Err(e) => return refuse(e, req.headers(), admission),
+                }
+            }
             if let Some(at) = arrived {
                 route
-                    .limits
-                    .peek_rest(&subject(client, headers, &route.name, at), admission);
-            }
-            Err(e)
-        };
-
-        let uri_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
-        if headers::head_size(req.method().as_str(), uri_len, fields.size) > limits.max_header_size
-        {
-            let e = ProxyError::HeadersTooLarge {
-                limit: limits.max_header_size,
-            };
-            return refuse(e, req.headers(), admission);
-        }
-        let e = match fields.content_length {
-            Some(None) => Some(ProxyError::BadRequest("Content-Length is not a number")),
-            Some(Some(n)) if n > limits.max_request_body => Some(ProxyError::BodyTooLarge {
-                limit: limits.max_request_body,
-            }),
-            _ => None,
-        };
-        if let Some(e) = e {
-            return refuse(e, req.headers(), admission);
-        }
-
-        let upgrade = (fields.upgrade && req.version() == Version::HTTP_11)
-            .then(|| headers::requested_upgrade(req.headers()))
-            .flatten();
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-
-        // The cache: answer from it, or learn how to treat the upstream's answer.
-        let mut exchange = None;
-        let mut read_ahead = None;
-        // Served stale while `exchange` refreshes the entry in the background.
-        let mut serve_stale = None;
-        let cache_policy = route.policy.cache.as_ref().filter(|_| upgrade.is_none());
-        let body_keyed = cache_policy.is_some_and(|p| p.body_key != BodyKey::None);
-        let by_model = route.pool.state.models.routes_by_model();
-        // Body-keyed routes need the body for the key, token-limited ones for
-        // the request's `max_tokens`, model-routed ones for its `model`.
-        if (body_keyed || by_model || route.limits.counts_tokens())
-            && !http_body::Body::is_end_stream(req.body())
-        {
-            match read_body(req.body_mut(), limits.max_request_body).await {
-                Ok(body) => read_ahead = Some(body),
-                Err(e) => return refuse(e, req.headers(), admission),
-            }
-        }
-        if let Some(at) = arrived {
-            route
-                .check_limits(
-                    Stage::Arrival,
-                    &who(req.headers(), at),
-                    &read_ahead,
-                    admission,
-                )
-                .await?;
-        }
-        if let Some(policy) = cache_policy {
-            // Waiting behind an identical request may end with it failing:
-            // then look again, once, before going upstream alone.
-            let mut joins_left = 2;
-            loop {
-                let query = CacheQuery {
-                    route: &route.name,
-                    method: req.method(),
-                    host: host.as_deref().unwrap_or(""),
-                    path: req.uri().path(),
-                    query: req.uri().query(),
-                    headers: req.headers(),
-                    body: read_ahead.as_ref(),
-                };
-                // The cache's futures are boxed where they are awaited: inline,
-                // their size would be carried (and copied) by every request's
-                // future, pass-through ones included.
-                match boxed_in_place!(self.cache.before(policy, query, joins_left > 0)).await {
-                    Before::Serve(resp, status, None) => {
-                        rec.cache = status.as_str();
-                        if let Some(at) = arrived {
-                            route.limits.peek_rest(&who(req.headers(), at), admission);
-                        }
-                        return Ok(resp);
-                    }
-                    Before::Serve(resp, status, refresh) => {
-                        rec.cache = status.as_str();
-                        serve_stale = Some(resp);
-                        exchange = refresh;
-                        break;
-                    }
-                    Before::Fail(e) => return refuse(e, req.headers(), admission),
-                    Before::Forward(ex) => {
-                        rec.cache = ex.status.as_str();
-                        exchange = Some(ex);
-                        break;
-                    }
-                    Before::Follow(follow) => {
-                        joins_left -= 1;
-                        match boxed_in_place!(follow.wait(req.headers())).await {
-                            Followed::Serve(resp, status) => {
-                                rec.cache = status.as_str();
-                                if arrived.is_some() {
-                                    let now = crate::clock::now();
-                                    route.limits.peek_rest(&who(req.headers(), now), admission);
-                                }
-                                return Ok(resp);
-                            }
-                            Followed::Retry => {}
-                            Followed::Alone => joins_left = 0,
-                        }
-                    }
-                }
-            }
-        }
-
-        // Going upstream: the limiters that let cache hits through count now.
-        // A background refresh behind a stale answer is the proxy's own
-        // errand and spends nothing.
-        if !route.limits.is_empty() {
-            let who = who(req.headers(), crate::clock::now());
-            if serve_stale.is_none() {
-                route
-                    .check_limits(Stage::Upstream, &who, &read_ahead, admission)
+                    .check_limits(
+                        Stage::Arrival,
+                        &who(req.headers(), at),
+                        &read_ahead,
+                        admission,
+                    )
                     .await?;
             }
-            route.limits.peek_rest(&who, admission);
-        }
-        // A server, and a slot under `max_inflight_per_server`, waiting in
-        // line for one if need be. A background refresh does not queue:
-        // without a free slot the stale answer goes out and a later request
-        // refreshes.
-        let pool = &route.pool;
-        let mut filter = PickFilter {
-            hash: balance_hash(pool, &req, exchange.as_ref(), host.as_deref()),
-            ..PickFilter::default()
-        };
-        // Only servers serving the request's model, those having it loaded
-        // first.
-        let model = read_ahead
-            .as_deref()
-            .filter(|_| by_model)
-            .and_then(models::requested_model);
-        match pool.state.models.choose(model.as_ref()) {
-            ModelChoice::Any => {}
-            ModelChoice::Among { serving, loaded } => {
-                filter.only = serving;
-                filter.prefer = loaded;
-            }
-            ModelChoice::Unknown { served } => {
-                if route.policy.unknown_model == UnknownModel::Reject {
-                    // Nothing reached the upstream: nothing is spent.
-                    admission.refund_all();
-                    if let Some(stale) = serve_stale.take() {
-                        return Ok(stale);
+            if let Some(policy) = cache_policy {
+                // Waiting behind an identical request may end with it failing:
+                // then look again, once, before going upstream alone.
+                let mut joins_left = 2;
+                loop {
+                    let query = CacheQuery {
+                        route: &route.name,
+                        method: req.method(),
+                        host: host.as_deref().unwrap_or(""),
+                        path: req.uri().path(),
+                        query: req.uri().query(),
+                        headers: req.headers(),
+                        body: read_ahead.as_ref(),
+                    };
+                    // The cache's futures are boxed where they are awaited: inline,
+                    // their size would be carried (and copied) by every request's
+                    // future, pass-through ones included.
+                    match boxed_in_place!(self.cache.before(policy, query, joins_left > 0)).await {
+                        Before::Serve(resp, status, None) => {
+                            rec.cache = status.as_str();
+                            if let Some(at) = arrived {
+                                route.limits.peek_rest(&who(req.headers(), at), admission);
+                            }
+                            return Ok(resp);
+                        }
+                        Before::Serve(resp, status, refresh) => {
+                            rec.cache = status.as_str();
+                            serve_stale = Some(resp);
+                            exchange = refresh;
+                            break;
+                        }
+                        Before::Fail(e) => return refuse(e, req.headers(), admission),
+                        Before::Forward(ex) => {
+                            rec.cache = ex.status.as_str();
+                            exchange = Some(ex);
+                            break;
+                        }
+                        Before::Follow(follow) => {
+                            joins_left -= 1;
+                            match boxed_in_place!(follow.wait(req.headers())).await {
+                                Followed::Serve(resp, status) => {
+                                    rec.cache = status.as_str();
+                                    if arrived.is_some() {
+                                        let now = crate::clock::now();
+                                        route.limits.peek_rest(&who(req.headers(), now), admission);
+                                    }
+                                    return Ok(resp);
+                                }
+                                Followed::Retry => {}
+                                Followed::Alone => joins_left = 0,
+                            }
+                        }
                     }
-                    return Err(ProxyError::UnknownModel {
-                        upstream: pool.policy.name.clone(),
-                        model: model.map(|m| m.to_string()).unwrap_or_default(),
-                        served,
-                    });
                 }
             }
-        }
-        let admitted = if let Some(stale) = serve_stale.take() {
-            match pool.try_admit(&filter) {
-                Some(admitted) => {
-                    serve_stale = Some(stale);
-                    admitted
+
+            // Going upstream: the limiters that let cache hits through count now.
+            // A background refresh behind a stale answer is the proxy's own
+            // errand and spends nothing.
+            if !route.limits.is_empty() {
+                let who = who(req.headers(), crate::clock::now());
+                if serve_stale.is_none() {
+                    route
+                        .check_limits(Stage::Upstream, &who, &read_ahead, admission)
+                        .await?;
                 }
-                None => return Ok(stale),
+                route.limits.peek_rest(&who, admission);
             }
-        } else {
-            // Identical requests behind this one wait with it, not time out.
-            let waiting = |queued| {
-                if queued {
-                    crate::telemetry::queued(&pool.policy.name);
+            // A server, and a slot under `max_inflight_per_server`, waiting in
+            // line for one if need be. A background refresh does not queue:
+            // without a free slot the stale answer goes out and a later request
+            // refreshes.
+            let pool = &route.pool;
+            let mut filter = PickFilter {
+                hash: balance_hash(pool, &req, exchange.as_ref(), host.as_deref()),
+                ..PickFilter::default()
+            };
+            // Only servers serving the request's model, those having it loaded
+            // first.
+            let model = read_ahead
+                .as_deref()
+                .filter(|_| by_model)
+                .and_then(models::requested_model);
+            match pool.state.models.choose(model.as_ref()) {
+                ModelChoice::Any => {}
+                ModelChoice::Among { serving, loaded } => {
+                    filter.only = serving;
+                    filter.prefer = loaded;
                 }
-                if let Some(ex) = &exchange {
-                    ex.queue(queued);
+                ModelChoice::Unknown { served } => {
+                    if route.policy.unknown_model == UnknownModel::Reject {
+                        // Nothing reached the upstream: nothing is spent.
+                        admission.refund_all();
+                        if let Some(stale) = serve_stale.take() {
+                            return Ok(stale);
+                        }
+                        return Err(ProxyError::UnknownModel {
+                            upstream: pool.policy.name.clone(),
+                            model: model.map(|m| m.to_string()).unwrap_or_default(),
+                            served,
+                        });
+                    }
+                }
+            }
+            let admitted = if let Some(stale) = serve_stale.take() {
+                match pool.try_admit(&filter) {
+                    Some(admitted) => {
+                        serve_stale = Some(stale);
+                        admitted
+                    }
+                    None => return Ok(stale),
+                }
+            } else {
+                // Identical requests behind this one wait with it, not time out.
+                let waiting = |queued| {
+                    if queued {
+                        crate::telemetry::queued(&pool.policy.name);
+                    }
+                    if let Some(ex) = &exchange {
+                        ex.queue(queued);
+                    }
+                };
+                match pool.admit(&filter, waiting).await {
+                    Ok(admitted) => admitted,
+                    Err(e) => {
+                        // Nothing reached the upstream: nothing is spent.
+                        admission.refund_all();
+                        if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
+                            rec.cache = CacheStatus::Stale.as_str();
+                            return Ok(stale);
+                        }
+                        return Err(e);
+                    }
                 }
             };
-            match pool.admit(&filter, waiting).await {
-                Ok(admitted) => admitted,
+
+            let (mut parts, body) = req.into_parts();
+            if fields.hop_by_hop {
+                headers::strip_hop_by_hop(&mut parts.headers);
+            }
+            if fields.transfer_encoding {
+                // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; a length
+                // sent alongside it must not reach the upstream.
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
+            if fields.expect {
+                // hyper has already answered `Expect: 100-continue` by reading the body.
+                parts.headers.remove(header::EXPECT);
+            }
+            headers::add_forwarding(
+                &mut parts.headers,
+                &Forwarding {
+                    peer_value: &conn.peer_value,
+                    peer_trusted,
+                    proto: conn.proto,
+                    host: host_value.as_ref(),
+                    version: parts.version,
+                },
+            );
+            parts.headers.insert(X_REQUEST_ID, request_id.clone());
+
+            let pick = pool.pick_at(admitted.index);
+            let server = pick.server;
+            rec.upstream = Some(server.url.clone());
+            if !route.policy.preserve_host {
+                parts
+                    .headers
+                    .insert(header::HOST, server.host_header.clone());
+            } else if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host_value)
+            {
+                // HTTP/2 clients send :authority instead of Host.
+                parts.headers.insert(header::HOST, h.clone());
+            }
+            if let Some(protocol) = &upgrade {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, protocol.clone());
+            }
+            if self.policy.compression.is_some() || route.limits.counts_tokens() {
+                // Hyperion compresses, or counts tokens in the answer: the
+                // upstream's bytes must be readable here.
+                parts.headers.insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
+            }
+            if let Some(rw) = &route.policy.headers {
+                rw.apply_request(&mut parts.headers);
+            }
+            parts.uri = UpstreamPool::origin_form(parts.uri);
+            parts.version = Version::HTTP_11;
+            if let Some(ex) = &mut exchange {
+                ex.add_validators(&mut parts.headers);
+            }
+
+            let body = match read_ahead {
+                Some(bytes) => RequestBody::buffered(bytes),
+                None => RequestBody::new(body, limits.max_request_body),
+            };
+            // Boxed once here: it passes down four layers (send, attempt,
+            // exchange, the connection), each of which would otherwise copy it.
+            let req = Box::new(Request::from_parts(parts, body));
+            if let Some(ex) = exchange.take_if(|ex| ex.leads()) {
+                // Identical requests wait for this one: it runs in a task of its
+                // own, which this client leaving does not cancel.
+                let pool = pool.clone();
+                let preserve_host = route.policy.preserve_host;
+                let send = async move {
+                    let (resp, lease, index) = pool
+                        .send(admitted, req, filter, model.as_ref(), preserve_host)
+                        .await?;
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(unasked_upgrade(pool.pick_at(index).server));
+                    }
+                    Ok(client_response(*resp, lease, pool.policy.idle_timeout))
+                };
+                if let Some(stale) = serve_stale {
+                    ex.refresh(send);
+                    return Ok(stale);
+                }
+                let (resp, status) = boxed_in_place!(ex.lead(send)).await?;
+                rec.cache = status.as_str();
+                return Ok(resp);
+            }
+            let sent = pool
+                .send(
+                    admitted,
+                    req,
+                    filter,
+                    model.as_ref(),
+                    route.policy.preserve_host,
+                )
+                .await;
+            let (resp, lease) = match sent {
+                Ok((resp, lease, index)) => {
+                    // Another server than planned, after a retry.
+                    if index != pick.index {
+                        rec.upstream = Some(pool.pick_at(index).server.url.clone());
+                    }
+                    (resp, lease)
+                }
                 Err(e) => {
-                    // Nothing reached the upstream: nothing is spent.
-                    admission.refund_all();
                     if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
+                        admission.refund_all();
+                        tracing::warn!(
+                            request_id = request_id.to_str().unwrap_or("-"),
+                            "{e}; serving stale"
+                        );
                         rec.cache = CacheStatus::Stale.as_str();
                         return Ok(stale);
                     }
                     return Err(e);
                 }
-            }
-        };
-
-        let (mut parts, body) = req.into_parts();
-        if fields.hop_by_hop {
-            headers::strip_hop_by_hop(&mut parts.headers);
-        }
-        if fields.transfer_encoding {
-            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; a length
-            // sent alongside it must not reach the upstream.
-            parts.headers.remove(header::CONTENT_LENGTH);
-        }
-        if fields.expect {
-            // hyper has already answered `Expect: 100-continue` by reading the body.
-            parts.headers.remove(header::EXPECT);
-        }
-        headers::add_forwarding(
-            &mut parts.headers,
-            &Forwarding {
-                peer_value: &conn.peer_value,
-                peer_trusted,
-                proto: conn.proto,
-                host: host_value.as_ref(),
-                version: parts.version,
-            },
-        );
-        parts.headers.insert(X_REQUEST_ID, request_id.clone());
-
-        let pick = pool.pick_at(admitted.index);
-        let server = pick.server;
-        rec.upstream = Some(server.url.clone());
-        if !route.policy.preserve_host {
-            parts
-                .headers
-                .insert(header::HOST, server.host_header.clone());
-        } else if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host_value) {
-            // HTTP/2 clients send :authority instead of Host.
-            parts.headers.insert(header::HOST, h.clone());
-        }
-        if let Some(protocol) = &upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol.clone());
-        }
-        if self.policy.compression.is_some() || route.limits.counts_tokens() {
-            // Hyperion compresses, or counts tokens in the answer: the
-            // upstream's bytes must be readable here.
-            parts.headers.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-        }
-        if let Some(rw) = &route.policy.headers {
-            rw.apply_request(&mut parts.headers);
-        }
-        parts.uri = UpstreamPool::origin_form(parts.uri);
-        parts.version = Version::HTTP_11;
-        if let Some(ex) = &mut exchange {
-            ex.add_validators(&mut parts.headers);
-        }
-
-        let body = match read_ahead {
-            Some(bytes) => RequestBody::buffered(bytes),
-            None => RequestBody::new(body, limits.max_request_body),
-        };
-        // Boxed once here: it passes down four layers (send, attempt,
-        // exchange, the connection), each of which would otherwise copy it.
-        let req = Box::new(Request::from_parts(parts, body));
-        if let Some(ex) = exchange.take_if(|ex| ex.leads()) {
-            // Identical requests wait for this one: it runs in a task of its
-            // own, which this client leaving does not cancel.
-            let pool = pool.clone();
-            let preserve_host = route.policy.preserve_host;
-            let send = async move {
-                let (resp, lease, index) = pool
-                    .send(admitted, req, filter, model.as_ref(), preserve_host)
-                    .await?;
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    return Err(unasked_upgrade(pool.pick_at(index).server));
-                }
-                Ok(client_response(*resp, lease, pool.policy.idle_timeout))
             };
-            if let Some(stale) = serve_stale {
-                ex.refresh(send);
-                return Ok(stale);
-            }
-            let (resp, status) = boxed_in_place!(ex.lead(send)).await?;
-            rec.cache = status.as_str();
-            return Ok(resp);
-        }
-        let sent = pool
-            .send(
-                admitted,
-                req,
-                filter,
-                model.as_ref(),
-                route.policy.preserve_host,
-            )
-            .await;
-        let (resp, lease) = match sent {
-            Ok((resp, lease, index)) => {
-                // Another server than planned, after a retry.
-                if index != pick.index {
-                    rec.upstream = Some(pool.pick_at(index).server.url.clone());
-                }
-                (resp, lease)
-            }
-            Err(e) => {
-                if let Some(stale) = exchange.as_ref().and_then(|ex| ex.stale_on_error()) {
-                    admission.refund_all();
-                    tracing::warn!(
-                        request_id = request_id.to_str().unwrap_or("-"),
-                        "{e}; serving stale"
-                    );
-                    rec.cache = CacheStatus::Stale.as_str();
-                    return Ok(stale);
-                }
-                return Err(e);
-            }
-        };
 
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
-                return Err(unasked_upgrade(server));
-            };
-            spawn_tunnel(
-                conn,
-                client_upgrade,
-                lease.into_conn(),
-                rec.request_id.clone(),
-            );
-            let (mut parts, _) = resp.into_parts();
-            let protocol = parts.headers.get(header::UPGRADE).cloned();
-            headers::strip_hop_by_hop(&mut parts.headers);
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            if let Some(p) = protocol.or(upgrade) {
-                parts.headers.insert(header::UPGRADE, p);
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let Some(client_upgrade) = client_upgrade else {
+                    return Err(unasked_upgrade(server));
+                };
+                spawn_tunnel(
+                    conn,
+                    client_upgrade,
+                    lease.into_conn(),
+                    rec.request_id.clone(),
+                );
+                let (mut parts, _) = resp.into_parts();
+                let protocol = parts.headers.get(header::UPGRADE).cloned();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                if let Some(p) = protocol.or(upgrade) {
+                    parts.headers.insert(header::UPGRADE, p);
+                }
+                return Ok(Response::from_parts(parts, ResponseBody::empty()));
             }
-            return Ok(Response::from_parts(parts, ResponseBody::empty()));
-        }
 
-        let resp = client_response(*resp, lease, pool.policy.idle_timeout);
-        match exchange {
-            Some(ex) => {
-                let (resp, status) = boxed_in_place!(ex.respond(resp)).await;
-                rec.cache = status.as_str();
-                Ok(resp)
+            let resp = client_response(*resp, lease, pool.policy.idle_timeout);
+            match exchange {
+                Some(ex) => {
+                    let (resp, status) = boxed_in_place!(ex.respond(resp)).await;
+                    rec.cache = status.as_str();
+                    Ok(resp)
+                }
+                None => Ok(resp),
             }
-            None => Ok(resp),
         }
     }
 }
