@@ -18,7 +18,9 @@
 //! clock.
 //!
 //! Owns the reading, not what it is used for: timeouts, latencies and the
-//! access log stay with their modules. A deadline made from a reading is as
+//! access log stay with their modules. The access log's duration takes a
+//! reading of its own, so a request answered within one pass (a cache hit)
+//! is not logged as taking no time. A deadline made from a reading is as
 //! early as the pass is long (microseconds, or the time a large response
 //! takes to compress), which no timeout here is fine enough to notice.
 
