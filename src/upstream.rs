@@ -18,9 +18,8 @@ pub mod server_state;
 use std::error::Error as StdError;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
-use http::{header, HeaderName, HeaderValue, Method, Request, Response, Version};
+use http::{header, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -29,6 +28,7 @@ pub use conns::{ConnLease, UpstreamConn};
 use conns::{ConnectError, ServerConns};
 use fleet::PoolState;
 use models::ModelName;
+use retry::Replay;
 use server_state::InFlight;
 
 use crate::body::{BodyTooLarge, ClientBodyError, RequestBody};
@@ -74,47 +74,6 @@ struct Failure {
     /// The upstream may have seen the request but sent nothing back: worth
     /// another server if the request can be sent again.
     retryable: bool,
-}
-
-/// What a request needs to be sent again after its first copy was used up:
-/// kept only for requests whose body is in hand.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    /// The fields in order, not a `HeaderMap` clone: every idempotent
-    /// request keeps one and almost none is used, and a list is one
-    /// allocation where a map clone is two plus its index. The map is
-    /// rebuilt only for a retry.
-    headers: Vec<(HeaderName, HeaderValue)>,
-    body: Bytes,
-}
-
-impl Replay {
-    fn of(req: &Request<RequestBody>) -> Option<Replay> {
-        Some(Replay {
-            body: req.body().replayable()?,
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            headers: req
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        })
-    }
-
-    fn request(&self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::buffered(self.body.clone()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = Version::HTTP_11;
-        let headers = req.headers_mut();
-        headers.reserve(self.headers.len());
-        for (k, v) in &self.headers {
-            headers.append(k.clone(), v.clone());
-        }
-        req
-    }
 }
 
 // === impl UpstreamPool ===
@@ -312,7 +271,7 @@ impl UpstreamPool {
             let again = failure.unsent.or_else(|| {
                 failure
                     .retryable
-                    .then(|| replay.as_ref().map(|r| Box::new(r.request())))
+                    .then(|| replay.as_ref().and_then(Replay::request).map(Box::new))
                     .flatten()
             });
             let Some(mut again) = again.filter(|_| attempts <= self.policy.retries) else {

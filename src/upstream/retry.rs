@@ -1,5 +1,6 @@
-//! When a failed attempt may be tried again: the pool's retry budget, and
-//! the jittered exponential back-off between tries.
+//! When a failed attempt may be tried again: the pool's retry budget, the
+//! jittered exponential back-off between tries, and the copy of a request
+//! that lets it be sent again.
 //!
 //! The budget (Finagle's idea) keeps retries to about a fifth of requests,
 //! plus a floor of ten a second so a quiet pool can still fail over: an
@@ -9,7 +10,11 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, Uri, Version};
 use tokio::time::Instant;
+
+use crate::body::RequestBody;
 
 /// Each request earns this much of a retry (in thousandths).
 const EARNED_PER_REQUEST: i64 = 200;
@@ -83,9 +88,98 @@ pub fn back_off(n: u32) -> Duration {
     half + half.mul_f64(fastrand::f64())
 }
 
+/// What a request needs to be sent again after its first copy was used up:
+/// kept for idempotent requests whose body is in hand, and almost never used.
+///
+/// The head is copied out as bytes rather than cloned field by field. A
+/// clone of a parsed field shares hyper's read buffer (an atomic count up,
+/// and one down), and a replay, dropped when the answer arrives, was that
+/// buffer's last owner: it freed 8 KB gone cold, ~1.5 last-level cache
+/// misses per request under callgrind's cache simulation. A retry parses
+/// the bytes back into a request.
+pub struct Replay {
+    method: Method,
+    /// The request target, then each field's name and value, in order, each
+    /// piece behind its length (4 bytes, little-endian).
+    head: Box<[u8]>,
+    body: Bytes,
+}
+
+impl Replay {
+    /// `None` while the body still streams from the client.
+    pub fn of(req: &Request<RequestBody>) -> Option<Replay> {
+        let body = req.body().replayable()?;
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let mut head = Vec::with_capacity(512);
+        let mut put = |piece: &[u8]| {
+            head.extend_from_slice(&(piece.len() as u32).to_le_bytes());
+            head.extend_from_slice(piece);
+        };
+        put(target.as_bytes());
+        for (name, value) in req.headers() {
+            put(name.as_str().as_bytes());
+            put(value.as_bytes());
+        }
+        Some(Replay {
+            method: req.method().clone(),
+            head: head.into_boxed_slice(),
+            body,
+        })
+    }
+
+    /// The request again, as an HTTP/1.1 request. `None` only if the copy
+    /// no longer parses, which would be a bug: the request is then not
+    /// retried.
+    pub fn request(&self) -> Option<Request<RequestBody>> {
+        let mut rest = &self.head[..];
+        let mut next = || {
+            let (len, tail) = rest.split_first_chunk::<4>()?;
+            let (piece, tail) = tail.split_at_checked(u32::from_le_bytes(*len) as usize)?;
+            rest = tail;
+            Some(piece)
+        };
+        let mut req = Request::new(RequestBody::buffered(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = Uri::try_from(next()?).ok()?;
+        *req.version_mut() = Version::HTTP_11;
+        while let Some(name) = next() {
+            let name = HeaderName::from_bytes(name).ok()?;
+            let value = HeaderValue::from_bytes(next()?).ok()?;
+            req.headers_mut().append(name, value);
+        }
+        Some(req)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replay_is_the_same_request_again() {
+        let mut req = Request::get("/v1/models?x=1%20y")
+            .header("host", "api.example")
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("accept", "text/plain")
+            .header("accept", "application/json")
+            .header("x-odd", "caf\u{e9} \tbar".as_bytes())
+            .body(RequestBody::buffered(Bytes::from_static(b"{}")))
+            .unwrap();
+        *req.version_mut() = Version::HTTP_11;
+        let replay = Replay::of(&req).expect("the body is in hand");
+        for _ in 0..2 {
+            let again = replay.request().expect("parses back");
+            assert_eq!(again.method(), Method::GET);
+            assert_eq!(again.uri(), "/v1/models?x=1%20y");
+            assert_eq!(again.version(), Version::HTTP_11);
+            assert_eq!(
+                again.headers(),
+                req.headers(),
+                "every field, repeated ones in order"
+            );
+            assert_eq!(again.body().replayable().unwrap(), "{}");
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn retries_stay_near_a_fifth_of_requests_above_a_floor() {
