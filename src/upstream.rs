@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use balance::PickFilter;
 pub use conns::{ConnLease, UpstreamConn};
-use conns::{ConnectError, ServerConns};
+use conns::{ConnectError, SendError, ServerConns};
 use fleet::PoolState;
 use models::ModelName;
 use retry::Replay;
@@ -313,60 +313,57 @@ impl UpstreamPool {
         }
     }
 
-    /// One attempt at server `index`, begun at `started`, bounded by
-    /// `response_timeout`. (The caller's clock reading is reused: each is a
-    /// visible cost on a path that reads the clock a dozen times a request.)
+    /// One attempt at server `index`, begun at `started`: its response head
+    /// is due within `response_timeout` of that.
     async fn attempt(
         &self,
         index: usize,
         req: Box<Request<RequestBody>>,
         started: Instant,
     ) -> Result<(Box<Response<Incoming>>, ConnLease), Failure> {
-        let timeout = self.policy.response_timeout;
-        let exchange = self.exchange(index, req, started);
-        match tokio::time::timeout_at(started + timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(Failure {
-                error: ProxyError::UpstreamTimeout {
-                    server: self.policy.servers[index].url.to_string(),
-                    phase: "send response headers",
-                    timeout,
-                },
-                unsent: None,
-                retryable: false,
-            }),
-        }
-    }
-
-    async fn exchange(
-        &self,
-        index: usize,
-        req: Box<Request<RequestBody>>,
-        now: Instant,
-    ) -> Result<(Box<Response<Incoming>>, ConnLease), Failure> {
         let server = &self.policy.servers[index];
         let conns = &self.conns[index];
-        let mut lease = match conns.checkout(now).await {
+        // Connecting has its own bound (`connect_timeout`); the response
+        // timer runs on the connection, counted from the attempt's start.
+        let deadline = started + self.policy.response_timeout;
+        let mut lease = match conns.checkout(started).await {
             Ok(lease) => lease,
             Err(e) => return Err(self.connect_failure(server, e, req)),
         };
-        let req = match lease.conn().send(req).await {
+        let req = match lease.conn().send(req, deadline).await {
             Ok(resp) => return Ok((resp, lease)),
-            Err((e, None)) => return Err(sent_failure(server, &e)),
             // A pooled connection that was closing as we took it: the request
             // never left, so it goes out once more on a new connection.
-            Err((_, Some(req))) => req,
+            Err(SendError::Failed(_, Some(req))) => req,
+            Err(e) => return Err(self.send_failure(server, &e)),
         };
         let mut lease = match conns.checkout_new().await {
             Ok(lease) => lease,
             Err(e) => return Err(self.connect_failure(server, e, req)),
         };
-        match lease.conn().send(req).await {
+        match lease.conn().send(req, deadline).await {
             Ok(resp) => Ok((resp, lease)),
-            Err((e, unsent)) => Err(Failure {
+            Err(SendError::Failed(e, unsent)) => Err(Failure {
                 unsent,
                 ..sent_failure(server, &e)
             }),
+            Err(e) => Err(self.send_failure(server, &e)),
+        }
+    }
+
+    /// An attempt that sent its request and got no answer.
+    fn send_failure(&self, server: &UpstreamServer, e: &SendError) -> Failure {
+        match e {
+            SendError::Failed(e, _) => sent_failure(server, e),
+            SendError::TimedOut => Failure {
+                error: ProxyError::UpstreamTimeout {
+                    server: server.url.to_string(),
+                    phase: "send response headers",
+                    timeout: self.policy.response_timeout,
+                },
+                unsent: None,
+                retryable: false,
+            },
         }
     }
 

@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::{RequestBody, ResponseBody};
 use crate::policy::UpstreamServer;
@@ -138,6 +138,22 @@ impl std::fmt::Display for ConnectError {
 pub struct UpstreamConn {
     sender: SendRequest<RequestBody>,
     driver: Driver,
+    /// The response timer of the request in flight, kept with the
+    /// connection from one request to the next. Each request moves it
+    /// later, which tokio does with an atomic store; a timer made per
+    /// request was put into tokio's timer wheel and taken out again (a lock
+    /// each way) on every request, and its future, wrapped around the whole
+    /// exchange, was copied at each layer.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// Why `UpstreamConn::send` got no response head.
+pub enum SendError {
+    /// The connection failed; the request comes back when it never left
+    /// (the connection was closing), so it can go out on another.
+    Failed(hyper::Error, Option<Box<Request<RequestBody>>>),
+    /// None by the deadline. The upstream may still be working on it.
+    TimedOut,
 }
 
 /// The polled half of a connection.
@@ -172,16 +188,27 @@ impl Driver {
 }
 
 impl UpstreamConn {
-    /// Sends `req` and drives the connection until the response head arrives.
-    /// On failure, also hands back the request if the connection never took
-    /// it (it was closing), so it can go out on another.
+    /// Sends `req` and drives the connection until the response head
+    /// arrives, or `deadline` passes (sending a streamed body included). A
+    /// connection that timed out must not be reused: its answer may still
+    /// come.
     pub async fn send(
         &mut self,
         req: Box<Request<RequestBody>>,
-    ) -> Result<Box<Response<Incoming>>, (hyper::Error, Option<Box<Request<RequestBody>>>)> {
+        deadline: Instant,
+    ) -> Result<Box<Response<Incoming>>, SendError> {
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
         let mut response = pin!(self.sender.try_send_request(*req));
         let driver = &mut self.driver;
-        std::future::poll_fn(|cx| {
+        let answered = std::future::poll_fn(|cx| {
             // An end with the response in hand (an upgrade, or the upstream
             // closing right after it) leaves the response future to report.
             let ended = driver.drive(cx);
@@ -192,18 +219,22 @@ impl UpstreamConn {
                 // queued request back only when the connection is dropped.
                 Poll::Pending if ended => {
                     driver.conn = None;
-                    response.as_mut().poll(cx)
+                    response.as_mut().poll(cx).map(Some)
                 }
-                polled => polled,
+                Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+                polled => polled.map(Some),
             }
         })
-        .await
-        // Boxed here, as the request was: it goes up as many layers.
-        .map(Box::new)
-        .map_err(|mut e| {
-            let req = e.take_message().map(Box::new);
-            (e.into_error(), req)
-        })
+        .await;
+        match answered {
+            // Boxed here, as the request was: it goes up as many layers.
+            Some(Ok(resp)) => Ok(Box::new(resp)),
+            Some(Err(mut e)) => {
+                let req = e.take_message().map(Box::new);
+                Err(SendError::Failed(e.into_error(), req))
+            }
+            None => Err(SendError::TimedOut),
+        }
     }
 
     /// After a 101, the raw connection and any bytes the upstream sent past
@@ -318,11 +349,15 @@ impl ServerConns {
             .body(RequestBody::buffered(Bytes::new()))
             .map_err(|e| format!("GET {path}: {e}"))?;
         let req = Box::new(req);
-        let resp = lease
+        let resp = match lease
             .conn()
-            .send(req)
+            .send(req, crate::clock::now() + ERRAND_IDLE)
             .await
-            .map_err(|(e, _)| super::error_chain(&e))?;
+        {
+            Ok(resp) => resp,
+            Err(SendError::Failed(e, _)) => return Err(super::error_chain(&e)),
+            Err(SendError::TimedOut) => return Err(format!("GET {path}: no answer")),
+        };
         let status = resp.status();
         // Read to the end (driving the connection), so it can be used again.
         let body = ResponseBody::upstream(resp.into_body(), lease, ERRAND_IDLE);
@@ -375,6 +410,7 @@ impl ServerConns {
                 done: false,
                 error: None,
             },
+            timer: None,
         }))
     }
 
