@@ -340,7 +340,7 @@ async fn serve_connection<S>(
         // This request runs to its end on the proxy of this moment.
         let proxy = live.load_full();
         let info = info.clone();
-        // The request's future is large (~5.5 KB) and hyper moves what this
+        // The request's future is large (kilobytes) and hyper moves what this
         // returns into place: boxed on its first poll, only a pointer moves
         // (and built in its box, not copied there).
         async move { Ok::<_, Infallible>(boxed_in_place!(proxy.handle(req, &info)).await) }
@@ -381,42 +381,42 @@ async fn serve_connection<S>(
         // Clock readings in this poll are shared (clock.rs).
         let _pass = crate::clock::Pass::begin();
         loop {
-        let ended = match &mut conn {
-            Serving::Http1(c) => c.as_mut().poll(cx).map_err(BoxError::from),
-            Serving::Http2(c) => c.as_mut().poll(cx).map_err(BoxError::from),
-            Serving::Auto(c) => c.as_mut().poll(cx),
-        };
-        if let Poll::Ready(res) = ended {
-            if let Err(e) = res {
-                tracing::debug!(%peer, "connection ended: {e}");
+            let ended = match &mut conn {
+                Serving::Http1(c) => c.as_mut().poll(cx).map_err(BoxError::from),
+                Serving::Http2(c) => c.as_mut().poll(cx).map_err(BoxError::from),
+                Serving::Auto(c) => c.as_mut().poll(cx),
+            };
+            if let Poll::Ready(res) = ended {
+                if let Err(e) = res {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+                return Poll::Ready(());
             }
-            return Poll::Ready(());
-        }
-        let stopping = !registered || shared.stopping.load(Ordering::Acquire);
-        if stopping && force.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        if !draining {
-            if stopping && stop.as_mut().poll(cx).is_ready() {
-                draining = true;
-                graceful_shutdown!();
-                continue;
+            let stopping = !registered || shared.stopping.load(Ordering::Acquire);
+            if stopping && force.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
             }
-            match timer.poll_expired(cx) {
-                Poll::Pending => {}
-                Poll::Ready(ConnTimeout::Idle) => {
+            if !draining {
+                if stopping && stop.as_mut().poll(cx).is_ready() {
                     draining = true;
                     graceful_shutdown!();
                     continue;
                 }
-                Poll::Ready(ConnTimeout::HeaderRead) => {
-                    tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
-                    return Poll::Ready(());
+                match timer.poll_expired(cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(ConnTimeout::Idle) => {
+                        draining = true;
+                        graceful_shutdown!();
+                        continue;
+                    }
+                    Poll::Ready(ConnTimeout::HeaderRead) => {
+                        tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
+                        return Poll::Ready(());
+                    }
                 }
             }
-        }
-        registered = true;
-        return Poll::Pending;
+            registered = true;
+            return Poll::Pending;
         }
     })
     .await;

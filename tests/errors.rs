@@ -53,6 +53,45 @@ async fn slow_response_headers_are_504() {
 }
 
 #[tokio::test]
+async fn a_pooled_connection_times_out_its_next_request_and_is_not_reused() {
+    // The response timer stays with the upstream connection between
+    // requests: the second request, on the same connection, must still be
+    // cut off, and that connection dropped (its late answer may yet come).
+    let up = Upstream::start(|req| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        response(200, "ok")
+    })
+    .await;
+    let policy = format!(
+        "[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nresponse_timeout = \"300ms\"\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        up.url()
+    );
+    let proxy = TestProxy::start(&policy).await;
+    assert_eq!(get(&proxy.url("/fast")).await.0.status, 200);
+    assert_eq!(up.connections(), 1);
+    let started = std::time::Instant::now();
+    let (parts, bytes) = get(&proxy.url("/slow")).await;
+    assert_error(&parts, &bytes, 504, "upstream_timeout");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "cut off after response_timeout, not before nor at the upstream's pace: {waited:?}"
+    );
+    assert_eq!(
+        up.connections(),
+        1,
+        "the slow request went on the pooled connection"
+    );
+    // Later requests get their whole timeout again, on a new connection.
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/fast")).await.0.status, 200);
+    }
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
 async fn upstream_closing_without_response_is_502() {
     // Accepts, reads the request, closes without answering.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

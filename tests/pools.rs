@@ -329,6 +329,44 @@ async fn a_request_cut_off_before_any_answer_is_retried_on_another_server() {
 }
 
 #[tokio::test]
+async fn a_retried_get_reaches_the_next_server_whole() {
+    // The retry is rebuilt from a copy of the request taken before it left:
+    // target, query and every field, repeated ones in order.
+    let good = Upstream::echo().await;
+    let bad = closer().await;
+    let proxy = TestProxy::start(&policy_for_urls(
+        &[format!("http://{bad}"), good.url()],
+        "balance = \"round_robin\"",
+        "",
+    ))
+    .await;
+    for _ in 0..4 {
+        let req = Request::get(proxy.url("/api/tags?name=llama3.2&x=1%202"))
+            .header("x-trace", "a")
+            .header("x-trace", "b")
+            .header("accept", "application/json")
+            .body(empty())
+            .unwrap();
+        assert_eq!(send(req).await.0.status, 200);
+    }
+    let seen = good.seen();
+    assert_eq!(
+        seen.len(),
+        4,
+        "each GET answered once, half of them after a retry"
+    );
+    for s in seen {
+        assert_eq!(s.method, http::Method::GET);
+        assert_eq!(s.uri, "/api/tags?name=llama3.2&x=1%202");
+        let trace: Vec<_> = s.headers.get_all("x-trace").iter().collect();
+        assert_eq!(trace, ["a", "b"]);
+        assert_eq!(s.headers["accept"], "application/json");
+        assert!(s.headers.contains_key("x-request-id"));
+        assert!(s.headers.contains_key("x-forwarded-for"));
+    }
+}
+
+#[tokio::test]
 async fn a_post_the_server_may_have_acted_on_is_not_sent_again() {
     let good = FleetServer::start().await;
     let bad = closer().await;

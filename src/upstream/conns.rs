@@ -143,7 +143,9 @@ pub struct UpstreamConn {
     /// later, which tokio does with an atomic store; a timer made per
     /// request was put into tokio's timer wheel and taken out again (a lock
     /// each way) on every request, and its future, wrapped around the whole
-    /// exchange, was copied at each layer.
+    /// exchange, was copied at each layer. Left armed while the connection
+    /// waits in its pool: firing then only wakes the task that used it last,
+    /// once, for a poll that finds nothing to do.
     timer: Option<Pin<Box<Sleep>>>,
 }
 
