@@ -31,7 +31,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::{CacheQuery, Purge};
+use crate::conn::{ActivityIo, ConnState, ConnTimeout, ConnTimer, Timeouts};
 use crate::generation::Reloader;
+
+/// Admin connections open at once.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+const ADMIN_TIMEOUTS: Timeouts = Timeouts {
+    header: std::time::Duration::from_secs(10),
+    idle: std::time::Duration::from_secs(60),
+    send: std::time::Duration::from_secs(30),
+};
 
 /// The largest body `explain` reads (the request to explain).
 const MAX_EXPLAIN_BODY: usize = 8 << 20;
@@ -46,6 +56,7 @@ pub async fn serve(
 ) {
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let room = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     let accept = async {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -53,23 +64,49 @@ pub async fn serve(
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
+            // Past the ceiling a new connection is closed at once: the
+            // admin API is for a few operators and scrapers.
+            let Ok(permit) = room.clone().try_acquire_owned() else {
+                drop(stream);
+                continue;
+            };
             let reloader = reloader.clone();
             let stop = stop.clone();
             tasks.spawn(async move {
-                let svc = service_fn(move |req| {
-                    let reloader = reloader.clone();
-                    async move { Ok::<_, Infallible>(answer(req, &reloader).await) }
-                });
+                let _permit = permit;
+                let state = Arc::new(ConnState::new());
+                let svc = {
+                    let state = state.clone();
+                    service_fn(move |req: Request<Incoming>| {
+                        let reloader = reloader.clone();
+                        let inflight = state.begin(req.version());
+                        async move {
+                            let resp = answer(req, &reloader).await;
+                            drop(inflight);
+                            Ok::<_, Infallible>(resp)
+                        }
+                    })
+                };
+                // The proxy's connection timer, with the admin listener's
+                // own bounds: heads within 10 s, idle keep-alive closed
+                // after 60 s, a client taking no bytes cut after 30 s.
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), svc);
+                    .header_read_timeout(None)
+                    .serve_connection(TokioIo::new(ActivityIo::new(stream, state.clone())), svc);
+                let mut timer = ConnTimer::new(state, ADMIN_TIMEOUTS);
                 tokio::pin!(conn);
                 tokio::select! {
                     _ = conn.as_mut() => {}
+                    why = timer.expired() => {
+                        if why == ConnTimeout::Idle {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(ADMIN_TIMEOUTS.send, conn).await;
+                        }
+                    }
                     () = stop.cancelled() => {
                         conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
+                        let _ = tokio::time::timeout(ADMIN_TIMEOUTS.send, conn).await;
                     }
                 }
             });

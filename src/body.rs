@@ -68,6 +68,18 @@ impl fmt::Display for UpstreamIdle {
 
 impl std::error::Error for UpstreamIdle {}
 
+/// The client's body sent nothing for longer than `body_read_timeout`.
+#[derive(Debug)]
+pub struct BodyStalled(pub Duration);
+
+impl fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the client's body sent nothing for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
 // === impl RequestBody ===
 
 /// The client's body on its way upstream: streamed and cut off past `limit`
@@ -76,6 +88,11 @@ pub struct RequestBody {
     source: Source,
     seen: u64,
     limit: u64,
+    /// `body_read_timeout`: the longest silence between two frames.
+    stall: Duration,
+    /// Allocated the first time the client makes us wait, then reused.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
 }
 
 type FirstFrame = Result<Frame<Bytes>, hyper::Error>;
@@ -98,7 +115,7 @@ impl RequestBody {
     /// complete goes upstream as bytes in hand, and the upstream connection
     /// never polls the client connection's body channel (a cross-task wake
     /// and the channel's bookkeeping on every POST).
-    pub fn new(mut inner: Incoming, limit: u64) -> Self {
+    pub fn new(mut inner: Incoming, limit: u64, stall: Duration) -> Self {
         let first = if inner.is_end_stream() {
             None
         } else {
@@ -130,6 +147,9 @@ impl RequestBody {
             source,
             seen: 0,
             limit,
+            stall,
+            timer: None,
+            armed: false,
         }
     }
 
@@ -150,6 +170,9 @@ impl RequestBody {
             source: Source::Buffered((!bytes.is_empty()).then_some(bytes)),
             seen: 0,
             limit: u64::MAX,
+            stall: Duration::MAX,
+            timer: None,
+            armed: false,
         }
     }
 }
@@ -167,9 +190,28 @@ impl Body for RequestBody {
             Source::Buffered(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Source::Client { first, inner } => match first.take() {
                 Some(frame) => Some(*frame),
-                None => ready!(Pin::new(inner).poll_frame(cx)),
+                None => match Pin::new(inner).poll_frame(cx) {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        // Only a client that makes us wait touches a timer.
+                        if !this.armed {
+                            this.armed = true;
+                            let deadline = crate::clock::now() + this.stall;
+                            match &mut this.timer {
+                                Some(t) => t.as_mut().reset(deadline),
+                                None => {
+                                    this.timer = Some(Box::pin(tokio::time::sleep_until(deadline)))
+                                }
+                            }
+                        }
+                        let timer = this.timer.as_mut().expect("armed above");
+                        ready!(timer.as_mut().poll(cx));
+                        return Poll::Ready(Some(Err(Box::new(BodyStalled(this.stall)))));
+                    }
+                },
             },
         };
+        this.armed = false;
         match polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {

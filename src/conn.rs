@@ -1,7 +1,9 @@
-//! Per-connection state: requests in flight, and the two client timeouts that
+//! Per-connection state: requests in flight, and the client timeouts that
 //! depend on it — `header_read_timeout` (a request head must arrive in time
-//! once it has started, or once the connection opened) and `idle_timeout`
-//! (keep-alive connections with nothing in flight are closed).
+//! once it has started, or once the connection opened), `idle_timeout`
+//! (keep-alive connections with nothing in flight are closed) and
+//! `send_timeout` (a client that takes no response bytes for that long is
+//! cut, in flight or not: the socket's writes tell).
 //!
 //! hyper's own header timer starts as soon as a keep-alive connection waits for
 //! its next request, which would close idle connections after the header
@@ -35,6 +37,9 @@ pub struct ConnState {
     /// HTTP/2 carries frames between requests (PING, SETTINGS); they are not
     /// the start of a request head.
     h2: AtomicBool,
+    /// Milliseconds since `epoch` when a write to the client first could
+    /// not go on (the client is not reading); `NONE` while writes flow.
+    write_blocked: AtomicU64,
 }
 
 /// Why a connection's timer fired.
@@ -44,6 +49,8 @@ pub enum ConnTimeout {
     HeaderRead,
     /// Nothing in flight for `idle_timeout`.
     Idle,
+    /// The client took no bytes for `send_timeout`.
+    Send,
 }
 
 // === impl ConnState ===
@@ -57,6 +64,7 @@ impl ConnState {
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             h2: AtomicBool::new(false),
+            write_blocked: AtomicU64::new(NONE),
         }
     }
 
@@ -86,12 +94,27 @@ impl ConnState {
         }
     }
 
-    /// The next moment a timeout could fire, and which; `None` while busy.
-    fn deadline(&self, header: Duration, idle: Duration) -> Option<(Instant, ConnTimeout)> {
+    fn on_write(&self, blocked: bool) {
+        let since = self.write_blocked.load(Ordering::Relaxed);
+        if blocked && since == NONE {
+            self.write_blocked.store(self.now_ms(), Ordering::Relaxed);
+        } else if !blocked && since != NONE {
+            self.write_blocked.store(NONE, Ordering::Relaxed);
+        }
+    }
+
+    /// The next moment a timeout could fire, and which; `None` while busy
+    /// with writes flowing.
+    fn deadline(&self, t: &Timeouts) -> Option<(Instant, ConnTimeout)> {
+        let ms = |v: u64| self.epoch + Duration::from_millis(v);
+        match self.write_blocked.load(Ordering::Relaxed) {
+            NONE => {}
+            since => return Some((ms(since) + t.send, ConnTimeout::Send)),
+        }
         if self.inflight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let ms = |v: u64| self.epoch + Duration::from_millis(v);
+        let (header, idle) = (t.header, t.idle);
         match self.head_started.load(Ordering::Relaxed) {
             NONE => Some((
                 ms(self.idle_since.load(Ordering::Relaxed)) + idle,
@@ -114,8 +137,7 @@ impl ConnState {
 /// A deadline that moved later is taken up when the sleep wakes.
 pub struct ConnTimer {
     state: Arc<ConnState>,
-    header: Duration,
-    idle: Duration,
+    timeouts: Timeouts,
     sleep: Pin<Box<Sleep>>,
     /// The waker the sleep was last polled with, since it was last set: the
     /// timer will wake it, so until the sleep fires, a poll with the same
@@ -124,15 +146,23 @@ pub struct ConnTimer {
     armed: Option<Waker>,
 }
 
+/// The client timeouts a connection is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub idle: Duration,
+    pub send: Duration,
+}
+
 impl ConnTimer {
-    pub fn new(state: Arc<ConnState>, header: Duration, idle: Duration) -> Self {
-        let at = state
-            .deadline(header, idle)
-            .map_or_else(|| Instant::now() + header.min(idle), |(at, _)| at);
+    pub fn new(state: Arc<ConnState>, timeouts: Timeouts) -> Self {
+        let at = state.deadline(&timeouts).map_or_else(
+            || Instant::now() + timeouts.header.min(timeouts.idle),
+            |(at, _)| at,
+        );
         ConnTimer {
             state,
-            header,
-            idle,
+            timeouts,
             sleep: Box::pin(tokio::time::sleep_until(at)),
             armed: None,
         }
@@ -142,7 +172,7 @@ impl ConnTimer {
     /// while a request is in flight: its end polls the connection again.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<ConnTimeout> {
         loop {
-            let Some((at, why)) = self.state.deadline(self.header, self.idle) else {
+            let Some((at, why)) = self.state.deadline(&self.timeouts) else {
                 return Poll::Pending;
             };
             if at < self.sleep.deadline() {
@@ -228,7 +258,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.state.on_write(res.is_pending());
+        res
     }
 
     fn poll_write_vectored(
@@ -236,7 +269,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.state.on_write(res.is_pending());
+        res
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -256,6 +292,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 mod tests {
     use super::*;
 
+    fn timeouts(header: Duration, idle: Duration) -> Timeouts {
+        Timeouts {
+            header,
+            idle,
+            send: Duration::from_secs(60),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn header_then_idle_timeouts() {
         let header = Duration::from_secs(10);
@@ -263,7 +307,7 @@ mod tests {
         let state = Arc::new(ConnState::new());
         // A fresh connection must send a head within the header timeout.
         let started = Instant::now();
-        let mut timer = ConnTimer::new(state.clone(), header, idle);
+        let mut timer = ConnTimer::new(state.clone(), timeouts(header, idle));
         assert_eq!(timer.expired().await, ConnTimeout::HeaderRead);
         assert_eq!(started.elapsed(), header);
 
@@ -288,7 +332,7 @@ mod tests {
         let idle = Duration::from_secs(75);
         let state = Arc::new(ConnState::new());
         drop(state.begin(Version::HTTP_11));
-        let mut timer = ConnTimer::new(state.clone(), header, idle);
+        let mut timer = ConnTimer::new(state.clone(), timeouts(header, idle));
         // Armed for the idle deadline, 75 s away...
         let mut cx = Context::from_waker(std::task::Waker::noop());
         assert!(timer.poll_expired(&mut cx).is_pending());
@@ -304,7 +348,7 @@ mod tests {
     async fn a_timer_polled_again_before_its_deadline_still_fires() {
         let header = Duration::from_secs(10);
         let state = Arc::new(ConnState::new());
-        let mut timer = ConnTimer::new(state.clone(), header, Duration::from_secs(75));
+        let mut timer = ConnTimer::new(state.clone(), timeouts(header, Duration::from_secs(75)));
         let started = Instant::now();
         // Polled before it is due: once with another waker (which must not
         // stay the one the timer wakes), then by this task, several times.
@@ -326,8 +370,7 @@ mod tests {
         let guard = state.begin(Version::HTTP_11);
         let mut timer = ConnTimer::new(
             state.clone(),
-            Duration::from_secs(10),
-            Duration::from_secs(75),
+            timeouts(Duration::from_secs(10), Duration::from_secs(75)),
         );
         let t = tokio::time::timeout(Duration::from_secs(600), timer.expired());
         assert!(
@@ -335,5 +378,30 @@ mod tests {
             "a request in flight keeps the connection open"
         );
         drop(guard);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_no_bytes_is_cut_after_send_timeout() {
+        let state = Arc::new(ConnState::new());
+        let guard = state.begin(Version::HTTP_11);
+        let t = timeouts(Duration::from_secs(10), Duration::from_secs(75));
+        let mut timer = ConnTimer::new(state.clone(), t);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(timer.poll_expired(&mut cx).is_pending());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // A write that could not go on starts the clock; one that went on
+        // stops it.
+        state.on_write(true);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        state.on_write(false);
+        let quiet = tokio::time::timeout(Duration::from_secs(600), timer.expired());
+        assert!(quiet.await.is_err(), "writes flowed again: busy, not stuck");
+        state.on_write(true);
+        let started = Instant::now();
+        assert_eq!(timer.expired().await, ConnTimeout::Send);
+        assert_eq!(started.elapsed(), t.send);
+        // Also with nothing in flight (a response buffered, never read).
+        drop(guard);
+        assert_eq!(timer.expired().await, ConnTimeout::Send);
     }
 }

@@ -24,6 +24,10 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("the request body could not be read from the client: {0}")]
     ClientBody(String),
+    #[error("the request body sent nothing for {}s", timeout.as_secs_f64())]
+    BodyTimeout { timeout: Duration },
+    #[error("the proxy holds as many request bodies as it may; retry shortly")]
+    Overloaded,
     #[error("upstream {server} is unavailable: {reason}")]
     UpstreamUnavailable { server: String, reason: String },
     #[error("upstream {server} did not {phase} within {timeout:?}")]
@@ -73,6 +77,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnavailable { .. } | ProxyError::UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -96,6 +102,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => "bad_request",
+            ProxyError::BodyTimeout { .. } => "body_timeout",
+            ProxyError::Overloaded => "overloaded",
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamFailed { .. } => "upstream_error",
@@ -115,6 +123,8 @@ impl ProxyError {
         match self {
             ProxyError::RateLimited { retry_after, .. }
             | ProxyError::UpstreamBusy { retry_after, .. } => Some(*retry_after),
+            // The budget frees as soon as bodies in hand are sent on.
+            ProxyError::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -167,6 +177,11 @@ impl ProxyError {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(crate::headers::X_REQUEST_ID, request_id.clone());
+        if let ProxyError::BodyTimeout { .. } = self {
+            // RFC 9110 §15.5.9: the server closes the connection; the
+            // rest of the body is not waited for.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(after) = self.retry_after() {
             let secs = crate::limits::whole_seconds(after).max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -29,6 +29,7 @@ use crate::cache::Cache;
 use crate::handler::Proxy;
 use crate::limits::Limits;
 use crate::policy::{Policy, PolicyError};
+use crate::protect::Protect;
 use crate::upstream::fleet::Fleet;
 
 /// What the workers share, built from one policy.
@@ -40,6 +41,9 @@ pub struct Generation {
     pub cache: Arc<Cache>,
     pub limits: Arc<Limits>,
     pub fleet: Arc<Fleet>,
+    /// Connection counts and the buffered-body budget: like the cache, one
+    /// for the life of the process.
+    pub protect: Arc<Protect>,
     pub loaded_at: SystemTime,
     /// Where access-log lines go, for the generations after this one.
     sink: LogSink,
@@ -64,6 +68,7 @@ impl Generation {
             limits: Arc::new(Limits::with_shared(&policy, None, cache.shared_tier())),
             cache,
             fleet: Arc::new(Fleet::new(&policy, None)),
+            protect: Arc::new(Protect::new(&policy.server)),
             loaded_at: SystemTime::now(),
             sink,
             policy,
@@ -96,6 +101,24 @@ impl Generation {
                     .to_owned(),
             );
         }
+        if old.max_buffered_bodies != new.max_buffered_bodies {
+            deferred.push("server.max_buffered_bodies".to_owned());
+        }
+        if (
+            old.http2_max_concurrent_streams,
+            old.http2_max_pending_resets,
+            old.http2_keepalive_interval,
+            old.http2_keepalive_timeout,
+        ) != (
+            new.http2_max_concurrent_streams,
+            new.http2_max_pending_resets,
+            new.http2_keepalive_interval,
+            new.http2_keepalive_timeout,
+        ) {
+            deferred.push("server.http2_* settings".to_owned());
+        }
+        // Connection ceilings apply at once (open connections stay open).
+        self.protect.reconfigure(new);
         if self.policy.cache.max_size != policy.cache.max_size {
             deferred.push("cache.max_size".to_owned());
         }
@@ -121,6 +144,7 @@ impl Generation {
                 self.cache.shared_tier(),
             )),
             fleet: Arc::new(Fleet::new(&policy, Some(&self.fleet))),
+            protect: self.protect.clone(),
             loaded_at: SystemTime::now(),
             sink: self.sink.clone(),
             policy: Arc::new(policy),
@@ -137,6 +161,7 @@ impl Generation {
             self.cache.clone(),
             self.limits.clone(),
             self.fleet.clone(),
+            self.protect.clone(),
             previous,
         )
     }

@@ -27,8 +27,12 @@ use crate::compress;
 use crate::conn::{ConnState, InflightGuard};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
-use crate::limits::{tokens, Admission, Limits, RouteLimits, Stage, Subject, TokenMeter};
+use crate::limits::{
+    tokens, Admission, Counting, Limits, RouteLimits, Stage, Subject, TokenMeter,
+};
 use crate::policy::UpstreamServer;
+use crate::protect::{BodyBudget, BodyCharge, Deadline, Protect};
+use crate::tunnel::TunnelEnd;
 use crate::policy::{Balance, BodyKey, HashKey, HeaderRewrite, Policy, RoutePolicy, UnknownModel};
 use crate::route::RouteTable;
 use crate::upstream::balance::PickFilter;
@@ -45,6 +49,8 @@ pub struct Proxy {
     cache: Arc<Cache>,
     /// This worker's side of each pool (its connections).
     pools: Vec<Arc<UpstreamPool>>,
+    /// One per process: the buffered-body budget, connection counts.
+    protect: Arc<Protect>,
 }
 
 /// A route with its upstream pool resolved.
@@ -83,6 +89,7 @@ impl Proxy {
         cache: Arc<Cache>,
         limits: Arc<Limits>,
         fleet: Arc<Fleet>,
+        protect: Arc<Protect>,
         previous: Option<&Proxy>,
     ) -> Self {
         let pools: Vec<Arc<UpstreamPool>> = fleet
@@ -122,11 +129,16 @@ impl Proxy {
             log,
             policy,
             cache,
+            protect,
         }
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
         &self.policy
+    }
+
+    pub fn protect(&self) -> &Arc<Protect> {
+        &self.protect
     }
 
     /// Answers one request. Never fails: errors become JSON responses.
@@ -213,6 +225,9 @@ impl Proxy {
             // The answer is moved as little as it can be: it is a few hundred
             // bytes, and every move of it is a copy.
             let failed = |e: ProxyError, rec: &mut AccessRecord| {
+                if let ProxyError::BodyTimeout { .. } = e {
+                    self.protect.cut.count(Deadline::BodyRead);
+                }
                 if e.status().is_server_error() {
                     tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
                 } else {
@@ -362,12 +377,41 @@ impl Proxy {
             let cache_policy = route.policy.cache.as_ref().filter(|_| upgrade.is_none());
             let body_keyed = cache_policy.is_some_and(|p| p.body_key != BodyKey::None);
             let by_model = route.pool.state.models.routes_by_model();
+            // Request-count limits first: a refused client costs no body read.
+            if let Some(at) = arrived {
+                route
+                    .check_limits(
+                        Stage::Arrival,
+                        Counting::Requests,
+                        // Not `who`: its one lifetime would hold `req`
+                        // borrowed across the body read below.
+                        &subject(client, req.headers(), &route.name, at),
+                        &None,
+                        admission,
+                    )
+                    .await?;
+            }
             // Body-keyed routes need the body for the key, token-limited ones for
             // the request's `max_tokens`, model-routed ones for its `model`.
-            if (body_keyed || by_model || route.limits.counts_tokens())
-                && !http_body::Body::is_end_stream(req.body())
-            {
-                match read_body(req.body_mut(), limits.max_request_body).await {
+            // Held in memory until this request is answered, under the
+            // process's budget for such bodies.
+            let reads_body = (body_keyed || by_model || route.limits.counts_tokens())
+                && !http_body::Body::is_end_stream(req.body());
+            let mut body_charge = if reads_body {
+                self.protect.bodies.empty()
+            } else {
+                BodyCharge::none()
+            };
+            if reads_body {
+                let read = read_body(
+                    req.body_mut(),
+                    limits.max_request_body,
+                    limits.body_read_timeout,
+                    &self.protect.bodies,
+                    &mut body_charge,
+                )
+                .await;
+                match read {
                     Ok(body) => read_ahead = Some(body),
                     Err(e) => return refuse(e, req.headers(), admission),
                 }
@@ -376,6 +420,7 @@ impl Proxy {
                 route
                     .check_limits(
                         Stage::Arrival,
+                        Counting::Tokens,
                         &who(req.headers(), at),
                         &read_ahead,
                         admission,
@@ -445,7 +490,7 @@ impl Proxy {
                 let who = who(req.headers(), crate::clock::now());
                 if serve_stale.is_none() {
                     route
-                        .check_limits(Stage::Upstream, &who, &read_ahead, admission)
+                        .check_limits(Stage::Upstream, Counting::All, &who, &read_ahead, admission)
                         .await?;
                 }
                 route.limits.peek_rest(&who, admission);
@@ -580,7 +625,7 @@ impl Proxy {
 
             let body = match read_ahead {
                 Some(bytes) => RequestBody::buffered(bytes),
-                None => RequestBody::new(body, limits.max_request_body),
+                None => RequestBody::new(body, limits.max_request_body, limits.body_read_timeout),
             };
             // Boxed once here: it passes down four layers (send, attempt,
             // exchange, the connection), each of which would otherwise copy it.
@@ -647,6 +692,7 @@ impl Proxy {
                     client_upgrade,
                     lease.into_conn(),
                     rec.request_id.clone(),
+                    (limits.tunnel_idle_timeout, self.protect.clone()),
                 );
                 let (mut parts, _) = resp.into_parts();
                 let protocol = parts.headers.get(header::UPGRADE).cloned();
@@ -723,15 +769,16 @@ impl Route {
     async fn check_limits(
         &self,
         stage: Stage,
+        counting: Counting,
         who: &Subject<'_>,
         body: &Option<bytes::Bytes>,
         admission: &mut Admission,
     ) -> Result<(), ProxyError> {
         let limits = &self.limits;
-        if !limits.checks(stage) {
+        if !limits.checks(stage, counting) {
             return Ok(());
         }
-        let tokens = if limits.counts_tokens_at(stage) {
+        let tokens = if counting != Counting::Requests && limits.counts_tokens_at(stage) {
             admission
                 .estimate
                 .get_or_insert_with(|| tokens::estimate(body.as_deref(), limits.default_tokens()))
@@ -740,7 +787,7 @@ impl Route {
             0
         };
         limits
-            .admit(who, stage, tokens, admission)
+            .admit(who, stage, counting, tokens, admission)
             .await
             .map_err(|r| {
                 crate::telemetry::rate_limited(&r.limiter);
@@ -776,15 +823,52 @@ fn unasked_upgrade(server: &UpstreamServer) -> ProxyError {
     }
 }
 
-/// Reads a whole request body (for a body-keyed cache route), at most `limit` bytes.
-async fn read_body(body: &mut Incoming, limit: u64) -> Result<bytes::Bytes, ProxyError> {
+/// Reads a whole request body (for a cache key, a model or a token
+/// estimate): at most `limit` bytes, each frame within `stall` of the last,
+/// and no more at once, over the whole process, than the body budget
+/// allows (charged to `charge`, which the caller holds while it holds the
+/// bytes).
+async fn read_body(
+    body: &mut Incoming,
+    limit: u64,
+    stall: std::time::Duration,
+    budget: &BodyBudget,
+    charge: &mut BodyCharge,
+) -> Result<bytes::Bytes, ProxyError> {
     use http_body_util::BodyExt;
-    let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ProxyError::ClientBody(e.to_string()))?;
+    let deadline = crate::clock::now() + BodyBudget::WAIT;
+    // A declared length is charged (and allocated) once, up front.
+    let declared = http_body::Body::size_hint(body).exact();
+    let mut buf = match declared {
+        Some(n) if n > limit => return Err(ProxyError::BodyTooLarge { limit }),
+        Some(n) => {
+            budget
+                .grow(charge, n, deadline)
+                .await
+                .map_err(|_| ProxyError::Overloaded)?;
+            bytes::BytesMut::with_capacity(n as usize)
+        }
+        None => bytes::BytesMut::new(),
+    };
+    loop {
+        let frame = match tokio::time::timeout(stall, body.frame()).await {
+            Ok(Some(frame)) => frame.map_err(|e| ProxyError::ClientBody(e.to_string()))?,
+            Ok(None) => break,
+            Err(_) => return Err(ProxyError::BodyTimeout { timeout: stall }),
+        };
         if let Ok(data) = frame.into_data() {
-            if (buf.len() + data.len()) as u64 > limit {
+            let len = (buf.len() + data.len()) as u64;
+            if len > limit {
                 return Err(ProxyError::BodyTooLarge { limit });
+            }
+            if len as usize > buf.capacity() {
+                // Chunked: charged for what the buffer will hold once grown.
+                let grown = (len as usize).max(buf.capacity() * 2).min(limit as usize) as u64;
+                budget
+                    .grow(charge, grown, deadline)
+                    .await
+                    .map_err(|_| ProxyError::Overloaded)?;
+                buf.reserve(grown as usize - buf.len());
             }
             buf.extend_from_slice(&data);
         }
@@ -821,29 +905,35 @@ impl Drop for PendingLog {
 }
 
 /// Copies bytes both ways between an upgraded client connection and the
-/// upstream's, until either side closes or the shutdown grace runs out.
+/// upstream's, until either side closes, nothing passes for
+/// `tunnel_idle_timeout`, or the shutdown grace runs out.
 fn spawn_tunnel(
     conn: &ConnInfo,
     client: hyper::upgrade::OnUpgrade,
     upstream: Box<UpstreamConn>,
     request_id: HeaderValue,
+    (idle, protect): (std::time::Duration, Arc<Protect>),
 ) {
     let force_close = conn.force_close.clone();
     conn.tasks.spawn(async move {
         let run = async {
-            let (client, (mut upstream, early)) =
+            let (client, (upstream, early)) =
                 tokio::try_join!(client, upstream.into_upgraded()).map_err(BoxError::from)?;
             let mut client = TokioIo::new(client);
             // Bytes the upstream sent right behind its 101 head.
             client.write_all(&early).await.map_err(BoxError::from)?;
-            tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                .await
-                .map_err(BoxError::from)
+            Ok::<_, BoxError>(crate::tunnel::splice(client, upstream, idle).await)
         };
+        let id = request_id.to_str().unwrap_or("-");
         tokio::select! {
             res = run => match res {
-                Ok((up, down)) => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), up, down, "tunnel closed"),
-                Err(e) => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "tunnel ended: {}", error_chain(e.as_ref())),
+                Ok(TunnelEnd::Closed { up, down }) => tracing::debug!(request_id = id, up, down, "tunnel closed"),
+                Ok(TunnelEnd::Idle) => {
+                    protect.cut.count(Deadline::TunnelIdle);
+                    tracing::debug!(request_id = id, "tunnel closed: nothing passed for tunnel_idle_timeout");
+                }
+                Ok(TunnelEnd::Failed(e)) => tracing::debug!(request_id = id, "tunnel ended: {e}"),
+                Err(e) => tracing::debug!(request_id = id, "tunnel ended: {}", error_chain(e.as_ref())),
             },
             _ = force_close.cancelled() => {}
         }

@@ -32,10 +32,12 @@ pub mod handler;
 pub mod headers;
 pub mod limits;
 pub mod policy;
+pub mod protect;
 pub mod route;
 pub mod server;
 pub mod shared;
 pub mod telemetry;
+pub mod tunnel;
 pub mod upstream;
 
 pub use access_log::LogSink;

@@ -109,6 +109,26 @@ pub enum Stage {
     Upstream,
 }
 
+/// Which of a stage's limiters a check covers: request-count limiters are
+/// checked before a request body is read (their keys never depend on it),
+/// token limiters once it has been (their cost does).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Counting {
+    Requests,
+    Tokens,
+    All,
+}
+
+impl Counting {
+    fn covers(self, limiter: &RateLimiter) -> bool {
+        match self {
+            Counting::Requests => !limiter.counts_tokens(),
+            Counting::Tokens => limiter.counts_tokens(),
+            Counting::All => true,
+        }
+    }
+}
+
 /// What a request spent from one bucket.
 pub struct Spent {
     limiter: Arc<RateLimiter>,
@@ -470,9 +490,11 @@ impl RouteLimits {
             .any(|l| l.stage() == stage && l.counts_tokens())
     }
 
-    /// Whether any limiter is checked at `stage`.
-    pub fn checks(&self, stage: Stage) -> bool {
-        self.limiters.iter().any(|l| l.stage() == stage)
+    /// Whether any limiter of `counting` is checked at `stage`.
+    pub fn checks(&self, stage: Stage, counting: Counting) -> bool {
+        self.limiters
+            .iter()
+            .any(|l| l.stage() == stage && counting.covers(l))
     }
 
     /// Spends from every limiter of `stage` (a token limiter spends `tokens`,
@@ -482,11 +504,16 @@ impl RouteLimits {
         &self,
         subject: &Subject<'_>,
         stage: Stage,
+        counting: Counting,
         tokens: u64,
         into: &mut Admission,
     ) -> Result<(), Refused> {
         let first = into.spent.len();
-        for limiter in self.limiters.iter().filter(|l| l.stage() == stage) {
+        for limiter in self
+            .limiters
+            .iter()
+            .filter(|l| l.stage() == stage && counting.covers(l))
+        {
             let key = limiter.key(subject);
             let units = match limiter.policy.unit {
                 LimitUnit::Requests => 1,
@@ -688,7 +715,7 @@ rate_limit = ["per_ip", "per_route"]
         let headers = HeaderMap::new();
         let mut first = Admission::default();
         route
-            .admit(&who(&headers), Stage::Upstream, 0, &mut first)
+            .admit(&who(&headers), Stage::Upstream, Counting::All, 0, &mut first)
             .await
             .unwrap();
         // per_route (1/min) is the tighter: it is the one the headers show.
@@ -697,6 +724,7 @@ rate_limit = ["per_ip", "per_route"]
             .admit(
                 &who(&headers),
                 Stage::Upstream,
+                Counting::All,
                 0,
                 &mut Admission::default(),
             )
@@ -718,6 +746,7 @@ rate_limit = ["per_ip", "per_route"]
             .admit(
                 &who(&headers),
                 Stage::Upstream,
+                Counting::All,
                 0,
                 &mut Admission::default(),
             )

@@ -157,6 +157,26 @@ pub struct ServerPolicy {
     pub slow_request: Option<Duration>,
     /// `[server.tls]`: listeners that speak TLS.
     pub tls: Option<TlsTermination>,
+    /// Bytes of request bodies held in memory at once, process-wide (read
+    /// whole for a cache key, a model or a token estimate).
+    pub max_buffered_bodies: u64,
+    /// Longest silence between two reads of a request body.
+    pub body_read_timeout: Duration,
+    /// Longest time a client may take no response bytes.
+    pub send_timeout: Duration,
+    /// Longest time a tunnel (WebSocket, other upgrades) carries nothing.
+    pub tunnel_idle_timeout: Duration,
+    /// Open connections over every proxy listener.
+    pub max_connections: usize,
+    /// Open connections per client address (IPv6 by /64).
+    pub max_connections_per_ip: usize,
+    pub http2_max_concurrent_streams: u32,
+    /// Streams a client may reset before the server has accepted them.
+    pub http2_max_pending_resets: usize,
+    /// How often an HTTP/2 connection is PINGed; `None` when "0s".
+    pub http2_keepalive_interval: Option<Duration>,
+    /// How long a PING (and a client after GOAWAY) may take to answer.
+    pub http2_keepalive_timeout: Duration,
 }
 
 /// `[server.tls]`: TLS on its own listeners (HTTP/1.1 and h2 by ALPN), with
@@ -447,12 +467,30 @@ impl fmt::Display for Policy {
         }
         writeln!(
             f,
-            "limits:    body {}, header {}, header read {}, keep-alive idle {}, drain {}",
+            "limits:    body {} (buffered at once {}), header {}",
             Size(s.max_request_body),
+            Size(s.max_buffered_bodies),
             Size(s.max_header_size as u64),
+        )?;
+        writeln!(
+            f,
+            "deadlines: header read {}, body read {}, send {}, keep-alive idle {}, tunnel idle {}, drain {}",
             Dur(s.header_read_timeout),
+            Dur(s.body_read_timeout),
+            Dur(s.send_timeout),
             Dur(s.idle_timeout),
+            Dur(s.tunnel_idle_timeout),
             Dur(s.shutdown_grace)
+        )?;
+        writeln!(
+            f,
+            "conns:     at most {} open, {} per client address; HTTP/2 {} streams each, {} pending resets, ping {} (answer within {})",
+            s.max_connections,
+            s.max_connections_per_ip,
+            s.http2_max_concurrent_streams,
+            s.http2_max_pending_resets,
+            s.http2_keepalive_interval.map_or_else(|| "off".to_owned(), |d| Dur(d).to_string()),
+            Dur(s.http2_keepalive_timeout),
         )?;
         if self.routes.iter().any(|r| r.cache.is_some()) {
             writeln!(

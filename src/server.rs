@@ -1,6 +1,7 @@
-//! Listening and connections: the accept loops, which protocol a connection
-//! speaks (HTTP/1.1, h2c, or HTTP/2 by ALPN), client timeouts, and the
-//! graceful drain on shutdown.
+//! Listening and connections: the accept loops (under `max_connections` and
+//! `max_connections_per_ip`), which protocol a connection speaks (HTTP/1.1,
+//! h2c, or HTTP/2 by ALPN, its streams, resets and keep-alive pings
+//! bounded), client timeouts, and the graceful drain on shutdown.
 //!
 //! Owns the life of a connection, not what happens to a request on it
 //! (`handler.rs`). Shutdown: stop accepting, ask every connection to finish its
@@ -25,10 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::BoxError;
-use crate::conn::{ActivityIo, ConnState, ConnTimeout, ConnTimer};
+use crate::conn::{ActivityIo, ConnState, ConnTimeout, ConnTimer, Timeouts};
 use crate::generation::LiveProxy;
 use crate::handler::ConnInfo;
 use crate::policy::ServerPolicy;
+use crate::protect::{ConnectionPermit, Deadline, Protect};
 
 /// What every connection task shares.
 struct Shared {
@@ -36,7 +38,10 @@ struct Shared {
     proxy: Arc<LiveProxy>,
     builders: Builders,
     header_read_timeout: Duration,
-    idle_timeout: Duration,
+    timeouts: Timeouts,
+    /// How long an idle HTTP/2 client has to close after GOAWAY.
+    drain_deadline: Duration,
+    protect: Arc<Protect>,
     stop_accepting: CancellationToken,
     force_close: CancellationToken,
     /// Set before either token is cancelled. A connection looks at its
@@ -84,7 +89,13 @@ pub async fn serve_on(
     let shared = Arc::new(Shared {
         builders: Builders::new(&policy),
         header_read_timeout: policy.header_read_timeout,
-        idle_timeout: policy.idle_timeout,
+        timeouts: Timeouts {
+            header: policy.header_read_timeout,
+            idle: policy.idle_timeout,
+            send: policy.send_timeout,
+        },
+        drain_deadline: policy.http2_keepalive_timeout,
+        protect: proxy.load().protect().clone(),
         stop_accepting: CancellationToken::new(),
         force_close: CancellationToken::new(),
         stopping: AtomicBool::new(false),
@@ -155,6 +166,7 @@ impl Builders {
         http2
             .timer(TokioTimer::new())
             .max_header_list_size(head_buffer as u32);
+        h2_limits(&mut http2, policy);
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
             .keep_alive(true)
@@ -163,9 +175,32 @@ impl Builders {
             .max_buf_size(head_buffer);
         auto.http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(head_buffer as u32);
+            .max_header_list_size(head_buffer as u32)
+            .max_concurrent_streams(policy.http2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(policy.http2_max_pending_resets)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+            .keep_alive_interval(policy.http2_keepalive_interval)
+            .keep_alive_timeout(policy.http2_keepalive_timeout);
         Builders { http1, http2, auto }
     }
+}
+
+/// Streams a client may make the server reset (for their errors) before
+/// the connection is closed: hyper's default, kept explicitly (the "rapid
+/// reset" kind of flood, CVE-2023-44487, is bounded by this and by
+/// `http2_max_pending_resets`).
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// The HTTP/2 bounds of the policy: concurrent streams, pending resets,
+/// keep-alive pings. Flow-control windows stay hyper's (1 MB per
+/// connection, so a connection never holds more than that of unread
+/// request bodies).
+fn h2_limits(b: &mut http2::Builder<TokioExecutor>, policy: &ServerPolicy) {
+    b.max_concurrent_streams(policy.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(policy.http2_max_pending_resets)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+        .keep_alive_interval(policy.http2_keepalive_interval)
+        .keep_alive_timeout(policy.http2_keepalive_timeout);
 }
 
 /// The protocol a connection speaks, as far as its start tells.
@@ -207,22 +242,46 @@ enum Serving<A, B, C> {
 
 async fn accept_loop(listener: TcpListener, transport: Transport, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(5);
+    let connections = &shared.protect.connections;
     loop {
+        // Past `max_connections` nothing is accepted until one closes: the
+        // kernel's backlog holds the next clients meanwhile.
         let accepted = tokio::select! {
             _ = shared.stop_accepting.cancelled() => return,
-            res = listener.accept() => res,
+            res = async { connections.room().await; listener.accept().await } => res,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                // A load balancer in `trusted_proxies` carries many clients:
+                // only the total holds it.
+                let exempt = {
+                    let proxy = shared.proxy.load();
+                    crate::headers::is_trusted(
+                        peer.ip().to_canonical(),
+                        &proxy.policy().server.trusted_proxies,
+                    )
+                };
+                let permit = match connections.open(peer.ip(), exempt) {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        tracing::debug!(%peer, "connection closed: server.max_connections_per_ip reached for its address");
+                        drop(stream);
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 match transport {
                     Transport::Plain => {
                         shared
                             .tasks
-                            .spawn(serve_plain(stream, peer, shared.clone()))
+                            .spawn(serve_plain(stream, peer, shared.clone(), permit))
                     }
-                    Transport::Tls => shared.tasks.spawn(serve_tls(stream, peer, shared.clone())),
+                    Transport::Tls => {
+                        shared
+                            .tasks
+                            .spawn(serve_tls(stream, peer, shared.clone(), permit))
+                    }
                 };
             }
             Err(e) if is_per_connection(&e) => {}
@@ -251,7 +310,12 @@ fn is_per_connection(e: &std::io::Error) -> bool {
 
 /// The TLS handshake, bounded by `header_read_timeout` like a request
 /// head, then the connection as any other.
-async fn serve_tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: ConnectionPermit,
+) {
     let config = shared
         .proxy
         .load()
@@ -273,6 +337,7 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 return;
             }
             Err(_) => {
+                shared.protect.cut.count(Deadline::HeaderRead);
                 tracing::debug!(%peer, "TLS handshake not done within header_read_timeout");
                 return;
             }
@@ -288,11 +353,17 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     let state = Arc::new(ConnState::new());
     serve_connection(tls, peer, "https", protocol, state, shared).await;
+    drop(permit);
 }
 
 /// A cleartext connection: its first bytes say whether it is h2c, within
 /// `header_read_timeout` like a request head.
-async fn serve_plain(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn serve_plain(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: ConnectionPermit,
+) {
     // Made before the peek: the header timeout counts from the connection's
     // start, whatever the peek took.
     let state = Arc::new(ConnState::new());
@@ -308,11 +379,13 @@ async fn serve_plain(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
         Err(_) => {
+            shared.protect.cut.count(Deadline::HeaderRead);
             tracing::debug!(%peer, "closing connection: no request within header_read_timeout");
             return;
         }
     };
     serve_connection(stream, peer, "http", protocol, state, shared).await;
+    drop(permit);
 }
 
 async fn serve_connection<S>(
@@ -357,11 +430,10 @@ async fn serve_connection<S>(
     };
     let mut stop = pin!(shared.stop_accepting.cancelled());
     let mut force = pin!(shared.force_close.cancelled());
-    let mut timer = ConnTimer::new(
-        state.clone(),
-        shared.header_read_timeout,
-        shared.idle_timeout,
-    );
+    let mut timer = ConnTimer::new(state.clone(), shared.timeouts);
+    // Set when an idle connection was asked to close: an HTTP/2 client
+    // that never answers the GOAWAY's PING must not hold it forever.
+    let mut drain_cut: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // hyper's connection types share no trait for this.
     macro_rules! graceful_shutdown {
         () => {
@@ -396,23 +468,38 @@ async fn serve_connection<S>(
             if stopping && force.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(());
             }
-            if !draining {
-                if stopping && stop.as_mut().poll(cx).is_ready() {
+            if let Some(cut) = &mut drain_cut {
+                if cut.as_mut().poll(cx).is_ready() {
+                    shared.protect.cut.count(Deadline::Http2Keepalive);
+                    tracing::debug!(%peer, "closing connection: still open http2_keepalive_timeout after GOAWAY");
+                    return Poll::Ready(());
+                }
+            }
+            if !draining && stopping && stop.as_mut().poll(cx).is_ready() {
+                draining = true;
+                graceful_shutdown!();
+                continue;
+            }
+            // Polled while draining too: a client that takes no bytes
+            // must not hold a closing connection either.
+            match timer.poll_expired(cx) {
+                Poll::Pending => {}
+                Poll::Ready(ConnTimeout::Send) => {
+                    shared.protect.cut.count(Deadline::Send);
+                    tracing::debug!(%peer, "closing connection: the client took no bytes within send_timeout");
+                    return Poll::Ready(());
+                }
+                Poll::Ready(_) if draining => {}
+                Poll::Ready(ConnTimeout::Idle) => {
                     draining = true;
+                    drain_cut = Some(Box::pin(tokio::time::sleep(shared.drain_deadline)));
                     graceful_shutdown!();
                     continue;
                 }
-                match timer.poll_expired(cx) {
-                    Poll::Pending => {}
-                    Poll::Ready(ConnTimeout::Idle) => {
-                        draining = true;
-                        graceful_shutdown!();
-                        continue;
-                    }
-                    Poll::Ready(ConnTimeout::HeaderRead) => {
-                        tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
-                        return Poll::Ready(());
-                    }
+                Poll::Ready(ConnTimeout::HeaderRead) => {
+                    shared.protect.cut.count(Deadline::HeaderRead);
+                    tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
+                    return Poll::Ready(());
                 }
             }
             registered = true;

@@ -58,6 +58,7 @@ pub async fn render(reloader: &Reloader) -> Option<String> {
     let generation = reloader.current();
     scrape_cache(&generation).await;
     scrape_upstreams(&generation);
+    scrape_protect(&generation.protect);
     counter!("hyperion_reloads_total", "outcome" => "ok").absolute(
         reloader
             .succeeded
@@ -69,6 +70,23 @@ pub async fn render(reloader: &Reloader) -> Option<String> {
     let mut text = handle.render();
     SECONDS.render(&mut text);
     Some(text)
+}
+
+/// Connections, buffered bodies, and what was refused or cut for them.
+fn scrape_protect(p: &crate::protect::Protect) {
+    gauge!("hyperion_connections_open").set(p.connections.open_count() as f64);
+    gauge!("hyperion_connection_addresses").set(p.connections.addresses() as f64);
+    counter!("hyperion_connections_refused_total", "reason" => "max_connections_per_ip")
+        .absolute(p.connections.refused_per_ip());
+    counter!("hyperion_accept_paused_total").absolute(p.connections.accept_paused());
+    gauge!("hyperion_buffered_body_bytes").set(p.bodies.held() as f64);
+    gauge!("hyperion_buffered_body_max_bytes").set(p.bodies.limit() as f64);
+    counter!("hyperion_overloaded_total", "reason" => "max_buffered_bodies")
+        .absolute(p.bodies.refused());
+    for why in crate::protect::Deadline::ALL {
+        counter!("hyperion_deadline_cuts_total", "deadline" => why.as_str())
+            .absolute(p.cut.get(why));
+    }
 }
 
 async fn scrape_cache(generation: &Generation) {

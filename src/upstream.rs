@@ -31,7 +31,7 @@ use models::ModelName;
 use retry::Replay;
 use server_state::InFlight;
 
-use crate::body::{BodyTooLarge, ClientBodyError, RequestBody};
+use crate::body::{BodyStalled, BodyTooLarge, ClientBodyError, RequestBody};
 use crate::error::ProxyError;
 use crate::limits::{InflightLimit, InflightSlot};
 use crate::policy::{UpstreamPolicy, UpstreamServer};
@@ -262,7 +262,9 @@ impl UpstreamPool {
             let now = crate::clock::now();
             if !matches!(
                 failure.error,
-                ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody(_)
+                ProxyError::BodyTooLarge { .. }
+                    | ProxyError::ClientBody(_)
+                    | ProxyError::BodyTimeout { .. }
             ) {
                 server.failed(&failure.error.to_string(), eject_after, may_eject, now);
             }
@@ -426,6 +428,9 @@ fn classify(server: &UpstreamServer, e: &hyper::Error) -> ProxyError {
         }
         if let Some(client) = err.downcast_ref::<ClientBodyError>() {
             return ProxyError::ClientBody(client.to_string());
+        }
+        if let Some(stalled) = err.downcast_ref::<BodyStalled>() {
+            return ProxyError::BodyTimeout { timeout: stalled.0 };
         }
         source = err.source();
     }

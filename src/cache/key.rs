@@ -12,8 +12,6 @@ use std::fmt;
 
 use http::header::{self, HeaderMap};
 use http::Method;
-use serde_json::Value;
-
 use crate::policy::{BodyKey, CacheScope, RouteCachePolicy};
 
 /// A request's identity in the store.
@@ -165,7 +163,9 @@ impl CacheKey {
                 e.0.push((name, shown()));
             }
         };
-        part("version", b"hyperion-key-1", &|| "1".into());
+        // 2: canonical JSON digested as it is parsed (arrays end with a mark
+        // instead of starting with a count, objects digest each member).
+        part("version", b"hyperion-key-2", &|| "2".into());
         part("route", req.route.as_bytes(), &|| req.route.to_owned());
         // A HEAD is answered from GET's entry (RFC 9110 §9.3.2).
         let method = if req.method == Method::HEAD {
@@ -206,12 +206,12 @@ impl CacheKey {
                 });
             }
             BodyKey::Json => {
-                let value: Value = serde_json::from_slice(body).map_err(|_| NotJson)?;
-                let stream = json_wants_stream(&value, req.path) || wants_event_stream(req.headers);
+                let digest = super::canonical_json::digest(body, &policy.ignore_fields)
+                    .ok_or(NotJson)?;
+                let stream = json_wants_stream(digest.stream, req.path)
+                    || wants_event_stream(req.headers);
                 part("stream", &[stream as u8], &|| stream.to_string());
-                let mut bh = blake3::Hasher::new();
-                canonical(&value, &policy.ignore_fields, &mut Vec::new(), &mut bh);
-                let d = bh.finalize();
+                let d = digest.hash;
                 part("body", d.as_bytes(), &|| {
                     let ignored: Vec<String> =
                         policy.ignore_fields.iter().map(|f| f.join(".")).collect();
@@ -310,74 +310,13 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
 
 /// Whether a JSON request asks for a streamed answer: `"stream": true`, or
 /// Ollama's generate/chat, which stream unless told `"stream": false`.
-fn json_wants_stream(body: &Value, path: &str) -> bool {
-    match body.get("stream") {
-        Some(Value::Bool(b)) => *b,
-        Some(_) => false,
+/// `stream` is the top-level member as `canonical_json` noted it.
+fn json_wants_stream(stream: Option<Option<bool>>, path: &str) -> bool {
+    match stream {
+        Some(Some(b)) => b,
+        Some(None) => false,
         None => matches!(path, "/api/generate" | "/api/chat"),
     }
-}
-
-/// Feeds `v` to `h` canonically: object keys sorted, no whitespace, numbers
-/// by value (1, 1.0 and 1e0 are equal), every item typed and length-prefixed
-/// so no two different documents feed the same bytes.
-fn canonical(v: &Value, ignore: &[Box<[String]>], path: &mut Vec<String>, h: &mut blake3::Hasher) {
-    match v {
-        Value::Null => {
-            h.update(b"n");
-        }
-        Value::Bool(b) => {
-            h.update(if *b { b"t" } else { b"f" });
-        }
-        Value::Number(n) => {
-            let text = canonical_number(n);
-            h.update(b"#");
-            h.update(&(text.len() as u64).to_le_bytes());
-            h.update(text.as_bytes());
-        }
-        Value::String(s) => {
-            h.update(b"s");
-            h.update(&(s.len() as u64).to_le_bytes());
-            h.update(s.as_bytes());
-        }
-        Value::Array(items) => {
-            h.update(b"[");
-            h.update(&(items.len() as u64).to_le_bytes());
-            for item in items {
-                canonical(item, ignore, path, h);
-            }
-        }
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            h.update(b"{");
-            for k in keys {
-                path.push(k.clone());
-                if !ignore.iter().any(|f| **f == path[..]) {
-                    h.update(&(k.len() as u64).to_le_bytes());
-                    h.update(k.as_bytes());
-                    canonical(&map[k], ignore, path, h);
-                }
-                path.pop();
-            }
-            h.update(b"}");
-        }
-    }
-}
-
-fn canonical_number(n: &serde_json::Number) -> String {
-    if let Some(i) = n.as_i64() {
-        return i.to_string();
-    }
-    if let Some(u) = n.as_u64() {
-        return u.to_string();
-    }
-    let f = n.as_f64().unwrap_or(f64::NAN);
-    if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 {
-        // Integral floats key like integers: 1.0 == 1.
-        return (f as i64).to_string();
-    }
-    format!("{f:e}")
 }
 
 #[cfg(test)]

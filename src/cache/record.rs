@@ -133,8 +133,8 @@ fn tokens_used(entry: &Entry, body: &[u8]) -> u64 {
         .unwrap_or("");
     let last_json = |lines: &mut dyn Iterator<Item = &[u8]>| {
         lines
-            .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
-            .find_map(|v| usage(&v))
+            .filter_map(Usage::read)
+            .find_map(|u| u.total())
     };
     let lines = || body.split(|&b| b == b'\n').rev();
     let found = if ct.starts_with("application/x-ndjson") {
@@ -146,24 +146,109 @@ fn tokens_used(entry: &Entry, body: &[u8]) -> u64 {
                 .filter(|d| *d != b"[DONE]")
         }))
     } else if ct.contains("json") {
-        serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| usage(&v))
+        Usage::read(body).and_then(|u| u.total())
     } else {
         None
     };
     found.unwrap_or(0)
 }
 
-fn usage(v: &serde_json::Value) -> Option<u64> {
-    if let Some(total) = v.pointer("/usage/total_tokens").and_then(|t| t.as_u64()) {
-        return Some(total);
+/// The usage fields of one JSON answer or event, read without building the
+/// rest of it (a stored answer may be megabytes): unknown members are
+/// skipped, and a field of another type counts as absent.
+#[derive(serde::Deserialize)]
+struct Usage {
+    #[serde(default, deserialize_with = "lenient_u64")]
+    prompt_eval_count: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    eval_count: Option<u64>,
+    #[serde(default)]
+    usage: Option<OpenAiUsage>,
+}
+
+#[derive(serde::Deserialize)]
+struct OpenAiUsage {
+    #[serde(default, deserialize_with = "lenient_u64")]
+    total_tokens: Option<u64>,
+}
+
+fn lenient_u64<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+    Ok(match de.deserialize_any(ScalarVisitor)? {
+        Scalar::Count(n) => Some(n),
+        _ => None,
+    })
+}
+
+/// A JSON value as far as usage and `done` need it; containers are read
+/// past without being kept.
+enum Scalar {
+    Count(u64),
+    Bool(bool),
+    Other,
+}
+
+struct ScalarVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ScalarVisitor {
+    type Value = Scalar;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
     }
-    let prompt = v.get("prompt_eval_count").and_then(|t| t.as_u64());
-    let answer = v.get("eval_count").and_then(|t| t.as_u64());
-    match (prompt, answer) {
-        (None, None) => None,
-        (p, a) => Some(p.unwrap_or(0) + a.unwrap_or(0)),
+    fn visit_u64<E>(self, n: u64) -> Result<Scalar, E> {
+        Ok(Scalar::Count(n))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Scalar, E> {
+        Ok(Scalar::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Scalar, E> {
+        Ok(Scalar::Other)
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Scalar, E> {
+        Ok(Scalar::Bool(b))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Scalar, E> {
+        Ok(Scalar::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Scalar, E> {
+        Ok(Scalar::Other)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Other)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Scalar::Other)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Scalar, D::Error> {
+        de.deserialize_any(ScalarVisitor)
+    }
+}
+
+impl Usage {
+    /// The usage of one JSON object (serde would read a struct from an
+    /// array too, by position).
+    fn read(json: &[u8]) -> Option<Usage> {
+        if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return None;
+        }
+        serde_json::from_slice(json).ok()
+    }
+
+    fn total(&self) -> Option<u64> {
+        if let Some(total) = self.usage.as_ref().and_then(|u| u.total_tokens) {
+            return Some(total);
+        }
+        match (self.prompt_eval_count, self.eval_count) {
+            (None, None) => None,
+            (p, a) => Some(p.unwrap_or(0) + a.unwrap_or(0)),
+        }
     }
 }
 
@@ -183,10 +268,13 @@ fn is_unfinished_ndjson(entry: &Entry, body: &[u8]) -> bool {
         .rev()
         .find(|l| !l.iter().all(u8::is_ascii_whitespace));
     let Some(last) = last else { return false };
+    #[derive(serde::Deserialize)]
+    struct Done {
+        #[serde(default)]
+        done: Option<Scalar>,
+    }
     matches!(
-        serde_json::from_slice::<serde_json::Value>(last)
-            .ok()
-            .and_then(|v| v.get("done").cloned()),
-        Some(serde_json::Value::Bool(false))
+        serde_json::from_slice::<Done>(last).ok().and_then(|d| d.done),
+        Some(Scalar::Bool(false))
     )
 }

@@ -50,6 +50,16 @@ pub struct RawServer {
     pub access_log: Option<AccessLogFormat>,
     pub slow_request: Option<Dur>,
     pub tls: Option<Spanned<RawTls>>,
+    pub max_buffered_bodies: Option<Spanned<Size>>,
+    pub body_read_timeout: Option<Spanned<Dur>>,
+    pub send_timeout: Option<Spanned<Dur>>,
+    pub tunnel_idle_timeout: Option<Spanned<Dur>>,
+    pub max_connections: Option<Spanned<u64>>,
+    pub max_connections_per_ip: Option<Spanned<u64>>,
+    pub http2_max_concurrent_streams: Option<Spanned<u64>>,
+    pub http2_max_pending_resets: Option<Spanned<u64>>,
+    pub http2_keepalive_interval: Option<Spanned<Dur>>,
+    pub http2_keepalive_timeout: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize)]

@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use super::error::{nearest, PolicyError, Source};
 use super::raw::{self, Balance, ModelRouting, RawPolicy, UnknownModel};
-use super::units::Size;
+use super::units::{Dur, Size};
 use super::{
     AdminPolicy, AdminToken, BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness,
     HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy,
@@ -561,10 +561,104 @@ impl Validator<'_> {
             Some(t) => Some(self.server_tls(t, &listen)?),
             None => None,
         };
+        let max_request_body = raw.max_request_body.map_or(50 << 20, |s| s.0);
+        let max_buffered_bodies = match &raw.max_buffered_bodies {
+            Some(s) if s.get_ref().0 < max_request_body => {
+                return Err(self.err(
+                    s.span(),
+                    "server.max_buffered_bodies",
+                    format!(
+                        "{} is less than max_request_body ({}): a body of the allowed size could never be read",
+                        s.get_ref(),
+                        Size(max_request_body)
+                    ),
+                    "raise max_buffered_bodies to at least max_request_body, or lower max_request_body",
+                ))
+            }
+            Some(s) => s.get_ref().0,
+            None => (256 << 20).max(max_request_body),
+        };
+        let timeout = |v: &Option<Spanned<Dur>>, name: &str, default: u64| match v {
+            Some(d) if d.get_ref().0.is_zero() => Err(self.err(
+                d.span(),
+                format!("server.{name}"),
+                "a deadline of 0s would cut every request",
+                format!("use a duration such as \"{default}s\""),
+            )),
+            Some(d) => Ok(d.get_ref().0),
+            None => Ok(Duration::from_secs(default)),
+        };
+        let count = |v: &Option<Spanned<u64>>, name: &str, default: u64, max: u64| match v {
+            Some(n) if *n.get_ref() == 0 || *n.get_ref() > max => Err(self.err(
+                n.span(),
+                format!("server.{name}"),
+                format!("{} is out of range", n.get_ref()),
+                format!("use a number from 1 to {max} (default {default})"),
+            )),
+            Some(n) => Ok(*n.get_ref()),
+            None => Ok(default),
+        };
+        let max_connections = count(&raw.max_connections, "max_connections", 4096, 1 << 20)?;
+        let max_connections_per_ip = match &raw.max_connections_per_ip {
+            Some(n) if *n.get_ref() > max_connections => {
+                return Err(self.err(
+                    n.span(),
+                    "server.max_connections_per_ip",
+                    format!(
+                        "{} is more than max_connections ({max_connections})",
+                        n.get_ref()
+                    ),
+                    "lower it, or raise max_connections",
+                ))
+            }
+            _ => count(
+                &raw.max_connections_per_ip,
+                "max_connections_per_ip",
+                256.min(max_connections),
+                1 << 20,
+            )?,
+        };
+        let http2_keepalive_interval = match &raw.http2_keepalive_interval {
+            Some(d) if d.get_ref().0.is_zero() => None,
+            Some(d) if d.get_ref().0 < Duration::from_secs(1) => {
+                return Err(self.err(
+                    d.span(),
+                    "server.http2_keepalive_interval",
+                    "PINGing more often than every second loads clients for nothing",
+                    "use 1s or more (default \"30s\"), or \"0s\" for no pings",
+                ))
+            }
+            Some(d) => Some(d.get_ref().0),
+            None => Some(Duration::from_secs(30)),
+        };
         Ok(ServerPolicy {
             tls,
             listen,
-            max_request_body: raw.max_request_body.map_or(50 << 20, |s| s.0),
+            max_request_body,
+            max_buffered_bodies,
+            body_read_timeout: timeout(&raw.body_read_timeout, "body_read_timeout", 30)?,
+            send_timeout: timeout(&raw.send_timeout, "send_timeout", 60)?,
+            tunnel_idle_timeout: timeout(&raw.tunnel_idle_timeout, "tunnel_idle_timeout", 300)?,
+            max_connections: max_connections as usize,
+            max_connections_per_ip: max_connections_per_ip as usize,
+            http2_max_concurrent_streams: count(
+                &raw.http2_max_concurrent_streams,
+                "http2_max_concurrent_streams",
+                100,
+                10_000,
+            )? as u32,
+            http2_max_pending_resets: count(
+                &raw.http2_max_pending_resets,
+                "http2_max_pending_resets",
+                20,
+                10_000,
+            )? as usize,
+            http2_keepalive_interval,
+            http2_keepalive_timeout: timeout(
+                &raw.http2_keepalive_timeout,
+                "http2_keepalive_timeout",
+                20,
+            )?,
             max_header_size,
             header_read_timeout: raw
                 .header_read_timeout

@@ -1,0 +1,99 @@
+//! The process's defences against clients it does not trust, shared by
+//! every worker and carried across reloads: how many connections are open
+//! (in all and per client address), how many bytes of request bodies are
+//! held in memory at once, and the counts of what was refused or cut for
+//! either, or by a deadline.
+//!
+//! Owns the accounting only. Where a connection is accepted or cut is
+//! `server.rs`'s business, where a body is read is the handler's; they ask
+//! here whether there is room and report what they cut. Nothing here knows
+//! a request.
+
+pub mod bodies;
+pub mod connections;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use bodies::{BodyBudget, BodyCharge};
+pub use connections::{ConnectionLimits, ConnectionPermit, Refused};
+
+use crate::policy::ServerPolicy;
+
+/// One per process.
+pub struct Protect {
+    pub connections: ConnectionLimits,
+    pub bodies: BodyBudget,
+    pub cut: CutCounts,
+}
+
+impl Protect {
+    /// Sized from the policy the process starts with; `reconfigure` takes
+    /// the connection limits of a reloaded one.
+    pub fn new(server: &ServerPolicy) -> Protect {
+        Protect {
+            connections: ConnectionLimits::new(
+                server.max_connections,
+                server.max_connections_per_ip,
+            ),
+            bodies: BodyBudget::new(server.max_buffered_bodies),
+            cut: CutCounts::default(),
+        }
+    }
+
+    /// A reload's limits: connections already open stay open.
+    pub fn reconfigure(&self, server: &ServerPolicy) {
+        self.connections
+            .set_limits(server.max_connections, server.max_connections_per_ip);
+    }
+}
+
+/// Why a request or connection was cut short by a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// The request body made no progress for `body_read_timeout`.
+    BodyRead,
+    /// The client took no response bytes for `send_timeout`.
+    Send,
+    /// A tunnel carried nothing either way for `tunnel_idle_timeout`.
+    TunnelIdle,
+    /// A request head did not arrive within `header_read_timeout`.
+    HeaderRead,
+    /// An HTTP/2 client did not answer a keep-alive PING in time, or did
+    /// not close after GOAWAY.
+    Http2Keepalive,
+}
+
+impl Deadline {
+    pub const ALL: [Deadline; 5] = [
+        Deadline::BodyRead,
+        Deadline::Send,
+        Deadline::TunnelIdle,
+        Deadline::HeaderRead,
+        Deadline::Http2Keepalive,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Deadline::BodyRead => "body_read",
+            Deadline::Send => "send",
+            Deadline::TunnelIdle => "tunnel_idle",
+            Deadline::HeaderRead => "header_read",
+            Deadline::Http2Keepalive => "http2_keepalive",
+        }
+    }
+}
+
+/// Requests and connections cut by each deadline.
+#[derive(Default)]
+pub struct CutCounts([AtomicU64; 5]);
+
+impl CutCounts {
+    pub fn count(&self, why: Deadline) {
+        self.0[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, why: Deadline) -> u64 {
+        self.0[why as usize].load(Ordering::Relaxed)
+    }
+}

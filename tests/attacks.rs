@@ -1,0 +1,440 @@
+//! Hyperion under attack: one test per way a client it does not trust can
+//! try to take it down (slow bodies, slow readers, too many connections,
+//! bodies that cost memory, tunnels and HTTP/2 connections that never
+//! end). Each asserts what the attacker gets, that other clients are still
+//! served meanwhile, that upstream slots come back, and what the counters
+//! say. Deadlines are short so the suite stays fast; every wait is bounded.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use hyperion::protect::Deadline;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the peer closes (or `wait` passes): what was read, and
+/// whether it closed.
+async fn read_to_close(stream: &mut TcpStream, wait: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(wait, async {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+fn protect(proxy: &TestProxy) -> Arc<hyperion::protect::Protect> {
+    proxy.reloader.current().protect.clone()
+}
+
+/// Another client, meanwhile: answered at once.
+async fn others_are_served(proxy: &TestProxy) {
+    let started = Instant::now();
+    let (parts, _) = get(&proxy.url("/other")).await;
+    assert_eq!(parts.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+fn body_keyed_policy(upstream: &str, server: &str) -> String {
+    format!(
+        r#"
+[server]
+{server}
+
+[upstreams.up]
+servers = [{{ url = "{upstream}" }}]
+
+[[route]]
+name = "gen"
+match = {{ methods = ["POST"], paths = ["/api/generate"] }}
+upstream = "up"
+
+[route.cache]
+mode = "force"
+ttl = "1m"
+body_key = "json"
+
+[[route]]
+name = "all"
+upstream = "up"
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408_before_anything_goes_upstream() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::start(&body_keyed_policy(
+        &up.url(),
+        r#"body_read_timeout = "300ms""#,
+    ))
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"mo")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    others_are_served(&proxy).await;
+    let (out, closed) = read_to_close(&mut stream, PATIENCE).await;
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(out.contains("\"code\":\"body_timeout\""), "{out}");
+    assert!(closed, "the connection is closed after a 408");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(up.count(), 1, "only the other client's request went upstream");
+    assert_eq!(protect(&proxy).cut.get(Deadline::BodyRead), 1);
+    assert_eq!(protect(&proxy).bodies.held(), 0, "its budget came back");
+}
+
+#[tokio::test]
+async fn a_streamed_upload_that_stops_is_cut_and_the_upstream_slot_freed() {
+    let up = Upstream::echo().await;
+    let policy = format!(
+        "[server]\nbody_read_timeout = \"300ms\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"5s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        up.url()
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nfirst bytes")
+        .await
+        .unwrap();
+    let (out, closed) = read_to_close(&mut stream, PATIENCE).await;
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(closed);
+    // The one slot is free again: the next request is not queued.
+    let started = Instant::now();
+    let (parts, _) = get(&proxy.url("/next")).await;
+    assert_eq!(parts.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(protect(&proxy).cut.get(Deadline::BodyRead), 1);
+}
+
+#[tokio::test]
+async fn buffered_bodies_share_a_budget_and_the_overflow_gets_503_overloaded() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::start(&body_keyed_policy(
+        &up.url(),
+        "max_request_body = \"1MB\"\nmax_buffered_bodies = \"1MB\"\nbody_read_timeout = \"10s\"",
+    ))
+    .await;
+    // The first upload declares 800 KB and sends part of it: its share is
+    // taken up front.
+    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut doc = br#"{"model":"m","pad":""#.to_vec();
+    doc.resize(800 * 1024 - 2, b'a');
+    doc.extend_from_slice(b"\"}");
+    let head = format!(
+        "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        doc.len()
+    );
+    first.write_all(head.as_bytes()).await.unwrap();
+    first.write_all(&doc[..1000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(protect(&proxy).bodies.held(), doc.len() as u64);
+
+    // The second does not fit: it waits a second, then is refused.
+    let started = Instant::now();
+    let second = send(
+        Request::post(proxy.url("/api/generate"))
+            .header("content-type", "application/json")
+            .body(full(Bytes::from(doc.clone())))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(second.0.status, 503);
+    assert_eq!(second.0.headers["retry-after"], "1");
+    assert_eq!(json(&second.1)["error"]["code"], "overloaded");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    others_are_served(&proxy).await;
+
+    // The first finishes and is answered; the budget is whole again.
+    first.write_all(&doc[1000..]).await.unwrap();
+    let head = read_head(&mut first).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(first);
+    for _ in 0..50 {
+        if protect(&proxy).bodies.held() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(protect(&proxy).bodies.held(), 0);
+    assert_eq!(protect(&proxy).bodies.refused(), 1);
+}
+
+#[tokio::test]
+async fn a_rate_limited_client_is_refused_before_its_body_is_read() {
+    let up = Upstream::echo().await;
+    let policy = body_keyed_policy(&up.url(), "").replace(
+        "[[route]]\nname = \"gen\"",
+        "[rate_limits.per_ip]\nkey = \"client_ip\"\nrate = \"1/min\"\nburst = 1\n\n[[route]]\nname = \"gen\"\nrate_limit = [\"per_ip\"]",
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let (parts, _) = send(
+        Request::post(proxy.url("/api/generate"))
+            .header("content-type", "application/json")
+            .body(full(r#"{"model":"m"}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    // 10 MB declared, not a byte sent: the 429 comes anyway.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n")
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(2), read_head(&mut stream))
+        .await
+        .expect("refused without waiting for the body");
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
+async fn a_huge_or_deeply_nested_json_body_is_keyed_without_a_value_tree() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::start(&body_keyed_policy(&up.url(), "")).await;
+    let post = |body: Vec<u8>| {
+        send(
+            Request::post(proxy.url("/api/generate"))
+                .header("content-type", "application/json")
+                .body(full(Bytes::from(body)))
+                .unwrap(),
+        )
+    };
+    // 4 MB of zeros: keyed (a miss, then a hit), not 30 times its size.
+    let mut zeros = br#"{"model":"m","a":["#.to_vec();
+    for _ in 0..2 * 1024 * 1024 - 1 {
+        zeros.extend_from_slice(b"0,");
+    }
+    zeros.extend_from_slice(b"0]}");
+    let (miss, _) = post(zeros.clone()).await;
+    assert_eq!(miss.headers["x-cache"], "MISS");
+    let (hit, _) = post(zeros).await;
+    assert_eq!(hit.headers["x-cache"], "HIT");
+    // Deeper than the nesting bound: passed through, never keyed.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let (parts, _) = post(deep.into_bytes()).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["x-cache"], "BYPASS");
+}
+
+#[tokio::test]
+async fn connections_past_the_per_address_ceiling_are_closed_at_once() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::to(&up.url(), "max_connections_per_ip = 2").await;
+    let a = TcpStream::connect(proxy.addr).await.unwrap();
+    let _b = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(proxy.addr).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (out, closed) = read_to_close(&mut third, PATIENCE).await;
+    assert!(closed && out.is_empty(), "closed without an answer: {out}");
+    assert_eq!(protect(&proxy).connections.refused_per_ip(), 1);
+    // One closes: room again.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (parts, _) = get(&proxy.url("/again")).await;
+    assert_eq!(parts.status, 200);
+}
+
+#[tokio::test]
+async fn past_max_connections_accepting_waits_until_one_closes() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::to(&up.url(), "max_connections = 2\nmax_connections_per_ip = 2").await;
+    let a = TcpStream::connect(proxy.addr).await.unwrap();
+    let _b = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(protect(&proxy).connections.open_count(), 2);
+    // The kernel completes the handshake; the proxy does not take it yet.
+    let mut third = TcpStream::connect(proxy.addr).await.unwrap();
+    third
+        .write_all(b"GET /waiting HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut byte)).await;
+    assert!(early.is_err(), "not answered while two are open");
+    drop(a);
+    let head = read_head(&mut third).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(protect(&proxy).connections.accept_paused() >= 1);
+}
+
+/// An upstream streaming 64 KB chunks until nobody reads them (at most
+/// 256 MB).
+async fn endless_upstream() -> Upstream {
+    Upstream::start(move |_req| {
+        async move {
+            let (tx, body) = channel_body();
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                for _ in 0..4096 {
+                    if tx.closed_within(Duration::ZERO).await {
+                        break;
+                    }
+                    let sent = tokio::time::timeout(Duration::from_secs(10), tx.send(chunk.clone()));
+                    if sent.await.is_err() {
+                        break;
+                    }
+                }
+            });
+            http::Response::builder()
+                .header("content-type", "application/octet-stream")
+                .body(body)
+                .unwrap()
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_after_send_timeout_and_frees_the_upstream() {
+    let up = endless_upstream().await;
+    let policy = format!(
+        "[server]\nsend_timeout = \"500ms\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"20s\"\nidle_timeout = \"30s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        up.url()
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\nCache-Control: no-store\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read. The proxy cuts it once its writes stall for 500 ms...
+    let started = Instant::now();
+    while protect(&proxy).cut.get(Deadline::Send) == 0 {
+        assert!(started.elapsed() < PATIENCE, "never cut");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...the upstream's stream is dropped, and its one slot serves the next.
+    let (parts, body) = tokio::time::timeout(PATIENCE, async {
+        let resp = client()
+            .request(Request::get(proxy.url("/next")).body(empty()).unwrap())
+            .await
+            .unwrap();
+        let parts = resp.status();
+        let mut body = resp.into_body();
+        use http_body_util::BodyExt;
+        let first = body.frame().await.unwrap().unwrap();
+        (parts, first.into_data().unwrap())
+    })
+    .await
+    .expect("the slot came back");
+    assert_eq!(parts, 200);
+    assert!(!body.is_empty());
+    drop(stream);
+}
+
+#[tokio::test]
+async fn a_silent_tunnel_is_closed_after_tunnel_idle_timeout() {
+    let up = Upstream::start(|mut req| async move {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let upgraded = on_upgrade.await.expect("upstream side upgraded");
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            let mut buf = [0u8; 64];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        http::Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(empty())
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::to(&up.url(), "tunnel_idle_timeout = \"400ms\"").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Traffic keeps it open past the timeout...
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        stream.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // ...silence closes it.
+    let started = Instant::now();
+    let (_, closed) = read_to_close(&mut stream, PATIENCE).await;
+    assert!(closed);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(protect(&proxy).cut.get(Deadline::TunnelIdle), 1);
+}
+
+#[tokio::test]
+async fn http2_connections_advertise_the_stream_limit() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::to(&up.url(), "http2_max_concurrent_streams = 7").await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(async move {
+        let mut conn = conn;
+        // Driven until the server's SETTINGS arrive.
+        std::future::poll_fn(|cx| {
+            let _ = std::pin::Pin::new(&mut conn).poll(cx);
+            if conn.max_concurrent_send_streams() == 7 {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        conn
+    });
+    // A request makes the server's SETTINGS arrive.
+    let (resp, _) = send
+        .send_request(Request::get(proxy.url("/h2")).body(()).unwrap(), true)
+        .unwrap();
+    let conn = tokio::time::timeout(PATIENCE, conn).await.unwrap().unwrap();
+    assert_eq!(conn.max_concurrent_send_streams(), 7);
+    drop(resp);
+}
+
+#[tokio::test]
+async fn an_idle_http2_client_that_ignores_goaway_is_cut() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::to(
+        &up.url(),
+        "idle_timeout = \"300ms\"\nhttp2_keepalive_timeout = \"300ms\"",
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    // The preface and an empty SETTINGS, then nothing: no ACKs, no PONGs.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (_, closed) = read_to_close(&mut stream, PATIENCE).await;
+    assert!(closed, "closed by the proxy");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    others_are_served(&proxy).await;
+}
