@@ -397,6 +397,20 @@ impl Proxy {
             // process's budget for such bodies.
             let reads_body = (body_keyed || by_model || route.limits.counts_tokens())
                 && !http_body::Body::is_end_stream(req.body());
+            if let (true, Some(at)) = (reads_body, arrived) {
+                // A client already out of its request budget would be
+                // refused upstream: refuse it before reading its body.
+                let who = subject(client, req.headers(), &route.name, at);
+                if let Some(r) = route.limits.exhausted(&who, Stage::Upstream) {
+                    crate::telemetry::rate_limited(&r.limiter);
+                    admission.refund_all();
+                    admission.headers = Some(r.headers);
+                    return Err(ProxyError::RateLimited {
+                        limiter: r.limiter,
+                        retry_after: r.retry_after,
+                    });
+                }
+            }
             let mut body_charge = if reads_body {
                 self.protect.bodies.empty()
             } else {

@@ -546,6 +546,29 @@ impl RouteLimits {
         Ok(())
     }
 
+    /// A request-count limiter of `stage` whose bucket for `subject` is
+    /// empty: the request would be refused when it reached it. Asked before
+    /// a request body is read, so a client out of budget is turned away
+    /// without costing the read (it loses only a cache hit it might have
+    /// had for free). Nothing is spent.
+    pub fn exhausted(&self, subject: &Subject<'_>, stage: Stage) -> Option<Refused> {
+        self.limiters
+            .iter()
+            .filter(|l| l.stage() == stage && !l.counts_tokens())
+            .find_map(|limiter| {
+                let key = limiter.key(subject);
+                let now = limiter.nanos(subject.at);
+                let refusal = limiter
+                    .buckets
+                    .with(key, now, false, |tat| limiter.gcra.would_refuse(tat, now, 1))?;
+                Some(Refused {
+                    limiter: limiter.policy.name.clone(),
+                    retry_after: refusal.retry_after,
+                    headers: limiter.headers(refusal.level),
+                })
+            })
+    }
+
     /// Notes the level of the limiters `admission` did not spend from (a
     /// cache hit still tells the client where it stands).
     pub fn peek_rest(&self, subject: &Subject<'_>, admission: &mut Admission) {

@@ -399,7 +399,7 @@ async fn http2_connections_advertise_the_stream_limit() {
         let mut conn = conn;
         // Driven until the server's SETTINGS arrive.
         std::future::poll_fn(|cx| {
-            let _ = std::pin::Pin::new(&mut conn).poll(cx);
+            let _ = std::future::Future::poll(std::pin::Pin::new(&mut conn), cx);
             if conn.max_concurrent_send_streams() == 7 {
                 std::task::Poll::Ready(())
             } else {
@@ -426,15 +426,27 @@ async fn an_idle_http2_client_that_ignores_goaway_is_cut() {
         "idle_timeout = \"300ms\"\nhttp2_keepalive_timeout = \"300ms\"",
     )
     .await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    // The preface and an empty SETTINGS, then nothing: no ACKs, no PONGs.
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .await
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (send, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    // One request, the connection driven until its answer...
+    let mut send = send.ready().await.unwrap();
+    let (resp, _) = send
+        .send_request(Request::get(proxy.url("/h2")).body(()).unwrap(), true)
         .unwrap();
+    let resp = tokio::select! {
+        r = resp => r.unwrap(),
+        _ = &mut conn => panic!("connection ended first"),
+    };
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    // ...then never again: the GOAWAY's PING is never answered.
     let started = Instant::now();
-    let (_, closed) = read_to_close(&mut stream, PATIENCE).await;
-    assert!(closed, "closed by the proxy");
-    assert!(started.elapsed() < Duration::from_secs(4));
+    while protect(&proxy).connections.open_count() > 0 {
+        assert!(started.elapsed() < PATIENCE, "the connection was never cut");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(protect(&proxy).cut.get(Deadline::Http2Keepalive), 1);
     others_are_served(&proxy).await;
+    drop(conn);
 }

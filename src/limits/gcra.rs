@@ -116,6 +116,18 @@ impl Gcra {
         });
     }
 
+    /// Whether spending `n` units now would be refused, and if so when it
+    /// would fit; nothing is spent.
+    pub fn would_refuse(&self, tat: &AtomicU64, now: u64, n: u64) -> Option<Refusal> {
+        let cost = n.min(self.burst).saturating_mul(self.interval);
+        let cur = tat.load(Ordering::Acquire);
+        let ahead = cur.max(now).saturating_add(cost) - now;
+        (ahead > self.window).then(|| Refusal {
+            retry_after: Duration::from_nanos(ahead - self.window),
+            level: self.level(cur, now),
+        })
+    }
+
     /// The bucket as it stands, without spending.
     pub fn peek(&self, tat: &AtomicU64, now: u64) -> Level {
         self.level(tat.load(Ordering::Acquire), now)
