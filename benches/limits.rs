@@ -66,7 +66,13 @@ fn bench(c: &mut Criterion) {
     for i in 0..100_000 {
         let who = by_ip_client(i, &none);
         by_ip
-            .admit(&who, Stage::Upstream, Counting::All, 0, &mut Admission::default())
+            .admit(
+                &who,
+                Stage::Upstream,
+                Counting::All,
+                0,
+                &mut Admission::default(),
+            )
             .now_or_never()
             .expect("local limits decide at once")
             .unwrap();
@@ -80,7 +86,13 @@ fn bench(c: &mut Criterion) {
             let who = by_ip_client(i, &none);
             let mut admission = Admission::default();
             by_ip
-                .admit(black_box(&who), Stage::Upstream, Counting::All, 0, &mut admission)
+                .admit(
+                    black_box(&who),
+                    Stage::Upstream,
+                    Counting::All,
+                    0,
+                    &mut admission,
+                )
                 .now_or_never()
                 .expect("local limits decide at once")
                 .unwrap();
@@ -111,7 +123,13 @@ fn bench(c: &mut Criterion) {
             };
             let mut admission = Admission::default();
             by_key
-                .admit(black_box(&who), Stage::Upstream, Counting::All, 0, &mut admission)
+                .admit(
+                    black_box(&who),
+                    Stage::Upstream,
+                    Counting::All,
+                    0,
+                    &mut admission,
+                )
                 .now_or_never()
                 .expect("local limits decide at once")
                 .unwrap();

@@ -68,7 +68,11 @@ impl Generation {
             limits: Arc::new(Limits::with_shared(&policy, None, cache.shared_tier())),
             cache,
             fleet: Arc::new(Fleet::new(&policy, None)),
-            protect: Arc::new(Protect::new(&policy.server)),
+            protect: Arc::new(Protect::new(
+                policy.server.max_connections,
+                policy.server.max_connections_per_ip,
+                policy.server.max_buffered_bodies,
+            )),
             loaded_at: SystemTime::now(),
             sink,
             policy,
@@ -90,14 +94,16 @@ impl Generation {
         if (
             old.header_read_timeout,
             old.idle_timeout,
+            old.send_timeout,
             old.max_header_size,
         ) != (
             new.header_read_timeout,
             new.idle_timeout,
+            new.send_timeout,
             new.max_header_size,
         ) {
             deferred.push(
-                "server.header_read_timeout, idle_timeout and max_header_size (for connections already open)"
+                "server.header_read_timeout, idle_timeout, send_timeout and max_header_size (for connections already open)"
                     .to_owned(),
             );
         }
@@ -118,7 +124,9 @@ impl Generation {
             deferred.push("server.http2_* settings".to_owned());
         }
         // Connection ceilings apply at once (open connections stay open).
-        self.protect.reconfigure(new);
+        self.protect
+            .connections
+            .set_limits(new.max_connections, new.max_connections_per_ip);
         if self.policy.cache.max_size != policy.cache.max_size {
             deferred.push("cache.max_size".to_owned());
         }

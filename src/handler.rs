@@ -27,14 +27,12 @@ use crate::compress;
 use crate::conn::{ConnState, InflightGuard};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
-use crate::limits::{
-    tokens, Admission, Counting, Limits, RouteLimits, Stage, Subject, TokenMeter,
-};
+use crate::limits::{tokens, Admission, Counting, Limits, RouteLimits, Stage, Subject, TokenMeter};
 use crate::policy::UpstreamServer;
-use crate::protect::{BodyBudget, BodyCharge, Deadline, Protect};
-use crate::tunnel::TunnelEnd;
 use crate::policy::{Balance, BodyKey, HashKey, HeaderRewrite, Policy, RoutePolicy, UnknownModel};
+use crate::protect::{BodyBudget, BodyCharge, Deadline, Protect};
 use crate::route::RouteTable;
+use crate::tunnel::TunnelEnd;
 use crate::upstream::balance::PickFilter;
 use crate::upstream::fleet::Fleet;
 use crate::upstream::models::{self, ModelChoice};

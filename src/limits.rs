@@ -558,9 +558,9 @@ impl RouteLimits {
             .find_map(|limiter| {
                 let key = limiter.key(subject);
                 let now = limiter.nanos(subject.at);
-                let refusal = limiter
-                    .buckets
-                    .with(key, now, false, |tat| limiter.gcra.would_refuse(tat, now, 1))?;
+                let refusal = limiter.buckets.with(key, now, false, |tat| {
+                    limiter.gcra.would_refuse(tat, now, 1)
+                })?;
                 Some(Refused {
                     limiter: limiter.policy.name.clone(),
                     retry_after: refusal.retry_after,
@@ -738,7 +738,13 @@ rate_limit = ["per_ip", "per_route"]
         let headers = HeaderMap::new();
         let mut first = Admission::default();
         route
-            .admit(&who(&headers), Stage::Upstream, Counting::All, 0, &mut first)
+            .admit(
+                &who(&headers),
+                Stage::Upstream,
+                Counting::All,
+                0,
+                &mut first,
+            )
             .await
             .unwrap();
         // per_route (1/min) is the tighter: it is the one the headers show.

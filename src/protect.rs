@@ -17,8 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use bodies::{BodyBudget, BodyCharge};
 pub use connections::{ConnectionLimits, ConnectionPermit, Refused};
 
-use crate::policy::ServerPolicy;
-
 /// One per process.
 pub struct Protect {
     pub connections: ConnectionLimits,
@@ -27,23 +25,19 @@ pub struct Protect {
 }
 
 impl Protect {
-    /// Sized from the policy the process starts with; `reconfigure` takes
-    /// the connection limits of a reloaded one.
-    pub fn new(server: &ServerPolicy) -> Protect {
+    /// Sized from the policy the process starts with (`server.*` of the
+    /// same names); `ConnectionLimits::set_limits` takes a reloaded one's.
+    /// Plain numbers, not the policy: this module sits below it.
+    pub fn new(
+        max_connections: usize,
+        max_connections_per_ip: usize,
+        max_buffered_bodies: u64,
+    ) -> Protect {
         Protect {
-            connections: ConnectionLimits::new(
-                server.max_connections,
-                server.max_connections_per_ip,
-            ),
-            bodies: BodyBudget::new(server.max_buffered_bodies),
+            connections: ConnectionLimits::new(max_connections, max_connections_per_ip),
+            bodies: BodyBudget::new(max_buffered_bodies),
             cut: CutCounts::default(),
         }
-    }
-
-    /// A reload's limits: connections already open stay open.
-    pub fn reconfigure(&self, server: &ServerPolicy) {
-        self.connections
-            .set_limits(server.max_connections, server.max_connections_per_ip);
     }
 }
 

@@ -20,7 +20,10 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub enum TunnelEnd {
     /// One side closed: the bytes sent up and down.
-    Closed { up: u64, down: u64 },
+    Closed {
+        up: u64,
+        down: u64,
+    },
     /// Nothing passed either way for the idle timeout.
     Idle,
     Failed(io::Error),
@@ -78,7 +81,9 @@ struct Watched<T> {
 
 impl<T> Watched<T> {
     fn touch(&self) {
-        let ms = Instant::now().saturating_duration_since(self.start).as_millis() as u64;
+        let ms = Instant::now()
+            .saturating_duration_since(self.start)
+            .as_millis() as u64;
         self.last.store(ms, Ordering::Relaxed);
     }
 }

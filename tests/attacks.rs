@@ -93,7 +93,11 @@ async fn a_body_that_stops_arriving_gets_408_before_anything_goes_upstream() {
     assert!(out.contains("\"code\":\"body_timeout\""), "{out}");
     assert!(closed, "the connection is closed after a 408");
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert_eq!(up.count(), 1, "only the other client's request went upstream");
+    assert_eq!(
+        up.count(),
+        1,
+        "only the other client's request went upstream"
+    );
     assert_eq!(protect(&proxy).cut.get(Deadline::BodyRead), 1);
     assert_eq!(protect(&proxy).bodies.held(), 0, "its budget came back");
 }
@@ -279,26 +283,24 @@ async fn past_max_connections_accepting_waits_until_one_closes() {
 /// An upstream streaming 64 KB chunks until nobody reads them (at most
 /// 256 MB).
 async fn endless_upstream() -> Upstream {
-    Upstream::start(move |_req| {
-        async move {
-            let (tx, body) = channel_body();
-            tokio::spawn(async move {
-                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-                for _ in 0..4096 {
-                    if tx.closed_within(Duration::ZERO).await {
-                        break;
-                    }
-                    let sent = tokio::time::timeout(Duration::from_secs(10), tx.send(chunk.clone()));
-                    if sent.await.is_err() {
-                        break;
-                    }
+    Upstream::start(move |_req| async move {
+        let (tx, body) = channel_body();
+        tokio::spawn(async move {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            for _ in 0..4096 {
+                if tx.closed_within(Duration::ZERO).await {
+                    break;
                 }
-            });
-            http::Response::builder()
-                .header("content-type", "application/octet-stream")
-                .body(body)
-                .unwrap()
-        }
+                let sent = tokio::time::timeout(Duration::from_secs(10), tx.send(chunk.clone()));
+                if sent.await.is_err() {
+                    break;
+                }
+            }
+        });
+        http::Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .unwrap()
     })
     .await
 }
@@ -366,7 +368,9 @@ async fn a_silent_tunnel_is_closed_after_tunnel_idle_timeout() {
     let proxy = TestProxy::to(&up.url(), "tunnel_idle_timeout = \"400ms\"").await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
-        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
         .await
         .unwrap();
     let head = read_head(&mut stream).await;
@@ -407,14 +411,14 @@ async fn http2_connections_advertise_the_stream_limit() {
             }
         })
         .await;
-        conn
+        conn.max_concurrent_send_streams()
     });
     // A request makes the server's SETTINGS arrive.
     let (resp, _) = send
         .send_request(Request::get(proxy.url("/h2")).body(()).unwrap(), true)
         .unwrap();
-    let conn = tokio::time::timeout(PATIENCE, conn).await.unwrap().unwrap();
-    assert_eq!(conn.max_concurrent_send_streams(), 7);
+    let advertised = tokio::time::timeout(PATIENCE, conn).await.unwrap().unwrap();
+    assert_eq!(advertised, 7);
     drop(resp);
 }
 

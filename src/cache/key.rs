@@ -10,9 +10,9 @@
 
 use std::fmt;
 
+use crate::policy::{BodyKey, CacheScope, RouteCachePolicy};
 use http::header::{self, HeaderMap};
 use http::Method;
-use crate::policy::{BodyKey, CacheScope, RouteCachePolicy};
 
 /// A request's identity in the store.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -206,10 +206,10 @@ impl CacheKey {
                 });
             }
             BodyKey::Json => {
-                let digest = super::canonical_json::digest(body, &policy.ignore_fields)
-                    .ok_or(NotJson)?;
-                let stream = json_wants_stream(digest.stream, req.path)
-                    || wants_event_stream(req.headers);
+                let digest =
+                    super::canonical_json::digest(body, &policy.ignore_fields).ok_or(NotJson)?;
+                let stream =
+                    json_wants_stream(digest.stream, req.path) || wants_event_stream(req.headers);
                 part("stream", &[stream as u8], &|| stream.to_string());
                 let d = digest.hash;
                 part("body", d.as_bytes(), &|| {

@@ -132,9 +132,7 @@ fn tokens_used(entry: &Entry, body: &[u8]) -> u64 {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let last_json = |lines: &mut dyn Iterator<Item = &[u8]>| {
-        lines
-            .filter_map(Usage::read)
-            .find_map(|u| u.total())
+        lines.filter_map(Usage::read).find_map(|u| u.total())
     };
     let lines = || body.split(|&b| b == b'\n').rev();
     let found = if ct.starts_with("application/x-ndjson") {
@@ -274,7 +272,9 @@ fn is_unfinished_ndjson(entry: &Entry, body: &[u8]) -> bool {
         done: Option<Scalar>,
     }
     matches!(
-        serde_json::from_slice::<Done>(last).ok().and_then(|d| d.done),
+        serde_json::from_slice::<Done>(last)
+            .ok()
+            .and_then(|d| d.done),
         Some(Scalar::Bool(false))
     )
 }

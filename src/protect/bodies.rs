@@ -154,7 +154,10 @@ mod tests {
         // 39 KiB left: a 50 KiB body waits, then is refused.
         let mut b = budget.empty();
         let started = Instant::now();
-        assert_eq!(budget.grow(&mut b, 50 * UNIT, soon()).await, Err(Overloaded));
+        assert_eq!(
+            budget.grow(&mut b, 50 * UNIT, soon()).await,
+            Err(Overloaded)
+        );
         assert_eq!(started.elapsed(), BodyBudget::WAIT);
         // Room made while it waits lets it in.
         let waiter = tokio::spawn({

@@ -198,11 +198,16 @@ mod tests {
         let limits = ConnectionLimits::new(100, 2);
         let a = limits.open(ip("2001:db8::1"), false).unwrap();
         let _b = limits.open(ip("2001:db8::ffff"), false).unwrap();
-        assert_eq!(limits.open(ip("2001:db8::2"), false).err(), Some(Refused::PerIp));
+        assert_eq!(
+            limits.open(ip("2001:db8::2"), false).err(),
+            Some(Refused::PerIp)
+        );
         // Another /64, another count.
         let _c = limits.open(ip("2001:db8:0:1::1"), false).unwrap();
         // A trusted proxy is not held to it.
-        let trusted: Vec<_> = (0..5).map(|_| limits.open(ip("10.0.0.1"), true).unwrap()).collect();
+        let trusted: Vec<_> = (0..5)
+            .map(|_| limits.open(ip("10.0.0.1"), true).unwrap())
+            .collect();
         assert_eq!(limits.open_count(), 8);
         assert_eq!(limits.refused_per_ip(), 1);
         drop(a);
@@ -223,7 +228,10 @@ mod tests {
             async move { limits.room().await }
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(!waiting.is_finished(), "no room while the one allowed is open");
+        assert!(
+            !waiting.is_finished(),
+            "no room while the one allowed is open"
+        );
         drop(first);
         tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
