@@ -100,6 +100,7 @@ fn key_derivation(c: &mut Criterion) {
                             query: None,
                             headers: &headers,
                             body: Some(black_box(&body[..])),
+                            body_digest: None,
                         },
                     )
                     .unwrap()
@@ -127,6 +128,7 @@ fn key_derivation(c: &mut Criterion) {
                     query: Some("b=2&a=1"),
                     headers: &plain,
                     body: None,
+                    body_digest: None,
                 },
             )
             .unwrap()

@@ -487,6 +487,7 @@ async fn explain(
         query: query.as_deref(),
         headers: &headers,
         body: (!body.is_empty()).then_some(&body),
+        body_digest: None,
     };
     match generation.cache.explain(cache_policy, &q).await {
         Ok(e) => {

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::body::{BodyEnd, BodyOutcome, BoxError, RequestBody, ResponseBody};
-use crate::cache::{Before, Cache, CacheQuery, CacheStatus, Exchange, Followed};
+use crate::cache::{Before, BodyDigest, Cache, CacheQuery, CacheStatus, Exchange, Followed};
 use crate::compress;
 use crate::conn::{ConnState, InflightGuard};
 use crate::error::ProxyError;
@@ -428,6 +428,34 @@ impl Proxy {
                     Err(e) => return refuse(e, req.headers(), admission),
                 }
             }
+            // What the body says (its key digest, model, token estimate),
+            // worked out once; for a big body on the blocking pool, so
+            // parsing megabytes never holds up this worker's other
+            // connections.
+            let facts = match &read_ahead {
+                Some(body) => {
+                    let wants = WantedFacts {
+                        keyed_by: body_keyed.then(|| route.policy.clone()),
+                        model: by_model,
+                        tokens: route
+                            .limits
+                            .counts_tokens()
+                            .then(|| route.limits.default_tokens()),
+                    };
+                    if body.len() >= PARSE_OFF_THREAD {
+                        let (body, wants) = (body.clone(), wants.clone());
+                        tokio::task::spawn_blocking(move || wants.read(&body))
+                            .await
+                            .unwrap_or_default()
+                    } else {
+                        wants.read(body)
+                    }
+                }
+                None => BodyFacts::default(),
+            };
+            if facts.estimate.is_some() {
+                admission.estimate = facts.estimate;
+            }
             if let Some(at) = arrived {
                 route
                     .check_limits(
@@ -452,6 +480,7 @@ impl Proxy {
                         query: req.uri().query(),
                         headers: req.headers(),
                         body: read_ahead.as_ref(),
+                        body_digest: facts.digest.as_ref(),
                     };
                     // The cache's futures are boxed where they are awaited: inline,
                     // their size would be carried (and copied) by every request's
@@ -518,10 +547,7 @@ impl Proxy {
             };
             // Only servers serving the request's model, those having it loaded
             // first.
-            let model = read_ahead
-                .as_deref()
-                .filter(|_| by_model)
-                .and_then(models::requested_model);
+            let model = facts.model;
             match pool.state.models.choose(model.as_ref()) {
                 ModelChoice::Any => {}
                 ModelChoice::Among { serving, loaded } => {
@@ -886,6 +912,41 @@ async fn read_body(
         }
     }
     Ok(buf.freeze())
+}
+
+/// Bodies at least this long are parsed on the blocking pool.
+const PARSE_OFF_THREAD: usize = 64 * 1024;
+
+/// What a request body read whole says, for the steps that need it.
+#[derive(Default)]
+struct BodyFacts {
+    digest: Option<BodyDigest>,
+    model: Option<models::ModelName>,
+    estimate: Option<(u64, u64)>,
+}
+
+/// Which of the facts a route needs.
+#[derive(Clone)]
+struct WantedFacts {
+    /// The route, when its cache keys bodies.
+    keyed_by: Option<Arc<RoutePolicy>>,
+    model: bool,
+    /// The default reservation of the route's token limiters.
+    tokens: Option<u64>,
+}
+
+impl WantedFacts {
+    fn read(&self, body: &[u8]) -> BodyFacts {
+        BodyFacts {
+            digest: self
+                .keyed_by
+                .as_deref()
+                .and_then(|r| r.cache.as_ref())
+                .and_then(|c| BodyDigest::of(c, body)),
+            model: self.model.then(|| models::requested_model(body)).flatten(),
+            estimate: self.tokens.map(|d| tokens::estimate(Some(body), d)),
+        }
+    }
 }
 
 /// A request's access-log record, written when its response body ends (or

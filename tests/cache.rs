@@ -472,6 +472,7 @@ async fn each_vary_value_keeps_its_own_stored_variant() {
         query: None,
         headers: &http::HeaderMap::new(),
         body: None,
+        body_digest: None,
     };
     let key = proxy.cache.explain(&policy, &q).await.unwrap().key;
     use hyperion::cache::Purge;
@@ -568,6 +569,7 @@ ignore_fields = ["keep_alive"]"#,
                 query: None,
                 headers: &headers,
                 body: Some(&body),
+                body_digest: None,
             },
         )
         .await

@@ -37,7 +37,7 @@ pub struct Digest {
 /// deeper than serde_json's recursion limit.
 pub fn digest(body: &[u8], ignore: &[Box<[String]>]) -> Option<Digest> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = Feed::new();
     let mut path = Vec::new();
     let mut stream = None;
     Canon {
@@ -56,10 +56,53 @@ pub fn digest(body: &[u8], ignore: &[Box<[String]>]) -> Option<Digest> {
     })
 }
 
+/// A hasher fed through a buffer: canonical JSON comes in pieces of a few
+/// bytes (a type mark, a length, a number's digits), and BLAKE3 takes
+/// small updates at several times the cost per byte of large ones.
+struct Feed {
+    buf: Vec<u8>,
+    hasher: blake3::Hasher,
+}
+
+impl Feed {
+    const FLUSH_AT: usize = 16 * 1024;
+
+    fn new() -> Self {
+        Feed {
+            // Grown on demand: most members are a few bytes.
+            buf: Vec::new(),
+            hasher: blake3::Hasher::new(),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        if self.buf.len() + bytes.len() > Self::FLUSH_AT {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+            if bytes.len() > Self::FLUSH_AT {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn finalize(&mut self) -> blake3::Hash {
+        self.hasher.update(&self.buf);
+        self.buf.clear();
+        self.hasher.finalize()
+    }
+
+    fn reset(&mut self) {
+        self.buf.clear();
+        self.hasher.reset();
+    }
+}
+
 /// Hashes one value into `h` as it is read. `stream` is set only for the
 /// top-level value, to note its `stream` member.
 struct Canon<'a> {
-    h: &'a mut blake3::Hasher,
+    h: &'a mut Feed,
     ignore: &'a [Box<[String]>],
     path: &'a mut Vec<String>,
     stream: Option<&'a mut Option<Option<bool>>>,
@@ -171,7 +214,8 @@ impl<'de> Visitor<'de> for Canon<'_> {
         // Each member's value digested on its own, then sorted by key.
         // One hasher for every member, on the heap: 128 nested levels of
         // ~2 KB hashers on the stack would be a lot for a worker thread.
-        let mut member = Box::new(blake3::Hasher::new());
+        // Made only once the object has a member.
+        let mut member: Option<Box<Feed>> = None;
         let mut members: Vec<(String, [u8; 32])> = Vec::new();
         let check_ignored = under_ignored(ignore, path);
         while let Some(key) = map.next_key::<String>()? {
@@ -182,8 +226,10 @@ impl<'de> Visitor<'de> for Canon<'_> {
                 // Still read, to find where it ends (and that it is valid);
                 // a `stream` flag counts even when it is not keyed on.
                 let shape = if is_stream {
+                    let member = member.get_or_insert_with(|| Box::new(Feed::new()));
+                    member.reset();
                     map.next_value_seed(Canon {
-                        h: &mut member,
+                        h: member,
                         ignore: &[],
                         path: &mut Vec::new(),
                         stream: None,
@@ -197,9 +243,10 @@ impl<'de> Visitor<'de> for Canon<'_> {
                 }
                 continue;
             }
+            let member = member.get_or_insert_with(|| Box::new(Feed::new()));
             member.reset();
             let shape = map.next_value_seed(Canon {
-                h: &mut member,
+                h: &mut *member,
                 ignore,
                 path: &mut *path,
                 stream: None,

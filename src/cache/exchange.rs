@@ -18,7 +18,10 @@ use super::conditional::{self, Precondition};
 use super::control::{self, CacheControl};
 use super::fill::{Follow, Lead, Role, Sent};
 use super::shared::FleetLead;
-use super::{Cache, CacheKey, CacheStatus, Cost, Entry, KeyInput, Recorder, Recording, StoredBody};
+use super::{
+    BodyDigest, Cache, CacheKey, CacheStatus, Cost, Entry, KeyInput, Recorder, Recording,
+    StoredBody,
+};
 use crate::body::ResponseBody;
 use crate::error::ProxyError;
 use crate::headers::X_CACHE;
@@ -38,6 +41,9 @@ pub struct CacheQuery<'a> {
     pub headers: &'a HeaderMap,
     /// The whole body, on body-keyed routes.
     pub body: Option<&'a Bytes>,
+    /// Its part of the key, when worked out ahead (a big body's, off the
+    /// worker thread).
+    pub body_digest: Option<&'a BodyDigest>,
 }
 
 impl CacheQuery<'_> {
@@ -51,6 +57,7 @@ impl CacheQuery<'_> {
             query: self.query,
             headers: self.headers,
             body: self.body.map(|b| &b[..]),
+            body_digest: self.body_digest,
         }
     }
 }

@@ -93,6 +93,34 @@ pub struct KeyInput<'a> {
     pub headers: &'a HeaderMap,
     /// The whole body, for body-keyed routes.
     pub body: Option<&'a [u8]>,
+    /// The body's part of the key when it was worked out ahead
+    /// (`BodyDigest::of`, on the blocking pool for a big body); made here
+    /// from `body` otherwise.
+    pub body_digest: Option<&'a BodyDigest>,
+}
+
+/// A body's part of a cache key, worked out ahead of the key.
+#[derive(Debug, Clone)]
+pub enum BodyDigest {
+    Raw(blake3::Hash),
+    Json(Result<(blake3::Hash, Option<Option<bool>>), NotJson>),
+}
+
+impl BodyDigest {
+    /// The digest `policy` keys `body` with; `None` on routes that do not
+    /// key bodies. Parses the whole body: for a big one, call it where
+    /// blocking is fine.
+    pub fn of(policy: &RouteCachePolicy, body: &[u8]) -> Option<BodyDigest> {
+        match policy.body_key {
+            BodyKey::None => None,
+            BodyKey::Raw => Some(BodyDigest::Raw(blake3::hash(body))),
+            BodyKey::Json => Some(BodyDigest::Json(
+                super::canonical_json::digest(body, &policy.ignore_fields)
+                    .map(|d| (d.hash, d.stream))
+                    .ok_or(NotJson),
+            )),
+        }
+    }
 }
 
 impl CacheKey {
@@ -200,18 +228,24 @@ impl CacheKey {
             BodyKey::Raw => {
                 let stream = wants_event_stream(req.headers);
                 part("stream", &[stream as u8], &|| stream.to_string());
-                let d = blake3::hash(body);
+                let d = match req.body_digest {
+                    Some(BodyDigest::Raw(d)) => *d,
+                    _ => blake3::hash(body),
+                };
                 part("body", d.as_bytes(), &|| {
                     format!("raw {} bytes, blake3 {}", body.len(), short(d.as_bytes()))
                 });
             }
             BodyKey::Json => {
-                let digest =
-                    super::canonical_json::digest(body, &policy.ignore_fields).ok_or(NotJson)?;
+                let (d, stream_member) = match req.body_digest {
+                    Some(BodyDigest::Json(ahead)) => ahead.clone()?,
+                    _ => super::canonical_json::digest(body, &policy.ignore_fields)
+                        .map(|d| (d.hash, d.stream))
+                        .ok_or(NotJson)?,
+                };
                 let stream =
-                    json_wants_stream(digest.stream, req.path) || wants_event_stream(req.headers);
+                    json_wants_stream(stream_member, req.path) || wants_event_stream(req.headers);
                 part("stream", &[stream as u8], &|| stream.to_string());
-                let d = digest.hash;
                 part("body", d.as_bytes(), &|| {
                     let ignored: Vec<String> =
                         policy.ignore_fields.iter().map(|f| f.join(".")).collect();
@@ -369,6 +403,7 @@ mod tests {
                 query,
                 headers: &h,
                 body: Some(body.as_bytes()),
+                body_digest: None,
             },
         )
     }
@@ -466,6 +501,7 @@ mod tests {
                 query: None,
                 headers: &h,
                 body: Some(b"{}"),
+                body_digest: None,
             },
         )
         .unwrap();
