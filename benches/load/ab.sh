@@ -14,7 +14,9 @@
 # Usage: benches/load/ab.sh BIN_A BIN_B      (ROUNDS=8, ~2 min)
 #        e.g. git stash; cargo build --release; cp target/release/hyperion /tmp/a
 #             git stash pop; cargo build --release; benches/load/ab.sh /tmp/a target/release/hyperion
-# Knobs: ROUNDS DURATION CONNS PATHQ SERVER_CPU CLIENT_CPU SHARED OUT
+# Knobs: ROUNDS DURATION CONNS PATHQ SERVER_CPU CLIENT_CPU SHARED OUT, and
+# CACHE=1 to cache the route (force, 1 h): then every request after the
+# first is a cache hit, and the run compares hits instead of pass-through.
 # Needs: wrk, taskset, curl and ../shared/bench/origin (built here if missing).
 # Output: a dated report in benches/runs/ (raw wrk logs in $RUN_DIR).
 # Every process is started here, on loopback ports 27780-27792, and stopped on exit.
@@ -37,7 +39,7 @@ NEEDS="wrk:wrk taskset:util-linux curl:curl"
 source "$REPO/benches/load/common.sh"
 
 start() { # name binary port → pid on stdout
-  { server_table "$3"; origin_route; } >"$RUN_DIR/$1.toml"
+  { server_table "$3"; origin_route; [ -z "${CACHE:-}" ] || printf '[route.cache]\nmode = "force"\nttl = "1h"\n'; } >"$RUN_DIR/$1.toml"
   "$2" check --config "$RUN_DIR/$1.toml" >/dev/null
   taskset -c "$SERVER_CPU" "$2" --config "$RUN_DIR/$1.toml" >"$RUN_DIR/$1.log" 2>&1 &
   echo $!
@@ -73,7 +75,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 {
-  echo "# A/B of two Hyperion binaries, pass-through GET $PATHQ — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "# A/B of two Hyperion binaries, $([ -n "${CACHE:-}" ] && echo "cache hits of" || echo "pass-through") GET $PATHQ — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "# command: benches/load/ab.sh A B (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS)"
   echo "# A: $BIN_A ($(sha256sum "$BIN_A" | cut -c1-12))"
   echo "# B: $BIN_B ($(sha256sum "$BIN_B" | cut -c1-12))"
