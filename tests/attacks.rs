@@ -454,3 +454,56 @@ async fn an_idle_http2_client_that_ignores_goaway_is_cut() {
     others_are_served(&proxy).await;
     drop(conn);
 }
+
+#[tokio::test]
+async fn an_answer_that_fits_the_buffers_frees_the_upstream_before_a_slow_client_reads_it() {
+    // 256 KB in 32 KB pieces, 10 ms apart: the upstream's generation.
+    let up = Upstream::start(|_req| async move {
+        let (tx, body) = channel_body();
+        tokio::spawn(async move {
+            for _ in 0..8 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                tx.send(Bytes::from(vec![b'x'; 32 * 1024])).await;
+            }
+        });
+        http::Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .unwrap()
+    })
+    .await;
+    let policy = format!(
+        "[server]\nsend_timeout = \"60s\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"20s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        up.url()
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The slow client has not read a byte; the backend is not held for it.
+    let started = Instant::now();
+    let (parts, body) = get(&proxy.url("/next")).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(body.len(), 256 * 1024);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "queued behind the slow client for {:?}",
+        started.elapsed()
+    );
+    // And the slow client still gets all of it when it reads.
+    let head = read_head(&mut slow).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut rest = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    while rest.len() < 256 * 1024 {
+        let n = tokio::time::timeout(PATIENCE, slow.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        rest.extend_from_slice(&buf[..n]);
+    }
+    assert!(rest.len() >= 256 * 1024);
+}

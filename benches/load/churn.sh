@@ -54,7 +54,9 @@ mode = "force"
 ttl = "1h"
 scope = "shared"
 EOF
-} | start_proxy hyperion "$HYPERION" "$HYPERION_PORT"
+} >"$RUN_DIR/policy.part"
+# Not piped: start_proxy must run in this shell to leave its pid here.
+start_proxy hyperion "$HYPERION" "$HYPERION_PORT" <"$RUN_DIR/policy.part"
 HPID=$STARTED_PID
 
 cat >"$RUN_DIR/unique.lua" <<'EOF'
@@ -70,7 +72,7 @@ EOF
 rss_mb() { awk '/^VmRSS/ {printf "%d", $2 / 1024}' "/proc/$HPID/status"; }
 cache_line() {
   curl -s -H "Authorization: Bearer $HYPERION_BENCH_TOKEN" "http://127.0.0.1:$ADMIN_PORT/admin/cache" |
-    python3 -c 'import json,sys; c=json.load(sys.stdin); print(f"entries {c.get(\"entries\")} bytes {c.get(\"bytes\",0)//1048576} MB")' 2>/dev/null || echo "cache ?"
+    python3 -c 'import json,sys; c=json.load(sys.stdin); print("cache", c["entries"], "entries,", c["bytes"] // 1048576, "MB")' 2>/dev/null || echo "cache ?"
 }
 
 {
