@@ -52,6 +52,11 @@ def run(kind, fn):
         while time.time() < DEADLINE:
             try:
                 fn()
+            except http.client.IncompleteRead:
+                # A stream cut short: what a client sees when the upstream
+                # dies mid-answer (never a clean end).
+                note(kind, "cut mid-answer", expected=kind in ("stream", "whole", "burst", "slow_read", "abort"))
+                time.sleep(0.05)
             except (OSError, http.client.HTTPException) as e:
                 note(kind, "client error: " + type(e).__name__, expected=kind in ("slow_read", "abort"))
                 time.sleep(0.05)
@@ -79,7 +84,16 @@ def hit():
 def burst():
     prompt = f"burst {random.random()}"
     results = []
-    threads = [threading.Thread(target=lambda: results.append(post(prompt_body(prompt, True)))) for _ in range(8)]
+
+    def one():
+        try:
+            results.append(post(prompt_body(prompt, True)))
+        except http.client.IncompleteRead:
+            note("burst", "cut mid-answer")
+        except (OSError, http.client.HTTPException) as e:
+            note("burst", "client error: " + type(e).__name__, expected=False)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
