@@ -37,11 +37,18 @@ use crate::generation::Reloader;
 /// Admin connections open at once.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 
-const ADMIN_TIMEOUTS: Timeouts = Timeouts {
-    header: std::time::Duration::from_secs(10),
-    idle: std::time::Duration::from_secs(60),
-    send: std::time::Duration::from_secs(30),
-};
+/// The admin listener's client timeouts: the proxy's own
+/// (`header_read_timeout`, `send_timeout`), with keep-alive idle at most
+/// 60 s (scrapers and operators come back rarely), read from the policy
+/// of the moment each connection opens.
+fn admin_timeouts(reloader: &Reloader) -> Timeouts {
+    let server = &reloader.current().policy.server;
+    Timeouts {
+        header: server.header_read_timeout,
+        idle: server.idle_timeout.min(std::time::Duration::from_secs(60)),
+        send: server.send_timeout,
+    }
+}
 
 /// The largest body `explain` reads (the request to explain).
 const MAX_EXPLAIN_BODY: usize = 8 << 20;
@@ -72,6 +79,7 @@ pub async fn serve(
             };
             let reloader = reloader.clone();
             let stop = stop.clone();
+            let timeouts = admin_timeouts(&reloader);
             tasks.spawn(async move {
                 let _permit = permit;
                 let state = Arc::new(ConnState::new());
@@ -88,25 +96,24 @@ pub async fn serve(
                     })
                 };
                 // The proxy's connection timer, with the admin listener's
-                // own bounds: heads within 10 s, idle keep-alive closed
-                // after 60 s, a client taking no bytes cut after 30 s.
+                // bounds (`admin_timeouts`).
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(None)
                     .serve_connection(TokioIo::new(ActivityIo::new(stream, state.clone())), svc);
-                let mut timer = ConnTimer::new(state, ADMIN_TIMEOUTS);
+                let mut timer = ConnTimer::new(state, timeouts);
                 tokio::pin!(conn);
                 tokio::select! {
                     _ = conn.as_mut() => {}
                     why = timer.expired() => {
                         if why == ConnTimeout::Idle {
                             conn.as_mut().graceful_shutdown();
-                            let _ = tokio::time::timeout(ADMIN_TIMEOUTS.send, conn).await;
+                            let _ = tokio::time::timeout(timeouts.send, conn).await;
                         }
                     }
                     () = stop.cancelled() => {
                         conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(ADMIN_TIMEOUTS.send, conn).await;
+                        let _ = tokio::time::timeout(timeouts.send, conn).await;
                     }
                 }
             });

@@ -507,3 +507,34 @@ async fn an_answer_that_fits_the_buffers_frees_the_upstream_before_a_slow_client
     }
     assert!(rest.len() >= 256 * 1024);
 }
+
+#[tokio::test]
+async fn admin_connections_are_held_to_the_same_deadlines() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::to(
+        &up.url(),
+        "idle_timeout = \"300ms\"\nheader_read_timeout = \"300ms\"\n[admin]\nlisten = \"127.0.0.1:0\"",
+    )
+    .await;
+    let admin = proxy.admin.expect("admin listener");
+    // A kept-alive connection after a request: closed once idle.
+    let mut idle = TcpStream::connect(admin).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut idle).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let started = Instant::now();
+    let (_, closed) = read_to_close(&mut idle, PATIENCE).await;
+    assert!(closed && started.elapsed() < Duration::from_secs(3));
+    // A head that never ends: closed too.
+    let mut slow = TcpStream::connect(admin).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost:")
+        .await
+        .unwrap();
+    let (out, closed) = read_to_close(&mut slow, PATIENCE).await;
+    assert!(closed, "{out}");
+    // And it still answers.
+    let (parts, _) = get(&format!("http://{admin}/healthz")).await;
+    assert_eq!(parts.status, 200);
+}
