@@ -238,7 +238,7 @@ impl CacheKey {
             }
             BodyKey::Json => {
                 let (d, stream_member) = match req.body_digest {
-                    Some(BodyDigest::Json(ahead)) => ahead.clone()?,
+                    Some(BodyDigest::Json(ahead)) => (*ahead)?,
                     _ => super::canonical_json::digest(body, &policy.ignore_fields)
                         .map(|d| (d.hash, d.stream))
                         .ok_or(NotJson)?,
