@@ -21,6 +21,7 @@ use tokio::time::Sleep;
 use crate::cache::{Entry, FillReader, Recorder, StoredBody};
 use crate::compress::Coder;
 use crate::limits::TokenMeter;
+use crate::progress::StallWatch;
 use crate::upstream::ConnLease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -303,6 +304,9 @@ pub struct ResponseBody {
     entry: Option<Arc<Entry>>,
     /// Reads the token usage for token rate limits; settles them when dropped.
     meter: Option<Box<TokenMeter>>,
+    /// Marks when a chunk is handed over and when the next is asked for
+    /// (HTTP/2 responses: see `progress.rs`).
+    stall: Option<Arc<StallWatch>>,
 }
 
 enum Kind {
@@ -378,6 +382,7 @@ impl ResponseBody {
             coder: None,
             entry: None,
             meter: None,
+            stall: None,
         }
     }
 
@@ -463,6 +468,17 @@ impl ResponseBody {
         }
     }
 
+    /// Whether the body still comes from an upstream exchange (its own, or
+    /// one it follows): what a stalled client would hold.
+    pub fn holds_upstream(&self) -> bool {
+        matches!(self.kind, Kind::Upstream(_) | Kind::Fill(_)) && !self.is_end_stream()
+    }
+
+    /// Reports this body's progress to `watch` (see `progress.rs`).
+    pub fn watch_progress(&mut self, watch: Arc<StallWatch>) {
+        self.stall = Some(watch);
+    }
+
     /// Registers the end hook; it runs exactly once.
     pub fn on_end(&mut self, f: OnEnd) {
         self.on_end = Some(f);
@@ -478,6 +494,9 @@ impl ResponseBody {
             if let Some(mut rec) = up.recorder.take() {
                 rec.finish(outcome == BodyOutcome::Complete);
             }
+        }
+        if let Some(watch) = self.stall.take() {
+            watch.finish();
         }
         if let Some(hook) = self.on_end.take() {
             hook.end(self.sent, outcome);
@@ -507,6 +526,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(watch) = &this.stall {
+            watch.asked();
+        }
         let polled = if this.coder.is_some() {
             this.poll_encoded(cx)
         } else {
@@ -522,6 +544,9 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.sent += data.len() as u64;
+                    if let Some(watch) = &this.stall {
+                        watch.handed();
+                    }
                 }
                 // hyper stops polling once the body says it has ended, so the
                 // end is recorded here rather than on a final `None`.

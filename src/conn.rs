@@ -19,9 +19,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http::Version;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use crate::progress::StallWatch;
 
 const NONE: u64 = u64::MAX;
 
@@ -40,6 +43,11 @@ pub struct ConnState {
     /// Milliseconds since `epoch` when a write to the client first could
     /// not go on (the client is not reading); `NONE` while writes flow.
     write_blocked: AtomicU64,
+    /// An HTTP/2 stream's watchdog found its client taking nothing for
+    /// `send_timeout` (`watch_stream`); the connection's task is woken.
+    stalled: AtomicBool,
+    /// The connection's task, registered on HTTP/2 connections only.
+    task: AtomicWaker,
 }
 
 /// Why a connection's timer fired.
@@ -65,6 +73,8 @@ impl ConnState {
             head_started: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             write_blocked: AtomicU64::new(NONE),
+            stalled: AtomicBool::new(false),
+            task: AtomicWaker::new(),
         }
     }
 
@@ -92,6 +102,11 @@ impl ConnState {
         {
             self.head_started.store(self.now_ms(), Ordering::Relaxed);
         }
+    }
+
+    /// Whether the connection speaks HTTP/2 (known once a request came).
+    pub fn is_h2(&self) -> bool {
+        self.h2.load(Ordering::Relaxed)
     }
 
     fn on_write(&self, blocked: bool) {
@@ -171,6 +186,13 @@ impl ConnTimer {
     /// Ready with the reason once the connection should be closed. Pending
     /// while a request is in flight: its end polls the connection again.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<ConnTimeout> {
+        if self.state.h2.load(Ordering::Relaxed) {
+            // A stream's watchdog may need to wake this task.
+            self.state.task.register(cx.waker());
+            if self.state.stalled.load(Ordering::Acquire) {
+                return Poll::Ready(ConnTimeout::Send);
+            }
+        }
         loop {
             let Some((at, why)) = self.state.deadline(&self.timeouts) else {
                 return Poll::Pending;
@@ -222,6 +244,37 @@ impl Drop for InflightGuard {
         s.idle_since.store(s.now_ms(), Ordering::Relaxed);
         s.inflight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Watches one HTTP/2 response until it ends: when a chunk it handed over
+/// has waited `send_timeout` without the next being asked for (the client
+/// keeps the stream's window shut), the connection is cut like one whose
+/// writes stall, and with it the upstream requests it holds. A task per
+/// such response, asleep but for one wake-up per `send_timeout`.
+pub fn watch_stream(state: Arc<ConnState>, watch: Arc<StallWatch>, send_timeout: Duration) {
+    tokio::spawn(async move {
+        loop {
+            let due = watch.waiting_since().map_or_else(
+                || Instant::now() + send_timeout,
+                |since| since + send_timeout,
+            );
+            tokio::select! {
+                () = watch.finished() => return,
+                () = tokio::time::sleep_until(due) => {}
+            }
+            if watch.is_done() {
+                return;
+            }
+            if watch
+                .waiting_since()
+                .is_some_and(|since| since + send_timeout <= Instant::now())
+            {
+                state.stalled.store(true, Ordering::Release);
+                state.task.wake();
+                return;
+            }
+        }
+    });
 }
 
 /// A connection's socket, noting when a new request's bytes arrive.

@@ -30,6 +30,7 @@ use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
 use crate::limits::{tokens, Admission, Counting, Limits, RouteLimits, Stage, Subject, TokenMeter};
 use crate::policy::UpstreamServer;
 use crate::policy::{Balance, BodyKey, HashKey, HeaderRewrite, Policy, RoutePolicy, UnknownModel};
+use crate::progress::StallWatch;
 use crate::protect::{BodyBudget, BodyCharge, Deadline, Protect};
 use crate::route::RouteTable;
 use crate::tunnel::TunnelEnd;
@@ -152,6 +153,7 @@ impl Proxy {
     ) -> impl Future<Output = Response<ResponseBody>> + Send + 'a {
         async move {
             let inflight = conn.state.begin(req.version());
+            let h2 = req.version() == Version::HTTP_2;
             let fields = headers::RequestFields::of(req.headers());
             let request_id = headers::request_id(fields.request_id.as_ref());
             let trusted = &self.policy.server.trusted_proxies;
@@ -288,6 +290,17 @@ impl Proxy {
             resp.headers_mut().insert(X_REQUEST_ID, request_id);
             if let Some(limit) = &admission.headers {
                 limit.apply(resp.headers_mut());
+            }
+            if h2 && resp.body().holds_upstream() {
+                // HTTP/2 clients can stall a stream without blocking a
+                // write: a watchdog holds them to `send_timeout` too.
+                let watch = Arc::new(StallWatch::new());
+                resp.body_mut().watch_progress(watch.clone());
+                crate::conn::watch_stream(
+                    conn.state.clone(),
+                    watch,
+                    self.policy.server.send_timeout,
+                );
             }
             resp.body_mut()
                 .on_end(pending.0.take().expect("taken once"));

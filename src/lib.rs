@@ -32,6 +32,7 @@ pub mod handler;
 pub mod headers;
 pub mod limits;
 pub mod policy;
+pub mod progress;
 pub mod protect;
 pub mod route;
 pub mod server;

@@ -538,3 +538,77 @@ async fn admin_connections_are_held_to_the_same_deadlines() {
     let (parts, _) = get(&format!("http://{admin}/healthz")).await;
     assert_eq!(parts.status, 200);
 }
+
+#[tokio::test]
+async fn an_http2_client_that_shuts_its_window_is_cut_after_send_timeout() {
+    let up = endless_upstream().await;
+    let policy = format!(
+        "[server]\nsend_timeout = \"500ms\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"20s\"\nidle_timeout = \"30s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        up.url()
+    );
+    let proxy = TestProxy::start(&policy).await;
+    // A window of 0 bytes per stream, never opened: no write ever blocks.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let (resp, _) = send
+        .send_request(Request::get(proxy.url("/stream")).body(()).unwrap(), true)
+        .unwrap();
+    let resp = tokio::time::timeout(PATIENCE, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let started = Instant::now();
+    while protect(&proxy).cut.get(Deadline::Send) == 0 {
+        assert!(started.elapsed() < PATIENCE, "never cut");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The upstream's one slot serves the next client.
+    let next = tokio::time::timeout(PATIENCE, async {
+        let resp = client()
+            .request(Request::get(proxy.url("/next")).body(empty()).unwrap())
+            .await
+            .unwrap();
+        resp.status()
+    })
+    .await
+    .expect("the slot came back");
+    assert_eq!(next, 200);
+    driver.abort();
+}
+
+#[tokio::test]
+async fn an_http2_stream_waiting_on_a_slow_upstream_is_not_cut() {
+    // The first token after 1.5 s (a model loading), send_timeout 500 ms:
+    // the client is not the one waiting.
+    let up = Upstream::start(|_req| async move {
+        let (tx, body) = channel_body();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tx.send("late token").await;
+        });
+        http::Response::builder().body(body).unwrap()
+    })
+    .await;
+    let proxy = TestProxy::to(&up.url(), "send_timeout = \"500ms\"").await;
+    let resp = tokio::time::timeout(
+        PATIENCE,
+        h2c_client().request(Request::get(proxy.url("/slow")).body(empty()).unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    use http_body_util::BodyExt;
+    let body = tokio::time::timeout(PATIENCE, resp.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, "late token");
+    assert_eq!(protect(&proxy).cut.get(Deadline::Send), 0);
+}
