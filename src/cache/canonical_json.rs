@@ -389,4 +389,86 @@ mod tests {
         let fine = format!("{}1{}", r#"{"a":"#.repeat(100), "}".repeat(100));
         assert!(d(&fine).is_some());
     }
+
+    mod properties {
+        use super::super::digest;
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        /// JSON documents of integers, strings, booleans and nulls in
+        /// nested arrays and objects (floats left out: their equality is
+        /// by value, tested above).
+        fn document() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                "[a-z\\\\\"é\\u{1F600} ]{0,8}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(5, 64, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-z]{0,4}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+                ]
+            })
+        }
+
+        /// `v` written with every object's members in reverse order and
+        /// spaces between tokens.
+        fn reordered(v: &Value) -> String {
+            match v {
+                Value::Array(items) => {
+                    let parts: Vec<String> = items.iter().map(reordered).collect();
+                    format!("[ {} ]", parts.join(" , "))
+                }
+                Value::Object(map) => {
+                    let parts: Vec<String> = map
+                        .iter()
+                        .rev()
+                        .map(|(k, v)| format!("{} : {}", Value::from(k.as_str()), reordered(v)))
+                        .collect();
+                    format!("{{ {} }}", parts.join(" , "))
+                }
+                other => other.to_string(),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn spelling_does_not_change_the_digest(v in document()) {
+                let compact = digest(v.to_string().as_bytes(), &[]).expect("valid JSON").hash;
+                let spaced = digest(reordered(&v).as_bytes(), &[]).expect("valid JSON").hash;
+                let pretty = serde_json::to_string_pretty(&v).unwrap();
+                let pretty = digest(pretty.as_bytes(), &[]).expect("valid JSON").hash;
+                prop_assert_eq!(compact, spaced);
+                prop_assert_eq!(compact, pretty);
+            }
+
+            #[test]
+            fn different_documents_have_different_digests(a in document(), b in document()) {
+                let da = digest(a.to_string().as_bytes(), &[]).unwrap().hash;
+                let db = digest(b.to_string().as_bytes(), &[]).unwrap().hash;
+                prop_assert_eq!(a == b, da == db);
+            }
+
+            #[test]
+            fn any_bytes_are_digested_or_refused_without_panicking(
+                bytes in prop::collection::vec(any::<u8>(), 0..256)
+            ) {
+                let _ = digest(&bytes, &[]);
+            }
+
+            #[test]
+            fn json_like_bytes_are_digested_or_refused_without_panicking(
+                text in "[\\[\\]{}:,\"a-c0-9.eE+\\- \\\\]{0,128}"
+            ) {
+                let parsed = serde_json::from_str::<Value>(&text).is_ok();
+                let digested = digest(text.as_bytes(), &[]).is_some();
+                // Valid JSON nested within the bound is always digested.
+                let opened = text.matches(['[', '{']).count();
+                prop_assert!(digested || !parsed || opened > 100, "valid JSON refused: {}", text);
+            }
+        }
+    }
 }
