@@ -588,3 +588,59 @@ fn upstream_pool_mistakes_name_their_line_and_fix() {
         assert!(err.starts_with(at) && err.contains(says), "{err}");
     }
 }
+
+#[test]
+fn the_defences_have_safe_defaults_and_refuse_nonsense_with_the_line() {
+    let policy = Policy::parse("proxy.toml", &format!("{UPSTREAM}{ROUTE}")).unwrap();
+    let s = &policy.server;
+    assert_eq!(s.max_buffered_bodies, 256 << 20);
+    assert_eq!(s.body_read_timeout, std::time::Duration::from_secs(30));
+    assert_eq!(s.send_timeout, std::time::Duration::from_secs(60));
+    assert_eq!(s.tunnel_idle_timeout, std::time::Duration::from_secs(300));
+    assert_eq!((s.max_connections, s.max_connections_per_ip), (4096, 256));
+    assert_eq!(s.http2_max_concurrent_streams, 100);
+    assert_eq!(s.http2_max_pending_resets, 20);
+    assert_eq!(
+        s.http2_keepalive_interval,
+        Some(std::time::Duration::from_secs(30))
+    );
+
+    let e = error_of(&format!(
+        "[server]\nmax_request_body = \"64MB\"\nmax_buffered_bodies = \"32MB\"\n{UPSTREAM}{ROUTE}"
+    ));
+    assert!(
+        e.starts_with("proxy.toml:3:23: server.max_buffered_bodies:"),
+        "{e}"
+    );
+    assert!(e.contains("raise max_buffered_bodies"), "{e}");
+    let e = error_of(&format!(
+        "[server]\nmax_connections = 10\nmax_connections_per_ip = 20\n{UPSTREAM}{ROUTE}"
+    ));
+    assert!(
+        e.starts_with("proxy.toml:3:26: server.max_connections_per_ip:"),
+        "{e}"
+    );
+    let e = error_of(&format!(
+        "[server]\nbody_read_timeout = \"0s\"\n{UPSTREAM}{ROUTE}"
+    ));
+    assert!(
+        e.starts_with("proxy.toml:2:21: server.body_read_timeout:"),
+        "{e}"
+    );
+    let e = error_of(&format!("[server]\nmax_connections = 0\n{UPSTREAM}{ROUTE}"));
+    assert!(
+        e.contains("server.max_connections: 0 is out of range"),
+        "{e}"
+    );
+    let e = error_of(&format!(
+        "[server]\nhttp2_keepalive_interval = \"100ms\"\n{UPSTREAM}{ROUTE}"
+    ));
+    assert!(e.contains("server.http2_keepalive_interval"), "{e}");
+    // "0s" turns the pings off.
+    let off = Policy::parse(
+        "proxy.toml",
+        &format!("[server]\nhttp2_keepalive_interval = \"0s\"\n{UPSTREAM}{ROUTE}"),
+    )
+    .unwrap();
+    assert_eq!(off.server.http2_keepalive_interval, None);
+}
