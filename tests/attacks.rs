@@ -47,6 +47,15 @@ async fn others_are_served(proxy: &TestProxy) {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// One route to `upstream`, whose one server takes one request at a time
+/// (the slot a stalled client must not keep); `server`: `[server]` keys.
+fn one_slot_policy(upstream: &Upstream, server: &str) -> String {
+    format!(
+        "[server]\n{server}\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"20s\"\nidle_timeout = \"30s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        upstream.url()
+    )
+}
+
 fn body_keyed_policy(upstream: &str, server: &str) -> String {
     format!(
         r#"
@@ -105,11 +114,7 @@ async fn a_body_that_stops_arriving_gets_408_before_anything_goes_upstream() {
 #[tokio::test]
 async fn a_streamed_upload_that_stops_is_cut_and_the_upstream_slot_freed() {
     let up = Upstream::echo().await;
-    let policy = format!(
-        "[server]\nbody_read_timeout = \"300ms\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"5s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        up.url()
-    );
-    let proxy = TestProxy::start(&policy).await;
+    let proxy = TestProxy::start(&one_slot_policy(&up, r#"body_read_timeout = "300ms""#)).await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nfirst bytes")
@@ -308,11 +313,7 @@ async fn endless_upstream() -> Upstream {
 #[tokio::test]
 async fn a_client_that_never_reads_is_cut_after_send_timeout_and_frees_the_upstream() {
     let up = endless_upstream().await;
-    let policy = format!(
-        "[server]\nsend_timeout = \"500ms\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"20s\"\nidle_timeout = \"30s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        up.url()
-    );
-    let proxy = TestProxy::start(&policy).await;
+    let proxy = TestProxy::start(&one_slot_policy(&up, r#"send_timeout = "500ms""#)).await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\nCache-Control: no-store\r\n\r\n")
@@ -345,26 +346,7 @@ async fn a_client_that_never_reads_is_cut_after_send_timeout_and_frees_the_upstr
 
 #[tokio::test]
 async fn a_silent_tunnel_is_closed_after_tunnel_idle_timeout() {
-    let up = Upstream::start(|mut req| async move {
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let upgraded = on_upgrade.await.expect("upstream side upgraded");
-            let mut io = hyper_util::rt::TokioIo::new(upgraded);
-            let mut buf = [0u8; 64];
-            while let Ok(n) = io.read(&mut buf).await {
-                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-        });
-        http::Response::builder()
-            .status(101)
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .body(empty())
-            .unwrap()
-    })
-    .await;
+    let up = upgrading_upstream(b"").await;
     let proxy = TestProxy::to(&up.url(), "tunnel_idle_timeout = \"400ms\"").await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
@@ -472,11 +454,7 @@ async fn an_answer_that_fits_the_buffers_frees_the_upstream_before_a_slow_client
             .unwrap()
     })
     .await;
-    let policy = format!(
-        "[server]\nsend_timeout = \"60s\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"20s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        up.url()
-    );
-    let proxy = TestProxy::start(&policy).await;
+    let proxy = TestProxy::start(&one_slot_policy(&up, r#"send_timeout = "60s""#)).await;
     let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
     slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -542,11 +520,7 @@ async fn admin_connections_are_held_to_the_same_deadlines() {
 #[tokio::test]
 async fn an_http2_client_that_shuts_its_window_is_cut_after_send_timeout() {
     let up = endless_upstream().await;
-    let policy = format!(
-        "[server]\nsend_timeout = \"500ms\"\n\n[upstreams.up]\nservers = [{{ url = \"{}\" }}]\nmax_inflight_per_server = 1\nqueue_timeout = \"20s\"\nidle_timeout = \"30s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        up.url()
-    );
-    let proxy = TestProxy::start(&policy).await;
+    let proxy = TestProxy::start(&one_slot_policy(&up, r#"send_timeout = "500ms""#)).await;
     // A window of 0 bytes per stream, never opened: no write ever blocks.
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let (send, conn) = h2::client::Builder::new()

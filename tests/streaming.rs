@@ -174,27 +174,7 @@ async fn an_upstream_silent_past_idle_timeout_truncates_the_client_response() {
 
 #[tokio::test]
 async fn websocket_upgrades_are_tunnelled() {
-    let up = Upstream::start(|mut req| async move {
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let upgraded = on_upgrade.await.expect("upstream side upgraded");
-            let mut io = hyper_util::rt::TokioIo::new(upgraded);
-            let mut buf = [0u8; 64];
-            while let Ok(n) = io.read(&mut buf).await {
-                if n == 0 || io.write_all(&[b"echo:", &buf[..n]].concat()).await.is_err() {
-                    break;
-                }
-            }
-        });
-        http::Response::builder()
-            .status(101)
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
-            .body(empty())
-            .unwrap()
-    })
-    .await;
+    let up = upgrading_upstream(b"echo:").await;
     let proxy = TestProxy::to(&up.url(), "").await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     stream

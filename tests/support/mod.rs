@@ -236,6 +236,32 @@ pub async fn stepped_upstream(
     (up, rx)
 }
 
+/// An upstream that upgrades every request to WebSocket (101) and then
+/// echoes what it reads on the tunnel, each piece behind `prefix`.
+pub async fn upgrading_upstream(prefix: &'static [u8]) -> Upstream {
+    Upstream::start(move |mut req| async move {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let upgraded = on_upgrade.await.expect("upstream side upgraded");
+            let mut io = TokioIo::new(upgraded);
+            let mut buf = [0u8; 64];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&[prefix, &buf[..n]].concat()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            .body(empty())
+            .unwrap()
+    })
+    .await
+}
+
 pub fn channel_body() -> (ChunkSender, TestBody) {
     let (tx, rx) = mpsc::channel(16);
     (
