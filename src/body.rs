@@ -22,7 +22,11 @@ use crate::cache::{Entry, FillReader, Recorder, StoredBody};
 use crate::compress::Coder;
 use crate::limits::TokenMeter;
 use crate::progress::StallWatch;
+
+mod read_ahead;
 use crate::upstream::ConnLease;
+use read_ahead::ReadAhead;
+pub use read_ahead::ReadAheadLimits;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -318,6 +322,9 @@ enum Kind {
     Upstream(Box<UpstreamBody>),
     /// A share of an upstream body several requests wait for (coalescing).
     Fill(FillReader),
+    /// An upstream body read ahead of its client by a task of its own
+    /// (`read_ahead.rs`), once it made the client wait.
+    ReadAhead(ReadAhead),
 }
 
 struct UpstreamBody {
@@ -331,6 +338,9 @@ struct UpstreamBody {
     /// Allocated the first time the upstream makes us wait, then reused.
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// How far it may be read ahead of a slow client, once it makes the
+    /// client wait; `None`: not at all.
+    read_ahead: Option<ReadAheadLimits>,
 }
 
 impl ResponseBody {
@@ -342,8 +352,14 @@ impl ResponseBody {
         Self::with(Kind::Full((!bytes.is_empty()).then_some(bytes)))
     }
 
-    /// An upstream body, failed if the upstream sends nothing for `idle`.
-    pub fn upstream(inner: Incoming, lease: ConnLease, idle: Duration) -> Self {
+    /// An upstream body, failed if the upstream sends nothing for `idle`,
+    /// read ahead of a slow client within `read_ahead`.
+    pub fn upstream(
+        inner: Incoming,
+        lease: ConnLease,
+        idle: Duration,
+        read_ahead: Option<ReadAheadLimits>,
+    ) -> Self {
         Self::with(Kind::Upstream(Box::new(UpstreamBody {
             inner,
             lease: Some(lease),
@@ -351,6 +367,7 @@ impl ResponseBody {
             idle,
             timer: None,
             armed: false,
+            read_ahead,
         })))
     }
 
@@ -471,7 +488,10 @@ impl ResponseBody {
     /// Whether the body still comes from an upstream exchange (its own, or
     /// one it follows): what a stalled client would hold.
     pub fn holds_upstream(&self) -> bool {
-        matches!(self.kind, Kind::Upstream(_) | Kind::Fill(_)) && !self.is_end_stream()
+        matches!(
+            self.kind,
+            Kind::Upstream(_) | Kind::Fill(_) | Kind::ReadAhead(_)
+        ) && !self.is_end_stream()
     }
 
     /// Reports this body's progress to `watch` (see `progress.rs`).
@@ -571,7 +591,7 @@ impl Body for ResponseBody {
         }
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Chunks(..) | Kind::Fill(_) => SizeHint::default(),
+            Kind::Chunks(..) | Kind::Fill(_) | Kind::ReadAhead(_) => SizeHint::default(),
             Kind::Upstream(up) => up.inner.size_hint(),
         }
     }
@@ -586,8 +606,23 @@ impl Kind {
                 *next += 1;
                 Poll::Ready(chunk.map(|b| Ok(Frame::data(b))))
             }
-            Kind::Upstream(up) => up.poll(cx),
+            Kind::Upstream(up) => {
+                let polled = up.poll(cx);
+                if polled.is_pending() {
+                    if let Some(limits) = up.read_ahead.take() {
+                        // The upstream made the client wait: from now on a
+                        // task reads it ahead of the client.
+                        let Kind::Upstream(up) = std::mem::replace(self, Kind::Full(None)) else {
+                            unreachable!("matched above")
+                        };
+                        *self = Kind::ReadAhead(ReadAhead::start(up, limits));
+                        return self.poll(cx);
+                    }
+                }
+                polled
+            }
             Kind::Fill(reader) => reader.poll_chunk(cx).map(|c| c.map(|c| c.map(Frame::data))),
+            Kind::ReadAhead(r) => r.poll(cx),
         }
     }
 
@@ -597,11 +632,35 @@ impl Kind {
             Kind::Chunks(chunks, next) => *next >= chunks.len(),
             Kind::Upstream(up) => up.inner.is_end_stream(),
             Kind::Fill(reader) => reader.is_done(),
+            Kind::ReadAhead(r) => r.is_end_stream(),
         }
     }
 }
 
 impl UpstreamBody {
+    fn inner_is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    /// Read to its end: the connection goes back to the pool and a
+    /// recording may be stored.
+    fn complete(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+        if let Some(mut rec) = self.recorder.take() {
+            rec.finish(true);
+        }
+    }
+
+    /// Left unfinished: the connection is closed, nothing is stored.
+    fn abandon(&mut self) {
+        self.lease.take();
+        if let Some(mut rec) = self.recorder.take() {
+            rec.finish(false);
+        }
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // What the connection has already read is taken first: the
         // connection is polled (a pass of hyper's client state machine,

@@ -72,6 +72,7 @@ impl Generation {
                 policy.server.max_connections,
                 policy.server.max_connections_per_ip,
                 policy.server.max_buffered_bodies,
+                policy.server.max_read_ahead,
             )),
             loaded_at: SystemTime::now(),
             sink,
@@ -109,6 +110,9 @@ impl Generation {
         }
         if old.max_buffered_bodies != new.max_buffered_bodies {
             deferred.push("server.max_buffered_bodies".to_owned());
+        }
+        if old.max_read_ahead != new.max_read_ahead {
+            deferred.push("server.max_read_ahead".to_owned());
         }
         if (
             old.http2_max_concurrent_streams,

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord};
-use crate::body::{BodyEnd, BodyOutcome, BoxError, RequestBody, ResponseBody};
+use crate::body::{BodyEnd, BodyOutcome, BoxError, ReadAheadLimits, RequestBody, ResponseBody};
 use crate::cache::{Before, BodyDigest, Cache, CacheQuery, CacheStatus, Exchange, Followed};
 use crate::compress;
 use crate::conn::{ConnState, InflightGuard};
@@ -50,6 +50,8 @@ pub struct Proxy {
     pools: Vec<Arc<UpstreamPool>>,
     /// One per process: the buffered-body budget, connection counts.
     protect: Arc<Protect>,
+    /// How far upstream answers are read ahead of slow clients.
+    read_ahead: Option<ReadAheadLimits>,
 }
 
 /// A route with its upstream pool resolved.
@@ -126,6 +128,10 @@ impl Proxy {
             routes: RouteTable::new(routes),
             pools,
             log,
+            read_ahead: (policy.server.read_ahead > 0).then(|| ReadAheadLimits {
+                per_response: usize::try_from(policy.server.read_ahead).unwrap_or(usize::MAX),
+                budget: protect.read_ahead.clone(),
+            }),
             policy,
             cache,
             protect,
@@ -693,7 +699,14 @@ impl Proxy {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(unasked_upgrade(pool.pick_at(index).server));
                     }
-                    Ok(client_response(*resp, lease, pool.policy.idle_timeout))
+                    // Read by the exchange's own task into the followers'
+                    // buffer (`cache/fill.rs`): no read-ahead of its own.
+                    Ok(client_response(
+                        *resp,
+                        lease,
+                        pool.policy.idle_timeout,
+                        None,
+                    ))
                 };
                 if let Some(stale) = serve_stale {
                     ex.refresh(send);
@@ -757,7 +770,12 @@ impl Proxy {
                 return Ok(Response::from_parts(parts, ResponseBody::empty()));
             }
 
-            let resp = client_response(*resp, lease, pool.policy.idle_timeout);
+            let resp = client_response(
+                *resp,
+                lease,
+                pool.policy.idle_timeout,
+                self.read_ahead.clone(),
+            );
             match exchange {
                 Some(ex) => {
                     let (resp, status) = boxed_in_place!(ex.respond(resp)).await;
@@ -858,13 +876,14 @@ fn client_response(
     resp: Response<Incoming>,
     lease: ConnLease,
     idle: std::time::Duration,
+    read_ahead: Option<ReadAheadLimits>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     // The client's connection has its own version; an HTTP/1.0 upstream
     // must not turn the client's response into HTTP/1.0.
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, ResponseBody::upstream(body, lease, idle))
+    Response::from_parts(parts, ResponseBody::upstream(body, lease, idle, read_ahead))
 }
 
 fn unasked_upgrade(server: &UpstreamServer) -> ProxyError {

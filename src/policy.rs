@@ -160,6 +160,10 @@ pub struct ServerPolicy {
     /// Bytes of request bodies held in memory at once, process-wide (read
     /// whole for a cache key, a model or a token estimate).
     pub max_buffered_bodies: u64,
+    /// Bytes of one upstream answer read ahead of a slow client; 0: none.
+    pub read_ahead: u64,
+    /// Bytes of answers read ahead of slow clients, process-wide.
+    pub max_read_ahead: u64,
     /// Longest silence between two reads of a request body.
     pub body_read_timeout: Duration,
     /// Longest time a client may take no response bytes.
@@ -467,10 +471,12 @@ impl fmt::Display for Policy {
         }
         writeln!(
             f,
-            "limits:    body {} (buffered at once {}), header {}",
+            "limits:    body {} (buffered at once {}), header {}, read ahead of slow clients {} per answer ({} at once)",
             Size(s.max_request_body),
             Size(s.max_buffered_bodies),
             Size(s.max_header_size as u64),
+            Size(s.read_ahead),
+            Size(s.max_read_ahead),
         )?;
         writeln!(
             f,

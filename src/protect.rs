@@ -1,8 +1,8 @@
 //! The process's defences against clients it does not trust, shared by
 //! every worker and carried across reloads: how many connections are open
-//! (in all and per client address), how many bytes of request bodies are
-//! held in memory at once, and the counts of what was refused or cut for
-//! either, or by a deadline.
+//! (in all and per client address), how many bytes of request bodies and
+//! of answers read ahead of slow clients are held in memory at once, and
+//! the counts of what was refused or cut for either, or by a deadline.
 //!
 //! Owns the accounting only. Where a connection is accepted or cut is
 //! `server.rs`'s business, where a body is read is the handler's; they ask
@@ -14,13 +14,15 @@ pub mod connections;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use bodies::{BodyBudget, BodyCharge};
+pub use bodies::{BodyBudget, BodyCharge, ReadAheadBudget};
 pub use connections::{ConnectionLimits, ConnectionPermit, Refused};
 
 /// One per process.
 pub struct Protect {
     pub connections: ConnectionLimits,
     pub bodies: BodyBudget,
+    /// Answers read ahead of slow clients.
+    pub read_ahead: std::sync::Arc<ReadAheadBudget>,
     pub cut: CutCounts,
 }
 
@@ -32,10 +34,12 @@ impl Protect {
         max_connections: usize,
         max_connections_per_ip: usize,
         max_buffered_bodies: u64,
+        max_read_ahead: u64,
     ) -> Protect {
         Protect {
             connections: ConnectionLimits::new(max_connections, max_connections_per_ip),
             bodies: BodyBudget::new(max_buffered_bodies),
+            read_ahead: std::sync::Arc::new(ReadAheadBudget::new(max_read_ahead)),
             cut: CutCounts::default(),
         }
     }

@@ -81,6 +81,8 @@ fn scrape_protect(p: &crate::protect::Protect) {
     counter!("hyperion_accept_paused_total").absolute(p.connections.accept_paused());
     gauge!("hyperion_buffered_body_bytes").set(p.bodies.held() as f64);
     gauge!("hyperion_buffered_body_max_bytes").set(p.bodies.limit() as f64);
+    gauge!("hyperion_read_ahead_bytes").set(p.read_ahead.held() as f64);
+    gauge!("hyperion_read_ahead_max_bytes").set(p.read_ahead.limit() as f64);
     counter!("hyperion_overloaded_total", "reason" => "max_buffered_bodies")
         .absolute(p.bodies.refused());
     for why in crate::protect::Deadline::ALL {

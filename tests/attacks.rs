@@ -586,3 +586,97 @@ async fn an_http2_stream_waiting_on_a_slow_upstream_is_not_cut() {
     assert_eq!(body, "late token");
     assert_eq!(protect(&proxy).cut.get(Deadline::Send), 0);
 }
+
+/// An upstream answering 24 MB in 64 KB pieces (the first after a short
+/// wait, as a generation's): more than the socket buffers hold.
+async fn big_answer_upstream() -> Upstream {
+    Upstream::start(|_req| async move {
+        let (tx, body) = channel_body();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let piece = Bytes::from(vec![b'x'; 64 * 1024]);
+            for _ in 0..384 {
+                if tx.closed_within(Duration::ZERO).await {
+                    return;
+                }
+                tx.send(piece.clone()).await;
+            }
+        });
+        http::Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .unwrap()
+    })
+    .await
+}
+
+/// Whether a request finds the upstream's one slot free within `wait`
+/// while a client that reads nothing holds a 24 MB answer.
+async fn slot_free_behind_a_slow_client(read_ahead: &str, wait: Duration) -> bool {
+    let up = big_answer_upstream().await;
+    let proxy = TestProxy::start(&one_slot_policy(
+        &up,
+        &format!("read_ahead = \"{read_ahead}\"\nmax_read_ahead = \"64MB\""),
+    ))
+    .await;
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let next = tokio::time::timeout(wait, async {
+        client()
+            .request(Request::get(proxy.url("/next")).body(empty()).unwrap())
+            .await
+            .unwrap()
+            .status()
+    })
+    .await;
+    if next.is_ok() {
+        // The slow client still gets every byte when it reads.
+        let (out, _) = read_to_close_counting(&mut slow, PATIENCE).await;
+        assert!(out >= 24 * 1024 * 1024, "{out} bytes");
+        assert_eq!(
+            protect(&proxy).read_ahead.held(),
+            0,
+            "read-ahead given back"
+        );
+    }
+    next.is_ok()
+}
+
+/// Reads (at most `wait`) until 24 MB and the chunked end arrived or the
+/// peer closed: the bytes read.
+async fn read_to_close_counting(stream: &mut TcpStream, wait: Duration) -> (usize, bool) {
+    let mut total = 0;
+    let mut tail = Vec::new();
+    let done = tokio::time::timeout(wait, async {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    total += n;
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > 16 {
+                        tail.drain(..tail.len() - 16);
+                    }
+                    if tail.ends_with(b"\r\n0\r\n\r\n") {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (total, done)
+}
+
+#[tokio::test]
+async fn a_long_answer_is_read_ahead_of_a_slow_client_within_read_ahead() {
+    // Read ahead: the backend finishes and its slot is free at once.
+    assert!(slot_free_behind_a_slow_client("32MB", Duration::from_secs(3)).await);
+    // Without it, the backend is paced by the client: the slot stays taken.
+    assert!(!slot_free_behind_a_slow_client("0B", Duration::from_millis(1500)).await);
+}

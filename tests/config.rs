@@ -594,6 +594,7 @@ fn the_defences_have_safe_defaults_and_refuse_nonsense_with_the_line() {
     let policy = Policy::parse("proxy.toml", &format!("{UPSTREAM}{ROUTE}")).unwrap();
     let s = &policy.server;
     assert_eq!(s.max_buffered_bodies, 256 << 20);
+    assert_eq!((s.read_ahead, s.max_read_ahead), (256 << 10, 256 << 20));
     assert_eq!(s.body_read_timeout, std::time::Duration::from_secs(30));
     assert_eq!(s.send_timeout, std::time::Duration::from_secs(60));
     assert_eq!(s.tunnel_idle_timeout, std::time::Duration::from_secs(300));
@@ -618,6 +619,13 @@ fn the_defences_have_safe_defaults_and_refuse_nonsense_with_the_line() {
     ));
     assert!(
         e.starts_with("proxy.toml:3:26: server.max_connections_per_ip:"),
+        "{e}"
+    );
+    let e = error_of(&format!(
+        "[server]\nread_ahead = \"1MB\"\nmax_read_ahead = \"512KB\"\n{UPSTREAM}{ROUTE}"
+    ));
+    assert!(
+        e.starts_with("proxy.toml:3:18: server.max_read_ahead:"),
         "{e}"
     );
     let e = error_of(&format!(

@@ -51,6 +51,8 @@ pub struct RawServer {
     pub slow_request: Option<Dur>,
     pub tls: Option<Spanned<RawTls>>,
     pub max_buffered_bodies: Option<Spanned<Size>>,
+    pub read_ahead: Option<Spanned<Size>>,
+    pub max_read_ahead: Option<Spanned<Size>>,
     pub body_read_timeout: Option<Spanned<Dur>>,
     pub send_timeout: Option<Spanned<Dur>>,
     pub tunnel_idle_timeout: Option<Spanned<Dur>>,

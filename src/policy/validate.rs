@@ -631,11 +631,30 @@ impl Validator<'_> {
             Some(d) => Some(d.get_ref().0),
             None => Some(Duration::from_secs(30)),
         };
+        let read_ahead = raw.read_ahead.as_ref().map_or(256 << 10, |s| s.get_ref().0);
+        let max_read_ahead = match &raw.max_read_ahead {
+            Some(s) if s.get_ref().0 < read_ahead => {
+                return Err(self.err(
+                    s.span(),
+                    "server.max_read_ahead",
+                    format!(
+                        "{} is less than read_ahead ({})",
+                        s.get_ref(),
+                        Size(read_ahead)
+                    ),
+                    "raise max_read_ahead to at least read_ahead, or lower read_ahead",
+                ))
+            }
+            Some(s) => s.get_ref().0,
+            None => (256 << 20).max(read_ahead),
+        };
         Ok(ServerPolicy {
             tls,
             listen,
             max_request_body,
             max_buffered_bodies,
+            read_ahead,
+            max_read_ahead,
             body_read_timeout: timeout(&raw.body_read_timeout, "body_read_timeout", 30)?,
             send_timeout: timeout(&raw.send_timeout, "send_timeout", 60)?,
             tunnel_idle_timeout: timeout(&raw.tunnel_idle_timeout, "tunnel_idle_timeout", 300)?,

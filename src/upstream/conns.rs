@@ -362,7 +362,7 @@ impl ServerConns {
         };
         let status = resp.status();
         // Read to the end (driving the connection), so it can be used again.
-        let body = ResponseBody::upstream(resp.into_body(), lease, ERRAND_IDLE);
+        let body = ResponseBody::upstream(resp.into_body(), lease, ERRAND_IDLE, None);
         let body = http_body_util::Limited::new(body, limit)
             .collect()
             .await
