@@ -138,6 +138,41 @@ impl Drop for BodyCharge {
     }
 }
 
+/// `max_read_ahead`: the bytes of upstream answers held, process-wide,
+/// ahead of clients slower than their backend. Running out only pauses the
+/// reading (the backend waits, as it would without read-ahead); nothing is
+/// refused.
+pub struct ReadAheadBudget {
+    permits: Arc<Semaphore>,
+    limit: u64,
+}
+
+impl ReadAheadBudget {
+    pub fn new(limit: u64) -> Self {
+        let units = (limit / UNIT).min(Semaphore::MAX_PERMITS as u64) as usize;
+        ReadAheadBudget {
+            permits: Arc::new(Semaphore::new(units)),
+            limit,
+        }
+    }
+
+    /// A share for `bytes`, once there is room; given back when dropped.
+    pub async fn take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let units = (bytes as u64).div_ceil(UNIT).min(u64::from(u32::MAX)) as u32;
+        self.permits.clone().acquire_many_owned(units).await.ok()
+    }
+
+    /// Bytes held now (to the KiB).
+    pub fn held(&self) -> u64 {
+        let free = self.permits.available_permits() as u64 * UNIT;
+        (self.limit / UNIT * UNIT).saturating_sub(free)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,40 +214,5 @@ mod tests {
         drop((b, c, d));
         assert_eq!(budget.held(), 0);
         assert_eq!(budget.refused(), 2);
-    }
-}
-
-/// `max_read_ahead`: the bytes of upstream answers held, process-wide,
-/// ahead of clients slower than their backend. Running out only pauses the
-/// reading (the backend waits, as it would without read-ahead); nothing is
-/// refused.
-pub struct ReadAheadBudget {
-    permits: Arc<Semaphore>,
-    limit: u64,
-}
-
-impl ReadAheadBudget {
-    pub fn new(limit: u64) -> Self {
-        let units = (limit / UNIT).min(Semaphore::MAX_PERMITS as u64) as usize;
-        ReadAheadBudget {
-            permits: Arc::new(Semaphore::new(units)),
-            limit,
-        }
-    }
-
-    /// A share for `bytes`, once there is room; given back when dropped.
-    pub async fn take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let units = (bytes as u64).div_ceil(UNIT).min(u64::from(u32::MAX)) as u32;
-        self.permits.clone().acquire_many_owned(units).await.ok()
-    }
-
-    /// Bytes held now (to the KiB).
-    pub fn held(&self) -> u64 {
-        let free = self.permits.available_permits() as u64 * UNIT;
-        (self.limit / UNIT * UNIT).saturating_sub(free)
-    }
-
-    pub fn limit(&self) -> u64 {
-        self.limit
     }
 }
