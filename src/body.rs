@@ -295,6 +295,10 @@ pub trait BodyEnd: Send {
 /// The end hook of a response body.
 pub type OnEnd = Box<dyn BodyEnd>;
 
+/// Answers of at most this length (by `Content-Length`) are never read
+/// ahead: hyper's write buffer alone holds them.
+const SMALL_ANSWER: u64 = 64 * 1024;
+
 /// The body the client receives.
 pub struct ResponseBody {
     kind: Kind,
@@ -358,8 +362,11 @@ impl ResponseBody {
         inner: Incoming,
         lease: ConnLease,
         idle: Duration,
-        read_ahead: Option<ReadAheadLimits>,
+        read_ahead: Option<&ReadAheadLimits>,
     ) -> Self {
+        // An answer of a known small length fits the socket buffers whole:
+        // reading it ahead would only cost a task.
+        let small = inner.size_hint().upper().is_some_and(|n| n <= SMALL_ANSWER);
         Self::with(Kind::Upstream(Box::new(UpstreamBody {
             inner,
             lease: Some(lease),
@@ -367,7 +374,9 @@ impl ResponseBody {
             idle,
             timer: None,
             armed: false,
-            read_ahead,
+            // Cloned (an atomic count on a shared line) only when it may
+            // be used.
+            read_ahead: read_ahead.filter(|_| !small).cloned(),
         })))
     }
 

@@ -774,7 +774,7 @@ impl Proxy {
                 *resp,
                 lease,
                 pool.policy.idle_timeout,
-                self.read_ahead.clone(),
+                self.read_ahead.as_ref(),
             );
             match exchange {
                 Some(ex) => {
@@ -876,7 +876,7 @@ fn client_response(
     resp: Response<Incoming>,
     lease: ConnLease,
     idle: std::time::Duration,
-    read_ahead: Option<ReadAheadLimits>,
+    read_ahead: Option<&ReadAheadLimits>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
