@@ -338,6 +338,17 @@ impl Proxy {
                     "HTTP/1.1 requests need a Host header",
                 ));
             }
+            // One spelling of the path for routing, the cache key, the
+            // limits and the upstream (`path.rs`).
+            let normal = match crate::path::normalize(req.uri().path()) {
+                Ok(Cow::Borrowed(_)) => None,
+                Ok(Cow::Owned(p)) => Some(p),
+                Err(e) => return Err(ProxyError::BadRequest(e.as_str())),
+            };
+            if let Some(path) = normal {
+                *req.uri_mut() = with_path(req.uri(), path)
+                    .ok_or(ProxyError::BadRequest("the request target is invalid"))?;
+            }
             let host = host_value.as_ref().and_then(host_name);
             let route = self
                 .routes
@@ -1043,6 +1054,17 @@ fn spawn_tunnel(
             _ = force_close.cancelled() => {}
         }
     });
+}
+
+/// `uri` with its path replaced by `path` (its query kept).
+fn with_path(uri: &http::Uri, path: String) -> Option<http::Uri> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq).ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 /// The host a request is for, lower-case and without port: `Api.X.com:8080` → `api.x.com`.

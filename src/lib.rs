@@ -31,6 +31,7 @@ pub mod generation;
 pub mod handler;
 pub mod headers;
 pub mod limits;
+pub mod path;
 pub mod policy;
 pub mod progress;
 pub mod protect;
