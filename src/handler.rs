@@ -332,6 +332,13 @@ impl Proxy {
                     .authority()
                     .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             });
+            if fields.hosts_repeated {
+                // RFC 9112 §3.2: more than one Host field line is a 400; two
+                // hosts would let routing and the upstream disagree.
+                return Err(ProxyError::BadRequest(
+                    "a request may carry one Host header, not several",
+                ));
+            }
             if host_value.is_none() && req.version() == Version::HTTP_11 {
                 // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
                 return Err(ProxyError::BadRequest(
@@ -1076,6 +1083,11 @@ fn host_name(value: &HeaderValue) -> Option<Cow<'_, str>> {
     } else {
         s.rsplit_once(':').map_or(s, |(h, _)| h)
     };
+    // A fully qualified name's trailing dot names the same host.
+    let name = match name.strip_suffix('.') {
+        Some(n) if !n.is_empty() && !n.ends_with(']') => n,
+        _ => name,
+    };
     Some(if name.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(name.to_ascii_lowercase())
     } else {
@@ -1097,5 +1109,7 @@ mod tests {
         assert_eq!(h("Api.Example.com:8080"), "api.example.com");
         assert_eq!(h("example.com"), "example.com");
         assert_eq!(h("[::1]:8080"), "[::1]");
+        assert_eq!(h("API.Example.com.:8080"), "api.example.com");
+        assert_eq!(h("example.com."), "example.com");
     }
 }

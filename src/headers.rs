@@ -301,6 +301,8 @@ pub struct RequestFields {
     pub size: usize,
     /// The first `Host`.
     pub host: Option<HeaderValue>,
+    /// More than one `Host` line (RFC 9112 §3.2: answered with 400).
+    pub hosts_repeated: bool,
     /// The first `X-Request-Id`.
     pub request_id: Option<HeaderValue>,
     /// The first `Content-Length`: `Some(None)` when it is not a number.
@@ -320,6 +322,8 @@ impl RequestFields {
             if name == header::HOST {
                 if f.host.is_none() {
                     f.host = Some(value.clone());
+                } else {
+                    f.hosts_repeated = true;
                 }
             } else if name == header::CONTENT_LENGTH {
                 if f.content_length.is_none() {
@@ -393,6 +397,7 @@ mod tests {
         ]);
         let f = RequestFields::of(&h);
         assert_eq!(f.host.as_ref().unwrap(), "a.test", "the first Host");
+        assert!(f.hosts_repeated);
         assert_eq!(f.content_length, Some(Some(12)));
         assert!(f.expect);
         assert!(!f.hop_by_hop && !f.transfer_encoding && !f.upgrade);

@@ -83,3 +83,31 @@ async fn a_path_that_cannot_be_normalized_safely_gets_400() {
     }
     assert_eq!(up.count(), 0);
 }
+
+#[tokio::test]
+async fn hosts_compare_without_case_or_trailing_dot_and_two_hosts_get_400() {
+    let up = Upstream::echo().await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.up]\nservers = [{{ url = \"{}\" }}]\n\n[[route]]\nname = \"api\"\nmatch = {{ host = \"api.example.com\" }}\nupstream = \"up\"\n",
+        up.url()
+    ))
+    .await;
+    for host in [
+        "api.example.com",
+        "API.Example.COM.",
+        "api.example.com.:8080",
+    ] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        let req = format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{host}: {head}");
+    }
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: api.example.com\r\nHost: other.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(up.count(), 3);
+}
