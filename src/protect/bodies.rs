@@ -157,8 +157,15 @@ impl ReadAheadBudget {
     }
 
     /// A share for `bytes`, once there is room; given back when dropped.
+    /// A piece larger than the whole budget takes all of it (waiting for
+    /// more than there is would never end); a budget of nothing takes
+    /// nothing.
     pub async fn take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let units = (bytes as u64).div_ceil(UNIT).min(u64::from(u32::MAX)) as u32;
+        let all = (self.limit / UNIT).min(u64::from(u32::MAX));
+        let units = (bytes as u64).div_ceil(UNIT).min(all) as u32;
+        if units == 0 {
+            return None;
+        }
         self.permits.clone().acquire_many_owned(units).await.ok()
     }
 
@@ -214,5 +221,17 @@ mod tests {
         drop((b, c, d));
         assert_eq!(budget.held(), 0);
         assert_eq!(budget.refused(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_piece_larger_than_the_read_ahead_budget_takes_all_of_it_without_waiting_forever() {
+        let budget = ReadAheadBudget::new(64 * UNIT);
+        let all = tokio::time::timeout(Duration::from_secs(1), budget.take(1 << 20))
+            .await
+            .expect("not a wait for more than there is");
+        assert!(all.is_some());
+        assert_eq!(budget.held(), 64 * UNIT);
+        drop(all);
+        assert_eq!(budget.held(), 0);
     }
 }
