@@ -22,9 +22,9 @@ use crate::cache::{Entry, FillReader, Recorder, StoredBody};
 use crate::compress::Coder;
 use crate::limits::TokenMeter;
 use crate::progress::StallWatch;
+use crate::upstream::ConnLease;
 
 mod read_ahead;
-use crate::upstream::ConnLease;
 use read_ahead::ReadAhead;
 pub use read_ahead::ReadAheadLimits;
 
@@ -515,13 +515,10 @@ impl ResponseBody {
 
     fn finish(&mut self, outcome: BodyOutcome) {
         if let Kind::Upstream(up) = &mut self.kind {
-            if let Some(lease) = up.lease.take() {
-                if outcome == BodyOutcome::Complete {
-                    lease.release();
-                }
-            }
-            if let Some(mut rec) = up.recorder.take() {
-                rec.finish(outcome == BodyOutcome::Complete);
+            if outcome == BodyOutcome::Complete {
+                up.complete();
+            } else {
+                up.abandon();
             }
         }
         if let Some(watch) = self.stall.take() {
@@ -647,10 +644,6 @@ impl Kind {
 }
 
 impl UpstreamBody {
-    fn inner_is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
     /// Read to its end: the connection goes back to the pool and a
     /// recording may be stored.
     fn complete(&mut self) {

@@ -104,11 +104,6 @@ impl ConnState {
         }
     }
 
-    /// Whether the connection speaks HTTP/2 (known once a request came).
-    pub fn is_h2(&self) -> bool {
-        self.h2.load(Ordering::Relaxed)
-    }
-
     fn on_write(&self, blocked: bool) {
         let since = self.write_blocked.load(Ordering::Relaxed);
         if blocked && since == NONE {

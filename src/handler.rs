@@ -774,7 +774,8 @@ impl Proxy {
                     client_upgrade,
                     lease.into_conn(),
                     rec.request_id.clone(),
-                    (limits.tunnel_idle_timeout, self.protect.clone()),
+                    limits.tunnel_idle_timeout,
+                    self.protect.clone(),
                 );
                 let (mut parts, _) = resp.into_parts();
                 let protocol = parts.headers.get(header::UPGRADE).cloned();
@@ -1035,7 +1036,8 @@ fn spawn_tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: Box<UpstreamConn>,
     request_id: HeaderValue,
-    (idle, protect): (std::time::Duration, Arc<Protect>),
+    idle: std::time::Duration,
+    protect: Arc<Protect>,
 ) {
     let force_close = conn.force_close.clone();
     conn.tasks.spawn(async move {

@@ -37,7 +37,7 @@ struct Shared {
     /// Read once per request: a reload swaps it.
     proxy: Arc<LiveProxy>,
     builders: Builders,
-    header_read_timeout: Duration,
+    /// `timeouts.header` bounds the TLS handshake and the first bytes too.
     timeouts: Timeouts,
     /// How long an idle HTTP/2 client has to close after GOAWAY.
     drain_deadline: Duration,
@@ -88,7 +88,6 @@ pub async fn serve_on(
     let policy: ServerPolicy = proxy.load().policy().server.clone();
     let shared = Arc::new(Shared {
         builders: Builders::new(&policy),
-        header_read_timeout: policy.header_read_timeout,
         timeouts: Timeouts {
             header: policy.header_read_timeout,
             idle: policy.idle_timeout,
@@ -163,24 +162,14 @@ impl Builders {
             .header_read_timeout(None)
             .max_buf_size(head_buffer);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .max_header_list_size(head_buffer as u32);
-        h2_limits(&mut http2, policy);
+        h2_settings!(http2, head_buffer, policy);
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
             .keep_alive(true)
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .max_buf_size(head_buffer);
-        auto.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(head_buffer as u32)
-            .max_concurrent_streams(policy.http2_max_concurrent_streams)
-            .max_pending_accept_reset_streams(policy.http2_max_pending_resets)
-            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
-            .keep_alive_interval(policy.http2_keepalive_interval)
-            .keep_alive_timeout(policy.http2_keepalive_timeout);
+        h2_settings!(auto.http2(), head_buffer, policy);
         Builders { http1, http2, auto }
     }
 }
@@ -191,17 +180,24 @@ impl Builders {
 /// `http2_max_pending_resets`).
 const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
-/// The HTTP/2 bounds of the policy: concurrent streams, pending resets,
-/// keep-alive pings. Flow-control windows stay hyper's (1 MB per
-/// connection, so a connection never holds more than that of unread
-/// request bodies).
-fn h2_limits(b: &mut http2::Builder<TokioExecutor>, policy: &ServerPolicy) {
-    b.max_concurrent_streams(policy.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(policy.http2_max_pending_resets)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
-        .keep_alive_interval(policy.http2_keepalive_interval)
-        .keep_alive_timeout(policy.http2_keepalive_timeout);
+/// The HTTP/2 settings of a builder (hyper's own, or hyper-util's for
+/// connections told by their first bytes: the two share no trait): the
+/// header list bound, concurrent streams, pending resets, keep-alive
+/// pings. Flow-control windows stay hyper's (1 MB per connection, so a
+/// connection never holds more than that of unread request bodies).
+macro_rules! h2_settings {
+    ($builder:expr, $head_buffer:expr, $policy:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .max_header_list_size($head_buffer as u32)
+            .max_concurrent_streams($policy.http2_max_concurrent_streams)
+            .max_pending_accept_reset_streams($policy.http2_max_pending_resets)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+            .keep_alive_interval($policy.http2_keepalive_interval)
+            .keep_alive_timeout($policy.http2_keepalive_timeout)
+    };
 }
+use h2_settings;
 
 /// The protocol a connection speaks, as far as its start tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,7 +326,7 @@ async fn serve_tls(
     };
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
     let tls = tokio::select! {
-        res = tokio::time::timeout(shared.header_read_timeout, handshake) => match res {
+        res = tokio::time::timeout(shared.timeouts.header, handshake) => match res {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, "TLS handshake failed: {e}");
@@ -368,7 +364,7 @@ async fn serve_plain(
     // start, whatever the peek took.
     let state = Arc::new(ConnState::new());
     let sniffed = tokio::select! {
-        res = tokio::time::timeout(shared.header_read_timeout, sniff(&stream)) => res,
+        res = tokio::time::timeout(shared.timeouts.header, sniff(&stream)) => res,
         _ = shared.stop_accepting.cancelled() => return,
     };
     let protocol = match sniffed {

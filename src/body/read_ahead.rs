@@ -112,25 +112,17 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Buffered> {
     shared.buffered.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Hands `item` to the client's side; `last` when nothing follows.
-fn push(shared: &Shared, item: Item, permit: Option<OwnedSemaphorePermit>, last: bool) {
+/// Hands `item` (if any) to the client's side; `last` when nothing
+/// follows.
+fn push(shared: &Shared, item: Option<(Item, Option<OwnedSemaphorePermit>)>, last: bool) {
     let mut b = lock(shared);
-    if let Ok(frame) = &item {
-        b.bytes += frame.data_ref().map_or(0, Bytes::len);
+    if let Some((item, permit)) = item {
+        if let Ok(frame) = &item {
+            b.bytes += frame.data_ref().map_or(0, Bytes::len);
+        }
+        b.items.push_back((item, permit));
     }
-    b.items.push_back((item, permit));
     b.ended |= last;
-    let reader = b.reader.take();
-    drop(b);
-    if let Some(w) = reader {
-        w.wake();
-    }
-}
-
-/// Nothing follows what was handed over.
-fn end(shared: &Shared) {
-    let mut b = lock(shared);
-    b.ended = true;
     let reader = b.reader.take();
     drop(b);
     if let Some(w) = reader {
@@ -168,23 +160,23 @@ async fn pump(mut up: Box<UpstreamBody>, shared: Arc<Shared>, limits: ReadAheadL
                         () = shared.gone.cancelled() => return up.abandon(),
                     }
                 };
-                let last = up.inner_is_end_stream();
+                let last = http_body::Body::is_end_stream(&up.inner);
                 if last {
                     up.complete();
                 }
-                push(&shared, Ok(frame), permit, last);
+                push(&shared, Some((Ok(frame), permit)), last);
                 if last {
                     return;
                 }
             }
             Some(Err(e)) => {
                 up.abandon();
-                push(&shared, Err(e), None, true);
+                push(&shared, Some((Err(e), None)), true);
                 return;
             }
             None => {
                 up.complete();
-                end(&shared);
+                push(&shared, None, true);
                 return;
             }
         }

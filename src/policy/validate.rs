@@ -562,22 +562,28 @@ impl Validator<'_> {
             None => None,
         };
         let max_request_body = raw.max_request_body.map_or(50 << 20, |s| s.0);
-        let max_buffered_bodies = match &raw.max_buffered_bodies {
-            Some(s) if s.get_ref().0 < max_request_body => {
-                return Err(self.err(
-                    s.span(),
-                    "server.max_buffered_bodies",
-                    format!(
-                        "{} is less than max_request_body ({}): a body of the allowed size could never be read",
-                        s.get_ref(),
-                        Size(max_request_body)
-                    ),
-                    "raise max_buffered_bodies to at least max_request_body, or lower max_request_body",
-                ))
-            }
-            Some(s) => s.get_ref().0,
-            None => (256 << 20).max(max_request_body),
+        // A process-wide budget (default 256MB) must hold at least one of
+        // what it budgets, as large as its key `per` allows.
+        let budget = |v: &Option<Spanned<Size>>, name: &str, per: (&str, u64)| match v {
+            Some(s) if s.get_ref().0 < per.1 => Err(self.err(
+                s.span(),
+                format!("server.{name}"),
+                format!(
+                    "{} is less than {} ({}): one of the allowed size could never be held",
+                    s.get_ref(),
+                    per.0,
+                    Size(per.1)
+                ),
+                format!("raise {name} to at least {0}, or lower {0}", per.0),
+            )),
+            Some(s) => Ok(s.get_ref().0),
+            None => Ok((256 << 20).max(per.1)),
         };
+        let max_buffered_bodies = budget(
+            &raw.max_buffered_bodies,
+            "max_buffered_bodies",
+            ("max_request_body", max_request_body),
+        )?;
         let timeout = |v: &Option<Spanned<Dur>>, name: &str, default: u64| match v {
             Some(d) if d.get_ref().0.is_zero() => Err(self.err(
                 d.span(),
@@ -632,22 +638,11 @@ impl Validator<'_> {
             None => Some(Duration::from_secs(30)),
         };
         let read_ahead = raw.read_ahead.as_ref().map_or(256 << 10, |s| s.get_ref().0);
-        let max_read_ahead = match &raw.max_read_ahead {
-            Some(s) if s.get_ref().0 < read_ahead => {
-                return Err(self.err(
-                    s.span(),
-                    "server.max_read_ahead",
-                    format!(
-                        "{} is less than read_ahead ({})",
-                        s.get_ref(),
-                        Size(read_ahead)
-                    ),
-                    "raise max_read_ahead to at least read_ahead, or lower read_ahead",
-                ))
-            }
-            Some(s) => s.get_ref().0,
-            None => (256 << 20).max(read_ahead),
-        };
+        let max_read_ahead = budget(
+            &raw.max_read_ahead,
+            "max_read_ahead",
+            ("read_ahead", read_ahead),
+        )?;
         Ok(ServerPolicy {
             tls,
             listen,
