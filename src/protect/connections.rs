@@ -31,6 +31,9 @@ struct Inner {
     closed: Notify,
     refused_per_ip: AtomicU64,
     accept_paused: AtomicU64,
+    /// When a pause was last logged: at most once a minute, so a proxy held
+    /// at its ceiling does not write a line per connection.
+    last_warned: Mutex<Option<std::time::Instant>>,
 }
 
 /// An address as the per-address count groups it.
@@ -79,6 +82,7 @@ impl ConnectionLimits {
                 closed: Notify::new(),
                 refused_per_ip: AtomicU64::new(0),
                 accept_paused: AtomicU64::new(0),
+                last_warned: Mutex::new(None),
             }),
         }
     }
@@ -102,11 +106,16 @@ impl ConnectionLimits {
             }
             if !counted {
                 counted = true;
-                inner.accept_paused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    open = inner.open.load(Ordering::Relaxed),
-                    "server.max_connections reached: not accepting until a connection closes"
-                );
+                let paused = inner.accept_paused.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut last = inner.last_warned.lock().unwrap_or_else(|e| e.into_inner());
+                if last.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60)) {
+                    *last = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        open = inner.open.load(Ordering::Relaxed),
+                        paused,
+                        "server.max_connections reached: not accepting until a connection closes (logged at most once a minute; hyperion_accept_paused_total counts each time)"
+                    );
+                }
             }
             closed.await;
         }
