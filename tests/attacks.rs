@@ -246,7 +246,11 @@ async fn a_huge_or_deeply_nested_json_body_is_keyed_without_a_value_tree() {
 #[tokio::test]
 async fn connections_past_the_per_address_ceiling_are_closed_at_once() {
     let up = Upstream::echo().await;
-    let proxy = TestProxy::to(&up.url(), "max_connections_per_ip = 2").await;
+    let proxy = TestProxy::to(
+        &up.url(),
+        "max_connections_per_ip = 2\n[admin]\nlisten = \"127.0.0.1:0\"",
+    )
+    .await;
     let a = TcpStream::connect(proxy.addr).await.unwrap();
     let _b = TcpStream::connect(proxy.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -255,6 +259,15 @@ async fn connections_past_the_per_address_ceiling_are_closed_at_once() {
     let (out, closed) = read_to_close(&mut third, PATIENCE).await;
     assert!(closed && out.is_empty(), "closed without an answer: {out}");
     assert_eq!(protect(&proxy).connections.refused_per_ip(), 1);
+    // What an operator's Prometheus sees.
+    let admin = proxy.admin.expect("admin listener");
+    let (_, metrics) = get(&format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("hyperion_connections_refused_total{reason=\"max_connections_per_ip\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("hyperion_connections_open 2"), "{metrics}");
     // One closes: room again.
     drop(a);
     tokio::time::sleep(Duration::from_millis(100)).await;
