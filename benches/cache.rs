@@ -42,13 +42,15 @@ fn route_policy() -> RouteCachePolicy {
             vec!["keep_alive".to_owned()].into_boxed_slice(),
             vec!["options".to_owned(), "num_thread".to_owned()].into_boxed_slice(),
         ],
-        scope: CacheScope::Authorization,
+        scope: CacheScope::credentials(&[]),
         record_streams: true,
         stale_while_revalidate: Duration::ZERO,
         stale_if_error: Duration::ZERO,
         honour_client: true,
         store_private: false,
         coalesce_timeout: Duration::from_secs(30),
+        negative_ttl: Duration::from_secs(10),
+        keys_accept_encoding: false,
     }
 }
 

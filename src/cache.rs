@@ -6,6 +6,7 @@
 //! the RFC 9111 rules from `control`, recording a response on its way to the
 //! client from `record`. The request flow that uses them lives in `handler`.
 
+pub mod accept_coding;
 mod canonical_json;
 mod conditional;
 mod control;

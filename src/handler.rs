@@ -411,6 +411,14 @@ impl Proxy {
             let mut serve_stale = None;
             let cache_policy = route.policy.cache.as_ref().filter(|_| upgrade.is_none());
             let body_keyed = cache_policy.is_some_and(|p| p.body_key != BodyKey::None);
+            if cache_policy.is_some_and(|p| p.keys_accept_encoding) {
+                // The client's Accept-Encoding goes upstream on this route:
+                // in its canonical form, which is what the key holds.
+                match crate::cache::accept_coding::canonical(req.headers()) {
+                    Some(v) => req.headers_mut().insert(header::ACCEPT_ENCODING, v),
+                    None => req.headers_mut().remove(header::ACCEPT_ENCODING),
+                };
+            }
             let by_model = route.pool.state.models.routes_by_model();
             // Request-count limits first: a refused client costs no body read.
             if let Some(at) = arrived {

@@ -319,6 +319,9 @@ pub struct CachePolicy {
     pub default_ttl: Duration,
     /// `[cache.redis]`: the tier shared with other instances, if any.
     pub redis: Option<RedisPolicy>,
+    /// `credential_headers`: request headers that carry a credential, besides
+    /// `Authorization` and `Cookie`; the default scope keys each of them.
+    pub credential_headers: Vec<http::HeaderName>,
 }
 
 /// `[cache.redis]`: where the shared tier is, and how long it may take.
@@ -357,6 +360,10 @@ impl Default for CachePolicy {
             max_entry_size: 8 << 20,
             default_ttl: Duration::from_secs(300),
             redis: None,
+            credential_headers: vec![
+                http::HeaderName::from_static("x-api-key"),
+                http::HeaderName::from_static("api-key"),
+            ],
         }
     }
 }
@@ -381,6 +388,14 @@ pub struct RouteCachePolicy {
     /// How long identical requests wait for the one already on its way
     /// upstream before going themselves; zero turns coalescing off.
     pub coalesce_timeout: Duration,
+    /// `negative_ttl` (`force` mode): how long a 404, 405, 410 or 414 is
+    /// kept; zero stores none. Never longer than `ttl`.
+    pub negative_ttl: Duration,
+    /// The client's `Accept-Encoding` goes upstream (Hyperion neither
+    /// compresses nor reads answers on this route), so it is normalized and
+    /// keyed: an upstream that picks a coding without saying `Vary` cannot
+    /// hand a gzip answer to a client that cannot read it.
+    pub keys_accept_encoding: bool,
 }
 
 /// Where an entry's freshness lifetime comes from.
@@ -404,20 +419,49 @@ pub enum BodyKey {
 /// Who may share an entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheScope {
-    /// Requests with the same `Authorization` (or none) share.
-    Authorization,
+    /// Requests carrying the same credentials (or none) share: the values
+    /// of every header named here (`Authorization`, `Cookie` and
+    /// `[cache] credential_headers`), in this order.
+    Credentials(Arc<[http::HeaderName]>),
     /// Requests with the same value of this header share.
     Header(http::HeaderName),
     /// Everybody shares.
     Shared,
 }
 
+impl CacheScope {
+    /// The default scope: `Authorization`, `Cookie`, then `extra` (the
+    /// `[cache] credential_headers`).
+    pub fn credentials(extra: &[http::HeaderName]) -> CacheScope {
+        let mut names = vec![http::header::AUTHORIZATION, http::header::COOKIE];
+        names.extend(
+            extra
+                .iter()
+                .filter(|n| !names.contains(n))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        CacheScope::Credentials(names.into())
+    }
+}
+
 impl fmt::Display for CacheScope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CacheScope::Authorization => f.write_str("authorization"),
+            CacheScope::Credentials(names) => {
+                f.write_str("credentials (")?;
+                for (i, n) in names.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    f.write_str(n.as_str())?;
+                }
+                f.write_str(")")
+            }
             CacheScope::Header(h) => write!(f, "header:{h}"),
-            CacheScope::Shared => f.write_str("shared"),
+            CacheScope::Shared => {
+                f.write_str("shared (no credential is keyed: every client shares entries)")
+            }
         }
     }
 }

@@ -193,7 +193,9 @@ impl CacheKey {
         };
         // 2: canonical JSON digested as it is parsed (arrays end with a mark
         // instead of starting with a count, objects digest each member).
-        part("version", b"hyperion-key-2", &|| "2".into());
+        // 3: the default scope keys every credential, not `Authorization`
+        // alone; the client's Accept-Encoding keyed where it goes upstream.
+        part("version", b"hyperion-key-3", &|| "3".into());
         part("route", req.route.as_bytes(), &|| req.route.to_owned());
         // A HEAD is answered from GET's entry (RFC 9110 §9.3.2).
         let method = if req.method == Method::HEAD {
@@ -208,16 +210,25 @@ impl CacheKey {
         part("query", query.as_bytes(), &|| query.to_string());
         match &policy.scope {
             CacheScope::Shared => part("scope", b"shared", &|| "shared".into()),
-            CacheScope::Authorization => {
-                let v = req.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-                let digest = scope_digest(v);
-                part("scope", &digest, &|| describe_scope("authorization", v))
+            CacheScope::Credentials(names) => {
+                let digest = credentials_digest(names, req.headers);
+                part("scope", digest.as_bytes(), &|| {
+                    describe_credentials(names, req.headers)
+                })
             }
             CacheScope::Header(name) => {
                 let v = req.headers.get(name).map(|v| v.as_bytes());
                 let digest = scope_digest(v);
                 part("scope", &digest, &|| describe_scope(name.as_str(), v))
             }
+        }
+        if policy.keys_accept_encoding {
+            let coding = super::accept_coding::canonical(req.headers);
+            let value = coding.as_ref().map_or(&b""[..], |v| v.as_bytes());
+            part("accept-encoding", value, &|| match &coding {
+                Some(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                None => "none (identity)".into(),
+            });
         }
         let body = req.body.unwrap_or(b"");
         match policy.body_key {
@@ -307,6 +318,44 @@ fn scope_digest(value: Option<&[u8]>) -> [u8; 32] {
     }
 }
 
+/// One digest of every value of every credential header, in the policy's
+/// order: two requests share entries only when they carry the same
+/// credentials, header by header (an absent header differs from an empty
+/// one, and a value never slides from one header into the next).
+fn credentials_digest(names: &[header::HeaderName], headers: &HeaderMap) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for name in names {
+        let values = headers.get_all(name);
+        h.update(&(values.iter().count() as u64).to_le_bytes());
+        for v in values {
+            h.update(&(v.len() as u64).to_le_bytes());
+            h.update(v.as_bytes());
+        }
+    }
+    h.finalize()
+}
+
+/// Which credentials went into a key, each as a digest (never the value).
+fn describe_credentials(names: &[header::HeaderName], headers: &HeaderMap) -> String {
+    let present: Vec<String> = names
+        .iter()
+        .filter(|n| headers.contains_key(*n))
+        .map(|n| {
+            let mut h = blake3::Hasher::new();
+            for v in headers.get_all(n) {
+                h.update(&(v.len() as u64).to_le_bytes());
+                h.update(v.as_bytes());
+            }
+            format!("{n}: blake3 {}", short(h.finalize().as_bytes()))
+        })
+        .collect();
+    if present.is_empty() {
+        let all: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+        return format!("no credentials (none of {})", all.join(", "));
+    }
+    present.join("; ")
+}
+
 /// Never shows the credential itself.
 fn describe_scope(name: &str, value: Option<&[u8]>) -> String {
     match value {
@@ -376,6 +425,8 @@ mod tests {
             honour_client: true,
             store_private: false,
             coalesce_timeout: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(10),
+            keys_accept_encoding: false,
         }
     }
 
@@ -461,18 +512,57 @@ mod tests {
         assert_ne!(default, off);
     }
 
+    fn credentials() -> CacheScope {
+        CacheScope::credentials(&[
+            header::HeaderName::from_static("x-api-key"),
+            header::HeaderName::from_static("api-key"),
+        ])
+    }
+
     #[test]
     fn scopes_separate_users_unless_shared() {
-        let p = policy(BodyKey::None, CacheScope::Authorization, &[]);
+        let p = policy(BodyKey::None, credentials(), &[]);
         let a = key(&p, Method::GET, None, &[("authorization", "Bearer A")], "").unwrap();
         let b = key(&p, Method::GET, None, &[("authorization", "Bearer B")], "").unwrap();
         let none = key(&p, Method::GET, None, &[], "").unwrap();
         let empty = key(&p, Method::GET, None, &[("authorization", "")], "").unwrap();
         assert!(a != b && a != none && none != empty);
+        // Every credential the request carries partitions, header by header.
+        let mut seen = vec![a, b, none, empty];
+        for headers in [
+            &[("cookie", "session=A")][..],
+            &[("cookie", "session=B")],
+            &[("cookie", "session=A"), ("cookie", "theme=dark")],
+            &[("x-api-key", "A")],
+            &[("api-key", "A")],
+            &[("x-api-key", "A"), ("api-key", "A")],
+            &[("authorization", "Bearer A"), ("x-api-key", "A")],
+        ] {
+            let k = key(&p, Method::GET, None, headers, "").unwrap();
+            assert!(!seen.contains(&k), "{headers:?} shares a key");
+            seen.push(k);
+        }
+        // Other headers do not.
+        let other = key(&p, Method::GET, None, &[("x-trace", "1")], "").unwrap();
+        assert_eq!(other, none);
         let p = policy(BodyKey::None, CacheScope::Shared, &[]);
         let a = key(&p, Method::GET, None, &[("authorization", "Bearer A")], "").unwrap();
         let b = key(&p, Method::GET, None, &[("authorization", "Bearer B")], "").unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn accept_encoding_is_keyed_only_where_it_goes_upstream() {
+        let mut p = policy(BodyKey::None, CacheScope::Shared, &[]);
+        let k =
+            |p: &RouteCachePolicy, ae: &[(&str, &str)]| key(p, Method::GET, None, ae, "").unwrap();
+        assert_eq!(k(&p, &[("accept-encoding", "gzip")]), k(&p, &[]));
+        p.keys_accept_encoding = true;
+        let gzip_br = k(&p, &[("accept-encoding", "gzip, br")]);
+        assert_eq!(gzip_br, k(&p, &[("accept-encoding", "br;q=0.9,GZIP")]));
+        assert_ne!(gzip_br, k(&p, &[("accept-encoding", "gzip")]));
+        assert_ne!(k(&p, &[("accept-encoding", "gzip")]), k(&p, &[]));
+        assert_eq!(k(&p, &[("accept-encoding", "identity")]), k(&p, &[]));
     }
 
     #[test]
@@ -487,7 +577,7 @@ mod tests {
 
     #[test]
     fn explain_lists_parts_without_secrets() {
-        let p = policy(BodyKey::Json, CacheScope::Authorization, &[]);
+        let p = policy(BodyKey::Json, credentials(), &[]);
         let h: HeaderMap = [(header::AUTHORIZATION, "Bearer secret".parse().unwrap())]
             .into_iter()
             .collect();

@@ -87,6 +87,7 @@ pub struct RawCache {
     pub max_entry_size: Option<Size>,
     pub default_ttl: Option<Dur>,
     pub redis: Option<Spanned<RawRedis>>,
+    pub credential_headers: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -249,6 +250,7 @@ pub struct RawRouteCache {
     pub client_cache_control: Option<Spanned<ClientCacheControl>>,
     pub store_private: Option<Spanned<bool>>,
     pub coalesce_timeout: Option<Spanned<Dur>>,
+    pub negative_ttl: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header;
 use http::uri::{Authority, Scheme};
 use http::{Method, Uri};
 use toml::Spanned;
@@ -63,6 +64,11 @@ struct Validator<'a> {
     platform_roots: std::cell::OnceCell<Arc<rustls::RootCertStore>>,
 }
 
+/// `negative_ttl` of a `force` route that sets none: long enough to
+/// absorb a burst of requests for a missing model, short enough that
+/// pulling it is noticed soon.
+const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(10);
+
 impl Validator<'_> {
     fn err(
         &self,
@@ -103,7 +109,13 @@ impl Validator<'_> {
         for (name, up) in raw.upstreams {
             upstreams.push(Arc::new(self.upstream(name, up.into_inner())?));
         }
-        let routes = self.routes(raw.route, &upstreams, &cache, &rate_limits)?;
+        let routes = self.routes(
+            raw.route,
+            &upstreams,
+            &cache,
+            &rate_limits,
+            compression.is_some(),
+        )?;
         Ok(Policy {
             server,
             cache,
@@ -1179,11 +1191,41 @@ impl Validator<'_> {
         let raw = raw.into_inner();
         let redis = raw.redis.map(|r| self.redis(r)).transpose()?;
         let d = CachePolicy::default();
+        let credential_headers = match raw.credential_headers {
+            None => d.credential_headers.clone(),
+            Some(list) => {
+                let mut names = Vec::new();
+                for n in list.into_inner() {
+                    let text = n.get_ref().trim().to_ascii_lowercase();
+                    let name = http::HeaderName::from_bytes(text.as_bytes()).map_err(|_| {
+                        self.err(
+                            n.span(),
+                            "cache.credential_headers",
+                            format!("`{}` is not a header name", n.get_ref()),
+                            "list header names, e.g. credential_headers = [\"x-api-key\", \"api-key\"]",
+                        )
+                    })?;
+                    if name == header::AUTHORIZATION || name == header::COOKIE {
+                        return Err(self.err(
+                            n.span(),
+                            "cache.credential_headers",
+                            format!("`{name}` is always keyed"),
+                            "list only the other headers that carry credentials",
+                        ));
+                    }
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+                names
+            }
+        };
         let c = CachePolicy {
             max_size: raw.max_size.map_or(d.max_size, |s| s.0),
             max_entry_size: raw.max_entry_size.map_or(d.max_entry_size, |s| s.0),
             default_ttl: raw.default_ttl.map_or(d.default_ttl, |t| t.0),
             redis,
+            credential_headers,
         };
         if c.max_size == 0 {
             return Err(self.err(
@@ -1331,6 +1373,19 @@ impl Validator<'_> {
                 Freshness::Force { ttl }
             }
         };
+        let negative_ttl = match (&raw.negative_ttl, freshness) {
+            (Some(t), Freshness::Origin) => {
+                return Err(self.err(
+                    t.span(),
+                    format!("{key}.negative_ttl"),
+                    "mode = \"origin\" keeps a 404 as long as the upstream's headers say",
+                    "remove negative_ttl, or use mode = \"force\"",
+                ))
+            }
+            (_, Freshness::Origin) => Duration::ZERO,
+            (Some(t), Freshness::Force { ttl }) => t.get_ref().0.min(ttl),
+            (None, Freshness::Force { ttl }) => DEFAULT_NEGATIVE_TTL.min(ttl),
+        };
         let body_key = match raw.body_key.as_ref().map(|b| *b.get_ref()) {
             None | Some(raw::BodyKey::None) => BodyKey::None,
             Some(raw::BodyKey::Raw) => BodyKey::Raw,
@@ -1359,12 +1414,14 @@ impl Validator<'_> {
                 ignore_fields.push(parts.into_boxed_slice());
             }
         }
+        let credentials = || CacheScope::credentials(&store.credential_headers);
         let scope = match &raw.scope {
-            None => CacheScope::Authorization,
+            None => credentials(),
             Some(s) => {
                 let text = s.get_ref().trim();
                 match text {
-                    "authorization" => CacheScope::Authorization,
+                    // "authorization" is the first contract's name for it.
+                    "credentials" | "authorization" => credentials(),
                     "shared" => CacheScope::Shared,
                     _ => match text.strip_prefix("header:") {
                         Some(name) => match http::HeaderName::from_bytes(name.trim().as_bytes()) {
@@ -1383,7 +1440,7 @@ impl Validator<'_> {
                                 s.span(),
                                 format!("{key}.scope"),
                                 format!("unknown scope `{text}`"),
-                                "use \"authorization\" (per user, the default), \"header:<name>\" or \"shared\"",
+                                "use \"credentials\" (per user, the default), \"header:<name>\" or \"shared\"",
                             ))
                         }
                     },
@@ -1420,6 +1477,9 @@ impl Validator<'_> {
             coalesce_timeout: raw
                 .coalesce_timeout
                 .map_or(response_timeout, |d| d.get_ref().0),
+            negative_ttl,
+            // Set by the route, which knows whether answers are read here.
+            keys_accept_encoding: false,
         }))
     }
 
@@ -1502,6 +1562,7 @@ impl Validator<'_> {
         upstreams: &[Arc<UpstreamPolicy>],
         cache: &CachePolicy,
         rate_limits: &[Arc<RateLimitPolicy>],
+        compression_on: bool,
     ) -> Result<Vec<Arc<RoutePolicy>>, PolicyError> {
         if raw.is_empty() {
             return Err(self.src.error(
@@ -1605,10 +1666,20 @@ impl Validator<'_> {
                 Some(u) => *u.get_ref(),
                 None => UnknownModel::Reject,
             };
+            // Whether this route's answers are read here (compressed, or
+            // their tokens counted): then the upstream is asked for identity,
+            // else the client's Accept-Encoding goes up and is keyed.
+            let reads_answers = compression_on
+                || limits
+                    .iter()
+                    .any(|l| matches!(l.unit, LimitUnit::Tokens { .. }));
             let route_cache = match r.cache {
                 Some(c) => self
                     .route_cache(c, &key, cache, response_timeout)?
-                    .map(Arc::new),
+                    .map(|mut c| {
+                        c.keys_accept_encoding = !reads_answers;
+                        Arc::new(c)
+                    }),
                 None => None,
             };
             let (matcher, match_span) = match r.matcher {
