@@ -18,6 +18,7 @@ mod key;
 mod recoded;
 mod record;
 mod shared;
+mod stream_end;
 mod targets;
 mod vary;
 pub mod wire;

@@ -906,6 +906,14 @@ fn client_response(
     read_ahead: Option<&ReadAheadLimits>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.remove(header::CONTENT_LENGTH).is_some()
+    {
+        // RFC 9112 §6.3: Transfer-Encoding wins and Content-Length must go,
+        // or the client (and the cache) would frame the body by a length
+        // the upstream did not use.
+        crate::telemetry::upstream_fault("te_and_content_length");
+    }
     headers::strip_hop_by_hop(&mut parts.headers);
     // The client's connection has its own version; an HTTP/1.0 upstream
     // must not turn the client's response into HTTP/1.0.

@@ -322,6 +322,14 @@ pub fn rate_limited(limiter: &str) {
     }
 }
 
+/// An upstream answer broke the protocol in a way Hyperion repaired
+/// (`te_and_content_length`: both framings sent, RFC 9112 §6.3).
+pub fn upstream_fault(fault: &'static str) {
+    if HANDLE.get().is_some() {
+        counter!("hyperion_upstream_faults_total", "fault" => fault).increment(1);
+    }
+}
+
 /// A request began waiting for a slot at `upstream`
 /// (`max_inflight_per_server`).
 pub fn queued(upstream: &str) {

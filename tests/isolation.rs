@@ -225,3 +225,269 @@ async fn accept_encoding_going_upstream_is_keyed_in_one_spelling() {
     assert!(identity.headers.get("content-encoding").is_none());
     assert_eq!(up.count(), 2);
 }
+
+/// Answers `/doc` with an ETag'd 200 the first time, then with 304s
+/// carrying `extra_304` headers; counts requests.
+async fn revalidating_backend(extra_304: &'static [(&'static str, &'static str)]) -> Upstream {
+    Upstream::start(move |req| async move {
+        if req.headers().contains_key("if-none-match") {
+            let mut resp = response(304, "");
+            for (n, v) in extra_304 {
+                resp.headers_mut().append(*n, v.parse().unwrap());
+            }
+            return resp;
+        }
+        let mut resp = response(200, "the document");
+        let h = resp.headers_mut();
+        h.insert("etag", "\"v1\"".parse().unwrap());
+        h.insert("cache-control", "max-age=0".parse().unwrap());
+        resp
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_304_never_plants_a_cookie_in_the_stored_entry() {
+    let up = revalidating_backend(&[("set-cookie", "session=attacker; Path=/")]).await;
+    let (file, _token) = policy(&up.url(), "mode = \"origin\"", "");
+    let proxy = TestProxy::start_file(&file.0).await;
+    let url = proxy.url("/doc");
+    let (first, _) = get(&url).await;
+    assert_eq!(first.headers["x-cache"], "MISS");
+    for _ in 0..2 {
+        let (again, body) = get(&url).await;
+        assert_eq!(again.headers["x-cache"], "REVALIDATED");
+        assert_eq!(&body[..], b"the document");
+        assert!(
+            again.headers.get("set-cookie").is_none(),
+            "{:?}",
+            again.headers
+        );
+    }
+    assert!(up.seen()[1].headers.contains_key("if-none-match"));
+}
+
+#[tokio::test]
+async fn a_304_that_makes_the_entry_unstorable_ends_it() {
+    let up = revalidating_backend(&[("cache-control", "private")]).await;
+    let (file, _token) = policy(&up.url(), "mode = \"origin\"", "");
+    let proxy = TestProxy::start_file(&file.0).await;
+    let url = proxy.url("/doc");
+    assert_eq!(get(&url).await.0.headers["x-cache"], "MISS");
+    // The 304 confirms the body for this client, but says private now.
+    let (revalidated, body) = get(&url).await;
+    assert_eq!(revalidated.headers["x-cache"], "REVALIDATED");
+    assert_eq!(&body[..], b"the document");
+    // So nothing is stored: the next request is a plain miss.
+    let (after, _) = get(&url).await;
+    assert_eq!(after.headers["x-cache"], "MISS");
+    assert!(!up.last().headers.contains_key("if-none-match"));
+}
+
+/// Ollama answering a request for a model it does not have (yet).
+async fn missing_model_backend() -> Upstream {
+    Upstream::start(|req| async move {
+        match req.uri().path() {
+            "/api/generate" => {
+                let mut resp = response(
+                    404,
+                    r#"{"error":"model \"nope\" not found, try pulling it first"}"#,
+                );
+                resp.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                resp
+            }
+            "/moved" => {
+                let mut resp = response(301, "");
+                resp.headers_mut()
+                    .insert("location", "/elsewhere".parse().unwrap());
+                resp
+            }
+            _ => response(503, r#"{"error":"loading"}"#),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn failures_are_kept_only_for_negative_ttl_and_5xx_never() {
+    let up = missing_model_backend().await;
+    let (file, _token) = policy(&up.url(), "mode = \"force\"\nttl = \"30m\"", "");
+    let proxy = TestProxy::start_file(&file.0).await;
+    let generate = proxy.url("/api/generate");
+    let (first, _) = get(&generate).await;
+    assert_eq!(first.status, 404);
+    assert_eq!(first.headers["x-cache"], "MISS");
+    let (second, body) = get(&generate).await;
+    assert_eq!(second.status, 404);
+    assert_eq!(
+        second.headers["x-cache"], "HIT",
+        "a burst for a missing model reaches it once"
+    );
+    assert!(json(&body)["error"].as_str().unwrap().contains("not found"));
+    let explained = admin_get(
+        &proxy,
+        &format!(
+            "/admin/cache/explain?url=http://127.0.0.1:{}/api/generate",
+            proxy.addr.port()
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(explained["stored"]["status"], 404);
+    let fresh_for = explained["stored"]["fresh_for_seconds"].as_u64().unwrap();
+    assert!(
+        fresh_for <= 10,
+        "kept for negative_ttl, not the 30m ttl: {explained}"
+    );
+
+    // 5xx and redirects are not answers force mode keeps.
+    for path in ["/loading", "/moved"] {
+        for _ in 0..2 {
+            let (parts, _) = get(&proxy.url(path)).await;
+            assert_eq!(parts.headers["x-cache"], "MISS", "{path}");
+        }
+    }
+    assert_eq!(up.count(), 5);
+}
+
+#[tokio::test]
+async fn negative_ttl_zero_keeps_no_failure() {
+    let up = missing_model_backend().await;
+    let (file, _token) = policy(
+        &up.url(),
+        "mode = \"force\"\nttl = \"30m\"\nnegative_ttl = \"0s\"",
+        "",
+    );
+    let proxy = TestProxy::start_file(&file.0).await;
+    for _ in 0..2 {
+        let (parts, _) = get(&proxy.url("/api/generate")).await;
+        assert_eq!(parts.headers["x-cache"], "MISS");
+    }
+    assert_eq!(up.count(), 2);
+}
+
+/// Streams whose body the test picks by path: good and failed Ollama and
+/// OpenAI streams, all with a 200 status and a clean transport end.
+async fn streaming_backend() -> Upstream {
+    Upstream::start(|req| async move {
+        let (ct, body) = match req.uri().path() {
+            "/ollama/good" => (
+                "application/x-ndjson",
+                "{\"response\":\"hi\",\"done\":false}\n{\"response\":\"\",\"done\":true}\n",
+            ),
+            "/ollama/failed" => (
+                "application/x-ndjson",
+                "{\"response\":\"hi\",\"done\":false}\n{\"error\":\"model runner has unexpectedly stopped\"}\n",
+            ),
+            "/ollama/cut" => ("application/x-ndjson", "{\"response\":\"hi\",\"done\":false}\n"),
+            "/openai/good" => (
+                "text/event-stream",
+                "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+            ),
+            "/openai/failed" => (
+                "text/event-stream",
+                "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"error\":{\"message\":\"CUDA out of memory\"}}\n\ndata: [DONE]\n\n",
+            ),
+            _ => (
+                "text/event-stream",
+                "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            ),
+        };
+        let mut resp = response(200, body);
+        resp.headers_mut().insert("content-type", ct.parse().unwrap());
+        resp
+    })
+    .await
+}
+
+#[tokio::test]
+async fn only_streams_that_ended_as_good_answers_are_stored() {
+    let up = streaming_backend().await;
+    let (file, _token) = policy(
+        &up.url(),
+        "mode = \"force\"\nttl = \"30m\"\nstream = \"record\"",
+        "",
+    );
+    let proxy = TestProxy::start_file(&file.0).await;
+    for (path, stored) in [
+        ("/ollama/good", true),
+        ("/ollama/failed", false),
+        ("/ollama/cut", false),
+        ("/openai/good", true),
+        ("/openai/failed", false),
+        ("/openai/cut", false),
+    ] {
+        let (first, _) = get(&proxy.url(path)).await;
+        assert_eq!(first.status, 200);
+        assert_eq!(first.headers["x-cache"], "MISS", "{path}");
+        // The recording is stored as the body ends: wait for it to land.
+        let mut second = None;
+        for _ in 0..50 {
+            let (parts, _) = get(&proxy.url(path)).await;
+            if !stored || parts.headers["x-cache"] == "HIT" {
+                second = Some(parts);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let expected = if stored { "HIT" } else { "MISS" };
+        assert_eq!(second.unwrap().headers["x-cache"], expected, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn content_length_beside_transfer_encoding_is_dropped_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                // Content-Length says 100; the chunked body is 5 bytes.
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let (file, _token) = policy(
+        &format!("http://{addr}"),
+        "mode = \"force\"\nttl = \"1m\"",
+        "",
+    );
+    let proxy = TestProxy::start_file(&file.0).await;
+    let (parts, body) = get(&proxy.url("/framed")).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(&body[..], b"hello");
+    assert_ne!(
+        parts
+            .headers
+            .get("content-length")
+            .map(|v| v.to_str().unwrap()),
+        Some("100")
+    );
+    let (hit, body) = get(&proxy.url("/framed")).await;
+    assert_eq!(hit.headers["x-cache"], "HIT");
+    assert_eq!(
+        hit.headers["content-length"], "5",
+        "stored by the bytes that came"
+    );
+    assert_eq!(&body[..], b"hello");
+    let metrics = send(
+        Request::get(format!("http://{}/metrics", proxy.admin.unwrap()))
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+    .1;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("hyperion_upstream_faults_total{fault=\"te_and_content_length\"} 1"),
+        "{metrics}"
+    );
+    server.abort();
+}

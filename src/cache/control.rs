@@ -175,6 +175,13 @@ pub fn heuristically_cacheable(status: StatusCode) -> bool {
     )
 }
 
+/// Client errors a cache may keep without explicit freshness: what
+/// `force` mode stores for `negative_ttl` (a missing model, a gone
+/// resource), never for the route's whole `ttl`.
+pub fn is_negative(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 404 | 405 | 410 | 414)
+}
+
 /// Statuses whose caching rules this cache knows (for `must-understand`).
 fn understood(status: StatusCode) -> bool {
     heuristically_cacheable(status) || matches!(status.as_u16(), 302 | 303 | 307)

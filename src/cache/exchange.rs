@@ -554,10 +554,14 @@ impl Exchange {
             // The 304 describes no body, and its age is counted below. The
             // stored body and its copies are in the coding stored with them
             // (RFC 9111 §3.2 lets a cache keep that field for integrity).
+            // A cookie set in a 304 was set for the client that triggered
+            // the revalidation: merged into the entry, every later client
+            // in the scope would be given it (issue 28).
             if name == header::CONTENT_LENGTH
                 || name == header::CONTENT_ENCODING
                 || name == X_CACHE
                 || name == header::AGE
+                || name == header::SET_COOKIE
             {
                 continue;
             }
@@ -578,6 +582,9 @@ impl Exchange {
             sie = secs(cc.stale_if_error).max(self.policy.stale_if_error);
         }
         let (fresh_for, initial_age) = match self.policy.freshness {
+            Freshness::Force { .. } if control::is_negative(old.status) => {
+                (self.policy.negative_ttl, Duration::ZERO)
+            }
             Freshness::Force { ttl } => (ttl, Duration::ZERO),
             Freshness::Origin => (
                 control::freshness_lifetime(
@@ -610,8 +617,57 @@ impl Exchange {
         };
         let entry = Arc::new(entry);
         self.cache.stats.count(CacheStatus::Revalidated);
-        self.cache.insert(entry.clone()).await;
+        // The merged headers pass the rules a new response would: a 304
+        // that says `no-store` or `private` now (or turns a stored answer
+        // into one that may not be shared) ends the entry.
+        match self.refusal(old.status, &headers, &cc) {
+            None => self.cache.insert(entry.clone()).await,
+            Some(why) => {
+                tracing::debug!(why, "a revalidated entry is no longer storable: dropped");
+                self.cache.take(&old.store_key()).await;
+            }
+        }
         Some(entry)
+    }
+
+    /// Why a response with `status` and `headers` may not be stored on this
+    /// route; `None` when it may. Freshness and size are not judged here.
+    fn refusal(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        cc: &CacheControl,
+    ) -> Option<&'static str> {
+        match self.policy.freshness {
+            Freshness::Force { .. } => {
+                // Answers, and failures only where the route keeps them
+                // (`negative_ttl`): a missing model must not stay missing
+                // for a whole ttl after it is pulled. 5xx never.
+                let answer = matches!(status.as_u16(), 200 | 203 | 204);
+                let negative = control::is_negative(status) && !self.policy.negative_ttl.is_zero();
+                if !(answer || negative) {
+                    return Some("status");
+                }
+                let private = cc.no_store
+                    || cc.private
+                    || !cc.private_fields.is_empty()
+                    || headers.contains_key(header::SET_COOKIE);
+                if private && !self.policy.store_private {
+                    return Some("private");
+                }
+                if control::vary_star(headers) {
+                    return Some("vary-star");
+                }
+                None
+            }
+            Freshness::Origin => {
+                let auth = self
+                    .request_headers
+                    .as_ref()
+                    .is_some_and(|h| h.contains_key(header::AUTHORIZATION));
+                control::refuse_origin(&self.method, status, auth, Some(&self.client), headers, cc)
+            }
+        }
     }
 
     /// The recording to make of this response, if it may be stored.
@@ -635,41 +691,29 @@ impl Exchange {
         }
         let (fresh_for, initial_age, swr, sie) = match self.policy.freshness {
             Freshness::Force { ttl } => {
-                if status.is_server_error() || !control::heuristically_cacheable(status) {
+                if self.refusal(status, headers, &cc).is_some() {
                     return None;
                 }
-                let private = cc.no_store
-                    || cc.private
-                    || !cc.private_fields.is_empty()
-                    || headers.contains_key(header::SET_COOKIE);
-                if private && !self.policy.store_private {
-                    return None;
+                if control::is_negative(status) {
+                    // Never served stale: an old "not found" is no answer
+                    // to fall back on.
+                    (
+                        self.policy.negative_ttl,
+                        Duration::ZERO,
+                        Duration::ZERO,
+                        Duration::ZERO,
+                    )
+                } else {
+                    (
+                        ttl,
+                        Duration::ZERO,
+                        self.policy.stale_while_revalidate,
+                        self.policy.stale_if_error,
+                    )
                 }
-                if control::vary_star(headers) {
-                    return None;
-                }
-                (
-                    ttl,
-                    Duration::ZERO,
-                    self.policy.stale_while_revalidate,
-                    self.policy.stale_if_error,
-                )
             }
             Freshness::Origin => {
-                let auth = self
-                    .request_headers
-                    .as_ref()
-                    .is_some_and(|h| h.contains_key(header::AUTHORIZATION));
-                if control::refuse_origin(
-                    &self.method,
-                    status,
-                    auth,
-                    Some(&self.client),
-                    headers,
-                    &cc,
-                )
-                .is_some()
-                {
+                if self.refusal(status, headers, &cc).is_some() {
                     return None;
                 }
                 let lifetime = control::freshness_lifetime(

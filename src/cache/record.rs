@@ -6,7 +6,8 @@
 //! dropped and the response simply streams on. At a clean end the chunks are
 //! copied into one exact-size buffer (so the store's byte weight is what the
 //! entry really holds) and inserted; an upstream error, a client leaving, or
-//! an Ollama stream whose last line says `"done": false` store nothing.
+//! a stream that did not end as its protocol says a good answer ends
+//! (`stream_end`) store nothing.
 
 use std::sync::Arc;
 
@@ -95,8 +96,16 @@ impl Recording {
             bounds.push(whole.len());
         }
         let whole = whole.freeze();
-        if is_unfinished_ndjson(&self.entry, &whole) {
-            return None;
+        if self.chunked {
+            let ct = self
+                .entry
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !super::stream_end::ended_well(ct, &whole) {
+                return None;
+            }
         }
         self.entry.cost = super::Cost {
             tokens: tokens_used(&self.entry, &whole),
@@ -177,11 +186,10 @@ fn lenient_u64<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<u64>, D
     })
 }
 
-/// A JSON value as far as usage and `done` need it; containers are read
+/// A JSON value as far as usage needs it; containers are read
 /// past without being kept.
 enum Scalar {
     Count(u64),
-    Bool(bool),
     Other,
 }
 
@@ -201,8 +209,8 @@ impl<'de> serde::de::Visitor<'de> for ScalarVisitor {
     fn visit_f64<E>(self, _: f64) -> Result<Scalar, E> {
         Ok(Scalar::Other)
     }
-    fn visit_bool<E>(self, b: bool) -> Result<Scalar, E> {
-        Ok(Scalar::Bool(b))
+    fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+        Ok(Scalar::Other)
     }
     fn visit_str<E>(self, _: &str) -> Result<Scalar, E> {
         Ok(Scalar::Other)
@@ -248,33 +256,4 @@ impl Usage {
             (p, a) => Some(p.unwrap_or(0) + a.unwrap_or(0)),
         }
     }
-}
-
-/// An Ollama NDJSON stream whose last line carries `"done": false` was cut
-/// short by the upstream even if the transport ended cleanly.
-fn is_unfinished_ndjson(entry: &Entry, body: &[u8]) -> bool {
-    let ndjson = entry
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-ndjson"));
-    if !ndjson {
-        return false;
-    }
-    let last = body
-        .split(|&b| b == b'\n')
-        .rev()
-        .find(|l| !l.iter().all(u8::is_ascii_whitespace));
-    let Some(last) = last else { return false };
-    #[derive(serde::Deserialize)]
-    struct Done {
-        #[serde(default)]
-        done: Option<Scalar>,
-    }
-    matches!(
-        serde_json::from_slice::<Done>(last)
-            .ok()
-            .and_then(|d| d.done),
-        Some(Scalar::Bool(false))
-    )
 }
