@@ -16,6 +16,8 @@ use crate::body::ResponseBody;
 pub enum ProxyError {
     #[error("no route matches this request")]
     NoRoute,
+    #[error("this endpoint is not exposed here (route `{route}` denies it)")]
+    Denied { route: String },
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("the request header section is larger than the limit of {limit} bytes")]
@@ -74,6 +76,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute | ProxyError::UnknownModel { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
@@ -99,6 +102,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no_route",
+            ProxyError::Denied { .. } => "denied",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => "bad_request",

@@ -58,7 +58,8 @@ pub struct Proxy {
 struct Route {
     policy: Arc<RoutePolicy>,
     name: Arc<str>,
-    pool: Arc<UpstreamPool>,
+    /// `None` on a `deny` route.
+    pool: Option<Arc<UpstreamPool>>,
     limits: RouteLimits,
 }
 
@@ -110,11 +111,13 @@ impl Proxy {
             .routes
             .iter()
             .map(|r| {
-                let pool = pools
-                    .iter()
-                    .find(|p| p.policy.name == r.upstream)
-                    .expect("validation resolved every route's upstream")
-                    .clone();
+                let pool = (!r.deny).then(|| {
+                    pools
+                        .iter()
+                        .find(|p| p.policy.name == r.upstream)
+                        .expect("validation resolved every route's upstream")
+                        .clone()
+                });
                 let route = Route {
                     policy: r.clone(),
                     name: Arc::from(r.name.as_str()),
@@ -362,6 +365,11 @@ impl Proxy {
                 .find(req.method(), host.as_deref(), req.uri().path())
                 .ok_or(ProxyError::NoRoute)?;
             rec.route = Some(route.name.clone());
+            let Some(route_pool) = &route.pool else {
+                return Err(ProxyError::Denied {
+                    route: route.name.to_string(),
+                });
+            };
             rewrite.clone_from(&route.policy.headers);
             let client = rec.client;
             let who = |headers, at| subject(client, headers, &route.name, at);
@@ -419,7 +427,7 @@ impl Proxy {
                     None => req.headers_mut().remove(header::ACCEPT_ENCODING),
                 };
             }
-            let by_model = route.pool.state.models.routes_by_model();
+            let by_model = route_pool.state.models.routes_by_model();
             // Request-count limits first: a refused client costs no body read.
             if let Some(at) = arrived {
                 route
@@ -585,7 +593,7 @@ impl Proxy {
             // line for one if need be. A background refresh does not queue:
             // without a free slot the stale answer goes out and a later request
             // refreshes.
-            let pool = &route.pool;
+            let pool = route_pool;
             let mut filter = PickFilter {
                 hash: balance_hash(pool, &req, exchange.as_ref(), host.as_deref()),
                 ..PickFilter::default()

@@ -282,8 +282,10 @@ pub struct ServerTls {
 pub struct RoutePolicy {
     pub name: String,
     pub matcher: RouteMatch,
-    /// Name of an entry in `Policy::upstreams`.
+    /// Name of an entry in `Policy::upstreams`; empty on a `deny` route.
     pub upstream: String,
+    /// `deny = true`: requests matching it get 403 and go nowhere.
+    pub deny: bool,
     /// Send the client's `Host` upstream (default), or the server's own authority.
     pub preserve_host: bool,
     /// `[route.cache]`; `None` when the route does not cache.
@@ -658,7 +660,7 @@ impl fmt::Display for Policy {
                 i + 1,
                 r.name,
                 r.matcher,
-                r.upstream
+                if r.deny { "403 (deny)" } else { &r.upstream }
             )?;
             if let Some(c) = r.cache.as_deref() {
                 match c.freshness {

@@ -30,7 +30,8 @@ fn the_shipped_proxy_toml_is_valid() {
     );
     let ollama = policy.upstream("ollama").unwrap();
     assert_eq!(&*ollama.servers[0].url, "http://127.0.0.1:11434");
-    assert_eq!(policy.routes.len(), 3);
+    assert_eq!(policy.routes.len(), 5);
+    assert!(policy.routes[0].deny && policy.routes[1].deny);
 }
 
 #[test]
@@ -165,7 +166,7 @@ fn mistakes_name_file_line_column_key_and_fix() {
         ),
         (
             "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\n",
-            "proxy.toml:3:1: route[0].upstream: missing key `upstream`",
+            "proxy.toml:3:1: route[0] (r).upstream: the route names no upstream",
         ),
         (
             "[upstreams.a]\nservers = [{ url = \"http://x:1\" }]\n[[route]]\nname = \"r\"\nupstream = \"a\"\nmatch = { path_prefx = \"/\" }\n",
@@ -279,8 +280,8 @@ fn check_prints_a_summary_and_exits_zero() {
         stdout.contains("ollama           http://127.0.0.1:11434"),
         "{stdout}"
     );
-    let generate = stdout.find("1. generate").unwrap();
-    let meta = stdout.find("2. ollama-meta").unwrap();
+    let generate = stdout.find("3. generate").unwrap();
+    let meta = stdout.find("4. ollama-meta").unwrap();
     assert!(generate < meta, "routes are listed in order: {stdout}");
     // HYPERION_CONFIG names the file when --config does not.
     let out = hyperion(&["check"], Some(("HYPERION_CONFIG", path)));
@@ -437,6 +438,11 @@ fn cache_mistakes_name_their_line_and_fix() {
             "never stores what the upstream marked private",
         ),
         ("mode = \"force\"\nmode_x = 1\n", 6, "mode_x"),
+        (
+            "mode = \"origin\"\nnegative_ttl = \"10s\"\n",
+            6,
+            "cache.negative_ttl: mode = \"origin\" keeps a 404",
+        ),
     ];
     for (body, line, want) in cases {
         let err = error_of(&format!("{ROUTE}[route.cache]\n{body}{UPSTREAM}"));
@@ -445,6 +451,33 @@ fn cache_mistakes_name_their_line_and_fix() {
             "{body}: {err}"
         );
         assert!(err.contains(want), "{body}: {err}");
+    }
+    for (list, want) in [
+        ("[\"bad header\"]", "`bad header` is not a header name"),
+        ("[\"Cookie\"]", "`cookie` is always keyed"),
+    ] {
+        let err = error_of(&format!(
+            "[cache]\ncredential_headers = {list}\n{UPSTREAM}{ROUTE}"
+        ));
+        assert!(err.starts_with("proxy.toml:2:"), "{err}");
+        assert!(err.contains("cache.credential_headers"), "{err}");
+        assert!(err.contains(want), "{err}");
+    }
+    for (route, line, want) in [
+        (
+            "[[route]]\nname = \"d\"\nupstream = \"ollama\"\ndeny = true\n",
+            3,
+            "route[0] (d).upstream: a route with deny = true forwards nothing",
+        ),
+        (
+            "[[route]]\nname = \"d\"\n",
+            1,
+            "route[0] (d).upstream: the route names no upstream",
+        ),
+    ] {
+        let err = error_of(&format!("{route}{UPSTREAM}"));
+        assert!(err.starts_with(&format!("proxy.toml:{line}:")), "{err}");
+        assert!(err.contains(want), "{err}");
     }
     let err = error_of(&format!(
         "[cache]\nmax_size = \"1MB\"\nmax_entry_size = \"2MB\"\n{UPSTREAM}{ROUTE}"

@@ -491,3 +491,41 @@ async fn content_length_beside_transfer_encoding_is_dropped_and_counted() {
     );
     server.abort();
 }
+
+#[tokio::test]
+async fn the_shipped_policy_answers_model_management_with_403() {
+    let up = Upstream::echo().await;
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"))
+        .unwrap()
+        .replace("http://127.0.0.1:11434", &up.url());
+    let proxy = TestProxy::start(&shipped).await;
+    for (method, path) in [
+        ("POST", "/api/pull"),
+        ("POST", "/api/push"),
+        ("POST", "/api/create"),
+        ("POST", "/api/copy"),
+        ("DELETE", "/api/delete"),
+        ("POST", "/api/blobs/sha256:0123"),
+        ("HEAD", "/api/blobs/sha256:0123"),
+        // Other spellings are the same path.
+        ("POST", "/api/%70ull"),
+        ("POST", "//api/./pull"),
+    ] {
+        let (parts, body) = send(
+            Request::builder()
+                .method(method)
+                .uri(proxy.url(path))
+                .body(full("{\"model\":\"llama3\"}"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(parts.status, 403, "{method} {path}");
+        if method != "HEAD" {
+            assert_eq!(json(&body)["error"]["code"], "denied", "{method} {path}");
+        }
+    }
+    assert_eq!(up.count(), 0, "nothing reached Ollama");
+    let (tags, _) = get(&proxy.url("/api/tags")).await;
+    assert_eq!(tags.status, 200);
+    assert_eq!(up.count(), 1);
+}

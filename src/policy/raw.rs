@@ -219,7 +219,9 @@ pub struct RawRoute {
     pub name: Spanned<String>,
     #[serde(rename = "match", default)]
     pub matcher: Option<Spanned<RawMatch>>,
-    pub upstream: Spanned<String>,
+    pub upstream: Option<Spanned<String>>,
+    /// `deny = true`: answered 403 here, never forwarded.
+    pub deny: Option<Spanned<bool>>,
     pub preserve_host: Option<bool>,
     pub unknown_model: Option<Spanned<UnknownModel>>,
     pub rate_limit: Option<Spanned<Vec<Spanned<String>>>>,

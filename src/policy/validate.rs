@@ -1628,7 +1628,55 @@ impl Validator<'_> {
                 Some(h) => Some(Arc::new(self.route_headers(h, &key)?)),
                 None => None,
             };
-            let upstream = r.upstream.get_ref().clone();
+            let deny = r.deny.as_ref().is_some_and(|d| *d.get_ref());
+            if deny {
+                let forwarding = [
+                    (r.upstream.as_ref().map(|u| u.span()), "upstream"),
+                    (r.cache.as_ref().map(|c| c.span()), "cache"),
+                    (r.unknown_model.as_ref().map(|u| u.span()), "unknown_model"),
+                ];
+                if let Some((Some(span), what)) = forwarding.into_iter().find(|(s, _)| s.is_some())
+                {
+                    return Err(self.err(
+                        span,
+                        format!("{key}.{what}"),
+                        "a route with deny = true forwards nothing",
+                        format!("remove {what}, or remove deny to forward this route"),
+                    ));
+                }
+                let (matcher, match_span) = match r.matcher {
+                    Some(m) => {
+                        let span = m.span();
+                        (self.route_match(m.into_inner(), &key)?, span)
+                    }
+                    None => (RouteMatch::default(), route_span.clone()),
+                };
+                self.unreachable(&routes, &matcher, &match_span, &key)?;
+                routes.push((
+                    route_span,
+                    Arc::new(RoutePolicy {
+                        name,
+                        matcher,
+                        upstream: String::new(),
+                        deny: true,
+                        preserve_host: true,
+                        cache: None,
+                        headers,
+                        rate_limits: limits,
+                        unknown_model: UnknownModel::Reject,
+                    }),
+                ));
+                continue;
+            }
+            let Some(upstream_raw) = r.upstream else {
+                return Err(self.err(
+                    route_span,
+                    format!("{key}.upstream"),
+                    "the route names no upstream",
+                    "add upstream = \"<name of an [upstreams.*] table>\", or deny = true to answer 403",
+                ));
+            };
+            let upstream = upstream_raw.get_ref().clone();
             if !upstream_names.contains(&upstream) {
                 let fix = match nearest(&upstream, &upstream_names) {
                     Some(best) => format!(
@@ -1641,7 +1689,7 @@ impl Validator<'_> {
                     None => format!("use one of: {}", upstream_names.join(", ")),
                 };
                 return Err(self.err(
-                    r.upstream.span(),
+                    upstream_raw.span(),
                     format!("{key}.upstream"),
                     format!("no upstream named `{upstream}`"),
                     fix,
@@ -1689,23 +1737,14 @@ impl Validator<'_> {
                 }
                 None => (RouteMatch::default(), route_span.clone()),
             };
-            if let Some((earlier_span, earlier)) =
-                routes.iter().find(|(_, e)| e.matcher.covers(&matcher))
-            {
-                let earlier_line = self.line_of(earlier_span);
-                return Err(self.err(
-                    match_span,
-                    format!("{key}.match"),
-                    format!("this route can never match: route `{}` (line {earlier_line}) comes first and matches everything it does", earlier.name),
-                    format!("move it above `{}` or narrow that route's match", earlier.name),
-                ));
-            }
+            self.unreachable(&routes, &matcher, &match_span, &key)?;
             routes.push((
                 route_span,
                 Arc::new(RoutePolicy {
                     name,
                     matcher,
                     upstream,
+                    deny: false,
                     preserve_host: r.preserve_host.unwrap_or(true),
                     cache: route_cache,
                     headers,
@@ -1715,6 +1754,29 @@ impl Validator<'_> {
             ));
         }
         Ok(routes.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// An error when a route before this one matches everything `matcher`
+    /// does.
+    fn unreachable(
+        &self,
+        routes: &[(Range<usize>, Arc<RoutePolicy>)],
+        matcher: &RouteMatch,
+        match_span: &Range<usize>,
+        key: &str,
+    ) -> Result<(), PolicyError> {
+        if let Some((earlier_span, earlier)) =
+            routes.iter().find(|(_, e)| e.matcher.covers(matcher))
+        {
+            let earlier_line = self.line_of(earlier_span);
+            return Err(self.err(
+                match_span.clone(),
+                format!("{key}.match"),
+                format!("this route can never match: route `{}` (line {earlier_line}) comes first and matches everything it does", earlier.name),
+                format!("move it above `{}` or narrow that route's match", earlier.name),
+            ));
+        }
+        Ok(())
     }
 
     fn route_match(&self, raw: raw::RawMatch, key: &str) -> Result<RouteMatch, PolicyError> {
