@@ -398,10 +398,10 @@ impl Cache {
             fills: fill::Fills::new(),
             targets: targets::TargetIndex::new(),
             shared: policy.redis.clone().map(|r| {
-                if !key::share_keys_with_fleet(&r.key_prefix) {
+                if !key::share_keys_with_fleet(&r.secret.0, &r.key_prefix) {
                     tracing::warn!("cache keys were made before the shared tier was set up: this process's entries are named its own way and are not shared");
                 }
-                shared::SharedCache::new(SharedTier::new(r))
+                shared::SharedCache::new(SharedTier::new(r), policy.max_entry_size)
             }),
             policy,
         })

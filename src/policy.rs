@@ -335,6 +335,35 @@ pub struct RedisPolicy {
     pub key_prefix: String,
     /// Slower than this counts as unavailable: serve from memory.
     pub timeout: Duration,
+    /// `secret_env` / `secret_file`: what every entry and message in Redis
+    /// is signed with, and the fleet's cache keys are derived from.
+    pub secret: FleetSecret,
+    /// Where the secret came from, for `check` ("env NAME", "file PATH").
+    pub secret_source: String,
+    /// `ca_file` (rediss:// only): PEM certificates that replace the
+    /// platform's CAs for checking the server.
+    pub ca_pem: Option<Arc<[u8]>>,
+}
+
+/// The fleet's shared secret, as a 32-byte key (derived from what the
+/// operator gave, whatever its length). Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FleetSecret(pub [u8; 32]);
+
+impl FleetSecret {
+    /// The key for `text` (at least 32 bytes, checked by validation).
+    pub fn from_text(text: &str) -> FleetSecret {
+        FleetSecret(blake3::derive_key(
+            "hyperion 2026-12 shared tier secret",
+            text.as_bytes(),
+        ))
+    }
+}
+
+impl fmt::Debug for FleetSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FleetSecret(***)")
+    }
 }
 
 impl RedisPolicy {
@@ -556,10 +585,16 @@ impl fmt::Display for Policy {
         if let Some(r) = &self.cache.redis {
             writeln!(
                 f,
-                "shared:    {} (keys {}*, timeout {}): cache, rate limits and fill locks shared with the fleet",
+                "shared:    {} (keys {}*, timeout {}{}): cache, rate limits and fill locks shared with the fleet; entries and messages signed with the secret from {}",
                 r.display_url(),
                 r.key_prefix,
-                Dur(r.timeout)
+                Dur(r.timeout),
+                match (&r.ca_pem, r.url.starts_with("rediss") || r.url.starts_with("valkeys")) {
+                    (Some(_), _) => ", TLS checked against ca_file",
+                    (None, true) => ", TLS checked against the platform's CAs",
+                    (None, false) => ", no TLS",
+                },
+                r.secret_source
             )?;
         }
         writeln!(f, "upstreams:")?;

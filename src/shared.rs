@@ -31,6 +31,9 @@ use tokio::sync::Notify;
 
 use crate::policy::RedisPolicy;
 
+mod seal;
+pub use seal::{glob_escape, Seal, MAC_LEN};
+
 /// How often the keeper tries to reconnect, or checks a live link.
 const KEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -56,6 +59,11 @@ pub struct SharedTier {
     started: std::time::Instant,
     /// Seconds after `started` when a refusal was last logged (0: never).
     refusal_logged: AtomicU64,
+    /// Signs and checks what is written to and read from Redis.
+    seal: Seal,
+    /// Seconds after `started` when a rejected value or message was last
+    /// logged (0: never).
+    rejection_logged: AtomicU64,
 }
 
 /// Counters for metrics and the admin API.
@@ -79,6 +87,12 @@ pub struct SharedStats {
     pub limit_checks: AtomicU64,
     /// Purges received from other instances.
     pub purges_received: AtomicU64,
+    /// Values read from Redis that were not signed with the fleet's secret
+    /// (or not for the key they were under), or larger than any entry.
+    pub rejected_values: AtomicU64,
+    /// Messages on the fleet's channel that were not signed with its
+    /// secret, or signed too long ago.
+    pub rejected_messages: AtomicU64,
 }
 
 /// The tier as `/admin/cache` shows it.
@@ -96,6 +110,8 @@ pub struct SharedReport {
     pub fill_waits_served: u64,
     pub limit_checks: u64,
     pub purges_received: u64,
+    pub rejected_values: u64,
+    pub rejected_messages: u64,
 }
 
 /// Why an operation on the tier gave no answer.
@@ -120,8 +136,20 @@ impl fmt::Display for Failure {
 impl SharedTier {
     /// The tier for `policy`; it connects once `start` runs its keeper.
     pub fn new(policy: RedisPolicy) -> Arc<SharedTier> {
-        // Validation checked the URL parses.
-        let client = redis::Client::open(policy.url.as_str()).expect("validated Redis URL");
+        // Validation checked the URL parses. rediss:// checks the server
+        // against the platform's CAs, or `ca_file`'s instead.
+        let client = match &policy.ca_pem {
+            Some(pem) => redis::Client::build_with_tls(
+                policy.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            ),
+            None => redis::Client::open(policy.url.as_str()),
+        }
+        .expect("validated Redis URL");
+        let seal = Seal::new(&policy.secret);
         Arc::new(SharedTier {
             policy,
             client,
@@ -132,6 +160,8 @@ impl SharedTier {
             listening: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
             refusal_logged: AtomicU64::new(0),
+            seal,
+            rejection_logged: AtomicU64::new(0),
         })
     }
 
@@ -158,6 +188,8 @@ impl SharedTier {
             fill_waits_served: get(&s.fill_waits_served),
             limit_checks: get(&s.limit_checks),
             purges_received: get(&s.purges_received),
+            rejected_values: get(&s.rejected_values),
+            rejected_messages: get(&s.rejected_messages),
         }
     }
 
@@ -176,8 +208,54 @@ impl SharedTier {
         format!("{}{name}", self.policy.key_prefix)
     }
 
+    /// A `SCAN MATCH` pattern: `glob` under this fleet's prefix, the
+    /// prefix matching only itself.
+    pub fn key_pattern(&self, glob: &str) -> String {
+        format!("{}{glob}", glob_escape(&self.policy.key_prefix))
+    }
+
     fn channel(&self) -> String {
         self.key(format_args!("events"))
+    }
+
+    /// `value` signed for the Redis key `name`, as it is written.
+    pub fn seal_value(&self, name: &str, value: &[u8]) -> Vec<u8> {
+        self.seal.seal_value(name, value)
+    }
+
+    /// The value `sealed`, read from the Redis key `name`, if the fleet
+    /// wrote it there; anything else is counted and logged (at most once
+    /// a minute) and `None`.
+    pub fn open_value<'a>(&self, name: &str, sealed: &'a [u8]) -> Option<&'a [u8]> {
+        let opened = self.seal.open_value(name, sealed);
+        if opened.is_none() {
+            self.rejected(&self.stats.rejected_values, "a value", name);
+        }
+        opened
+    }
+
+    /// Notes a value that was too large to be an entry of this fleet.
+    pub fn reject_oversized(&self, name: &str) {
+        self.rejected(&self.stats.rejected_values, "an oversized value", name);
+    }
+
+    /// `text` as the fleet's channel carries it: signed, with the time.
+    pub fn signed_message(&self, text: &str) -> String {
+        self.seal
+            .seal_message(&self.channel(), text, seal::unix_millis())
+    }
+
+    fn rejected(&self, counter: &AtomicU64, what: &str, at: &str) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let now = self.started.elapsed().as_secs();
+        let last = self.rejection_logged.load(Ordering::Relaxed);
+        if last == 0 || now >= last + 60 {
+            self.rejection_logged.store(now.max(1), Ordering::Relaxed);
+            tracing::warn!(
+                "shared tier {}: ignored {what} at {at} not signed with this fleet's secret (another fleet's, a different secret, or written by someone else); further ones are counted in hyperion_shared_tier_rejected_total, logged once a minute",
+                self.policy.display_url()
+            );
+        }
     }
 
     /// Runs `cmd`; `None` when the tier is down, or it failed (which marks
@@ -284,7 +362,7 @@ impl SharedTier {
     /// Tells every instance (this one included) about `message`.
     pub async fn publish(&self, message: &str) -> bool {
         let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(self.channel()).arg(message);
+        cmd.arg(self.channel()).arg(self.signed_message(message));
         self.query::<i64>("publish", &cmd).await.is_some()
     }
 
@@ -315,7 +393,15 @@ impl SharedTier {
         self.publish(&format!("fill {key_hex}")).await;
     }
 
-    fn on_message(&self, text: &str, on_purge: &OnPurge) {
+    fn on_message(&self, message: &str, on_purge: &OnPurge) {
+        let channel = self.channel();
+        let Some(text) = self
+            .seal
+            .open_message(&channel, message, seal::unix_millis())
+        else {
+            self.rejected(&self.stats.rejected_messages, "a message", &channel);
+            return;
+        };
         if let Some(hex) = text.strip_prefix("fill ") {
             let Some(key) = parse_hex32(hex) else { return };
             let waiters = self.fill_waiters.lock().unwrap_or_else(|p| p.into_inner());
@@ -486,6 +572,9 @@ mod tests {
             url: url.into(),
             key_prefix: "h:".into(),
             timeout: Duration::from_millis(50),
+            secret: crate::policy::FleetSecret::from_text("a test secret of at least 32 bytes"),
+            secret_source: "test".into(),
+            ca_pem: None,
         };
         assert_eq!(
             p("redis://app:s3cret@10.0.0.5:6379/0").display_url(),

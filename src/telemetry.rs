@@ -131,6 +131,10 @@ async fn scrape_cache(generation: &Generation) {
         }
         counter!("hyperion_shared_tier_limit_checks_total").absolute(t.limit_checks);
         counter!("hyperion_shared_tier_purges_received_total").absolute(t.purges_received);
+        counter!("hyperion_shared_tier_rejected_total", "what" => "value")
+            .absolute(t.rejected_values);
+        counter!("hyperion_shared_tier_rejected_total", "what" => "message")
+            .absolute(t.rejected_messages);
     }
 }
 

@@ -14,6 +14,8 @@ fn error_of(text: &str) -> String {
     }
 }
 
+const FLEET_SECRET: &str = "0123456789abcdef0123456789abcdef-test-fleet";
+
 const UPSTREAM: &str = "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\n";
 const ROUTE: &str = "[[route]]\nname = \"all\"\nupstream = \"ollama\"\n";
 
@@ -46,12 +48,21 @@ fn every_key_of_the_reference_shape_parses() {
         support::TempFile::new("key.pem", &key),
     );
     let token = support::TempFile::new("admin.token", "a-long-enough-admin-token");
+    let secret = support::TempFile::new("redis.secret", FLEET_SECRET);
     let reference = include_str!("fixtures/policy_reference.toml")
         .replace("/etc/hyperion/tls/cert.pem", &cert.display())
         .replace("/etc/hyperion/tls/key.pem", &key.display())
         .replace(
             "token_env = \"HYPERION_ADMIN_TOKEN\"",
             &format!("token_file = \"{}\"", token.display()),
+        )
+        // The shared tier needs its secret since issue 28.
+        .replace(
+            "url = \"redis://127.0.0.1:6379/0\"",
+            &format!(
+                "url = \"redis://127.0.0.1:6379/0\"\nsecret_file = \"{}\"",
+                secret.display()
+            ),
         );
     let policy = Policy::parse("proxy.toml", &reference).unwrap_or_else(|e| panic!("{e}"));
     let redis = policy.cache.redis.as_ref().expect("[cache.redis]");
@@ -64,7 +75,15 @@ fn shared_tier_mistakes_name_their_line() {
     let cases = [
         (
             "url = \"rediss://cache.internal:6380/0\"\n",
-            "cache.redis.url: TLS to Redis (rediss://) is not built into this version",
+            "cache.redis.secret_file: the shared tier needs a secret",
+        ),
+        (
+            "url = \"redis://127.0.0.1/0\"\nsecret_env = \"HYPERION_TEST_UNSET_SECRET\"\n",
+            "cache.redis.secret_env: the environment variable HYPERION_TEST_UNSET_SECRET is not set",
+        ),
+        (
+            "url = \"redis://127.0.0.1/0\"\nsecret_file = \"/nonexistent/redis.secret\"\n",
+            "cache.redis.secret_file: cannot read /nonexistent/redis.secret",
         ),
         (
             "url = \"http://127.0.0.1:6379\"\n",
@@ -82,16 +101,49 @@ fn shared_tier_mistakes_name_their_line() {
     for (keys, expected) in cases {
         let text = format!("[cache]\nmax_size = \"256MB\"\n[cache.redis]\n{keys}{UPSTREAM}{ROUTE}");
         let err = error_of(&text);
-        let line = 4 + keys.lines().count() - 1;
+        // A missing secret is the table's mistake, found at its header.
+        let line = if expected.contains("needs a secret") {
+            3
+        } else {
+            4 + keys.lines().count() - 1
+        };
         assert!(err.starts_with(&format!("proxy.toml:{line}:")), "{err}");
         assert!(err.contains(expected), "{err}");
     }
+    let short = support::TempFile::new("short.secret", "too short\n");
+    let err = error_of(&format!(
+        "[cache.redis]\nurl = \"redis://127.0.0.1/0\"\nsecret_file = \"{}\"\n{UPSTREAM}{ROUTE}",
+        short.display()
+    ));
+    assert!(err.starts_with("proxy.toml:3:"), "{err}");
+    assert!(
+        err.contains("the secret is 9 bytes long; at least 32 are needed"),
+        "{err}"
+    );
+    let secret = support::TempFile::new("redis.secret", FLEET_SECRET);
+    let err = error_of(&format!(
+        "[cache.redis]\nurl = \"redis://127.0.0.1/0\"\nsecret_file = \"{}\"\nca_file = \"ca.pem\"\n{UPSTREAM}{ROUTE}",
+        secret.display()
+    ));
+    assert!(err.starts_with("proxy.toml:4:"), "{err}");
+    assert!(
+        err.contains("ca_file only applies to TLS (rediss://)"),
+        "{err}"
+    );
     let ok = Policy::parse(
         "p",
-        &format!("[cache.redis]\nurl = \"redis://app:pw@127.0.0.1:6379/2\"\n{UPSTREAM}{ROUTE}"),
+        &format!(
+            "[cache.redis]\nurl = \"redis://app:pw@127.0.0.1:6379/2\"\nsecret_file = \"{}\"\n{UPSTREAM}{ROUTE}",
+            secret.display()
+        ),
     )
     .unwrap();
     let summary = ok.to_string();
+    assert!(
+        summary.contains("signed with the secret from file"),
+        "{summary}"
+    );
+    assert!(!summary.contains(FLEET_SECRET), "{summary}");
     assert!(
         summary.contains("redis://app:***@127.0.0.1:6379/2"),
         "{summary}"

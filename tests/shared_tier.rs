@@ -33,6 +33,7 @@ max_size = "16MB"
 url = "{redis}"
 key_prefix = "{prefix}"
 timeout = "250ms"
+secret_file = "{secret}"
 
 [upstreams.up]
 servers = [{{ url = "{upstream}" }}]
@@ -61,6 +62,7 @@ body_key = "json"
 coalesce_timeout = "10s"
 "#,
         token = token.display(),
+        secret = fleet_secret().display(),
         route_extra = if extra.is_empty() {
             ""
         } else {
@@ -70,6 +72,18 @@ coalesce_timeout = "10s"
 }
 
 const TOKEN: &str = "shared-tier-test-token";
+
+/// The fleet's secret, one file for the whole test binary (every instance
+/// of a test's fleet must read the same one).
+fn fleet_secret() -> &'static TempFile {
+    static FILE: std::sync::OnceLock<TempFile> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        TempFile::new(
+            "redis.secret",
+            "shared-tier-tests-fleet-secret-0123456789\n",
+        )
+    })
+}
 
 /// An upstream that answers after `delay` with a numbered JSON answer.
 async fn numbered(delay: Duration) -> Upstream {
@@ -654,4 +668,198 @@ async fn purges_by_prefix_route_and_all_reach_redis_and_the_fleet() {
         .await
         .unwrap();
     assert!(left.len() <= 1, "only what was stored since: {left:?}");
+}
+
+/// Waits until `counter` reaches `n`.
+async fn counted(counter: &std::sync::atomic::AtomicU64, n: u64) {
+    for _ in 0..300 {
+        if counter.load(Ordering::Relaxed) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the counter stayed at {}", counter.load(Ordering::Relaxed));
+}
+
+#[tokio::test]
+async fn values_and_messages_not_signed_by_the_fleet_are_ignored_and_counted() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let (a, b, _t) = fleet(&up, &redis, "").await;
+    send(post(&a.url("/api/generate"), PROMPT)).await;
+    written(&a, 1).await;
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:e:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    let sealed: Vec<u8> = redis::cmd("GET")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Someone with write access to Redis changes the answer's bytes (the
+    // signature no longer matches) ...
+    let mut tampered = sealed.clone();
+    let at = tampered.len() - 3;
+    tampered[at] ^= 0x20;
+    let _: () = redis::cmd("SET")
+        .arg(&keys[0])
+        .arg(&tampered[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (parts, body) = send(post(&b.url("/api/generate"), PROMPT)).await;
+    assert_eq!(
+        parts.headers["x-cache"], "MISS",
+        "the tampered value was not served"
+    );
+    assert!(String::from_utf8_lossy(&body).contains("answer 2"));
+    let b_stats = &b.cache.shared_tier().unwrap().stats;
+    assert!(b_stats.rejected_values.load(Ordering::Relaxed) >= 1);
+
+    // ... or moves a genuine value under another key (a signed answer to
+    // another prompt): refused too.
+    let other = r#"{"model":"llama3.2","prompt":"something else","stream":false}"#;
+    send(post(&a.url("/api/generate"), other)).await;
+    written(&a, 2).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:e:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let genuine: Vec<u8> = redis::cmd("GET")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for k in &keys[1..] {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg(&genuine[..])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let c = TestProxy::start(&policy(
+        &up.url(),
+        &redis.url(),
+        &keys[0][..keys[0].find(":e:").unwrap() + 1],
+        &TempFile::new("admin.token", TOKEN),
+        "",
+    ))
+    .await;
+    shared_tier_up(&c, true).await;
+    for prompt in [PROMPT, other] {
+        send(post(&c.url("/api/generate"), prompt)).await;
+    }
+    let c_stats = &c.cache.shared_tier().unwrap().stats;
+    assert!(
+        c_stats.rejected_values.load(Ordering::Relaxed) >= 1,
+        "the moved value was refused"
+    );
+
+    // A forged purge published on the fleet's channel is not obeyed.
+    let (parts, _) = send(post(&b.url("/api/generate"), PROMPT)).await;
+    assert_eq!(parts.headers["x-cache"], "HIT", "B holds its own copy");
+    let channel = format!("{}events", &keys[0][..keys[0].find(":e:").unwrap() + 1]);
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg("purge 0123456789abcdef all")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    counted(&b_stats.rejected_messages, 1).await;
+    let (parts, _) = send(post(&b.url("/api/generate"), PROMPT)).await;
+    assert_eq!(
+        parts.headers["x-cache"], "HIT",
+        "the forged purge changed nothing"
+    );
+    assert_eq!(b_stats.purges_received.load(Ordering::Relaxed), 0);
+    // The metrics say so.
+    let metrics = send(
+        Request::get(format!("http://{}/metrics", b.admin.unwrap()))
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+    .1;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("hyperion_shared_tier_rejected_total{what=\"message\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_purge_of_everything_stays_inside_its_own_prefix() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let token = TempFile::new("admin.token", TOKEN);
+    let id = fastrand::u32(..);
+    // `fleet*` would match `fleetB...` as a pattern; as a prefix it must not.
+    let globby = TestProxy::start(&policy(
+        &up.url(),
+        &redis.url(),
+        &format!("t{id:x}fleet*"),
+        &token,
+        "",
+    ))
+    .await;
+    let plain = TestProxy::start(&policy(
+        &up.url(),
+        &redis.url(),
+        &format!("t{id:x}fleetB"),
+        &token,
+        "",
+    ))
+    .await;
+    shared_tier_up(&globby, true).await;
+    shared_tier_up(&plain, true).await;
+    send(post(&plain.url("/api/generate"), PROMPT)).await;
+    written(&plain, 1).await;
+    let purged = admin_post(&globby, "/admin/cache/purge?all=true").await;
+    assert_eq!(purged["shared"]["purged"], 0, "{purged}");
+    let mut conn = redis.conn().await;
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("t{id:x}fleetBe:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1, "the other fleet's entry is still there");
+}
+
+#[tokio::test]
+async fn the_fleet_shares_through_redis_over_tls() {
+    let ca = TestCa::new("redis-ca");
+    let (redis, _files) = RedisServer::start_tls(&ca).await;
+    let up = numbered(Duration::ZERO).await;
+    let token = TempFile::new("admin.token", TOKEN);
+    let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+    let text = policy(
+        &up.url(),
+        &url,
+        &format!("tls{:08x}:", fastrand::u32(..)),
+        &token,
+        "",
+    )
+    .replace(
+        "timeout = \"250ms\"",
+        &format!("timeout = \"250ms\"\nca_file = \"{}\"", ca.file.display()),
+    );
+    let a = TestProxy::start(&text).await;
+    let b = TestProxy::start(&text).await;
+    shared_tier_up(&a, true).await;
+    shared_tier_up(&b, true).await;
+    send(post(&a.url("/api/generate"), PROMPT)).await;
+    written(&a, 1).await;
+    let (parts, body) = send(post(&b.url("/api/generate"), PROMPT)).await;
+    assert_eq!(
+        parts.headers["x-cache"], "HIT",
+        "filled through A, over TLS"
+    );
+    assert!(String::from_utf8_lossy(&body).contains("answer 1"));
+    assert_eq!(up.count(), 1);
 }

@@ -45,6 +45,9 @@ taskset -c "$SERVER_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --sa
 PIDS+=($!)
 for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
+# The fleet's secret (required since issue 28): one for both instances.
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$RUN_DIR/redis.secret"
+
 policy() {
   cat <<TOML
 [cache]
@@ -53,6 +56,7 @@ max_size = "1GB"
 url = "redis://127.0.0.1:$REDIS_PORT/0"
 key_prefix = "bench:"
 timeout = "100ms"
+secret_file = "$RUN_DIR/redis.secret"
 [upstreams.origin]
 servers = [{ url = "http://127.0.0.1:$ORIGIN_PORT" }]
 [rate_limits.fleet]

@@ -30,7 +30,7 @@ impl std::hash::Hash for CacheKey {
 /// Hashes a `CacheKey` from its own first bytes, mixed with a seed of this
 /// process (a digest already; SipHash over it on every lookup would be
 /// wasted). The seed keeps the table's buckets unpredictable even to whoever
-/// knows how keys are made (a fleet's are derived from its `key_prefix`).
+/// knows how keys are made (a fleet's are derived from its secret).
 #[derive(Clone, Copy, Default)]
 pub struct DigestHash;
 
@@ -295,15 +295,16 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     k
 }
 
-/// Makes this process key requests as every instance sharing the tier
-/// under `key_prefix` does, so their entries have the same names. Must run
-/// before any key is made; false (and keys stay this process's own) when
-/// it came too late.
-pub fn share_keys_with_fleet(key_prefix: &str) -> bool {
-    let fleet = blake3::derive_key(
-        "hyperion 2026-11 cache keys shared by a fleet",
-        key_prefix.as_bytes(),
-    );
+/// Makes this process key requests as every instance of its fleet does
+/// (the same `secret` and `key_prefix`), so their entries have the same
+/// names; nobody without the secret can compute a key, so nobody can
+/// aim a value at one. Must run before any key is made; false (and keys
+/// stay this process's own) when it came too late.
+pub fn share_keys_with_fleet(secret: &[u8; 32], key_prefix: &str) -> bool {
+    let mut material = Vec::with_capacity(32 + key_prefix.len());
+    material.extend_from_slice(secret);
+    material.extend_from_slice(key_prefix.as_bytes());
+    let fleet = blake3::derive_key("hyperion 2026-12 cache keys shared by a fleet", &material);
     KEY_SECRET.get_or_init(|| fleet) == &fleet
 }
 

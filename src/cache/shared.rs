@@ -12,6 +12,13 @@
 //! - `f:<key>`: the fill lock: the instance that misses first holds it
 //!   while it asks the upstream; the others wait for its entry.
 //!
+//! Every value is signed (`SharedTier::seal_value`: a MAC over the key's
+//! name and the value) and read back only if it verifies and is no larger
+//! than an entry can be (`GETRANGE` bounds what Redis sends); whatever else
+//! is in Redis is ignored and counted. Fill locks and the indexes are not
+//! signed: a forged lock only makes instances wait (at most the coalescing
+//! timeout) and a forged index member only names keys to delete.
+//!
 //! Memory stays the first tier: a Redis hit is promoted into memory, a fill
 //! is written to both. Redis is standalone (no cluster: the scripts touch
 //! keys they compute). Not here: the connection and its health (`shared`).
@@ -72,6 +79,10 @@ const FILL_POLL: Duration = Duration::from_millis(100);
 /// The cache's side of the shared tier.
 pub(super) struct SharedCache {
     pub tier: Arc<SharedTier>,
+    /// The most bytes a value of this fleet can hold (an entry of
+    /// `max_entry_size` with its recoded copies and head, and its MAC):
+    /// Redis is asked for no more than one byte past it.
+    value_limit: u64,
     store: Script,
     invalidate: Script,
     release: Script,
@@ -111,16 +122,19 @@ impl Drop for FleetLock {
             inv.key(tier.key(format_args!("f:{hex}")))
                 .arg(token)
                 .arg(tier.key(format_args!("events")))
-                .arg(format!("fill {hex}"));
+                .arg(tier.signed_message(&format!("fill {hex}")));
             tier.script::<i64>("fill lock release", &inv).await;
         });
     }
 }
 
 impl SharedCache {
-    pub fn new(tier: Arc<SharedTier>) -> Self {
+    pub fn new(tier: Arc<SharedTier>, max_entry_size: u64) -> Self {
         SharedCache {
             tier,
+            value_limit: (crate::shared::MAC_LEN as u64)
+                .saturating_add(max_entry_size.saturating_mul(3))
+                .saturating_add(1 << 20),
             store: Script::new(STORE),
             invalidate: Script::new(INVALIDATE),
             release: Script::new(RELEASE),
@@ -141,18 +155,42 @@ impl SharedCache {
         if !self.tier.is_up() {
             return None;
         }
-        let mut cmd = redis::cmd("GET");
-        cmd.arg(self.entry_key(key));
-        let bytes: Option<Vec<u8>> = self.tier.query("get", &cmd).await?;
-        let stored = bytes.and_then(|b| decoded(key, b));
+        let mut cmd = redis::cmd("GETRANGE");
+        self.bounded_get(&mut cmd, key);
+        let bytes: Vec<u8> = self.tier.query("get", &cmd).await?;
+        let stored = self.opened(key, bytes);
         self.count(stored.is_some());
         stored
+    }
+
+    /// The arguments of a `GETRANGE` that reads `key`'s value, at most one
+    /// byte more than any value of this fleet (so a larger one is seen to
+    /// be, without being sent whole). A missing key reads as empty.
+    fn bounded_get(&self, cmd: &mut redis::Cmd, key: &CacheKey) {
+        cmd.arg(self.entry_key(key)).arg(0).arg(self.value_limit);
+    }
+
+    /// What the sealed `bytes`, read from `key`'s entry, hold: `None` when
+    /// absent, not signed by this fleet for this key, too large, of
+    /// another format version, or an entry stored under another key.
+    fn opened(&self, key: &CacheKey, bytes: Vec<u8>) -> Option<Stored> {
+        if bytes.is_empty() {
+            return None;
+        }
+        let name = self.entry_key(key);
+        if bytes.len() as u64 > self.value_limit {
+            self.tier.reject_oversized(&name);
+            return None;
+        }
+        self.tier.open_value(&name, &bytes)?;
+        // The value after its MAC, without a copy.
+        decoded(key, Bytes::from(bytes).slice(crate::shared::MAC_LEN..))
     }
 
     /// The entry `bytes` hold for `key`, counted as a hit; `None` (and not
     /// counted) for a `Varies` record or what does not decode.
     fn entry_in(&self, key: &CacheKey, bytes: Vec<u8>) -> Option<Stored> {
-        let entry = decoded(key, bytes).filter(|s| s.entry().is_some())?;
+        let entry = self.opened(key, bytes).filter(|s| s.entry().is_some())?;
         self.count(true);
         Some(entry)
     }
@@ -168,10 +206,14 @@ impl SharedCache {
         if !self.tier.is_up() {
             return;
         }
-        let bytes = match stored {
-            Stored::Entry(e) => wire::encode(e),
-            Stored::Varies(v) => wire::encode_varies(v),
-        };
+        let name = self.entry_key(&key);
+        let bytes = self.tier.seal_value(
+            &name,
+            &match stored {
+                Stored::Entry(e) => wire::encode(e),
+                Stored::Varies(v) => wire::encode_varies(v),
+            },
+        );
         let keep = stored.keep_left();
         let ttl = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
         if ttl == 0 {
@@ -179,10 +221,10 @@ impl SharedCache {
         }
         let size = bytes.len();
         let mut inv = self.store.prepare_invoke();
-        inv.key(self.entry_key(&key))
+        inv.key(name)
             .key(self.target_key(stored.target()))
             .key(self.tier.key(format_args!("r:{}", stored.route())))
-            .arg(bytes.as_ref())
+            .arg(&bytes[..])
             .arg(ttl)
             .arg(hex32(&key.0))
             .arg(stored.target());
@@ -206,9 +248,10 @@ impl SharedCache {
         inv.key(self.target_key(target))
             .arg(self.tier.key(format_args!("e:")));
         match announce {
-            Some(what) => inv
-                .arg(self.tier.key(format_args!("events")))
-                .arg(format!("purge {} {what}", self.tier.instance())),
+            Some(what) => inv.arg(self.tier.key(format_args!("events"))).arg(
+                self.tier
+                    .signed_message(&format!("purge {} {what}", self.tier.instance())),
+            ),
             None => inv.arg("").arg(""),
         };
         self.tier.script::<u64>("invalidate", &inv).await
@@ -235,11 +278,11 @@ impl SharedCache {
             Purge::Key(key) => {
                 // A key whose responses vary is found with its variants
                 // through its URL: that URL goes whole.
-                let mut get = redis::cmd("GET");
-                get.arg(self.entry_key(key));
-                let bytes: Option<Vec<u8>> = self.tier.query("purge", &get).await?;
+                let mut get = redis::cmd("GETRANGE");
+                self.bounded_get(&mut get, key);
+                let bytes: Vec<u8> = self.tier.query("purge", &get).await?;
                 // Read without counting: a purge is not a lookup.
-                match bytes.and_then(|b| decoded(key, b)) {
+                match self.opened(key, bytes) {
                     Some(Stored::Varies(v)) => self.invalidate(&v.target, None).await?,
                     Some(Stored::Entry(e)) if !e.vary.is_empty() => {
                         self.invalidate(&e.target, None).await?
@@ -268,7 +311,7 @@ impl SharedCache {
             Purge::All => {
                 let mut n = 0;
                 for kind in ["e", "t", "r"] {
-                    let pattern = self.tier.key(format_args!("{kind}:*"));
+                    let pattern = self.tier.key_pattern(&format!("{kind}:*"));
                     let deleted = self.scan_delete(&pattern).await?;
                     if kind == "e" {
                         n = deleted;
@@ -277,7 +320,7 @@ impl SharedCache {
                 n
             }
             Purge::Prefix(_) | Purge::Path(_) | Purge::PathPrefix(_) => {
-                let pattern = self.tier.key(format_args!("t:*"));
+                let pattern = self.tier.key_pattern("t:*");
                 let skip = self.tier.key(format_args!("t:")).len();
                 let mut n = 0;
                 for name in self.scan(&pattern).await? {
@@ -340,10 +383,11 @@ impl SharedCache {
             .arg("NX")
             .arg("PX")
             .arg(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1))
-            .cmd("GET")
-            .arg(self.entry_key(key));
-        let answer: Option<(Option<String>, Option<Vec<u8>>)> =
-            self.tier.pipe("fill lock", &pipe).await;
+            .cmd("GETRANGE")
+            .arg(self.entry_key(key))
+            .arg(0)
+            .arg(self.value_limit);
+        let answer: Option<(Option<String>, Vec<u8>)> = self.tier.pipe("fill lock", &pipe).await;
         let Some((took, found)) = answer else {
             return FleetLead::Alone;
         };
@@ -355,7 +399,7 @@ impl SharedCache {
         });
         // Only a whole entry: the names a key varies on say nothing of
         // whether this request's variant is stored.
-        if let Some(entry) = found.and_then(|b| self.entry_in(key, b)) {
+        if let Some(entry) = self.entry_in(key, found) {
             // Dropping the lock gives it back at once.
             drop(lock);
             return FleetLead::Found(entry);
@@ -408,13 +452,14 @@ impl SharedCache {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let mut pipe = redis::pipe();
-            pipe.cmd("GET")
+            pipe.cmd("GETRANGE")
                 .arg(self.entry_key(key))
+                .arg(0)
+                .arg(self.value_limit)
                 .cmd("EXISTS")
                 .arg(self.tier.key(format_args!("f:{hex}")));
-            let (found, locked): (Option<Vec<u8>>, bool) =
-                self.tier.pipe("fill wait", &pipe).await?;
-            if let Some(entry) = found.and_then(|b| self.entry_in(key, b)) {
+            let (found, locked): (Vec<u8>, bool) = self.tier.pipe("fill wait", &pipe).await?;
+            if let Some(entry) = self.entry_in(key, found) {
                 stats
                     .fill_waits_served
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -435,8 +480,8 @@ impl SharedCache {
 
 /// What `bytes`, stored under `key`, hold: `None` for another version's
 /// value, or an entry stored under another key.
-fn decoded(key: &CacheKey, bytes: Vec<u8>) -> Option<Stored> {
-    match wire::decode_any(&Bytes::from(bytes)) {
+fn decoded(key: &CacheKey, bytes: Bytes) -> Option<Stored> {
+    match wire::decode_any(&bytes) {
         Ok(Decoded::Entry(e)) if e.store_key() == *key => Some(Stored::Entry(Arc::new(e))),
         Ok(Decoded::Varies(v)) => Some(Stored::Varies(Arc::new(v))),
         Ok(Decoded::Entry(_)) => {

@@ -96,6 +96,9 @@ pub struct RawRedis {
     pub url: Spanned<String>,
     pub key_prefix: Option<Spanned<String>>,
     pub timeout: Option<Spanned<Dur>>,
+    pub secret_env: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

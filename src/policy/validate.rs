@@ -20,8 +20,8 @@ use super::error::{nearest, PolicyError, Source};
 use super::raw::{self, Balance, ModelRouting, RawPolicy, UnknownModel};
 use super::units::{Dur, Size};
 use super::{
-    AdminPolicy, AdminToken, BodyKey, CachePolicy, CacheScope, CompressionPolicy, Freshness,
-    HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy,
+    AdminPolicy, AdminToken, BodyKey, CachePolicy, CacheScope, CompressionPolicy, FleetSecret,
+    Freshness, HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy,
     RedisPolicy, RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls, TlsTermination,
     UpstreamPolicy, UpstreamServer,
 };
@@ -62,6 +62,14 @@ struct Validator<'a> {
     /// The platform's CA certificates, read once, for https upstreams
     /// without a `ca_file`.
     platform_roots: std::cell::OnceCell<Arc<rustls::RootCertStore>>,
+}
+
+/// How many certificates a PEM file holds (0 for none or garbage).
+fn rustls_pemfile_certs(reader: &mut dyn std::io::BufRead) -> usize {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_reader_iter(reader)
+        .filter(|c| c.is_ok())
+        .count()
 }
 
 /// `negative_ttl` of a `force` route that sets none: long enough to
@@ -1259,18 +1267,12 @@ impl Validator<'_> {
     }
 
     fn redis(&self, raw: Spanned<raw::RawRedis>) -> Result<RedisPolicy, PolicyError> {
+        let span = raw.span();
         let raw = raw.into_inner();
         let url_span = raw.url.span();
         let url = raw.url.into_inner();
         let scheme = url.split("://").next().unwrap_or("");
-        if url.contains("://") && matches!(scheme, "rediss" | "valkeys") {
-            return Err(self.err(
-                url_span,
-                "cache.redis.url",
-                "TLS to Redis (rediss://) is not built into this version",
-                "use redis:// on a trusted network or loopback, or a local TLS tunnel (stunnel, spiped) and point url at it",
-            ));
-        }
+        let tls = url.contains("://") && matches!(scheme, "rediss" | "valkeys");
         if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
             return Err(self.err(
                 url_span,
@@ -1317,11 +1319,113 @@ impl Validator<'_> {
                 t
             }
         };
+        let (secret, secret_source) = self.redis_secret(&raw.secret_env, &raw.secret_file, span)?;
+        let ca_pem = match raw.ca_file {
+            None => None,
+            Some(f) if !tls => {
+                return Err(self.err(
+                    f.span(),
+                    "cache.redis.ca_file",
+                    "ca_file only applies to TLS (rediss://)",
+                    "write url = \"rediss://...\", or remove ca_file",
+                ))
+            }
+            Some(f) => {
+                let path = self.src.relative_path(f.get_ref());
+                let pem = std::fs::read(&path).map_err(|e| {
+                    self.err(
+                        f.span(),
+                        "cache.redis.ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                        "name a PEM file of the CA that signed the Redis server's certificate",
+                    )
+                })?;
+                let mut reader = std::io::BufReader::new(&pem[..]);
+                let certs = rustls_pemfile_certs(&mut reader);
+                if certs == 0 {
+                    return Err(self.err(
+                        f.span(),
+                        "cache.redis.ca_file",
+                        format!("{} holds no PEM certificate", path.display()),
+                        "name a PEM file (-----BEGIN CERTIFICATE-----)",
+                    ));
+                }
+                Some(Arc::from(pem))
+            }
+        };
         Ok(RedisPolicy {
             url,
             key_prefix,
             timeout,
+            secret,
+            secret_source,
+            ca_pem,
         })
+    }
+
+    /// The shared tier's secret: required, from exactly one of `secret_env`
+    /// and `secret_file`, and long enough not to be guessed.
+    fn redis_secret(
+        &self,
+        env: &Option<Spanned<String>>,
+        file: &Option<Spanned<String>>,
+        table: Range<usize>,
+    ) -> Result<(FleetSecret, String), PolicyError> {
+        const FIX: &str = "generate one with `openssl rand -hex 32`, give the same one to every instance of the fleet";
+        let (text, source, key, span) = match (env, file) {
+            (Some(e), Some(_)) => {
+                return Err(self.err(
+                    e.span(),
+                    "cache.redis.secret_env",
+                    "both secret_env and secret_file are set",
+                    "keep one of them",
+                ))
+            }
+            (None, None) => {
+                return Err(self.err(
+                    table,
+                    "cache.redis.secret_file",
+                    "the shared tier needs a secret: entries and messages in Redis are signed with it, so nothing written there by anyone else is served",
+                    format!("add secret_file = \"/etc/hyperion/redis.secret\" (or secret_env = \"HYPERION_REDIS_SECRET\"); {FIX}"),
+                ))
+            }
+            (Some(var), None) => {
+                let text = std::env::var(var.get_ref()).map_err(|_| {
+                    self.err(
+                        var.span(),
+                        "cache.redis.secret_env",
+                        format!("the environment variable {} is not set", var.get_ref()),
+                        format!("export {}=<secret>; {FIX}", var.get_ref()),
+                    )
+                })?;
+                (text, format!("env {}", var.get_ref()), "cache.redis.secret_env", var.span())
+            }
+            (None, Some(f)) => {
+                let path = self.src.relative_path(f.get_ref());
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(
+                        f.span(),
+                        "cache.redis.secret_file",
+                        format!("cannot read {}: {e}", path.display()),
+                        format!("write the secret to that file, readable by hyperion only; {FIX}"),
+                    )
+                })?;
+                (text, format!("file {}", path.display()), "cache.redis.secret_file", f.span())
+            }
+        };
+        let text = text.trim();
+        if text.len() < 32 {
+            return Err(self.err(
+                span,
+                key,
+                format!(
+                    "the secret is {} bytes long; at least 32 are needed",
+                    text.len()
+                ),
+                FIX,
+            ));
+        }
+        Ok((FleetSecret::from_text(text), source))
     }
 
     /// `None` for `mode = "off"` (the other keys may stay, so caching can be

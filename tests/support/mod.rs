@@ -646,6 +646,36 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A Redis serving TLS only, with a certificate `ca` issued for
+    /// localhost and 127.0.0.1; the files live as long as the server.
+    pub async fn start_tls(ca: &TestCa) -> (RedisServer, [TempFile; 2]) {
+        let port = free_port();
+        let (cert, key) = ca.issue_pem();
+        let files = [
+            TempFile::new("redis-cert.pem", &cert),
+            TempFile::new("redis-key.pem", &key),
+        ];
+        let mut server = RedisServer { port, child: None };
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--tls-cert-file", &files[0].display()])
+            .args(["--tls-key-file", &files[1].display()])
+            .args(["--tls-auth-clients", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (see RedisServer::resume)");
+        // Held by the server from here: killed and waited for when dropped.
+        server.child = Some(child);
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return (server, files);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server with TLS did not listen on port {port}");
+    }
+
     /// Starts it (again) on its port.
     pub async fn resume(&mut self) {
         let child = std::process::Command::new("redis-server")
