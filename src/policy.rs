@@ -324,6 +324,9 @@ pub struct CachePolicy {
     /// `credential_headers`: request headers that carry a credential, besides
     /// `Authorization` and `Cookie`; the default scope keys each of them.
     pub credential_headers: Vec<http::HeaderName>,
+    /// `targeted_cache_control`: RFC 9213 targeted fields this cache obeys
+    /// in place of `Cache-Control` (first valid one wins), in `origin` mode.
+    pub targeted_cache_control: Vec<http::HeaderName>,
 }
 
 /// `[cache.redis]`: where the shared tier is, and how long it may take.
@@ -395,6 +398,7 @@ impl Default for CachePolicy {
                 http::HeaderName::from_static("x-api-key"),
                 http::HeaderName::from_static("api-key"),
             ],
+            targeted_cache_control: vec![http::HeaderName::from_static("cdn-cache-control")],
         }
     }
 }

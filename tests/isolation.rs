@@ -529,3 +529,63 @@ async fn the_shipped_policy_answers_model_management_with_403() {
     assert_eq!(tags.status, 200);
     assert_eq!(up.count(), 1);
 }
+
+/// Answers with the `cache-control`, `cdn-cache-control` and
+/// `hyperion-cache-control` the query names (`?cc=…&cdn=…&own=…`).
+async fn targeted_backend() -> Upstream {
+    Upstream::start(|req| async move {
+        let q = req.uri().query().unwrap_or("").to_owned();
+        let mut resp = response(200, "targeted");
+        for pair in q.split('&') {
+            let Some((k, v)) = pair.split_once('=') else {
+                continue;
+            };
+            let v = v
+                .replace("%20", " ")
+                .replace("%3D", "=")
+                .replace("%22", "\"")
+                .replace("%26", "&");
+            let name = match k {
+                "cc" => "cache-control",
+                "cdn" => "cdn-cache-control",
+                "own" => "hyperion-cache-control",
+                _ => continue,
+            };
+            resp.headers_mut().append(name, v.parse().unwrap());
+        }
+        resp
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_targeted_cache_control_field_overrides_cache_control() {
+    let up = targeted_backend().await;
+    let (file, _token) = policy(
+        &up.url(),
+        "mode = \"origin\"\nscope = \"shared\"",
+        "[cache]\ntargeted_cache_control = [\"hyperion-cache-control\", \"cdn-cache-control\"]",
+    );
+    let proxy = TestProxy::start_file(&file.0).await;
+    for (query, cached) in [
+        // CDN-Cache-Control wins over Cache-Control, both ways.
+        ("cc=no-store&cdn=max-age%3D60", true),
+        ("cc=max-age%3D600&cdn=private", false),
+        ("cc=max-age%3D600&cdn=no-store", false),
+        // Not a valid dictionary: ignored, Cache-Control decides.
+        ("cc=no-store&cdn=max-age%3D60,%20%26%26", false),
+        // Valid, but max-age of the wrong type: that directive is ignored,
+        // and the field (no freshness left) still overrides Cache-Control.
+        ("cc=max-age%3D60&cdn=max-age%3D%2260%22", false),
+        // The first listed field present wins.
+        ("cc=max-age%3D600&cdn=max-age%3D600&own=no-store", false),
+        ("cc=no-store&cdn=no-store&own=max-age%3D60", true),
+    ] {
+        let url = proxy.url(&format!("/t?{query}"));
+        let (first, _) = get(&url).await;
+        assert_eq!(first.headers["x-cache"], "MISS", "{query}");
+        let (second, _) = get(&url).await;
+        let expected = if cached { "HIT" } else { "MISS" };
+        assert_eq!(second.headers["x-cache"], expected, "{query}");
+    }
+}

@@ -38,6 +38,9 @@ pub struct CacheControl {
     pub max_stale: Option<Option<u64>>,
     pub min_fresh: Option<u64>,
     pub only_if_cached: bool,
+    /// Read from a targeted field (RFC 9213, `CDN-Cache-Control`): then
+    /// `Expires` does not count either.
+    pub targeted: bool,
 }
 
 /// Delta-seconds past this are capped (RFC 9111 §1.2.2: 2^31).
@@ -53,6 +56,77 @@ impl CacheControl {
             }
         }
         cc
+    }
+
+    /// The directives this cache follows on a response: those of the first
+    /// of `targets` (RFC 9213 targeted fields, such as `CDN-Cache-Control`)
+    /// that is present and a valid Structured Fields dictionary, in place
+    /// of `Cache-Control` and `Expires`; else `Cache-Control`'s.
+    pub fn for_response(headers: &HeaderMap, targets: &[HeaderName]) -> CacheControl {
+        targets
+            .iter()
+            .find_map(|name| Self::targeted(headers, name))
+            .unwrap_or_else(|| Self::parse(headers))
+    }
+
+    /// The directives of targeted field `name`; `None` when it is absent,
+    /// empty or not a valid dictionary (RFC 9213 §2.1: then it is ignored).
+    fn targeted(headers: &HeaderMap, name: &HeaderName) -> Option<CacheControl> {
+        let mut lines = headers.get_all(name).iter();
+        let first = lines.next()?;
+        let mut joined = first.as_bytes().to_vec();
+        for more in lines {
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(more.as_bytes());
+        }
+        let dict: sfv::Dictionary = sfv::Parser::new(&joined).parse().ok()?;
+        if dict.is_empty() {
+            return None;
+        }
+        let mut cc = CacheControl {
+            targeted: true,
+            ..CacheControl::default()
+        };
+        for (key, entry) in &dict {
+            let sfv::ListEntry::Item(item) = entry else {
+                continue;
+            };
+            let bare = &item.bare_item;
+            let seconds = || {
+                bare.as_integer()
+                    .map(i64::from)
+                    .filter(|n| *n >= 0)
+                    .map(|n| (n as u64).min(DELTA_MAX))
+            };
+            // A directive of the wrong type is ignored (its value is unusable).
+            match key.as_str() {
+                "max-age" => cc.max_age = seconds().or(cc.max_age),
+                "s-maxage" => cc.s_maxage = seconds().or(cc.s_maxage),
+                "stale-while-revalidate" => cc.stale_while_revalidate = seconds(),
+                "stale-if-error" => cc.stale_if_error = seconds(),
+                "no-store" => cc.no_store |= bare.as_boolean() == Some(true),
+                "must-revalidate" => cc.must_revalidate |= bare.as_boolean() == Some(true),
+                "proxy-revalidate" => cc.proxy_revalidate |= bare.as_boolean() == Some(true),
+                "public" => cc.public |= bare.as_boolean() == Some(true),
+                "no-cache" | "private" => {
+                    let fields = bare.as_string().map(|s| field_names(s.as_str()));
+                    let unqualified = bare.as_boolean() == Some(true)
+                        || fields.as_ref().is_some_and(|f| f.is_empty());
+                    let (flag, list) = if key.as_str() == "no-cache" {
+                        (&mut cc.no_cache, &mut cc.no_cache_fields)
+                    } else {
+                        (&mut cc.private, &mut cc.private_fields)
+                    };
+                    if unqualified {
+                        *flag = true;
+                    } else if let Some(f) = fields {
+                        list.extend(f);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(cc)
     }
 
     fn apply(&mut self, name: &str, value: Option<&str>) {
@@ -229,7 +303,7 @@ pub fn refuse_origin(
     }
     let explicit = cc.max_age.is_some()
         || cc.s_maxage.is_some()
-        || headers.contains_key(header::EXPIRES)
+        || (!cc.targeted && headers.contains_key(header::EXPIRES))
         || cc.public;
     if !explicit && !heuristically_cacheable(status) {
         return Some("status");
@@ -267,7 +341,7 @@ pub fn freshness_lifetime(
         return Duration::from_secs(s);
     }
     let date = http_date(headers, &header::DATE).unwrap_or(response_time);
-    if headers.contains_key(header::EXPIRES) {
+    if !cc.targeted && headers.contains_key(header::EXPIRES) {
         // An invalid Expires (such as "0") means already expired (§5.3).
         return http_date(headers, &header::EXPIRES)
             .and_then(|e| e.duration_since(date).ok())
@@ -331,6 +405,46 @@ mod tests {
         assert_eq!(cc.s_maxage, Some(30));
         assert_eq!(cc.stale_while_revalidate, Some(5));
         assert!(cc.forbids_stale(), "s-maxage implies proxy-revalidate");
+    }
+
+    #[test]
+    fn a_valid_targeted_field_replaces_cache_control_and_expires() {
+        let cdn = [HeaderName::from_static("cdn-cache-control")];
+        let h = map(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=60, stale-if-error=5"),
+            ("expires", "0"),
+        ]);
+        let cc = CacheControl::for_response(&h, &cdn);
+        assert!(cc.targeted && !cc.no_store);
+        assert_eq!((cc.max_age, cc.stale_if_error), (Some(60), Some(5)));
+        // Not a dictionary: Cache-Control decides.
+        let h = map(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age =60"),
+        ]);
+        let cc = CacheControl::for_response(&h, &cdn);
+        assert!(!cc.targeted && cc.no_store);
+        // Two lines are one dictionary; a value of the wrong type is ignored.
+        let h = map(&[
+            ("cdn-cache-control", "max-age=\"60\""),
+            ("cdn-cache-control", "private, no-cache=\"set-cookie\""),
+        ]);
+        let cc = CacheControl::for_response(&h, &cdn);
+        assert_eq!(cc.max_age, None);
+        assert!(cc.private && !cc.no_cache);
+        assert_eq!(cc.no_cache_fields, ["set-cookie"]);
+        // Too large saturates; negative is unusable.
+        let h = map(&[("cdn-cache-control", "max-age=99999999999")]);
+        assert_eq!(
+            CacheControl::for_response(&h, &cdn).max_age,
+            Some(DELTA_MAX)
+        );
+        let h = map(&[("cdn-cache-control", "max-age=-1")]);
+        assert_eq!(CacheControl::for_response(&h, &cdn).max_age, None);
+        // Without targets, only Cache-Control.
+        let h = map(&[("cdn-cache-control", "no-store")]);
+        assert!(!CacheControl::for_response(&h, &[]).no_store);
     }
 
     #[test]

@@ -570,7 +570,7 @@ impl Exchange {
                 headers.append(name.clone(), v.clone());
             }
         }
-        let cc = CacheControl::parse(&headers);
+        let cc = CacheControl::for_response(&headers, &self.cache.policy.targeted_cache_control);
         let (mut swr, mut sie) = (old.stale_while_revalidate, old.stale_if_error);
         if matches!(self.policy.freshness, Freshness::Origin) {
             for name in cc.unstored_fields() {
@@ -678,7 +678,7 @@ impl Exchange {
         }
         let headers = resp.headers();
         let status = resp.status();
-        let cc = CacheControl::parse(headers);
+        let cc = CacheControl::for_response(headers, &self.cache.policy.targeted_cache_control);
         let now = SystemTime::now();
         let streamed = crate::headers::is_event_stream(headers);
         if streamed && !self.policy.record_streams {

@@ -88,6 +88,7 @@ pub struct RawCache {
     pub default_ttl: Option<Dur>,
     pub redis: Option<Spanned<RawRedis>>,
     pub credential_headers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub targeted_cache_control: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]

@@ -1228,7 +1228,37 @@ impl Validator<'_> {
                 names
             }
         };
+        let targeted_cache_control = match raw.targeted_cache_control {
+            None => d.targeted_cache_control.clone(),
+            Some(list) => {
+                let mut names = Vec::new();
+                for n in list.into_inner() {
+                    let text = n.get_ref().trim().to_ascii_lowercase();
+                    let name = http::HeaderName::from_bytes(text.as_bytes()).map_err(|_| {
+                        self.err(
+                            n.span(),
+                            "cache.targeted_cache_control",
+                            format!("`{}` is not a header name", n.get_ref()),
+                            "list header names, e.g. targeted_cache_control = [\"hyperion-cache-control\", \"cdn-cache-control\"]",
+                        )
+                    })?;
+                    if name == header::CACHE_CONTROL {
+                        return Err(self.err(
+                            n.span(),
+                            "cache.targeted_cache_control",
+                            "Cache-Control is what targeted fields override",
+                            "list only targeted fields (RFC 9213), e.g. \"cdn-cache-control\"; [] to obey Cache-Control alone",
+                        ));
+                    }
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+                names
+            }
+        };
         let c = CachePolicy {
+            targeted_cache_control,
             max_size: raw.max_size.map_or(d.max_size, |s| s.0),
             max_entry_size: raw.max_entry_size.map_or(d.max_entry_size, |s| s.0),
             default_ttl: raw.default_ttl.map_or(d.default_ttl, |t| t.0),
