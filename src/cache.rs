@@ -41,6 +41,22 @@ pub use recoded::{Form, Recoded, Recodings};
 pub use record::{Recorder, Recording};
 pub use shared::FleetLock;
 
+/// The cache's readers of bytes from outside, reachable by the fuzz
+/// targets (`fuzz/`); not an API for anything else.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::canonical_json::digest as canonical_json_digest;
+    pub use super::date::parse as http_date;
+    pub use super::stream_end::ended_well as stream_ended_well;
+    pub use super::vary::{names as vary_names, values as vary_values};
+
+    /// Decodes a value as the shared tier would after its MAC verified:
+    /// an entry or a `Varies` record; true when it decoded.
+    pub fn decode_shared_value(bytes: &bytes::Bytes) -> bool {
+        super::wire::decode_any(bytes).is_ok()
+    }
+}
+
 use crate::policy::CachePolicy;
 use crate::shared::SharedTier;
 

@@ -73,8 +73,10 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, BadPath> {
 fn is_normal(path: &str) -> bool {
     let b = path.as_bytes();
     if b.first() != Some(&b'/') {
-        // `*` (OPTIONS) and anything else that is not a path: left alone.
-        return b != b"" && !b.contains(&b'%') && !b.contains(&b'/');
+        // `*` (OPTIONS) and anything else that is not a path: left alone,
+        // unless it is a dot segment on its own (found by the fuzzer: `.`
+        // came out as `.`), which is normalized like any other.
+        return b != b"" && b != b"." && b != b".." && !b.contains(&b'%') && !b.contains(&b'/');
     }
     let mut prev_slash = false;
     for (i, &c) in b.iter().enumerate() {
@@ -184,6 +186,9 @@ mod tests {
         assert_eq!(n("//").as_deref(), Ok("/"));
         assert_eq!(n("/..x/.y").as_deref(), Ok("/..x/.y"));
         assert_eq!(n("*").as_deref(), Ok("*"));
+        // A dot segment alone (no leading slash; found by fuzzing).
+        assert_eq!(n(".").as_deref(), Ok("/"));
+        assert_eq!(n(".."), Err(BadPath::AboveRoot));
     }
 
     #[test]
