@@ -66,7 +66,7 @@ pub fn negotiate(headers: &HeaderMap, offered: &[Coding]) -> Choice {
     let mut star: Option<u16> = None;
     let mut identity: Option<u16> = None;
     let mut q_of = [None::<u16>; 2];
-    for (name, q) in elements(headers) {
+    for (name, q) in crate::headers::accept_encoding(headers) {
         let slot = if name.eq_ignore_ascii_case(b"*") {
             &mut star
         } else if name.eq_ignore_ascii_case(b"identity") {
@@ -384,7 +384,7 @@ const BYTE_FIELDS: [&str; 4] = [
 /// `negotiate`.
 fn accepts(headers: &HeaderMap, decoding: Decoding) -> bool {
     let (mut named, mut star) = (None::<u16>, None::<u16>);
-    for (name, q) in elements(headers) {
+    for (name, q) in crate::headers::accept_encoding(headers) {
         let slot = if Decoding::parse(name) == Some(decoding) {
             &mut named
         } else if name == b"*" {
@@ -794,58 +794,6 @@ fn truncated() -> std::io::Error {
     )
 }
 
-/// `(coding, q × 1000)` for each well-formed element of every
-/// `Accept-Encoding` line; malformed elements are skipped.
-fn elements(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], u16)> {
-    headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
-        .filter_map(|element| {
-            let mut parts = element.split(|&b| b == b';');
-            let name = parts.next()?.trim_ascii();
-            if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
-                return None;
-            }
-            let mut q = 1000;
-            for param in parts {
-                let param = param.trim_ascii();
-                let (k, v) = match param.iter().position(|&b| b == b'=') {
-                    Some(i) => (param[..i].trim_ascii(), param[i + 1..].trim_ascii()),
-                    None => return None,
-                };
-                if k.eq_ignore_ascii_case(b"q") {
-                    q = qvalue(v)?;
-                }
-            }
-            Some((name, q))
-        })
-}
-
-/// RFC 9110 §12.4.2: `0[.ddd]` or `1[.000]`, as thousandths.
-fn qvalue(v: &[u8]) -> Option<u16> {
-    let (int, frac) = match v.iter().position(|&b| b == b'.') {
-        Some(i) => (&v[..i], &v[i + 1..]),
-        None => (v, &b""[..]),
-    };
-    if frac.len() > 3 || !frac.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let mut thousandths = 0u16;
-    for i in 0..3 {
-        thousandths = thousandths * 10 + frac.get(i).map_or(0, |d| u16::from(d - b'0'));
-    }
-    match int {
-        b"0" => Some(thousandths),
-        b"1" if thousandths == 0 => Some(1000),
-        _ => None,
-    }
-}
-
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -993,10 +941,6 @@ mod tests {
             assert_eq!(choose(Some(accept), &BOTH), Encode(Coding::Br), "{accept}");
         }
         assert_eq!(choose(Some(";;;"), &BOTH), Identity);
-        assert_eq!(qvalue(b"0.001"), Some(1));
-        assert_eq!(qvalue(b"1.000"), Some(1000));
-        assert_eq!(qvalue(b"1.001"), None);
-        assert_eq!(qvalue(b".5"), None);
     }
 
     #[test]

@@ -11,10 +11,11 @@
 //! Preferences among accepted codings are dropped: whichever the upstream
 //! picks, the client said it can read it.
 //!
-//! This module does not choose a coding for the client (`compress` does)
-//! nor touch the store.
+//! This module does not parse the field's grammar (`headers` does, for
+//! `compress` too), choose a coding for the client (`compress` does) nor
+//! touch the store.
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 
 /// More distinct codings than this in one request are ignored: real
 /// clients list three or four.
@@ -27,17 +28,21 @@ const MAX_NAME: usize = 32;
 /// which is what sending no header asks of the upstream.
 pub fn canonical(headers: &HeaderMap) -> Option<HeaderValue> {
     let mut codings: Vec<(String, u16)> = Vec::new();
-    for line in headers.get_all(header::ACCEPT_ENCODING) {
-        for element in line.as_bytes().split(|&b| b == b',') {
-            let Some((name, q)) = element_of(element) else {
-                continue;
-            };
-            if let Some((_, old)) = codings.iter_mut().find(|(n, _)| *n == name) {
-                // Listed twice: the more generous reading (as `compress`).
-                *old = (*old).max(q);
-            } else if codings.len() < MAX_CODINGS {
-                codings.push((name, q));
-            }
+    for (name, q) in crate::headers::accept_encoding(headers) {
+        if name.len() > MAX_NAME {
+            continue;
+        }
+        let name = match name.to_ascii_lowercase() {
+            n if n == b"x-gzip" => "gzip".to_owned(),
+            n if n == b"x-compress" => "compress".to_owned(),
+            // Tokens are ASCII (the parser checked every byte).
+            n => String::from_utf8_lossy(&n).into_owned(),
+        };
+        if let Some((_, old)) = codings.iter_mut().find(|(n, _)| *n == name) {
+            // Listed twice: the more generous reading (as `compress`).
+            *old = (*old).max(q);
+        } else if codings.len() < MAX_CODINGS {
+            codings.push((name, q));
         }
     }
     let q_of = |name: &str| codings.iter().find(|(n, _)| n == name).map(|(_, q)| *q);
@@ -63,62 +68,11 @@ pub fn canonical(headers: &HeaderMap) -> Option<HeaderValue> {
     HeaderValue::from_str(&out).ok()
 }
 
-/// One `coding[;q=value]` element: its lower-case name and its q-value in
-/// thousandths; `None` for an empty or malformed element (ignored, as a
-/// lenient reader would).
-fn element_of(element: &[u8]) -> Option<(String, u16)> {
-    let mut parts = element.split(|&b| b == b';');
-    let name = parts.next()?.trim_ascii();
-    if name.is_empty() || name.len() > MAX_NAME || !name.iter().all(|&b| is_tchar(b)) {
-        return None;
-    }
-    let mut name = String::from_utf8(name.to_ascii_lowercase()).ok()?;
-    match name.as_str() {
-        "x-gzip" => name = "gzip".into(),
-        "x-compress" => name = "compress".into(),
-        _ => {}
-    }
-    let mut q = 1000;
-    for param in parts {
-        let param = param.trim_ascii();
-        let eq = param.iter().position(|&b| b == b'=')?;
-        let (k, v) = (&param[..eq], &param[eq + 1..]);
-        if k.trim_ascii().eq_ignore_ascii_case(b"q") {
-            q = qvalue(v.trim_ascii())?;
-        }
-    }
-    Some((name, q))
-}
-
-/// RFC 9110 §12.4.2: `0[.ddd]` or `1[.000]`, in thousandths.
-fn qvalue(v: &[u8]) -> Option<u16> {
-    let (int, frac) = match v.iter().position(|&b| b == b'.') {
-        Some(dot) => (&v[..dot], &v[dot + 1..]),
-        None => (v, &b""[..]),
-    };
-    if frac.len() > 3 || !frac.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let mut thousandths = 0u16;
-    for i in 0..3 {
-        thousandths = thousandths * 10 + frac.get(i).map_or(0, |d| u16::from(d - b'0'));
-    }
-    match int {
-        b"0" => Some(thousandths),
-        b"1" if thousandths == 0 => Some(1000),
-        _ => None,
-    }
-}
-
-/// RFC 9110 §5.6.2.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::headers::map;
+    use http::header;
 
     fn canon(values: &[&str]) -> Option<String> {
         let pairs: Vec<(&str, &str)> = values.iter().map(|v| ("accept-encoding", *v)).collect();

@@ -1778,14 +1778,7 @@ impl Validator<'_> {
                         format!("remove {what}, or remove deny to forward this route"),
                     ));
                 }
-                let (matcher, match_span) = match r.matcher {
-                    Some(m) => {
-                        let span = m.span();
-                        (self.route_match(m.into_inner(), &key)?, span)
-                    }
-                    None => (RouteMatch::default(), route_span.clone()),
-                };
-                self.unreachable(&routes, &matcher, &match_span, &key)?;
+                let matcher = self.route_matcher(r.matcher, &routes, &route_span, &key)?;
                 routes.push((
                     route_span,
                     Arc::new(RoutePolicy {
@@ -1864,14 +1857,7 @@ impl Validator<'_> {
                     }),
                 None => None,
             };
-            let (matcher, match_span) = match r.matcher {
-                Some(m) => {
-                    let span = m.span();
-                    (self.route_match(m.into_inner(), &key)?, span)
-                }
-                None => (RouteMatch::default(), route_span.clone()),
-            };
-            self.unreachable(&routes, &matcher, &match_span, &key)?;
+            let matcher = self.route_matcher(r.matcher, &routes, &route_span, &key)?;
             routes.push((
                 route_span,
                 Arc::new(RoutePolicy {
@@ -1890,27 +1876,34 @@ impl Validator<'_> {
         Ok(routes.into_iter().map(|(_, r)| r).collect())
     }
 
-    /// An error when a route before this one matches everything `matcher`
-    /// does.
-    fn unreachable(
+    /// A route's `match` (everything when absent); an error when a route
+    /// before it matches everything it does.
+    fn route_matcher(
         &self,
+        raw: Option<Spanned<raw::RawMatch>>,
         routes: &[(Range<usize>, Arc<RoutePolicy>)],
-        matcher: &RouteMatch,
-        match_span: &Range<usize>,
+        route_span: &Range<usize>,
         key: &str,
-    ) -> Result<(), PolicyError> {
+    ) -> Result<RouteMatch, PolicyError> {
+        let (matcher, match_span) = match raw {
+            Some(m) => {
+                let span = m.span();
+                (self.route_match(m.into_inner(), key)?, span)
+            }
+            None => (RouteMatch::default(), route_span.clone()),
+        };
         if let Some((earlier_span, earlier)) =
-            routes.iter().find(|(_, e)| e.matcher.covers(matcher))
+            routes.iter().find(|(_, e)| e.matcher.covers(&matcher))
         {
             let earlier_line = self.line_of(earlier_span);
             return Err(self.err(
-                match_span.clone(),
+                match_span,
                 format!("{key}.match"),
                 format!("this route can never match: route `{}` (line {earlier_line}) comes first and matches everything it does", earlier.name),
                 format!("move it above `{}` or narrow that route's match", earlier.name),
             ));
         }
-        Ok(())
+        Ok(matcher)
     }
 
     fn route_match(&self, raw: raw::RawMatch, key: &str) -> Result<RouteMatch, PolicyError> {
