@@ -15,6 +15,8 @@
 //! `upstream::fleet`); reloading to `generation`. This module is the HTTP
 //! around them, served on the operations thread, never on the workers.
 
+mod metrics;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -140,7 +142,7 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
         }
         (&Method::GET | &Method::HEAD, "/readyz") => return readiness(reloader, pretty),
         (&Method::GET, "/metrics") => {
-            return match crate::telemetry::render(reloader).await {
+            return match metrics::render(reloader).await {
                 Some(text) => {
                     let mut resp = Response::new(Full::new(Bytes::from(text)));
                     resp.headers_mut().insert(

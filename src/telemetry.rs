@@ -9,7 +9,8 @@
 //!   (the recorder's own histograms would keep every sample until an
 //!   upkeep folded them in: none is used, so none runs);
 //! - read at scrape time from the state that counts them anyway (cache
-//!   statistics, server states, reloads): `render` copies them in.
+//!   statistics, server states, reloads): `admin::metrics` copies them in
+//!   before `exposition`, so this module imports nothing above it.
 //!
 //! Labels are bounded: routes, upstreams, servers and limiters come from
 //! the policy, statuses and methods from short fixed lists; never paths,
@@ -24,8 +25,6 @@ use std::time::Duration;
 use http::Method;
 use metrics::{counter, gauge, Counter};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-
-use crate::generation::{Generation, Reloader};
 
 mod seconds;
 pub use seconds::SecondsHistogram;
@@ -51,108 +50,15 @@ pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE.get()
 }
 
-/// The exposition text: the counted metrics, after copying in what is read
-/// at scrape time.
-pub async fn render(reloader: &Reloader) -> Option<String> {
+/// The exposition text of what is counted here: the recorder's metrics
+/// (including the gauges and totals the admin side copied in from live
+/// state just before, `admin::metrics`), then the duration histograms.
+/// `None` before `install`.
+pub fn exposition() -> Option<String> {
     let handle = HANDLE.get()?;
-    let generation = reloader.current();
-    scrape_cache(&generation).await;
-    scrape_upstreams(&generation);
-    scrape_protect(&generation.protect);
-    counter!("hyperion_reloads_total", "outcome" => "ok").absolute(
-        reloader
-            .succeeded
-            .load(std::sync::atomic::Ordering::Relaxed),
-    );
-    counter!("hyperion_reloads_total", "outcome" => "error")
-        .absolute(reloader.failed.load(std::sync::atomic::Ordering::Relaxed));
-    gauge!("hyperion_policy_generation").set(generation.number as f64);
     let mut text = handle.render();
     SECONDS.render(&mut text);
     Some(text)
-}
-
-/// Connections, buffered bodies, and what was refused or cut for them.
-fn scrape_protect(p: &crate::protect::Protect) {
-    gauge!("hyperion_connections_open").set(p.connections.open_count() as f64);
-    gauge!("hyperion_connection_addresses").set(p.connections.addresses() as f64);
-    counter!("hyperion_connections_refused_total", "reason" => "max_connections_per_ip")
-        .absolute(p.connections.refused_per_ip());
-    counter!("hyperion_accept_paused_total").absolute(p.connections.accept_paused());
-    gauge!("hyperion_buffered_body_bytes").set(p.bodies.held() as f64);
-    gauge!("hyperion_buffered_body_max_bytes").set(p.bodies.limit() as f64);
-    gauge!("hyperion_read_ahead_bytes").set(p.read_ahead.held() as f64);
-    gauge!("hyperion_read_ahead_max_bytes").set(p.read_ahead.limit() as f64);
-    counter!("hyperion_overloaded_total", "reason" => "max_buffered_bodies")
-        .absolute(p.bodies.refused());
-    for why in crate::protect::Deadline::ALL {
-        counter!("hyperion_deadline_cuts_total", "deadline" => why.as_str())
-            .absolute(p.cut.get(why));
-    }
-}
-
-async fn scrape_cache(generation: &Generation) {
-    let r = generation.cache.report().await;
-    gauge!("hyperion_cache_entries").set(r.entries as f64);
-    gauge!("hyperion_cache_bytes").set(r.bytes as f64);
-    gauge!("hyperion_cache_max_bytes").set(r.max_bytes as f64);
-    for (result, value) in [
-        ("hit", r.hits),
-        ("miss", r.misses),
-        ("stale", r.stale),
-        ("bypass", r.bypasses),
-        ("revalidated", r.revalidated),
-        ("coalesced", r.coalesced),
-    ] {
-        counter!("hyperion_cache_lookups_total", "result" => result).absolute(value);
-    }
-    counter!("hyperion_cache_stored_total").absolute(r.stored);
-    counter!("hyperion_cache_tokens_saved_total").absolute(r.tokens_saved);
-    // A float that only grows: exported as a gauge, since the facade's
-    // counters are whole numbers.
-    gauge!("hyperion_cache_upstream_saved_seconds").set(r.upstream_seconds_saved);
-    gauge!("hyperion_cache_fills_in_flight").set(r.fills_in_flight as f64);
-    if let Some(t) = r.shared {
-        gauge!("hyperion_shared_tier_up").set(f64::from(u8::from(t.up)));
-        for (result, value) in [("hit", t.hits), ("miss", t.misses)] {
-            counter!("hyperion_shared_tier_lookups_total", "result" => result).absolute(value);
-        }
-        counter!("hyperion_shared_tier_writes_total").absolute(t.writes);
-        counter!("hyperion_shared_tier_errors_total").absolute(t.errors);
-        counter!("hyperion_shared_tier_outages_total").absolute(t.outages);
-        for (result, value) in [
-            ("served", t.fill_waits_served),
-            (
-                "not_served",
-                t.fill_waits.saturating_sub(t.fill_waits_served),
-            ),
-        ] {
-            counter!("hyperion_shared_tier_fill_waits_total", "result" => result).absolute(value);
-        }
-        counter!("hyperion_shared_tier_limit_checks_total").absolute(t.limit_checks);
-        counter!("hyperion_shared_tier_purges_received_total").absolute(t.purges_received);
-        counter!("hyperion_shared_tier_rejected_total", "what" => "value")
-            .absolute(t.rejected_values);
-        counter!("hyperion_shared_tier_rejected_total", "what" => "message")
-            .absolute(t.rejected_messages);
-    }
-}
-
-fn scrape_upstreams(generation: &Generation) {
-    for pool in generation.fleet.pools() {
-        let upstream = pool.policy.name.clone();
-        for server in pool.snapshot() {
-            let labels = [
-                ("upstream", upstream.clone()),
-                ("server", server.url.clone()),
-            ];
-            gauge!("hyperion_upstream_healthy", &labels).set(f64::from(u8::from(server.healthy)));
-            gauge!("hyperion_upstream_in_flight", &labels).set(f64::from(server.in_flight));
-            gauge!("hyperion_upstream_latency_ewma_seconds", &labels).set(server.ewma_ms / 1e3);
-            counter!("hyperion_upstream_requests_total", &labels).absolute(server.requests);
-            counter!("hyperion_upstream_failures_total", &labels).absolute(server.failures);
-        }
-    }
 }
 
 /// The label set of one finished request.
