@@ -23,25 +23,7 @@ use crate::cache::{Cache, CacheControl, Entry, Form, Recoded, StoredBody};
 use crate::error::ProxyError;
 use crate::policy::CompressionPolicy;
 
-/// A content coding Hyperion can produce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Coding {
-    Br,
-    Gzip,
-}
-
-impl Coding {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Coding::Br => "br",
-            Coding::Gzip => "gzip",
-        }
-    }
-
-    pub fn header_value(self) -> HeaderValue {
-        HeaderValue::from_static(self.as_str())
-    }
-}
+pub use crate::coding::Coding;
 
 /// What the client may be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,32 +30,6 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
-impl crate::policy::HeaderRewrite {
-    /// `request_remove`, then `request_set`, on a request going upstream.
-    pub fn apply_request(&self, headers: &mut HeaderMap) {
-        Self::apply(headers, &self.request_remove, &self.request_set);
-    }
-
-    /// Whether it changes responses at all.
-    pub fn rewrites_responses(&self) -> bool {
-        !self.response_remove.is_empty() || !self.response_set.is_empty()
-    }
-
-    /// `response_remove`, then `response_set`, on a response going to the client.
-    pub fn apply_response(&self, headers: &mut HeaderMap) {
-        Self::apply(headers, &self.response_remove, &self.response_set);
-    }
-
-    fn apply(headers: &mut HeaderMap, remove: &[HeaderName], set: &[(HeaderName, HeaderValue)]) {
-        for name in remove {
-            headers.remove(name);
-        }
-        for (name, value) in set {
-            headers.insert(name.clone(), value.clone());
-        }
-    }
-}
-
 /// Whether `[route.headers]` may touch a field: not the hop-by-hop ones,
 /// nor those that frame or encode the body, which Hyperion sets itself.
 pub fn rewritable(name: &HeaderName) -> bool {

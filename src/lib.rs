@@ -24,6 +24,7 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod clock;
+pub mod coding;
 pub mod compress;
 pub mod conn;
 pub mod error;

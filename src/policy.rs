@@ -6,6 +6,7 @@
 //! `Policy` by the modules that own them.
 
 mod error;
+mod model_name;
 mod raw;
 mod units;
 mod validate;
@@ -19,11 +20,11 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 
 pub use error::PolicyError;
+pub use model_name::ModelName;
 pub use raw::{AccessLogFormat, Balance, ModelRouting, UnknownModel};
 pub use units::{Dur, Rate, Size};
 
 use crate::route::RouteMatch;
-use crate::upstream::models::ModelName;
 
 /// A validated `proxy.toml`.
 #[derive(Debug)]
@@ -122,7 +123,7 @@ pub enum LimitUnit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompressionPolicy {
     /// Preference order among the codings a client accepts equally.
-    pub algorithms: Vec<crate::compress::Coding>,
+    pub algorithms: Vec<crate::coding::Coding>,
     /// Bodies known to be smaller are sent as they are.
     pub min_size: u64,
     /// `type/subtype` (exact) or `type/*`, lower-case.
@@ -133,10 +134,10 @@ pub struct CompressionPolicy {
 
 impl CompressionPolicy {
     /// The level `coding` is produced at.
-    pub fn level(&self, coding: crate::compress::Coding) -> u32 {
+    pub fn level(&self, coding: crate::coding::Coding) -> u32 {
         match coding {
-            crate::compress::Coding::Gzip => self.gzip_level,
-            crate::compress::Coding::Br => self.brotli_quality,
+            crate::coding::Coding::Gzip => self.gzip_level,
+            crate::coding::Coding::Br => self.brotli_quality,
         }
     }
 }
@@ -308,6 +309,36 @@ pub struct HeaderRewrite {
     pub request_remove: Vec<http::HeaderName>,
     pub response_set: Vec<(http::HeaderName, http::HeaderValue)>,
     pub response_remove: Vec<http::HeaderName>,
+}
+
+impl HeaderRewrite {
+    /// `request_remove`, then `request_set`, on a request going upstream.
+    pub fn apply_request(&self, headers: &mut http::HeaderMap) {
+        Self::apply(headers, &self.request_remove, &self.request_set);
+    }
+
+    /// Whether it changes responses at all.
+    pub fn rewrites_responses(&self) -> bool {
+        !self.response_remove.is_empty() || !self.response_set.is_empty()
+    }
+
+    /// `response_remove`, then `response_set`, on a response going to the client.
+    pub fn apply_response(&self, headers: &mut http::HeaderMap) {
+        Self::apply(headers, &self.response_remove, &self.response_set);
+    }
+
+    fn apply(
+        headers: &mut http::HeaderMap,
+        remove: &[http::HeaderName],
+        set: &[(http::HeaderName, http::HeaderValue)],
+    ) {
+        for name in remove {
+            headers.remove(name);
+        }
+        for (name, value) in set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
 }
 
 /// `[cache]`: the in-memory store every caching route shares.

@@ -19,6 +19,7 @@ use toml::Spanned;
 use super::error::{nearest, PolicyError, Source};
 use super::raw::{self, Balance, ModelRouting, RawPolicy, UnknownModel};
 use super::units::{Dur, Size};
+use super::ModelName;
 use super::{
     AdminPolicy, AdminToken, BodyKey, CachePolicy, CacheScope, CompressionPolicy, FleetSecret,
     Freshness, HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy,
@@ -26,7 +27,6 @@ use super::{
     UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
-use crate::upstream::models::ModelName;
 
 /// Servers in one pool at most (the balancers track them in 64-bit sets).
 const MAX_SERVERS: usize = 64;
@@ -350,7 +350,7 @@ impl Validator<'_> {
         &self,
         raw: Spanned<raw::RawCompression>,
     ) -> Result<CompressionPolicy, PolicyError> {
-        use crate::compress::Coding;
+        use crate::coding::Coding;
         let span = raw.span();
         let raw = raw.into_inner();
         let algorithms: Vec<Coding> = raw
