@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::cache::{Entry, FillReader, Recorder, StoredBody};
-use crate::compress::Coder;
+use crate::coding::Coder;
 use crate::limits::TokenMeter;
 use crate::progress::StallWatch;
 use crate::upstream::ConnLease;
