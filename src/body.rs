@@ -22,7 +22,6 @@ use crate::cache::{Entry, FillReader, Recorder, StoredBody};
 use crate::coding::Coder;
 use crate::limits::TokenMeter;
 use crate::progress::StallWatch;
-use crate::upstream::ConnLease;
 
 mod read_ahead;
 use read_ahead::ReadAhead;
@@ -288,6 +287,17 @@ impl BodyOutcome {
 /// sent and how it ended. A trait rather than a boxed closure: a value the
 /// request already keeps on the heap (its access-log record) becomes the
 /// hook as it is, instead of being copied into a closure's new box.
+/// What an upstream body needs of the connection it arrives on
+/// (`upstream::ConnLease` implements it): polled while the body waits for
+/// bytes, and handed back for the next request once the body has been read
+/// to its end. Dropped instead, it closes the connection.
+pub trait BodyConn: Send {
+    /// Polls the connection so the body keeps arriving.
+    fn drive(&mut self, cx: &mut Context<'_>);
+    /// The body ended cleanly: the connection may carry another request.
+    fn release(self: Box<Self>);
+}
+
 pub trait BodyEnd: Send {
     fn end(self: Box<Self>, bytes: u64, outcome: BodyOutcome);
 }
@@ -335,7 +345,7 @@ struct UpstreamBody {
     inner: Incoming,
     /// The connection the body arrives on, polled by this body; back to the
     /// pool once the body has been read to its end, closed otherwise.
-    lease: Option<ConnLease>,
+    lease: Option<Box<dyn BodyConn>>,
     /// Keeps the chunks for the cache when the response is being stored.
     recorder: Option<Box<Recorder>>,
     idle: Duration,
@@ -360,7 +370,7 @@ impl ResponseBody {
     /// read ahead of a slow client within `read_ahead`.
     pub fn upstream(
         inner: Incoming,
-        lease: ConnLease,
+        lease: Box<dyn BodyConn>,
         idle: Duration,
         read_ahead: Option<&ReadAheadLimits>,
     ) -> Self {

@@ -9,8 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::body::ResponseBody;
-
 /// A request that could not be proxied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -159,7 +157,9 @@ impl ProxyError {
     }
 
     /// The response the client receives: status, JSON body, request id.
-    pub fn into_response(&self, request_id: &HeaderValue) -> Response<ResponseBody> {
+    /// (The body as bytes: the handler wraps it in its body type, so this
+    /// module needs nothing of `body`.)
+    pub fn into_response(&self, request_id: &HeaderValue) -> Response<Bytes> {
         let mut body = serde_json::json!({
             "error": {
                 "code": self.code(),
@@ -172,7 +172,7 @@ impl ProxyError {
         }
         let mut bytes = serde_json::to_vec(&body).expect("JSON values serialize");
         bytes.push(b'\n');
-        let mut resp = Response::new(ResponseBody::full(Bytes::from(bytes)));
+        let mut resp = Response::new(Bytes::from(bytes));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
         headers.insert(

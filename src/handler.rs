@@ -243,7 +243,7 @@ impl Proxy {
                     tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{e}");
                 }
                 rec.error = Some(e.code());
-                let mut resp = e.into_response(&request_id);
+                let mut resp = e.into_response(&request_id).map(ResponseBody::full);
                 if rec.cache != "-" {
                     resp.headers_mut()
                         .insert(X_CACHE, HeaderValue::from_static(rec.cache));
@@ -926,7 +926,10 @@ fn client_response(
     // The client's connection has its own version; an HTTP/1.0 upstream
     // must not turn the client's response into HTTP/1.0.
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, ResponseBody::upstream(body, lease, idle, read_ahead))
+    Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, Box::new(lease), idle, read_ahead),
+    )
 }
 
 fn unasked_upgrade(server: &UpstreamServer) -> ProxyError {

@@ -362,7 +362,7 @@ impl ServerConns {
         };
         let status = resp.status();
         // Read to the end (driving the connection), so it can be used again.
-        let body = ResponseBody::upstream(resp.into_body(), lease, ERRAND_IDLE, None);
+        let body = ResponseBody::upstream(resp.into_body(), Box::new(lease), ERRAND_IDLE, None);
         let body = http_body_util::Limited::new(body, limit)
             .collect()
             .await
@@ -503,5 +503,15 @@ impl ConnLease {
 
     pub fn release(self) {
         self.home.release(self.conn);
+    }
+}
+
+impl crate::body::BodyConn for ConnLease {
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        ConnLease::drive(self, cx);
+    }
+
+    fn release(self: Box<Self>) {
+        ConnLease::release(*self);
     }
 }
