@@ -126,7 +126,7 @@ fn explain(key: String, message: &str) -> (String, String, String) {
     }
     if let Some(rest) = message.strip_prefix("missing field ") {
         let field = rest.trim_matches('`').to_owned();
-        let fix = format!("add `{field} = …` here (see POLICY.md for its shape)");
+        let fix = format!("add `{field} = …` here (see docs/policy.md for its shape)");
         return (join(&key, &field), format!("missing key `{field}`"), fix);
     }
     if let Some((problem, fix)) = message.split_once(" — ") {
@@ -134,7 +134,7 @@ fn explain(key: String, message: &str) -> (String, String, String) {
     }
     if message.starts_with("invalid type") || message.starts_with("invalid value") {
         let fix =
-            "write the value as POLICY.md shows (durations, sizes and rates are quoted strings)";
+            "write the value as docs/policy.md shows (durations, sizes and rates are quoted strings)";
         return (key, message.to_owned(), fix.to_owned());
     }
     // TOML syntax errors: the message is already specific; keep its first line.
