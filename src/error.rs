@@ -33,7 +33,7 @@ pub enum ProxyError {
     #[error("upstream {server} did not {phase} within {timeout:?}")]
     UpstreamTimeout {
         server: String,
-        phase: &'static str,
+        phase: TimeoutPhase,
         timeout: Duration,
     },
     #[error("upstream {server} failed: {reason}")]
@@ -66,6 +66,32 @@ pub enum ProxyError {
         /// What the pool does serve, for the client to choose from.
         served: Vec<String>,
     },
+}
+
+/// What an upstream did not do in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutPhase {
+    /// `connect_timeout`: no connection. Nothing was generated.
+    Connect,
+    /// `response_timeout`: connected and sent, no response head. The
+    /// backend may have worked all along.
+    ResponseHead,
+}
+
+impl TimeoutPhase {
+    /// How the client's error message says it ("did not … in time").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutPhase::Connect => "accept the connection",
+            TimeoutPhase::ResponseHead => "send response headers",
+        }
+    }
+}
+
+impl std::fmt::Display for TimeoutPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 // === impl ProxyError ===

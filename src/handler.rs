@@ -8,7 +8,6 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -25,7 +24,7 @@ use crate::body::{BodyEnd, BodyOutcome, BoxError, ReadAheadLimits, RequestBody, 
 use crate::cache::{Before, BodyDigest, Cache, CacheQuery, CacheStatus, Exchange, Followed};
 use crate::compress;
 use crate::conn::{ConnState, InflightGuard};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, TimeoutPhase};
 use crate::headers::{self, Forwarding, X_CACHE, X_REQUEST_ID};
 use crate::limits::{tokens, Admission, Counting, Limits, RouteLimits, Stage, Subject, TokenMeter};
 use crate::policy::UpstreamServer;
@@ -225,7 +224,7 @@ impl Proxy {
                     // all along: the reservation stands. Other failures (connect
                     // timeouts included) generated nothing.
                     ProxyError::UpstreamTimeout {
-                        phase: "send response headers",
+                        phase: TimeoutPhase::ResponseHead,
                         ..
                     } => {}
                     _ => s.iter().for_each(|s| s.settle(0)),
@@ -835,21 +834,32 @@ fn balance_hash(
     if pool.policy.balance != Balance::ConsistentHash {
         return None;
     }
-    let mut h = std::hash::DefaultHasher::new();
+    // BLAKE3, not std's DefaultHasher: the ring must place a request alike
+    // on every proxy, whatever Rust version built it.
+    let mut h = blake3::Hasher::new();
     match &pool.policy.hash_key {
         HashKey::CacheKey => {
             if let Some(key) = exchange.and_then(Exchange::key_hash) {
                 return Some(key);
             }
-            host.hash(&mut h);
-            req.uri()
-                .path_and_query()
-                .map(|pq| pq.as_str())
-                .hash(&mut h);
+            let host = host.unwrap_or("");
+            h.update(&(host.len() as u64).to_le_bytes());
+            h.update(host.as_bytes());
+            h.update(
+                req.uri()
+                    .path_and_query()
+                    .map_or("", |pq| pq.as_str())
+                    .as_bytes(),
+            );
         }
-        HashKey::Header(name) => req.headers().get(name)?.as_bytes().hash(&mut h),
+        HashKey::Header(name) => {
+            h.update(req.headers().get(name)?.as_bytes());
+        }
     }
-    Some(h.finish())
+    let digest = h.finalize();
+    Some(u64::from_le_bytes(
+        digest.as_bytes()[..8].try_into().expect("8 bytes"),
+    ))
 }
 
 fn subject<'a>(

@@ -32,7 +32,7 @@ use retry::Replay;
 use server_state::InFlight;
 
 use crate::body::{BodyStalled, BodyTooLarge, ClientBodyError, RequestBody};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, TimeoutPhase};
 use crate::limits::{InflightLimit, InflightSlot};
 use crate::policy::{UpstreamPolicy, UpstreamServer};
 
@@ -360,7 +360,7 @@ impl UpstreamPool {
             SendError::TimedOut => Failure {
                 error: ProxyError::UpstreamTimeout {
                     server: server.url.to_string(),
-                    phase: "send response headers",
+                    phase: TimeoutPhase::ResponseHead,
                     timeout: self.policy.response_timeout,
                 },
                 unsent: None,
@@ -377,7 +377,7 @@ impl UpstreamPool {
     ) -> Failure {
         let timed_out = ProxyError::UpstreamTimeout {
             server: server.url.to_string(),
-            phase: "accept the connection",
+            phase: TimeoutPhase::Connect,
             timeout: self.policy.connect_timeout,
         };
         let error = match e {

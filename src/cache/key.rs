@@ -276,23 +276,20 @@ thread_local! {
     static KEY_INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The BLAKE3 key of cache-key hashing: random per process, unless a
-/// shared tier names entries for the whole fleet (`share_keys_with_fleet`).
-/// Either way the store's hash table is keyed on its own (`DigestHash`), so
-/// knowing this key does not let anyone pick colliding requests.
+/// The BLAKE3 key of cache-key hashing: the same in every process of this
+/// version, unless a shared tier names entries for the whole fleet from its
+/// secret (`share_keys_with_fleet`). A key is therefore the same on every
+/// proxy, which `consistent_hash` balancing on the cache key relies on to
+/// place a prompt on the same server whichever proxy it came through. The
+/// store's hash table is keyed on its own (`DigestHash`, random per
+/// process), so knowing how keys are made does not let anyone pick
+/// colliding requests; nothing outside is addressed by a lone instance's
+/// keys (the shared tier's are the fleet's, and its values are signed).
 static KEY_SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
 
 fn key_secret() -> &'static [u8; 32] {
-    KEY_SECRET.get_or_init(random_bytes::<32>)
-}
-
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut k = [0u8; N];
-    for chunk in k.chunks_mut(8) {
-        let r = fastrand::u64(..).to_le_bytes();
-        chunk.copy_from_slice(&r[..chunk.len()]);
-    }
-    k
+    KEY_SECRET
+        .get_or_init(|| blake3::derive_key("hyperion 2026-12 cache keys of one instance", b""))
 }
 
 /// Makes this process key requests as every instance of its fleet does
@@ -569,6 +566,27 @@ mod tests {
         assert_ne!(gzip_br, k(&p, &[("accept-encoding", "gzip")]));
         assert_ne!(k(&p, &[("accept-encoding", "gzip")]), k(&p, &[]));
         assert_eq!(k(&p, &[("accept-encoding", "identity")]), k(&p, &[]));
+    }
+
+    #[test]
+    fn keys_are_the_same_in_every_process() {
+        // consistent_hash places a prompt by its key on every proxy: a
+        // lone instance's keys must not depend on the process. (A change
+        // of key version changes this value on purpose.)
+        let p = policy(BodyKey::Json, CacheScope::Shared, &[]);
+        let k = key(
+            &p,
+            Method::POST,
+            None,
+            &[],
+            r#"{"model":"m","prompt":"hi"}"#,
+        )
+        .unwrap();
+        let hex: String = k.0.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "ef5f518b7d07f33d9ed6f991323debc92f7ae717350a89689ec996025f74283e"
+        );
     }
 
     #[test]
