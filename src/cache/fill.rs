@@ -24,6 +24,14 @@
 //!
 //! Not here: what is storable and how a response becomes an entry
 //! (`exchange`, `record`), the store itself (`Cache`).
+//!
+//! `exchange` and this module import each other, on purpose: they are the
+//! two halves of one request's dealings with a key. The exchange decides
+//! whether a request leads or follows a fill (`Role`), and the fill runs
+//! the leading exchange to its end in its own task (`Exchange`, `After`,
+//! `respond`). Splitting out a third module for the shared types would
+//! only move the seam; neither is usable without the other, and nothing
+//! outside `cache` sees either half.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
