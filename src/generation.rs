@@ -103,10 +103,14 @@ impl Generation {
             new.send_timeout,
             new.max_header_size,
         ) {
+            // The listeners' connection settings are read once, at start.
             deferred.push(
-                "server.header_read_timeout, idle_timeout, send_timeout and max_header_size (for connections already open)"
+                "server.header_read_timeout, idle_timeout, send_timeout and max_header_size"
                     .to_owned(),
             );
+        }
+        if old.shutdown_grace != new.shutdown_grace {
+            deferred.push("server.shutdown_grace".to_owned());
         }
         if old.max_buffered_bodies != new.max_buffered_bodies {
             deferred.push("server.max_buffered_bodies".to_owned());
@@ -131,8 +135,24 @@ impl Generation {
         self.protect
             .connections
             .set_limits(new.max_connections, new.max_connections_per_ip);
-        if self.policy.cache.max_size != policy.cache.max_size {
+        // The store is carried over whole, with the [cache] it was made for
+        // (the routes' own [route.cache] settings, baked into each route,
+        // apply at once).
+        let (old_cache, new_cache) = (&self.policy.cache, &policy.cache);
+        if old_cache.max_size != new_cache.max_size {
             deferred.push("cache.max_size".to_owned());
+        }
+        if old_cache.max_entry_size != new_cache.max_entry_size {
+            deferred.push("cache.max_entry_size".to_owned());
+        }
+        if old_cache.default_ttl != new_cache.default_ttl {
+            deferred.push(
+                "cache.default_ttl (for origin-mode heuristics; force routes' ttl applies now)"
+                    .to_owned(),
+            );
+        }
+        if old_cache.targeted_cache_control != new_cache.targeted_cache_control {
+            deferred.push("cache.targeted_cache_control".to_owned());
         }
         if self.policy.cache.redis != policy.cache.redis {
             deferred.push("cache.redis".to_owned());

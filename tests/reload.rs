@@ -190,13 +190,18 @@ async fn restart_only_settings_are_named() {
     let file = TempFile::new("policy.toml", &policy(&up.url(), "one", ""));
     let proxy = TestProxy::start_file(&file.0).await;
     file.write(&format!(
-        "[server]\nlisten = [\"127.0.0.1:1\"]\n[cache]\nmax_size = \"64MB\"\n{}",
+        "[server]\nlisten = [\"127.0.0.1:1\"]\nshutdown_grace = \"5s\"\n[cache]\nmax_size = \"64MB\"\nmax_entry_size = \"1MB\"\n{}",
         policy(&up.url(), "two", "")
     ));
     let done = proxy.reloader.reload().unwrap();
     assert_eq!(
         done.needs_restart,
-        vec!["server.listen".to_owned(), "cache.max_size".to_owned()]
+        vec![
+            "server.listen".to_owned(),
+            "server.shutdown_grace".to_owned(),
+            "cache.max_size".to_owned(),
+            "cache.max_entry_size".to_owned(),
+        ]
     );
 }
 
