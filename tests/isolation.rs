@@ -477,13 +477,7 @@ async fn content_length_beside_transfer_encoding_is_dropped_and_counted() {
         "stored by the bytes that came"
     );
     assert_eq!(&body[..], b"hello");
-    let metrics = send(
-        Request::get(format!("http://{}/metrics", proxy.admin.unwrap()))
-            .body(empty())
-            .unwrap(),
-    )
-    .await
-    .1;
+    let (_, metrics) = get(&format!("http://{}/metrics", proxy.admin.unwrap())).await;
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(
         metrics.contains("hyperion_upstream_faults_total{fault=\"te_and_content_length\"} 1"),

@@ -129,6 +129,30 @@ async fn fleet(
     (a, b, token)
 }
 
+/// The names of the cache entries in Redis (`<prefix>e:<key>`; the
+/// prefixes end with `:`, so no index name matches).
+async fn entry_names(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg("*:e:*")
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+async fn value_at(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> Vec<u8> {
+    redis::cmd("GET").arg(name).query_async(conn).await.unwrap()
+}
+
+/// Writes `value` under `name` as someone with access to Redis would.
+async fn set_value(conn: &mut redis::aio::MultiplexedConnection, name: &str, value: &[u8]) {
+    let _: () = redis::cmd("SET")
+        .arg(name)
+        .arg(value)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 /// Waits until `proxy` has written `n` entries to Redis.
 async fn written(proxy: &TestProxy, n: u64) {
     let tier = proxy.cache.shared_tier().unwrap();
@@ -218,19 +242,15 @@ async fn entries_another_format_version_wrote_are_ignored_not_misread() {
     written(&a, 1).await;
     // Every stored entry rewritten as a future version would write it.
     let mut conn = redis.conn().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*e:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let keys = entry_names(&mut conn).await;
     assert!(!keys.is_empty());
     for k in &keys {
-        let _: () = redis::cmd("SET")
-            .arg(k)
-            .arg(b"HYPE\x09\x00something else entirely".as_slice())
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        set_value(
+            &mut conn,
+            k,
+            b"HYPE\x09\x00something else entirely".as_slice(),
+        )
+        .await;
     }
     let (parts, body) = send(post(&b.url("/api/generate"), PROMPT)).await;
     assert_eq!(parts.status, 200);
@@ -689,28 +709,15 @@ async fn values_and_messages_not_signed_by_the_fleet_are_ignored_and_counted() {
     send(post(&a.url("/api/generate"), PROMPT)).await;
     written(&a, 1).await;
     let mut conn = redis.conn().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*:e:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let keys = entry_names(&mut conn).await;
     assert_eq!(keys.len(), 1);
-    let sealed: Vec<u8> = redis::cmd("GET")
-        .arg(&keys[0])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let sealed = value_at(&mut conn, &keys[0]).await;
     // Someone with write access to Redis changes the answer's bytes (the
     // signature no longer matches) ...
     let mut tampered = sealed.clone();
     let at = tampered.len() - 3;
     tampered[at] ^= 0x20;
-    let _: () = redis::cmd("SET")
-        .arg(&keys[0])
-        .arg(&tampered[..])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    set_value(&mut conn, &keys[0], &tampered[..]).await;
     let (parts, body) = send(post(&b.url("/api/generate"), PROMPT)).await;
     assert_eq!(
         parts.headers["x-cache"], "MISS",
@@ -725,23 +732,10 @@ async fn values_and_messages_not_signed_by_the_fleet_are_ignored_and_counted() {
     let other = r#"{"model":"llama3.2","prompt":"something else","stream":false}"#;
     send(post(&a.url("/api/generate"), other)).await;
     written(&a, 2).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*:e:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let genuine: Vec<u8> = redis::cmd("GET")
-        .arg(&keys[0])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let keys = entry_names(&mut conn).await;
+    let genuine = value_at(&mut conn, &keys[0]).await;
     for k in &keys[1..] {
-        let _: () = redis::cmd("SET")
-            .arg(k)
-            .arg(&genuine[..])
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        set_value(&mut conn, k, &genuine[..]).await;
     }
     let c = TestProxy::start(&policy(
         &up.url(),
@@ -779,13 +773,7 @@ async fn values_and_messages_not_signed_by_the_fleet_are_ignored_and_counted() {
     );
     assert_eq!(b_stats.purges_received.load(Ordering::Relaxed), 0);
     // The metrics say so.
-    let metrics = send(
-        Request::get(format!("http://{}/metrics", b.admin.unwrap()))
-            .body(empty())
-            .unwrap(),
-    )
-    .await
-    .1;
+    let (_, metrics) = get(&format!("http://{}/metrics", b.admin.unwrap())).await;
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(
         metrics.contains("hyperion_shared_tier_rejected_total{what=\"message\"}"),

@@ -1194,6 +1194,36 @@ impl Validator<'_> {
         Ok(Arc::new(config))
     }
 
+    /// A list of header names (lower-cased, repeats dropped); `refuse`
+    /// names the ones this key cannot take, with the problem and its fix.
+    fn header_names(
+        &self,
+        list: Spanned<Vec<Spanned<String>>>,
+        key: &str,
+        example: &str,
+        refuse: impl Fn(&http::HeaderName) -> Option<(String, &'static str)>,
+    ) -> Result<Vec<http::HeaderName>, PolicyError> {
+        let mut names = Vec::new();
+        for n in list.into_inner() {
+            let text = n.get_ref().trim().to_ascii_lowercase();
+            let name = http::HeaderName::from_bytes(text.as_bytes()).map_err(|_| {
+                self.err(
+                    n.span(),
+                    key,
+                    format!("`{}` is not a header name", n.get_ref()),
+                    format!("list header names, e.g. {example}"),
+                )
+            })?;
+            if let Some((problem, fix)) = refuse(&name) {
+                return Err(self.err(n.span(), key, problem, fix));
+            }
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
     fn cache(&self, raw: Spanned<raw::RawCache>) -> Result<CachePolicy, PolicyError> {
         let span = raw.span();
         let raw = raw.into_inner();
@@ -1201,61 +1231,35 @@ impl Validator<'_> {
         let d = CachePolicy::default();
         let credential_headers = match raw.credential_headers {
             None => d.credential_headers.clone(),
-            Some(list) => {
-                let mut names = Vec::new();
-                for n in list.into_inner() {
-                    let text = n.get_ref().trim().to_ascii_lowercase();
-                    let name = http::HeaderName::from_bytes(text.as_bytes()).map_err(|_| {
-                        self.err(
-                            n.span(),
-                            "cache.credential_headers",
-                            format!("`{}` is not a header name", n.get_ref()),
-                            "list header names, e.g. credential_headers = [\"x-api-key\", \"api-key\"]",
-                        )
-                    })?;
-                    if name == header::AUTHORIZATION || name == header::COOKIE {
-                        return Err(self.err(
-                            n.span(),
-                            "cache.credential_headers",
+            Some(list) => self.header_names(
+                list,
+                "cache.credential_headers",
+                "credential_headers = [\"x-api-key\", \"api-key\"]",
+                |name| {
+                    (*name == header::AUTHORIZATION || *name == header::COOKIE).then(|| {
+                        (
                             format!("`{name}` is always keyed"),
                             "list only the other headers that carry credentials",
-                        ));
-                    }
-                    if !names.contains(&name) {
-                        names.push(name);
-                    }
-                }
-                names
-            }
+                        )
+                    })
+                },
+            )?,
         };
         let targeted_cache_control = match raw.targeted_cache_control {
             None => d.targeted_cache_control.clone(),
-            Some(list) => {
-                let mut names = Vec::new();
-                for n in list.into_inner() {
-                    let text = n.get_ref().trim().to_ascii_lowercase();
-                    let name = http::HeaderName::from_bytes(text.as_bytes()).map_err(|_| {
-                        self.err(
-                            n.span(),
-                            "cache.targeted_cache_control",
-                            format!("`{}` is not a header name", n.get_ref()),
-                            "list header names, e.g. targeted_cache_control = [\"hyperion-cache-control\", \"cdn-cache-control\"]",
-                        )
-                    })?;
-                    if name == header::CACHE_CONTROL {
-                        return Err(self.err(
-                            n.span(),
-                            "cache.targeted_cache_control",
-                            "Cache-Control is what targeted fields override",
+            Some(list) => self.header_names(
+                list,
+                "cache.targeted_cache_control",
+                "targeted_cache_control = [\"hyperion-cache-control\", \"cdn-cache-control\"]",
+                |name| {
+                    (*name == header::CACHE_CONTROL).then(|| {
+                        (
+                            "Cache-Control is what targeted fields override".to_owned(),
                             "list only targeted fields (RFC 9213), e.g. \"cdn-cache-control\"; [] to obey Cache-Control alone",
-                        ));
-                    }
-                    if !names.contains(&name) {
-                        names.push(name);
-                    }
-                }
-                names
-            }
+                        )
+                    })
+                },
+            )?,
         };
         let c = CachePolicy {
             targeted_cache_control,
