@@ -1,0 +1,120 @@
+//! The cache step: the request answered from the cache (or from an identical
+//! request's answer), or a plan for going upstream.
+//!
+//! Owns [`Plan`], the cache phase a request is in, and the loop that joins
+//! identical requests. Does not own freshness, keys, storage or the fill
+//! (`cache/`): it only asks the cache and acts on its answer.
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::admit::Arrival;
+use super::{Proxy, RequestState};
+use crate::body::ResponseBody;
+use crate::cache::{Before, CacheQuery, Exchange, Followed};
+use crate::error::ProxyError;
+use crate::policy::RouteCachePolicy;
+
+/// What the cache made of a request.
+// Matched at once by its one caller; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Plan {
+    /// Answered: from the cache, or from an identical request's answer.
+    Answered(Response<ResponseBody>),
+    /// Going upstream.
+    Upstream(Upstream),
+}
+
+/// How a request goes upstream, as far as the cache is concerned.
+#[derive(Default)]
+pub(super) struct Upstream {
+    /// The exchange that stores the answer, validates a stored one, and
+    /// leads identical requests; `None` when the route does not cache.
+    pub exchange: Option<Exchange>,
+    /// A stale answer already chosen for the client while `exchange`
+    /// refreshes the entry in the background (`stale-while-revalidate`).
+    pub serve_stale: Option<Response<ResponseBody>>,
+}
+
+impl Plan {
+    /// A request the cache has nothing to do with.
+    pub fn upstream() -> Plan {
+        Plan::Upstream(Upstream::default())
+    }
+}
+
+impl Arrival<'_> {
+    /// Asks the cache, under the route's cache rules. Waiting behind an
+    /// identical request may end with that request failing: then it looks
+    /// again, once, before going upstream alone.
+    pub async fn consult_cache(
+        &self,
+        proxy: &Proxy,
+        st: &mut RequestState<'_>,
+        req: &Request<Incoming>,
+        policy: &Arc<RouteCachePolicy>,
+    ) -> Result<Plan, ProxyError> {
+        let host = self.host();
+        let mut joins_left = 2;
+        loop {
+            let query = CacheQuery {
+                route: &self.route.name,
+                method: req.method(),
+                host: host.as_deref().unwrap_or(""),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+                body: self.body.as_ref(),
+                body_digest: self.facts.digest.as_ref(),
+            };
+            // The cache's futures are boxed where they are awaited: inline,
+            // their size would be carried (and copied) by every request's
+            // future, pass-through ones included.
+            match boxed_in_place!(proxy.cache.before(policy, query, joins_left > 0)).await {
+                Before::Serve(resp, status, None) => {
+                    st.rec.cache = status.as_str();
+                    if let Some(at) = self.arrived {
+                        self.route
+                            .limits
+                            .peek_rest(&self.who(req.headers(), at), &mut st.admission);
+                    }
+                    return Ok(Plan::Answered(resp));
+                }
+                Before::Serve(resp, status, refresh) => {
+                    st.rec.cache = status.as_str();
+                    return Ok(Plan::Upstream(Upstream {
+                        exchange: refresh,
+                        serve_stale: Some(resp),
+                    }));
+                }
+                Before::Fail(e) => return self.refuse(e, req.headers(), &mut st.admission),
+                Before::Forward(ex) => {
+                    st.rec.cache = ex.status.as_str();
+                    return Ok(Plan::Upstream(Upstream {
+                        exchange: Some(ex),
+                        serve_stale: None,
+                    }));
+                }
+                Before::Follow(follow) => {
+                    joins_left -= 1;
+                    match boxed_in_place!(follow.wait(req.headers())).await {
+                        Followed::Serve(resp, status) => {
+                            st.rec.cache = status.as_str();
+                            if self.arrived.is_some() {
+                                let now = crate::clock::now();
+                                self.route
+                                    .limits
+                                    .peek_rest(&self.who(req.headers(), now), &mut st.admission);
+                            }
+                            return Ok(Plan::Answered(resp));
+                        }
+                        Followed::Retry => {}
+                        Followed::Alone => joins_left = 0,
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! The upstream step: the limiters that count only what goes upstream, the
+//! servers that may take the request (its model, its hash), a slot at one of
+//! them (waiting in line if need be), the request as the upstream gets it,
+//! and its answer as the client gets it, through the cache's exchange when
+//! the route caches.
+//!
+//! Does not own balancing, slots, retries or connections (`upstream`), the
+//! headers' rules (`headers`) or what the exchange does with the answer
+//! (`cache`).
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use super::admit::Arrival;
+use super::cached::Upstream;
+use super::{Proxy, RequestState};
+use crate::body::{ReadAheadLimits, RequestBody, ResponseBody};
+use crate::cache::{CacheStatus, Exchange};
+use crate::error::ProxyError;
+use crate::headers::{self, Forwarding, RequestFields, X_REQUEST_ID};
+use crate::limits::{Counting, Stage};
+use crate::policy::{Balance, HashKey, UnknownModel, UpstreamServer};
+use crate::upstream::balance::PickFilter;
+use crate::upstream::models::{ModelChoice, ModelName};
+use crate::upstream::{Admitted, ConnLease, UpstreamPool};
+
+/// A request ready for the server it was admitted to.
+struct Outgoing {
+    admitted: Admitted,
+    /// Boxed once, here: it passes down four layers (send, attempt,
+    /// exchange, the connection), each of which would otherwise copy it.
+    req: Box<Request<RequestBody>>,
+    /// Where retries may go.
+    filter: PickFilter,
+    model: Option<ModelName>,
+    preserve_host: bool,
+}
+
+impl Proxy {
+    /// Takes the request upstream and returns the answer the client gets.
+    pub(super) async fn dispatch(
+        &self,
+        st: &mut RequestState<'_>,
+        arrival: &mut Arrival<'_>,
+        req: Request<Incoming>,
+        fields: &RequestFields,
+        mut plan: Upstream,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        // A background refresh behind a stale answer is the proxy's own
+        // errand and spends nothing.
+        let spends = plan.serve_stale.is_none();
+        arrival.upstream_limits(st, req.headers(), spends).await?;
+        let pool = arrival.pool;
+        let model = arrival.facts.model.take();
+        let filter = match arrival.servers_for(&req, plan.exchange.as_ref(), model.as_ref()) {
+            Ok(filter) => filter,
+            Err(e) => {
+                // Nothing reached the upstream: nothing is spent.
+                st.admission.refund_all();
+                return plan.serve_stale.ok_or(e);
+            }
+        };
+        let admitted = match take_slot(st, pool, &filter, &mut plan).await {
+            ControlFlow::Continue(admitted) => admitted,
+            ControlFlow::Break(answer) => return answer,
+        };
+        let planned = pool.pick_at(admitted.index);
+        st.rec.upstream = Some(planned.server.url.clone());
+        let exchange = plan.exchange.as_mut();
+        let out = Outgoing {
+            req: self.upstream_request(st, arrival, req, fields, planned.server, exchange),
+            admitted,
+            filter,
+            model,
+            preserve_host: arrival.route.policy.preserve_host,
+        };
+        self.answer(st, arrival, out, plan, planned.index).await
+    }
+
+    /// Sends the request and makes the client's answer of the upstream's:
+    /// through the exchange when the route caches (leading identical
+    /// requests, or refreshing behind a stale answer), a stale answer when
+    /// the upstream fails and the entry allows it, a tunnel for a 101.
+    async fn answer(
+        &self,
+        st: &mut RequestState<'_>,
+        arrival: &mut Arrival<'_>,
+        out: Outgoing,
+        mut plan: Upstream,
+        planned: usize,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let pool = arrival.pool;
+        if let Some(ex) = plan.exchange.take_if(|ex| ex.leads()) {
+            return lead(st, ex, pool, out, plan.serve_stale).await;
+        }
+        let (resp, lease) = match out.send(pool).await {
+            Ok((resp, lease, index)) => {
+                // Another server than planned, after a retry.
+                if index != planned {
+                    st.rec.upstream = Some(pool.pick_at(index).server.url.clone());
+                }
+                (resp, lease)
+            }
+            Err(e) => {
+                let Some(stale) = plan.exchange.as_ref().and_then(Exchange::stale_on_error) else {
+                    return Err(e);
+                };
+                st.admission.refund_all();
+                let id = st.rec.request_id.to_str().unwrap_or("-");
+                tracing::warn!(request_id = id, "{e}; serving stale");
+                st.rec.cache = CacheStatus::Stale.as_str();
+                return Ok(stale);
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let server = pool.pick_at(planned).server;
+            return self.tunnel(st, arrival, *resp, lease, server);
+        }
+        let resp = client_response(
+            *resp,
+            lease,
+            pool.policy.idle_timeout,
+            self.read_ahead.as_ref(),
+        );
+        match plan.exchange {
+            Some(ex) => {
+                let (resp, status) = boxed_in_place!(ex.respond(resp)).await;
+                st.rec.cache = status.as_str();
+                Ok(resp)
+            }
+            None => Ok(resp),
+        }
+    }
+
+    /// The request as the upstream gets it: hop-by-hop fields gone, the
+    /// forwarding headers, the upstream's `Host` (unless the route preserves
+    /// the client's), the route's rewrite, the cache's validators, and the
+    /// body: the one read ahead, or the client's stream under the body
+    /// limits.
+    fn upstream_request(
+        &self,
+        st: &RequestState<'_>,
+        arrival: &mut Arrival<'_>,
+        req: Request<Incoming>,
+        fields: &RequestFields,
+        server: &UpstreamServer,
+        exchange: Option<&mut Exchange>,
+    ) -> Box<Request<RequestBody>> {
+        let (mut parts, body) = req.into_parts();
+        let h = &mut parts.headers;
+        if fields.hop_by_hop {
+            headers::strip_hop_by_hop(h);
+        }
+        if fields.transfer_encoding {
+            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; a
+            // length sent alongside it must not reach the upstream.
+            h.remove(header::CONTENT_LENGTH);
+        }
+        if fields.expect {
+            // hyper has already answered `Expect: 100-continue` by reading the body.
+            h.remove(header::EXPECT);
+        }
+        let forwarding = Forwarding {
+            peer_value: &st.conn.peer_value,
+            peer_trusted: st.peer_trusted,
+            proto: st.conn.proto,
+            host: arrival.host_value.as_ref(),
+            version: parts.version,
+        };
+        headers::add_forwarding(h, &forwarding);
+        h.insert(X_REQUEST_ID, st.rec.request_id.clone());
+        let route = arrival.route;
+        if !route.policy.preserve_host {
+            h.insert(header::HOST, server.host_header.clone());
+        } else if let (false, Some(host)) = (h.contains_key(header::HOST), &arrival.host_value) {
+            // HTTP/2 clients send :authority instead of Host.
+            h.insert(header::HOST, host.clone());
+        }
+        if let Some(protocol) = &arrival.upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, protocol.clone());
+        }
+        if self.policy.compression.is_some() || route.limits.counts_tokens() {
+            // Hyperion compresses, or counts tokens in the answer: the
+            // upstream's bytes must be readable here.
+            h.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        if let Some(rw) = &route.policy.headers {
+            rw.apply_request(h);
+        }
+        if let Some(ex) = exchange {
+            ex.add_validators(h);
+        }
+        parts.uri = UpstreamPool::origin_form(parts.uri);
+        parts.version = Version::HTTP_11;
+        let limits = &self.policy.server;
+        let body = match arrival.body.take() {
+            Some(bytes) => RequestBody::buffered(bytes),
+            None => RequestBody::new(body, limits.max_request_body, limits.body_read_timeout),
+        };
+        Box::new(Request::from_parts(parts, body))
+    }
+}
+
+impl Arrival<'_> {
+    /// The limiters that let cache hits through count now (unless `spends`
+    /// is false), and the answer carries the most constrained bucket's
+    /// headers.
+    async fn upstream_limits(
+        &self,
+        st: &mut RequestState<'_>,
+        headers: &HeaderMap,
+        spends: bool,
+    ) -> Result<(), ProxyError> {
+        let limits = &self.route.limits;
+        if limits.is_empty() {
+            return Ok(());
+        }
+        let who = self.who(headers, crate::clock::now());
+        if spends {
+            self.route
+                .check_limits(
+                    Stage::Upstream,
+                    Counting::All,
+                    &who,
+                    &self.body,
+                    &mut st.admission,
+                )
+                .await?;
+        }
+        limits.peek_rest(&who, &mut st.admission);
+        Ok(())
+    }
+
+    /// The servers that may take the request: only those serving its model,
+    /// those having it loaded first, and its place on the ring under
+    /// `consistent_hash`. An error when the model is served nowhere and the
+    /// route rejects unknown models.
+    fn servers_for(
+        &self,
+        req: &Request<Incoming>,
+        exchange: Option<&Exchange>,
+        model: Option<&ModelName>,
+    ) -> Result<PickFilter, ProxyError> {
+        let pool = self.pool;
+        let mut filter = PickFilter {
+            hash: balance_hash(pool, req, exchange, self.host().as_deref()),
+            ..PickFilter::default()
+        };
+        match pool.state.models.choose(model) {
+            ModelChoice::Any => {}
+            ModelChoice::Among { serving, loaded } => {
+                filter.only = serving;
+                filter.prefer = loaded;
+            }
+            ModelChoice::Unknown { served } => {
+                if self.route.policy.unknown_model == UnknownModel::Reject {
+                    return Err(ProxyError::UnknownModel {
+                        upstream: pool.policy.name.clone(),
+                        model: model.map(|m| m.to_string()).unwrap_or_default(),
+                        served,
+                    });
+                }
+            }
+        }
+        Ok(filter)
+    }
+}
+
+impl Outgoing {
+    /// Sends the request (retrying where the pool may) and waits for the
+    /// answer's head: the answer, the lease its body comes on, and the index
+    /// of the server that gave it.
+    async fn send(
+        self,
+        pool: &UpstreamPool,
+    ) -> Result<(Box<Response<Incoming>>, ConnLease, usize), ProxyError> {
+        pool.send(
+            self.admitted,
+            self.req,
+            self.filter,
+            self.model.as_ref(),
+            self.preserve_host,
+        )
+        .await
+    }
+}
+
+/// A server, and a slot under `max_inflight_per_server`, waiting in line
+/// for one if need be; or the answer when there is none. A background
+/// refresh does not queue: without a free slot the stale answer goes out
+/// and a later request refreshes. Failing to get one in time, the stale
+/// answer goes out if the entry allows it.
+async fn take_slot(
+    st: &mut RequestState<'_>,
+    pool: &UpstreamPool,
+    filter: &PickFilter,
+    plan: &mut Upstream,
+) -> ControlFlow<Result<Response<ResponseBody>, ProxyError>, Admitted> {
+    if let Some(stale) = plan.serve_stale.take() {
+        return match pool.try_admit(filter) {
+            Some(admitted) => {
+                plan.serve_stale = Some(stale);
+                ControlFlow::Continue(admitted)
+            }
+            None => ControlFlow::Break(Ok(stale)),
+        };
+    }
+    match wait_for_slot(pool, filter, plan.exchange.as_ref()).await {
+        Ok(admitted) => ControlFlow::Continue(admitted),
+        Err(e) => {
+            // Nothing reached the upstream: nothing is spent.
+            st.admission.refund_all();
+            ControlFlow::Break(
+                match plan.exchange.as_ref().and_then(Exchange::stale_on_error) {
+                    Some(stale) => {
+                        st.rec.cache = CacheStatus::Stale.as_str();
+                        Ok(stale)
+                    }
+                    None => Err(e),
+                },
+            )
+        }
+    }
+}
+
+/// A slot for the request, waiting in line for one if need be. Identical
+/// requests behind this one wait with it, not time out.
+async fn wait_for_slot(
+    pool: &UpstreamPool,
+    filter: &PickFilter,
+    exchange: Option<&Exchange>,
+) -> Result<Admitted, ProxyError> {
+    let waiting = |queued| {
+        if queued {
+            crate::telemetry::queued(&pool.policy.name);
+        }
+        if let Some(ex) = exchange {
+            ex.queue(queued);
+        }
+    };
+    pool.admit(filter, waiting).await
+}
+
+/// Identical requests wait for this one: it runs in a task of its own,
+/// which this client leaving does not cancel. With `serve_stale`, the
+/// client has its answer already and the task only refreshes the entry.
+async fn lead(
+    st: &mut RequestState<'_>,
+    ex: Exchange,
+    pool: &Arc<UpstreamPool>,
+    out: Outgoing,
+    serve_stale: Option<Response<ResponseBody>>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let pool = pool.clone();
+    let send = async move {
+        let (resp, lease, index) = out.send(&pool).await?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(unasked_upgrade(pool.pick_at(index).server));
+        }
+        // Read by the exchange's own task into the followers' buffer
+        // (`cache/fill.rs`): no read-ahead of its own.
+        Ok(client_response(
+            *resp,
+            lease,
+            pool.policy.idle_timeout,
+            None,
+        ))
+    };
+    if let Some(stale) = serve_stale {
+        ex.refresh(send);
+        return Ok(stale);
+    }
+    let (resp, status) = boxed_in_place!(ex.lead(send)).await?;
+    st.rec.cache = status.as_str();
+    Ok(resp)
+}
+
+/// What `consistent_hash` places the request by: its cache key (its
+/// target when the route does not cache) or the pool's header. `None`
+/// for the other strategies, and for a request without the header.
+fn balance_hash(
+    pool: &UpstreamPool,
+    req: &Request<Incoming>,
+    exchange: Option<&Exchange>,
+    host: Option<&str>,
+) -> Option<u64> {
+    if pool.policy.balance != Balance::ConsistentHash {
+        return None;
+    }
+    // BLAKE3, not std's DefaultHasher: the ring must place a request alike
+    // on every proxy, whatever Rust version built it.
+    let mut h = blake3::Hasher::new();
+    match &pool.policy.hash_key {
+        HashKey::CacheKey => {
+            if let Some(key) = exchange.and_then(Exchange::key_hash) {
+                return Some(key);
+            }
+            let host = host.unwrap_or("");
+            h.update(&(host.len() as u64).to_le_bytes());
+            h.update(host.as_bytes());
+            h.update(
+                req.uri()
+                    .path_and_query()
+                    .map_or("", |pq| pq.as_str())
+                    .as_bytes(),
+            );
+        }
+        HashKey::Header(name) => {
+            h.update(req.headers().get(name)?.as_bytes());
+        }
+    }
+    let digest = h.finalize();
+    Some(u64::from_le_bytes(
+        digest.as_bytes()[..8].try_into().expect("8 bytes"),
+    ))
+}
+
+/// The upstream's response as the client gets it: hop-by-hop headers gone,
+/// the body under the upstream's idle timeout.
+pub(super) fn client_response(
+    resp: Response<Incoming>,
+    lease: ConnLease,
+    idle: std::time::Duration,
+    read_ahead: Option<&ReadAheadLimits>,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.remove(header::CONTENT_LENGTH).is_some()
+    {
+        // RFC 9112 §6.3: Transfer-Encoding wins and Content-Length must go,
+        // or the client (and the cache) would frame the body by a length
+        // the upstream did not use.
+        crate::telemetry::upstream_fault("te_and_content_length");
+    }
+    headers::strip_hop_by_hop(&mut parts.headers);
+    // The client's connection has its own version; an HTTP/1.0 upstream
+    // must not turn the client's response into HTTP/1.0.
+    parts.version = Version::HTTP_11;
+    Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, Box::new(lease), idle, read_ahead),
+    )
+}
+
+/// A 101 to a request that asked for no upgrade: the upstream is broken.
+pub(super) fn unasked_upgrade(server: &UpstreamServer) -> ProxyError {
+    ProxyError::UpstreamFailed {
+        server: server.url.to_string(),
+        reason: "101 Switching Protocols to a request that asked for no upgrade".into(),
+    }
+}

@@ -1,0 +1,152 @@
+//! What every answer gets on its way out: the route's response rewrite,
+//! compression, the token meter that settles the request's reservation,
+//! errors as JSON, the request id, the limiters' headers, the HTTP/2
+//! stall watchdog.
+//!
+//! Does not own how any of these work (`headers`, `compress`,
+//! `limits::TokenMeter`, `error`, `conn`): only that each answer gets them,
+//! in this order.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::{Proxy, RequestState};
+use crate::access_log::AccessRecord;
+use crate::body::ResponseBody;
+use crate::compress;
+use crate::error::{ProxyError, TimeoutPhase};
+use crate::headers::{X_CACHE, X_REQUEST_ID};
+use crate::limits::{Admission, TokenMeter, TokenSpend};
+use crate::progress::StallWatch;
+use crate::protect::Deadline;
+
+/// The token reservations still open once the answer (or the error) is
+/// known: `None` when there are none, or when they are settled here. An
+/// error settles them at zero, except a timeout waiting for the answer's
+/// head: the backend may have worked all along, so the reservation stands.
+/// Other failures (connect timeouts included) generated nothing.
+pub(super) fn spends_left(
+    admission: &mut Admission,
+    forwarded: &Result<Response<ResponseBody>, ProxyError>,
+) -> Option<Vec<TokenSpend>> {
+    let spends = admission.take_token_spends();
+    if spends.is_empty() {
+        return None;
+    }
+    match forwarded {
+        Ok(_) => Some(spends),
+        Err(ProxyError::UpstreamTimeout {
+            phase: TimeoutPhase::ResponseHead,
+            ..
+        }) => None,
+        Err(_) => {
+            spends.iter().for_each(|s| s.settle(0));
+            None
+        }
+    }
+}
+
+impl Proxy {
+    /// The client's `Accept-Encoding`, kept for compression before the
+    /// request is consumed (empty when the policy does not compress).
+    pub(super) fn kept_accept_encoding(&self, req: &Request<Incoming>) -> HeaderMap {
+        let mut accept = HeaderMap::new();
+        if self.policy.compression.is_some() {
+            for v in req.headers().get_all(header::ACCEPT_ENCODING) {
+                accept.append(header::ACCEPT_ENCODING, v.clone());
+            }
+        }
+        accept
+    }
+
+    /// What the upstream or the cache answered, as the route wants clients
+    /// to see it (Hyperion's own errors are left alone): rewritten,
+    /// compressed, and metered for the tokens it reports (the meter reads
+    /// the body before any coding).
+    pub(super) async fn shape(
+        &self,
+        st: &mut RequestState<'_>,
+        resp: &mut Response<ResponseBody>,
+        accept: &HeaderMap,
+        head_only: bool,
+        spends: Option<Vec<TokenSpend>>,
+    ) -> Result<(), ProxyError> {
+        let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let mut rewritten = false;
+        if let Some(rw) = st.rewrite.take().filter(|_| !upgraded) {
+            rewritten = rw.rewrites_responses();
+            rw.apply_response(resp.headers_mut());
+        }
+        if let Some(cp) = self.policy.compression.as_ref().filter(|_| !upgraded) {
+            compress::encode_response(cp, accept, head_only, rewritten, &self.cache, resp).await?;
+        }
+        // Settled with the answer's usage when its body ends.
+        if let Some(spends) = spends {
+            let ct = resp.headers().get(header::CONTENT_TYPE);
+            let meter = TokenMeter::new(
+                spends,
+                ct.map(|v| v.as_bytes()),
+                resp.status().is_success(),
+                st.admission.estimate.map_or(0, |(_, prompt)| prompt),
+            );
+            resp.body_mut().meter(meter);
+        }
+        Ok(())
+    }
+
+    /// An error as the client gets it: JSON, with the cache's status when
+    /// the cache had a say.
+    pub(super) fn failed(
+        &self,
+        st: &mut RequestState<'_>,
+        e: ProxyError,
+    ) -> Response<ResponseBody> {
+        if let ProxyError::BodyTimeout { .. } = e {
+            self.protect.cut.count(Deadline::BodyRead);
+        }
+        let rec: &mut AccessRecord = st.rec;
+        let id = rec.request_id.to_str().unwrap_or("-");
+        if e.status().is_server_error() {
+            tracing::warn!(request_id = id, "{e}");
+        } else {
+            tracing::debug!(request_id = id, "{e}");
+        }
+        rec.error = Some(e.code());
+        let mut resp = e.into_response(&rec.request_id).map(ResponseBody::full);
+        if rec.cache != "-" {
+            resp.headers_mut()
+                .insert(X_CACHE, HeaderValue::from_static(rec.cache));
+        }
+        resp
+    }
+
+    /// What every answer carries, errors included: the request id and the
+    /// limiters' headers; on HTTP/2, a watchdog holding a stream the client
+    /// stalls to `send_timeout`.
+    pub(super) fn finish(
+        &self,
+        st: &mut RequestState<'_>,
+        resp: &mut Response<ResponseBody>,
+        request_id: HeaderValue,
+        h2: bool,
+    ) {
+        st.rec.status = resp.status().as_u16();
+        resp.headers_mut().insert(X_REQUEST_ID, request_id);
+        if let Some(limit) = &st.admission.headers {
+            limit.apply(resp.headers_mut());
+        }
+        if h2 && resp.body().holds_upstream() {
+            // HTTP/2 clients can stall a stream without blocking a write.
+            let watch = Arc::new(StallWatch::new());
+            resp.body_mut().watch_progress(watch.clone());
+            crate::conn::watch_stream(
+                st.conn.state.clone(),
+                watch,
+                self.policy.server.send_timeout,
+            );
+        }
+    }
+}
