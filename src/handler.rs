@@ -43,7 +43,7 @@ use crate::route::RouteTable;
 use crate::upstream::fleet::Fleet;
 use crate::upstream::UpstreamPool;
 
-use self::cached::Plan;
+use self::cached::{Plan, Upstream};
 
 /// A running policy: routes resolved to their upstream pools.
 pub struct Proxy {
@@ -222,20 +222,55 @@ impl Proxy {
             let mut arrival = self.arrive(st, &mut req, &fields)?;
             // Request-count limits, then the body (when a step needs it),
             // then token limits.
-            arrival.admit(self, st, &mut req).await?;
+            if arrival.needs_admission(&req) {
+                arrival.admit(self, st, &mut req).await?;
+            }
             // The cache: answer from it, or learn how to treat the
             // upstream's answer.
-            let plan = match arrival.cache_policy() {
-                Some(policy) => arrival.consult_cache(self, st, &req, policy).await?,
-                None => Plan::upstream(),
+            let mut plan = Upstream::default();
+            if let Some(policy) = arrival.cache_policy() {
+                match arrival.consult_cache(self, st, &req, policy).await? {
+                    Plan::Answered(resp) => return Ok(resp),
+                    Plan::Upstream(upstream) => plan = upstream,
+                }
+            }
+            // The limiters that count only what goes upstream. A background
+            // refresh behind a stale answer is the proxy's own errand and
+            // spends nothing.
+            if arrival.arrived.is_some() {
+                let spends = plan.serve_stale.is_none();
+                arrival.upstream_limits(st, req.headers(), spends).await?;
+            }
+            // A server and a slot there.
+            let Some(slot) = self.take_server(st, &mut arrival, &req, &mut plan).await? else {
+                return Ok(plan
+                    .serve_stale
+                    .take()
+                    .expect("take_server leaves the answer"));
             };
-            let upstream = match plan {
-                Plan::Answered(resp) => return Ok(resp),
-                Plan::Upstream(upstream) => upstream,
+            // The request as the upstream gets it.
+            let exchange = plan.exchange.as_mut();
+            let req = self.upstream_request(st, &mut arrival, req, &fields, &slot, exchange);
+            let preserve_host = arrival.route.policy.preserve_host;
+            let pool = arrival.pool;
+            if let Some(ex) = plan.exchange.take_if(|ex| ex.leads()) {
+                let stale = plan.serve_stale.take();
+                return dispatch::lead(st, ex, pool, (slot, req, preserve_host), stale).await;
+            }
+            // Sent here, not in a step's function: see `dispatch.rs`.
+            let model = slot.model.as_ref();
+            let sent = pool
+                .send(slot.admitted, req, slot.filter, model, preserve_host)
+                .await;
+            let resp = self.answer(st, &mut arrival, sent, &mut plan, slot.planned)?;
+            // On a caching route, the answer goes through the exchange:
+            // stored, revalidated, shared with identical requests.
+            let Some(ex) = plan.exchange.take() else {
+                return Ok(resp);
             };
-            // Upstream limits, a server and a slot, the request, the answer.
-            self.dispatch(st, &mut arrival, req, &fields, upstream)
-                .await
+            let (resp, status) = boxed_in_place!(ex.respond(resp)).await;
+            st.rec.cache = status.as_str();
+            Ok(resp)
         }
     }
 }

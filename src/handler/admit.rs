@@ -205,6 +205,27 @@ impl<'p> Arrival<'p> {
         Ok(())
     }
 
+    /// Whether `admit` has anything to do: limiters to check, or a body to
+    /// read. (Asked first so that a request with neither does not make,
+    /// and copy, `admit`'s future.)
+    pub fn needs_admission(&self, req: &Request<Incoming>) -> bool {
+        self.arrived.is_some() || self.needs_body(req)
+    }
+
+    fn body_keyed(&self) -> bool {
+        self.cache_policy()
+            .is_some_and(|p| p.body_key != BodyKey::None)
+    }
+
+    /// Whether a step needs the body whole: the cache key, the model, a
+    /// token estimate.
+    fn needs_body(&self, req: &Request<Incoming>) -> bool {
+        let wanted = self.body_keyed()
+            || self.pool.state.models.routes_by_model()
+            || self.route.limits.counts_tokens();
+        wanted && !http_body::Body::is_end_stream(req.body())
+    }
+
     /// The route's arrival limits: request counts first (a refused client
     /// costs no body read), then the body when a step needs it whole, then
     /// token limits (which estimate from it).
@@ -257,15 +278,11 @@ impl<'p> Arrival<'p> {
         req: &mut Request<Incoming>,
     ) -> Result<(), ProxyError> {
         let route = self.route;
-        let body_keyed = self
-            .cache_policy()
-            .is_some_and(|p| p.body_key != BodyKey::None);
-        let by_model = self.pool.state.models.routes_by_model();
-        let reads_body = (body_keyed || by_model || route.limits.counts_tokens())
-            && !http_body::Body::is_end_stream(req.body());
-        if !reads_body {
+        if !self.needs_body(req) {
             return Ok(());
         }
+        let body_keyed = self.body_keyed();
+        let by_model = self.pool.state.models.routes_by_model();
         if let Some(at) = self.arrived {
             // A client already out of its request budget would be refused
             // upstream: refuse it before reading its body.

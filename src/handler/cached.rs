@@ -38,13 +38,6 @@ pub(super) struct Upstream {
     pub serve_stale: Option<Response<ResponseBody>>,
 }
 
-impl Plan {
-    /// A request the cache has nothing to do with.
-    pub fn upstream() -> Plan {
-        Plan::Upstream(Upstream::default())
-    }
-}
-
 impl Arrival<'_> {
     /// Asks the cache, under the route's cache rules. Waiting behind an
     /// identical request may end with that request failing: then it looks

@@ -8,7 +8,7 @@
 //! headers' rules (`headers`) or what the exchange does with the answer
 //! (`cache`).
 
-use std::ops::ControlFlow;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderValue};
@@ -28,76 +28,90 @@ use crate::upstream::balance::PickFilter;
 use crate::upstream::models::{ModelChoice, ModelName};
 use crate::upstream::{Admitted, ConnLease, UpstreamPool};
 
-/// A request ready for the server it was admitted to.
-struct Outgoing {
-    admitted: Admitted,
-    /// Boxed once, here: it passes down four layers (send, attempt,
-    /// exchange, the connection), each of which would otherwise copy it.
-    req: Box<Request<RequestBody>>,
+/// A server for the request, and its slot there.
+pub(super) struct Slot {
+    pub admitted: Admitted,
     /// Where retries may go.
-    filter: PickFilter,
-    model: Option<ModelName>,
-    preserve_host: bool,
+    pub filter: PickFilter,
+    pub model: Option<ModelName>,
+    /// The server the balancer chose (retries may end elsewhere).
+    pub planned: usize,
 }
 
+// The upstream step's functions are called in turn by `forward`, not one
+// from another: each async fn level around `UpstreamPool::send` would
+// copy that future (kilobytes) once more on every request.
 impl Proxy {
-    /// Takes the request upstream and returns the answer the client gets.
-    pub(super) async fn dispatch(
+    /// A server and a slot for the request. `None` when a stale answer goes out
+    /// instead (in `plan.serve_stale`): the model is served nowhere, or no
+    /// slot was free for a background refresh, or none came in time and
+    /// the entry may be served stale on error.
+    pub(super) async fn take_server(
         &self,
         st: &mut RequestState<'_>,
         arrival: &mut Arrival<'_>,
-        req: Request<Incoming>,
-        fields: &RequestFields,
-        mut plan: Upstream,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        // A background refresh behind a stale answer is the proxy's own
-        // errand and spends nothing.
-        let spends = plan.serve_stale.is_none();
-        arrival.upstream_limits(st, req.headers(), spends).await?;
+        req: &Request<Incoming>,
+        plan: &mut Upstream,
+    ) -> Result<Option<Slot>, ProxyError> {
         let pool = arrival.pool;
         let model = arrival.facts.model.take();
-        let filter = match arrival.servers_for(&req, plan.exchange.as_ref(), model.as_ref()) {
+        let filter = match arrival.servers_for(req, plan.exchange.as_ref(), model.as_ref()) {
             Ok(filter) => filter,
             Err(e) => {
                 // Nothing reached the upstream: nothing is spent.
                 st.admission.refund_all();
-                return plan.serve_stale.ok_or(e);
+                return if plan.serve_stale.is_some() {
+                    Ok(None)
+                } else {
+                    Err(e)
+                };
             }
         };
-        let admitted = match take_slot(st, pool, &filter, &mut plan).await {
-            ControlFlow::Continue(admitted) => admitted,
-            ControlFlow::Break(answer) => return answer,
+        // A background refresh does not queue: without a free slot the
+        // stale answer goes out and a later request refreshes.
+        let admitted = if plan.serve_stale.is_some() {
+            match pool.try_admit(&filter) {
+                Some(admitted) => admitted,
+                None => return Ok(None),
+            }
+        } else {
+            match wait_for_slot(pool, &filter, plan.exchange.as_ref()).await {
+                Ok(admitted) => admitted,
+                Err(e) => {
+                    // Nothing reached the upstream: nothing is spent.
+                    st.admission.refund_all();
+                    let ex = plan.exchange.as_ref();
+                    plan.serve_stale = Some(ex.and_then(Exchange::stale_on_error).ok_or(e)?);
+                    st.rec.cache = CacheStatus::Stale.as_str();
+                    return Ok(None);
+                }
+            }
         };
-        let planned = pool.pick_at(admitted.index);
-        st.rec.upstream = Some(planned.server.url.clone());
-        let exchange = plan.exchange.as_mut();
-        let out = Outgoing {
-            req: self.upstream_request(st, arrival, req, fields, planned.server, exchange),
+        let planned = admitted.index;
+        st.rec.upstream = Some(pool.pick_at(planned).server.url.clone());
+        Ok(Some(Slot {
             admitted,
             filter,
             model,
-            preserve_host: arrival.route.policy.preserve_host,
-        };
-        self.answer(st, arrival, out, plan, planned.index).await
+            planned,
+        }))
     }
 
-    /// Sends the request and makes the client's answer of the upstream's:
-    /// through the exchange when the route caches (leading identical
-    /// requests, or refreshing behind a stale answer), a stale answer when
-    /// the upstream fails and the entry allows it, a tunnel for a 101.
-    async fn answer(
+    /// The client's answer made of the upstream's (hop-by-hop fields gone),
+    /// or a stale answer when the upstream failed and the entry allows it,
+    /// or a 101 with the tunnel started. The exchange, when the route
+    /// caches, is left in `plan` for the answer to go through; it is taken
+    /// when this answers by itself.
+    pub(super) fn answer(
         &self,
         st: &mut RequestState<'_>,
         arrival: &mut Arrival<'_>,
-        out: Outgoing,
-        mut plan: Upstream,
+        sent: Result<(Box<Response<Incoming>>, ConnLease, usize), ProxyError>,
+        plan: &mut Upstream,
         planned: usize,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let pool = arrival.pool;
-        if let Some(ex) = plan.exchange.take_if(|ex| ex.leads()) {
-            return lead(st, ex, pool, out, plan.serve_stale).await;
-        }
-        let (resp, lease) = match out.send(pool).await {
+        let (resp, lease) = match sent {
             Ok((resp, lease, index)) => {
                 // Another server than planned, after a retry.
                 if index != planned {
@@ -106,7 +120,8 @@ impl Proxy {
                 (resp, lease)
             }
             Err(e) => {
-                let Some(stale) = plan.exchange.as_ref().and_then(Exchange::stale_on_error) else {
+                let ex = plan.exchange.take();
+                let Some(stale) = ex.as_ref().and_then(Exchange::stale_on_error) else {
                     return Err(e);
                 };
                 st.admission.refund_all();
@@ -117,23 +132,16 @@ impl Proxy {
             }
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            plan.exchange = None;
             let server = pool.pick_at(planned).server;
             return self.tunnel(st, arrival, *resp, lease, server);
         }
-        let resp = client_response(
+        Ok(client_response(
             *resp,
             lease,
             pool.policy.idle_timeout,
             self.read_ahead.as_ref(),
-        );
-        match plan.exchange {
-            Some(ex) => {
-                let (resp, status) = boxed_in_place!(ex.respond(resp)).await;
-                st.rec.cache = status.as_str();
-                Ok(resp)
-            }
-            None => Ok(resp),
-        }
+        ))
     }
 
     /// The request as the upstream gets it: hop-by-hop fields gone, the
@@ -141,15 +149,16 @@ impl Proxy {
     /// the client's), the route's rewrite, the cache's validators, and the
     /// body: the one read ahead, or the client's stream under the body
     /// limits.
-    fn upstream_request(
+    pub(super) fn upstream_request(
         &self,
         st: &RequestState<'_>,
         arrival: &mut Arrival<'_>,
         req: Request<Incoming>,
         fields: &RequestFields,
-        server: &UpstreamServer,
+        slot: &Slot,
         exchange: Option<&mut Exchange>,
     ) -> Box<Request<RequestBody>> {
+        let server = arrival.pool.pick_at(slot.planned).server;
         let (mut parts, body) = req.into_parts();
         let h = &mut parts.headers;
         if fields.hop_by_hop {
@@ -213,7 +222,7 @@ impl Arrival<'_> {
     /// The limiters that let cache hits through count now (unless `spends`
     /// is false), and the answer carries the most constrained bucket's
     /// headers.
-    async fn upstream_limits(
+    pub async fn upstream_limits(
         &self,
         st: &mut RequestState<'_>,
         headers: &HeaderMap,
@@ -251,7 +260,7 @@ impl Arrival<'_> {
     ) -> Result<PickFilter, ProxyError> {
         let pool = self.pool;
         let mut filter = PickFilter {
-            hash: balance_hash(pool, req, exchange, self.host().as_deref()),
+            hash: balance_hash(pool, req, exchange, || self.host()),
             ..PickFilter::default()
         };
         match pool.state.models.choose(model) {
@@ -271,63 +280,6 @@ impl Arrival<'_> {
             }
         }
         Ok(filter)
-    }
-}
-
-impl Outgoing {
-    /// Sends the request (retrying where the pool may) and waits for the
-    /// answer's head: the answer, the lease its body comes on, and the index
-    /// of the server that gave it.
-    async fn send(
-        self,
-        pool: &UpstreamPool,
-    ) -> Result<(Box<Response<Incoming>>, ConnLease, usize), ProxyError> {
-        pool.send(
-            self.admitted,
-            self.req,
-            self.filter,
-            self.model.as_ref(),
-            self.preserve_host,
-        )
-        .await
-    }
-}
-
-/// A server, and a slot under `max_inflight_per_server`, waiting in line
-/// for one if need be; or the answer when there is none. A background
-/// refresh does not queue: without a free slot the stale answer goes out
-/// and a later request refreshes. Failing to get one in time, the stale
-/// answer goes out if the entry allows it.
-async fn take_slot(
-    st: &mut RequestState<'_>,
-    pool: &UpstreamPool,
-    filter: &PickFilter,
-    plan: &mut Upstream,
-) -> ControlFlow<Result<Response<ResponseBody>, ProxyError>, Admitted> {
-    if let Some(stale) = plan.serve_stale.take() {
-        return match pool.try_admit(filter) {
-            Some(admitted) => {
-                plan.serve_stale = Some(stale);
-                ControlFlow::Continue(admitted)
-            }
-            None => ControlFlow::Break(Ok(stale)),
-        };
-    }
-    match wait_for_slot(pool, filter, plan.exchange.as_ref()).await {
-        Ok(admitted) => ControlFlow::Continue(admitted),
-        Err(e) => {
-            // Nothing reached the upstream: nothing is spent.
-            st.admission.refund_all();
-            ControlFlow::Break(
-                match plan.exchange.as_ref().and_then(Exchange::stale_on_error) {
-                    Some(stale) => {
-                        st.rec.cache = CacheStatus::Stale.as_str();
-                        Ok(stale)
-                    }
-                    None => Err(e),
-                },
-            )
-        }
     }
 }
 
@@ -352,16 +304,24 @@ async fn wait_for_slot(
 /// Identical requests wait for this one: it runs in a task of its own,
 /// which this client leaving does not cancel. With `serve_stale`, the
 /// client has its answer already and the task only refreshes the entry.
-async fn lead(
+pub(super) async fn lead(
     st: &mut RequestState<'_>,
     ex: Exchange,
     pool: &Arc<UpstreamPool>,
-    out: Outgoing,
+    (slot, req, preserve_host): (Slot, Box<Request<RequestBody>>, bool),
     serve_stale: Option<Response<ResponseBody>>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let pool = pool.clone();
     let send = async move {
-        let (resp, lease, index) = out.send(&pool).await?;
+        let Slot {
+            admitted,
+            filter,
+            model,
+            ..
+        } = slot;
+        let (resp, lease, index) = pool
+            .send(admitted, req, filter, model.as_ref(), preserve_host)
+            .await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return Err(unasked_upgrade(pool.pick_at(index).server));
         }
@@ -386,11 +346,11 @@ async fn lead(
 /// What `consistent_hash` places the request by: its cache key (its
 /// target when the route does not cache) or the pool's header. `None`
 /// for the other strategies, and for a request without the header.
-fn balance_hash(
+fn balance_hash<'a>(
     pool: &UpstreamPool,
     req: &Request<Incoming>,
     exchange: Option<&Exchange>,
-    host: Option<&str>,
+    host: impl FnOnce() -> Option<Cow<'a, str>>,
 ) -> Option<u64> {
     if pool.policy.balance != Balance::ConsistentHash {
         return None;
@@ -403,7 +363,9 @@ fn balance_hash(
             if let Some(key) = exchange.and_then(Exchange::key_hash) {
                 return Some(key);
             }
-            let host = host.unwrap_or("");
+            // Worked out only here: it costs a scan of the Host header.
+            let host = host();
+            let host = host.as_deref().unwrap_or("");
             h.update(&(host.len() as u64).to_le_bytes());
             h.update(host.as_bytes());
             h.update(

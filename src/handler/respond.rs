@@ -81,7 +81,11 @@ impl Proxy {
             rw.apply_response(resp.headers_mut());
         }
         if let Some(cp) = self.policy.compression.as_ref().filter(|_| !upgraded) {
-            compress::encode_response(cp, accept, head_only, rewritten, &self.cache, resp).await?;
+            // Boxed where awaited: inline, its size would be carried (and
+            // copied) by every request's future, uncompressed ones included.
+            let encode =
+                compress::encode_response(cp, accept, head_only, rewritten, &self.cache, resp);
+            boxed_in_place!(encode).await?;
         }
         // Settled with the answer's usage when its body ends.
         if let Some(spends) = spends {
