@@ -31,6 +31,7 @@ pub mod error;
 pub mod generation;
 pub mod handler;
 pub mod headers;
+pub mod instance;
 pub mod limits;
 pub mod path;
 pub mod policy;
@@ -45,5 +46,6 @@ pub mod upstream;
 
 pub use access_log::LogSink;
 pub use handler::Proxy;
+pub use instance::{Server, ServerBuilder, StartError};
 pub use policy::{Policy, PolicyError};
 pub use server::{serve, serve_on, Transport};

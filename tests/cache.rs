@@ -175,8 +175,11 @@ stream = "record""#,
     );
     let writer = streams.recv().await.unwrap();
     writer.send("{\"response\":\"a\",\"done\":false}\n").await;
-    writer.fail().await;
+    // Cut once the client has the head: cut before hyper flushed it, the
+    // client would see the connection close instead (as it would from any
+    // server).
     let resp = pending.await.unwrap().unwrap();
+    writer.fail().await;
     assert!(
         resp.into_body().collect().await.is_err(),
         "the client sees the cut"

@@ -19,12 +19,12 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyperion::generation::{follow, Generation, LiveProxy, Reloader};
+use hyperion::generation::Reloader;
 use hyperion::{LogSink, Policy};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -316,7 +316,8 @@ pub struct TestProxy {
     /// The TLS listener's address, when the policy has `[server.tls]`.
     pub tls: Option<SocketAddr>,
     logs: std::sync::mpsc::Receiver<String>,
-    stop: Option<oneshot::Sender<()>>,
+    server: Arc<hyperion::Server>,
+    /// Resolves when the drain is over.
     pub done: Option<JoinHandle<()>>,
 }
 
@@ -335,53 +336,32 @@ impl TestProxy {
         TestProxy::serve(policy, path).await
     }
 
+    /// The proxy as `hyperion` runs it (`hyperion::Server`: worker
+    /// threads, the operations thread, the admin API), with one worker so
+    /// that connection counts are the pool's, on fresh loopback ports.
     async fn serve(policy: Policy, path: &std::path::Path) -> TestProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (log_tx, logs) = std::sync::mpsc::sync_channel(10_000);
-        let has_admin = policy.admin.is_some();
-        let has_tls = policy.server.tls.is_some();
-        hyperion::telemetry::install();
-        let first = Generation::first(policy, LogSink::Channel(log_tx));
-        let (cache, fleet) = (first.cache.clone(), first.fleet.clone());
-        let reloader = Reloader::new(path, first, tokio::runtime::Handle::current());
-        let live = Arc::new(LiveProxy::from_pointee(reloader.current().proxy(None)));
-        tokio::spawn(follow(live.clone(), reloader.subscribe()));
-        let admin = if has_admin {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let admin_addr = l.local_addr().unwrap();
-            tokio::spawn(hyperion::admin::serve(
-                l,
-                reloader.clone(),
-                std::future::pending(),
-            ));
-            Some(admin_addr)
-        } else {
-            None
-        };
-        let mut listeners = vec![(listener, hyperion::Transport::Plain)];
-        let tls = if has_tls {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let tls_addr = l.local_addr().unwrap();
-            listeners.push((l, hyperion::Transport::Tls));
-            Some(tls_addr)
-        } else {
-            None
-        };
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let done = tokio::spawn(hyperion::serve_on(listeners, live, async {
-            let _ = stop_rx.await;
-        }));
+        let server = hyperion::Server::builder(policy, path)
+            .log(LogSink::Channel(log_tx))
+            .workers(1)
+            .loopback()
+            .start()
+            .unwrap_or_else(|e| panic!("the proxy did not start: {e}"));
+        let server = Arc::new(server);
+        let first = server.reloader().current();
+        let drained = server.clone();
         TestProxy {
-            addr,
-            cache,
-            fleet,
-            reloader,
-            admin,
-            tls,
+            addr: server
+                .addr(hyperion::Transport::Plain)
+                .expect("a plain listener"),
+            cache: first.cache.clone(),
+            fleet: first.fleet.clone(),
+            reloader: server.reloader().clone(),
+            admin: server.admin_addr(),
+            tls: server.addr(hyperion::Transport::Tls),
             logs,
-            stop: Some(stop_tx),
-            done: Some(done),
+            done: Some(tokio::spawn(async move { drained.drained().await })),
+            server,
         }
     }
 
@@ -397,9 +377,7 @@ impl TestProxy {
 
     /// Starts the graceful shutdown (like SIGTERM).
     pub fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.server.shutdown();
     }
 
     /// Access-log lines written so far, parsed.
@@ -426,6 +404,8 @@ impl TestProxy {
 
 impl Drop for TestProxy {
     fn drop(&mut self) {
+        // The drain goes on, on the proxy's threads, after the test.
+        self.server.shutdown();
         if let Some(done) = self.done.take() {
             done.abort();
         }
