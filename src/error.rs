@@ -185,7 +185,7 @@ impl ProxyError {
     /// The response the client receives: status, JSON body, request id.
     /// (The body as bytes: the handler wraps it in its body type, so this
     /// module needs nothing of `body`.)
-    pub fn into_response(&self, request_id: &HeaderValue) -> Response<Bytes> {
+    pub fn to_response(&self, request_id: &HeaderValue) -> Response<Bytes> {
         let mut body = serde_json::json!({
             "error": {
                 "code": self.code(),

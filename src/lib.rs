@@ -2,8 +2,17 @@
 //! servers, FastAPI), driven by one policy file.
 //!
 //! The library holds everything; the `hyperion` binary only parses arguments,
-//! loads the policy, binds listeners and handles signals. Tests start the proxy
-//! in-process through [`serve`] on listeners bound to port 0.
+//! sets up logging and runs a [`Server`] until a signal. The tests start the
+//! same [`Server`] on loopback ports.
+//!
+//! The public surface is what the tests, benches and fuzz targets use:
+//! [`Server`] and [`Policy`] to run a proxy; [`serve_on`] to run one worker's
+//! connections on listeners of your own (the `stream_delay` bench);
+//! `generation` (policy generations and reloads); and the modules whose
+//! parts are measured or fuzzed alone: `cache`, `coding`, `compress`,
+//! `limits`, `path`, `policy`, `protect`, `shared`, `telemetry`, `upstream`.
+//! The request path (`handler`), connections (`server`, `conn`), bodies,
+//! headers, the admin API and the access log are the crate's own.
 #![forbid(unsafe_code)]
 
 /// Boxes a future built in its box: the allocation comes first, so the
@@ -19,29 +28,29 @@ macro_rules! boxed_in_place {
     };
 }
 
-pub mod access_log;
-pub mod admin;
-pub mod body;
+pub(crate) mod access_log;
+pub(crate) mod admin;
+pub(crate) mod body;
 pub mod cache;
-pub mod clock;
+pub(crate) mod clock;
 pub mod coding;
 pub mod compress;
-pub mod conn;
-pub mod error;
+pub(crate) mod conn;
+pub(crate) mod error;
 pub mod generation;
-pub mod handler;
-pub mod headers;
-pub mod instance;
+pub(crate) mod handler;
+pub(crate) mod headers;
+pub(crate) mod instance;
 pub mod limits;
 pub mod path;
 pub mod policy;
-pub mod progress;
+pub(crate) mod progress;
 pub mod protect;
-pub mod route;
-pub mod server;
+pub(crate) mod route;
+pub(crate) mod server;
 pub mod shared;
 pub mod telemetry;
-pub mod tunnel;
+pub(crate) mod tunnel;
 pub mod upstream;
 
 pub use access_log::LogSink;

@@ -119,7 +119,7 @@ impl Proxy {
             tracing::debug!(request_id = id, "{e}");
         }
         rec.error = Some(e.code());
-        let mut resp = e.into_response(&rec.request_id).map(ResponseBody::full);
+        let mut resp = e.to_response(&rec.request_id).map(ResponseBody::full);
         if rec.cache != "-" {
             resp.headers_mut()
                 .insert(X_CACHE, HeaderValue::from_static(rec.cache));
