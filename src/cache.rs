@@ -507,7 +507,7 @@ impl Cache {
         let entry = stored.entry()?.clone();
         // Only a fresh one is worth taking: an equally stale copy (the same
         // entry, read back) changes nothing.
-        if !entry.is_fresh(Instant::now())
+        if !entry.is_fresh(crate::clock::now_std())
             || entry.stored_at <= than.stored_at
             || !entry.vary_matches(req)
         {

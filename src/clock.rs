@@ -17,6 +17,16 @@
 //! streams, which run in tasks of their own, tests) every call reads the
 //! clock.
 //!
+//! It is the one clock that decisions read: the cache's freshness and ages,
+//! the limiters' buckets, ejection and health windows, connection checkout.
+//! Tests built with the `test-clock` feature can move a running server's
+//! clock forward ([`Skew`]): every reading on that server's threads is
+//! then that much later, so a test sees an entry go stale or a server come
+//! back without sleeping through the TTL. Timers (tokio's sleeps and
+//! timeouts: deadlines of phases, the drain) are not moved by it; tests of
+//! those wait for them. Wall-clock time (`Date`, `Age` arithmetic) comes
+//! from [`wall`], moved alike.
+//!
 //! Owns the reading, not what it is used for: timeouts, latencies and the
 //! access log stay with their modules. The access log's duration takes a
 //! reading of its own, so a request answered within one pass (a cache hit)
@@ -45,14 +55,91 @@ thread_local! {
 #[inline]
 pub fn now() -> Instant {
     PASS.with(|pass| match pass.get() {
-        Reading::Outside => Instant::now(),
+        Reading::Outside => read(),
         Reading::Due => {
-            let t = Instant::now();
+            let t = read();
             pass.set(Reading::Taken(t));
             t
         }
         Reading::Taken(t) => t,
     })
+}
+
+/// `now()` as the standard library's type (the cache's entries keep it).
+#[inline]
+pub fn now_std() -> std::time::Instant {
+    now().into_std()
+}
+
+/// The wall-clock time, moved as `now()` is.
+pub fn wall() -> std::time::SystemTime {
+    std::time::SystemTime::now() + skew::get()
+}
+
+#[inline]
+fn read() -> Instant {
+    #[cfg(feature = "test-clock")]
+    return Instant::now() + skew::get();
+    #[cfg(not(feature = "test-clock"))]
+    Instant::now()
+}
+
+/// How far a test has moved this thread's server's clock. (Without the
+/// `test-clock` feature it is carried but never read.)
+#[derive(Clone, Default)]
+#[cfg_attr(not(feature = "test-clock"), allow(dead_code))]
+pub struct Skew(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+#[cfg_attr(not(feature = "test-clock"), allow(dead_code))]
+impl Skew {
+    /// Moves the clock of every thread that installed this skew forward.
+    pub fn advance(&self, by: std::time::Duration) {
+        let ns = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.0.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// This thread's readings follow `self` from now on (a server's
+    /// threads, as they start).
+    pub fn install(&self) {
+        skew::install(self);
+    }
+}
+
+#[cfg(feature = "test-clock")]
+mod skew {
+    use std::cell::RefCell;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    thread_local! {
+        static THIS_THREAD: RefCell<Option<super::Skew>> = const { RefCell::new(None) };
+    }
+
+    pub fn install(skew: &super::Skew) {
+        THIS_THREAD.with(|t| *t.borrow_mut() = Some(skew.clone()));
+    }
+
+    pub fn get() -> Duration {
+        THIS_THREAD.with(|t| {
+            t.borrow().as_ref().map_or(Duration::ZERO, |s| {
+                Duration::from_nanos(s.0.load(Ordering::Relaxed))
+            })
+        })
+    }
+}
+
+/// Without the `test-clock` feature the clock cannot be moved: readings
+/// cost nothing more.
+#[cfg(not(feature = "test-clock"))]
+mod skew {
+    use std::time::Duration;
+
+    pub fn install(_: &super::Skew) {}
+
+    #[inline(always)]
+    pub fn get() -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// One poll of a connection's task, from `begin` until dropped (also on a

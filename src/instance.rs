@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::access_log::LogSink;
+use crate::clock::Skew;
 use crate::generation::{follow, notify_service_manager, Generation, LiveProxy, Reloader};
 use crate::policy::Policy;
 use crate::server::{serve_on, Transport};
@@ -39,6 +40,8 @@ pub struct Server {
     /// How many workers have finished their drain.
     finished: Arc<watch::Sender<usize>>,
     started: usize,
+    /// What every reading of `clock` on this server's threads adds.
+    skew: Skew,
 }
 
 /// Why a server did not start: a message for the operator, naming the
@@ -82,6 +85,13 @@ impl Server {
     /// The admin API's address, when the policy has `[admin]`.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
+    }
+
+    /// This server's clock, which a test can move forward (freshness,
+    /// ages, buckets, ejection: see `clock.rs`).
+    #[cfg(feature = "test-clock")]
+    pub fn clock(&self) -> &Skew {
+        &self.skew
     }
 
     /// The policy generations: the current one, and reloads.
@@ -208,7 +218,8 @@ impl ServerBuilder {
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let (stop, stop_rx) = watch::channel(false);
-        let ops = spawn_ops(stop_rx.clone())?;
+        let skew = Skew::default();
+        let ops = spawn_ops(stop_rx.clone(), skew.clone())?;
         if crate::telemetry::install().is_none() && !self.loopback {
             tracing::warn!("metrics are not recorded: another recorder is installed");
         }
@@ -236,10 +247,11 @@ impl ServerBuilder {
             workers: Vec::with_capacity(workers),
             finished: Arc::new(watch::channel(0).0),
             started: workers,
+            skew,
         };
         for w in 0..workers {
-            let finished = server.finished.clone();
-            let t = spawn_worker(w, &sockets, &server.reloader, stop_rx.clone(), finished)?;
+            let ends = (server.finished.clone(), server.skew.clone());
+            let t = spawn_worker(w, &sockets, &server.reloader, stop_rx.clone(), ends)?;
             server.workers.push(t);
         }
         tracing::info!(workers, "serving");
@@ -326,11 +338,15 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 /// The proxy's own errands (health checks, model discovery, the admin API)
 /// run on a thread of their own, off the workers' loops, until `stop`.
-fn spawn_ops(mut stop: watch::Receiver<bool>) -> Result<tokio::runtime::Handle, StartError> {
+fn spawn_ops(
+    mut stop: watch::Receiver<bool>,
+    skew: Skew,
+) -> Result<tokio::runtime::Handle, StartError> {
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("hyperion-ops".into())
         .spawn(move || -> std::io::Result<()> {
+            skew.install();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -379,7 +395,7 @@ fn spawn_worker(
     sockets: &[(std::net::TcpListener, Transport)],
     reloader: &Arc<Reloader>,
     mut stop: watch::Receiver<bool>,
-    finished: Arc<watch::Sender<usize>>,
+    (finished, skew): (Arc<watch::Sender<usize>>, Skew),
 ) -> Result<std::thread::JoinHandle<std::io::Result<()>>, StartError> {
     let clones = sockets
         .iter()
@@ -402,6 +418,7 @@ fn spawn_worker(
                 }
             }
             let _finished = Finished(finished);
+            skew.install();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

@@ -54,6 +54,8 @@ pub(crate) mod tunnel;
 pub mod upstream;
 
 pub use access_log::LogSink;
+#[cfg(feature = "test-clock")]
+pub use clock::Skew;
 pub use handler::Proxy;
 pub use instance::{Server, ServerBuilder, StartError};
 pub use policy::{Policy, PolicyError};

@@ -261,7 +261,7 @@ impl RateLimiter {
             gcra,
             buckets,
             hasher: RandomState::new(),
-            epoch: Instant::now(),
+            epoch: crate::clock::now(),
             limit_text,
             shared,
         }
@@ -312,7 +312,7 @@ impl RateLimiter {
     }
 
     fn now(&self) -> u64 {
-        self.nanos(Instant::now())
+        self.nanos(crate::clock::now())
     }
 
     /// `at` on this limiter's clock (a request older than the limiter, from

@@ -329,7 +329,7 @@ stale_if_error = "1h""#,
     .await;
     until_hit(Method::GET, &proxy.url("/s"), &[], "").await;
     fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    proxy.advance(Duration::from_millis(1100));
     let (p, body) = get(&proxy.url("/s")).await;
     assert_eq!(p.status, 200);
     assert_eq!(p.headers["x-cache"], "STALE");
@@ -362,7 +362,7 @@ stale_while_revalidate = "1h""#,
     ))
     .await;
     until_hit(Method::GET, &proxy.url("/s"), &[], "").await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    proxy.advance(Duration::from_millis(1100));
     for _ in 0..5 {
         let (p, body) = get(&proxy.url("/s")).await;
         assert_eq!(p.headers["x-cache"], "STALE");

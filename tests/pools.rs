@@ -236,7 +236,7 @@ async fn a_server_answering_500s_is_taken_out_for_a_while() {
     assert_eq!(got.iter().filter(|&&s| s == 500).count(), 3);
     // After the back-off it is tried again, fails once, and is out for
     // twice as long.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    proxy.advance(Duration::from_millis(1100));
     statuses(&proxy, 30).await;
     assert!(
         (4..=6).contains(&servers[2].served()),

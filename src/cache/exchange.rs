@@ -156,8 +156,8 @@ impl Cache {
                 head,
                 route: q.route.clone(),
                 target,
-                request_time: SystemTime::now(),
-                started: Instant::now(),
+                request_time: crate::clock::wall(),
+                started: crate::clock::now_std(),
                 request_headers: (key.is_some() && !head).then(|| q.headers.clone()),
                 validating: false,
                 lead,
@@ -175,7 +175,9 @@ impl Cache {
             Err(_) => return forward(CacheStatus::Bypass, None, None, client, None),
         };
         let mut stored = self.lookup(&key, q.headers).await;
-        let stale = stored.as_ref().filter(|e| !e.is_fresh(Instant::now()));
+        let stale = stored
+            .as_ref()
+            .filter(|e| !e.is_fresh(crate::clock::now_std()));
         if let Some(stale) = stale.filter(|_| self.shared.is_some()) {
             // Another instance may have refreshed it already.
             if let Some(newer) = boxed_in_place!(self.newer_shared(&key, q.headers, stale)).await {
@@ -190,7 +192,7 @@ impl Cache {
             .as_ref()
             .filter(|e| revalidate_in_background(&client, e))
         {
-            let now = Instant::now();
+            let now = crate::clock::now_std();
             let resp = match respond_to(
                 q.method,
                 q.headers,
@@ -309,7 +311,7 @@ impl Cache {
         q: &CacheQuery<'_>,
     ) -> Option<Before> {
         let entry = entry.filter(|e| e.vary_matches(q.headers))?;
-        let now = Instant::now();
+        let now = crate::clock::now_std();
         let status = if usable_fresh(client, entry, now) {
             CacheStatus::Hit
         } else if (client.only_if_cached && !entry.forbids_stale)
@@ -351,7 +353,7 @@ fn usable_fresh(client: &CacheControl, e: &Entry, now: Instant) -> bool {
 /// Stale, but within `stale-while-revalidate` (RFC 5861 §3), and the client
 /// asked for nothing fresher than that.
 fn revalidate_in_background(client: &CacheControl, e: &Entry) -> bool {
-    let staleness = e.staleness(Instant::now());
+    let staleness = e.staleness(crate::clock::now_std());
     !e.forbids_stale
         && !client.wants_validation()
         && client.max_age.is_none()
@@ -410,7 +412,7 @@ impl Exchange {
         let entry = self.stale_entry_on_error()?;
         Some(respond(
             &entry,
-            entry.age(Instant::now()),
+            entry.age(crate::clock::now_std()),
             CacheStatus::Stale,
             self.head,
         ))
@@ -419,7 +421,7 @@ impl Exchange {
     /// The stale entry usable because the upstream failed, counted as served.
     pub fn stale_entry_on_error(&self) -> Option<Arc<Entry>> {
         let entry = self.stale.as_ref()?;
-        let now = Instant::now();
+        let now = crate::clock::now_std();
         if entry.forbids_stale || entry.staleness(now) > entry.stale_if_error {
             return None;
         }
@@ -485,7 +487,7 @@ impl Exchange {
         let head = self.head;
         match self.after(resp).await {
             After::Entry(entry, status) => (
-                respond(&entry, entry.age(Instant::now()), status, head),
+                respond(&entry, entry.age(crate::clock::now_std()), status, head),
                 status,
             ),
             After::Pass(resp, status) => (resp, status),
@@ -535,7 +537,7 @@ impl Exchange {
         let headers = resp.headers_mut();
         headers.insert(X_CACHE, self.status.header_value());
         // Straight from the upstream: as old as it says, plus the way here.
-        let age = control::initial_age(headers, self.request_time, SystemTime::now());
+        let age = control::initial_age(headers, self.request_time, crate::clock::wall());
         headers.insert(header::AGE, control::age_value(age));
         match self.storable(&resp) {
             Some(recording) => After::Store(resp, recording, self.status),
@@ -548,7 +550,7 @@ impl Exchange {
     async fn revalidated(&mut self, fresh: &HeaderMap) -> Option<Arc<Entry>> {
         let old = self.stale.take()?;
         let key = self.key?;
-        let now = SystemTime::now();
+        let now = crate::clock::wall();
         let mut headers = old.headers.clone();
         for name in fresh.keys() {
             // The 304 describes no body, and its age is counted below. The
@@ -601,7 +603,7 @@ impl Exchange {
             status: old.status,
             headers: compact(&headers),
             body: old.body.clone(),
-            stored_at: Instant::now(),
+            stored_at: crate::clock::now_std(),
             initial_age,
             fresh_for,
             stale_while_revalidate: swr,
@@ -679,7 +681,7 @@ impl Exchange {
         let headers = resp.headers();
         let status = resp.status();
         let cc = CacheControl::for_response(headers, &self.cache.policy.targeted_cache_control);
-        let now = SystemTime::now();
+        let now = crate::clock::wall();
         let streamed = crate::headers::is_event_stream(headers);
         if streamed && !self.policy.record_streams {
             return None;
@@ -775,7 +777,7 @@ impl Exchange {
                 vary: super::vary::values(headers, &request_headers),
                 headers: stored,
                 body: StoredBody::Whole(Bytes::new()),
-                stored_at: Instant::now(),
+                stored_at: crate::clock::now_std(),
                 initial_age,
                 fresh_for,
                 stale_while_revalidate: swr,

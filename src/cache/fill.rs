@@ -251,7 +251,7 @@ impl FillHead {
             streamed: recording.chunked,
             shareable: !entry.fresh_for.is_zero(),
             initial_age: entry.initial_age,
-            arrived: Instant::now(),
+            arrived: crate::clock::now_std(),
         }
     }
 
@@ -579,7 +579,7 @@ impl Lead {
         match answer {
             Answer::Direct(res) => res,
             Answer::Entry(entry, status) => {
-                let age = entry.age(Instant::now());
+                let age = entry.age(crate::clock::now_std());
                 Ok((respond(&entry, age, status, head_only), status))
             }
             Answer::Stream {
@@ -837,7 +837,7 @@ impl Follow {
                 served(resp, CacheStatus::Hit)
             }
             Ready::Entry(entry, status) => {
-                let age = entry.age(Instant::now());
+                let age = entry.age(crate::clock::now_std());
                 let status = if status == CacheStatus::Stale {
                     status
                 } else {

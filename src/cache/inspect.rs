@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{vary, Cache, CacheKey, CacheQuery, KeyParts, NotJson, Stored};
 use crate::policy::RouteCachePolicy;
@@ -177,7 +177,7 @@ impl Cache {
         q: &CacheQuery<'_>,
     ) -> Result<Explained, NotJson> {
         let (key, parts) = CacheKey::explain(policy, &q.key_input())?;
-        let now = Instant::now();
+        let now = crate::clock::now_std();
         let stored = self.lookup(&key, q.headers).await.map(|e| StoredSummary {
             status: e.status.as_u16(),
             age_seconds: e.age(now).as_secs(),

@@ -16,7 +16,7 @@
 //! the tier's business; this module only turns entries into bytes and back.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -53,7 +53,7 @@ pub fn encode(entry: &Entry) -> Bytes {
     out.put_slice(MAGIC);
     out.put_u16_le(VERSION);
     // The wall-clock time it was stored: now, less how long ago that was.
-    let stored = SystemTime::now()
+    let stored = crate::clock::wall()
         .checked_sub(entry.stored_at.elapsed())
         .unwrap_or(UNIX_EPOCH)
         .duration_since(UNIX_EPOCH)
@@ -125,10 +125,10 @@ pub fn decode(bytes: &Bytes) -> Result<Entry, WireError> {
     }
     let stored_wall = UNIX_EPOCH + Duration::from_nanos(r.u64()?);
     // As long ago here as it was there (a clock ahead of ours: just now).
-    let ago = SystemTime::now()
+    let ago = crate::clock::wall()
         .duration_since(stored_wall)
         .unwrap_or_default();
-    let now = Instant::now();
+    let now = crate::clock::now_std();
     let stored_at = now.checked_sub(ago).unwrap_or(now);
     let initial_age = r.duration()?;
     let fresh_for = r.duration()?;
@@ -339,6 +339,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn sample(body: StoredBody) -> Entry {
         let mut headers = HeaderMap::new();

@@ -91,7 +91,7 @@ impl InflightLimit {
         allowed: impl Fn(usize) -> bool,
         waiting: impl Fn(bool),
     ) -> Result<InflightSlot, QueueFull> {
-        let started = Instant::now();
+        let started = crate::clock::now();
         let pool = match self.pool.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -184,7 +184,7 @@ impl InflightLimit {
         InflightSlot {
             server,
             limit: self.clone(),
-            since: Instant::now(),
+            since: crate::clock::now(),
             _server: permit,
             _pool: pool,
         }

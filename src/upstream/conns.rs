@@ -342,7 +342,7 @@ impl ServerConns {
         limit: usize,
     ) -> Result<(StatusCode, Bytes), String> {
         let mut lease = self
-            .checkout(Instant::now())
+            .checkout(crate::clock::now())
             .await
             .map_err(|e| format!("connecting: {e}"))?;
         let req = Request::get(path)

@@ -12,7 +12,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::StatusCode;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::balance::Balancer;
@@ -43,7 +42,7 @@ impl Fleet {
     /// The pools of `policy`; servers of `previous` with the same pool and
     /// URL keep their state.
     pub fn new(policy: &Policy, previous: Option<&Fleet>) -> Self {
-        let epoch = Instant::now();
+        let epoch = crate::clock::now();
         let pools = policy
             .upstreams
             .iter()
@@ -139,7 +138,7 @@ impl Drop for Fleet {
 
 impl PoolState {
     pub fn snapshot(&self) -> Vec<ServerSnapshot> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let by_model = self.policy.model_routing != ModelRouting::Off;
         self.servers
             .iter()
@@ -184,7 +183,7 @@ impl HealthCheck {
                     failed = 0;
                     if passed >= self.policy.healthy_after {
                         if healthy {
-                            state.passed_checks(Instant::now());
+                            state.passed_checks(crate::clock::now());
                         } else {
                             healthy = true;
                             tracing::info!(

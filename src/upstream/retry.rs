@@ -39,7 +39,7 @@ impl RetryBudget {
         RetryBudget {
             bank: AtomicI64::new(0),
             floor_tat: AtomicU64::new(0),
-            epoch: Instant::now(),
+            epoch: crate::clock::now(),
         }
     }
 

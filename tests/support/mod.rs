@@ -375,6 +375,13 @@ impl TestProxy {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Moves the proxy's clock forward by `by`: entries age, buckets refill
+    /// and ejected servers come back as if that much time had passed.
+    /// Timers (timeouts, the drain) do not move.
+    pub fn advance(&self, by: Duration) {
+        self.server.clock().advance(by);
+    }
+
     /// Starts the graceful shutdown (like SIGTERM).
     pub fn shutdown(&mut self) {
         self.server.shutdown();
