@@ -80,83 +80,95 @@ impl Generation {
         }
     }
 
+    /// The keys `policy` changes that only a restart applies, by their
+    /// path in `policy::keys` (where each is marked `Restart`): what the
+    /// listeners read once at start, the process-wide budgets, the store
+    /// (carried over with the `[cache]` it was made for; the routes' own
+    /// `[route.cache]` apply at once) and the admin listener.
+    fn needs_restart(&self, policy: &Policy) -> Vec<String> {
+        let mut deferred = Vec::new();
+        let mut restart_if = |changed: bool, path: &'static str| {
+            debug_assert_eq!(
+                crate::policy::keys::find(path).map(|k| k.reload),
+                Some(crate::policy::keys::Reload::Restart),
+                "{path} is not marked Restart in policy/keys.rs"
+            );
+            if changed {
+                deferred.push(path.to_owned());
+            }
+        };
+        let (old, new) = (&self.policy.server, &policy.server);
+        restart_if(old.listen != new.listen, "server.listen");
+        let tls_listen = |s: &crate::policy::ServerPolicy| s.tls.as_ref().map(|t| t.listen.clone());
+        restart_if(tls_listen(old) != tls_listen(new), "server.tls.listen");
+        restart_if(
+            old.max_header_size != new.max_header_size,
+            "server.max_header_size",
+        );
+        restart_if(
+            old.header_read_timeout != new.header_read_timeout,
+            "server.header_read_timeout",
+        );
+        restart_if(old.idle_timeout != new.idle_timeout, "server.idle_timeout");
+        restart_if(
+            old.shutdown_grace != new.shutdown_grace,
+            "server.shutdown_grace",
+        );
+        restart_if(old.send_timeout != new.send_timeout, "server.send_timeout");
+        restart_if(
+            old.max_read_ahead != new.max_read_ahead,
+            "server.max_read_ahead",
+        );
+        restart_if(
+            old.max_buffered_bodies != new.max_buffered_bodies,
+            "server.max_buffered_bodies",
+        );
+        restart_if(
+            old.http2_max_concurrent_streams != new.http2_max_concurrent_streams,
+            "server.http2_max_concurrent_streams",
+        );
+        restart_if(
+            old.http2_max_pending_resets != new.http2_max_pending_resets,
+            "server.http2_max_pending_resets",
+        );
+        restart_if(
+            old.http2_keepalive_interval != new.http2_keepalive_interval,
+            "server.http2_keepalive_interval",
+        );
+        restart_if(
+            old.http2_keepalive_timeout != new.http2_keepalive_timeout,
+            "server.http2_keepalive_timeout",
+        );
+        let (old_admin, new_admin) = (&self.policy.admin, &policy.admin);
+        restart_if(old_admin.is_some() != new_admin.is_some(), "admin");
+        restart_if(
+            matches!((old_admin, new_admin), (Some(o), Some(n)) if o.listen != n.listen),
+            "admin.listen",
+        );
+        let (old, new) = (&self.policy.cache, &policy.cache);
+        restart_if(old.max_size != new.max_size, "cache.max_size");
+        restart_if(
+            old.max_entry_size != new.max_entry_size,
+            "cache.max_entry_size",
+        );
+        restart_if(old.default_ttl != new.default_ttl, "cache.default_ttl");
+        restart_if(
+            old.targeted_cache_control != new.targeted_cache_control,
+            "cache.targeted_cache_control",
+        );
+        restart_if(old.redis != new.redis, "cache.redis");
+        deferred
+    }
+
     /// The generation after this one, for `policy`; and what of the new
     /// policy waits for a restart.
     fn next(&self, policy: Policy) -> (Generation, Vec<String>) {
-        let mut deferred = Vec::new();
+        let deferred = self.needs_restart(&policy);
         let (old, new) = (&self.policy.server, &policy.server);
-        if old.listen != new.listen {
-            deferred.push("server.listen".to_owned());
-        }
-        let tls_listen = |s: &crate::policy::ServerPolicy| s.tls.as_ref().map(|t| t.listen.clone());
-        if tls_listen(old) != tls_listen(new) {
-            deferred.push("server.tls.listen (the certificate and key are re-read now)".to_owned());
-        }
-        if (
-            old.header_read_timeout,
-            old.idle_timeout,
-            old.send_timeout,
-            old.max_header_size,
-        ) != (
-            new.header_read_timeout,
-            new.idle_timeout,
-            new.send_timeout,
-            new.max_header_size,
-        ) {
-            // The listeners' connection settings are read once, at start.
-            deferred.push(
-                "server.header_read_timeout, idle_timeout, send_timeout and max_header_size"
-                    .to_owned(),
-            );
-        }
-        if old.shutdown_grace != new.shutdown_grace {
-            deferred.push("server.shutdown_grace".to_owned());
-        }
-        if old.max_buffered_bodies != new.max_buffered_bodies {
-            deferred.push("server.max_buffered_bodies".to_owned());
-        }
-        if old.max_read_ahead != new.max_read_ahead {
-            deferred.push("server.max_read_ahead".to_owned());
-        }
-        if (
-            old.http2_max_concurrent_streams,
-            old.http2_max_pending_resets,
-            old.http2_keepalive_interval,
-            old.http2_keepalive_timeout,
-        ) != (
-            new.http2_max_concurrent_streams,
-            new.http2_max_pending_resets,
-            new.http2_keepalive_interval,
-            new.http2_keepalive_timeout,
-        ) {
-            deferred.push("server.http2_* settings".to_owned());
-        }
         // Connection ceilings apply at once (open connections stay open).
         self.protect
             .connections
             .set_limits(new.max_connections, new.max_connections_per_ip);
-        // The store is carried over whole, with the [cache] it was made for
-        // (the routes' own [route.cache] settings, baked into each route,
-        // apply at once).
-        let (old_cache, new_cache) = (&self.policy.cache, &policy.cache);
-        if old_cache.max_size != new_cache.max_size {
-            deferred.push("cache.max_size".to_owned());
-        }
-        if old_cache.max_entry_size != new_cache.max_entry_size {
-            deferred.push("cache.max_entry_size".to_owned());
-        }
-        if old_cache.default_ttl != new_cache.default_ttl {
-            deferred.push(
-                "cache.default_ttl (for origin-mode heuristics; force routes' ttl applies now)"
-                    .to_owned(),
-            );
-        }
-        if old_cache.targeted_cache_control != new_cache.targeted_cache_control {
-            deferred.push("cache.targeted_cache_control".to_owned());
-        }
-        if self.policy.cache.redis != policy.cache.redis {
-            deferred.push("cache.redis".to_owned());
-        }
         let log = if (old.access_log, old.slow_request) == (new.access_log, new.slow_request) {
             self.log.clone()
         } else {
@@ -308,13 +320,19 @@ impl Reloader {
 }
 
 /// Keeps a worker's `live` proxy on the newest generation until the
-/// publisher goes away. Runs on the worker's runtime: the new proxy's
+/// publisher goes away, telling `adopted` each generation's number once
+/// the worker serves it. Runs on the worker's runtime: the new proxy's
 /// connections belong to it.
-pub async fn follow(live: Arc<LiveProxy>, mut generations: watch::Receiver<Arc<Generation>>) {
+pub async fn follow(
+    live: Arc<LiveProxy>,
+    mut generations: watch::Receiver<Arc<Generation>>,
+    adopted: impl Fn(u64),
+) {
     while generations.changed().await.is_ok() {
         let generation = generations.borrow_and_update().clone();
         let next = generation.proxy(Some(&live.load()));
         live.store(Arc::new(next));
+        adopted(generation.number);
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Server {
     started: usize,
     /// What every reading of `clock` on this server's threads adds.
     skew: Skew,
+    /// The policy generation each worker serves.
+    adopted: Arc<watch::Sender<Vec<u64>>>,
 }
 
 /// Why a server did not start: a message for the operator, naming the
@@ -110,6 +112,16 @@ impl Server {
     pub async fn drained(&self) {
         let mut finished = self.finished.subscribe();
         let _ = finished.wait_for(|n| *n >= self.started).await;
+    }
+
+    /// Resolves once every worker serves policy generation `number` or a
+    /// later one (a reload is published at once; each worker switches on
+    /// its own thread).
+    pub async fn serving(&self, number: u64) {
+        let mut adopted = self.adopted.subscribe();
+        let _ = adopted
+            .wait_for(|each| each.iter().all(|n| *n >= number))
+            .await;
     }
 
     /// Waits until every worker has finished its drain.
@@ -248,9 +260,14 @@ impl ServerBuilder {
             finished: Arc::new(watch::channel(0).0),
             started: workers,
             skew,
+            adopted: Arc::new(watch::channel(vec![1; workers]).0),
         };
         for w in 0..workers {
-            let ends = (server.finished.clone(), server.skew.clone());
+            let ends = Ends {
+                finished: server.finished.clone(),
+                skew: server.skew.clone(),
+                adopted: server.adopted.clone(),
+            };
             let t = spawn_worker(w, &sockets, &server.reloader, stop_rx.clone(), ends)?;
             server.workers.push(t);
         }
@@ -387,6 +404,15 @@ fn serve_admin(
     Ok(addr)
 }
 
+/// What a worker shares with its `Server`.
+struct Ends {
+    /// Counted when the worker ends.
+    finished: Arc<watch::Sender<usize>>,
+    skew: Skew,
+    /// Where the worker says which generation it serves.
+    adopted: Arc<watch::Sender<Vec<u64>>>,
+}
+
 /// Worker `w`: a single-threaded runtime serving every listener (sharing
 /// the sockets by dup'd descriptors, not SO_REUSEPORT, so a second instance
 /// still fails with "address in use"), following reloads, until `stop`.
@@ -395,8 +421,13 @@ fn spawn_worker(
     sockets: &[(std::net::TcpListener, Transport)],
     reloader: &Arc<Reloader>,
     mut stop: watch::Receiver<bool>,
-    (finished, skew): (Arc<watch::Sender<usize>>, Skew),
+    ends: Ends,
 ) -> Result<std::thread::JoinHandle<std::io::Result<()>>, StartError> {
+    let Ends {
+        finished,
+        skew,
+        adopted,
+    } = ends;
     let clones = sockets
         .iter()
         .map(|(s, t)| s.try_clone().map(|s| (s, *t)))
@@ -427,8 +458,14 @@ fn spawn_worker(
                     .into_iter()
                     .map(|(s, t)| TcpListener::from_std(s).map(|l| (l, t)))
                     .collect::<std::io::Result<Vec<_>>>()?;
-                let live = Arc::new(LiveProxy::from_pointee(reloader.current().proxy(None)));
-                tokio::spawn(follow(live.clone(), reloader.subscribe()));
+                // Subscribed before the first generation is read: a reload
+                // in between is then seen as a change, not missed.
+                let generations = reloader.subscribe();
+                let first = generations.borrow().clone();
+                let live = Arc::new(LiveProxy::from_pointee(first.proxy(None)));
+                let adopted = move |n| adopted.send_modify(|each| each[w] = n);
+                adopted(first.number);
+                tokio::spawn(follow(live.clone(), generations, adopted));
                 serve_on(listeners, live, async move {
                     let _ = stop.wait_for(|stopped| *stopped).await;
                 })

@@ -58,6 +58,11 @@ fn main() -> ExitCode {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}: OK", cli.config.display());
             let _ = write!(out, "{policy}");
+            // What the file sets, read against the table of keys.
+            let text = std::fs::read_to_string(&cli.config).unwrap_or_default();
+            if let Some(keys) = hyperion::policy::keys::summary(&text) {
+                let _ = writeln!(out, "{keys}");
+            }
             ExitCode::SUCCESS
         }
         Command::Run => run(policy, &cli.config),

@@ -6,6 +6,7 @@
 //! `Policy` by the modules that own them.
 
 mod error;
+pub mod keys;
 mod model_name;
 mod raw;
 mod units;

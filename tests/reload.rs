@@ -67,7 +67,7 @@ async fn new_requests_follow_the_new_policy_and_the_cache_carries_over() {
     assert_eq!(first.headers["x-cache"], "MISS");
 
     file.write(&policy(&up.url(), "two", ""));
-    let done = proxy.reloader.reload().unwrap();
+    let done = proxy.reload().await.unwrap();
     assert_eq!(done.generation, 2);
     assert!(done.needs_restart.is_empty(), "{:?}", done.needs_restart);
     served_with(&proxy, "two").await;
@@ -82,7 +82,7 @@ async fn a_broken_file_changes_nothing_and_says_where() {
     let file = TempFile::new("policy.toml", &policy(&up.url(), "one", ""));
     let proxy = TestProxy::start_file(&file.0).await;
     file.write(&policy(&up.url(), "two", "rate_limit = [\"nonexistent\"]"));
-    let err = proxy.reloader.reload().unwrap_err().to_string();
+    let err = proxy.reload().await.unwrap_err().to_string();
     let name = file.0.display().to_string();
     assert!(
         err.starts_with(&format!("{name}:")) && err.contains("nonexistent"),
@@ -112,7 +112,7 @@ async fn an_unchanged_limiter_keeps_what_was_spent() {
         assert_eq!(get(&proxy.url("/x")).await.0.status, 200);
     }
     file.write(&policy(&up.url(), "two", "rate_limit = [\"few\"]"));
-    proxy.reloader.reload().unwrap();
+    proxy.reload().await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let (parts, _) = get(&proxy.url("/x")).await;
     // Hyperion's own answers carry no response_set: the 429 is the tell.
@@ -138,7 +138,7 @@ async fn a_stream_in_flight_finishes_on_the_policy_it_began_with() {
     sender.send("{\"n\":1}\n").await;
 
     file.write(&policy(&new.url(), "two", ""));
-    proxy.reloader.reload().unwrap();
+    proxy.reload().await.unwrap();
     served_with(&proxy, "two").await;
 
     // The old stream goes on from the old server.
@@ -175,7 +175,7 @@ async fn reloading_under_load_fails_no_request() {
     });
     for g in 1..=10 {
         file.write(&policy(&up.url(), &g.to_string(), ""));
-        proxy.reloader.reload().unwrap();
+        proxy.reload().await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let statuses = load.await.unwrap();
@@ -193,7 +193,7 @@ async fn restart_only_settings_are_named() {
         "[server]\nlisten = [\"127.0.0.1:1\"]\nshutdown_grace = \"5s\"\n[cache]\nmax_size = \"64MB\"\nmax_entry_size = \"1MB\"\n{}",
         policy(&up.url(), "two", "")
     ));
-    let done = proxy.reloader.reload().unwrap();
+    let done = proxy.reload().await.unwrap();
     assert_eq!(
         done.needs_restart,
         vec![
@@ -244,5 +244,88 @@ async fn the_binary_reloads_on_sighup_and_survives_a_broken_file() {
     assert!(
         wait_for_tag(&url, "two").await,
         "a broken file stopped the proxy"
+    );
+}
+
+/// A value other than the default for each key of `[server]`, `[cache]`
+/// and `[admin]` (the tables a reload may not apply), by key path. Not
+/// here: `server.tls.*` (a certificate pair) and `cache.redis.*` (a Redis
+/// and its secret), whose reload report `tls.rs` and `shared_tier.rs` see.
+const CHANGED: &[(&str, &str)] = &[
+    ("server.listen", r#"["127.0.0.1:1"]"#),
+    ("server.max_request_body", r#""10MB""#),
+    ("server.max_header_size", r#""16KB""#),
+    ("server.header_read_timeout", r#""11s""#),
+    ("server.idle_timeout", r#""76s""#),
+    ("server.shutdown_grace", r#""5s""#),
+    ("server.body_read_timeout", r#""31s""#),
+    ("server.send_timeout", r#""61s""#),
+    ("server.read_ahead", r#""128KB""#),
+    ("server.max_read_ahead", r#""128MB""#),
+    ("server.tunnel_idle_timeout", r#""6m""#),
+    ("server.max_buffered_bodies", r#""128MB""#),
+    ("server.max_connections", "1000"),
+    ("server.max_connections_per_ip", "100"),
+    ("server.http2_max_concurrent_streams", "50"),
+    ("server.http2_max_pending_resets", "10"),
+    ("server.http2_keepalive_interval", r#""31s""#),
+    ("server.http2_keepalive_timeout", r#""21s""#),
+    ("server.trusted_proxies", r#"["10.0.0.0/8"]"#),
+    ("server.access_log", r#""off""#),
+    ("server.slow_request", r#""6s""#),
+    ("admin.listen", r#""127.0.0.1:2""#),
+    ("cache.max_size", r#""64MB""#),
+    ("cache.max_entry_size", r#""1MB""#),
+    ("cache.default_ttl", r#""6m""#),
+    ("cache.credential_headers", r#"["x-key"]"#),
+    ("cache.targeted_cache_control", r#"["x-cdn-cache-control"]"#),
+];
+
+#[tokio::test]
+async fn a_reload_names_exactly_the_keys_the_key_table_marks_restart() {
+    use hyperion::policy::keys::{self, Reload};
+    let up = Upstream::echo().await;
+    let base = format!(
+        "[admin]\nlisten = \"127.0.0.1:3\"\n{}",
+        policy(&up.url(), "base", "")
+    );
+    let file = TempFile::new("policy.toml", &base);
+    let proxy = TestProxy::start_file(&file.0).await;
+    for (path, value) in CHANGED {
+        let k = keys::find(path).unwrap_or_else(|| panic!("{path} is not in the key table"));
+        let (table, name) = path.rsplit_once('.').unwrap();
+        let changed = if table == "admin" {
+            format!(
+                "[admin]\n{name} = {value}\n{}",
+                policy(&up.url(), "base", "")
+            )
+        } else {
+            format!("[{table}]\n{name} = {value}\n{base}")
+        };
+        file.write(&changed);
+        let named = proxy.reload().await.unwrap().needs_restart;
+        let want: Vec<String> = match k.reload {
+            Reload::Restart => vec![path.to_string()],
+            Reload::Applies => vec![],
+        };
+        assert_eq!(named, want, "{path} = {value}");
+        file.write(&base);
+        proxy.reload().await.unwrap();
+    }
+    // Every restart key of these tables was exercised.
+    for k in keys::KEYS.iter().filter(|k| k.reload == Reload::Restart) {
+        let exercised = CHANGED.iter().any(|(p, _)| *p == k.path);
+        let elsewhere = k.path.starts_with("server.tls") || k.path.starts_with("cache.redis");
+        assert!(
+            exercised || elsewhere || k.path == "admin",
+            "{} is marked restart but no reload here changes it",
+            k.path
+        );
+    }
+    // [admin] appearing or going away waits for a restart too.
+    file.write(&policy(&up.url(), "base", ""));
+    assert_eq!(
+        proxy.reload().await.unwrap().needs_restart,
+        vec!["admin".to_owned()]
     );
 }

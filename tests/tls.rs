@@ -125,7 +125,7 @@ async fn a_reload_takes_up_renewed_certificate_files() {
     let (cert, key) = c.ca.issue_pem();
     c.cert.write(&cert);
     c.key.write(&key);
-    proxy.reloader.reload().unwrap();
+    proxy.reload().await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let (_, _, after) = get_tls(&proxy, &c.ca, b"http/1.1").await;
     assert_ne!(before, after, "the renewed certificate is shown");

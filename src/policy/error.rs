@@ -151,7 +151,7 @@ fn explain(key: String, message: &str) -> (String, String, String) {
     )
 }
 
-/// Parses "`x`, expected one of `a`, `b`" / "`x`, expected `a`" /
+/// Parses "`x`, expected one of `a`, `b`" / "`x`, expected `a` or `b`" /
 /// "`x`, there are no fields".
 fn split_expected(rest: &str) -> (String, Vec<String>) {
     let (found, tail) = rest.split_once(", ").unwrap_or((rest, ""));
@@ -160,8 +160,10 @@ fn split_expected(rest: &str) -> (String, Vec<String>) {
         .strip_prefix("expected one of ")
         .or_else(|| tail.strip_prefix("expected "))
         .unwrap_or("");
+    // serde writes two choices as "`a` or `b`", more as "`a`, `b`, `c`".
     let expected = list
         .split(", ")
+        .flat_map(|s| s.split(" or "))
         .map(|s| s.trim().trim_matches('`').to_owned())
         .filter(|s| !s.is_empty())
         .collect();

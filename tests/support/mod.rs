@@ -375,6 +375,18 @@ impl TestProxy {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Reloads the policy file, and waits until the worker serves the new
+    /// generation (it switches on its own thread).
+    pub async fn reload(
+        &self,
+    ) -> Result<hyperion::generation::Reloaded, hyperion::generation::ReloadError> {
+        let reloaded = self.reloader.reload()?;
+        tokio::time::timeout(PATIENCE, self.server.serving(reloaded.generation))
+            .await
+            .expect("the worker takes the new generation");
+        Ok(reloaded)
+    }
+
     /// Moves the proxy's clock forward by `by`: entries age, buckets refill
     /// and ejected servers come back as if that much time had passed.
     /// Timers (timeouts, the drain) do not move.
