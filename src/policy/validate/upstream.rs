@@ -1,0 +1,496 @@
+//! Validation of `[upstreams.NAME]`: servers, their models and TLS, health checks, balancing and retries.
+//!
+//! Part of `validate.rs`'s `Validator` (its errors, its order): this file
+//! owns only these tables' rules.
+
+use super::*;
+
+impl Validator<'_> {
+    pub(super) fn upstream(
+        &self,
+        name: String,
+        raw: raw::RawUpstream,
+    ) -> Result<UpstreamPolicy, PolicyError> {
+        let key = |k: &str| format!("upstreams.{name}.{k}");
+        let balance = raw
+            .balance
+            .as_ref()
+            .map_or(Balance::LeastInflight, |b| *b.get_ref());
+        let hash_key = match &raw.hash_key {
+            None => HashKey::CacheKey,
+            Some(h) if balance != Balance::ConsistentHash => {
+                return Err(self.err(
+                    h.span(),
+                    key("hash_key"),
+                    format!("hash_key is only read by consistent_hash, not `{}`", balance.as_str()),
+                    "set balance = \"consistent_hash\", or remove hash_key",
+                ))
+            }
+            Some(h) => match h.get_ref().as_str() {
+                "cache_key" => HashKey::CacheKey,
+                other => match other
+                    .strip_prefix("header:")
+                    .map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()))
+                {
+                    Some(Ok(n)) => HashKey::Header(n),
+                    _ => {
+                        return Err(self.err(
+                            h.span(),
+                            key("hash_key"),
+                            format!("`{other}` is not something to hash on"),
+                            "use \"cache_key\" (the default) or \"header:<name>\", e.g. \"header:x-session-id\"",
+                        ))
+                    }
+                },
+            },
+        };
+        let model_routing = raw
+            .model_routing
+            .as_ref()
+            .map_or(ModelRouting::Off, |m| *m.get_ref());
+        let discover_interval = match &raw.discover_interval {
+            Some(d) if model_routing != ModelRouting::Discover => {
+                return Err(self.err(
+                    d.span(),
+                    key("discover_interval"),
+                    "only `model_routing = \"discover\"` asks servers for their models",
+                    "set model_routing = \"discover\", or remove discover_interval",
+                ))
+            }
+            Some(d) if d.get_ref().0 < Duration::from_secs(1) => {
+                return Err(self.err(
+                    d.span(),
+                    key("discover_interval"),
+                    "asking for the model list more often than every second loads the server for nothing",
+                    "use 1s or more, e.g. \"10s\"",
+                ))
+            }
+            Some(d) => d.get_ref().0,
+            None => Duration::from_secs(10),
+        };
+        let max_inflight_per_server = match &raw.max_inflight_per_server {
+            Some(v) if *v.get_ref() == 0 => {
+                return Err(self.err(
+                    v.span(),
+                    key("max_inflight_per_server"),
+                    "0 requests in flight sends nothing",
+                    "use 1 or more, or remove the key for no limit",
+                ))
+            }
+            Some(v) => Some(*v.get_ref()),
+            None => None,
+        };
+        let queue_timeout = match (&raw.queue_timeout, max_inflight_per_server) {
+            (Some(t), None) => {
+                return Err(self.err(
+                    t.span(),
+                    key("queue_timeout"),
+                    "nothing waits without `max_inflight_per_server`",
+                    "set max_inflight_per_server, or remove queue_timeout",
+                ))
+            }
+            (Some(t), Some(_)) => t.get_ref().0,
+            (None, _) => Duration::from_secs(30),
+        };
+        let retries = match &raw.retries {
+            Some(v) if *v.get_ref() > 10 => {
+                return Err(self.err(
+                    v.span(),
+                    key("retries"),
+                    format!("{} retries would multiply an outage's load", v.get_ref()),
+                    "use 0 to 10 (a retry budget caps them at ~20% of requests anyway)",
+                ))
+            }
+            Some(v) => *v.get_ref(),
+            None => 1,
+        };
+        let health = match raw.health {
+            Some(h) => Some(self.health(&name, h)?),
+            None => None,
+        };
+        let servers_span = raw.servers.span();
+        let entries = raw.servers.into_inner();
+        if entries.is_empty() {
+            return Err(self.err(
+                servers_span,
+                key("servers"),
+                "no servers",
+                "add at least one, e.g. servers = [{ url = \"http://127.0.0.1:11434\" }]",
+            ));
+        }
+        if entries.len() > MAX_SERVERS {
+            return Err(self.err(
+                servers_span,
+                key("servers"),
+                format!(
+                    "{} servers in one pool; at most {MAX_SERVERS}",
+                    entries.len()
+                ),
+                "split them into several upstreams, or front them with another balancer",
+            ));
+        }
+        let mut servers = Vec::with_capacity(entries.len());
+        // Built for the pool's first https server, shared by the others.
+        let mut tls_config: Option<Arc<rustls::ClientConfig>> = None;
+        for (i, entry) in entries.into_iter().enumerate() {
+            let entry = entry.into_inner();
+            let k = format!("upstreams.{name}.servers[{i}]");
+            let models = match &entry.models {
+                None => None,
+                Some(m) => Some(self.server_models(m, &format!("{k}.models"), model_routing)?),
+            };
+            let weight = match &entry.weight {
+                Some(w) if *w.get_ref() == 0 => {
+                    return Err(self.err(
+                        w.span(),
+                        format!("{k}.weight"),
+                        "a weight of 0 never sends traffic",
+                        "use a weight of 1 or more, or remove the server",
+                    ));
+                }
+                Some(w) if *w.get_ref() > 1000 => {
+                    return Err(self.err(
+                        w.span(),
+                        format!("{k}.weight"),
+                        format!("a weight of {} is too large", w.get_ref()),
+                        "use weights from 1 to 1000; only their ratios matter",
+                    ));
+                }
+                Some(w) => *w.get_ref(),
+                None => 1,
+            };
+            let (scheme, authority) = self.server_url(&entry.url, &format!("{k}.url"))?;
+            if servers
+                .iter()
+                .any(|s: &UpstreamServer| s.authority == authority)
+            {
+                return Err(self.err(
+                    entry.url.span(),
+                    format!("{k}.url"),
+                    format!("{authority} is listed twice in this pool"),
+                    "list each server once; give it weight = 2 to send it twice the traffic",
+                ));
+            }
+            let host_header = http::HeaderValue::from_str(authority.as_str())
+                .expect("a parsed authority is a valid header value");
+            let tls = if scheme == Scheme::HTTPS {
+                let config = match &tls_config {
+                    Some(c) => c.clone(),
+                    None => tls_config
+                        .insert(self.client_tls(
+                            raw.ca_file.as_ref(),
+                            &key("ca_file"),
+                            &entry.url,
+                        )?)
+                        .clone(),
+                };
+                let host = authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name =
+                    rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
+                        self.err(
+                            entry.url.span(),
+                            format!("{k}.url"),
+                            format!("`{host}` cannot be checked against a certificate"),
+                            "use the DNS name or IP address the server's certificate is for",
+                        )
+                    })?;
+                Some(ServerTls { config, name })
+            } else {
+                None
+            };
+            servers.push(UpstreamServer {
+                url: Arc::from(entry.url.into_inner()),
+                host_header,
+                scheme,
+                authority,
+                weight,
+                models,
+                tls,
+            });
+        }
+        if let (Some(f), None) = (&raw.ca_file, &tls_config) {
+            return Err(self.err(
+                f.span(),
+                key("ca_file"),
+                "ca_file is only read for https:// servers, and this pool has none",
+                "use https:// server URLs, or remove ca_file",
+            ));
+        }
+        if model_routing == ModelRouting::Static && servers.iter().all(|s| s.models.is_none()) {
+            return Err(self.err(
+                raw.model_routing.as_ref().map_or(servers_span, |m| m.span()),
+                key("model_routing"),
+                "static model routing, but no server lists its `models`",
+                "give servers a list, e.g. { url = \"http://10.0.0.12:11434\", models = [\"llama3.2\"] }, or use \"discover\"",
+            ));
+        }
+        Ok(UpstreamPolicy {
+            name,
+            servers,
+            connect_timeout: raw.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
+            response_timeout: raw
+                .response_timeout
+                .map_or(Duration::from_secs(300), |d| d.0),
+            idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
+            max_inflight_per_server,
+            queue_timeout,
+            balance,
+            hash_key,
+            retries,
+            eject_after: health.as_ref().map_or(3, |h| h.unhealthy_after),
+            health,
+            model_routing,
+            discover_interval,
+        })
+    }
+
+    /// A server's `models`: names Ollama would resolve, for a pool that
+    /// routes by model.
+    pub(super) fn server_models(
+        &self,
+        raw: &Spanned<Vec<String>>,
+        key: &str,
+        routing: ModelRouting,
+    ) -> Result<Vec<ModelName>, PolicyError> {
+        if routing == ModelRouting::Off {
+            return Err(self.err(
+                raw.span(),
+                key,
+                "`models` are read only when the pool routes by model",
+                "set model_routing = \"static\" (or \"discover\") on this upstream, or remove models",
+            ));
+        }
+        if raw.get_ref().is_empty() {
+            return Err(self.err(
+                raw.span(),
+                key,
+                "an empty list serves no model",
+                "list the models it serves, or remove `models` for any model",
+            ));
+        }
+        let mut names = Vec::with_capacity(raw.get_ref().len());
+        for m in raw.get_ref() {
+            match ModelName::parse(m) {
+                Some(name) => names.push(name),
+                None => {
+                    return Err(self.err(
+                        raw.span(),
+                        key,
+                        format!("`{m}` is not a model name"),
+                        "write names as Ollama does, e.g. \"llama3.2\" or \"llama3.2:1b\"",
+                    ))
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    pub(super) fn health(
+        &self,
+        name: &str,
+        raw: Spanned<raw::RawHealth>,
+    ) -> Result<HealthPolicy, PolicyError> {
+        let key = |k: &str| format!("upstreams.{name}.health.{k}");
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let Some(path) = raw.path else {
+            return Err(self.err(
+                span,
+                format!("upstreams.{name}.health"),
+                "no `path` to check",
+                "add a cheap GET that never runs a model, e.g. path = \"/api/version\" (Ollama) or \"/health\"",
+            ));
+        };
+        let parsed = match path.get_ref().parse::<http::uri::PathAndQuery>() {
+            Ok(p) if path.get_ref().starts_with('/') => p,
+            _ => {
+                return Err(self.err(
+                    path.span(),
+                    key("path"),
+                    format!("`{}` is not a path", path.get_ref()),
+                    "write a path starting with /, e.g. \"/api/version\"",
+                ))
+            }
+        };
+        let interval = raw
+            .interval
+            .as_ref()
+            .map_or(Duration::from_secs(5), |d| d.get_ref().0);
+        if interval < Duration::from_millis(100) {
+            let span = raw.interval.as_ref().map_or(span.clone(), |d| d.span());
+            return Err(self.err(
+                span,
+                key("interval"),
+                "checks more often than every 100ms load the server for nothing",
+                "use an interval of 100ms or more, e.g. \"5s\"",
+            ));
+        }
+        let timeout = raw
+            .timeout
+            .as_ref()
+            .map_or(Duration::from_secs(2).min(interval), |d| d.get_ref().0);
+        if let Some(t) = raw
+            .timeout
+            .as_ref()
+            .filter(|_| timeout > interval || timeout.is_zero())
+        {
+            return Err(self.err(
+                t.span(),
+                key("timeout"),
+                "a check's timeout must be above 0 and at most its interval",
+                format!(
+                    "use a timeout of at most {}",
+                    humantime::format_duration(interval)
+                ),
+            ));
+        }
+        let count = |v: &Option<Spanned<u32>>, k: &str, default: u32| match v {
+            Some(v) if *v.get_ref() == 0 || *v.get_ref() > 100 => Err(self.err(
+                v.span(),
+                key(k),
+                format!("{} checks in a row cannot be used", v.get_ref()),
+                "use 1 to 100",
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(default),
+        };
+        Ok(HealthPolicy {
+            path: parsed,
+            interval,
+            timeout,
+            unhealthy_after: count(&raw.unhealthy_after, "unhealthy_after", 3)?,
+            healthy_after: count(&raw.healthy_after, "healthy_after", 2)?,
+        })
+    }
+
+    pub(super) fn server_url(
+        &self,
+        url: &Spanned<String>,
+        key: &str,
+    ) -> Result<(Scheme, Authority), PolicyError> {
+        let span = url.span();
+        let text = url.get_ref();
+        let fix =
+            "write it as http://HOST:PORT or https://HOST:PORT, e.g. \"http://127.0.0.1:11434\"";
+        let uri: Uri = text
+            .parse()
+            .map_err(|_| self.err(span.clone(), key, format!("`{text}` is not a URL"), fix))?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => {
+                return Err(self.err(
+                    span,
+                    key,
+                    format!("`{text}` has no http:// or https:// scheme"),
+                    fix,
+                ))
+            }
+        };
+        let authority = match uri.authority() {
+            Some(a) if !a.host().is_empty() => a.clone(),
+            _ => return Err(self.err(span, key, format!("`{text}` has no host"), fix)),
+        };
+        if authority.as_str().contains('@') {
+            return Err(self.err(
+                span,
+                key,
+                "credentials in server URLs are not supported",
+                "remove the user:password@ part",
+            ));
+        }
+        if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+            return Err(self.err(
+                span,
+                key,
+                format!("`{text}` has a path; server URLs name a server, not a location"),
+                "remove the path: requests keep their own path",
+            ));
+        }
+        Ok((scheme, authority))
+    }
+
+    /// The TLS client setup of a pool with https servers: trusting the
+    /// certificates of `ca_file` (relative to the policy file), or else the
+    /// platform's.
+    pub(super) fn client_tls(
+        &self,
+        ca_file: Option<&Spanned<String>>,
+        key: &str,
+        first_https: &Spanned<String>,
+    ) -> Result<Arc<rustls::ClientConfig>, PolicyError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let roots = match ca_file {
+            Some(f) => {
+                let path = self.src.relative_path(f.get_ref());
+                let fix = "give the path of a PEM file of CA certificates that hyperion can read";
+                let pem = std::fs::read(&path).map_err(|e| {
+                    self.err(
+                        f.span(),
+                        key,
+                        format!("cannot read {}: {e}", path.display()),
+                        fix,
+                    )
+                })?;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    let added = cert
+                        .map_err(|e| format!("{e:?}"))
+                        .and_then(|c| roots.add(c).map_err(|e| e.to_string()));
+                    if let Err(e) = added {
+                        return Err(self.err(
+                            f.span(),
+                            key,
+                            format!(
+                                "{} holds a certificate that cannot be used: {e}",
+                                path.display()
+                            ),
+                            fix,
+                        ));
+                    }
+                }
+                if roots.is_empty() {
+                    return Err(self.err(
+                        f.span(),
+                        key,
+                        format!("{} holds no PEM certificate", path.display()),
+                        fix,
+                    ));
+                }
+                Arc::new(roots)
+            }
+            None => {
+                let roots = self.platform_roots.get_or_init(|| {
+                    let found = rustls_native_certs::load_native_certs();
+                    let mut roots = rustls::RootCertStore::empty();
+                    roots.add_parsable_certificates(found.certs);
+                    Arc::new(roots)
+                });
+                if roots.is_empty() {
+                    return Err(self.err(
+                        first_https.span(),
+                        key.replace("ca_file", "servers"),
+                        "an https server, but this machine has no CA certificates to check it with",
+                        "install the platform's CA certificates (e.g. apt-get install ca-certificates), or set ca_file",
+                    ));
+                }
+                roots.clone()
+            }
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Upstream connections speak HTTP/1.1 only.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
