@@ -137,42 +137,20 @@ impl Cache {
             || (*q.method == Method::POST
                 && policy.body_key != BodyKey::None
                 && matches!(policy.freshness, Freshness::Force { .. }));
-        // Everything an Exchange holds that costs an allocation (the target,
-        // a copy of the request headers for Vary) is made only on the way
-        // upstream: a hit never pays for it.
-        let exchange = |status, key: Option<CacheKey>, stale, client, lead| {
-            let target: Box<str> = match q.query {
-                Some(query) => format!("{}{}?{query}", q.host, q.path).into(),
-                None => format!("{}{}", q.host, q.path).into(),
-            };
-            Exchange {
-                cache: self.clone(),
-                policy: policy.clone(),
-                status,
-                key,
-                stale,
-                client,
-                method: q.method.clone(),
-                head,
-                route: q.route.clone(),
-                target,
-                request_time: crate::clock::wall(),
-                started: crate::clock::now_std(),
-                request_headers: (key.is_some() && !head).then(|| q.headers.clone()),
-                validating: false,
-                lead,
-            }
-        };
-        let forward = |status, key, stale, client, lead| {
-            Before::Forward(exchange(status, key, stale, client, lead))
+        let bypass = |client| Start {
+            status: CacheStatus::Bypass,
+            key: None,
+            stale: None,
+            client,
+            lead: None,
         };
         if !lookup || client.no_store {
-            return forward(CacheStatus::Bypass, None, None, client, None);
+            return Before::Forward(self.exchange(policy, &q, bypass(client)));
         }
         let key = match CacheKey::build(policy, &q.key_input()) {
             Ok(k) => k,
             // Not JSON on a JSON-keyed route: not the client's problem.
-            Err(_) => return forward(CacheStatus::Bypass, None, None, client, None),
+            Err(_) => return Before::Forward(self.exchange(policy, &q, bypass(client))),
         };
         let mut stored = self.lookup(&key, q.headers).await;
         let stale = stored
@@ -192,44 +170,7 @@ impl Cache {
             .as_ref()
             .filter(|e| revalidate_in_background(&client, e))
         {
-            let now = crate::clock::now_std();
-            let resp = match respond_to(
-                q.method,
-                q.headers,
-                entry,
-                entry.age(now),
-                CacheStatus::Stale,
-            ) {
-                Ok(resp) => resp,
-                Err(e) => return Before::Fail(e),
-            };
-            self.stats.count(CacheStatus::Stale);
-            self.stats.saved(entry);
-            // One refresh per key: while one is in flight, the others just
-            // serve stale. A HEAD cannot refresh a GET's entry.
-            let mut lead = (!head)
-                .then(|| self.fills.lead_background(self, key))
-                .flatten();
-            // And one per fleet: an instance that finds the key claimed
-            // leaves the refresh to the claimant.
-            if let (Some(l), Some(shared)) = (&lead, &self.shared) {
-                let hold = policy.coalesce_timeout.max(SHARED_REFRESH_HOLD);
-                match boxed_in_place!(shared.claim(&key, hold)).await {
-                    Some(claim) => l.hold_fleet_lock(claim),
-                    None if shared.tier.is_up() => lead = None,
-                    None => {}
-                }
-            }
-            let refresh = lead.map(|lead| {
-                exchange(
-                    CacheStatus::Expired,
-                    Some(key),
-                    Some(entry.clone()),
-                    client,
-                    Some(lead),
-                )
-            });
-            return Before::Serve(resp, CacheStatus::Stale, refresh);
+            return self.stale_and_refresh(policy, &q, entry, key, client).await;
         }
         // Nothing it may be given without asking the upstream (§5.2.1.7).
         if client.only_if_cached {
@@ -240,27 +181,134 @@ impl Cache {
         } else {
             CacheStatus::Miss
         };
+        let start = Start {
+            status,
+            key: Some(key),
+            stale,
+            client,
+            lead: None,
+        };
         // HEAD is left out: its answer has no body to share, and a GET
         // waiting behind it would get nothing.
         if !coalesce || head || policy.coalesce_timeout.is_zero() {
-            return forward(status, Some(key), stale, client, None);
+            return Before::Forward(self.exchange(policy, &q, start));
         }
+        self.follow_or_lead(policy, &q, key, start).await
+    }
+
+    /// The exchange a request going upstream carries. Everything in it that
+    /// costs an allocation (the target, a copy of the request headers for
+    /// Vary) is made only here, on the way upstream: a hit never pays for
+    /// it.
+    fn exchange(
+        self: &Arc<Self>,
+        policy: &Arc<RouteCachePolicy>,
+        q: &CacheQuery<'_>,
+        start: Start,
+    ) -> Exchange {
+        let head = *q.method == Method::HEAD;
+        let target: Box<str> = match q.query {
+            Some(query) => format!("{}{}?{query}", q.host, q.path).into(),
+            None => format!("{}{}", q.host, q.path).into(),
+        };
+        Exchange {
+            cache: self.clone(),
+            policy: policy.clone(),
+            status: start.status,
+            key: start.key,
+            stale: start.stale,
+            client: start.client,
+            method: q.method.clone(),
+            head,
+            route: q.route.clone(),
+            target,
+            request_time: crate::clock::wall(),
+            started: crate::clock::now_std(),
+            request_headers: (start.key.is_some() && !head).then(|| q.headers.clone()),
+            validating: false,
+            lead: start.lead,
+        }
+    }
+
+    /// A stale entry served at once (`stale-while-revalidate`), with the
+    /// exchange that refreshes it in the background: one refresh per key
+    /// (while one is in flight, the others just serve stale), and one per
+    /// fleet (an instance that finds the key claimed leaves the refresh to
+    /// the claimant). A HEAD cannot refresh a GET's entry.
+    async fn stale_and_refresh(
+        self: &Arc<Self>,
+        policy: &Arc<RouteCachePolicy>,
+        q: &CacheQuery<'_>,
+        entry: &Arc<Entry>,
+        key: CacheKey,
+        client: CacheControl,
+    ) -> Before {
+        let now = crate::clock::now_std();
+        let resp = match respond_to(
+            q.method,
+            q.headers,
+            entry,
+            entry.age(now),
+            CacheStatus::Stale,
+        ) {
+            Ok(resp) => resp,
+            Err(e) => return Before::Fail(e),
+        };
+        self.stats.count(CacheStatus::Stale);
+        self.stats.saved(entry);
+        let head = *q.method == Method::HEAD;
+        let mut lead = (!head)
+            .then(|| self.fills.lead_background(self, key))
+            .flatten();
+        if let (Some(l), Some(shared)) = (&lead, &self.shared) {
+            let hold = policy.coalesce_timeout.max(SHARED_REFRESH_HOLD);
+            match boxed_in_place!(shared.claim(&key, hold)).await {
+                Some(claim) => l.hold_fleet_lock(claim),
+                None if shared.tier.is_up() => lead = None,
+                None => {}
+            }
+        }
+        let refresh = lead.map(|lead| {
+            let start = Start {
+                status: CacheStatus::Expired,
+                key: Some(key),
+                stale: Some(entry.clone()),
+                client,
+                lead: Some(lead),
+            };
+            self.exchange(policy, q, start)
+        });
+        Before::Serve(resp, CacheStatus::Stale, refresh)
+    }
+
+    /// A miss on a coalescing route: waits behind the identical request
+    /// already on its way upstream, or leads the way for those after it
+    /// (after one more look: a fill that stored its entry and left between
+    /// the lookup and now would otherwise be fetched twice), for the whole
+    /// fleet when there is a shared tier.
+    async fn follow_or_lead(
+        self: &Arc<Self>,
+        policy: &Arc<RouteCachePolicy>,
+        q: &CacheQuery<'_>,
+        key: CacheKey,
+        mut start: Start,
+    ) -> Before {
         match self.fills.follow_or_lead(self, key) {
             Role::Follow(member) => Before::Follow(Follow::new(member, policy.coalesce_timeout)),
             Role::Lead(lead) => {
-                // A fill that stored its entry and left between our lookup
-                // and our registering would otherwise be fetched twice.
                 let again = self.lookup_local(&key, q.headers).await;
-                if let Some(served) = self.serve_stored(again.as_ref(), &client, &q) {
+                if let Some(served) = self.serve_stored(again.as_ref(), &start.client, q) {
                     return served;
                 }
                 if self.shared.is_some() {
-                    let fleet = boxed_in_place!(self.lead_fleet(&key, &lead, policy, &client, &q));
+                    let fleet =
+                        boxed_in_place!(self.lead_fleet(&key, &lead, policy, &start.client, q));
                     if let Some(served) = fleet.await {
                         return served;
                     }
                 }
-                forward(status, Some(key), stale, client, Some(lead))
+                start.lead = Some(lead);
+                Before::Forward(self.exchange(policy, q, start))
             }
         }
     }
@@ -691,9 +739,48 @@ impl Exchange {
         {
             return None;
         }
+        let lifetimes = self.lifetimes(status, headers, &cc, now)?;
+        let request_headers = self.request_headers.take().unwrap_or_default();
+        let stored = self.stored_headers(headers, &cc, streamed);
+        Some(Recording {
+            cache: self.cache.clone(),
+            key,
+            chunked: streamed,
+            started: self.started,
+            entry: Entry {
+                status,
+                vary: super::vary::values(headers, &request_headers),
+                headers: stored,
+                body: StoredBody::Whole(Bytes::new()),
+                stored_at: crate::clock::now_std(),
+                initial_age: lifetimes.initial_age,
+                fresh_for: lifetimes.fresh_for,
+                stale_while_revalidate: lifetimes.stale_while_revalidate,
+                stale_if_error: lifetimes.stale_if_error,
+                forbids_stale: cc.forbids_stale()
+                    && matches!(self.policy.freshness, Freshness::Origin),
+                route: self.route.clone(),
+                target: self.target.clone(),
+                cost: Cost::default(),
+                own_etag: false,
+                key,
+                recodings: Default::default(),
+            },
+        })
+    }
+
+    /// How long a response is fresh, its age on arrival, and its stale
+    /// windows; `None` when it may not be stored, or would never be usable.
+    fn lifetimes(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        cc: &CacheControl,
+        now: std::time::SystemTime,
+    ) -> Option<Lifetimes> {
         let (fresh_for, initial_age, swr, sie) = match self.policy.freshness {
             Freshness::Force { ttl } => {
-                if self.refusal(status, headers, &cc).is_some() {
+                if self.refusal(status, headers, cc).is_some() {
                     return None;
                 }
                 if control::is_negative(status) {
@@ -715,12 +802,12 @@ impl Exchange {
                 }
             }
             Freshness::Origin => {
-                if self.refusal(status, headers, &cc).is_some() {
+                if self.refusal(status, headers, cc).is_some() {
                     return None;
                 }
                 let lifetime = control::freshness_lifetime(
                     headers,
-                    &cc,
+                    cc,
                     status,
                     now,
                     self.cache.policy.default_ttl,
@@ -751,7 +838,18 @@ impl Exchange {
                 )
             }
         };
-        let request_headers = self.request_headers.take().unwrap_or_default();
+        Some(Lifetimes {
+            fresh_for,
+            initial_age,
+            stale_while_revalidate: swr,
+            stale_if_error: sie,
+        })
+    }
+
+    /// The response's headers as stored: one buffer, without what is
+    /// worked out per answer (`Age`, `X-Cache`), what the response said
+    /// must not be stored, another client's cookies, a stream's length.
+    fn stored_headers(&self, headers: &HeaderMap, cc: &CacheControl, streamed: bool) -> HeaderMap {
         let mut stored = compact(headers);
         stored.remove(header::AGE);
         stored.remove(X_CACHE);
@@ -767,32 +865,26 @@ impl Exchange {
         if streamed {
             stored.remove(header::CONTENT_LENGTH);
         }
-        Some(Recording {
-            cache: self.cache.clone(),
-            key,
-            chunked: streamed,
-            started: self.started,
-            entry: Entry {
-                status,
-                vary: super::vary::values(headers, &request_headers),
-                headers: stored,
-                body: StoredBody::Whole(Bytes::new()),
-                stored_at: crate::clock::now_std(),
-                initial_age,
-                fresh_for,
-                stale_while_revalidate: swr,
-                stale_if_error: sie,
-                forbids_stale: cc.forbids_stale()
-                    && matches!(self.policy.freshness, Freshness::Origin),
-                route: self.route.clone(),
-                target: self.target.clone(),
-                cost: Cost::default(),
-                own_etag: false,
-                key,
-                recodings: Default::default(),
-            },
-        })
+        stored
     }
+}
+
+/// What an exchange starts from, besides the request.
+struct Start {
+    status: CacheStatus,
+    key: Option<CacheKey>,
+    /// The entry it revalidates or replaces.
+    stale: Option<Arc<Entry>>,
+    client: CacheControl,
+    lead: Option<Lead>,
+}
+
+/// A storable response's lifetimes (see `Entry`).
+struct Lifetimes {
+    fresh_for: Duration,
+    initial_age: Duration,
+    stale_while_revalidate: Duration,
+    stale_if_error: Duration,
 }
 
 /// A copy of `headers` whose values share one exact-size buffer. Values
