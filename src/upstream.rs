@@ -233,69 +233,29 @@ impl UpstreamPool {
         } else {
             None
         };
-        let eject_after = self.policy.eject_after;
-        let may_eject = self.policy.servers.len() > 1;
         let mut tried = 0u64;
         let mut attempts = 0u32;
         loop {
             let index = admitted.index;
-            let server = &self.state.servers[index];
             let started = crate::clock::now();
-            let failure = match self.attempt(index, req, started).await {
+            let mut failure = match self.attempt(index, req, started).await {
                 Ok((resp, mut lease)) => {
-                    let now = crate::clock::now();
-                    let status = resp.status();
-                    if status.is_server_error() {
-                        server.failed(&format!("answered {status}"), eject_after, may_eject, now);
-                    } else {
-                        server.succeeded(now - started, now);
-                        self.latency.record(now - started);
-                        if let (Some(model), true) = (model, status.is_success()) {
-                            self.state.models.note_loaded(index, model);
-                        }
-                    }
+                    self.note_answer(index, resp.status(), started, model);
                     lease.hold(admitted);
                     return Ok((resp, lease, index));
                 }
                 Err(f) => f,
             };
-            let now = crate::clock::now();
-            if !matches!(
-                failure.error,
-                ProxyError::BodyTooLarge { .. }
-                    | ProxyError::ClientBody(_)
-                    | ProxyError::BodyTimeout { .. }
-            ) {
-                server.failed(&failure.error.to_string(), eject_after, may_eject, now);
-            }
+            self.note_failure(index, &failure.error);
             tried |= 1 << index;
             attempts += 1;
-            let again = failure.unsent.or_else(|| {
-                failure
-                    .retryable
-                    .then(|| replay.as_ref().and_then(Replay::request).map(Box::new))
-                    .flatten()
-            });
-            let Some(mut again) = again.filter(|_| attempts <= self.policy.retries) else {
+            let Some(mut again) = self.again(&mut failure, replay.as_ref(), attempts) else {
                 return Err(failure.error);
             };
-            if !self.state.budget.spend(now) {
-                return Err(failure.error);
-            }
             // The failed attempt's place goes back before the pause.
             drop(admitted);
             tokio::time::sleep(retry::back_off(attempts)).await;
-            let anywhere = PickFilter {
-                tried: 0,
-                prefer: 0,
-                ..filter
-            };
-            let next = self
-                .try_admit(&PickFilter { tried, ..anywhere })
-                // Every server tried: the least bad is one of them again
-                // (a pool of one, a server that refused while restarting).
-                .or_else(|| self.try_admit(&anywhere));
-            let Some(next) = next else {
+            let Some(next) = self.retry_server(&filter, tried) else {
                 return Err(failure.error);
             };
             tracing::debug!(
@@ -313,6 +273,81 @@ impl UpstreamPool {
             admitted = next;
             req = again;
         }
+    }
+
+    /// What an answer from server `index` says of it: a 5xx counts as a
+    /// failure, anything else as a success (its latency recorded, and for
+    /// `model`, that it is loaded there).
+    fn note_answer(
+        &self,
+        index: usize,
+        status: http::StatusCode,
+        started: Instant,
+        model: Option<&ModelName>,
+    ) {
+        let server = &self.state.servers[index];
+        let now = crate::clock::now();
+        let (eject_after, may_eject) = (self.policy.eject_after, self.policy.servers.len() > 1);
+        if status.is_server_error() {
+            server.failed(&format!("answered {status}"), eject_after, may_eject, now);
+        } else {
+            server.succeeded(now - started, now);
+            self.latency.record(now - started);
+            if let (Some(model), true) = (model, status.is_success()) {
+                self.state.models.note_loaded(index, model);
+            }
+        }
+    }
+
+    /// A failed attempt counts against server `index`, unless the client's
+    /// body was at fault.
+    fn note_failure(&self, index: usize, error: &ProxyError) {
+        let client_side = matches!(
+            error,
+            ProxyError::BodyTooLarge { .. }
+                | ProxyError::ClientBody(_)
+                | ProxyError::BodyTimeout { .. }
+        );
+        if !client_side {
+            let (eject_after, may_eject) = (self.policy.eject_after, self.policy.servers.len() > 1);
+            let now = crate::clock::now();
+            self.state.servers[index].failed(&error.to_string(), eject_after, may_eject, now);
+        }
+    }
+
+    /// The request to send again after `failure`: the one that never left,
+    /// or a replay of an idempotent one; `None` when retries, or the pool's
+    /// retry budget, are spent.
+    fn again(
+        &self,
+        failure: &mut Failure,
+        replay: Option<&Replay>,
+        attempts: u32,
+    ) -> Option<Box<Request<RequestBody>>> {
+        let retryable = failure.retryable;
+        let again = failure.unsent.take().or_else(|| {
+            retryable
+                .then(|| replay.and_then(Replay::request).map(Box::new))
+                .flatten()
+        })?;
+        if attempts > self.policy.retries || !self.state.budget.spend(crate::clock::now()) {
+            return None;
+        }
+        Some(again)
+    }
+
+    /// Where a retry goes: a usable server not tried yet, else (every one
+    /// tried: a pool of one, a server that refused while restarting) the
+    /// least bad of them again. Neither the balancer's preference nor the
+    /// first pick's hash binds it.
+    fn retry_server(&self, filter: &PickFilter, tried: u64) -> Option<Admitted> {
+        let anywhere = PickFilter {
+            tried: 0,
+            prefer: 0,
+            ..*filter
+        };
+        self.try_admit(&PickFilter { tried, ..anywhere })
+            .or_else(|| self.try_admit(&anywhere))
     }
 
     /// One attempt at server `index`, begun at `started`: its response head
