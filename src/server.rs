@@ -424,27 +424,16 @@ async fn serve_connection<S>(
             builders.auto.serve_connection_with_upgrades(io, service),
         )),
     };
-    let mut stop = pin!(shared.stop_accepting.cancelled());
-    let mut force = pin!(shared.force_close.cancelled());
-    let mut timer = ConnTimer::new(state.clone(), shared.timeouts);
-    // Set when an idle connection was asked to close: an HTTP/2 client
-    // that never answers the GOAWAY's PING must not hold it forever.
-    let mut drain_cut: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    // hyper's connection types share no trait for this.
-    macro_rules! graceful_shutdown {
-        () => {
-            match &mut conn {
-                Serving::Http1(c) => c.as_mut().graceful_shutdown(),
-                Serving::Http2(c) => c.as_mut().graceful_shutdown(),
-                Serving::Auto(c) => c.as_mut().graceful_shutdown(),
-            }
-        };
-    }
-    let mut draining = false;
-    // The first poll registers this task with the tokens; after that they are
-    // looked at again only once the worker is stopping. The timer answers at
-    // once while a request is in flight.
-    let mut registered = false;
+    let stop = pin!(shared.stop_accepting.cancelled());
+    let force = pin!(shared.force_close.cancelled());
+    let mut watch = Watch {
+        stop,
+        force,
+        timer: ConnTimer::new(state.clone(), shared.timeouts),
+        drain_cut: None,
+        draining: false,
+        registered: false,
+    };
     std::future::poll_fn(|cx| {
         // Clock readings in this poll are shared (clock.rs).
         let _pass = crate::clock::Pass::begin();
@@ -460,47 +449,88 @@ async fn serve_connection<S>(
                 }
                 return Poll::Ready(());
             }
-            let stopping = !registered || shared.stopping.load(Ordering::Acquire);
-            if stopping && force.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(());
+            match watch.poll(cx, &shared, peer) {
+                Turn::Wait => return Poll::Pending,
+                Turn::Close => return Poll::Ready(()),
+                // hyper's connection types share no trait for this.
+                Turn::Drain => match &mut conn {
+                    Serving::Http1(c) => c.as_mut().graceful_shutdown(),
+                    Serving::Http2(c) => c.as_mut().graceful_shutdown(),
+                    Serving::Auto(c) => c.as_mut().graceful_shutdown(),
+                },
             }
-            if let Some(cut) = &mut drain_cut {
-                if cut.as_mut().poll(cx).is_ready() {
-                    shared.protect.cut.count(Deadline::Http2Keepalive);
-                    tracing::debug!(%peer, "closing connection: still open http2_keepalive_timeout after GOAWAY");
-                    return Poll::Ready(());
-                }
-            }
-            if !draining && stopping && stop.as_mut().poll(cx).is_ready() {
-                draining = true;
-                graceful_shutdown!();
-                continue;
-            }
-            // Polled while draining too: a client that takes no bytes
-            // must not hold a closing connection either.
-            match timer.poll_expired(cx) {
-                Poll::Pending => {}
-                Poll::Ready(ConnTimeout::Send) => {
-                    shared.protect.cut.count(Deadline::Send);
-                    tracing::debug!(%peer, "closing connection: the client took no bytes within send_timeout");
-                    return Poll::Ready(());
-                }
-                Poll::Ready(_) if draining => {}
-                Poll::Ready(ConnTimeout::Idle) => {
-                    draining = true;
-                    drain_cut = Some(Box::pin(tokio::time::sleep(shared.drain_deadline)));
-                    graceful_shutdown!();
-                    continue;
-                }
-                Poll::Ready(ConnTimeout::HeaderRead) => {
-                    shared.protect.cut.count(Deadline::HeaderRead);
-                    tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
-                    return Poll::Ready(());
-                }
-            }
-            registered = true;
-            return Poll::Pending;
         }
     })
     .await;
+}
+
+/// What a connection's task watches beside the connection: the worker
+/// stopping, the grace period's end, its deadlines (`conn.rs`), and once it
+/// was asked to close while idle, how long an HTTP/2 client may take to go.
+struct Watch<'p, 't> {
+    stop: Pin<&'p mut tokio_util::sync::WaitForCancellationFuture<'t>>,
+    force: Pin<&'p mut tokio_util::sync::WaitForCancellationFuture<'t>>,
+    timer: ConnTimer,
+    /// Set when an idle connection was asked to close: an HTTP/2 client
+    /// that never answers the GOAWAY's PING must not hold it forever.
+    drain_cut: Option<Pin<Box<tokio::time::Sleep>>>,
+    draining: bool,
+    /// The first poll registers this task with the tokens; after that they
+    /// are looked at again only once the worker is stopping.
+    registered: bool,
+}
+
+/// What the connection's task does next.
+enum Turn {
+    /// Nothing is due: wait to be woken.
+    Wait,
+    /// Close the connection now.
+    Close,
+    /// Ask the connection to finish gracefully, then poll it again.
+    Drain,
+}
+
+impl Watch<'_, '_> {
+    #[inline]
+    fn poll(&mut self, cx: &mut std::task::Context<'_>, shared: &Shared, peer: SocketAddr) -> Turn {
+        let stopping = !self.registered || shared.stopping.load(Ordering::Acquire);
+        if stopping && self.force.as_mut().poll(cx).is_ready() {
+            return Turn::Close;
+        }
+        if let Some(cut) = &mut self.drain_cut {
+            if cut.as_mut().poll(cx).is_ready() {
+                shared.protect.cut.count(Deadline::Http2Keepalive);
+                tracing::debug!(%peer, "closing connection: still open http2_keepalive_timeout after GOAWAY");
+                return Turn::Close;
+            }
+        }
+        if !self.draining && stopping && self.stop.as_mut().poll(cx).is_ready() {
+            self.draining = true;
+            return Turn::Drain;
+        }
+        // Polled while draining too: a client that takes no bytes must not
+        // hold a closing connection either. The timer answers at once while
+        // a request is in flight.
+        match self.timer.poll_expired(cx) {
+            Poll::Pending => {}
+            Poll::Ready(ConnTimeout::Send) => {
+                shared.protect.cut.count(Deadline::Send);
+                tracing::debug!(%peer, "closing connection: the client took no bytes within send_timeout");
+                return Turn::Close;
+            }
+            Poll::Ready(_) if self.draining => {}
+            Poll::Ready(ConnTimeout::Idle) => {
+                self.draining = true;
+                self.drain_cut = Some(Box::pin(tokio::time::sleep(shared.drain_deadline)));
+                return Turn::Drain;
+            }
+            Poll::Ready(ConnTimeout::HeaderRead) => {
+                shared.protect.cut.count(Deadline::HeaderRead);
+                tracing::debug!(%peer, "closing connection: no complete request head within header_read_timeout");
+                return Turn::Close;
+            }
+        }
+        self.registered = true;
+        Turn::Wait
+    }
 }
