@@ -694,7 +694,7 @@ where
         }
         After::Store(resp, recording, status) => (resp, recording, status),
     };
-    let (parts, mut body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     let head = Arc::new(FillHead::new(parts.status, &recording));
     let leader = leader.filter(|tx| !tx.is_closed());
     if let Some(slot) = fill.begin_body(head.clone(), leader.is_some()) {
@@ -707,6 +707,19 @@ where
             },
         );
     }
+    record(&fill, body, head, recording).await;
+    drop(finish);
+}
+
+/// Reads the upstream's body into the fill's log, no faster than its
+/// slowest reader allows, and stores the entry when the body ended well
+/// and was recorded whole. A body that fails settles the fill as failed.
+async fn record(
+    fill: &Arc<Fill>,
+    mut body: ResponseBody,
+    head: Arc<FillHead>,
+    recording: Recording,
+) {
     loop {
         if !poll_fn(|cx| fill.poll_room(cx)).await {
             return;
@@ -741,7 +754,6 @@ where
         // both the store and the fill.
         cache.insert(Arc::new(entry)).await;
     }
-    drop(finish);
 }
 
 /// How a follower's wait ended.
