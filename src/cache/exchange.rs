@@ -599,27 +599,7 @@ impl Exchange {
         let old = self.stale.take()?;
         let key = self.key?;
         let now = crate::clock::wall();
-        let mut headers = old.headers.clone();
-        for name in fresh.keys() {
-            // The 304 describes no body, and its age is counted below. The
-            // stored body and its copies are in the coding stored with them
-            // (RFC 9111 §3.2 lets a cache keep that field for integrity).
-            // A cookie set in a 304 was set for the client that triggered
-            // the revalidation: merged into the entry, every later client
-            // in the scope would be given it (issue 28).
-            if name == header::CONTENT_LENGTH
-                || name == header::CONTENT_ENCODING
-                || name == X_CACHE
-                || name == header::AGE
-                || name == header::SET_COOKIE
-            {
-                continue;
-            }
-            headers.remove(name);
-            for v in fresh.get_all(name) {
-                headers.append(name.clone(), v.clone());
-            }
-        }
+        let mut headers = merged_304(&old.headers, fresh);
         let cc = CacheControl::for_response(&headers, &self.cache.policy.targeted_cache_control);
         let (mut swr, mut sie) = (old.stale_while_revalidate, old.stale_if_error);
         if matches!(self.policy.freshness, Freshness::Origin) {
@@ -867,6 +847,32 @@ impl Exchange {
         }
         stored
     }
+}
+
+/// A stored entry's headers updated by a 304's (RFC 9111 §3.2).
+fn merged_304(stored: &HeaderMap, fresh: &HeaderMap) -> HeaderMap {
+    let mut headers = stored.clone();
+    for name in fresh.keys() {
+        // The 304 describes no body, and its age is counted apart. The
+        // stored body and its copies are in the coding stored with them
+        // (RFC 9111 §3.2 lets a cache keep that field for integrity). A
+        // cookie set in a 304 was set for the client that triggered the
+        // revalidation: merged into the entry, every later client in the
+        // scope would be given it (issue 28).
+        if name == header::CONTENT_LENGTH
+            || name == header::CONTENT_ENCODING
+            || name == X_CACHE
+            || name == header::AGE
+            || name == header::SET_COOKIE
+        {
+            continue;
+        }
+        headers.remove(name);
+        for v in fresh.get_all(name) {
+            headers.append(name.clone(), v.clone());
+        }
+    }
+    headers
 }
 
 /// What an exchange starts from, besides the request.

@@ -231,33 +231,11 @@ impl CacheKey {
             });
         }
         let body = req.body.unwrap_or(b"");
-        match policy.body_key {
-            BodyKey::None => {
-                let stream = wants_event_stream(req.headers);
-                part("stream", &[stream as u8], &|| stream.to_string());
-            }
-            BodyKey::Raw => {
-                let stream = wants_event_stream(req.headers);
-                part("stream", &[stream as u8], &|| stream.to_string());
-                let d = match req.body_digest {
-                    Some(BodyDigest::Raw(d)) => *d,
-                    _ => blake3::hash(body),
-                };
-                part("body", d.as_bytes(), &|| {
-                    format!("raw {} bytes, blake3 {}", body.len(), short(d.as_bytes()))
-                });
-            }
-            BodyKey::Json => {
-                let (d, stream_member) = match req.body_digest {
-                    Some(BodyDigest::Json(ahead)) => (*ahead)?,
-                    _ => super::canonical_json::digest(body, &policy.ignore_fields)
-                        .map(|d| (d.hash, d.stream))
-                        .ok_or(NotJson)?,
-                };
-                let stream =
-                    json_wants_stream(stream_member, req.path) || wants_event_stream(req.headers);
-                part("stream", &[stream as u8], &|| stream.to_string());
-                part("body", d.as_bytes(), &|| {
+        let (stream, digest) = body_parts(policy, req)?;
+        part("stream", &[stream as u8], &|| stream.to_string());
+        if let Some(d) = digest {
+            part("body", d.as_bytes(), &|| match policy.body_key {
+                BodyKey::Json => {
                     let ignored: Vec<String> =
                         policy.ignore_fields.iter().map(|f| f.join(".")).collect();
                     format!(
@@ -265,11 +243,42 @@ impl CacheKey {
                         short(d.as_bytes()),
                         ignored.join(", ")
                     )
-                });
-            }
+                }
+                _ => format!("raw {} bytes, blake3 {}", body.len(), short(d.as_bytes())),
+            });
         }
         Ok(())
     }
+}
+
+/// Whether the request asks for a stream, and its body's digest on
+/// body-keyed routes (worked out ahead for a big body, or here).
+fn body_parts(
+    policy: &RouteCachePolicy,
+    req: &KeyInput<'_>,
+) -> Result<(bool, Option<blake3::Hash>), NotJson> {
+    let body = req.body.unwrap_or(b"");
+    Ok(match policy.body_key {
+        BodyKey::None => (wants_event_stream(req.headers), None),
+        BodyKey::Raw => {
+            let d = match req.body_digest {
+                Some(BodyDigest::Raw(d)) => *d,
+                _ => blake3::hash(body),
+            };
+            (wants_event_stream(req.headers), Some(d))
+        }
+        BodyKey::Json => {
+            let (d, stream_member) = match req.body_digest {
+                Some(BodyDigest::Json(ahead)) => (*ahead)?,
+                _ => super::canonical_json::digest(body, &policy.ignore_fields)
+                    .map(|d| (d.hash, d.stream))
+                    .ok_or(NotJson)?,
+            };
+            let stream =
+                json_wants_stream(stream_member, req.path) || wants_event_stream(req.headers);
+            (stream, Some(d))
+        }
+    })
 }
 
 thread_local! {
