@@ -2,10 +2,10 @@
 //! (`Accept-Encoding`, RFC 9110 §12.5.3).
 //!
 //! This module owns the negotiation (codings by q-value, the policy's order
-//! among equal ones, `identity` and `*` as the RFC reads them), which
-//! responses are compressed or decoded (`Treatment`), and the coder that
-//! does it as a body passes, flushing after each chunk when the body is a
-//! stream. The copies a stored entry keeps in other codings are held by
+//! among equal ones, `identity` and `*` as the RFC reads them) and which
+//! responses are compressed or decoded (`Treatment`), and puts the coder on
+//! the body. The coder itself (flushing after each chunk when the body is a
+//! stream) is `coding.rs`'s. The copies a stored entry keeps in other codings are held by
 //! `cache::recoded`; this module only says how to make them.
 
 use bytes::Bytes;
