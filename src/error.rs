@@ -16,6 +16,9 @@ pub enum ProxyError {
     NoRoute,
     #[error("this endpoint is not exposed here (route `{route}` denies it)")]
     Denied { route: String },
+    /// No key, or one Hyperion did not issue, on a route that takes keys.
+    #[error("{}", if *presented { "the API key is not valid" } else { "an API key is required: send Authorization: Bearer <key> (or x-api-key: <key>)" })]
+    Unauthorized { presented: bool },
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("the request header section is larger than the limit of {limit} bytes")]
@@ -101,6 +104,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute | ProxyError::UnknownModel { .. } => StatusCode::NOT_FOUND,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
@@ -127,6 +131,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no_route",
             ProxyError::Denied { .. } => "denied",
+            ProxyError::Unauthorized { .. } => "invalid_api_key",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => "bad_request",
@@ -196,6 +201,12 @@ impl ProxyError {
         if let ProxyError::UnknownModel { served, .. } = self {
             body["error"]["models"] = served.as_slice().into();
         }
+        if let ProxyError::Unauthorized { .. } = self {
+            // OpenAI's shape, so its clients raise their authentication
+            // error with this message.
+            body["error"]["type"] = "invalid_request_error".into();
+            body["error"]["param"] = serde_json::Value::Null;
+        }
         let mut bytes = serde_json::to_vec(&body).expect("JSON values serialize");
         bytes.push(b'\n');
         let mut resp = Response::new(Bytes::from(bytes));
@@ -211,6 +222,12 @@ impl ProxyError {
             // RFC 9110 §15.5.9: the server closes the connection; the
             // rest of the body is not waited for.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let ProxyError::Unauthorized { .. } = self {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"hyperion\""),
+            );
         }
         if let Some(after) = self.retry_after() {
             let secs = crate::limits::whole_seconds(after).max(1);

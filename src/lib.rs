@@ -30,6 +30,7 @@ macro_rules! boxed_in_place {
 
 pub(crate) mod access_log;
 pub(crate) mod admin;
+pub mod auth;
 pub(crate) mod body;
 pub mod cache;
 pub(crate) mod clock;

@@ -39,6 +39,25 @@ enum Command {
     Run,
     /// Validate the policy file, print a summary, and exit (non-zero on error).
     Check,
+    /// API keys in `[auth] keys_file`: add, list, revoke.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a key for NAME and print it (the only time it is shown; the
+    /// file keeps its digest).
+    Add {
+        name: String,
+        /// The key's tier.
+        #[arg(long)]
+        tier: Option<String>,
+    },
+    /// List the keys' names, tiers and when they were made.
+    List,
+    /// Remove NAME's key (a running proxy drops it on its next reload).
+    Revoke { name: String },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +85,42 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(policy, &cli.config),
+        Command::Keys(command) => keys(&policy, &cli.config, command),
+    }
+}
+
+fn keys(policy: &Policy, config: &std::path::Path, command: KeysCommand) -> ExitCode {
+    let Some(auth) = &policy.auth else {
+        eprintln!(
+            "{}: no [auth] table: add one with keys_file = \"keys.toml\" (see docs/policy.md)",
+            config.display()
+        );
+        return ExitCode::FAILURE;
+    };
+    let file = hyperion::auth::KeysFileAt(auth.keys_file.clone());
+    let done = match command {
+        KeysCommand::Add { name, tier } => file.add(&name, tier.as_deref()).map(|key| {
+            println!("{key}");
+            eprintln!(
+                "key `{name}` added to {}; it is shown only now. Reload the proxy (SIGHUP) to accept it.",
+                auth.keys_file.display()
+            );
+        }),
+        KeysCommand::List => file.list().map(|keys| {
+            for k in keys {
+                println!("{}\t{}\t{}", k.name, k.tier.as_deref().unwrap_or("-"), k.created);
+            }
+        }),
+        KeysCommand::Revoke { name } => file.revoke(&name).map(|()| {
+            eprintln!("key `{name}` revoked. Reload the proxy (SIGHUP) to refuse it.");
+        }),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use http::uri::{Authority, Scheme};
 
 pub use error::PolicyError;
 pub use model_name::ModelName;
-pub use raw::{AccessLogFormat, Balance, ModelRouting, UnknownModel};
+pub use raw::{AccessLogFormat, AuthMode, Balance, ModelRouting, UnknownModel};
 pub use units::{Dur, Rate, Size};
 
 use crate::route::RouteMatch;
@@ -43,6 +43,17 @@ pub struct Policy {
     pub rate_limits: Vec<Arc<RateLimitPolicy>>,
     /// `[admin]`; `None`: no admin listener.
     pub admin: Option<AdminPolicy>,
+    /// `[auth]`; `None`: keys are not checked anywhere.
+    pub auth: Option<AuthPolicy>,
+}
+
+/// `[auth]`: the keys Hyperion issued.
+#[derive(Debug, Clone)]
+pub struct AuthPolicy {
+    /// Resolved against the policy file's directory.
+    pub keys_file: std::path::PathBuf,
+    /// What the file held when the policy was read.
+    pub keyring: Arc<crate::auth::Keyring>,
 }
 
 /// `[admin]`: the operators' listener (served by `admin`).
@@ -299,6 +310,9 @@ pub struct RoutePolicy {
     /// What a request for a model its model-routed upstream does not serve
     /// gets.
     pub unknown_model: UnknownModel,
+    /// `auth`: `Off` unless the policy has `[auth]` (then `Required` by
+    /// default).
+    pub auth: AuthMode,
 }
 
 /// `[route.headers]`: fields set on or removed from what goes upstream and
@@ -618,6 +632,14 @@ impl fmt::Display for Policy {
                 Dur(self.cache.default_ttl)
             )?;
         }
+        if let Some(a) = &self.auth {
+            writeln!(
+                f,
+                "auth:      {} key(s) in {} (hyperion keys add|list|revoke; re-read on reload)",
+                a.keyring.len(),
+                a.keys_file.display()
+            )?;
+        }
         if let Some(r) = &self.cache.redis {
             writeln!(
                 f,
@@ -743,6 +765,11 @@ impl fmt::Display for Policy {
             if !r.rate_limits.is_empty() {
                 let names: Vec<&str> = r.rate_limits.iter().map(|l| l.name.as_str()).collect();
                 write!(f, "  [limits {}]", names.join(", "))?;
+            }
+            match r.auth {
+                AuthMode::Required if !r.deny => write!(f, "  [key required]")?,
+                AuthMode::Optional if !r.deny => write!(f, "  [key optional]")?,
+                _ => {}
             }
             writeln!(f)?;
         }

@@ -187,6 +187,10 @@ fn policy_with(path: &str, line: &str) -> String {
                 "{up}[rate_limits.x]\nkey = \"client_ip\"\n{limit}\n{line}\n{route}rate_limit = [\"x\"]\n"
             )
         }
+        // auth is read where the policy has [auth].
+        "route" if path.ends_with(".auth") => {
+            format!("[auth]\nkeys_file = \"/nonexistent/keys.toml\"\n{up}{route}{line}\n")
+        }
         // unknown_model is read on model-routed upstreams only.
         "route" if path.ends_with("unknown_model") => {
             format!("{up}model_routing = \"discover\"\n{route}{line}\n")

@@ -21,7 +21,7 @@ use crate::cache::BodyDigest;
 use crate::error::ProxyError;
 use crate::headers::{self, RequestFields};
 use crate::limits::{tokens, Admission, Counting, Stage, Subject};
-use crate::policy::{BodyKey, RouteCachePolicy, RoutePolicy};
+use crate::policy::{AuthMode, BodyKey, RouteCachePolicy, RoutePolicy};
 use crate::protect::{BodyBudget, BodyCharge};
 use crate::upstream::models;
 use crate::upstream::UpstreamPool;
@@ -99,6 +99,9 @@ impl Proxy {
                 route: route.name.to_string(),
             });
         };
+        if route.policy.auth != AuthMode::Off {
+            st.tenant = self.tenant_of(req.headers(), route.policy.auth)?;
+        }
         st.rewrite.clone_from(&route.policy.headers);
         let upgrade = (fields.upgrade && req.version() == Version::HTTP_11)
             .then(|| headers::requested_upgrade(req.headers()))
@@ -120,6 +123,28 @@ impl Proxy {
             arrival.client_upgrade = Some(hyper::upgrade::on(&mut *req));
         }
         Ok(arrival)
+    }
+}
+
+impl Proxy {
+    /// The tenant whose key `headers` present. A wrong key is refused on
+    /// any route that takes keys; no key, only where one is required.
+    fn tenant_of(
+        &self,
+        headers: &HeaderMap,
+        mode: AuthMode,
+    ) -> Result<Option<Arc<crate::auth::Tenant>>, ProxyError> {
+        let Some(key) = crate::auth::presented(headers) else {
+            return match mode {
+                AuthMode::Required => Err(ProxyError::Unauthorized { presented: false }),
+                _ => Ok(None),
+            };
+        };
+        let keyring = self.policy.auth.as_ref().map(|a| &a.keyring);
+        match keyring.and_then(|k| k.find(key)) {
+            Some(tenant) => Ok(Some(tenant.clone())),
+            None => Err(ProxyError::Unauthorized { presented: true }),
+        }
     }
 }
 

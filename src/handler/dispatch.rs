@@ -23,7 +23,7 @@ use crate::cache::{CacheStatus, Exchange};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, RequestFields, X_REQUEST_ID};
 use crate::limits::{Counting, Stage};
-use crate::policy::{Balance, HashKey, UnknownModel, UpstreamServer};
+use crate::policy::{AuthMode, Balance, HashKey, UnknownModel, UpstreamServer};
 use crate::upstream::balance::PickFilter;
 use crate::upstream::models::{ModelChoice, ModelName};
 use crate::upstream::{Admitted, ConnLease, UpstreamPool};
@@ -200,6 +200,12 @@ impl Proxy {
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
             );
+        }
+        if route.policy.auth != AuthMode::Off {
+            // The key is Hyperion's: the upstream never sees it.
+            for name in &crate::auth::KEY_HEADERS {
+                h.remove(name);
+            }
         }
         if let Some(rw) = &route.policy.headers {
             rw.apply_request(h);

@@ -191,6 +191,9 @@ pub const KEYS: &[Key] = &[
         File,
         Applies,
     ),
+    // [auth]
+    key("auth", Off("keys are not checked"), Table, Applies),
+    key("auth.keys_file", Required, File, Applies),
     // [cache]
     key("cache", Off("every default below"), Table, Applies),
     key("cache.max_size", Value(r#""256MB""#), Size, Restart),
@@ -424,6 +427,12 @@ pub const KEYS: &[Key] = &[
         "route.rate_limit",
         Value("[]"),
         List("limiter name"),
+        Applies,
+    ),
+    key(
+        "route.auth",
+        Derived("required with [auth], else off"),
+        Choice("required, optional, off"),
         Applies,
     ),
     key(

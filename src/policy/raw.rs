@@ -27,6 +27,7 @@ pub struct RawPolicy {
     #[serde(default)]
     pub server: RawServer,
     pub admin: Option<Spanned<RawAdmin>>,
+    pub auth: Option<Spanned<RawAuth>>,
     pub cache: Option<Spanned<RawCache>>,
     pub compression: Option<Spanned<RawCompression>>,
     #[serde(default)]
@@ -78,6 +79,24 @@ pub struct RawAdmin {
     pub listen: Option<ListenAddr>,
     pub token_env: Option<String>,
     pub token_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub keys_file: Option<Spanned<String>>,
+}
+
+/// A route's `auth`: whether a request needs a key issued by Hyperion.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// No key, no answer (401).
+    Required,
+    /// A key is taken when one is presented (a wrong one is still refused).
+    Optional,
+    /// Keys are not looked at; the credential headers pass as sent.
+    Off,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +247,7 @@ pub struct RawRoute {
     pub deny: Option<Spanned<bool>>,
     pub preserve_host: Option<bool>,
     pub unknown_model: Option<Spanned<UnknownModel>>,
+    pub auth: Option<Spanned<AuthMode>>,
     pub rate_limit: Option<Spanned<Vec<Spanned<String>>>>,
     pub cache: Option<Spanned<RawRouteCache>>,
     pub headers: Option<Spanned<RawRouteHeaders>>,

@@ -22,18 +22,19 @@ use http::{Method, Uri};
 use toml::Spanned;
 
 use super::error::{nearest, PolicyError, Source};
-use super::raw::{self, Balance, ModelRouting, RawPolicy, UnknownModel};
+use super::raw::{self, AuthMode, Balance, ModelRouting, RawPolicy, UnknownModel};
 use super::units::{Dur, Size};
 use super::ModelName;
 use super::{
-    AdminPolicy, AdminToken, BodyKey, CachePolicy, CacheScope, CompressionPolicy, FleetSecret,
-    Freshness, HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy, RateLimitPolicy,
-    RedisPolicy, RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls, TlsTermination,
-    UpstreamPolicy, UpstreamServer,
+    AdminPolicy, AdminToken, AuthPolicy, BodyKey, CachePolicy, CacheScope, CompressionPolicy,
+    FleetSecret, Freshness, HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy,
+    RateLimitPolicy, RedisPolicy, RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls,
+    TlsTermination, UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 
 // Each table's rules, as methods of the one `Validator` below.
+mod auth;
 mod cache;
 mod compression;
 mod limits;
@@ -122,6 +123,10 @@ impl Validator<'_> {
             Some(c) => Some(Arc::new(self.compression(c)?)),
             None => None,
         };
+        let auth = match &raw.auth {
+            Some(a) => Some(self.auth(a)?),
+            None => None,
+        };
         let mut rate_limits = Vec::with_capacity(raw.rate_limits.len());
         for (name, limit) in raw.rate_limits {
             rate_limits.push(Arc::new(self.rate_limit(name, limit)?));
@@ -135,7 +140,7 @@ impl Validator<'_> {
             &upstreams,
             &cache,
             &rate_limits,
-            compression.is_some(),
+            (compression.is_some(), raw.auth.is_some()),
         )?;
         Ok(Policy {
             server,
@@ -145,6 +150,7 @@ impl Validator<'_> {
             compression,
             rate_limits,
             admin,
+            auth,
         })
     }
 }

@@ -85,7 +85,7 @@ impl Validator<'_> {
         upstreams: &[Arc<UpstreamPolicy>],
         cache: &CachePolicy,
         rate_limits: &[Arc<RateLimitPolicy>],
-        compression_on: bool,
+        (compression_on, auth_on): (bool, bool),
     ) -> Result<Vec<Arc<RoutePolicy>>, PolicyError> {
         if raw.is_empty() {
             return Err(self.src.error(
@@ -151,6 +151,19 @@ impl Validator<'_> {
                 Some(h) => Some(Arc::new(self.route_headers(h, &key)?)),
                 None => None,
             };
+            let auth = match &r.auth {
+                Some(a) if !auth_on => {
+                    return Err(self.err(
+                        a.span(),
+                        format!("{key}.auth"),
+                        "there is no [auth] to check keys against",
+                        "add [auth] with keys_file = \"keys.toml\" (see docs/policy.md), or remove auth",
+                    ))
+                }
+                Some(a) => *a.get_ref(),
+                None if auth_on => AuthMode::Required,
+                None => AuthMode::Off,
+            };
             let deny = r.deny.as_ref().is_some_and(|d| *d.get_ref());
             if deny {
                 let forwarding = [
@@ -180,6 +193,7 @@ impl Validator<'_> {
                         headers,
                         rate_limits: limits,
                         unknown_model: UnknownModel::Reject,
+                        auth,
                     }),
                 ));
                 continue;
@@ -259,6 +273,7 @@ impl Validator<'_> {
                     headers,
                     rate_limits: limits,
                     unknown_model,
+                    auth,
                 }),
             ));
         }

@@ -1,0 +1,234 @@
+//! API keys issued by Hyperion (`[auth]`, `hyperion keys`): what a client
+//! without a good key gets, what the upstream sees, and a revoked key.
+
+mod support;
+
+use http::{Method, Request};
+use hyperion::auth::KeysFileAt;
+use support::*;
+
+/// A policy with `[auth]` over `keys`, one route to `upstream` with `route`
+/// extra lines, and a second route `/open/` with `auth = "off"`.
+fn auth_policy(upstream: &str, keys: &TempFile, route: &str) -> String {
+    format!(
+        r#"[auth]
+keys_file = "{keys}"
+
+[upstreams.up]
+servers = [{{ url = "{upstream}" }}]
+
+[[route]]
+name = "open"
+match = {{ path_prefix = "/open/" }}
+upstream = "up"
+auth = "off"
+
+[[route]]
+name = "all"
+upstream = "up"
+{route}
+"#,
+        keys = keys.display()
+    )
+}
+
+fn keys_file() -> TempFile {
+    let file = TempFile::new("keys.toml", "");
+    std::fs::remove_file(&file.0).unwrap();
+    file
+}
+
+async fn with_key(
+    proxy: &TestProxy,
+    path: &str,
+    header: Option<(&str, String)>,
+) -> (http::response::Parts, bytes::Bytes) {
+    let mut req = Request::builder().method(Method::POST).uri(proxy.url(path));
+    if let Some((name, value)) = header {
+        req = req.header(name, value);
+    }
+    send(
+        req.body(full("{\"model\":\"m\",\"prompt\":\"hi\"}"))
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_request_without_a_good_key_gets_401_and_reaches_nothing() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let key = KeysFileAt(keys.0.clone()).add("alice", None).unwrap();
+    let proxy = TestProxy::start(&auth_policy(&up.url(), &keys, "")).await;
+
+    for header in [
+        None,
+        Some(("authorization", "Bearer hyp_0000".to_owned())),
+        Some(("authorization", format!("Bearer {key}x"))),
+        Some(("x-api-key", "not-a-key".to_owned())),
+    ] {
+        let presented = header.is_some();
+        let (parts, body) = with_key(&proxy, "/api/generate", header).await;
+        assert_eq!(parts.status, 401);
+        assert_eq!(
+            parts.headers["www-authenticate"],
+            "Bearer realm=\"hyperion\""
+        );
+        // OpenAI's error shape: its clients raise AuthenticationError.
+        let body = json(&body);
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(body["error"]["param"].is_null());
+        let message = body["error"]["message"].as_str().unwrap();
+        assert_eq!(message.contains("not valid"), presented, "{message}");
+    }
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn a_good_key_passes_in_each_clients_header_and_never_reaches_the_upstream() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let key = KeysFileAt(keys.0.clone())
+        .add("alice", Some("pro"))
+        .unwrap();
+    let proxy = TestProxy::start(&auth_policy(&up.url(), &keys, "")).await;
+
+    for header in ["authorization", "x-api-key", "api-key"] {
+        let value = if header == "authorization" {
+            format!("Bearer {key}")
+        } else {
+            key.clone()
+        };
+        let (parts, _) = with_key(&proxy, "/api/generate", Some((header, value))).await;
+        assert_eq!(parts.status, 200, "{header}");
+        let seen = up.last();
+        for name in ["authorization", "x-api-key", "api-key"] {
+            assert!(
+                !seen.headers.contains_key(name),
+                "{name} reached the upstream"
+            );
+        }
+    }
+    // A route with auth = "off" neither asks for a key nor removes one.
+    let (parts, _) = with_key(
+        &proxy,
+        "/open/x",
+        Some(("authorization", "Basic dXNlcjpwYXNz".to_owned())),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(up.last().headers["authorization"], "Basic dXNlcjpwYXNz");
+}
+
+#[tokio::test]
+async fn optional_takes_no_key_but_refuses_a_wrong_one() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let proxy = TestProxy::start(&auth_policy(&up.url(), &keys, "auth = \"optional\"")).await;
+    let (parts, _) = with_key(&proxy, "/x", None).await;
+    assert_eq!(parts.status, 200);
+    let (parts, _) = with_key(&proxy, "/x", Some(("x-api-key", "hyp_nope".into()))).await;
+    assert_eq!(parts.status, 401);
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
+async fn a_key_added_or_revoked_counts_from_the_next_reload() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let file = KeysFileAt(keys.0.clone());
+    let alice = file.add("alice", None).unwrap();
+    let policy = TempFile::new("policy.toml", &auth_policy(&up.url(), &keys, ""));
+    let proxy = TestProxy::start_file(&policy.0).await;
+    let bearer = |k: &str| Some(("authorization", format!("Bearer {k}")));
+
+    let bob = file.add("bob", None).unwrap();
+    assert_eq!(with_key(&proxy, "/x", bearer(&bob)).await.0.status, 401);
+    file.revoke("alice").unwrap();
+    assert_eq!(with_key(&proxy, "/x", bearer(&alice)).await.0.status, 200);
+
+    proxy.reload().await.unwrap();
+    assert_eq!(with_key(&proxy, "/x", bearer(&bob)).await.0.status, 200);
+    assert_eq!(with_key(&proxy, "/x", bearer(&alice)).await.0.status, 401);
+}
+
+#[tokio::test]
+async fn two_keys_never_share_a_cache_entry() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let file = KeysFileAt(keys.0.clone());
+    let (a, b) = (file.add("a", None).unwrap(), file.add("b", None).unwrap());
+    let proxy = TestProxy::start(&auth_policy(
+        &up.url(),
+        &keys,
+        "[route.cache]\nmode = \"force\"\nttl = \"1h\"\nbody_key = \"json\"",
+    ))
+    .await;
+    let bearer = |k: &str| Some(("authorization", format!("Bearer {k}")));
+    assert_eq!(
+        with_key(&proxy, "/x", bearer(&a)).await.0.headers["x-cache"],
+        "MISS"
+    );
+    assert_eq!(
+        with_key(&proxy, "/x", bearer(&a)).await.0.headers["x-cache"],
+        "HIT"
+    );
+    assert_eq!(
+        with_key(&proxy, "/x", bearer(&b)).await.0.headers["x-cache"],
+        "MISS"
+    );
+    assert_eq!(up.count(), 2);
+}
+
+#[test]
+fn auth_on_a_route_needs_an_auth_table() {
+    let text = simple_policy("http://127.0.0.1:1", "", "auth = \"required\"");
+    let err = hyperion::Policy::parse("proxy.toml", &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("proxy.toml:")
+            && err.contains("route[0] (all).auth")
+            && err.contains("[auth]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_binary_makes_lists_and_revokes_keys() {
+    let keys = keys_file();
+    let policy = TempFile::new("policy.toml", &auth_policy("http://127.0.0.1:1", &keys, ""));
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hyperion"))
+            .args(args)
+            .arg("--config")
+            .arg(&policy.0)
+            .output()
+            .unwrap()
+    };
+    let added = run(&["keys", "add", "alice", "--tier", "pro"]);
+    assert!(added.status.success(), "{added:?}");
+    let key = String::from_utf8(added.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("hyp_") && key.len() == 52, "{key}");
+    let text = std::fs::read_to_string(&keys.0).unwrap();
+    assert!(!text.contains(&key[4..]), "only the digest is kept");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&keys.0).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "readable by its owner only: {mode:o}");
+    }
+    let listed = run(&["keys", "list"]);
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    assert!(listed.starts_with("alice\tpro\t"), "{listed}");
+    assert!(
+        !run(&["keys", "add", "alice"]).status.success(),
+        "names are unique"
+    );
+    assert!(run(&["keys", "revoke", "alice"]).status.success());
+    assert_eq!(
+        String::from_utf8(run(&["keys", "list"]).stdout).unwrap(),
+        ""
+    );
+}
