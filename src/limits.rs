@@ -13,6 +13,7 @@
 //! `count_hits`) is the handler's business.
 
 mod buckets;
+pub mod failures;
 mod gcra;
 pub mod inflight;
 mod numerals;

@@ -24,7 +24,13 @@ pub struct Protect {
     /// Answers read ahead of slow clients.
     pub read_ahead: std::sync::Arc<ReadAheadBudget>,
     pub cut: CutCounts,
+    /// Addresses that presented no key or a wrong one too often.
+    pub failed_keys: crate::limits::failures::FailureGate,
 }
+
+/// Failed API keys an address may present in a minute (and at once) before
+/// it is refused with 429 for a while.
+pub const FAILED_KEYS_PER_MINUTE: u64 = 20;
 
 impl Protect {
     /// Sized from the policy the process starts with (`server.*` of the
@@ -41,6 +47,10 @@ impl Protect {
             bodies: BodyBudget::new(max_buffered_bodies),
             read_ahead: std::sync::Arc::new(ReadAheadBudget::new(max_read_ahead)),
             cut: CutCounts::default(),
+            failed_keys: crate::limits::failures::FailureGate::new(
+                FAILED_KEYS_PER_MINUTE,
+                std::time::Duration::from_secs(60),
+            ),
         }
     }
 }

@@ -232,3 +232,42 @@ fn the_binary_makes_lists_and_revokes_keys() {
         ""
     );
 }
+
+#[tokio::test]
+async fn an_address_that_keeps_failing_is_refused_for_a_while() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let key = KeysFileAt(keys.0.clone()).add("alice", None).unwrap();
+    let proxy = TestProxy::start(&auth_policy(&up.url(), &keys, "")).await;
+    let per_minute = hyperion::protect::FAILED_KEYS_PER_MINUTE;
+    for _ in 0..per_minute {
+        let wrong = Some(("x-api-key", "hyp_guess".to_owned()));
+        assert_eq!(with_key(&proxy, "/x", wrong).await.0.status, 401);
+    }
+    // Even a good key waits now: the address is refused before its key is
+    // looked at.
+    let (parts, body) = with_key(&proxy, "/x", Some(("x-api-key", key.clone()))).await;
+    assert_eq!(parts.status, 429);
+    assert_eq!(json(&body)["error"]["code"], "rate_limited");
+    let wait: u64 = parts.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=3).contains(&wait),
+        "one failure comes back every 3 s: {wait}"
+    );
+    // Routes that take no keys are not gated.
+    assert_eq!(with_key(&proxy, "/open/x", None).await.0.status, 200);
+    // Time heals.
+    proxy.advance(std::time::Duration::from_secs(4));
+    assert_eq!(
+        with_key(&proxy, "/x", Some(("x-api-key", key)))
+            .await
+            .0
+            .status,
+        200
+    );
+    assert_eq!(up.count(), 2);
+}

@@ -100,7 +100,7 @@ impl Proxy {
             });
         };
         if route.policy.auth != AuthMode::Off {
-            st.tenant = self.tenant_of(req.headers(), route.policy.auth)?;
+            st.tenant = self.tenant_of(req.headers(), route.policy.auth, st.rec.client)?;
         }
         st.rewrite.clone_from(&route.policy.headers);
         let upgrade = (fields.upgrade && req.version() == Version::HTTP_11)
@@ -128,22 +128,34 @@ impl Proxy {
 
 impl Proxy {
     /// The tenant whose key `headers` present. A wrong key is refused on
-    /// any route that takes keys; no key, only where one is required.
+    /// any route that takes keys; no key, only where one is required. An
+    /// address refused too often is refused before its key is looked at.
     fn tenant_of(
         &self,
         headers: &HeaderMap,
         mode: AuthMode,
+        client: IpAddr,
     ) -> Result<Option<Arc<crate::auth::Tenant>>, ProxyError> {
-        let Some(key) = crate::auth::presented(headers) else {
-            return match mode {
-                AuthMode::Required => Err(ProxyError::Unauthorized { presented: false }),
-                _ => Ok(None),
-            };
-        };
+        let gate = &self.protect.failed_keys;
+        if let Some(retry_after) = gate.refused(client) {
+            crate::telemetry::rate_limited("auth_failures");
+            return Err(ProxyError::RateLimited {
+                limiter: "auth_failures".to_owned(),
+                retry_after,
+            });
+        }
+        let key = crate::auth::presented(headers);
         let keyring = self.policy.auth.as_ref().map(|a| &a.keyring);
-        match keyring.and_then(|k| k.find(key)) {
-            Some(tenant) => Ok(Some(tenant.clone())),
-            None => Err(ProxyError::Unauthorized { presented: true }),
+        let found = key.and_then(|k| keyring.and_then(|r| r.find(k)));
+        match (key, found) {
+            (_, Some(tenant)) => Ok(Some(tenant.clone())),
+            (None, None) if mode != AuthMode::Required => Ok(None),
+            (presented, None) => {
+                gate.failed(client);
+                Err(ProxyError::Unauthorized {
+                    presented: presented.is_some(),
+                })
+            }
         }
     }
 }
