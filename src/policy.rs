@@ -279,6 +279,25 @@ pub struct UpstreamServer {
     pub models: Option<Vec<ModelName>>,
     /// For an `https://` server: how to talk TLS to it.
     pub tls: Option<ServerTls>,
+    /// The pool's `auth_header`, sent on every request and errand to it.
+    pub credential: Option<Arc<UpstreamCredential>>,
+}
+
+/// A pool's own credential (`auth_header`): a header sent to its servers
+/// instead of any the client sent by that name.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamCredential {
+    pub name: http::HeaderName,
+    /// Marked sensitive: HTTP/2 never indexes it.
+    pub value: http::HeaderValue,
+    /// Where it came from (`env VLLM_API_KEY`), for operators; never the value.
+    pub source: String,
+}
+
+impl std::fmt::Debug for UpstreamCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UpstreamCredential({} from {})", self.name, self.source)
+    }
 }
 
 /// How the proxy reaches an `https://` server: the pool's trust roots (the
@@ -674,6 +693,13 @@ impl fmt::Display for Policy {
                 Dur(u.response_timeout),
                 Dur(u.idle_timeout)
             )?;
+            if let Some(c) = u.servers.first().and_then(|s| s.credential.as_ref()) {
+                writeln!(
+                    f,
+                    "                   sends its own {} (from {})",
+                    c.name, c.source
+                )?;
+            }
             let hashed = match (&u.balance, &u.hash_key) {
                 (Balance::ConsistentHash, HashKey::CacheKey) => " on the cache key".to_owned(),
                 (Balance::ConsistentHash, HashKey::Header(h)) => format!(" on header {h}"),

@@ -271,3 +271,69 @@ async fn an_address_that_keeps_failing_is_refused_for_a_while() {
     );
     assert_eq!(up.count(), 2);
 }
+
+#[tokio::test]
+async fn a_pool_sends_its_own_credential_instead_of_the_clients() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let key = KeysFileAt(keys.0.clone()).add("alice", None).unwrap();
+    // Read once, when the policy is: a name no other test uses.
+    std::env::set_var("HYPERION_TEST_POOL_KEY", "sk-pool-secret\n");
+    let policy = auth_policy(&up.url(), &keys, "").replace(
+        "servers = [",
+        "model_routing = \"discover\"\nauth_header = { env = \"HYPERION_TEST_POOL_KEY\" }\nservers = [",
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let (parts, _) = with_key(
+        &proxy,
+        "/x",
+        Some(("authorization", format!("Bearer {key}"))),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let seen = up.last();
+    assert_eq!(seen.headers["authorization"], "Bearer sk-pool-secret");
+    // The pool's model list is asked for with it too.
+    let listed = async {
+        loop {
+            if let Some(s) = up.seen().iter().find(|s| s.uri.path() == "/api/tags") {
+                return s.headers.get("authorization").cloned();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    let sent = tokio::time::timeout(PATIENCE, listed).await.unwrap();
+    assert_eq!(sent.unwrap(), "Bearer sk-pool-secret");
+    // Never shown: not by check's summary, not by the policy's Debug.
+    let summary = format!("{:?}", proxy.reloader.current().policy);
+    assert!(!summary.contains("sk-pool-secret"));
+}
+
+#[test]
+fn a_pool_credential_comes_from_a_file_under_any_header_name() {
+    let secret = TempFile::new("pool.key", "k-123\n");
+    let text = simple_policy("http://127.0.0.1:1", "", "").replace(
+        "servers = [",
+        &format!(
+            "auth_header = {{ name = \"x-api-key\", file = \"{}\" }}\nservers = [",
+            secret.display()
+        ),
+    );
+    let policy = hyperion::Policy::parse("proxy.toml", &text).unwrap();
+    let c = policy.upstreams[0].servers[0].credential.as_ref().unwrap();
+    assert_eq!(
+        (c.name.as_str(), c.value.to_str().unwrap()),
+        ("x-api-key", "k-123")
+    );
+    let missing = simple_policy("http://127.0.0.1:1", "", "").replace(
+        "servers = [",
+        "auth_header = { env = \"HYPERION_TEST_NOT_SET\" }\nservers = [",
+    );
+    let err = hyperion::Policy::parse("proxy.toml", &missing)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("upstreams.up.auth_header.env") && err.contains("HYPERION_TEST_NOT_SET"),
+        "{err}"
+    );
+}

@@ -71,6 +71,13 @@ fn tables() -> Vec<(&'static str, &'static str, String)> {
             ),
         ),
         (
+            "[upstreams.NAME] auth_header = { … }",
+            "upstreams.NAME.auth_header",
+            format!(
+                "[upstreams.a]\nservers = [{{ url = \"http://127.0.0.1:1\" }}]\nauth_header = {{ {PROBE} }}\n{ROUTE}"
+            ),
+        ),
+        (
             "[upstreams.NAME.health]",
             "upstreams.NAME.health",
             format!("{UPSTREAM}[upstreams.a.health]\n{PROBE}\n{ROUTE}"),
@@ -173,6 +180,16 @@ fn policy_with(path: &str, line: &str) -> String {
         "upstreams.NAME.servers" => format!(
             "[upstreams.a]\nservers = [{{ url = \"http://127.0.0.1:1\", {line} }}]\n{route}"
         ),
+        "upstreams.NAME.auth_header" => {
+            let line = if line.is_empty() {
+                String::new()
+            } else {
+                format!(", {line}")
+            };
+            format!(
+                "{up}auth_header = {{ env = \"HYPERION_POLICY_DOC_SECRET\"{line} }}\n{route}"
+            )
+        }
         "upstreams.NAME.health" => {
             format!("{up}[upstreams.a.health]\npath = \"/\"\n{line}\n{route}")
         }

@@ -207,6 +207,10 @@ impl Proxy {
                 h.remove(name);
             }
         }
+        if let Some(c) = &server.credential {
+            // The pool's own credential, in place of any the client sent.
+            h.insert(c.name.clone(), c.value.clone());
+        }
         if let Some(rw) = &route.policy.headers {
             rw.apply_request(h);
         }

@@ -311,6 +311,30 @@ pub const KEYS: &[Key] = &[
         Applies,
     ),
     key(
+        "upstreams.NAME.auth_header",
+        Off("the client's headers pass (without Hyperion's keys)"),
+        Table,
+        Applies,
+    ),
+    key(
+        "upstreams.NAME.auth_header.name",
+        Value(r#""authorization""#),
+        Text,
+        Applies,
+    ),
+    key(
+        "upstreams.NAME.auth_header.env",
+        Derived("one of env, file is required"),
+        Text,
+        Applies,
+    ),
+    key(
+        "upstreams.NAME.auth_header.file",
+        Derived("one of env, file is required"),
+        File,
+        Applies,
+    ),
+    key(
         "upstreams.NAME.ca_file",
         Off("the platform's roots"),
         File,

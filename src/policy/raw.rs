@@ -154,6 +154,16 @@ pub struct RawUpstream {
     pub discover_interval: Option<Spanned<Dur>>,
     pub ca_file: Option<Spanned<String>>,
     pub health: Option<Spanned<RawHealth>>,
+    pub auth_header: Option<Spanned<RawAuthHeader>>,
+}
+
+/// `[upstreams.NAME] auth_header`: the pool's own credential.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthHeader {
+    pub name: Option<Spanned<String>>,
+    pub env: Option<Spanned<String>>,
+    pub file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -29,7 +29,7 @@ use super::{
     AdminPolicy, AdminToken, AuthPolicy, BodyKey, CachePolicy, CacheScope, CompressionPolicy,
     FleetSecret, Freshness, HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy,
     RateLimitPolicy, RedisPolicy, RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls,
-    TlsTermination, UpstreamPolicy, UpstreamServer,
+    TlsTermination, UpstreamCredential, UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 

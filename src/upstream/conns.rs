@@ -345,9 +345,14 @@ impl ServerConns {
             .checkout(crate::clock::now())
             .await
             .map_err(|e| format!("connecting: {e}"))?;
-        let req = Request::get(path)
+        let mut req = Request::get(path)
             .header(header::HOST, server.host_header.clone())
-            .header(header::USER_AGENT, agent)
+            .header(header::USER_AGENT, agent);
+        if let Some(c) = &server.credential {
+            // A server that wants the pool's key for its model list.
+            req = req.header(c.name.clone(), c.value.clone());
+        }
+        let req = req
             .body(RequestBody::buffered(Bytes::new()))
             .map_err(|e| format!("GET {path}: {e}"))?;
         let req = Box::new(req);

@@ -129,6 +129,10 @@ impl Validator<'_> {
                 "split them into several upstreams, or front them with another balancer",
             ));
         }
+        let credential = match &raw.auth_header {
+            Some(a) => Some(Arc::new(self.upstream_credential(a, &key("auth_header"))?)),
+            None => None,
+        };
         let mut servers = Vec::with_capacity(entries.len());
         // Built for the pool's first https server, shared by the others.
         let mut tls_config: Option<Arc<rustls::ClientConfig>> = None;
@@ -209,6 +213,7 @@ impl Validator<'_> {
                 weight,
                 models,
                 tls,
+                credential: credential.clone(),
             });
         }
         if let (Some(f), None) = (&raw.ca_file, &tls_config) {
@@ -492,5 +497,87 @@ impl Validator<'_> {
         // Upstream connections speak HTTP/1.1 only.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
+    }
+
+    /// `auth_header`: a header name (default `authorization`) and a value
+    /// from an environment variable or a file, read now. For
+    /// `Authorization`, a bare token is sent as `Bearer <token>`.
+    pub(super) fn upstream_credential(
+        &self,
+        raw: &Spanned<raw::RawAuthHeader>,
+        key: &str,
+    ) -> Result<UpstreamCredential, PolicyError> {
+        let a = raw.get_ref();
+        let name = match &a.name {
+            None => header::AUTHORIZATION,
+            Some(n) => {
+                http::HeaderName::from_bytes(n.get_ref().trim().as_bytes()).map_err(|_| {
+                    self.err(
+                        n.span(),
+                        format!("{key}.name"),
+                        format!("`{}` is not a header name", n.get_ref()),
+                        "use a header name such as \"authorization\" or \"x-api-key\"",
+                    )
+                })?
+            }
+        };
+        let (secret, source, span) = match (&a.env, &a.file) {
+            (Some(e), None) => match std::env::var(e.get_ref()) {
+                Ok(v) => (v, format!("env {}", e.get_ref()), e.span()),
+                Err(_) => {
+                    return Err(self.err(
+                        e.span(),
+                        format!("{key}.env"),
+                        format!("the environment variable {} is not set", e.get_ref()),
+                        "set it in the proxy's environment (the systemd unit's EnvironmentFile), or use file = \"…\"",
+                    ))
+                }
+            },
+            (None, Some(f)) => {
+                let path = self.src.relative_path(f.get_ref());
+                match std::fs::read_to_string(&path) {
+                    Ok(v) => (v, format!("file {}", path.display()), f.span()),
+                    Err(e) => {
+                        return Err(self.err(
+                            f.span(),
+                            format!("{key}.file"),
+                            format!("{} cannot be read: {e}", path.display()),
+                            "point it at a file holding the credential (mode 0600)",
+                        ))
+                    }
+                }
+            }
+            _ => {
+                return Err(self.err(
+                    raw.span(),
+                    key,
+                    "give the credential's source: env or file, one of them",
+                    "e.g. auth_header = { env = \"VLLM_API_KEY\" }",
+                ))
+            }
+        };
+        let secret = secret.trim();
+        let value = if name == header::AUTHORIZATION && !secret.contains(' ') {
+            format!("Bearer {secret}")
+        } else {
+            secret.to_owned()
+        };
+        let mut value = match http::HeaderValue::from_str(&value) {
+            Ok(v) if !secret.is_empty() => v,
+            _ => {
+                return Err(self.err(
+                    span,
+                    key,
+                    format!("the credential from {source} is empty or not a header value"),
+                    "store one line of visible characters",
+                ))
+            }
+        };
+        value.set_sensitive(true);
+        Ok(UpstreamCredential {
+            name,
+            value,
+            source,
+        })
     }
 }
