@@ -41,6 +41,50 @@ pub const KEY_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("api-key"),
 ];
 
+/// A keys file's keyring as it stands: swapped whole when the file
+/// changes, read without a lock.
+pub type LiveKeyring = arc_swap::ArcSwap<Keyring>;
+
+/// How often a keys file is looked at for changes.
+pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Follows the keys file at `path` while `keyring` lives: a change (its
+/// modification time or length) is read and swapped in; a file that does
+/// not read or parse leaves the keys as they were, and says so.
+pub async fn watch(path: PathBuf, keyring: std::sync::Weak<LiveKeyring>) {
+    let stamp = |path: &Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let Some(live) = keyring.upgrade() else {
+            return;
+        };
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match Keyring::load(&path) {
+            Ok(ring) => {
+                tracing::info!(
+                    keys = ring.len(),
+                    "{} changed: keys reloaded",
+                    path.display()
+                );
+                live.store(Arc::new(ring));
+            }
+            Err(e) => tracing::warn!(
+                "{} changed but cannot be read ({e}): the keys stay as they were",
+                path.display()
+            ),
+        }
+    }
+}
+
 /// The prefix every key starts with, so one found in a log or a repository
 /// is recognisable.
 pub const KEY_PREFIX: &str = "hyp_";

@@ -196,6 +196,15 @@ impl Generation {
         (next, deferred)
     }
 
+    /// Follows `[auth] keys_file` on `runtime` while this generation's
+    /// policy lives: keys added or revoked count without a reload.
+    fn watch_keys(&self, runtime: &tokio::runtime::Handle) {
+        if let Some(auth) = &self.policy.auth {
+            let keyring = Arc::downgrade(&auth.keyring);
+            runtime.spawn(crate::auth::watch(auth.keys_file.clone(), keyring));
+        }
+    }
+
     /// A worker's proxy for this generation; `previous` lends it the
     /// upstream connections it can keep.
     pub fn proxy(&self, previous: Option<&Proxy>) -> Proxy {
@@ -244,6 +253,7 @@ impl Reloader {
     pub fn new(path: &Path, first: Generation, checks: tokio::runtime::Handle) -> Arc<Reloader> {
         first.fleet.start_checks(&checks);
         first.cache.start_shared(&checks);
+        first.watch_keys(&checks);
         let first = Arc::new(first);
         let (publish, _) = watch::channel(first.clone());
         Arc::new(Reloader {
@@ -296,6 +306,7 @@ impl Reloader {
         };
         let (next, needs_restart) = current.next(policy);
         next.fleet.start_checks(&self.checks);
+        next.watch_keys(&self.checks);
         let next = Arc::new(next);
         // The old fleet's checks stop now, though requests in flight still
         // hold it.

@@ -56,7 +56,7 @@ enum KeysCommand {
     },
     /// List the keys' names, tiers and when they were made.
     List,
-    /// Remove NAME's key (a running proxy drops it on its next reload).
+    /// Remove NAME's key (a running proxy refuses it within seconds).
     Revoke { name: String },
 }
 
@@ -102,7 +102,7 @@ fn keys(policy: &Policy, config: &std::path::Path, command: KeysCommand) -> Exit
         KeysCommand::Add { name, tier } => file.add(&name, tier.as_deref()).map(|key| {
             println!("{key}");
             eprintln!(
-                "key `{name}` added to {}; it is shown only now. Reload the proxy (SIGHUP) to accept it.",
+                "key `{name}` added to {}; it is shown only now. A running proxy accepts it within seconds.",
                 auth.keys_file.display()
             );
         }),
@@ -112,7 +112,7 @@ fn keys(policy: &Policy, config: &std::path::Path, command: KeysCommand) -> Exit
             }
         }),
         KeysCommand::Revoke { name } => file.revoke(&name).map(|()| {
-            eprintln!("key `{name}` revoked. Reload the proxy (SIGHUP) to refuse it.");
+            eprintln!("key `{name}` revoked. A running proxy refuses it within seconds.");
         }),
     };
     match done {

@@ -52,8 +52,9 @@ pub struct Policy {
 pub struct AuthPolicy {
     /// Resolved against the policy file's directory.
     pub keys_file: std::path::PathBuf,
-    /// What the file held when the policy was read.
-    pub keyring: Arc<crate::auth::Keyring>,
+    /// What the file holds: read with the policy, then followed
+    /// (`auth::watch`) so an added or revoked key counts within seconds.
+    pub keyring: Arc<crate::auth::LiveKeyring>,
 }
 
 /// `[admin]`: the operators' listener (served by `admin`).
@@ -654,8 +655,8 @@ impl fmt::Display for Policy {
         if let Some(a) = &self.auth {
             writeln!(
                 f,
-                "auth:      {} key(s) in {} (hyperion keys add|list|revoke; re-read on reload)",
-                a.keyring.len(),
+                "auth:      {} key(s) in {} (hyperion keys add|list|revoke; followed while running)",
+                a.keyring.load().len(),
                 a.keys_file.display()
             )?;
         }

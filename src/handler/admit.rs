@@ -145,10 +145,10 @@ impl Proxy {
             });
         }
         let key = crate::auth::presented(headers);
-        let keyring = self.policy.auth.as_ref().map(|a| &a.keyring);
-        let found = key.and_then(|k| keyring.and_then(|r| r.find(k)));
+        let keyring = self.policy.auth.as_ref().map(|a| a.keyring.load());
+        let found = key.and_then(|k| keyring.as_ref().and_then(|r| r.find(k).cloned()));
         match (key, found) {
-            (_, Some(tenant)) => Ok(Some(tenant.clone())),
+            (_, Some(tenant)) => Ok(Some(tenant)),
             (None, None) if mode != AuthMode::Required => Ok(None),
             (presented, None) => {
                 gate.failed(client);

@@ -28,7 +28,7 @@ impl Validator<'_> {
         })?;
         Ok(AuthPolicy {
             keys_file,
-            keyring: Arc::new(keyring),
+            keyring: Arc::new(arc_swap::ArcSwap::from_pointee(keyring)),
         })
     }
 }
