@@ -48,6 +48,8 @@ pub struct AccessRecord {
     pub version: Version,
     pub status: u16,
     pub route: Option<Arc<str>>,
+    /// The name of the API key the request presented (`[auth]`).
+    pub key: Option<Arc<str>>,
     pub upstream: Option<Arc<str>>,
     pub request_id: HeaderValue,
     /// The cache status; `-` where no cache is involved.
@@ -81,6 +83,8 @@ struct JsonLine<'a> {
     bytes: u64,
     duration_ms: f64,
     route: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
     upstream: Option<&'a str>,
     request_id: &'a str,
     cache: &'a str,
@@ -200,6 +204,7 @@ fn json_line(rec: &AccessRecord, bytes: u64, outcome: BodyOutcome, elapsed: Dura
         bytes,
         duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
         route: rec.route.as_deref(),
+        key: rec.key.as_deref(),
         upstream: rec.upstream.as_deref(),
         request_id: rec.request_id.to_str().unwrap_or("-"),
         cache: rec.cache,
@@ -226,8 +231,10 @@ fn combined_line(
         )
     };
     format!(
-        "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" rt={:.3} route={} upstream={} request_id={} cache={} outcome={}\n",
+        "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" rt={:.3} route={} upstream={} request_id={} cache={} outcome={}\n",
         rec.client,
+        // The common log format's authenticated user: the key's name.
+        rec.key.as_deref().unwrap_or("-"),
         clf_time(rec.wall()),
         rec.method,
         rec.target().replace('"', "%22"),

@@ -102,6 +102,11 @@ async fn a_good_key_passes_in_each_clients_header_and_never_reaches_the_upstream
         };
         let (parts, _) = with_key(&proxy, "/api/generate", Some((header, value))).await;
         assert_eq!(parts.status, 200, "{header}");
+        // The access log names the key, never shows it.
+        let id = parts.headers["x-request-id"].to_str().unwrap().to_owned();
+        let line = proxy.log_for(&id).await;
+        assert_eq!(line["key"], "alice");
+        assert!(!line.to_string().contains(&key[4..]));
         let seen = up.last();
         for name in ["authorization", "x-api-key", "api-key"] {
             assert!(

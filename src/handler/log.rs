@@ -75,6 +75,7 @@ impl Proxy {
             version: req.version(),
             status: 0,
             route: None,
+            key: None,
             upstream: None,
             request_id: request_id.clone(),
             cache: "-",
