@@ -51,6 +51,7 @@ fn by_ip_client(i: u32, headers: &HeaderMap) -> Subject<'_> {
     Subject {
         client: client(i),
         headers,
+        tenant: None,
         route: "by_ip",
         at: Instant::now(),
     }
@@ -118,6 +119,7 @@ fn bench(c: &mut Criterion) {
             let who = Subject {
                 client: client(1),
                 headers: &headers,
+                tenant: None,
                 route: "by_key",
                 at: Instant::now(),
             };

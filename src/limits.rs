@@ -34,7 +34,7 @@ pub use gcra::Level;
 pub use inflight::{InflightLimit, InflightSlot};
 pub use tokens::TokenMeter;
 
-use crate::policy::{LimitKey, LimitUnit, Policy, RateLimitPolicy};
+use crate::policy::{LimitKey, LimitUnit, Policy, RateLimitPolicy, WhenAbsent};
 use crate::shared::SharedTier;
 use shared::{SharedBuckets, SharedKey};
 
@@ -89,6 +89,8 @@ pub struct BucketReport {
 pub struct Subject<'a> {
     pub client: IpAddr,
     pub headers: &'a HeaderMap,
+    /// The name of the API key the request presented.
+    pub tenant: Option<&'a str>,
     pub route: &'a str,
     /// When the check happens: read once for all of a route's limiters.
     pub at: Instant,
@@ -292,6 +294,7 @@ impl RateLimiter {
             key: match &p.key {
                 LimitKey::ClientIp => "client_ip".to_owned(),
                 LimitKey::Header(h) => format!("header:{h}"),
+                LimitKey::Tenant => "tenant".to_owned(),
                 LimitKey::Route => "route".to_owned(),
                 LimitKey::Global => "global".to_owned(),
             },
@@ -309,7 +312,7 @@ impl RateLimiter {
 
     /// The bucket key of a request: never the raw value, only its hash.
     pub fn key(&self, subject: &Subject<'_>) -> u64 {
-        with_key_material(&self.policy.key, subject, |m| self.hasher.hash_one(m))
+        with_key_material(&self.policy, subject, |m| self.hasher.hash_one(m))
     }
 
     fn now(&self) -> u64 {
@@ -361,9 +364,8 @@ impl RateLimiter {
         Option<SharedKey>,
     ) {
         if let Some(shared) = self.shared.as_ref().filter(|s| s.is_up()) {
-            let fleet_key = with_key_material(&self.policy.key, subject, |m| {
-                shared.key(&self.policy.name, m)
-            });
+            let fleet_key =
+                with_key_material(&self.policy, subject, |m| shared.key(&self.policy.name, m));
             if let Some(decided) = shared.spend(&fleet_key, units).await {
                 let level = match &decided {
                     Ok(level) => *level,
@@ -449,24 +451,51 @@ impl RateLimiter {
     }
 }
 
-/// What of a request picks its bucket under `key`, handed to `f`: the
-/// same bytes for the local buckets' hash and the fleet's digest.
-fn with_key_material<R>(key: &LimitKey, subject: &Subject<'_>, f: impl FnOnce(&[u8]) -> R) -> R {
-    match key {
-        // An IPv6 client holds a whole /64: one bucket for all of it, or
-        // every address would be a fresh one.
-        LimitKey::ClientIp => match subject.client {
-            IpAddr::V6(v6) => f(&v6.octets()[..8]),
-            IpAddr::V4(v4) => f(&v4.octets()),
-        },
-        // Header values cannot hold NUL, so no value reads like "absent".
+/// What of a request picks its bucket under the limiter's key, handed to
+/// `f`: the same bytes for the local buckets' hash and the fleet's digest.
+/// Each kind of material is tagged so none can read like another: header
+/// values and key names hold no NUL, which the other kinds start with.
+fn with_key_material<R>(
+    policy: &RateLimitPolicy,
+    subject: &Subject<'_>,
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
+    let absent = |f: &mut dyn FnMut(&[u8]) -> R| match policy.when_absent {
+        WhenAbsent::ClientIp => client_material(subject.client, f),
+        WhenAbsent::Shared => f(b"\0absent"),
+    };
+    let mut f = Some(f);
+    let mut call = |m: &[u8]| (f.take().expect("called once"))(m);
+    match &policy.key {
+        LimitKey::ClientIp => client_material(subject.client, &mut call),
         LimitKey::Header(name) => match subject.headers.get(name) {
-            Some(v) => f(v.as_bytes()),
-            None => f(b"\0absent"),
+            Some(v) => call(v.as_bytes()),
+            None => absent(&mut call),
         },
-        LimitKey::Route => f(subject.route.as_bytes()),
-        LimitKey::Global => f(b""),
+        LimitKey::Tenant => match subject.tenant {
+            Some(t) => call(t.as_bytes()),
+            None => absent(&mut call),
+        },
+        LimitKey::Route => call(subject.route.as_bytes()),
+        LimitKey::Global => call(b""),
     }
+}
+
+/// A client address as key material. An IPv6 client holds a whole /64:
+/// one bucket for all of it, or every address would be a fresh one.
+fn client_material<R>(client: IpAddr, f: &mut dyn FnMut(&[u8]) -> R) -> R {
+    let mut m = [0u8; 9];
+    let len = match client {
+        IpAddr::V6(v6) => {
+            m[1..9].copy_from_slice(&v6.octets()[..8]);
+            9
+        }
+        IpAddr::V4(v4) => {
+            m[1..5].copy_from_slice(&v4.octets());
+            5
+        }
+    };
+    f(&m[..len])
 }
 
 // === impl RouteLimits ===
@@ -726,6 +755,7 @@ rate_limit = ["per_ip", "per_route"]
         Subject {
             client: "192.0.2.1".parse().unwrap(),
             headers,
+            tenant: None,
             route: "r",
             at: Instant::now(),
         }

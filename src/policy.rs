@@ -22,7 +22,7 @@ use http::uri::{Authority, Scheme};
 
 pub use error::PolicyError;
 pub use model_name::ModelName;
-pub use raw::{AccessLogFormat, AuthMode, Balance, ModelRouting, UnknownModel};
+pub use raw::{AccessLogFormat, AuthMode, Balance, ModelRouting, UnknownModel, WhenAbsent};
 pub use units::{Dur, Rate, Size};
 
 use crate::route::RouteMatch;
@@ -105,6 +105,9 @@ pub struct RateLimitPolicy {
     pub count_hits: bool,
     /// Distinct keys tracked at most; past it, keys that were idle longest go.
     pub max_keys: u64,
+    /// For `header:` and `tenant` keys: whose bucket a request without one
+    /// spends from.
+    pub when_absent: WhenAbsent,
 }
 
 /// What a limiter's buckets are keyed by.
@@ -112,8 +115,12 @@ pub struct RateLimitPolicy {
 pub enum LimitKey {
     /// The client behind `trusted_proxies`.
     ClientIp,
-    /// A request header's value (hashed); requests without it share one bucket.
+    /// A request header's value (hashed); a request without it spends
+    /// from its address's bucket (or, `when_absent = "shared"`, one shared
+    /// bucket).
     Header(http::HeaderName),
+    /// The API key's name (`[auth]`); without a key, as for a header.
+    Tenant,
     /// One bucket per route naming the limiter.
     Route,
     /// One bucket for everything.
@@ -751,6 +758,7 @@ impl fmt::Display for Policy {
                 let key = match &l.key {
                     LimitKey::ClientIp => "client_ip".to_owned(),
                     LimitKey::Header(h) => format!("header:{h}"),
+                    LimitKey::Tenant => "tenant".to_owned(),
                     LimitKey::Route => "route".to_owned(),
                     LimitKey::Global => "global".to_owned(),
                 };

@@ -359,3 +359,87 @@ fn a_pool_credential_comes_from_a_file_under_any_header_name() {
         "{err}"
     );
 }
+
+/// A policy with a limiter of 2 requests a minute keyed by `key` (plus
+/// `extra` lines), trusting loopback's X-Forwarded-For.
+fn limited_policy(upstream: &str, keys: &TempFile, key: &str, extra: &str) -> String {
+    auth_policy(upstream, keys, "rate_limit = [\"two\"]\nauth = \"optional\"").replace(
+        "[upstreams.up]",
+        &format!(
+            "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n[rate_limits.two]\nkey = \"{key}\"\nrate = \"2/min\"\n{extra}\n\n[upstreams.up]"
+        ),
+    )
+}
+
+async fn from(proxy: &TestProxy, ip: &str, header: Option<(&str, String)>) -> u16 {
+    let mut req = Request::get(proxy.url("/x")).header("x-forwarded-for", ip);
+    if let Some((name, value)) = header {
+        req = req.header(name, value);
+    }
+    send(req.body(empty()).unwrap()).await.0.status.as_u16()
+}
+
+#[tokio::test]
+async fn a_request_without_the_limiters_header_spends_from_its_own_address() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let proxy = TestProxy::start(&limited_policy(&up.url(), &keys, "header:x-user", "")).await;
+    // Two anonymous clients do not share one bucket.
+    assert_eq!(from(&proxy, "10.0.0.1", None).await, 200);
+    assert_eq!(from(&proxy, "10.0.0.1", None).await, 200);
+    assert_eq!(from(&proxy, "10.0.0.1", None).await, 429);
+    assert_eq!(from(&proxy, "10.0.0.2", None).await, 200);
+    // A header value is its own bucket, apart from any address's.
+    assert_eq!(
+        from(&proxy, "10.0.0.1", Some(("x-user", "u".into()))).await,
+        200
+    );
+
+    let shared = limited_policy(
+        &up.url(),
+        &keys,
+        "header:x-user",
+        "when_absent = \"shared\"",
+    );
+    let proxy = TestProxy::start(&shared).await;
+    assert_eq!(from(&proxy, "10.0.0.1", None).await, 200);
+    assert_eq!(from(&proxy, "10.0.0.2", None).await, 200);
+    assert_eq!(
+        from(&proxy, "10.0.0.3", None).await,
+        429,
+        "one bucket for all"
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_keyed_limiter_gives_each_key_its_bucket_wherever_it_calls_from() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let file = KeysFileAt(keys.0.clone());
+    let (a, b) = (file.add("a", None).unwrap(), file.add("b", None).unwrap());
+    let proxy = TestProxy::start(&limited_policy(&up.url(), &keys, "tenant", "")).await;
+    let bearer = |k: &str| Some(("authorization", format!("Bearer {k}")));
+    assert_eq!(from(&proxy, "10.0.0.1", bearer(&a)).await, 200);
+    assert_eq!(from(&proxy, "10.0.0.2", bearer(&a)).await, 200);
+    assert_eq!(
+        from(&proxy, "10.0.0.3", bearer(&a)).await,
+        429,
+        "one bucket per key"
+    );
+    assert_eq!(from(&proxy, "10.0.0.1", bearer(&b)).await, 200);
+    // Without a key (auth = "optional" here): the address's bucket.
+    assert_eq!(from(&proxy, "10.0.0.9", None).await, 200);
+    let err = hyperion::Policy::parse(
+        "proxy.toml",
+        &simple_policy("http://127.0.0.1:1", "", "").replace(
+            "[upstreams.up]",
+            "[rate_limits.t]\nkey = \"tenant\"\nrate = \"1/s\"\n\n[upstreams.up]",
+        ),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("rate_limits.t.key") && err.contains("[auth]"),
+        "{err}"
+    );
+}

@@ -200,8 +200,14 @@ fn policy_with(path: &str, line: &str) -> String {
             } else {
                 "rate = \"10/s\""
             };
+            // when_absent is read by header and tenant keys only.
+            let key = if path.ends_with("when_absent") {
+                "header:x-user"
+            } else {
+                "client_ip"
+            };
             format!(
-                "{up}[rate_limits.x]\nkey = \"client_ip\"\n{limit}\n{line}\n{route}rate_limit = [\"x\"]\n"
+                "{up}[rate_limits.x]\nkey = \"{key}\"\n{limit}\n{line}\n{route}rate_limit = [\"x\"]\n"
             )
         }
         // auth is read where the policy has [auth].

@@ -35,6 +35,8 @@ pub(super) struct Arrival<'p> {
     pub host_value: Option<HeaderValue>,
     /// The client, as the access log and the limiters see it.
     pub client: IpAddr,
+    /// The name of the API key it presented (`[auth]`).
+    pub tenant: Option<Arc<str>>,
     /// One clock reading for every limiter checked on arrival, and for a
     /// cache hit's look at the rest; `None` on a route without limiters.
     pub arrived: Option<tokio::time::Instant>,
@@ -112,6 +114,7 @@ impl Proxy {
             pool,
             host_value,
             client: st.rec.client,
+            tenant: st.rec.key.clone(),
             arrived: (!route.limits.is_empty()).then(crate::clock::now),
             upgrade,
             client_upgrade: None,
@@ -182,6 +185,7 @@ impl<'p> Arrival<'p> {
         Subject {
             client: self.client,
             headers,
+            tenant: self.tenant.as_deref(),
             route: &self.route.name,
             at,
         }

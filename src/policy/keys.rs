@@ -265,7 +265,7 @@ pub const KEYS: &[Key] = &[
     key(
         "rate_limits.NAME.key",
         Required,
-        Choice("client_ip, header:<name>, route, global"),
+        Choice("client_ip, header:<name>, tenant, route, global"),
         Applies,
     ),
     key(
@@ -294,6 +294,12 @@ pub const KEYS: &[Key] = &[
         Applies,
     ),
     key("rate_limits.NAME.max_keys", Value("100000"), Count, Applies),
+    key(
+        "rate_limits.NAME.when_absent",
+        Value(r#""client_ip""#),
+        Choice("client_ip, shared"),
+        Applies,
+    ),
     // [upstreams.NAME]
     key("upstreams", Required, Table, Applies),
     key(

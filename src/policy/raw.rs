@@ -244,6 +244,18 @@ pub struct RawRateLimit {
     pub default_tokens: Option<Spanned<u64>>,
     pub count_hits: Option<bool>,
     pub max_keys: Option<Spanned<u64>>,
+    pub when_absent: Option<Spanned<WhenAbsent>>,
+}
+
+/// `when_absent`: the bucket of a request without the header (or key) a
+/// limiter counts by.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenAbsent {
+    /// The client address's own bucket.
+    ClientIp,
+    /// One bucket for every request without it.
+    Shared,
 }
 
 #[derive(Deserialize)]

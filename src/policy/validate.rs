@@ -22,7 +22,7 @@ use http::{Method, Uri};
 use toml::Spanned;
 
 use super::error::{nearest, PolicyError, Source};
-use super::raw::{self, AuthMode, Balance, ModelRouting, RawPolicy, UnknownModel};
+use super::raw::{self, AuthMode, Balance, ModelRouting, RawPolicy, UnknownModel, WhenAbsent};
 use super::units::{Dur, Size};
 use super::ModelName;
 use super::{
@@ -129,7 +129,11 @@ impl Validator<'_> {
         };
         let mut rate_limits = Vec::with_capacity(raw.rate_limits.len());
         for (name, limit) in raw.rate_limits {
-            rate_limits.push(Arc::new(self.rate_limit(name, limit)?));
+            rate_limits.push(Arc::new(self.rate_limit(
+                name,
+                limit,
+                raw.auth.is_some(),
+            )?));
         }
         let mut upstreams = Vec::with_capacity(raw.upstreams.len());
         for (name, up) in raw.upstreams {

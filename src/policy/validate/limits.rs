@@ -10,6 +10,7 @@ impl Validator<'_> {
         &self,
         name: String,
         raw: Spanned<raw::RawRateLimit>,
+        auth_on: bool,
     ) -> Result<RateLimitPolicy, PolicyError> {
         let k = |f: &str| format!("rate_limits.{name}.{f}");
         let span = raw.span();
@@ -24,6 +25,15 @@ impl Validator<'_> {
         };
         let key = match key_raw.get_ref().as_str() {
             "client_ip" => LimitKey::ClientIp,
+            "tenant" if !auth_on => {
+                return Err(self.err(
+                    key_raw.span(),
+                    k("key"),
+                    "there is no [auth]: no request would carry a key to count by",
+                    "add [auth] with keys_file (see docs/policy.md), or key by \"client_ip\"",
+                ))
+            }
+            "tenant" => LimitKey::Tenant,
             "route" => LimitKey::Route,
             "global" => LimitKey::Global,
             other => match other.strip_prefix("header:") {
@@ -41,7 +51,7 @@ impl Validator<'_> {
                         key_raw.span(),
                         k("key"),
                         format!("unknown key `{other}`"),
-                        "use \"client_ip\", \"header:<name>\", \"route\" or \"global\"",
+                        "use \"client_ip\", \"header:<name>\", \"tenant\", \"route\" or \"global\"",
                     ))
                 }
             },
@@ -114,7 +124,20 @@ impl Validator<'_> {
             Some(m) => m.into_inner(),
             None => 100_000,
         };
+        let when_absent = match &raw.when_absent {
+            Some(w) if !matches!(key, LimitKey::Header(_) | LimitKey::Tenant) => {
+                return Err(self.err(
+                    w.span(),
+                    k("when_absent"),
+                    "only a header or tenant key can be absent",
+                    "remove when_absent, or key by \"header:<name>\" or \"tenant\"",
+                ))
+            }
+            Some(w) => *w.get_ref(),
+            None => WhenAbsent::ClientIp,
+        };
         Ok(RateLimitPolicy {
+            when_absent,
             name,
             key,
             unit,
