@@ -131,6 +131,15 @@ pub async fn serve(
 }
 
 /// One admin request.
+/// One key as `/admin/keys` shows it: its name, tier and counts.
+fn key_report(t: &crate::auth::Tenant, usage: &crate::auth::Usage) -> Value {
+    json!({
+        "name": &*t.name,
+        "tier": t.tier.as_deref(),
+        "usage": usage.of(&t.name),
+    })
+}
+
 async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminResponse {
     let pretty = wants_pretty(&req);
     let reply = |status: StatusCode, body: Value| json_response(status, &body, pretty);
@@ -265,6 +274,37 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
                 StatusCode::OK,
                 json!({ "limiters": generation.limits.report(top) }),
             )
+        }
+        (Method::GET, "/admin/keys") => {
+            let keys = match &generation.policy.auth {
+                Some(a) => a.keyring.load().tenants(),
+                None => Vec::new(),
+            };
+            let usage = &generation.protect.usage;
+            let keys: Vec<Value> = keys.iter().map(|t| key_report(t, usage)).collect();
+            reply(
+                StatusCode::OK,
+                json!({ "keys": keys, "counted": "in memory, since this process started" }),
+            )
+        }
+        (Method::GET, p) if p.starts_with("/admin/keys/") => {
+            let name = &p["/admin/keys/".len()..];
+            let found = generation.policy.auth.as_ref().and_then(|a| {
+                a.keyring
+                    .load()
+                    .tenants()
+                    .into_iter()
+                    .find(|t| &*t.name == name)
+            });
+            match found {
+                Some(t) => reply(StatusCode::OK, key_report(&t, &generation.protect.usage)),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "no_such_key",
+                    "no key by that name: see GET /admin/keys",
+                    pretty,
+                ),
+            }
         }
         (Method::GET, "/admin/config") => {
             let summary = generation.policy.to_string();

@@ -85,6 +85,52 @@ pub async fn watch(path: PathBuf, keyring: std::sync::Weak<LiveKeyring>) {
     }
 }
 
+/// What each key's requests came to since the process started, kept in
+/// memory (a restart starts again; instances count apart).
+#[derive(Default)]
+pub struct Usage {
+    by_key: std::sync::Mutex<HashMap<Arc<str>, KeyUsage>>,
+}
+
+/// One key's counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct KeyUsage {
+    /// Requests answered (any status).
+    pub requests: u64,
+    /// Answered from the cache or by an identical request's answer.
+    pub cache_hits: u64,
+    /// Refused by a limiter (429).
+    pub rate_limited: u64,
+    /// Answered with a 5xx.
+    pub server_errors: u64,
+}
+
+/// Keys counted at most: names come from keys files, so this is only a
+/// bound against a process that issues keys without end.
+const MAX_COUNTED_KEYS: usize = 100_000;
+
+impl Usage {
+    /// Counts one answer to `key`'s request: its status, and what the
+    /// cache did (`HIT`, `STALE`, … as `X-Cache` says).
+    pub fn record(&self, key: &Arc<str>, status: u16, cache: &str) {
+        let mut by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        if by_key.len() >= MAX_COUNTED_KEYS && !by_key.contains_key(key) {
+            return;
+        }
+        let u = by_key.entry(key.clone()).or_default();
+        u.requests += 1;
+        u.cache_hits += u64::from(matches!(cache, "HIT" | "STALE" | "REVALIDATED"));
+        u.rate_limited += u64::from(status == 429);
+        u.server_errors += u64::from(status >= 500);
+    }
+
+    /// `name`'s counts (zero when it made no request).
+    pub fn of(&self, name: &str) -> KeyUsage {
+        let by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        by_key.get(name).copied().unwrap_or_default()
+    }
+}
+
 /// The prefix every key starts with, so one found in a log or a repository
 /// is recognisable.
 pub const KEY_PREFIX: &str = "hyp_";
@@ -110,6 +156,13 @@ impl Keyring {
 
     pub fn is_empty(&self) -> bool {
         self.by_digest.is_empty()
+    }
+
+    /// Every key's tenant, by name.
+    pub fn tenants(&self) -> Vec<Arc<Tenant>> {
+        let mut all: Vec<Arc<Tenant>> = self.by_digest.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     /// The keyring of a keys file's text.

@@ -26,6 +26,8 @@ pub struct Protect {
     pub cut: CutCounts,
     /// Addresses that presented no key or a wrong one too often.
     pub failed_keys: crate::limits::failures::FailureGate,
+    /// What each API key's requests came to.
+    pub usage: crate::auth::Usage,
 }
 
 /// Failed API keys an address may present in a minute (and at once) before
@@ -47,6 +49,7 @@ impl Protect {
             bodies: BodyBudget::new(max_buffered_bodies),
             read_ahead: std::sync::Arc::new(ReadAheadBudget::new(max_read_ahead)),
             cut: CutCounts::default(),
+            usage: crate::auth::Usage::default(),
             failed_keys: crate::limits::failures::FailureGate::new(
                 FAILED_KEYS_PER_MINUTE,
                 std::time::Duration::from_secs(60),

@@ -443,3 +443,64 @@ async fn a_tenant_keyed_limiter_gives_each_key_its_bucket_wherever_it_calls_from
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn each_keys_usage_is_shown_on_the_admin_api() {
+    let up = Upstream::echo().await;
+    let keys = keys_file();
+    let file = KeysFileAt(keys.0.clone());
+    let (a, _b) = (
+        file.add("a", Some("pro")).unwrap(),
+        file.add("b", None).unwrap(),
+    );
+    let token = TempFile::new("admin.token", "0123456789abcdef-usage-token\n");
+    let policy = auth_policy(
+        &up.url(),
+        &keys,
+        "[route.cache]\nmode = \"force\"\nttl = \"1h\"\nbody_key = \"json\"",
+    )
+    .replace(
+        "[upstreams.up]",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:9\"\ntoken_file = \"{}\"\n\n[upstreams.up]",
+            token.display()
+        ),
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let bearer = |k: &str| Some(("authorization", format!("Bearer {k}")));
+    for _ in 0..3 {
+        assert_eq!(with_key(&proxy, "/x", bearer(&a)).await.0.status, 200);
+    }
+    let admin = |path: &str| {
+        let url = format!("http://{}{path}", proxy.admin.unwrap());
+        send(
+            Request::get(url)
+                .header("authorization", "Bearer 0123456789abcdef-usage-token")
+                .body(empty())
+                .unwrap(),
+        )
+    };
+    let (parts, body) = admin("/admin/keys").await;
+    assert_eq!(parts.status, 200);
+    let body = json(&body);
+    let listed: Vec<&str> = body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["a", "b"]);
+    let (parts, body) = admin("/admin/keys/a").await;
+    assert_eq!(parts.status, 200);
+    let a_report = json(&body);
+    assert_eq!(a_report["tier"], "pro");
+    assert_eq!(a_report["usage"]["requests"], 3);
+    assert_eq!(a_report["usage"]["cache_hits"], 2);
+    assert_eq!(
+        json(&admin("/admin/keys/b").await.1)["usage"]["requests"],
+        0
+    );
+    assert_eq!(admin("/admin/keys/nobody").await.0.status, 404);
+    // Never a key or its digest.
+    assert!(!String::from_utf8_lossy(&body).contains(&a[4..]));
+}

@@ -138,6 +138,9 @@ impl Proxy {
         h2: bool,
     ) {
         st.rec.status = resp.status().as_u16();
+        if let Some(key) = &st.rec.key {
+            self.protect.usage.record(key, st.rec.status, st.rec.cache);
+        }
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
         if let Some(limit) = &st.admission.headers {
             limit.apply(resp.headers_mut());
