@@ -225,6 +225,21 @@ pub fn coded(coding: &'static str, op: &'static str, bytes_in: u64, bytes_out: u
     });
 }
 
+/// An answer to a request that presented API key `key` (a name from the
+/// keys file), by status class (`2xx` … `5xx`).
+pub fn key_request(key: &str, status: u16) {
+    if HANDLE.get().is_some() {
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        counter!("hyperion_key_requests_total", "key" => key.to_owned(), "class" => class)
+            .increment(1);
+    }
+}
+
 /// A request refused by rate limiter `limiter`.
 pub fn rate_limited(limiter: &str) {
     if HANDLE.get().is_some() {

@@ -501,6 +501,21 @@ async fn each_keys_usage_is_shown_on_the_admin_api() {
         0
     );
     assert_eq!(admin("/admin/keys/nobody").await.0.status, 404);
+    let (_, metrics) = send(
+        Request::get(format!("http://{}/metrics", proxy.admin.unwrap()))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hyperion_key_requests_total{")
+                && l.contains("key=\"a\"")
+                && l.contains("class=\"2xx\"")),
+        "{metrics}"
+    );
     // Never a key or its digest.
     assert!(!String::from_utf8_lossy(&body).contains(&a[4..]));
 }

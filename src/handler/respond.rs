@@ -140,6 +140,7 @@ impl Proxy {
         st.rec.status = resp.status().as_u16();
         if let Some(key) = &st.rec.key {
             self.protect.usage.record(key, st.rec.status, st.rec.cache);
+            crate::telemetry::key_request(key, st.rec.status);
         }
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
         if let Some(limit) = &st.admission.headers {
