@@ -185,7 +185,6 @@ impl Proxy {
                 rec: pending.record(),
                 admission: Admission::default(),
                 rewrite: None,
-                tenant: None,
             };
             let forwarded = self.forward(&mut st, req, fields).await;
             let spends = respond::spends_left(&mut st.admission, &forwarded);
@@ -287,8 +286,6 @@ struct RequestState<'a> {
     admission: Admission,
     /// The route's header rewrite, applied to the answer too.
     rewrite: Option<Arc<HeaderRewrite>>,
-    /// Whose key the request presented, on a route that takes keys.
-    tenant: Option<Arc<crate::auth::Tenant>>,
 }
 
 /// A 429 from limiter `r`: counted, what earlier limiters spent given back,

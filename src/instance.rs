@@ -232,7 +232,7 @@ impl ServerBuilder {
         let (stop, stop_rx) = watch::channel(false);
         let skew = Skew::default();
         let ops = spawn_ops(stop_rx.clone(), skew.clone())?;
-        if crate::telemetry::install().is_none() && !self.loopback {
+        if crate::telemetry::install().is_none() {
             tracing::warn!("metrics are not recorded: another recorder is installed");
         }
         let reloader = Reloader::new(

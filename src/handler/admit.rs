@@ -102,8 +102,8 @@ impl Proxy {
             });
         };
         if route.policy.auth != AuthMode::Off {
-            st.tenant = self.tenant_of(req.headers(), route.policy.auth, st.rec.client)?;
-            st.rec.key = st.tenant.as_ref().map(|t| t.name.clone());
+            let tenant = self.tenant_of(req.headers(), route.policy.auth, st.rec.client)?;
+            st.rec.key = tenant.map(|t| t.name.clone());
         }
         st.rewrite.clone_from(&route.policy.headers);
         let upgrade = (fields.upgrade && req.version() == Version::HTTP_11)
