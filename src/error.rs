@@ -60,6 +60,12 @@ pub enum ProxyError {
         waited: Duration,
         retry_after: Duration,
     },
+    #[error("{queued} requests of this client already wait for upstream `{upstream}`; retry in {}s", crate::limits::whole_seconds(*retry_after))]
+    TenantQueueFull {
+        upstream: String,
+        queued: u32,
+        retry_after: Duration,
+    },
     #[error("no server of upstream `{upstream}` is healthy")]
     NoHealthyServer { upstream: String },
     #[error("model `{model}` is not served by upstream `{upstream}`")]
@@ -119,7 +125,9 @@ impl ProxyError {
             ProxyError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ProxyError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ProxyError::UndecodableBody { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited { .. } | ProxyError::TenantQueueFull { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::UpstreamBusy { .. } | ProxyError::NoHealthyServer { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -146,6 +154,7 @@ impl ProxyError {
             ProxyError::UndecodableBody { .. } => "upstream_bad_encoding",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamBusy { .. } => "upstream_busy",
+            ProxyError::TenantQueueFull { .. } => "queue_full",
             ProxyError::NoHealthyServer { .. } => "no_healthy_upstream",
             ProxyError::UnknownModel { .. } => "unknown_model",
         }
@@ -155,7 +164,8 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ProxyError::RateLimited { retry_after, .. }
-            | ProxyError::UpstreamBusy { retry_after, .. } => Some(*retry_after),
+            | ProxyError::UpstreamBusy { retry_after, .. }
+            | ProxyError::TenantQueueFull { retry_after, .. } => Some(*retry_after),
             // The budget frees as soon as bodies in hand are sent on.
             ProxyError::Overloaded => Some(Duration::from_secs(1)),
             _ => None,

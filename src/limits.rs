@@ -14,6 +14,7 @@
 
 mod buckets;
 pub mod failures;
+pub mod fair_line;
 mod gcra;
 pub mod inflight;
 mod numerals;
@@ -29,9 +30,10 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
 
 use buckets::Buckets;
+pub use fair_line::{LineTenant, Place};
 use gcra::Gcra;
 pub use gcra::Level;
-pub use inflight::{InflightLimit, InflightSlot};
+pub use inflight::{InflightLimit, InflightSlot, NoSlot};
 pub use tokens::TokenMeter;
 
 use crate::policy::{LimitKey, LimitUnit, Policy, RateLimitPolicy, WhenAbsent};
@@ -210,7 +212,12 @@ impl Limits {
                 });
                 let limit = match same {
                     Some((_, l)) => l.clone(),
-                    None => Arc::new(InflightLimit::new(u.servers.len(), max, u.queue_timeout)),
+                    None => Arc::new(InflightLimit::new(
+                        u.servers.len(),
+                        max,
+                        u.queue_timeout,
+                        u.queue,
+                    )),
                 };
                 Some((u.name.clone(), limit))
             })

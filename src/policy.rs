@@ -22,7 +22,10 @@ use http::uri::{Authority, Scheme};
 
 pub use error::PolicyError;
 pub use model_name::ModelName;
-pub use raw::{AccessLogFormat, AuthMode, Balance, ModelRouting, UnknownModel, WhenAbsent};
+pub use raw::{
+    AccessLogFormat, AuthMode, Balance, ModelRouting, Priority, QueueOrder, UnknownModel,
+    WhenAbsent,
+};
 pub use units::{Dur, Rate, Size};
 
 use crate::route::RouteMatch;
@@ -230,6 +233,11 @@ pub struct UpstreamPolicy {
     pub max_inflight_per_server: Option<u32>,
     /// How long a request waits for a free slot before a 503.
     pub queue_timeout: Duration,
+    /// Who gets a slot first when several wait.
+    pub queue: QueueOrder,
+    /// Requests one tenant may have waiting at once (`queue = "fair"`);
+    /// past it, that tenant's next gets a 429. A tier may say otherwise.
+    pub max_queued_per_tenant: u32,
     /// How a server is chosen.
     pub balance: Balance,
     /// What `consistent_hash` hashes.

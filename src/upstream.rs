@@ -33,7 +33,7 @@ use server_state::InFlight;
 
 use crate::body::{BodyStalled, BodyTooLarge, ClientBodyError, RequestBody};
 use crate::error::{ProxyError, TimeoutPhase};
-use crate::limits::{InflightLimit, InflightSlot};
+use crate::limits::{InflightLimit, InflightSlot, NoSlot, Place};
 use crate::policy::{UpstreamPolicy, UpstreamServer};
 
 /// One `[upstreams.NAME]` at run time, owned by one worker thread (its
@@ -116,11 +116,13 @@ impl UpstreamPool {
     /// A server for a request, and a slot there when the pool limits
     /// requests in flight: waiting in line for one up to `queue_timeout`,
     /// then a 503. The balancer's pick is preferred; a busy pick gives way
-    /// to another usable server with a free slot. `waiting` hears when the
-    /// wait in line starts and ends.
+    /// to another usable server with a free slot. The request waits as
+    /// `place` says (its tenant's turn, its class); `waiting` hears when
+    /// the wait in line starts and ends.
     pub async fn admit(
         &self,
         filter: &PickFilter,
+        place: &Place,
         waiting: impl Fn(bool),
     ) -> Result<Admitted, ProxyError> {
         let now = crate::clock::now();
@@ -129,13 +131,26 @@ impl UpstreamPool {
             None => None,
             Some(limit) => {
                 let allowed = |i| self.usable(i, filter, now);
-                match limit.acquire(index, allowed, waiting).await {
+                match limit.acquire(index, allowed, place, waiting).await {
                     Ok(slot) => Some(slot),
-                    Err(full) => {
+                    Err(NoSlot::TimedOut {
+                        waited,
+                        retry_after,
+                    }) => {
                         return Err(ProxyError::UpstreamBusy {
                             upstream: self.policy.name.clone(),
-                            waited: full.waited,
-                            retry_after: full.retry_after,
+                            waited,
+                            retry_after,
+                        })
+                    }
+                    Err(NoSlot::TenantFull {
+                        queued,
+                        retry_after,
+                    }) => {
+                        return Err(ProxyError::TenantQueueFull {
+                            upstream: self.policy.name.clone(),
+                            queued,
+                            retry_after,
                         })
                     }
                 }

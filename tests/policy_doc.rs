@@ -162,7 +162,9 @@ fn the_key_table_names_every_key_the_parser_takes_and_no_other() {
 fn context(path: &str) -> &'static str {
     match path {
         "upstreams.NAME.discover_interval" => "model_routing = \"discover\"\n",
-        "upstreams.NAME.queue_timeout" => "max_inflight_per_server = 2\n",
+        "upstreams.NAME.queue_timeout"
+        | "upstreams.NAME.queue"
+        | "upstreams.NAME.max_queued_per_tenant" => "max_inflight_per_server = 2\n",
         "upstreams.NAME.hash_key" => "balance = \"consistent_hash\"\n",
         _ => "",
     }

@@ -97,6 +97,12 @@ async fn scrape_cache(generation: &Generation) {
 fn scrape_upstreams(generation: &Generation) {
     for pool in generation.fleet.pools() {
         let upstream = pool.policy.name.clone();
+        if let Some(limit) = generation.limits.inflight(&upstream) {
+            let (queued, tenants) = limit.line_length();
+            gauge!("hyperion_upstream_queued", "upstream" => upstream.clone()).set(queued as f64);
+            gauge!("hyperion_upstream_queued_tenants", "upstream" => upstream.clone())
+                .set(tenants as f64);
+        }
         for server in pool.snapshot() {
             let labels = [
                 ("upstream", upstream.clone()),

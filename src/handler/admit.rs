@@ -20,8 +20,8 @@ use super::{Proxy, RequestState, Route};
 use crate::cache::BodyDigest;
 use crate::error::ProxyError;
 use crate::headers::{self, RequestFields};
-use crate::limits::{tokens, Admission, Counting, Stage, Subject};
-use crate::policy::{AuthMode, BodyKey, RouteCachePolicy, RoutePolicy};
+use crate::limits::{tokens, Admission, Counting, LineTenant, Place, Stage, Subject};
+use crate::policy::{AuthMode, BodyKey, Priority, RouteCachePolicy, RoutePolicy};
 use crate::protect::{BodyBudget, BodyCharge};
 use crate::upstream::models;
 use crate::upstream::UpstreamPool;
@@ -178,6 +178,20 @@ impl<'p> Arrival<'p> {
             .cache
             .as_ref()
             .filter(|_| self.upgrade.is_none())
+    }
+
+    /// Where the request waits in line for a busy upstream: as its key's
+    /// tenant, or as its client address.
+    pub fn place(&self) -> Place {
+        Place {
+            tenant: match &self.tenant {
+                Some(name) => LineTenant::Key(name.clone()),
+                None => LineTenant::address(self.client),
+            },
+            class: Priority::Standard,
+            weight: 1,
+            max_queued: self.pool.policy.max_queued_per_tenant,
+        }
     }
 
     /// The limiters' view of the request at `at`.

@@ -22,7 +22,7 @@ use crate::body::{ReadAheadLimits, RequestBody, ResponseBody};
 use crate::cache::{CacheStatus, Exchange};
 use crate::error::ProxyError;
 use crate::headers::{self, Forwarding, RequestFields, X_REQUEST_ID};
-use crate::limits::{Counting, Stage};
+use crate::limits::{Counting, Place, Stage};
 use crate::policy::{AuthMode, Balance, HashKey, UnknownModel, UpstreamServer};
 use crate::upstream::balance::PickFilter;
 use crate::upstream::models::{ModelChoice, ModelName};
@@ -75,7 +75,8 @@ impl Proxy {
                 None => return Ok(None),
             }
         } else {
-            match wait_for_slot(pool, &filter, plan.exchange.as_ref()).await {
+            let place = arrival.place();
+            match wait_for_slot(pool, &filter, &place, plan.exchange.as_ref()).await {
                 Ok(admitted) => admitted,
                 Err(e) => {
                     // Nothing reached the upstream: nothing is spent.
@@ -298,6 +299,7 @@ impl Arrival<'_> {
 async fn wait_for_slot(
     pool: &UpstreamPool,
     filter: &PickFilter,
+    place: &Place,
     exchange: Option<&Exchange>,
 ) -> Result<Admitted, ProxyError> {
     let waiting = |queued| {
@@ -308,7 +310,7 @@ async fn wait_for_slot(
             ex.queue(queued);
         }
     };
-    pool.admit(filter, waiting).await
+    pool.admit(filter, place, waiting).await
 }
 
 /// Identical requests wait for this one: it runs in a task of its own,

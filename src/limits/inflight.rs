@@ -1,33 +1,34 @@
 //! `max_inflight_per_server`: requests in flight to each server of an
-//! upstream, and the fair queue in front of them.
+//! upstream, and the line in front of them.
 //!
-//! Two semaphores (tokio's are FIFO): one for the whole pool, sized to the
-//! sum of its servers' slots, which is the queue requests wait in; and one
-//! per server. A request first takes a pool permit, in arrival order, then
-//! any server's free slot, starting with the one the balancer picked. Every
-//! server slot is held together with a pool permit, so a pool permit always
-//! finds a free server. A slot is held until the response body has been
-//! read (it travels with the connection lease), not just until the headers.
+//! Places for the whole pool, as many as the sum of its servers' slots,
+//! are given out by the line (`fair_line`: by tenant, or with `queue =
+//! "fifo"` in arrival order); each server has a semaphore of its own
+//! slots. A request first takes a pool place, then any server's free slot,
+//! starting with the one the balancer picked. Every server slot is held
+//! together with a pool place, so a pool place always finds a free server.
+//! A slot is held until the response body has been read (it travels with
+//! the connection lease), not just until the headers.
 //!
 //! The queue's length and waits are counted here for the metrics issue; the
 //! 503 itself is the handler's.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::policy::UpstreamPolicy;
+use super::fair_line::{FairLine, LinePermit, Place};
+use crate::policy::{QueueOrder, UpstreamPolicy};
 
 pub struct InflightLimit {
-    pool: Arc<Semaphore>,
+    pool: Arc<FairLine>,
     servers: Box<[Arc<Semaphore>]>,
     per_server: u32,
     queue_timeout: Duration,
-    /// Requests waiting for a slot now.
-    queued: AtomicUsize,
+    order: QueueOrder,
     /// Requests that got a slot after waiting, and their total wait.
     waited: AtomicU64,
     waited_nanos: AtomicU64,
@@ -43,29 +44,41 @@ pub struct InflightSlot {
     pub server: usize,
     limit: Arc<InflightLimit>,
     since: Instant,
+    // Dropped in this order: the server's slot is free before the pool's
+    // place goes to the next in line, which looks for it.
     _server: OwnedSemaphorePermit,
-    _pool: OwnedSemaphorePermit,
+    _pool: LinePermit,
 }
 
-/// No slot came free within `queue_timeout`.
+/// Why a request got no slot.
 #[derive(Debug)]
-pub struct QueueFull {
-    pub waited: Duration,
-    /// A guess at when one will: the queue ahead times the usual hold.
-    pub retry_after: Duration,
+pub enum NoSlot {
+    /// None came free within `queue_timeout`.
+    TimedOut {
+        waited: Duration,
+        /// A guess at when one will: the queue ahead times the usual hold.
+        retry_after: Duration,
+    },
+    /// The request's tenant has its `max_queued` requests waiting already.
+    TenantFull { queued: u32, retry_after: Duration },
 }
 
 impl InflightLimit {
-    pub fn new(servers: usize, per_server: u32, queue_timeout: Duration) -> Self {
+    pub fn new(
+        servers: usize,
+        per_server: u32,
+        queue_timeout: Duration,
+        order: QueueOrder,
+    ) -> Self {
         let total = servers * per_server as usize;
         InflightLimit {
-            pool: Arc::new(Semaphore::new(total)),
+            pool: FairLine::new(total),
             servers: (0..servers)
                 .map(|_| Arc::new(Semaphore::new(per_server as usize)))
                 .collect(),
             per_server,
             queue_timeout,
-            queued: AtomicUsize::new(0),
+            order,
             waited: AtomicU64::new(0),
             waited_nanos: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
@@ -79,50 +92,58 @@ impl InflightLimit {
         self.servers.len() == upstream.servers.len()
             && self.per_server == per_server
             && self.queue_timeout == upstream.queue_timeout
+            && self.order == upstream.queue
     }
 
     /// A slot, preferably at server `preferred`, else at another server
-    /// `allowed` (healthy, serving the model); waits in line up to
+    /// `allowed` (healthy, serving the model); waits in line as `place`
+    /// says (in arrival order under `queue = "fifo"`) up to
     /// `queue_timeout`, calling `waiting(true)` when it starts to wait and
     /// `waiting(false)` when it stops.
     pub async fn acquire(
         self: &Arc<Self>,
         preferred: usize,
         allowed: impl Fn(usize) -> bool,
+        place: &Place,
         waiting: impl Fn(bool),
-    ) -> Result<InflightSlot, QueueFull> {
+    ) -> Result<InflightSlot, NoSlot> {
         let started = crate::clock::now();
-        let pool = match self.pool.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                self.queued.fetch_add(1, Ordering::Relaxed);
-                // Counted out by a guard: a client leaving drops this future
-                // mid-wait.
-                let in_line = InLine(&self.queued);
-                waiting(true);
-                let waited =
-                    tokio::time::timeout(self.queue_timeout, self.pool.clone().acquire_owned())
-                        .await;
-                waiting(false);
-                drop(in_line);
-                let elapsed = started.elapsed();
-                match waited {
-                    Ok(Ok(p)) => {
-                        self.waited.fetch_add(1, Ordering::Relaxed);
-                        self.waited_nanos
-                            .fetch_add(nanos(elapsed), Ordering::Relaxed);
-                        p
-                    }
-                    // The semaphore is never closed; treat it like a timeout.
-                    Ok(Err(_)) | Err(_) => {
-                        self.timed_out.fetch_add(1, Ordering::Relaxed);
-                        return Err(QueueFull {
-                            waited: elapsed,
-                            retry_after: self.retry_after(),
-                        });
-                    }
+        let fifo;
+        let place = match self.order {
+            QueueOrder::Fair => place,
+            QueueOrder::Fifo => {
+                fifo = Place::fifo();
+                &fifo
+            }
+        };
+        let line = self.pool.take(place).map_err(|full| NoSlot::TenantFull {
+            queued: full.queued,
+            retry_after: self.retry_after(),
+        })?;
+        let pool = if line.in_line() {
+            waiting(true);
+            // A client leaving drops this future mid-wait, and with it its
+            // place in line.
+            let waited = tokio::time::timeout(self.queue_timeout, line.place()).await;
+            waiting(false);
+            let elapsed = started.elapsed();
+            match waited {
+                Ok(p) => {
+                    self.waited.fetch_add(1, Ordering::Relaxed);
+                    self.waited_nanos
+                        .fetch_add(nanos(elapsed), Ordering::Relaxed);
+                    p
+                }
+                Err(_) => {
+                    self.timed_out.fetch_add(1, Ordering::Relaxed);
+                    return Err(NoSlot::TimedOut {
+                        waited: elapsed,
+                        retry_after: self.retry_after(),
+                    });
                 }
             }
+        } else {
+            line.place().await
         };
         let pool = match self.server_slot(preferred, pool, &allowed) {
             Ok(slot) => return Ok(slot),
@@ -136,7 +157,7 @@ impl InflightLimit {
             Ok(Ok(permit)) => Ok(self.slot(preferred, permit, pool)),
             Ok(Err(_)) | Err(_) => {
                 self.timed_out.fetch_add(1, Ordering::Relaxed);
-                Err(QueueFull {
+                Err(NoSlot::TimedOut {
                     waited: started.elapsed(),
                     retry_after: self.retry_after(),
                 })
@@ -150,7 +171,7 @@ impl InflightLimit {
         preferred: usize,
         allowed: impl Fn(usize) -> bool,
     ) -> Option<InflightSlot> {
-        let pool = self.pool.clone().try_acquire_owned().ok()?;
+        let pool = self.pool.try_take()?;
         self.server_slot(preferred, pool, &allowed).ok()
     }
 
@@ -159,9 +180,9 @@ impl InflightLimit {
     fn server_slot(
         self: &Arc<Self>,
         preferred: usize,
-        pool: OwnedSemaphorePermit,
+        pool: LinePermit,
         allowed: &impl Fn(usize) -> bool,
-    ) -> Result<InflightSlot, OwnedSemaphorePermit> {
+    ) -> Result<InflightSlot, LinePermit> {
         let n = self.servers.len();
         for i in 0..n {
             let server = (preferred + i) % n;
@@ -179,7 +200,7 @@ impl InflightLimit {
         self: &Arc<Self>,
         server: usize,
         permit: OwnedSemaphorePermit,
-        pool: OwnedSemaphorePermit,
+        pool: LinePermit,
     ) -> InflightSlot {
         InflightSlot {
             server,
@@ -192,7 +213,12 @@ impl InflightLimit {
 
     /// Requests waiting for a slot now.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.pool.queued()
+    }
+
+    /// Requests waiting now, and the tenants they wait for.
+    pub fn line_length(&self) -> (usize, usize) {
+        self.pool.length()
     }
 
     /// Requests in flight to server `index` now.
@@ -232,15 +258,6 @@ impl Drop for InflightSlot {
     }
 }
 
-/// One request waiting in line, counted out of `queued` when it stops waiting.
-struct InLine<'a>(&'a AtomicUsize);
-
-impl Drop for InLine<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -251,22 +268,31 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn slots_are_per_server_and_the_queue_is_first_come_first_served() {
-        let limit = Arc::new(InflightLimit::new(2, 1, Duration::from_secs(5)));
-        let a = limit.acquire(0, |_| true, |_| ()).await.unwrap();
+        let limit = Arc::new(InflightLimit::new(
+            2,
+            1,
+            Duration::from_secs(5),
+            QueueOrder::Fifo,
+        ));
+        let anyone = Place::fifo();
+        let a = limit.acquire(0, |_| true, &anyone, |_| ()).await.unwrap();
         assert_eq!(a.server, 0);
         // Server 0 is busy: the next one goes to server 1.
-        let b = limit.acquire(0, |_| true, |_| ()).await.unwrap();
+        let b = limit.acquire(0, |_| true, &anyone, |_| ()).await.unwrap();
         assert_eq!(b.server, 1);
         assert_eq!((limit.in_flight(0), limit.in_flight(1)), (1, 1));
 
         let first = tokio::spawn({
             let limit = limit.clone();
-            async move { limit.acquire(1, |_| true, |_| ()).await }
+            async move { limit.acquire(1, |_| true, &Place::fifo(), |_| ()).await }
         });
         tokio::task::yield_now().await;
         let second = tokio::spawn({
             let limit = limit.clone();
-            async move { limit.acquire(1, |_| true, |_| ()).await.map(|s| s.server) }
+            async move {
+                let slot = limit.acquire(1, |_| true, &Place::fifo(), |_| ()).await;
+                slot.map(|s| s.server)
+            }
         });
         tokio::task::yield_now().await;
         assert_eq!(limit.queued(), 2);
@@ -275,9 +301,15 @@ mod tests {
         let first = first.await.unwrap().unwrap();
         assert_eq!(first.server, 0);
         tokio::time::advance(Duration::from_secs(6)).await;
-        let refused = second.await.unwrap().unwrap_err();
-        assert!(refused.waited >= Duration::from_secs(5));
-        assert!(refused.retry_after >= Duration::from_secs(1));
+        let NoSlot::TimedOut {
+            waited,
+            retry_after,
+        } = second.await.unwrap().unwrap_err()
+        else {
+            panic!("timed out, not refused");
+        };
+        assert!(waited >= Duration::from_secs(5));
+        assert!(retry_after >= Duration::from_secs(1));
         assert_eq!(limit.waits().2, 1);
         drop((b, first));
     }

@@ -432,6 +432,18 @@ pub const KEYS: &[Key] = &[
         Duration,
         Applies,
     ),
+    key(
+        "upstreams.NAME.queue",
+        Value(r#""fair""#),
+        Choice("fair, fifo"),
+        Applies,
+    ),
+    key(
+        "upstreams.NAME.max_queued_per_tenant",
+        Value("100"),
+        Count,
+        Applies,
+    ),
     // [[route]]
     key("route", Required, Table, Applies),
     key("route.name", Required, Text, Applies),

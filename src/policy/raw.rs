@@ -149,6 +149,8 @@ pub struct RawUpstream {
     pub idle_timeout: Option<Dur>,
     pub max_inflight_per_server: Option<Spanned<u32>>,
     pub queue_timeout: Option<Spanned<Dur>>,
+    pub queue: Option<Spanned<QueueOrder>>,
+    pub max_queued_per_tenant: Option<Spanned<u32>>,
     pub retries: Option<Spanned<u32>>,
     pub hash_key: Option<Spanned<String>>,
     pub discover_interval: Option<Spanned<Dur>>,
@@ -245,6 +247,50 @@ pub struct RawRateLimit {
     pub count_hits: Option<bool>,
     pub max_keys: Option<Spanned<u64>>,
     pub when_absent: Option<Spanned<WhenAbsent>>,
+}
+
+/// `[upstreams.NAME] queue`: who goes first when a slot comes free.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueOrder {
+    /// Tenants take turns by weight, priority classes first.
+    Fair,
+    /// Arrival order, whoever sent it.
+    Fifo,
+}
+
+/// A priority class in the line in front of a busy upstream: a slot goes
+/// to the highest class with anyone waiting.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Interactive = 0,
+    Standard = 1,
+    Batch = 2,
+}
+
+impl Priority {
+    pub const COUNT: usize = 3;
+    /// Highest first, at their own index.
+    pub const ALL: [Priority; Priority::COUNT] =
+        [Priority::Interactive, Priority::Standard, Priority::Batch];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Standard => "standard",
+            Priority::Batch => "batch",
+        }
+    }
+
+    /// A class by its name, as a request header may ask for it.
+    pub fn parse(name: &[u8]) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| {
+            p.as_str()
+                .as_bytes()
+                .eq_ignore_ascii_case(name.trim_ascii())
+        })
+    }
 }
 
 /// `when_absent`: the bucket of a request without the header (or key) a

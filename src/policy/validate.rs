@@ -22,7 +22,9 @@ use http::{Method, Uri};
 use toml::Spanned;
 
 use super::error::{nearest, PolicyError, Source};
-use super::raw::{self, AuthMode, Balance, ModelRouting, RawPolicy, UnknownModel, WhenAbsent};
+use super::raw::{
+    self, AuthMode, Balance, ModelRouting, QueueOrder, RawPolicy, UnknownModel, WhenAbsent,
+};
 use super::units::{Dur, Size};
 use super::ModelName;
 use super::{
@@ -44,6 +46,8 @@ mod upstream;
 
 /// Servers in one pool at most (the balancers track them in 64-bit sets).
 const MAX_SERVERS: usize = 64;
+/// `max_queued_per_tenant` when unset.
+const DEFAULT_MAX_QUEUED: u32 = 100;
 
 pub(super) fn parse(name: &str, text: &str) -> Result<Policy, PolicyError> {
     let src = Source { name, text };

@@ -92,6 +92,47 @@ impl Validator<'_> {
             (Some(t), Some(_)) => t.get_ref().0,
             (None, _) => Duration::from_secs(30),
         };
+        let waits = |span: std::ops::Range<usize>, name: &str| {
+            if max_inflight_per_server.is_none() {
+                return Err(self.err(
+                    span,
+                    key(name),
+                    "nothing waits without `max_inflight_per_server`",
+                    format!("set max_inflight_per_server, or remove {name}"),
+                ));
+            }
+            Ok(())
+        };
+        let queue = match &raw.queue {
+            Some(q) => {
+                waits(q.span(), "queue")?;
+                *q.get_ref()
+            }
+            None => QueueOrder::Fair,
+        };
+        let max_queued_per_tenant = match &raw.max_queued_per_tenant {
+            Some(v) => {
+                waits(v.span(), "max_queued_per_tenant")?;
+                if *v.get_ref() == 0 {
+                    return Err(self.err(
+                        v.span(),
+                        key("max_queued_per_tenant"),
+                        "0 would refuse every request that has to wait",
+                        "use 1 or more (the default is 100)",
+                    ));
+                }
+                if queue == QueueOrder::Fifo {
+                    return Err(self.err(
+                        v.span(),
+                        key("max_queued_per_tenant"),
+                        "the fifo line does not tell tenants apart",
+                        "remove it, or use queue = \"fair\"",
+                    ));
+                }
+                *v.get_ref()
+            }
+            None => DEFAULT_MAX_QUEUED,
+        };
         let retries = match &raw.retries {
             Some(v) if *v.get_ref() > 10 => {
                 return Err(self.err(
@@ -242,6 +283,8 @@ impl Validator<'_> {
             idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
             max_inflight_per_server,
             queue_timeout,
+            queue,
+            max_queued_per_tenant,
             balance,
             hash_key,
             retries,

@@ -1,0 +1,202 @@
+//! The line in front of a busy upstream (`max_inflight_per_server`): a
+//! tenant flooding it does not make another wait behind its backlog
+//! (`queue = "fair"`, the default), unlike arrival order (`queue =
+//! "fifo"`); a tenant past `max_queued_per_tenant` is refused alone.
+//!
+//! The upstream holds every request until the test lets one go, so what
+//! is asserted is the order requests reached it, not how long anything
+//! took.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyperion::auth::KeysFileAt;
+use support::*;
+use tokio::sync::Semaphore;
+
+/// An upstream answering each request once the test releases a permit.
+async fn held_upstream() -> (Upstream, Arc<Semaphore>) {
+    let release = Arc::new(Semaphore::new(0));
+    let up = Upstream::start({
+        let release = release.clone();
+        move |_req| {
+            let release = release.clone();
+            async move {
+                release.acquire().await.unwrap().forget();
+                response(200, "{\"done\":true}")
+            }
+        }
+    })
+    .await;
+    (up, release)
+}
+
+struct Setup {
+    proxy: TestProxy,
+    keys: [String; 2],
+    _files: [TempFile; 2],
+}
+
+/// A proxy with keys `a` and `b`, one server with two slots, `extra`
+/// lines in its upstream table.
+async fn proxy(up: &Upstream, name: &str, extra: &str) -> Setup {
+    let keys = TempFile::new(&format!("keys-{name}.toml"), "");
+    std::fs::remove_file(&keys.0).unwrap();
+    let file = KeysFileAt(keys.0.clone());
+    let (a, b) = (file.add("a", None).unwrap(), file.add("b", None).unwrap());
+    let token = TempFile::new("admin.token", "0123456789abcdef-queue-token\n");
+    let policy = format!(
+        r#"[auth]
+keys_file = "{keys}"
+
+[admin]
+listen = "127.0.0.1:9"
+token_file = "{token}"
+
+[upstreams.{name}]
+servers = [{{ url = "{url}" }}]
+max_inflight_per_server = 2
+queue_timeout = "60s"
+{extra}
+
+[[route]]
+name = "all"
+upstream = "{name}"
+"#,
+        keys = keys.display(),
+        token = token.display(),
+        url = up.url(),
+    );
+    Setup {
+        proxy: TestProxy::start(&policy).await,
+        keys: [a, b],
+        _files: [keys, token],
+    }
+}
+
+/// Sends a generation as `who` (its key, and `x-who` for the upstream to
+/// record), returning the status.
+fn generate(proxy: &TestProxy, key: &str, who: &str) -> tokio::task::JoinHandle<u16> {
+    let req = Request::post(proxy.url("/api/generate"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("x-who", who)
+        .body(full("{\"model\":\"m\",\"prompt\":\"hi\"}"))
+        .unwrap();
+    tokio::spawn(async move { send(req).await.0.status.as_u16() })
+}
+
+/// `hyperion_upstream_queued` for `upstream`, as `/metrics` says.
+async fn queued(proxy: &TestProxy, upstream: &str) -> u64 {
+    let (_, body) = get(&format!("http://{}/metrics", proxy.admin.unwrap())).await;
+    let prefix = format!("hyperion_upstream_queued{{upstream=\"{upstream}\"}} ");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0)
+}
+
+/// Waits (at most 10 s, polling) until `check` holds.
+async fn until<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1000 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
+}
+
+/// Who the upstream saw, in the order requests reached it.
+fn order(up: &Upstream) -> Vec<String> {
+    up.seen()
+        .iter()
+        .map(|s| s.headers["x-who"].to_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Tenant `a` sends 12 requests at once; once 10 wait and one more has
+/// started (`a` is taking turns by then), `b` sends one. Returns the
+/// order the upstream saw them in.
+async fn flood_then_one(name: &str, extra: &str) -> Vec<String> {
+    let (up, release) = held_upstream().await;
+    let bx = proxy(&up, name, extra).await;
+    let [a, b] = &bx.keys;
+    let floods: Vec<_> = (0..12).map(|_| generate(&bx.proxy, a, "a")).collect();
+    until("two in flight", || async { up.count() == 2 }).await;
+    until("ten in line", || async {
+        queued(&bx.proxy, name).await == 10
+    })
+    .await;
+    release.add_permits(1);
+    until("a third started", || async { up.count() == 3 }).await;
+    until("nine in line", || async {
+        queued(&bx.proxy, name).await == 9
+    })
+    .await;
+    let one = generate(&bx.proxy, b, "b");
+    until("b in line", || async {
+        queued(&bx.proxy, name).await == 10
+    })
+    .await;
+    release.add_permits(12);
+    for r in floods {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    assert_eq!(one.await.unwrap(), 200);
+    order(&up)
+}
+
+#[tokio::test]
+async fn a_second_tenant_is_not_queued_behind_a_floods_backlog() {
+    let fair = flood_then_one("fair_up", "").await;
+    assert_eq!(fair.len(), 13);
+    assert_eq!(
+        fair.iter().position(|w| w == "b"),
+        Some(3),
+        "b takes the first slot that frees: {fair:?}"
+    );
+    let fifo = flood_then_one("fifo_up", "queue = \"fifo\"").await;
+    assert_eq!(
+        fifo.iter().position(|w| w == "b"),
+        Some(12),
+        "in arrival order b is last: {fifo:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_queue_cap_is_refused_alone() {
+    let (up, release) = held_upstream().await;
+    let name = "capped_up";
+    let bx = proxy(&up, name, "max_queued_per_tenant = 3").await;
+    let [a, b] = &bx.keys;
+    let floods: Vec<_> = (0..5).map(|_| generate(&bx.proxy, a, "a")).collect();
+    until("five in flight or line", || async {
+        queued(&bx.proxy, name).await == 3
+    })
+    .await;
+    // The sixth of `a` is refused at once, with when to retry.
+    let req = Request::post(bx.proxy.url("/api/generate"))
+        .header("authorization", format!("Bearer {a}"))
+        .body(full("{}"))
+        .unwrap();
+    let (parts, body) = send(req).await;
+    assert_eq!(parts.status, 429);
+    assert!(parts.headers.contains_key("retry-after"));
+    assert_eq!(json(&body)["error"]["code"], "queue_full");
+    // `b` still gets in line.
+    let one = generate(&bx.proxy, b, "b");
+    until("b in line", || async { queued(&bx.proxy, name).await == 4 }).await;
+    release.add_permits(6);
+    for r in floods {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    assert_eq!(one.await.unwrap(), 200);
+    assert_eq!(up.count(), 6);
+}
