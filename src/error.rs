@@ -66,6 +66,8 @@ pub enum ProxyError {
         queued: u32,
         retry_after: Duration,
     },
+    #[error("this key already has {max} requests in progress, as many as its tier allows")]
+    TooManyConcurrent { max: u32 },
     #[error("no server of upstream `{upstream}` is healthy")]
     NoHealthyServer { upstream: String },
     #[error("model `{model}` is not served by upstream `{upstream}`")]
@@ -125,9 +127,9 @@ impl ProxyError {
             ProxyError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ProxyError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ProxyError::UndecodableBody { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::RateLimited { .. } | ProxyError::TenantQueueFull { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ProxyError::RateLimited { .. }
+            | ProxyError::TenantQueueFull { .. }
+            | ProxyError::TooManyConcurrent { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamBusy { .. } | ProxyError::NoHealthyServer { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -155,6 +157,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamBusy { .. } => "upstream_busy",
             ProxyError::TenantQueueFull { .. } => "queue_full",
+            ProxyError::TooManyConcurrent { .. } => "too_many_concurrent",
             ProxyError::NoHealthyServer { .. } => "no_healthy_upstream",
             ProxyError::UnknownModel { .. } => "unknown_model",
         }
@@ -166,8 +169,11 @@ impl ProxyError {
             ProxyError::RateLimited { retry_after, .. }
             | ProxyError::UpstreamBusy { retry_after, .. }
             | ProxyError::TenantQueueFull { retry_after, .. } => Some(*retry_after),
-            // The budget frees as soon as bodies in hand are sent on.
-            ProxyError::Overloaded => Some(Duration::from_secs(1)),
+            // The budget frees as soon as bodies in hand are sent on; a
+            // key's slot when one of its answers ends.
+            ProxyError::Overloaded | ProxyError::TooManyConcurrent { .. } => {
+                Some(Duration::from_secs(1))
+            }
             _ => None,
         }
     }

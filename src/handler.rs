@@ -67,6 +67,9 @@ struct Route {
     /// `None` on a `deny` route.
     pool: Option<Arc<UpstreamPool>>,
     limits: RouteLimits,
+    /// The route's limiters with each tenant plan's budgets, by the plan's
+    /// index (`policy.tenancy`).
+    by_plan: Box<[RouteLimits]>,
 }
 
 /// What a request knows about the connection it came on.
@@ -129,6 +132,16 @@ impl Proxy {
                     name: Arc::from(r.name.as_str()),
                     pool,
                     limits: limits.for_route(&r.rate_limits),
+                    by_plan: policy
+                        .tenancy
+                        .plans
+                        .iter()
+                        .map(|plan| {
+                            let mut names = r.rate_limits.clone();
+                            names.extend(plan.limiters.iter().cloned());
+                            limits.for_route(&names)
+                        })
+                        .collect(),
                 };
                 (r.matcher.clone(), Arc::new(route))
             })
@@ -185,6 +198,7 @@ impl Proxy {
                 rec: pending.record(),
                 admission: Admission::default(),
                 rewrite: None,
+                key_slot: None,
             };
             let forwarded = self.forward(&mut st, req, fields).await;
             let spends = respond::spends_left(&mut st.admission, &forwarded);
@@ -203,7 +217,8 @@ impl Proxy {
                 Err(e) => self.failed(&mut st, e),
             };
             self.finish(&mut st, &mut resp, request_id, h2);
-            resp.body_mut().on_end(pending.take());
+            let key_slot = st.key_slot.take();
+            resp.body_mut().on_end(pending.take().holding(key_slot));
             resp
         }
     }
@@ -286,6 +301,9 @@ struct RequestState<'a> {
     admission: Admission,
     /// The route's header rewrite, applied to the answer too.
     rewrite: Option<Arc<HeaderRewrite>>,
+    /// The request's place under its key's `max_concurrent`: held until
+    /// the answer's body ends.
+    key_slot: Option<crate::limits::per_key::KeySlot>,
 }
 
 /// A 429 from limiter `r`: counted, what earlier limiters spent given back,

@@ -18,6 +18,7 @@ pub mod fair_line;
 mod gcra;
 pub mod inflight;
 mod numerals;
+pub mod per_key;
 mod shared;
 pub mod tokens;
 

@@ -97,6 +97,26 @@ fn keys(policy: &Policy, config: &std::path::Path, command: KeysCommand) -> Exit
         );
         return ExitCode::FAILURE;
     };
+    if let KeysCommand::Add {
+        tier: Some(tier), ..
+    } = &command
+    {
+        // A tier the policy does not define would give the key the
+        // default tier's terms (or none): a typo must not go unnoticed.
+        let tiers = &policy.tenancy.tiers;
+        if !tiers.contains(tier) {
+            let defined = if tiers.is_empty() {
+                "it defines none".to_owned()
+            } else {
+                format!("it defines {}", tiers.join(", "))
+            };
+            eprintln!(
+                "{}: no [tiers.{tier}] ({defined}): add the table first, or choose one of those",
+                config.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     let file = hyperion::auth::KeysFileAt(auth.keys_file.clone());
     let done = match command {
         KeysCommand::Add { name, tier } => file.add(&name, tier.as_deref()).map(|key| {

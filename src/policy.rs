@@ -9,6 +9,7 @@ mod error;
 pub mod keys;
 mod model_name;
 mod raw;
+pub mod tenancy;
 mod units;
 mod validate;
 
@@ -48,6 +49,8 @@ pub struct Policy {
     pub admin: Option<AdminPolicy>,
     /// `[auth]`; `None`: keys are not checked anywhere.
     pub auth: Option<AuthPolicy>,
+    /// `[tiers.NAME]` and `[keys.NAME]`, resolved: what each key gets.
+    pub tenancy: Arc<tenancy::Tenancy>,
 }
 
 /// `[auth]`: the keys Hyperion issued.
@@ -754,9 +757,14 @@ impl fmt::Display for Policy {
             if let Some(max) = u.max_inflight_per_server {
                 writeln!(
                     f,
-                    "  {:<16} at most {max} in flight per server, queue {}",
+                    "  {:<16} at most {max} in flight per server, {} line of {}, {} waiting per tenant",
                     "",
-                    Dur(u.queue_timeout)
+                    match u.queue {
+                        QueueOrder::Fair => "fair",
+                        QueueOrder::Fifo => "fifo",
+                    },
+                    Dur(u.queue_timeout),
+                    u.max_queued_per_tenant,
                 )?;
             }
         }
@@ -785,6 +793,39 @@ impl fmt::Display for Policy {
                     } else {
                         ""
                     }
+                )?;
+            }
+        }
+        let tenancy = &self.tenancy;
+        if !tenancy.tiers.is_empty() || !tenancy.keys.is_empty() {
+            // The plans of a key of each tier with no terms of its own.
+            writeln!(f, "tiers:")?;
+            for tier in &tenancy.tiers {
+                let Some(p) = tenancy.plan("", Some(tier)) else {
+                    continue;
+                };
+                writeln!(
+                    f,
+                    "  {tier:<16} {} class (up to {}), weight {}{}{}",
+                    p.priority.as_str(),
+                    p.max_priority.as_str(),
+                    p.weight,
+                    p.max_concurrent
+                        .map(|n| format!(", {n} at once"))
+                        .unwrap_or_default(),
+                    if p.limiters.is_empty() {
+                        String::new()
+                    } else {
+                        let names: Vec<&str> = p.limiters.iter().map(|l| l.name.as_str()).collect();
+                        format!(", budgets {}", names.join(" "))
+                    }
+                )?;
+            }
+            if !tenancy.keys.is_empty() {
+                writeln!(
+                    f,
+                    "  keys with terms of their own: {}",
+                    tenancy.keys.join(", ")
                 )?;
             }
         }

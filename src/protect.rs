@@ -28,6 +28,8 @@ pub struct Protect {
     pub failed_keys: crate::limits::failures::FailureGate,
     /// What each API key's requests came to.
     pub usage: crate::auth::Usage,
+    /// Requests of each API key in progress (a tier's `max_concurrent`).
+    pub per_key: std::sync::Arc<crate::limits::per_key::KeyConcurrency>,
 }
 
 /// Failed API keys an address may present in a minute (and at once) before
@@ -50,6 +52,7 @@ impl Protect {
             read_ahead: std::sync::Arc::new(ReadAheadBudget::new(max_read_ahead)),
             cut: CutCounts::default(),
             usage: crate::auth::Usage::default(),
+            per_key: Default::default(),
             failed_keys: crate::limits::failures::FailureGate::new(
                 FAILED_KEYS_PER_MINUTE,
                 std::time::Duration::from_secs(60),

@@ -220,7 +220,11 @@ fn auth_on_a_route_needs_an_auth_table() {
 #[test]
 fn the_binary_makes_lists_and_revokes_keys() {
     let keys = keys_file();
-    let policy = TempFile::new("policy.toml", &auth_policy("http://127.0.0.1:1", &keys, ""));
+    let policy = auth_policy("http://127.0.0.1:1", &keys, "").replace(
+        "[upstreams.up]",
+        "[tiers.pro]\nweight = 4\n\n[upstreams.up]",
+    );
+    let policy = TempFile::new("policy.toml", &policy);
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_hyperion"))
             .args(args)
@@ -229,6 +233,9 @@ fn the_binary_makes_lists_and_revokes_keys() {
             .output()
             .unwrap()
     };
+    let typo = run(&["keys", "add", "alice", "--tier", "prod"]);
+    assert!(!typo.status.success(), "a tier the policy lacks is refused");
+    assert!(String::from_utf8_lossy(&typo.stderr).contains("defines pro"));
     let added = run(&["keys", "add", "alice", "--tier", "pro"]);
     assert!(added.status.success(), "{added:?}");
     let key = String::from_utf8(added.stdout).unwrap().trim().to_owned();

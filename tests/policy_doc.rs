@@ -15,6 +15,7 @@ use hyperion::Policy;
 const UPSTREAM: &str = "[upstreams.a]\nservers = [{ url = \"http://127.0.0.1:1\" }]\n";
 const ROUTE: &str = "[[route]]\nname = \"r\"\nupstream = \"a\"\n";
 const PROBE: &str = "zz_probe = 1";
+const AUTH: &str = "[auth]\nkeys_file = \"/nonexistent/keys.toml\"\n";
 
 /// Each table a policy file can hold: as the docs name it, its path in
 /// the key table, and a policy with the probe key placed in it.
@@ -55,6 +56,16 @@ fn tables() -> Vec<(&'static str, &'static str, String)> {
             "[rate_limits.NAME]",
             "rate_limits.NAME",
             format!("[rate_limits.x]\n{PROBE}\n{UPSTREAM}{ROUTE}"),
+        ),
+        (
+            "[tiers.NAME]",
+            "tiers.NAME",
+            format!("{AUTH}[tiers.x]\n{PROBE}\n{UPSTREAM}{ROUTE}"),
+        ),
+        (
+            "[keys.NAME]",
+            "keys.NAME",
+            format!("{AUTH}[keys.x]\n{PROBE}\n{UPSTREAM}{ROUTE}"),
         ),
         (
             "[upstreams.NAME]",
@@ -229,6 +240,10 @@ fn policy_with(path: &str, line: &str) -> String {
                 ""
             };
             format!("{up}{route}[route.cache]\nmode = \"force\"\nttl = \"1m\"\n{json}{line}\n")
+        }
+        "tiers.NAME" | "keys.NAME" => {
+            let t = table.split('.').next().unwrap();
+            format!("{AUTH}[{t}.x]\n{line}\n{up}{route}")
         }
         "cache.redis" => format!(
             "[cache.redis]\nurl = \"redis://127.0.0.1:1/0\"\nsecret_env = \"HYPERION_POLICY_DOC_SECRET\"\n{line}\n{up}{route}"

@@ -9,30 +9,9 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use http::Request;
 use hyperion::auth::KeysFileAt;
 use support::*;
-use tokio::sync::Semaphore;
-
-/// An upstream answering each request once the test releases a permit.
-async fn held_upstream() -> (Upstream, Arc<Semaphore>) {
-    let release = Arc::new(Semaphore::new(0));
-    let up = Upstream::start({
-        let release = release.clone();
-        move |_req| {
-            let release = release.clone();
-            async move {
-                release.acquire().await.unwrap().forget();
-                response(200, "{\"done\":true}")
-            }
-        }
-    })
-    .await;
-    (up, release)
-}
 
 struct Setup {
     proxy: TestProxy,
@@ -86,31 +65,6 @@ fn generate(proxy: &TestProxy, key: &str, who: &str) -> tokio::task::JoinHandle<
         .body(full("{\"model\":\"m\",\"prompt\":\"hi\"}"))
         .unwrap();
     tokio::spawn(async move { send(req).await.0.status.as_u16() })
-}
-
-/// `hyperion_upstream_queued` for `upstream`, as `/metrics` says.
-async fn queued(proxy: &TestProxy, upstream: &str) -> u64 {
-    let (_, body) = get(&format!("http://{}/metrics", proxy.admin.unwrap())).await;
-    let prefix = format!("hyperion_upstream_queued{{upstream=\"{upstream}\"}} ");
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().parse().unwrap()))
-        .unwrap_or(0)
-}
-
-/// Waits (at most 10 s, polling) until `check` holds.
-async fn until<F, Fut>(what: &str, check: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..1000 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("never: {what}");
 }
 
 /// Who the upstream saw, in the order requests reached it.

@@ -20,7 +20,8 @@ use super::{Proxy, RequestState, Route};
 use crate::cache::BodyDigest;
 use crate::error::ProxyError;
 use crate::headers::{self, RequestFields};
-use crate::limits::{tokens, Admission, Counting, LineTenant, Place, Stage, Subject};
+use crate::limits::{tokens, Admission, Counting, LineTenant, Place, RouteLimits, Stage, Subject};
+use crate::policy::tenancy::TenantPlan;
 use crate::policy::{AuthMode, BodyKey, Priority, RouteCachePolicy, RoutePolicy};
 use crate::protect::{BodyBudget, BodyCharge};
 use crate::upstream::models;
@@ -37,6 +38,12 @@ pub(super) struct Arrival<'p> {
     pub client: IpAddr,
     /// The name of the API key it presented (`[auth]`).
     pub tenant: Option<Arc<str>>,
+    /// What its key's tier gives it (`[tiers]`, `[keys]`).
+    pub plan: Option<&'p TenantPlan>,
+    /// The route's limiters, with the plan's budgets when there is one.
+    pub limits: &'p RouteLimits,
+    /// The class it waits in for a busy upstream.
+    pub class: Priority,
     /// One clock reading for every limiter checked on arrival, and for a
     /// cache hit's look at the rest; `None` on a route without limiters.
     pub arrived: Option<tokio::time::Instant>,
@@ -101,10 +108,26 @@ impl Proxy {
                 route: route.name.to_string(),
             });
         };
+        let mut plan = None;
         if route.policy.auth != AuthMode::Off {
             let tenant = self.tenant_of(req.headers(), route.policy.auth, st.rec.client)?;
+            if let Some(t) = &tenant {
+                plan = self.policy.tenancy.plan(&t.name, t.tier.as_deref());
+                if let Some(max) = plan.and_then(|p| p.max_concurrent) {
+                    st.key_slot = Some(
+                        self.protect
+                            .per_key
+                            .enter(&t.name, max)
+                            .ok_or(ProxyError::TooManyConcurrent { max })?,
+                    );
+                }
+            }
             st.rec.key = tenant.map(|t| t.name.clone());
         }
+        let limits = match plan {
+            Some(p) => &route.by_plan[p.index],
+            None => &route.limits,
+        };
         st.rewrite.clone_from(&route.policy.headers);
         let upgrade = (fields.upgrade && req.version() == Version::HTTP_11)
             .then(|| headers::requested_upgrade(req.headers()))
@@ -115,7 +138,10 @@ impl Proxy {
             host_value,
             client: st.rec.client,
             tenant: st.rec.key.clone(),
-            arrived: (!route.limits.is_empty()).then(crate::clock::now),
+            plan: plan.map(|p| &**p),
+            limits,
+            class: requested_class(req.headers(), plan.map(|p| &**p)),
+            arrived: (!limits.is_empty()).then(crate::clock::now),
             upgrade,
             client_upgrade: None,
             body: None,
@@ -164,6 +190,26 @@ impl Proxy {
     }
 }
 
+/// The request header a client may ask for a priority class in (up to its
+/// tier's `max_priority`).
+pub const PRIORITY_HEADER: http::HeaderName = http::HeaderName::from_static("x-hyperion-priority");
+
+/// The class a request waits in: its plan's, or the one it asks for in
+/// `X-Hyperion-Priority`, no higher than the plan's `max_priority` (a
+/// request without a plan waits as `standard`, and may only ask lower).
+fn requested_class(headers: &HeaderMap, plan: Option<&TenantPlan>) -> Priority {
+    let (own, highest) = plan.map_or((Priority::Standard, Priority::Standard), |p| {
+        (p.priority, p.max_priority)
+    });
+    match headers
+        .get(&PRIORITY_HEADER)
+        .and_then(|v| Priority::parse(v.as_bytes()))
+    {
+        Some(asked) => asked.max(highest),
+        None => own,
+    }
+}
+
 impl<'p> Arrival<'p> {
     /// The host the request is for, as routing saw it.
     pub fn host(&self) -> Option<Cow<'_, str>> {
@@ -188,9 +234,12 @@ impl<'p> Arrival<'p> {
                 Some(name) => LineTenant::Key(name.clone()),
                 None => LineTenant::address(self.client),
             },
-            class: Priority::Standard,
-            weight: 1,
-            max_queued: self.pool.policy.max_queued_per_tenant,
+            class: self.class,
+            weight: self.plan.map_or(1, |p| p.weight),
+            max_queued: self
+                .plan
+                .and_then(|p| p.max_queued)
+                .unwrap_or(self.pool.policy.max_queued_per_tenant),
         }
     }
 
@@ -214,9 +263,7 @@ impl<'p> Arrival<'p> {
         admission: &mut Admission,
     ) -> Result<T, ProxyError> {
         if let Some(at) = self.arrived {
-            self.route
-                .limits
-                .peek_rest(&self.who(headers, at), admission);
+            self.limits.peek_rest(&self.who(headers, at), admission);
         }
         Err(e)
     }
@@ -278,7 +325,7 @@ impl<'p> Arrival<'p> {
     fn needs_body(&self, req: &Request<Incoming>) -> bool {
         let wanted = self.body_keyed()
             || self.pool.state.models.routes_by_model()
-            || self.route.limits.counts_tokens();
+            || self.limits.counts_tokens();
         wanted && !http_body::Body::is_end_stream(req.body())
     }
 
@@ -291,32 +338,31 @@ impl<'p> Arrival<'p> {
         st: &mut RequestState<'_>,
         req: &mut Request<Incoming>,
     ) -> Result<(), ProxyError> {
-        let route = self.route;
         if let Some(at) = self.arrived {
-            route
-                .check_limits(
-                    Stage::Arrival,
-                    Counting::Requests,
-                    &self.who(req.headers(), at),
-                    &None,
-                    &mut st.admission,
-                )
-                .await?;
+            check_limits(
+                self.limits,
+                Stage::Arrival,
+                Counting::Requests,
+                &self.who(req.headers(), at),
+                &None,
+                &mut st.admission,
+            )
+            .await?;
         }
         self.read_ahead(proxy, st, req).await?;
         if let Some(estimate) = self.facts.estimate {
             st.admission.estimate = Some(estimate);
         }
         if let Some(at) = self.arrived {
-            route
-                .check_limits(
-                    Stage::Arrival,
-                    Counting::Tokens,
-                    &self.who(req.headers(), at),
-                    &self.body,
-                    &mut st.admission,
-                )
-                .await?;
+            check_limits(
+                self.limits,
+                Stage::Arrival,
+                Counting::Tokens,
+                &self.who(req.headers(), at),
+                &self.body,
+                &mut st.admission,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -342,7 +388,7 @@ impl<'p> Arrival<'p> {
         if let Some(at) = self.arrived {
             // A client already out of its request budget would be refused
             // upstream: refuse it before reading its body.
-            if let Some(r) = route
+            if let Some(r) = self
                 .limits
                 .exhausted(&self.who(req.headers(), at), Stage::Upstream)
             {
@@ -366,10 +412,10 @@ impl<'p> Arrival<'p> {
         let wants = WantedFacts {
             keyed_by: body_keyed.then(|| route.policy.clone()),
             model: by_model,
-            tokens: route
+            tokens: self
                 .limits
                 .counts_tokens()
-                .then(|| route.limits.default_tokens()),
+                .then(|| self.limits.default_tokens()),
         };
         self.facts = if body.len() >= PARSE_OFF_THREAD {
             let body = body.clone();
@@ -384,35 +430,32 @@ impl<'p> Arrival<'p> {
     }
 }
 
-impl Route {
-    /// Spends from the route's limiters checked at `stage`, or refuses with
-    /// a 429 (giving back what earlier stages spent). Token limiters reserve
-    /// an estimate made from the request body once, only when one is checked.
-    pub(super) async fn check_limits(
-        &self,
-        stage: Stage,
-        counting: Counting,
-        who: &Subject<'_>,
-        body: &Option<Bytes>,
-        admission: &mut Admission,
-    ) -> Result<(), ProxyError> {
-        let limits = &self.limits;
-        if !limits.checks(stage, counting) {
-            return Ok(());
-        }
-        let tokens = if counting != Counting::Requests && limits.counts_tokens_at(stage) {
-            admission
-                .estimate
-                .get_or_insert_with(|| tokens::estimate(body.as_deref(), limits.default_tokens()))
-                .0
-        } else {
-            0
-        };
-        limits
-            .admit(who, stage, counting, tokens, admission)
-            .await
-            .map_err(|r| super::rate_limited(r, admission))
+/// Spends from `limits` checked at `stage`, or refuses with a 429
+/// (giving back what earlier stages spent). Token limiters reserve an
+/// estimate made from the request body once, only when one is checked.
+pub(super) async fn check_limits(
+    limits: &RouteLimits,
+    stage: Stage,
+    counting: Counting,
+    who: &Subject<'_>,
+    body: &Option<Bytes>,
+    admission: &mut Admission,
+) -> Result<(), ProxyError> {
+    if !limits.checks(stage, counting) {
+        return Ok(());
     }
+    let tokens = if counting != Counting::Requests && limits.counts_tokens_at(stage) {
+        admission
+            .estimate
+            .get_or_insert_with(|| tokens::estimate(body.as_deref(), limits.default_tokens()))
+            .0
+    } else {
+        0
+    };
+    limits
+        .admit(who, stage, counting, tokens, admission)
+        .await
+        .map_err(|r| super::rate_limited(r, admission))
 }
 
 /// Reads a whole request body (for a cache key, a model or a token

@@ -69,8 +69,7 @@ impl Arrival<'_> {
                 Before::Serve(resp, status, None) => {
                     st.rec.cache = status.as_str();
                     if let Some(at) = self.arrived {
-                        self.route
-                            .limits
+                        self.limits
                             .peek_rest(&self.who(req.headers(), at), &mut st.admission);
                     }
                     return Ok(Plan::Answered(resp));
@@ -97,8 +96,7 @@ impl Arrival<'_> {
                             st.rec.cache = status.as_str();
                             if self.arrived.is_some() {
                                 let now = crate::clock::now();
-                                self.route
-                                    .limits
+                                self.limits
                                     .peek_rest(&self.who(req.headers(), now), &mut st.admission);
                             }
                             return Ok(Plan::Answered(resp));

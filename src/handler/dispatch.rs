@@ -194,7 +194,7 @@ impl Proxy {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(header::UPGRADE, protocol.clone());
         }
-        if self.policy.compression.is_some() || route.limits.counts_tokens() {
+        if self.policy.compression.is_some() || arrival.limits.counts_tokens() {
             // Hyperion compresses, or counts tokens in the answer: the
             // upstream's bytes must be readable here.
             h.insert(
@@ -203,10 +203,12 @@ impl Proxy {
             );
         }
         if route.policy.auth != AuthMode::Off {
-            // The key is Hyperion's: the upstream never sees it.
+            // The key is Hyperion's: the upstream never sees it, nor the
+            // priority asked for in the line.
             for name in &crate::auth::KEY_HEADERS {
                 h.remove(name);
             }
+            h.remove(super::admit::PRIORITY_HEADER);
         }
         if let Some(c) = &server.credential {
             // The pool's own credential, in place of any the client sent.
@@ -239,21 +241,21 @@ impl Arrival<'_> {
         headers: &HeaderMap,
         spends: bool,
     ) -> Result<(), ProxyError> {
-        let limits = &self.route.limits;
+        let limits = self.limits;
         if limits.is_empty() {
             return Ok(());
         }
         let who = self.who(headers, crate::clock::now());
         if spends {
-            self.route
-                .check_limits(
-                    Stage::Upstream,
-                    Counting::All,
-                    &who,
-                    &self.body,
-                    &mut st.admission,
-                )
-                .await?;
+            super::admit::check_limits(
+                limits,
+                Stage::Upstream,
+                Counting::All,
+                &who,
+                &self.body,
+                &mut st.admission,
+            )
+            .await?;
         }
         limits.peek_rest(&who, &mut st.admission);
         Ok(())

@@ -13,12 +13,23 @@ use crate::access_log::AccessRecord;
 use crate::body::{BodyEnd, BodyOutcome};
 use crate::conn::InflightGuard;
 use crate::headers;
+use crate::limits::per_key::KeySlot;
 
 /// The record and what it needs to be written.
 pub(super) struct RequestLog {
     rec: AccessRecord,
     log: std::sync::Arc<crate::access_log::AccessLog>,
     _inflight: InflightGuard,
+    /// The request's place under its key's `max_concurrent`.
+    _key_slot: Option<KeySlot>,
+}
+
+impl RequestLog {
+    /// Also holds `slot` until the body ends.
+    pub fn holding(mut self: Box<Self>, slot: Option<KeySlot>) -> Box<Self> {
+        self._key_slot = slot;
+        self
+    }
 }
 
 impl BodyEnd for RequestLog {
@@ -89,6 +100,7 @@ impl Proxy {
                 rec,
                 log: self.log.clone(),
                 _inflight: inflight,
+                _key_slot: None,
             },
         )))
     }

@@ -300,6 +300,86 @@ pub const KEYS: &[Key] = &[
         Choice("client_ip, shared"),
         Applies,
     ),
+    // [tiers.NAME]
+    key("tiers", Off("no tiers"), Table, Applies),
+    key("tiers.NAME.rate", Off("no request budget"), Rate, Applies),
+    key(
+        "tiers.NAME.tokens_per_minute",
+        Off("no per-minute budget"),
+        Count,
+        Applies,
+    ),
+    key(
+        "tiers.NAME.tokens_per_day",
+        Off("no daily budget"),
+        Count,
+        Applies,
+    ),
+    key("tiers.NAME.max_concurrent", Off("no limit"), Count, Applies),
+    key(
+        "tiers.NAME.priority",
+        Value(r#""standard""#),
+        Choice("interactive, standard, batch"),
+        Applies,
+    ),
+    key(
+        "tiers.NAME.max_priority",
+        Derived("priority"),
+        Choice("interactive, standard, batch"),
+        Applies,
+    ),
+    key("tiers.NAME.weight", Value("1"), Count, Applies),
+    key(
+        "tiers.NAME.max_queued",
+        Derived("the upstream's max_queued_per_tenant"),
+        Count,
+        Applies,
+    ),
+    // [keys.NAME]
+    key("keys", Off("no key has terms of its own"), Table, Applies),
+    key("keys.NAME.rate", Derived("the key's tier"), Rate, Applies),
+    key(
+        "keys.NAME.tokens_per_minute",
+        Derived("the key's tier"),
+        Count,
+        Applies,
+    ),
+    key(
+        "keys.NAME.tokens_per_day",
+        Derived("the key's tier"),
+        Count,
+        Applies,
+    ),
+    key(
+        "keys.NAME.max_concurrent",
+        Derived("the key's tier"),
+        Count,
+        Applies,
+    ),
+    key(
+        "keys.NAME.priority",
+        Derived("the key's tier"),
+        Choice("interactive, standard, batch"),
+        Applies,
+    ),
+    key(
+        "keys.NAME.max_priority",
+        Derived("the key's tier"),
+        Choice("interactive, standard, batch"),
+        Applies,
+    ),
+    key(
+        "keys.NAME.weight",
+        Derived("the key's tier"),
+        Count,
+        Applies,
+    ),
+    key(
+        "keys.NAME.max_queued",
+        Derived("the key's tier"),
+        Count,
+        Applies,
+    ),
     // [upstreams.NAME]
     key("upstreams", Required, Table, Applies),
     key(
@@ -607,7 +687,8 @@ pub fn set_in(doc: &toml::Table) -> Vec<(&'static Key, &toml::Value)> {
                 // `[upstreams.ollama]`, `[rate_limits.per_ip]`: a name of
                 // the operator's, standing for NAME.
                 None if find(&format!("{prefix}NAME.key")).is_some()
-                    || find(&format!("{prefix}NAME.servers")).is_some() =>
+                    || find(&format!("{prefix}NAME.servers")).is_some()
+                    || find(&format!("{prefix}NAME.weight")).is_some() =>
                 {
                     format!("{prefix}NAME")
                 }

@@ -35,7 +35,25 @@ pub struct RawPolicy {
     #[serde(default)]
     pub rate_limits: BTreeMap<String, Spanned<RawRateLimit>>,
     #[serde(default)]
+    pub tiers: BTreeMap<String, Spanned<RawTier>>,
+    #[serde(default)]
+    pub keys: BTreeMap<String, Spanned<RawTier>>,
+    #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
+}
+
+/// `[tiers.NAME]`, and `[keys.NAME]` (one key's terms over its tier's).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub rate: Option<Spanned<Rate>>,
+    pub tokens_per_minute: Option<Spanned<u64>>,
+    pub tokens_per_day: Option<Spanned<u64>>,
+    pub max_concurrent: Option<Spanned<u32>>,
+    pub priority: Option<Spanned<Priority>>,
+    pub max_priority: Option<Spanned<Priority>>,
+    pub weight: Option<Spanned<u32>>,
+    pub max_queued: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]

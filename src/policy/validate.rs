@@ -25,6 +25,7 @@ use super::error::{nearest, PolicyError, Source};
 use super::raw::{
     self, AuthMode, Balance, ModelRouting, QueueOrder, RawPolicy, UnknownModel, WhenAbsent,
 };
+use super::tenancy::Tenancy;
 use super::units::{Dur, Size};
 use super::ModelName;
 use super::{
@@ -42,6 +43,7 @@ mod compression;
 mod limits;
 mod routes;
 mod server;
+mod tiers;
 mod upstream;
 
 /// Servers in one pool at most (the balancers track them in 64-bit sets).
@@ -139,6 +141,18 @@ impl Validator<'_> {
                 raw.auth.is_some(),
             )?));
         }
+        let auth_on = raw.auth.is_some();
+        let mut tiers = Vec::with_capacity(raw.tiers.len());
+        for (name, terms) in raw.tiers {
+            let terms = self.tier_terms("tiers", &name, terms, auth_on)?;
+            tiers.push((name, terms));
+        }
+        let mut keys = Vec::with_capacity(raw.keys.len());
+        for (name, terms) in raw.keys {
+            let terms = self.tier_terms("keys", &name, terms, auth_on)?;
+            keys.push((name, terms));
+        }
+        let (tenancy, budgets) = Tenancy::resolve(tiers, keys);
         let mut upstreams = Vec::with_capacity(raw.upstreams.len());
         for (name, up) in raw.upstreams {
             upstreams.push(Arc::new(self.upstream(name, up.into_inner())?));
@@ -150,6 +164,10 @@ impl Validator<'_> {
             &rate_limits,
             (compression.is_some(), raw.auth.is_some()),
         )?;
+        // The budgets' limiters beside the named ones (their names, with a
+        // dot, cannot be a limiter's).
+        rate_limits.extend(budgets);
+        rate_limits.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Policy {
             server,
             cache,
@@ -159,6 +177,7 @@ impl Validator<'_> {
             rate_limits,
             admin,
             auth,
+            tenancy: Arc::new(tenancy),
         })
     }
 }

@@ -789,3 +789,45 @@ impl Drop for Running {
         let _ = self.0.wait();
     }
 }
+
+/// An upstream answering each request once the test releases a permit.
+pub async fn held_upstream() -> (Upstream, Arc<tokio::sync::Semaphore>) {
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let up = Upstream::start({
+        let release = release.clone();
+        move |_req| {
+            let release = release.clone();
+            async move {
+                release.acquire().await.unwrap().forget();
+                response(200, "{\"done\":true}")
+            }
+        }
+    })
+    .await;
+    (up, release)
+}
+
+/// `hyperion_upstream_queued` for `upstream`, as `/metrics` says.
+pub async fn queued(proxy: &TestProxy, upstream: &str) -> u64 {
+    let (_, body) = get(&format!("http://{}/metrics", proxy.admin.unwrap())).await;
+    let prefix = format!("hyperion_upstream_queued{{upstream=\"{upstream}\"}} ");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0)
+}
+
+/// Waits (at most 10 s, polling) until `check` holds.
+pub async fn until<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1000 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
+}

@@ -14,6 +14,14 @@ impl Validator<'_> {
     ) -> Result<RateLimitPolicy, PolicyError> {
         let k = |f: &str| format!("rate_limits.{name}.{f}");
         let span = raw.span();
+        if name.contains('.') {
+            return Err(self.err(
+                span,
+                format!("rate_limits.{name}"),
+                "a limiter's name cannot hold a dot (tiers' budgets are named tier.NAME.FIELD)",
+                "name it with letters, digits, - and _",
+            ));
+        }
         let raw = raw.into_inner();
         let Some(key_raw) = raw.key else {
             return Err(self.err(
