@@ -284,7 +284,11 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
             let keys: Vec<Value> = keys.iter().map(|t| key_report(t, usage)).collect();
             reply(
                 StatusCode::OK,
-                json!({ "keys": keys, "counted": "in memory, since this process started" }),
+                json!({
+                    "keys": keys,
+                    "unauthorized": usage.unauthorized_count(),
+                    "counted": "in memory, since this process started",
+                }),
             )
         }
         (Method::GET, p) if p.starts_with("/admin/keys/") => {

@@ -199,6 +199,7 @@ impl Proxy {
                 admission: Admission::default(),
                 rewrite: None,
                 key_slot: None,
+                waited: None,
             };
             let forwarded = self.forward(&mut st, req, fields).await;
             let spends = respond::spends_left(&mut st.admission, &forwarded);
@@ -304,6 +305,8 @@ struct RequestState<'a> {
     /// The request's place under its key's `max_concurrent`: held until
     /// the answer's body ends.
     key_slot: Option<crate::limits::per_key::KeySlot>,
+    /// How long it waited in line for a busy upstream, if it had to.
+    waited: Option<std::time::Duration>,
 }
 
 /// A 429 from limiter `r`: counted, what earlier limiters spent given back,

@@ -27,7 +27,7 @@ pub struct Protect {
     /// Addresses that presented no key or a wrong one too often.
     pub failed_keys: crate::limits::failures::FailureGate,
     /// What each API key's requests came to.
-    pub usage: crate::auth::Usage,
+    pub usage: std::sync::Arc<crate::auth::Usage>,
     /// Requests of each API key in progress (a tier's `max_concurrent`).
     pub per_key: std::sync::Arc<crate::limits::per_key::KeyConcurrency>,
 }
@@ -51,7 +51,7 @@ impl Protect {
             bodies: BodyBudget::new(max_buffered_bodies),
             read_ahead: std::sync::Arc::new(ReadAheadBudget::new(max_read_ahead)),
             cut: CutCounts::default(),
-            usage: crate::auth::Usage::default(),
+            usage: Default::default(),
             per_key: Default::default(),
             failed_keys: crate::limits::failures::FailureGate::new(
                 FAILED_KEYS_PER_MINUTE,

@@ -240,6 +240,16 @@ pub fn key_request(key: &str, status: u16) {
     }
 }
 
+/// Tokens of an answer to a request of API key `key`: `kind` is `in`
+/// (prompt) or `out` (generated) when the upstream made the answer,
+/// `saved` when the cache or an identical request's exchange gave it.
+pub fn key_tokens(key: &str, kind: &'static str, tokens: u64) {
+    if HANDLE.get().is_some() && tokens > 0 {
+        counter!("hyperion_key_tokens_total", "key" => key.to_owned(), "kind" => kind)
+            .increment(tokens);
+    }
+}
+
 /// A request refused by rate limiter `limiter`.
 pub fn rate_limited(limiter: &str) {
     if HANDLE.get().is_some() {

@@ -32,6 +32,11 @@ async fn setup(
         .map(|(name, tier)| at.add(name, *tier).unwrap())
         .collect();
     let token = TempFile::new("admin.token", "0123456789abcdef-tiers-token\n");
+    // `pool` lines starting `ROUTE:` go in the route instead.
+    let (route, pool) = match pool.strip_prefix("ROUTE:") {
+        Some(route) => (route, ""),
+        None => ("", pool),
+    };
     let policy = format!(
         r#"[auth]
 keys_file = "{keys}"
@@ -49,6 +54,7 @@ servers = [{{ url = "{upstream}" }}]
 [[route]]
 name = "all"
 upstream = "up"
+{route}
 "#,
         keys = file.display(),
         token = token.display(),
@@ -289,4 +295,105 @@ fn tier_mistakes_name_their_line_and_fix() {
     .unwrap_err()
     .to_string();
     assert!(no_auth.contains("[auth]"), "{no_auth}");
+}
+
+#[tokio::test]
+async fn usage_counts_the_backends_tokens_for_misses_and_saves_them_for_hits_and_followers() {
+    // Ollama's answer: 30 prompt tokens read, 50 generated; held until
+    // the test lets it go, so that identical requests join it.
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let up = Upstream::start({
+        let release = release.clone();
+        move |_req| {
+            let release = release.clone();
+            async move {
+                release.acquire().await.unwrap().forget();
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(full(
+                        r#"{"response":"hi","done":true,"prompt_eval_count":30,"eval_count":50}"#,
+                    ))
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    let (s, keys) = setup(
+        &up.url(),
+        &[("a", None)],
+        "",
+        "ROUTE:[route.cache]\nmode = \"force\"\nttl = \"1h\"\nbody_key = \"json\"",
+    )
+    .await;
+    let p = &s.proxy;
+    let cached = |prompt: &'static str| {
+        let req = Request::post(p.url("/api/generate"))
+            .header("authorization", format!("Bearer {}", keys[0]))
+            .header("content-type", "application/json")
+            .body(full(prompt))
+            .unwrap();
+        tokio::spawn(send(req))
+    };
+    // A miss, then a hit of it.
+    release.add_permits(1);
+    let (miss, _) = cached(r#"{"model":"m","prompt":"one"}"#).await.unwrap();
+    assert_eq!(miss.headers["x-cache"], "MISS");
+    let (hit, _) = cached(r#"{"model":"m","prompt":"one"}"#).await.unwrap();
+    assert_eq!(hit.headers["x-cache"], "HIT");
+    // Three at once: one goes upstream, two wait for its answer.
+    let three: Vec<_> = (0..3)
+        .map(|_| cached(r#"{"model":"m","prompt":"two"}"#))
+        .collect();
+    until("the leader reached the upstream", || async {
+        up.count() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    release.add_permits(1);
+    for r in three {
+        assert_eq!(r.await.unwrap().0.status, 200);
+    }
+    assert_eq!(up.count(), 2);
+    let admin = |path: String| {
+        send(
+            Request::get(format!("http://{}{path}", p.admin.unwrap()))
+                .header("authorization", "Bearer 0123456789abcdef-tiers-token")
+                .body(empty())
+                .unwrap(),
+        )
+    };
+    let mut usage = serde_json::Value::Null;
+    for _ in 0..100 {
+        usage = json(&admin("/admin/keys/a".into()).await.1)["usage"].clone();
+        if usage["tokens_saved"] == 240 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(usage["requests"], 5, "{usage}");
+    assert_eq!(usage["cache_hits"], 3, "{usage}");
+    assert_eq!(usage["tokens_in"], 60, "two answers made: {usage}");
+    assert_eq!(usage["tokens_out"], 100, "{usage}");
+    assert_eq!(
+        usage["tokens_saved"], 240,
+        "three answers not made: {usage}"
+    );
+    assert!(usage["upstream_seconds_saved"].as_f64().unwrap() > 0.0);
+    let cache = json(&admin("/admin/cache".into()).await.1);
+    assert_eq!(cache["coalesced"], 2, "{cache}");
+    assert_eq!(cache["tokens_saved"], 240, "the cache says the same: {cache}");
+    // A request without a good key is counted, against no key.
+    assert_eq!(status(p, "hyp_wrong").await.0, 401);
+    let all = json(&admin("/admin/keys".into()).await.1);
+    assert_eq!(all["unauthorized"], 1);
+    let (_, metrics) = get(&format!("http://{}/metrics", p.admin.unwrap())).await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hyperion_key_tokens_total{")
+                && l.contains("key=\"a\"")
+                && l.contains("kind=\"saved\"")),
+        "{metrics}"
+    );
 }

@@ -76,7 +76,8 @@ impl Proxy {
             }
         } else {
             let place = arrival.place();
-            match wait_for_slot(pool, &filter, &place, plan.exchange.as_ref()).await {
+            let ex = plan.exchange.as_ref();
+            match wait_for_slot(pool, &filter, &place, ex, &mut st.waited).await {
                 Ok(admitted) => admitted,
                 Err(e) => {
                     // Nothing reached the upstream: nothing is spent.
@@ -194,9 +195,13 @@ impl Proxy {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(header::UPGRADE, protocol.clone());
         }
-        if self.policy.compression.is_some() || arrival.limits.counts_tokens() {
-            // Hyperion compresses, or counts tokens in the answer: the
-            // upstream's bytes must be readable here.
+        if self.policy.compression.is_some()
+            || arrival.limits.counts_tokens()
+            || arrival.tenant.is_some()
+        {
+            // Hyperion compresses, or counts tokens in the answer (for a
+            // token limit, or the key's usage): the upstream's bytes must
+            // be readable here.
             h.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
@@ -296,23 +301,31 @@ impl Arrival<'_> {
     }
 }
 
-/// A slot for the request, waiting in line for one if need be. Identical
-/// requests behind this one wait with it, not time out.
+/// A slot for the request, waiting in line for one if need be (how long,
+/// when it had to, goes to `waited`). Identical requests behind this one
+/// wait with it, not time out.
 async fn wait_for_slot(
     pool: &UpstreamPool,
     filter: &PickFilter,
     place: &Place,
     exchange: Option<&Exchange>,
+    waited: &mut Option<std::time::Duration>,
 ) -> Result<Admitted, ProxyError> {
+    // Set once, when the wait starts (a `Cell` would make the request's
+    // future not `Send`).
+    let since = std::sync::OnceLock::new();
     let waiting = |queued| {
         if queued {
             crate::telemetry::queued(&pool.policy.name);
+            let _ = since.set(crate::clock::now());
         }
         if let Some(ex) = exchange {
             ex.queue(queued);
         }
     };
-    pool.admit(filter, place, waiting).await
+    let admitted = pool.admit(filter, place, waiting).await;
+    *waited = since.get().map(|t: &tokio::time::Instant| t.elapsed());
+    admitted
 }
 
 /// Identical requests wait for this one: it runs in a task of its own,

@@ -15,10 +15,12 @@ use hyper::body::Incoming;
 
 use super::{Proxy, RequestState};
 use crate::access_log::AccessRecord;
+use crate::auth::{Served, Usage};
 use crate::body::ResponseBody;
 use crate::compress;
 use crate::error::{ProxyError, TimeoutPhase};
 use crate::headers::{X_CACHE, X_REQUEST_ID};
+use crate::limits::tokens::{TokenCount, TokenSink};
 use crate::limits::{Admission, TokenMeter, TokenSpend};
 use crate::progress::StallWatch;
 use crate::protect::Deadline;
@@ -45,6 +47,32 @@ pub(super) fn spends_left(
         Err(_) => {
             spends.iter().for_each(|s| s.settle(0));
             None
+        }
+    }
+}
+
+/// An answer's tokens, counted for the key whose request it answers.
+struct KeyTokens {
+    usage: Arc<Usage>,
+    key: Arc<str>,
+    served: Served,
+    /// How long the upstream took to make a stored answer.
+    made_in: Option<std::time::Duration>,
+    started: tokio::time::Instant,
+}
+
+impl TokenSink for KeyTokens {
+    fn counted(self: Box<Self>, tokens: TokenCount) {
+        // An answer shared while it streamed has no stored cost: this
+        // request's own time is the least its making took.
+        let made_in = self.made_in.unwrap_or_else(|| self.started.elapsed());
+        self.usage.tokens(&self.key, tokens, self.served, made_in);
+        match self.served {
+            Served::Upstream => {
+                crate::telemetry::key_tokens(&self.key, "in", tokens.prompt);
+                crate::telemetry::key_tokens(&self.key, "out", tokens.completion);
+            }
+            Served::Shared => crate::telemetry::key_tokens(&self.key, "saved", tokens.total()),
         }
     }
 }
@@ -87,15 +115,26 @@ impl Proxy {
                 compress::encode_response(cp, accept, head_only, rewritten, &self.cache, resp);
             boxed_in_place!(encode).await?;
         }
-        // Settled with the answer's usage when its body ends.
-        if let Some(spends) = spends {
+        // Settled with the answer's usage when its body ends, and counted
+        // for the key that asked.
+        let key = st.rec.key.as_ref().filter(|_| !upgraded);
+        if spends.is_some() || key.is_some() {
             let ct = resp.headers().get(header::CONTENT_TYPE);
-            let meter = TokenMeter::new(
-                spends,
+            let mut meter = TokenMeter::new(
+                spends.unwrap_or_default(),
                 ct.map(|v| v.as_bytes()),
                 resp.status().is_success(),
                 st.admission.estimate.map_or(0, |(_, prompt)| prompt),
             );
+            if let Some(key) = key {
+                meter.report_to(Box::new(KeyTokens {
+                    usage: self.protect.usage.clone(),
+                    key: key.clone(),
+                    served: Served::by_cache_status(st.rec.cache),
+                    made_in: resp.body().entry().map(|e| e.cost.upstream),
+                    started: st.rec.started,
+                }));
+            }
             resp.body_mut().meter(meter);
         }
         Ok(())
@@ -119,6 +158,9 @@ impl Proxy {
             tracing::debug!(request_id = id, "{e}");
         }
         rec.error = Some(e.code());
+        if let ProxyError::Unauthorized { .. } = e {
+            self.protect.usage.unauthorized();
+        }
         let mut resp = e.to_response(&rec.request_id).map(ResponseBody::full);
         if rec.cache != "-" {
             resp.headers_mut()
@@ -139,7 +181,8 @@ impl Proxy {
     ) {
         st.rec.status = resp.status().as_u16();
         if let Some(key) = &st.rec.key {
-            self.protect.usage.record(key, st.rec.status, st.rec.cache);
+            let usage = &self.protect.usage;
+            usage.record(key, st.rec.status, st.rec.cache, st.waited);
             crate::telemetry::key_request(key, st.rec.status);
         }
         resp.headers_mut().insert(X_REQUEST_ID, request_id);

@@ -72,26 +72,47 @@ struct OpenAiUsage {
     completion_tokens: Option<u64>,
 }
 
+/// Tokens an answer used: read (the prompt) and generated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCount {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl TokenCount {
+    pub fn total(self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// Told what an answer used once its body has ended (or was cut): the
+/// handler's per-key usage, implemented above this module.
+pub trait TokenSink: Send {
+    fn counted(self: Box<Self>, tokens: TokenCount);
+}
+
 impl Usage {
-    fn total(&self) -> Option<u64> {
+    fn count(&self) -> Option<TokenCount> {
         if let Some(u) = &self.usage {
-            if let Some(t) = u.total_tokens {
-                return Some(t);
-            }
             if u.prompt_tokens.is_some() || u.completion_tokens.is_some() {
-                return Some(
-                    u.prompt_tokens
-                        .unwrap_or(0)
-                        .saturating_add(u.completion_tokens.unwrap_or(0)),
-                );
+                return Some(TokenCount {
+                    prompt: u.prompt_tokens.unwrap_or(0),
+                    completion: u.completion_tokens.unwrap_or(0),
+                });
+            }
+            if let Some(t) = u.total_tokens {
+                // A total alone: counted as generated.
+                return Some(TokenCount {
+                    prompt: 0,
+                    completion: t,
+                });
             }
         }
         if self.prompt_eval_count.is_some() || self.eval_count.is_some() {
-            return Some(
-                self.prompt_eval_count
-                    .unwrap_or(0)
-                    .saturating_add(self.eval_count.unwrap_or(0)),
-            );
+            return Some(TokenCount {
+                prompt: self.prompt_eval_count.unwrap_or(0),
+                completion: self.eval_count.unwrap_or(0),
+            });
         }
         None
     }
@@ -107,7 +128,7 @@ pub struct TokenMeter {
     /// The line outgrew `MAX_LINE`: skip to its end.
     skipping: bool,
     /// The latest usage seen.
-    usage: Option<u64>,
+    usage: Option<TokenCount>,
     /// Stream events carrying something: about one token each, the count
     /// used when a stream ends before its usage.
     events: u64,
@@ -115,6 +136,8 @@ pub struct TokenMeter {
     success: bool,
     /// The prompt's estimated tokens, added to a count made from events.
     prompt: u64,
+    /// Told the count at the end.
+    sink: Option<Box<dyn TokenSink>>,
 }
 
 impl TokenMeter {
@@ -138,7 +161,13 @@ impl TokenMeter {
             events: 0,
             success,
             prompt,
+            sink: None,
         }
+    }
+
+    /// Tells `sink` what the answer used when it ends.
+    pub fn report_to(&mut self, sink: Box<dyn TokenSink>) {
+        self.sink = Some(sink);
     }
 
     /// Looks at the next piece of the body.
@@ -190,17 +219,17 @@ impl TokenMeter {
             return;
         }
         self.events += u64::from(complete);
-        if let Some(total) = usage_of(json) {
-            self.usage = Some(total);
+        if let Some(count) = usage_of(json) {
+            self.usage = Some(count);
         }
     }
 
     /// The tokens the answer used, as well as can be told.
-    pub fn counted(&mut self) -> Option<u64> {
+    pub fn counted(&mut self) -> Option<TokenCount> {
         if self.whole {
             if !self.skipping {
-                if let Some(total) = usage_of(&self.buf) {
-                    return Some(total);
+                if let Some(count) = usage_of(&self.buf) {
+                    return Some(count);
                 }
             }
         } else if !self.skipping && !self.buf.is_empty() {
@@ -213,22 +242,25 @@ impl TokenMeter {
             return self.usage;
         }
         if !self.success {
-            return Some(0);
+            return Some(TokenCount::default());
         }
         // A stream without usage (OpenAI's default, or cut short): about a
         // token per event, and the prompt the backend read all the same.
-        (!self.whole && self.events > 0).then_some(self.events.saturating_add(self.prompt))
+        (!self.whole && self.events > 0).then_some(TokenCount {
+            prompt: self.prompt,
+            completion: self.events,
+        })
     }
 }
 
 /// The usage in one JSON object, if it has any. Objects that cannot hold
 /// usage are skipped without parsing.
-fn usage_of(json: &[u8]) -> Option<u64> {
+fn usage_of(json: &[u8]) -> Option<TokenCount> {
     let has = |needle: &[u8]| json.windows(needle.len()).any(|w| w == needle);
     if !has(b"eval_count\"") && !has(b"\"usage\"") {
         return None;
     }
-    serde_json::from_slice::<Usage>(json).ok()?.total()
+    serde_json::from_slice::<Usage>(json).ok()?.count()
 }
 
 impl Drop for TokenMeter {
@@ -237,7 +269,10 @@ impl Drop for TokenMeter {
         // byte): the reservation stands.
         let Some(actual) = self.counted() else { return };
         for spend in &self.spends {
-            spend.settle(actual);
+            spend.settle(actual.total());
+        }
+        if let Some(sink) = self.sink.take() {
+            sink.counted(actual);
         }
     }
 }
@@ -270,7 +305,8 @@ mod tests {
         for chunk in body.chunks(7) {
             m.observe(&Bytes::copy_from_slice(chunk));
         }
-        assert_eq!(m.counted(), Some(42));
+        assert_eq!(m.counted().map(TokenCount::total), Some(42));
+        assert_eq!(m.counted().unwrap().completion, 30);
     }
 
     #[test]
@@ -279,13 +315,19 @@ mod tests {
         m.observe(&Bytes::from_static(
             b"{\"choices\":[{\"message\":{\"content\":\"hi\\nthere\"}}],\n \"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}",
         ));
-        assert_eq!(m.counted(), Some(12));
+        assert_eq!(
+            m.counted(),
+            Some(TokenCount {
+                prompt: 5,
+                completion: 7
+            })
+        );
 
         let mut m = meter("text/event-stream", true);
         m.observe(&Bytes::from_static(
             b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":9}}\n\ndata: [DONE]\n\n",
         ));
-        assert_eq!(m.counted(), Some(9));
+        assert_eq!(m.counted().map(TokenCount::total), Some(9));
     }
 
     #[test]
@@ -294,10 +336,13 @@ mod tests {
         m.observe(&Bytes::from_static(
             b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\ndata: {\"cho",
         ));
-        assert_eq!(m.counted(), Some(2));
+        assert_eq!(m.counted().map(TokenCount::total), Some(2));
         // An error answer without usage costs nothing; an unreadable one
         // keeps the reservation.
-        assert_eq!(meter("application/json", false).counted(), Some(0));
+        assert_eq!(
+            meter("application/json", false).counted(),
+            Some(TokenCount::default())
+        );
         let mut m = meter("application/json", true);
         m.observe(&Bytes::from_static(b"{\"result\":1}"));
         assert_eq!(m.counted(), None);
