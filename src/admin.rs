@@ -532,6 +532,14 @@ async fn explain(
         );
     };
     let route_name: Arc<str> = Arc::from(route.name.as_str());
+    // The key it presents, looked up as a request's would be.
+    let tenant = match (&generation.policy.auth, route.auth) {
+        (Some(auth), mode) if mode != crate::policy::AuthMode::Off => {
+            crate::auth::presented(&headers)
+                .and_then(|k| auth.keyring.load().find(k).map(|t| t.name.clone()))
+        }
+        _ => None,
+    };
     let q = CacheQuery {
         route: &route_name,
         method: &method,
@@ -541,6 +549,10 @@ async fn explain(
         headers: &headers,
         body: (!body.is_empty()).then_some(&body),
         body_digest: None,
+        tenant: tenant.as_deref().map(|name| crate::cache::TenantScope {
+            name,
+            key_headers: &crate::auth::KEY_HEADERS,
+        }),
     };
     match generation.cache.explain(cache_policy, &q).await {
         Ok(e) => {

@@ -38,7 +38,7 @@ pub struct Keyring {
 /// The request headers a key may come in, in the order they are read:
 /// `Authorization: Bearer` (OpenAI's clients), `x-api-key` (Anthropic's),
 /// `api-key` (Azure's). All of them are removed before the upstream.
-pub const KEY_HEADERS: [HeaderName; 3] = [
+pub static KEY_HEADERS: [HeaderName; 3] = [
     header::AUTHORIZATION,
     HeaderName::from_static("x-api-key"),
     HeaderName::from_static("api-key"),

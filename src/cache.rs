@@ -36,7 +36,7 @@ pub use control::CacheControl;
 pub use exchange::{After, Before, CacheQuery, Exchange};
 pub use fill::{FillError, FillReader, Follow, Followed, Sent};
 pub use inspect::{CacheReport, Explained, Purge, StoredSummary};
-pub use key::{BodyDigest, CacheKey, DigestHash, KeyInput, KeyParts, NotJson};
+pub use key::{BodyDigest, CacheKey, DigestHash, KeyInput, KeyParts, NotJson, TenantScope};
 pub use recoded::{Form, Recoded, Recodings};
 pub use record::{Recorder, Recording};
 pub use shared::FleetLock;

@@ -176,7 +176,7 @@ async fn a_key_added_or_revoked_counts_within_seconds_without_a_reload() {
 }
 
 #[tokio::test]
-async fn two_keys_never_share_a_cache_entry() {
+async fn a_keys_entries_are_its_own_unless_the_route_shares() {
     let up = Upstream::echo().await;
     let keys = keys_file();
     let file = KeysFileAt(keys.0.clone());
@@ -201,6 +201,29 @@ async fn two_keys_never_share_a_cache_entry() {
         "MISS"
     );
     assert_eq!(up.count(), 2);
+    // The entries are the key's, whichever header carried it.
+    assert_eq!(
+        with_key(&proxy, "/x", Some(("x-api-key", a.clone())))
+            .await
+            .0
+            .headers["x-cache"],
+        "HIT"
+    );
+    // scope = "shared" shares across keys, as it says.
+    let shared = TestProxy::start(&auth_policy(
+        &up.url(),
+        &keys,
+        "[route.cache]\nmode = \"force\"\nttl = \"1h\"\nbody_key = \"json\"\nscope = \"shared\"",
+    ))
+    .await;
+    assert_eq!(
+        with_key(&shared, "/x", bearer(&a)).await.0.headers["x-cache"],
+        "MISS"
+    );
+    assert_eq!(
+        with_key(&shared, "/x", bearer(&b)).await.0.headers["x-cache"],
+        "HIT"
+    );
 }
 
 #[test]

@@ -381,7 +381,10 @@ async fn usage_counts_the_backends_tokens_for_misses_and_saves_them_for_hits_and
     assert!(usage["upstream_seconds_saved"].as_f64().unwrap() > 0.0);
     let cache = json(&admin("/admin/cache".into()).await.1);
     assert_eq!(cache["coalesced"], 2, "{cache}");
-    assert_eq!(cache["tokens_saved"], 240, "the cache says the same: {cache}");
+    assert_eq!(
+        cache["tokens_saved"], 240,
+        "the cache says the same: {cache}"
+    );
     // A request without a good key is counted, against no key.
     assert_eq!(status(p, "hyp_wrong").await.0, 401);
     let all = json(&admin("/admin/keys".into()).await.1);

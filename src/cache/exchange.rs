@@ -20,7 +20,7 @@ use super::fill::{Follow, Lead, Role, Sent};
 use super::shared::FleetLead;
 use super::{
     BodyDigest, Cache, CacheKey, CacheStatus, Cost, Entry, KeyInput, Recorder, Recording,
-    StoredBody,
+    StoredBody, TenantScope,
 };
 use crate::body::ResponseBody;
 use crate::error::ProxyError;
@@ -44,6 +44,8 @@ pub struct CacheQuery<'a> {
     /// Its part of the key, when worked out ahead (a big body's, off the
     /// worker thread).
     pub body_digest: Option<&'a BodyDigest>,
+    /// The API key the request presented, when Hyperion checked it.
+    pub tenant: Option<TenantScope<'a>>,
 }
 
 impl CacheQuery<'_> {
@@ -58,6 +60,7 @@ impl CacheQuery<'_> {
             headers: self.headers,
             body: self.body.map(|b| &b[..]),
             body_digest: self.body_digest,
+            tenant: self.tenant,
         }
     }
 }

@@ -97,6 +97,18 @@ pub struct KeyInput<'a> {
     /// (`BodyDigest::of`, on the blocking pool for a big body); made here
     /// from `body` otherwise.
     pub body_digest: Option<&'a BodyDigest>,
+    /// The API key the request presented, when Hyperion checked it.
+    pub tenant: Option<TenantScope<'a>>,
+}
+
+/// A request's API key as the default scope keys it: by the key's name
+/// (users of one key share its entries, whichever header carried it),
+/// with the other credentials; the headers that carry keys, which never
+/// reach the upstream, are left out.
+#[derive(Clone, Copy)]
+pub struct TenantScope<'a> {
+    pub name: &'a str,
+    pub key_headers: &'a [header::HeaderName],
 }
 
 /// A body's part of a cache key, worked out ahead of the key.
@@ -210,12 +222,33 @@ impl CacheKey {
         part("query", query.as_bytes(), &|| query.to_string());
         match &policy.scope {
             CacheScope::Shared => part("scope", b"shared", &|| "shared".into()),
-            CacheScope::Credentials(names) => {
-                let digest = credentials_digest(names, req.headers);
-                part("scope", digest.as_bytes(), &|| {
-                    describe_credentials(names, req.headers)
-                })
-            }
+            CacheScope::Credentials(names) => match req.tenant {
+                None => {
+                    let digest = credentials_digest(names, req.headers);
+                    part("scope", digest.as_bytes(), &|| {
+                        describe_credentials(names, req.headers)
+                    })
+                }
+                Some(t) => {
+                    let others: Vec<header::HeaderName> = names
+                        .iter()
+                        .filter(|n| !t.key_headers.contains(n))
+                        .cloned()
+                        .collect();
+                    // Apart from every credential digest: a name, tagged.
+                    let mut scope = b"tenant:".to_vec();
+                    scope.extend_from_slice(&(t.name.len() as u64).to_le_bytes());
+                    scope.extend_from_slice(t.name.as_bytes());
+                    scope.extend_from_slice(credentials_digest(&others, req.headers).as_bytes());
+                    part("scope", &scope, &|| {
+                        format!(
+                            "API key `{}`; {}",
+                            t.name,
+                            describe_credentials(&others, req.headers)
+                        )
+                    })
+                }
+            },
             CacheScope::Header(name) => {
                 let v = req.headers.get(name).map(|v| v.as_bytes());
                 let digest = scope_digest(v);
@@ -467,6 +500,7 @@ mod tests {
                 headers: &h,
                 body: Some(body.as_bytes()),
                 body_digest: None,
+                tenant: None,
             },
         )
     }

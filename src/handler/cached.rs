@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use super::admit::Arrival;
 use super::{Proxy, RequestState};
 use crate::body::ResponseBody;
-use crate::cache::{Before, CacheQuery, Exchange, Followed};
+use crate::cache::{Before, CacheQuery, Exchange, Followed, TenantScope};
 use crate::error::ProxyError;
 use crate::policy::RouteCachePolicy;
 
@@ -60,6 +60,10 @@ impl Arrival<'_> {
                 query: req.uri().query(),
                 headers: req.headers(),
                 body: self.body.as_ref(),
+                tenant: self.tenant.as_deref().map(|name| TenantScope {
+                    name,
+                    key_headers: &crate::auth::KEY_HEADERS,
+                }),
                 body_digest: self.facts.digest.as_ref(),
             };
             // The cache's futures are boxed where they are awaited: inline,
