@@ -103,6 +103,7 @@ fn key_derivation(c: &mut Criterion) {
                             headers: &headers,
                             body: Some(black_box(&body[..])),
                             body_digest: None,
+                            tenant: None,
                         },
                     )
                     .unwrap()
@@ -131,6 +132,7 @@ fn key_derivation(c: &mut Criterion) {
                     headers: &plain,
                     body: None,
                     body_digest: None,
+                    tenant: None,
                 },
             )
             .unwrap()

@@ -659,6 +659,7 @@ mod tests {
                 headers: &h,
                 body: Some(b"{}"),
                 body_digest: None,
+                tenant: None,
             },
         )
         .unwrap();
