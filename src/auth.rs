@@ -21,6 +21,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::tokens::TokenCount;
 
+/// Digests are uniformly random already (and the map is only ever filled
+/// from the keys file): their first eight bytes are their hash, instead of
+/// SipHash over all 32 on every request.
+type DigestHash = std::hash::BuildHasherDefault<FirstBytes>;
+
+#[derive(Default)]
+struct FirstBytes(u64);
+
+impl std::hash::Hasher for FirstBytes {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if let Some(first) = bytes.first_chunk::<8>() {
+            self.0 = u64::from_le_bytes(*first);
+        }
+    }
+
+    // The slice's length prefix says nothing.
+    fn write_usize(&mut self, _: usize) {}
+}
+
 /// What a key is known as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
@@ -32,7 +55,7 @@ pub struct Tenant {
 /// The keys of a keys file, by digest.
 #[derive(Debug, Default, Clone)]
 pub struct Keyring {
-    by_digest: HashMap<[u8; 32], Arc<Tenant>>,
+    by_digest: HashMap<[u8; 32], Arc<Tenant>, DigestHash>,
 }
 
 /// The request headers a key may come in, in the order they are read:
@@ -92,7 +115,7 @@ pub async fn watch(path: PathBuf, keyring: std::sync::Weak<LiveKeyring>) {
 /// memory (a restart starts again; instances count apart).
 #[derive(Default)]
 pub struct Usage {
-    by_key: std::sync::Mutex<HashMap<Arc<str>, KeyUsage>>,
+    by_key: std::sync::Mutex<HashMap<Arc<str>, KeyCounted>>,
     /// Requests refused with 401: no key, or one Hyperion did not issue
     /// (so no key of the file to count them against).
     unauthorized: std::sync::atomic::AtomicU64,
@@ -124,6 +147,12 @@ pub struct KeyUsage {
     pub queue_wait_seconds: f64,
 }
 
+/// A key's counts and its Prometheus series.
+struct KeyCounted {
+    usage: KeyUsage,
+    series: Option<crate::telemetry::KeyCounters>,
+}
+
 /// How an answer reached the client: made by the upstream for it, or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
@@ -147,19 +176,26 @@ impl Served {
 }
 
 impl Usage {
-    fn with(&self, key: &Arc<str>, f: impl FnOnce(&mut KeyUsage)) {
+    fn with(&self, key: &Arc<str>, f: impl FnOnce(&mut KeyCounted)) {
         let mut by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
         if by_key.len() >= MAX_COUNTED_KEYS && !by_key.contains_key(key) {
             return;
         }
-        f(by_key.entry(key.clone()).or_default());
+        f(by_key.entry(key.clone()).or_insert_with(|| KeyCounted {
+            usage: KeyUsage::default(),
+            series: crate::telemetry::KeyCounters::new(key),
+        }));
     }
 
     /// Counts one answer to `key`'s request: its status, what the cache
     /// did (`HIT`, `STALE`, … as `X-Cache` says), and how long it waited
     /// in line for a busy upstream.
     pub fn record(&self, key: &Arc<str>, status: u16, cache: &str, waited: Option<Duration>) {
-        self.with(key, |u| {
+        self.with(key, |e| {
+            if let Some(series) = &e.series {
+                series.request(status);
+            }
+            let u = &mut e.usage;
             u.requests += 1;
             u.cache_hits += u64::from(Served::by_cache_status(cache) == Served::Shared);
             u.rate_limited += u64::from(status == 429);
@@ -175,14 +211,20 @@ impl Usage {
     /// ended: used when the upstream made it, saved when it did not (with
     /// `upstream` the time its making had taken).
     pub fn tokens(&self, key: &Arc<str>, tokens: TokenCount, served: Served, upstream: Duration) {
-        self.with(key, |u| match served {
-            Served::Upstream => {
-                u.tokens_in += tokens.prompt;
-                u.tokens_out += tokens.completion;
-            }
-            Served::Shared => {
-                u.tokens_saved += tokens.total();
-                u.upstream_seconds_saved += upstream.as_secs_f64();
+        self.with(key, |e| {
+            let u = &mut e.usage;
+            let (used_in, used_out, saved) = match served {
+                Served::Upstream => (tokens.prompt, tokens.completion, 0),
+                Served::Shared => {
+                    u.upstream_seconds_saved += upstream.as_secs_f64();
+                    (0, 0, tokens.total())
+                }
+            };
+            u.tokens_in += used_in;
+            u.tokens_out += used_out;
+            u.tokens_saved += saved;
+            if let Some(series) = &e.series {
+                series.tokens(used_in, used_out, saved);
             }
         });
     }
@@ -201,7 +243,7 @@ impl Usage {
     /// `name`'s counts (zero when it made no request).
     pub fn of(&self, name: &str) -> KeyUsage {
         let by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
-        by_key.get(name).copied().unwrap_or_default()
+        by_key.get(name).map(|e| e.usage).unwrap_or_default()
     }
 }
 
@@ -242,7 +284,8 @@ impl Keyring {
     /// The keyring of a keys file's text.
     pub fn parse(text: &str) -> Result<Keyring, String> {
         let file: KeysFile = toml::from_str(text).map_err(|e| e.to_string())?;
-        let mut by_digest = HashMap::with_capacity(file.key.len());
+        let mut by_digest =
+            HashMap::with_capacity_and_hasher(file.key.len(), DigestHash::default());
         for k in file.key {
             let d = parse_digest(&k.digest)
                 .ok_or_else(|| format!("key `{}`: digest is not 64 hex digits", k.name))?;
@@ -286,12 +329,33 @@ pub fn presented(headers: &HeaderMap) -> Option<&[u8]> {
         .filter(|t| !t.is_empty())
 }
 
+/// Removes the headers a key may come in, and `also`, in one pass over
+/// the request's fields (most are absent: a removal by name would hash
+/// each one).
+pub fn strip_key_headers(headers: &mut HeaderMap, also: &HeaderName) {
+    let mut found: [Option<&HeaderName>; 4] = [None; 4];
+    let mut n = 0;
+    for name in headers.keys() {
+        if let Some(k) = KEY_HEADERS.iter().chain([also]).find(|k| *k == name) {
+            if n < found.len() && !found[..n].contains(&Some(k)) {
+                found[n] = Some(k);
+                n += 1;
+            }
+        }
+    }
+    for name in found.into_iter().flatten() {
+        headers.remove(name);
+    }
+}
+
 /// A key's digest, as the keys file keeps it.
 pub fn digest(key: &[u8]) -> [u8; 32] {
-    *blake3::Hasher::new_derive_key("hyperion 2026 api key digest v1")
-        .update(key)
-        .finalize()
-        .as_bytes()
+    // The context's own hashing is done once: every request's key is
+    // digested, and it would double the work.
+    static CONTEXT: std::sync::LazyLock<blake3::Hasher> = std::sync::LazyLock::new(|| {
+        blake3::Hasher::new_derive_key("hyperion 2026 api key digest v1")
+    });
+    *CONTEXT.clone().update(key).finalize().as_bytes()
 }
 
 fn parse_digest(hex: &str) -> Option<[u8; 32]> {
@@ -442,6 +506,23 @@ impl KeysFileAt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_headers_go_in_one_pass_and_others_stay() {
+        let also = HeaderName::from_static("x-hyperion-priority");
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer k".parse().unwrap());
+        h.append("x-api-key", "k".parse().unwrap());
+        h.append("x-api-key", "k2".parse().unwrap());
+        h.insert("x-hyperion-priority", "batch".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        strip_key_headers(&mut h, &also);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+        let mut none = HeaderMap::new();
+        strip_key_headers(&mut none, &also);
+        assert!(none.is_empty());
+    }
     use http::HeaderValue;
 
     #[test]

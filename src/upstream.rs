@@ -117,12 +117,13 @@ impl UpstreamPool {
     /// requests in flight: waiting in line for one up to `queue_timeout`,
     /// then a 503. The balancer's pick is preferred; a busy pick gives way
     /// to another usable server with a free slot. The request waits as
-    /// `place` says (its tenant's turn, its class); `waiting` hears when
-    /// the wait in line starts and ends.
+    /// `place` says (its tenant's turn, its class: asked only when the
+    /// pool limits requests in flight); `waiting` hears when the wait in
+    /// line starts and ends.
     pub async fn admit(
         &self,
         filter: &PickFilter,
-        place: &Place,
+        place: impl FnOnce() -> Place,
         waiting: impl Fn(bool),
     ) -> Result<Admitted, ProxyError> {
         let now = crate::clock::now();
@@ -131,7 +132,7 @@ impl UpstreamPool {
             None => None,
             Some(limit) => {
                 let allowed = |i| self.usable(i, filter, now);
-                match limit.acquire(index, allowed, place, waiting).await {
+                match limit.acquire(index, allowed, &place(), waiting).await {
                     Ok(slot) => Some(slot),
                     Err(NoSlot::TimedOut {
                         waited,

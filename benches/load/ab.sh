@@ -17,6 +17,9 @@
 # Knobs: ROUNDS DURATION CONNS PATHQ SERVER_CPU CLIENT_CPU SHARED OUT, and
 # CACHE=1 to cache the route (force, 1 h): then every request after the
 # first is a cache hit, and the run compares hits instead of pass-through.
+# AUTH=ab (or AUTH=b, AUTH=a): those binaries' policies add [auth] with one
+# key (every request presents it, and its usage is counted), e.g. AUTH=b
+# with the same binary twice to measure what API keys cost.
 # Needs: wrk, taskset, curl and ../shared/bench/origin (built here if missing).
 # Output: a dated report in benches/runs/ (raw wrk logs in $RUN_DIR).
 # Every process is started here, on loopback ports 27780-27792, and stopped on exit.
@@ -39,8 +42,11 @@ NEEDS="wrk:wrk taskset:util-linux curl:curl"
 source "$REPO/benches/load/common.sh"
 
 start() { # name binary port → pid on stdout
-  { server_table "$3"; origin_route; [ -z "${CACHE:-}" ] || printf '[route.cache]\nmode = "force"\nttl = "1h"\n'; } >"$RUN_DIR/$1.toml"
+  local auth=""
+  case "${AUTH:-}" in *"$1"*) auth=$(printf '[auth]\nkeys_file = "%s"\n' "$RUN_DIR/keys-$1.toml") ;; esac
+  { server_table "$3"; echo "$auth"; origin_route; [ -z "${CACHE:-}" ] || printf '[route.cache]\nmode = "force"\nttl = "1h"\n'; } >"$RUN_DIR/$1.toml"
   "$2" check --config "$RUN_DIR/$1.toml" >/dev/null
+  if [ -n "$auth" ]; then "$2" keys add bench --config "$RUN_DIR/$1.toml" 2>/dev/null >"$RUN_DIR/key-$1"; fi
   taskset -c "$SERVER_CPU" "$2" --config "$RUN_DIR/$1.toml" >"$RUN_DIR/$1.log" 2>&1 &
   echo $!
 }
@@ -58,9 +64,11 @@ for round in $(seq 1 "$ROUNDS"); do
   for w in "${order[@]}"; do
     if [ "$w" = a ]; then pid=$PID_A port=$PORT_A; else pid=$PID_B port=$PORT_B; fi
     url="http://127.0.0.1:$port$PATHQ"
-    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null 2>&1
+    key=$(cat "$RUN_DIR/key-$w" 2>/dev/null || echo none)
+    hdr=(-H "Authorization: Bearer $key")
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d2s "${hdr[@]}" "$url" >/dev/null 2>&1
     read -r u0 s0 < <(ticks "$pid")
-    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$url" >"$RUN_DIR/$round-$w.txt" 2>&1
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "${hdr[@]}" "$url" >"$RUN_DIR/$round-$w.txt" 2>&1
     read -r u1 s1 < <(ticks "$pid")
     reqs=$(awk '/requests in/{print $1}' "$RUN_DIR/$round-$w.txt")
     rps=$(awk '/^Requests\/sec/{print $2}' "$RUN_DIR/$round-$w.txt")
@@ -76,7 +84,7 @@ done
 
 {
   echo "# A/B of two Hyperion binaries, $([ -n "${CACHE:-}" ] && echo "cache hits of" || echo "pass-through") GET $PATHQ — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "# command: benches/load/ab.sh A B (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS)"
+  echo "# command: benches/load/ab.sh A B (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS AUTH=${AUTH:-})"
   echo "# A: $BIN_A ($(sha256sum "$BIN_A" | cut -c1-12))"
   echo "# B: $BIN_B ($(sha256sum "$BIN_B" | cut -c1-12))"
   echo "# machine: $(nproc) cores; proxies and origin on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU; medians [min..max]"

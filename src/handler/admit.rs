@@ -42,8 +42,6 @@ pub(super) struct Arrival<'p> {
     pub plan: Option<&'p TenantPlan>,
     /// The route's limiters, with the plan's budgets when there is one.
     pub limits: &'p RouteLimits,
-    /// The class it waits in for a busy upstream.
-    pub class: Priority,
     /// One clock reading for every limiter checked on arrival, and for a
     /// cache hit's look at the rest; `None` on a route without limiters.
     pub arrived: Option<tokio::time::Instant>,
@@ -140,7 +138,6 @@ impl Proxy {
             tenant: st.rec.key.clone(),
             plan: plan.map(|p| &**p),
             limits,
-            class: requested_class(req.headers(), plan.map(|p| &**p)),
             arrived: (!limits.is_empty()).then(crate::clock::now),
             upgrade,
             client_upgrade: None,
@@ -226,15 +223,16 @@ impl<'p> Arrival<'p> {
             .filter(|_| self.upgrade.is_none())
     }
 
-    /// Where the request waits in line for a busy upstream: as its key's
-    /// tenant, or as its client address.
-    pub fn place(&self) -> Place {
+    /// Where the request (of `headers`) waits in line for a busy upstream:
+    /// as its key's tenant, or as its client address. Worked out only
+    /// when it has to wait.
+    pub fn place(&self, headers: &HeaderMap) -> Place {
         Place {
             tenant: match &self.tenant {
                 Some(name) => LineTenant::Key(name.clone()),
                 None => LineTenant::address(self.client),
             },
-            class: self.class,
+            class: requested_class(headers, self.plan),
             weight: self.plan.map_or(1, |p| p.weight),
             max_queued: self
                 .plan

@@ -75,9 +75,9 @@ impl Proxy {
                 None => return Ok(None),
             }
         } else {
-            let place = arrival.place();
+            let place = || arrival.place(req.headers());
             let ex = plan.exchange.as_ref();
-            match wait_for_slot(pool, &filter, &place, ex, &mut st.waited).await {
+            match wait_for_slot(pool, &filter, place, ex, &mut st.waited).await {
                 Ok(admitted) => admitted,
                 Err(e) => {
                     // Nothing reached the upstream: nothing is spent.
@@ -210,10 +210,7 @@ impl Proxy {
         if route.policy.auth != AuthMode::Off {
             // The key is Hyperion's: the upstream never sees it, nor the
             // priority asked for in the line.
-            for name in &crate::auth::KEY_HEADERS {
-                h.remove(name);
-            }
-            h.remove(super::admit::PRIORITY_HEADER);
+            crate::auth::strip_key_headers(h, &super::admit::PRIORITY_HEADER);
         }
         if let Some(c) = &server.credential {
             // The pool's own credential, in place of any the client sent.
@@ -307,7 +304,7 @@ impl Arrival<'_> {
 async fn wait_for_slot(
     pool: &UpstreamPool,
     filter: &PickFilter,
-    place: &Place,
+    place: impl FnOnce() -> Place,
     exchange: Option<&Exchange>,
     waited: &mut Option<std::time::Duration>,
 ) -> Result<Admitted, ProxyError> {

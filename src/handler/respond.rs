@@ -67,13 +67,6 @@ impl TokenSink for KeyTokens {
         // request's own time is the least its making took.
         let made_in = self.made_in.unwrap_or_else(|| self.started.elapsed());
         self.usage.tokens(&self.key, tokens, self.served, made_in);
-        match self.served {
-            Served::Upstream => {
-                crate::telemetry::key_tokens(&self.key, "in", tokens.prompt);
-                crate::telemetry::key_tokens(&self.key, "out", tokens.completion);
-            }
-            Served::Shared => crate::telemetry::key_tokens(&self.key, "saved", tokens.total()),
-        }
     }
 }
 
@@ -117,9 +110,16 @@ impl Proxy {
         }
         // Settled with the answer's usage when its body ends, and counted
         // for the key that asked.
-        let key = st.rec.key.as_ref().filter(|_| !upgraded);
+        // A key's usage is read only from answers that can carry it; a
+        // token limit's reservation is settled whatever the answer.
+        let ct = || resp.headers().get(header::CONTENT_TYPE);
+        let key = st
+            .rec
+            .key
+            .as_ref()
+            .filter(|_| !upgraded && TokenMeter::reads(ct().map(|v| v.as_bytes())));
         if spends.is_some() || key.is_some() {
-            let ct = resp.headers().get(header::CONTENT_TYPE);
+            let ct = ct();
             let mut meter = TokenMeter::new(
                 spends.unwrap_or_default(),
                 ct.map(|v| v.as_bytes()),
@@ -183,7 +183,6 @@ impl Proxy {
         if let Some(key) = &st.rec.key {
             let usage = &self.protect.usage;
             usage.record(key, st.rec.status, st.rec.cache, st.waited);
-            crate::telemetry::key_request(key, st.rec.status);
         }
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
         if let Some(limit) = &st.admission.headers {

@@ -6,7 +6,9 @@
 //! Owns the arithmetic's use for failures only (GCRA, `gcra.rs`, in
 //! bounded buckets, `buckets.rs`); what counts as a failure is the caller's.
 
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -19,6 +21,14 @@ pub struct FailureGate {
     gcra: Gcra,
     buckets: Buckets,
     epoch: Instant,
+    /// Keyed per process, so a client cannot aim for another's bucket.
+    hasher: RandomState,
+    /// When the last failure was counted (`now()`, 0: never): while none
+    /// is recent enough to have left a bucket refusing, nothing is looked
+    /// up (most traffic, every request, presents a good key).
+    last_failure: AtomicU64,
+    /// How long a full bucket takes to drain.
+    drains_in: u64,
 }
 
 /// Addresses remembered at most (the most rested go first).
@@ -32,6 +42,9 @@ impl FailureGate {
             buckets: Buckets::new(MAX_ADDRESSES, gcra.sweep_interval()),
             gcra,
             epoch: crate::clock::now(),
+            hasher: RandomState::new(),
+            last_failure: AtomicU64::new(0),
+            drains_in: u64::try_from(per.as_nanos()).unwrap_or(u64::MAX),
         }
     }
 
@@ -41,18 +54,21 @@ impl FailureGate {
     }
 
     /// An IPv6 client holds a whole /64: one bucket for all of it.
-    fn key(client: IpAddr) -> u64 {
-        let h = match client {
-            IpAddr::V6(v6) => blake3::hash(&v6.octets()[..8]),
-            IpAddr::V4(v4) => blake3::hash(&v4.octets()),
-        };
-        u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+    fn key(&self, client: IpAddr) -> u64 {
+        match client {
+            IpAddr::V6(v6) => self.hasher.hash_one(&v6.octets()[..8]),
+            IpAddr::V4(v4) => self.hasher.hash_one(v4.octets()),
+        }
     }
 
     /// When `client` may try again, if it has failed too often.
     pub fn refused(&self, client: IpAddr) -> Option<Duration> {
         let now = self.now();
-        self.buckets.with(Self::key(client), now, false, |tat| {
+        let last = self.last_failure.load(Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) > self.drains_in {
+            return None;
+        }
+        self.buckets.with(self.key(client), now, false, |tat| {
             self.gcra.would_refuse(tat, now, 1).map(|r| r.retry_after)
         })
     }
@@ -60,7 +76,9 @@ impl FailureGate {
     /// Counts one failure of `client`'s.
     pub fn failed(&self, client: IpAddr) {
         let now = self.now();
-        self.buckets.with(Self::key(client), now, true, |tat| {
+        // 0 stands for never.
+        self.last_failure.store(now.max(1), Ordering::Relaxed);
+        self.buckets.with(self.key(client), now, true, |tat| {
             self.gcra.charge(tat, now, 1)
         });
     }

@@ -141,6 +141,21 @@ pub struct TokenMeter {
 }
 
 impl TokenMeter {
+    /// Whether an answer of `content_type` can carry usage a meter reads:
+    /// JSON (`application/json`, `…+json`), NDJSON, or an event stream.
+    pub fn reads(content_type: Option<&[u8]>) -> bool {
+        let Some(ct) = content_type else {
+            return false;
+        };
+        let essence = ct.split(|&b| b == b';').next().unwrap_or(ct).trim_ascii();
+        let lower = |s: &[u8]| essence.eq_ignore_ascii_case(s);
+        lower(b"application/json")
+            || lower(b"application/x-ndjson")
+            || lower(b"application/ndjson")
+            || lower(b"text/event-stream")
+            || (essence.len() > 5 && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json"))
+    }
+
     /// A meter for an answer of `content_type` with status `success`, to a
     /// prompt estimated at `prompt` tokens.
     pub fn new(
@@ -181,7 +196,7 @@ impl TokenMeter {
             return;
         }
         let mut rest: &[u8] = data;
-        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
             if !self.skipping {
                 if self.buf.is_empty() {
                     self.line(&rest[..nl], true);
@@ -283,6 +298,28 @@ mod tests {
 
     fn meter(ct: &str, success: bool) -> TokenMeter {
         TokenMeter::new(Vec::new(), Some(ct.as_bytes()), success, 0)
+    }
+
+    #[test]
+    fn only_answers_that_can_carry_usage_are_read() {
+        for ct in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/x-ndjson",
+            "text/event-stream",
+            "application/problem+json",
+        ] {
+            assert!(TokenMeter::reads(Some(ct.as_bytes())), "{ct}");
+        }
+        for ct in [
+            "text/plain",
+            "application/octet-stream",
+            "image/png",
+            "json",
+        ] {
+            assert!(!TokenMeter::reads(Some(ct.as_bytes())), "{ct}");
+        }
+        assert!(!TokenMeter::reads(None));
     }
 
     #[test]
