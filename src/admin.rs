@@ -132,12 +132,29 @@ pub async fn serve(
 
 /// One admin request.
 /// One key as `/admin/keys` shows it: its name, tier and counts.
-fn key_report(t: &crate::auth::Tenant, usage: &crate::auth::Usage) -> Value {
+fn key_report(t: &crate::auth::Tenant, usage: &crate::usage::KeyUsage) -> Value {
     json!({
         "name": &*t.name,
         "tier": t.tier.as_deref(),
-        "usage": usage.of(&t.name),
+        "usage": usage,
     })
+}
+
+/// The keys of `tenants` with their usage: the fleet's with a shared tier
+/// that answers, this process's otherwise.
+async fn keys_report(
+    generation: &crate::generation::Generation,
+    tenants: &[Arc<crate::auth::Tenant>],
+) -> (Vec<Value>, crate::usage::Scope) {
+    let names: Vec<Arc<str>> = tenants.iter().map(|t| t.name.clone()).collect();
+    let tier = generation.cache.shared_tier().map(|t| &**t);
+    let (usage, scope) = generation.protect.usage.report(&names, tier).await;
+    let keys = tenants
+        .iter()
+        .zip(&usage)
+        .map(|(t, u)| key_report(t, u))
+        .collect();
+    (keys, scope)
 }
 
 async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminResponse {
@@ -280,14 +297,13 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
                 Some(a) => a.keyring.load().tenants(),
                 None => Vec::new(),
             };
-            let usage = &generation.protect.usage;
-            let keys: Vec<Value> = keys.iter().map(|t| key_report(t, usage)).collect();
+            let (keys, scope) = keys_report(&generation, &keys).await;
             reply(
                 StatusCode::OK,
                 json!({
                     "keys": keys,
-                    "unauthorized": usage.unauthorized_count(),
-                    "counted": "in memory, since this process started",
+                    "counted": scope.describe(),
+                    "unauthorized": generation.protect.usage.unauthorized_count(),
                 }),
             )
         }
@@ -301,7 +317,12 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
                     .find(|t| &*t.name == name)
             });
             match found {
-                Some(t) => reply(StatusCode::OK, key_report(&t, &generation.protect.usage)),
+                Some(t) => {
+                    let (mut keys, scope) = keys_report(&generation, &[t]).await;
+                    let mut report = keys.pop().unwrap_or_default();
+                    report["counted"] = scope.describe().into();
+                    reply(StatusCode::OK, report)
+                }
                 None => error(
                     StatusCode::NOT_FOUND,
                     "no_such_key",

@@ -14,12 +14,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName};
 use serde::{Deserialize, Serialize};
-
-use crate::limits::tokens::TokenCount;
 
 /// Digests are uniformly random already (and the map is only ever filled
 /// from the keys file): their first eight bytes are their hash, instead of
@@ -108,142 +105,6 @@ pub async fn watch(path: PathBuf, keyring: std::sync::Weak<LiveKeyring>) {
                 path.display()
             ),
         }
-    }
-}
-
-/// What each key's requests came to since the process started, kept in
-/// memory (a restart starts again; instances count apart).
-#[derive(Default)]
-pub struct Usage {
-    by_key: std::sync::Mutex<HashMap<Arc<str>, KeyCounted>>,
-    /// Requests refused with 401: no key, or one Hyperion did not issue
-    /// (so no key of the file to count them against).
-    unauthorized: std::sync::atomic::AtomicU64,
-}
-
-/// One key's counts.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
-pub struct KeyUsage {
-    /// Requests answered (any status).
-    pub requests: u64,
-    /// Answered from the cache or by an identical request's answer.
-    pub cache_hits: u64,
-    /// Refused by a limiter, its concurrency or its place in line (429).
-    pub rate_limited: u64,
-    /// Answered with a 5xx.
-    pub server_errors: u64,
-    /// Prompt tokens the upstream read for its answers.
-    pub tokens_in: u64,
-    /// Tokens the upstream generated for its answers.
-    pub tokens_out: u64,
-    /// Tokens the answers it got from the cache (or from an identical
-    /// request's exchange) had cost when they were made.
-    pub tokens_saved: u64,
-    /// Upstream time those answers had taken (for an answer shared while
-    /// it streamed, at least this request's own wait for it).
-    pub upstream_seconds_saved: f64,
-    /// Requests that waited in line for a busy upstream, and how long in all.
-    pub queued: u64,
-    pub queue_wait_seconds: f64,
-}
-
-/// A key's counts and its Prometheus series.
-struct KeyCounted {
-    usage: KeyUsage,
-    series: Option<crate::telemetry::KeyCounters>,
-}
-
-/// How an answer reached the client: made by the upstream for it, or not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Served {
-    Upstream,
-    /// From the cache, or from an identical request's exchange.
-    Shared,
-}
-
-/// Keys counted at most: names come from keys files, so this is only a
-/// bound against a process that issues keys without end.
-const MAX_COUNTED_KEYS: usize = 100_000;
-
-impl Served {
-    /// How the cache's status (`X-Cache`) says the answer was served.
-    pub fn by_cache_status(cache: &str) -> Served {
-        match cache {
-            "HIT" | "STALE" | "REVALIDATED" => Served::Shared,
-            _ => Served::Upstream,
-        }
-    }
-}
-
-impl Usage {
-    fn with(&self, key: &Arc<str>, f: impl FnOnce(&mut KeyCounted)) {
-        let mut by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
-        if by_key.len() >= MAX_COUNTED_KEYS && !by_key.contains_key(key) {
-            return;
-        }
-        f(by_key.entry(key.clone()).or_insert_with(|| KeyCounted {
-            usage: KeyUsage::default(),
-            series: crate::telemetry::KeyCounters::new(key),
-        }));
-    }
-
-    /// Counts one answer to `key`'s request: its status, what the cache
-    /// did (`HIT`, `STALE`, … as `X-Cache` says), and how long it waited
-    /// in line for a busy upstream.
-    pub fn record(&self, key: &Arc<str>, status: u16, cache: &str, waited: Option<Duration>) {
-        self.with(key, |e| {
-            if let Some(series) = &e.series {
-                series.request(status);
-            }
-            let u = &mut e.usage;
-            u.requests += 1;
-            u.cache_hits += u64::from(Served::by_cache_status(cache) == Served::Shared);
-            u.rate_limited += u64::from(status == 429);
-            u.server_errors += u64::from(status >= 500);
-            if let Some(w) = waited {
-                u.queued += 1;
-                u.queue_wait_seconds += w.as_secs_f64();
-            }
-        });
-    }
-
-    /// Counts the tokens of an answer to `key`'s request, once its body has
-    /// ended: used when the upstream made it, saved when it did not (with
-    /// `upstream` the time its making had taken).
-    pub fn tokens(&self, key: &Arc<str>, tokens: TokenCount, served: Served, upstream: Duration) {
-        self.with(key, |e| {
-            let u = &mut e.usage;
-            let (used_in, used_out, saved) = match served {
-                Served::Upstream => (tokens.prompt, tokens.completion, 0),
-                Served::Shared => {
-                    u.upstream_seconds_saved += upstream.as_secs_f64();
-                    (0, 0, tokens.total())
-                }
-            };
-            u.tokens_in += used_in;
-            u.tokens_out += used_out;
-            u.tokens_saved += saved;
-            if let Some(series) = &e.series {
-                series.tokens(used_in, used_out, saved);
-            }
-        });
-    }
-
-    /// A request refused with 401.
-    pub fn unauthorized(&self) {
-        self.unauthorized
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Requests refused with 401 since the process started.
-    pub fn unauthorized_count(&self) -> u64 {
-        self.unauthorized.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// `name`'s counts (zero when it made no request).
-    pub fn of(&self, name: &str) -> KeyUsage {
-        let by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
-        by_key.get(name).map(|e| e.usage).unwrap_or_default()
     }
 }
 

@@ -254,6 +254,10 @@ impl Reloader {
         first.fleet.start_checks(&checks);
         first.cache.start_shared(&checks);
         first.watch_keys(&checks);
+        if let Some(tier) = first.cache.shared_tier() {
+            // Each key's usage, summed over the fleet (`usage.rs`).
+            first.protect.usage.share(tier.clone(), &checks);
+        }
         let first = Arc::new(first);
         let (publish, _) = watch::channel(first.clone());
         Arc::new(Reloader {

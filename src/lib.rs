@@ -53,6 +53,7 @@ pub mod shared;
 pub mod telemetry;
 pub(crate) mod tunnel;
 pub mod upstream;
+pub mod usage;
 
 pub use access_log::LogSink;
 #[cfg(feature = "test-clock")]

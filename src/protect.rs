@@ -27,7 +27,7 @@ pub struct Protect {
     /// Addresses that presented no key or a wrong one too often.
     pub failed_keys: crate::limits::failures::FailureGate,
     /// What each API key's requests came to.
-    pub usage: std::sync::Arc<crate::auth::Usage>,
+    pub usage: std::sync::Arc<crate::usage::Usage>,
     /// Requests of each API key in progress (a tier's `max_concurrent`).
     pub per_key: std::sync::Arc<crate::limits::per_key::KeyConcurrency>,
 }

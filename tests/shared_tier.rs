@@ -851,3 +851,62 @@ async fn the_fleet_shares_through_redis_over_tls() {
     assert!(String::from_utf8_lossy(&body).contains("answer 1"));
     assert_eq!(up.count(), 1);
 }
+
+#[tokio::test]
+async fn each_keys_usage_sums_over_the_fleet_and_outlives_an_instance() {
+    let redis = RedisServer::start().await;
+    let up = numbered(Duration::ZERO).await;
+    let keys = TempFile::new("keys.toml", "");
+    std::fs::remove_file(&keys.0).unwrap();
+    let key = hyperion::auth::KeysFileAt(keys.0.clone())
+        .add("a", None)
+        .unwrap();
+    let extra = format!(
+        "[auth]\nkeys_file = \"{}\"\n\n[rate_limits.fleet]\nkey = \"global\"\nrate = \"1000/s\"",
+        keys.display()
+    );
+    let (a, b, token) = fleet(&up, &redis, &extra).await;
+    let ask = |proxy: &TestProxy, prompt: &str| {
+        send(
+            Request::post(proxy.url("/x"))
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(full(format!(r#"{{"model":"m","prompt":"{prompt}"}}"#)))
+                .unwrap(),
+        )
+    };
+    assert_eq!(ask(&a, "one").await.0.status, 200);
+    assert_eq!(ask(&a, "two").await.0.status, 200);
+    written(&a, 2).await;
+    let (hit, _) = ask(&b, "one").await;
+    assert_eq!(hit.headers["x-cache"], "HIT");
+    let usage_at = |proxy: &TestProxy| {
+        let req = Request::get(format!("http://{}/admin/keys/a", proxy.admin.unwrap()))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(empty())
+            .unwrap();
+        async move { json(&send(req).await.1) }
+    };
+    // Asking writes what the instance counted: a's two, then b's one.
+    let at_a = usage_at(&a).await;
+    assert_eq!(at_a["usage"]["requests"], 2, "{at_a}");
+    let at_b = usage_at(&b).await;
+    assert_eq!(at_b["usage"]["requests"], 3, "the fleet's: {at_b}");
+    assert_eq!(at_b["usage"]["cache_hits"], 1, "{at_b}");
+    assert!(at_b["counted"].as_str().unwrap().contains("fleet"));
+    // Another instance of the fleet (its prefix), after the first two are
+    // gone, reads the same.
+    drop((a, b));
+    let mut conn = redis.conn().await;
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("*usage:a")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let prefix = names[0].trim_end_matches("usage:a").to_owned();
+    let c = TestProxy::start(&policy(&up.url(), &redis.url(), &prefix, &token, &extra)).await;
+    shared_tier_up(&c, true).await;
+    let at_c = usage_at(&c).await;
+    assert_eq!(at_c["usage"]["requests"], 3, "kept in Redis: {at_c}");
+}

@@ -15,7 +15,6 @@ use hyper::body::Incoming;
 
 use super::{Proxy, RequestState};
 use crate::access_log::AccessRecord;
-use crate::auth::{Served, Usage};
 use crate::body::ResponseBody;
 use crate::compress;
 use crate::error::{ProxyError, TimeoutPhase};
@@ -24,6 +23,7 @@ use crate::limits::tokens::{TokenCount, TokenSink};
 use crate::limits::{Admission, TokenMeter, TokenSpend};
 use crate::progress::StallWatch;
 use crate::protect::Deadline;
+use crate::usage::{Served, Usage};
 
 /// The token reservations still open once the answer (or the error) is
 /// known: `None` when there are none, or when they are settled here. An
