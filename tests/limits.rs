@@ -15,20 +15,6 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use support::*;
 
-/// An upstream answering Ollama-style JSON with `prompt_eval_count` 30 and
-/// `eval_count` 50 (80 tokens).
-async fn ollama_json() -> Upstream {
-    Upstream::start(|_req| async {
-        Response::builder()
-            .header("content-type", "application/json")
-            .body(full(
-                r#"{"response":"hi","done":true,"prompt_eval_count":30,"eval_count":50}"#,
-            ))
-            .unwrap()
-    })
-    .await
-}
-
 /// An upstream whose `/hold` answers at once with a body that streams only
 /// what is sent through the returned sender (holding its request in flight
 /// until the sender is dropped); every other path answers `other()`.

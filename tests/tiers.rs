@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::Request;
 use hyperion::auth::KeysFileAt;
 use support::*;
 
@@ -124,19 +124,6 @@ async fn a_tiers_request_budget_is_each_keys_and_a_keys_own_terms_go_over_it() {
     for _ in 0..5 {
         assert_eq!(status(p, &keys[3]).await.0, 200);
     }
-}
-
-/// An upstream answering Ollama-style JSON that used 80 tokens.
-async fn ollama_json() -> Upstream {
-    Upstream::start(|_req| async {
-        Response::builder()
-            .header("content-type", "application/json")
-            .body(full(
-                r#"{"response":"hi","done":true,"prompt_eval_count":30,"eval_count":50}"#,
-            ))
-            .unwrap()
-    })
-    .await
 }
 
 #[tokio::test]
@@ -301,23 +288,7 @@ fn tier_mistakes_name_their_line_and_fix() {
 async fn usage_counts_the_backends_tokens_for_misses_and_saves_them_for_hits_and_followers() {
     // Ollama's answer: 30 prompt tokens read, 50 generated; held until
     // the test lets it go, so that identical requests join it.
-    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let up = Upstream::start({
-        let release = release.clone();
-        move |_req| {
-            let release = release.clone();
-            async move {
-                release.acquire().await.unwrap().forget();
-                Response::builder()
-                    .header("content-type", "application/json")
-                    .body(full(
-                        r#"{"response":"hi","done":true,"prompt_eval_count":30,"eval_count":50}"#,
-                    ))
-                    .unwrap()
-            }
-        }
-    })
-    .await;
+    let (up, release) = held_upstream_with(OLLAMA_ANSWER).await;
     let (s, keys) = setup(
         &up.url(),
         &[("a", None)],

@@ -792,6 +792,11 @@ impl Drop for Running {
 
 /// An upstream answering each request once the test releases a permit.
 pub async fn held_upstream() -> (Upstream, Arc<tokio::sync::Semaphore>) {
+    held_upstream_with("{\"done\":true}").await
+}
+
+/// Like `held_upstream`, answering `body` as JSON.
+pub async fn held_upstream_with(body: &'static str) -> (Upstream, Arc<tokio::sync::Semaphore>) {
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let up = Upstream::start({
         let release = release.clone();
@@ -799,13 +804,32 @@ pub async fn held_upstream() -> (Upstream, Arc<tokio::sync::Semaphore>) {
             let release = release.clone();
             async move {
                 release.acquire().await.unwrap().forget();
-                response(200, "{\"done\":true}")
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(full(body))
+                    .unwrap()
             }
         }
     })
     .await;
     (up, release)
 }
+
+/// An upstream answering Ollama-style JSON with `prompt_eval_count` 30 and
+/// `eval_count` 50 (80 tokens).
+pub async fn ollama_json() -> Upstream {
+    Upstream::start(|_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(OLLAMA_ANSWER))
+            .unwrap()
+    })
+    .await
+}
+
+/// An Ollama answer that used 30 prompt tokens and generated 50.
+pub const OLLAMA_ANSWER: &str =
+    r#"{"response":"hi","done":true,"prompt_eval_count":30,"eval_count":50}"#;
 
 /// `hyperion_upstream_queued` for `upstream`, as `/metrics` says.
 pub async fn queued(proxy: &TestProxy, upstream: &str) -> u64 {
