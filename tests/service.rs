@@ -15,14 +15,17 @@ use support::*;
 fn the_unit_file_verifies() {
     let unit = include_str!("../systemd/hyperion.service");
     assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
-    assert!(unit.contains("ExecStartPre=/usr/local/bin/hyperion check"));
+    assert!(unit.contains("ExecStartPre=hyperion check"));
     // Verified with the binary where the unit expects it installed.
     let dir = std::env::temp_dir().join(format!("hyperion-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("hyperion.service");
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/hyperion", env!("CARGO_BIN_EXE_hyperion")),
+        unit.replace(
+            "=hyperion ",
+            &format!("={} ", env!("CARGO_BIN_EXE_hyperion")),
+        ),
     )
     .unwrap();
     let out = Command::new("systemd-analyze")
