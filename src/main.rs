@@ -42,6 +42,10 @@ enum Command {
     /// API keys in `[auth] keys_file`: add, list, revoke.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// GET an http:// URL (e.g. the admin's /healthz) and exit 0 on a 2xx
+    /// within 3 s: the container image's healthcheck, which has no curl.
+    /// Reads no policy.
+    Probe { url: String },
 }
 
 #[derive(Subcommand)]
@@ -62,6 +66,9 @@ enum KeysCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Probe { url }) = &cli.command {
+        return probe(url);
+    }
     let policy = match Policy::load(&cli.config) {
         Ok(p) => p,
         Err(e) => {
@@ -86,7 +93,57 @@ fn main() -> ExitCode {
         }
         Command::Run => run(policy, &cli.config),
         Command::Keys(command) => keys(&policy, &cli.config, command),
+        Command::Probe { .. } => unreachable!("answered before the policy is read"),
     }
+}
+
+/// `hyperion probe URL`: one GET over HTTP/1.1, success on a 2xx.
+fn probe(url: &str) -> ExitCode {
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(3), get_status(url))
+                    .await
+                    .map_err(|_| "no answer within 3s".to_owned())?
+            })
+        });
+    match answer {
+        Ok(status) if status.is_success() => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("{url}: {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn get_status(url: &str) -> Result<http::StatusCode, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err("only http:// URLs are probed".into());
+    }
+    let authority = uri.authority().ok_or("the URL has no host")?.clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((authority.host(), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, authority.as_str())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status())
 }
 
 fn keys(policy: &Policy, config: &std::path::Path, command: KeysCommand) -> ExitCode {

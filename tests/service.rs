@@ -122,3 +122,34 @@ async fn the_binary_tells_systemd_when_it_serves_reloads_and_stops() {
     assert!(child.0.wait().unwrap().success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn probe_is_the_images_healthcheck() {
+    let proxy = TestProxy::start(&simple_policy("http://127.0.0.1:1", "", "").replace(
+        "[upstreams.up]",
+        "[admin]\nlisten = \"127.0.0.1:9\"\n\n[upstreams.up]",
+    ))
+    .await;
+    let probe = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_hyperion"))
+                .args(["probe", &url])
+                // No policy is read: a missing one does not matter.
+                .args(["--config", "/nonexistent/proxy.toml"])
+                .output()
+                .unwrap()
+        })
+    };
+    let healthy = probe(format!("http://{}/healthz", proxy.admin.unwrap()))
+        .await
+        .unwrap();
+    assert!(healthy.status.success(), "{healthy:?}");
+    let missing = probe(format!("http://{}/nothing-here", proxy.admin.unwrap()))
+        .await
+        .unwrap();
+    assert!(!missing.status.success());
+    let closed = probe(format!("http://{}/healthz", refused_addr().await))
+        .await
+        .unwrap();
+    assert!(!closed.status.success());
+}

@@ -37,17 +37,17 @@ dpkg-deb --info "$DEB" | sed -n 's/^ \(Package\|Version\|Depends\|Section\):/  \
 
 echo "== dpkg -i"
 dpkg -i "$DEB" >/dev/null
-[ -x /usr/bin/hyperion ] && check "/usr/bin/hyperion"
-hyperion check --config /etc/hyperion/proxy.toml >/dev/null && check "hyperion check /etc/hyperion/proxy.toml"
+if [ -x /usr/bin/hyperion ]; then check "/usr/bin/hyperion"; else die "/usr/bin/hyperion: failed"; fi
+if hyperion check --config /etc/hyperion/proxy.toml >/dev/null; then check "hyperion check /etc/hyperion/proxy.toml"; else die "hyperion check /etc/hyperion/proxy.toml: failed"; fi
 UNIT=$(dpkg -L hyperion | grep '/hyperion.service$')
 out=$(systemd-analyze verify "$UNIT" 2>&1) && [ -z "$out" ] || die "systemd-analyze verify $UNIT: $out"
 check "systemd-analyze verify $UNIT"
-dpkg-query -W -f='${Conffiles}\n' hyperion | grep -q /etc/hyperion/proxy.toml && check "proxy.toml is a conffile"
-[ "$(stat -c '%U:%G %a' /etc/hyperion/hyperion.env)" = "root:hyperion 640" ] && check "hyperion.env root:hyperion 0640"
-[ "$(stat -c '%U:%G %a' /var/lib/hyperion)" = "hyperion:hyperion 750" ] && check "/var/lib/hyperion hyperion 0750"
-getent passwd hyperion | grep -q nologin && check "system user hyperion"
-! (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && check "nothing started: nothing listens on 8080"
-grep -q '^listen = \["127.0.0.1:8080"\]' /etc/hyperion/proxy.toml && check "the policy listens on loopback only"
+if dpkg-query -W -f='${Conffiles}\n' hyperion | grep -q /etc/hyperion/proxy.toml; then check "proxy.toml is a conffile"; else die "proxy.toml is a conffile: failed"; fi
+if [ "$(stat -c '%U:%G %a' /etc/hyperion/hyperion.env)" = "root:hyperion 640" ]; then check "hyperion.env root:hyperion 0640"; else die "hyperion.env root:hyperion 0640: failed"; fi
+if [ "$(stat -c '%U:%G %a' /var/lib/hyperion)" = "hyperion:hyperion 750" ]; then check "/var/lib/hyperion hyperion 0750"; else die "/var/lib/hyperion hyperion 0750: failed"; fi
+if getent passwd hyperion | grep -q nologin; then check "system user hyperion"; else die "system user hyperion: failed"; fi
+if ! (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null; then check "nothing started: nothing listens on 8080"; else die "nothing started: nothing listens on 8080: failed"; fi
+if grep -q '^listen = \["127.0.0.1:8080"\]' /etc/hyperion/proxy.toml; then check "the policy listens on loopback only"; else die "the policy listens on loopback only: failed"; fi
 
 echo "== the installed binary, as hyperion, in front of the mock"
 target/release/examples/mock_ollama --token-delay-ms 1 >/dev/null 2>&1 & PIDS+=($!)
@@ -55,7 +55,7 @@ wait_port 11434
 runuser -u hyperion -- hyperion --config /etc/hyperion/proxy.toml 2>/dev/null & PIDS+=($!)
 wait_port 8080
 answer=$(curl -sf localhost:8080/api/generate -d '{"model":"llama3.2","prompt":"hi","stream":false}')
-echo "$answer" | grep -q '"done":true' && check "an answer through the installed proxy"
+if echo "$answer" | grep -q '"done":true'; then check "an answer through the installed proxy"; else die "an answer through the installed proxy: failed"; fi
 cat >/tmp/hyperion-deb-keys.toml <<POLICY
 [auth]
 keys_file = "/var/lib/hyperion/keys.toml"
@@ -65,8 +65,11 @@ servers = [{ url = "http://127.0.0.1:11434" }]
 name = "all"
 upstream = "ollama"
 POLICY
-runuser -u hyperion -- hyperion keys add smoke --config /tmp/hyperion-deb-keys.toml 2>/dev/null | grep -q '^hyp_' \
-  && check "hyperion keys add, as hyperion, into /var/lib/hyperion"
+if runuser -u hyperion -- hyperion keys add smoke --config /tmp/hyperion-deb-keys.toml 2>/dev/null | grep -q '^hyp_'; then
+  check "hyperion keys add, as hyperion, into /var/lib/hyperion"
+else
+  die "hyperion keys add, as hyperion, into /var/lib/hyperion: failed"
+fi
 rm -f /tmp/hyperion-deb-keys.toml
 cleanup; PIDS=()
 
