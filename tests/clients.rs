@@ -5,7 +5,8 @@
 //!
 //! Needs a Python with `openai` and `ollama` installed: `.ci/run` makes
 //! `.venv-clients` (`python3 -m venv .venv-clients && .venv-clients/bin/pip
-//! install openai ollama`); `HYPERION_CLIENTS_PYTHON` names another.
+//! install openai ollama kubernetes-validate`); `HYPERION_CLIENTS_PYTHON`
+//! names another.
 
 mod support;
 
