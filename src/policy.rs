@@ -671,12 +671,31 @@ impl fmt::Display for Policy {
             )?;
         }
         if let Some(a) = &self.auth {
+            let keyring = a.keyring.load();
             writeln!(
                 f,
                 "auth:      {} key(s) in {} (hyperion keys add|list|revoke; followed while running)",
-                a.keyring.load().len(),
+                keyring.len(),
                 a.keys_file.display()
             )?;
+            // A tier the policy no longer defines gives its keys the
+            // default tier's terms, or none: say which keys.
+            let stray: Vec<String> = keyring
+                .tenants()
+                .iter()
+                .filter_map(|t| {
+                    let tier = t.tier.as_deref()?;
+                    (!self.tenancy.tiers.iter().any(|x| x == tier))
+                        .then(|| format!("{} ({tier})", t.name))
+                })
+                .collect();
+            if !stray.is_empty() {
+                writeln!(
+                    f,
+                    "           warning: keys of a tier this policy does not define, given [tiers.default]'s terms or none: {}",
+                    stray.join(", ")
+                )?;
+            }
         }
         if let Some(r) = &self.cache.redis {
             writeln!(

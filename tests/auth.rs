@@ -274,6 +274,15 @@ fn the_binary_makes_lists_and_revokes_keys() {
     let listed = run(&["keys", "list"]);
     let listed = String::from_utf8(listed.stdout).unwrap();
     assert!(listed.starts_with("alice\tpro\t"), "{listed}");
+    // A tier the policy stops defining: `check` names its keys.
+    let text = std::fs::read_to_string(&policy.0).unwrap();
+    policy.write(&text.replace("[tiers.pro]", "[tiers.premium]"));
+    let checked = String::from_utf8(run(&["check"]).stdout).unwrap();
+    assert!(
+        checked.contains("warning: keys of a tier") && checked.contains("alice (pro)"),
+        "{checked}"
+    );
+    policy.write(&text);
     assert!(
         !run(&["keys", "add", "alice"]).status.success(),
         "names are unique"
