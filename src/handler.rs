@@ -200,6 +200,7 @@ impl Proxy {
                 rewrite: None,
                 key_slot: None,
                 waited: None,
+                upstream_head: None,
             };
             let forwarded = self.forward(&mut st, req, fields).await;
             let spends = respond::spends_left(&mut st.admission, &forwarded);
@@ -269,15 +270,19 @@ impl Proxy {
             let req = self.upstream_request(st, &mut arrival, req, &fields, &slot, exchange);
             let preserve_host = arrival.route.policy.preserve_host;
             let pool = arrival.pool;
+            let timed = self.policy.server.server_timing.then(crate::clock::now);
             if let Some(ex) = plan.exchange.take_if(|ex| ex.leads()) {
                 let stale = plan.serve_stale.take();
-                return dispatch::lead(st, ex, pool, (slot, req, preserve_host), stale).await;
+                let led = dispatch::lead(st, ex, pool, (slot, req, preserve_host), stale).await;
+                st.upstream_head = timed.map(|t| t.elapsed());
+                return led;
             }
             // Sent here, not in a step's function: see `dispatch.rs`.
             let model = slot.model.as_ref();
             let sent = pool
                 .send(slot.admitted, req, slot.filter, model, preserve_host)
                 .await;
+            st.upstream_head = timed.map(|t| t.elapsed());
             let resp = self.answer(st, &mut arrival, sent, &mut plan, slot.planned)?;
             // On a caching route, the answer goes through the exchange:
             // stored, revalidated, shared with identical requests.
@@ -307,6 +312,9 @@ struct RequestState<'a> {
     key_slot: Option<crate::limits::per_key::KeySlot>,
     /// How long it waited in line for a busy upstream, if it had to.
     waited: Option<std::time::Duration>,
+    /// How long the upstream took to the answer's head (measured only for
+    /// `server_timing`).
+    upstream_head: Option<std::time::Duration>,
 }
 
 /// A 429 from limiter `r`: counted, what earlier limiters spent given back,

@@ -180,6 +180,9 @@ pub struct ServerPolicy {
     pub shutdown_grace: Duration,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub access_log: AccessLogFormat,
+    /// Whether answers carry `Server-Timing` (the proxy's time, the
+    /// upstream's time to headers, the cache's result).
+    pub server_timing: bool,
     /// `None` when set to `"0s"`.
     pub slow_request: Option<Duration>,
     /// `[server.tls]`: listeners that speak TLS.

@@ -709,3 +709,32 @@ async fn three_misses(proxy: &TestProxy, path: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn server_timing_says_where_the_time_went_and_what_the_cache_did() {
+    let up = Upstream::echo().await;
+    let policy = cached_policy(&up.url(), "mode = \"force\"\nttl = \"1h\"").replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\nserver_timing = true",
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let timing =
+        |parts: &http::response::Parts| parts.headers["server-timing"].to_str().unwrap().to_owned();
+    let (miss, _) = get(&proxy.url("/t")).await;
+    let miss = timing(&miss);
+    assert!(miss.starts_with("proxy;dur="), "{miss}");
+    assert!(miss.contains(", upstream;dur="), "{miss}");
+    assert!(miss.ends_with(", cache;desc=MISS"), "{miss}");
+    let (hit, _) = get(&proxy.url("/t")).await;
+    let hit = timing(&hit);
+    assert!(!hit.contains("upstream"), "a hit asks no upstream: {hit}");
+    assert!(hit.ends_with("cache;desc=HIT"), "{hit}");
+    let dur: f64 = hit["proxy;dur=".len()..hit.find(',').unwrap()]
+        .parse()
+        .unwrap();
+    assert!(dur >= 0.0);
+    // Off by default.
+    let plain = TestProxy::start(&cached_policy(&up.url(), "mode = \"force\"\nttl = \"1h\"")).await;
+    let (parts, _) = get(&plain.url("/t")).await;
+    assert!(!parts.headers.contains_key("server-timing"));
+}

@@ -51,6 +51,27 @@ pub(super) fn spends_left(
     }
 }
 
+/// `Server-Timing` (W3C): the proxy's own time to the answer's head, the
+/// upstream's (when it was asked), and what the cache did; milliseconds.
+fn server_timing(st: &RequestState<'_>, headers: &mut HeaderMap) {
+    let total = st.rec.started.elapsed();
+    let upstream = st.upstream_head.unwrap_or_default();
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let mut value = format!("proxy;dur={:.1}", ms(total.saturating_sub(upstream)));
+    if let Some(up) = st.upstream_head {
+        value.push_str(&format!(", upstream;dur={:.1}", ms(up)));
+    }
+    if st.rec.cache != "-" {
+        value.push_str(&format!(", cache;desc={}", st.rec.cache));
+    }
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(SERVER_TIMING, v);
+    }
+}
+
+const SERVER_TIMING: http::header::HeaderName =
+    http::header::HeaderName::from_static("server-timing");
+
 /// An answer's tokens, counted for the key whose request it answers.
 struct KeyTokens {
     usage: Arc<Usage>,
@@ -185,6 +206,9 @@ impl Proxy {
             usage.record(key, st.rec.status, st.rec.cache, st.waited);
         }
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
+        if self.policy.server.server_timing {
+            server_timing(st, resp.headers_mut());
+        }
         if let Some(limit) = &st.admission.headers {
             limit.apply(resp.headers_mut());
         }

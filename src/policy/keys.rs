@@ -98,6 +98,7 @@ pub const KEYS: &[Key] = &[
         Restart,
     ),
     key("server.max_request_body", Value(r#""50MB""#), Size, Applies),
+    key("server.server_timing", Value("false"), Bool, Applies),
     key("server.max_header_size", Value(r#""32KB""#), Size, Restart),
     key(
         "server.header_read_timeout",

@@ -67,6 +67,7 @@ pub struct RawServer {
     pub shutdown_grace: Option<Dur>,
     pub trusted_proxies: Option<Vec<Cidr>>,
     pub access_log: Option<AccessLogFormat>,
+    pub server_timing: Option<bool>,
     pub slow_request: Option<Dur>,
     pub tls: Option<Spanned<RawTls>>,
     pub max_buffered_bodies: Option<Spanned<Size>>,

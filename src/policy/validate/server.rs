@@ -365,6 +365,7 @@ impl Validator<'_> {
                 .map(|c| c.0)
                 .collect(),
             access_log: raw.access_log.unwrap_or_default(),
+            server_timing: raw.server_timing.unwrap_or(false),
             slow_request: (!slow.is_zero()).then_some(slow),
         })
     }
