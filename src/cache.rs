@@ -403,9 +403,16 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(policy: CachePolicy) -> Arc<Cache> {
+        // `max_entries` beside `max_size`: every entry weighs at least its
+        // share of the bytes, so no more than `max_entries` fit in them
+        // (and the bytes stored stay within `max_size`, the least share
+        // being at most what they weigh).
+        let least = policy.max_entries.map_or(0, |n| {
+            u32::try_from(policy.max_size.div_ceil(n.max(1))).unwrap_or(u32::MAX)
+        });
         let store = moka::future::Cache::builder()
             .max_capacity(policy.max_size)
-            .weigher(|_k: &CacheKey, s: &Stored| s.weight())
+            .weigher(move |_k: &CacheKey, s: &Stored| s.weight().max(least))
             .expire_after(EntryExpiry)
             .build_with_hasher(DigestHash);
         Arc::new(Cache {

@@ -147,6 +147,7 @@ impl Generation {
         );
         let (old, new) = (&self.policy.cache, &policy.cache);
         restart_if(old.max_size != new.max_size, "cache.max_size");
+        restart_if(old.max_entries != new.max_entries, "cache.max_entries");
         restart_if(
             old.max_entry_size != new.max_entry_size,
             "cache.max_entry_size",

@@ -402,6 +402,9 @@ impl HeaderRewrite {
 pub struct CachePolicy {
     /// Bytes of stored responses (bodies and heads) the store keeps.
     pub max_size: u64,
+    /// Entries the store keeps at most, beside `max_size`; `None`: only
+    /// bytes bound it.
+    pub max_entries: Option<u64>,
     /// Responses bigger than this stream through uncached.
     pub max_entry_size: u64,
     /// `ttl` of `force` routes that set none.
@@ -478,6 +481,7 @@ impl Default for CachePolicy {
     fn default() -> Self {
         CachePolicy {
             max_size: 256 << 20,
+            max_entries: None,
             max_entry_size: 8 << 20,
             default_ttl: Duration::from_secs(300),
             redis: None,

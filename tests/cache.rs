@@ -738,3 +738,22 @@ async fn server_timing_says_where_the_time_went_and_what_the_cache_did() {
     let (parts, _) = get(&plain.url("/t")).await;
     assert!(!parts.headers.contains_key("server-timing"));
 }
+
+#[tokio::test]
+async fn max_entries_bounds_the_store_beside_its_bytes() {
+    let up = Upstream::echo().await;
+    let policy = cached_policy(&up.url(), "mode = \"force\"\nttl = \"1h\"").replace(
+        "[upstreams.up]",
+        "[cache]\nmax_size = \"16MB\"\nmax_entries = 10\n\n[upstreams.up]",
+    );
+    let proxy = TestProxy::start(&policy).await;
+    for i in 0..50 {
+        let (parts, _) = get(&proxy.url(&format!("/e{i}"))).await;
+        assert_eq!(parts.status, 200);
+    }
+    let entries = proxy.cache.report().await.entries;
+    assert!(
+        (1..=10).contains(&entries),
+        "{entries} entries stored, for max_entries 10 in 16MB"
+    );
+}

@@ -275,6 +275,7 @@ const CHANGED: &[(&str, &str)] = &[
     ("server.slow_request", r#""6s""#),
     ("admin.listen", r#""127.0.0.1:2""#),
     ("cache.max_size", r#""64MB""#),
+    ("cache.max_entries", "1000"),
     ("cache.max_entry_size", r#""1MB""#),
     ("cache.default_ttl", r#""6m""#),
     ("cache.credential_headers", r#"["x-key"]"#),

@@ -198,6 +198,12 @@ pub const KEYS: &[Key] = &[
     // [cache]
     key("cache", Off("every default below"), Table, Applies),
     key("cache.max_size", Value(r#""256MB""#), Size, Restart),
+    key(
+        "cache.max_entries",
+        Off("bytes alone bound it"),
+        Count,
+        Restart,
+    ),
     key("cache.max_entry_size", Value(r#""8MB""#), Size, Restart),
     key("cache.default_ttl", Value(r#""5m""#), Duration, Restart),
     key(

@@ -122,6 +122,7 @@ pub enum AuthMode {
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
     pub max_size: Option<Size>,
+    pub max_entries: Option<Spanned<u64>>,
     pub max_entry_size: Option<Size>,
     pub default_ttl: Option<Dur>,
     pub redis: Option<Spanned<RawRedis>>,

@@ -76,6 +76,16 @@ impl Validator<'_> {
         let c = CachePolicy {
             targeted_cache_control,
             max_size: raw.max_size.map_or(d.max_size, |s| s.0),
+            max_entries: match &raw.max_entries {
+                Some(n) if *n.get_ref() == 0 => return Err(self.err(
+                    n.span(),
+                    "cache.max_entries",
+                    "a cache of 0 entries stores nothing",
+                    "give it room, e.g. max_entries = 10000, or remove the key to bound bytes only",
+                )),
+                Some(n) => Some(*n.get_ref()),
+                None => None,
+            },
             max_entry_size: raw.max_entry_size.map_or(d.max_entry_size, |s| s.0),
             default_ttl: raw.default_ttl.map_or(d.default_ttl, |t| t.0),
             redis,
