@@ -10,50 +10,16 @@
 mod support;
 
 use http::Request;
-use hyperion::auth::KeysFileAt;
 use support::*;
-
-struct Setup {
-    proxy: TestProxy,
-    keys: [String; 2],
-    _files: [TempFile; 2],
-}
 
 /// A proxy with keys `a` and `b`, one server with two slots, `extra`
 /// lines in its upstream table.
-async fn proxy(up: &Upstream, name: &str, extra: &str) -> Setup {
-    let keys = TempFile::new(&format!("keys-{name}.toml"), "");
-    std::fs::remove_file(&keys.0).unwrap();
-    let file = KeysFileAt(keys.0.clone());
-    let (a, b) = (file.add("a", None).unwrap(), file.add("b", None).unwrap());
-    let token = TempFile::new("admin.token", "0123456789abcdef-queue-token\n");
-    let policy = format!(
-        r#"[auth]
-keys_file = "{keys}"
-
-[admin]
-listen = "127.0.0.1:9"
-token_file = "{token}"
-
-[upstreams.{name}]
-servers = [{{ url = "{url}" }}]
-max_inflight_per_server = 2
-queue_timeout = "60s"
-{extra}
-
-[[route]]
-name = "all"
-upstream = "{name}"
-"#,
-        keys = keys.display(),
-        token = token.display(),
+async fn proxy(up: &Upstream, name: &str, extra: &str) -> Keyed {
+    let rest = format!(
+        "[upstreams.{name}]\nservers = [{{ url = \"{url}\" }}]\nmax_inflight_per_server = 2\nqueue_timeout = \"60s\"\n{extra}\n\n[[route]]\nname = \"all\"\nupstream = \"{name}\"\n",
         url = up.url(),
     );
-    Setup {
-        proxy: TestProxy::start(&policy).await,
-        keys: [a, b],
-        _files: [keys, token],
-    }
+    keyed_proxy(&[("a", None), ("b", None)], &rest).await
 }
 
 /// Sends a generation as `who` (its key, and `x-who` for the upstream to
@@ -81,7 +47,9 @@ fn order(up: &Upstream) -> Vec<String> {
 async fn flood_then_one(name: &str, extra: &str) -> Vec<String> {
     let (up, release) = held_upstream().await;
     let bx = proxy(&up, name, extra).await;
-    let [a, b] = &bx.keys;
+    let [a, b] = &bx.keys[..] else {
+        unreachable!("two keys")
+    };
     let floods: Vec<_> = (0..12).map(|_| generate(&bx.proxy, a, "a")).collect();
     until("two in flight", || async { up.count() == 2 }).await;
     until("ten in line", || async {
@@ -129,7 +97,9 @@ async fn a_tenant_past_its_queue_cap_is_refused_alone() {
     let (up, release) = held_upstream().await;
     let name = "capped_up";
     let bx = proxy(&up, name, "max_queued_per_tenant = 3").await;
-    let [a, b] = &bx.keys;
+    let [a, b] = &bx.keys[..] else {
+        unreachable!("two keys")
+    };
     let floods: Vec<_> = (0..5).map(|_| generate(&bx.proxy, a, "a")).collect();
     until("five in flight or line", || async {
         queued(&bx.proxy, name).await == 3

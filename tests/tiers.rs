@@ -7,66 +7,22 @@ mod support;
 use std::time::Duration;
 
 use http::Request;
-use hyperion::auth::KeysFileAt;
 use support::*;
 
-struct Setup {
-    proxy: TestProxy,
-    _files: [TempFile; 2],
-}
-
-/// A proxy with `[auth]` over a keys file holding `keys` (name, tier),
-/// `tiers` (TOML tables), one route to `upstream` whose upstream table
-/// gets `pool` lines. Returns the keys in the order given.
+/// A keyed proxy (`support::keyed_proxy`) with `tiers` (TOML tables) and
+/// one route to `upstream`, whose upstream table gets `pool` lines and
+/// whose route `route` lines.
 async fn setup(
     upstream: &str,
     keys: &[(&str, Option<&str>)],
     tiers: &str,
     pool: &str,
-) -> (Setup, Vec<String>) {
-    let file = TempFile::new("keys.toml", "");
-    std::fs::remove_file(&file.0).unwrap();
-    let at = KeysFileAt(file.0.clone());
-    let made = keys
-        .iter()
-        .map(|(name, tier)| at.add(name, *tier).unwrap())
-        .collect();
-    let token = TempFile::new("admin.token", "0123456789abcdef-tiers-token\n");
-    // `pool` lines starting `ROUTE:` go in the route instead.
-    let (route, pool) = match pool.strip_prefix("ROUTE:") {
-        Some(route) => (route, ""),
-        None => ("", pool),
-    };
-    let policy = format!(
-        r#"[auth]
-keys_file = "{keys}"
-
-[admin]
-listen = "127.0.0.1:9"
-token_file = "{token}"
-
-{tiers}
-
-[upstreams.up]
-servers = [{{ url = "{upstream}" }}]
-{pool}
-
-[[route]]
-name = "all"
-upstream = "up"
-{route}
-"#,
-        keys = file.display(),
-        token = token.display(),
+    route: &str,
+) -> Keyed {
+    let rest = format!(
+        "{tiers}\n\n[upstreams.up]\nservers = [{{ url = \"{upstream}\" }}]\n{pool}\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n{route}\n"
     );
-    let proxy = TestProxy::start(&policy).await;
-    (
-        Setup {
-            proxy,
-            _files: [file, token],
-        },
-        made,
-    )
+    keyed_proxy(keys, &rest).await
 }
 
 fn post(proxy: &TestProxy, key: &str, body: &'static str) -> Request<TestBody> {
@@ -90,7 +46,7 @@ async fn status(proxy: &TestProxy, key: &str) -> (u16, serde_json::Value) {
 #[tokio::test]
 async fn a_tiers_request_budget_is_each_keys_and_a_keys_own_terms_go_over_it() {
     let up = Upstream::echo().await;
-    let (s, keys) = setup(
+    let s = setup(
         &up.url(),
         &[
             ("a", Some("free")),
@@ -100,8 +56,10 @@ async fn a_tiers_request_budget_is_each_keys_and_a_keys_own_terms_go_over_it() {
         ],
         "[tiers.free]\nrate = \"2/min\"\n\n[keys.c]\nrate = \"3/min\"",
         "",
+        "",
     )
     .await;
+    let keys = &s.keys;
     let p = &s.proxy;
     for _ in 0..2 {
         assert_eq!(status(p, &keys[0]).await.0, 200);
@@ -129,13 +87,15 @@ async fn a_tiers_request_budget_is_each_keys_and_a_keys_own_terms_go_over_it() {
 #[tokio::test]
 async fn a_daily_token_budget_settles_from_the_answers_usage() {
     let up = ollama_json().await;
-    let (s, keys) = setup(
+    let s = setup(
         &up.url(),
         &[("a", None), ("b", None)],
         "[tiers.default]\ntokens_per_day = 200",
         "",
+        "",
     )
     .await;
+    let keys = &s.keys;
     let body = r#"{"model":"m","prompt":"hi","options":{"num_predict":20}}"#;
     // Each answer used 80, settled after the reservation of 34 showed.
     for remaining in ["166", "86", "6"] {
@@ -163,13 +123,15 @@ async fn a_daily_token_budget_settles_from_the_answers_usage() {
 #[tokio::test]
 async fn a_key_past_max_concurrent_is_refused_until_one_ends() {
     let (up, release) = held_upstream().await;
-    let (s, keys) = setup(
+    let s = setup(
         &up.url(),
         &[("a", None), ("b", None)],
         "[tiers.default]\nmax_concurrent = 1",
         "",
+        "",
     )
     .await;
+    let keys = &s.keys;
     let first = tokio::spawn(send(post(&s.proxy, &keys[0], "{}")));
     until("the first reached the upstream", || async {
         up.count() == 1
@@ -195,7 +157,7 @@ async fn a_key_past_max_concurrent_is_refused_until_one_ends() {
 #[tokio::test]
 async fn an_interactive_tier_goes_before_batch_and_a_header_asks_only_as_high_as_allowed() {
     let (up, release) = held_upstream().await;
-    let (s, keys) = setup(
+    let s = setup(
         &up.url(),
         &[
             ("batch", Some("bulk")),
@@ -204,8 +166,10 @@ async fn an_interactive_tier_goes_before_batch_and_a_header_asks_only_as_high_as
         ],
         "[tiers.bulk]\npriority = \"batch\"\n\n[tiers.live]\npriority = \"interactive\"",
         "max_inflight_per_server = 1\nqueue_timeout = \"60s\"",
+        "",
     )
     .await;
+    let keys = &s.keys;
     let p = &s.proxy;
     let sent = |key: &str, who: &str, class: Option<&str>| {
         let mut req = Request::post(p.url("/api/generate"))
@@ -289,13 +253,15 @@ async fn usage_counts_the_backends_tokens_for_misses_and_saves_them_for_hits_and
     // Ollama's answer: 30 prompt tokens read, 50 generated; held until
     // the test lets it go, so that identical requests join it.
     let (up, release) = held_upstream_with(OLLAMA_ANSWER).await;
-    let (s, keys) = setup(
+    let s = setup(
         &up.url(),
         &[("a", None)],
         "",
-        "ROUTE:[route.cache]\nmode = \"force\"\nttl = \"1h\"\nbody_key = \"json\"",
+        "",
+        "[route.cache]\nmode = \"force\"\nttl = \"1h\"\nbody_key = \"json\"",
     )
     .await;
+    let keys = &s.keys;
     let p = &s.proxy;
     let cached = |prompt: &'static str| {
         let req = Request::post(p.url("/api/generate"))
@@ -325,17 +291,9 @@ async fn usage_counts_the_backends_tokens_for_misses_and_saves_them_for_hits_and
         assert_eq!(r.await.unwrap().0.status, 200);
     }
     assert_eq!(up.count(), 2);
-    let admin = |path: String| {
-        send(
-            Request::get(format!("http://{}{path}", p.admin.unwrap()))
-                .header("authorization", "Bearer 0123456789abcdef-tiers-token")
-                .body(empty())
-                .unwrap(),
-        )
-    };
     let mut usage = serde_json::Value::Null;
     for _ in 0..100 {
-        usage = json(&admin("/admin/keys/a".into()).await.1)["usage"].clone();
+        usage = keyed_admin(p, "/admin/keys/a").await["usage"].clone();
         if usage["tokens_saved"] == 240 {
             break;
         }
@@ -350,7 +308,7 @@ async fn usage_counts_the_backends_tokens_for_misses_and_saves_them_for_hits_and
         "three answers not made: {usage}"
     );
     assert!(usage["upstream_seconds_saved"].as_f64().unwrap() > 0.0);
-    let cache = json(&admin("/admin/cache".into()).await.1);
+    let cache = keyed_admin(p, "/admin/cache").await;
     assert_eq!(cache["coalesced"], 2, "{cache}");
     assert_eq!(
         cache["tokens_saved"], 240,
@@ -358,7 +316,7 @@ async fn usage_counts_the_backends_tokens_for_misses_and_saves_them_for_hits_and
     );
     // A request without a good key is counted, against no key.
     assert_eq!(status(p, "hyp_wrong").await.0, 401);
-    let all = json(&admin("/admin/keys".into()).await.1);
+    let all = keyed_admin(p, "/admin/keys").await;
     assert_eq!(all["unauthorized"], 1);
     let (_, metrics) = get(&format!("http://{}/metrics", p.admin.unwrap())).await;
     let metrics = String::from_utf8_lossy(&metrics).into_owned();

@@ -189,11 +189,6 @@ impl FairLine {
         }))
     }
 
-    /// Requests waiting now.
-    pub fn queued(&self) -> usize {
-        self.lock().queued
-    }
-
     /// Requests waiting now, and how many tenants they are.
     pub fn length(&self) -> (usize, usize) {
         let st = self.lock();
@@ -494,9 +489,9 @@ mod tests {
         assert_eq!(full.queued, 2);
         // Another tenant is not affected.
         let other = line.take(&place("b", 1)).unwrap();
-        assert_eq!(line.queued(), 3);
+        assert_eq!(line.length().0, 3);
         drop(first);
-        assert_eq!(line.queued(), 2, "a dropped wait leaves the line at once");
+        assert_eq!(line.length().0, 2, "a dropped wait leaves the line at once");
         assert!(line.take(&capped).is_ok());
         // The place goes to those still waiting: `a`'s second, then `b`.
         drop(held);

@@ -213,7 +213,7 @@ impl InflightLimit {
 
     /// Requests waiting for a slot now.
     pub fn queued(&self) -> usize {
-        self.pool.queued()
+        self.pool.length().0
     }
 
     /// Requests waiting now, and the tenants they wait for.

@@ -43,7 +43,8 @@ impl KeyConcurrency {
     }
 
     /// Requests of `name` in progress now.
-    pub fn in_progress(&self, name: &str) -> u32 {
+    #[cfg(test)]
+    fn in_progress(&self, name: &str) -> u32 {
         self.lock().get(name).copied().unwrap_or(0)
     }
 }

@@ -855,3 +855,47 @@ where
     }
     panic!("never: {what}");
 }
+
+/// The admin token of `keyed_proxy`'s proxies.
+pub const KEYED_ADMIN_TOKEN: &str = "0123456789abcdef-keyed-token";
+
+/// A proxy that takes Hyperion's API keys, with the keys it was made with.
+pub struct Keyed {
+    pub proxy: TestProxy,
+    /// The keys, in the order asked for.
+    pub keys: Vec<String>,
+    _files: [TempFile; 2],
+}
+
+/// A proxy with `[auth]` over a new keys file holding `keys` (name, tier)
+/// and an admin listener (token `KEYED_ADMIN_TOKEN`); `rest` is the rest of
+/// its policy (tiers, upstreams, routes).
+pub async fn keyed_proxy(keys: &[(&str, Option<&str>)], rest: &str) -> Keyed {
+    let file = TempFile::new("keys.toml", "");
+    std::fs::remove_file(&file.0).unwrap();
+    let at = hyperion::auth::KeysFileAt(file.0.clone());
+    let made = keys
+        .iter()
+        .map(|(name, tier)| at.add(name, *tier).unwrap())
+        .collect();
+    let token = TempFile::new("admin.token", &format!("{KEYED_ADMIN_TOKEN}\n"));
+    let policy = format!(
+        "[auth]\nkeys_file = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:9\"\ntoken_file = \"{}\"\n\n{rest}",
+        file.display(),
+        token.display(),
+    );
+    Keyed {
+        proxy: TestProxy::start(&policy).await,
+        keys: made,
+        _files: [file, token],
+    }
+}
+
+/// An admin GET with `keyed_proxy`'s token, as JSON.
+pub async fn keyed_admin(proxy: &TestProxy, path: &str) -> Value {
+    let req = Request::get(format!("http://{}{path}", proxy.admin.unwrap()))
+        .header("authorization", format!("Bearer {KEYED_ADMIN_TOKEN}"))
+        .body(empty())
+        .unwrap();
+    json(&send(req).await.1)
+}
