@@ -137,6 +137,16 @@ impl AccessLog {
             rec.cache,
             elapsed,
         );
+        crate::telemetry::slowest::offer(crate::telemetry::slowest::Finished {
+            method: &rec.method,
+            route: rec.route.as_ref(),
+            status: rec.status,
+            took: elapsed,
+            cache: rec.cache,
+            upstream: rec.upstream.as_ref(),
+            request_id: &rec.request_id,
+            error: rec.error,
+        });
         if self.slow.is_some_and(|slow| elapsed >= slow) {
             tracing::warn!(
                 route = rec.route.as_deref().unwrap_or("-"),

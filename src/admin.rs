@@ -1,5 +1,7 @@
 //! The admin listener (`[admin]`): what operators ask with curl.
 //!
+//! - `GET /`: the status page (`status_page.html`), which reads the
+//!   endpoints below with the token the operator enters on it;
 //! - `GET /healthz`: the process answers;
 //! - `GET /readyz`: a policy is loaded and every upstream pool has a usable
 //!   server (503 with the reasons otherwise);
@@ -7,7 +9,8 @@
 //! - with `Authorization: Bearer <token>`: `GET /admin/cache`,
 //!   `POST /admin/cache/purge`, `GET /admin/cache/explain`,
 //!   `GET /admin/upstreams`, `GET /admin/limits`, `GET /admin/config`,
-//!   `POST /admin/reload`.
+//!   `GET /admin/status` (the page's own figures: generation, last reload,
+//!   the slowest recent requests), `POST /admin/reload`.
 //!
 //! Answers are JSON, indented for curl (or with `?pretty`). Without a
 //! configured token only the open endpoints answer; the others say so.
@@ -52,6 +55,44 @@ fn admin_timeouts(reloader: &Reloader) -> Timeouts {
     }
 }
 
+/// When the admin listener started: the process's uptime, near enough.
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// The status page: one self-contained HTML document (no external scripts,
+/// styles or fonts), the same for everyone. It holds no figures itself:
+/// its script reads `/readyz` and, with the token entered on the page,
+/// the admin endpoints. The headers keep it out of frames and caches and
+/// let it talk only to this listener.
+const STATUS_PAGE: &str = include_str!("admin/status_page.html");
+
+fn status_page() -> AdminResponse {
+    let mut resp = Response::new(Full::new(Bytes::from_static(STATUS_PAGE.as_bytes())));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
 /// The largest body `explain` reads (the request to explain).
 const MAX_EXPLAIN_BODY: usize = 8 << 20;
 
@@ -63,6 +104,7 @@ pub async fn serve(
     reloader: Arc<Reloader>,
     shutdown: impl Future<Output = ()>,
 ) {
+    STARTED.get_or_init(std::time::Instant::now);
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let room = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
@@ -167,6 +209,7 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
             return reply(StatusCode::OK, json!({ "status": "ok" }))
         }
         (&Method::GET | &Method::HEAD, "/readyz") => return readiness(reloader, pretty),
+        (&Method::GET | &Method::HEAD, "/" | "/status") => return status_page(),
         (&Method::GET, "/metrics") => {
             return match metrics::render(reloader).await {
                 Some(text) => {
@@ -270,15 +313,40 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
                 .pools()
                 .iter()
                 .map(|p| {
+                    let line = generation
+                        .limits
+                        .inflight(&p.policy.name)
+                        .map(|l| l.line_length());
                     json!({
                         "name": p.policy.name,
                         "balance": p.policy.balance.as_str(),
                         "model_routing": p.policy.model_routing.as_str(),
+                        "queued": line.map(|(queued, _)| queued),
+                        "queued_tenants": line.map(|(_, tenants)| tenants),
                         "servers": p.snapshot(),
                     })
                 })
                 .collect();
             reply(StatusCode::OK, json!({ "upstreams": pools }))
+        }
+        (Method::GET, "/admin/status") => {
+            let uptime = STARTED.get().map_or(0.0, |t| t.elapsed().as_secs_f64());
+            reply(
+                StatusCode::OK,
+                json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_seconds": uptime,
+                    "generation": generation.number,
+                    "loaded_at": httpdate::fmt_http_date(generation.loaded_at),
+                    "last_reload": reloader.last_reload(),
+                    "reloads": {
+                        "ok": reloader.succeeded.load(std::sync::atomic::Ordering::Relaxed),
+                        "error": reloader.failed.load(std::sync::atomic::Ordering::Relaxed),
+                    },
+                    "slowest": crate::telemetry::slowest::recent(),
+                    "slowest_window_seconds": crate::telemetry::slowest::WINDOW.as_secs(),
+                }),
+            )
         }
         (Method::GET, "/admin/limits") => {
             let top = params()
@@ -339,6 +407,7 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
                     "file": reloader.path().display().to_string(),
                     "generation": generation.number,
                     "loaded_at": httpdate::fmt_http_date(generation.loaded_at),
+                    "last_reload": reloader.last_reload(),
                     "summary": summary.lines().collect::<Vec<_>>(),
                 }),
             )
@@ -377,7 +446,7 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
         (
             _,
             "/admin/cache" | "/admin/cache/purge" | "/admin/upstreams" | "/admin/config"
-            | "/admin/reload",
+            | "/admin/reload" | "/admin/status",
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",

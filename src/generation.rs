@@ -237,6 +237,19 @@ pub struct Reloaded {
     pub needs_restart: Vec<String>,
 }
 
+/// How the last reload went, for the status page and `/admin/config`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LastReload {
+    /// When it was tried: seconds since the Unix epoch.
+    pub at_unix: f64,
+    pub ok: bool,
+    /// The generation served after it (the new one, or the one kept).
+    pub generation: u64,
+    /// Why it was refused.
+    pub error: Option<String>,
+    pub needs_restart: Vec<String>,
+}
+
 /// Re-reads the policy file and publishes new generations. One per process.
 pub struct Reloader {
     path: PathBuf,
@@ -247,6 +260,7 @@ pub struct Reloader {
     checks: tokio::runtime::Handle,
     pub succeeded: AtomicU64,
     pub failed: AtomicU64,
+    last: Mutex<Option<LastReload>>,
 }
 
 impl Reloader {
@@ -268,6 +282,7 @@ impl Reloader {
             checks,
             succeeded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            last: Mutex::new(None),
         })
     }
 
@@ -300,6 +315,13 @@ impl Reloader {
             Ok(p) => p,
             Err(e) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
+                self.remember(LastReload {
+                    at_unix: unix_now(),
+                    ok: false,
+                    generation: current.number,
+                    error: Some(e.to_string()),
+                    needs_restart: Vec::new(),
+                });
                 tracing::error!("reload refused, still serving the previous policy: {e}");
                 let status = format!("reload refused: {e}");
                 notify_service_manager(&[
@@ -328,11 +350,33 @@ impl Reloader {
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(&status),
         ]);
+        self.remember(LastReload {
+            at_unix: unix_now(),
+            ok: true,
+            generation: next.number,
+            error: None,
+            needs_restart: needs_restart.clone(),
+        });
         Ok(Reloaded {
             generation: next.number,
             needs_restart,
         })
     }
+
+    /// How the last reload went; `None` before the first.
+    pub fn last_reload(&self) -> Option<LastReload> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn remember(&self, outcome: LastReload) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Keeps a worker's `live` proxy on the newest generation until the

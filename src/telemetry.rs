@@ -27,6 +27,7 @@ use metrics::{counter, gauge, Counter};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 mod seconds;
+pub mod slowest;
 pub use seconds::SecondsHistogram;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

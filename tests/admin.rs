@@ -288,6 +288,15 @@ async fn reload_through_the_api_reports_errors_and_success() {
     );
     // Still serving, still the same token.
     assert_eq!(get(&proxy.url("/x")).await.0.status, 200);
+    // The status page's endpoint says how the last reload went.
+    let (_, status) = admin(&proxy, Method::GET, "/admin/status", Some(TOKEN)).await;
+    assert_eq!(status["last_reload"]["ok"], false, "{status}");
+    assert_eq!(status["last_reload"]["generation"], 1);
+    assert!(status["last_reload"]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with(&file.display().to_string()));
+    assert_eq!(status["reloads"]["error"], 1);
     file.write(&good.replace("name = \"all\"", "name = \"everything\""));
     let (status, body) = admin(&proxy, Method::POST, "/admin/reload", Some(TOKEN)).await;
     assert_eq!(
@@ -297,6 +306,8 @@ async fn reload_through_the_api_reports_errors_and_success() {
     );
     let (_, config) = admin(&proxy, Method::GET, "/admin/config", Some(TOKEN)).await;
     assert!(config["summary"].to_string().contains("everything"));
+    assert_eq!(config["last_reload"]["ok"], true);
+    assert_eq!(config["last_reload"]["generation"], 2);
     drop(up);
 }
 
