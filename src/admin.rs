@@ -639,6 +639,7 @@ async fn explain(
         headers: &headers,
         body: (!body.is_empty()).then_some(&body),
         body_digest: None,
+        key_seen: None,
         tenant: tenant.as_deref().map(|name| crate::cache::TenantScope {
             name,
             key_headers: &crate::auth::KEY_HEADERS,

@@ -534,6 +534,9 @@ impl ResponseBody {
         if let Some(watch) = self.stall.take() {
             watch.finish();
         }
+        // The meter reports the answer's tokens before the end hook runs:
+        // a trace ended by the hook carries them.
+        drop(self.meter.take());
         if let Some(hook) = self.on_end.take() {
             hook.end(self.sent, outcome);
         }

@@ -45,6 +45,10 @@ pub struct Generation {
     /// for the life of the process.
     pub protect: Arc<Protect>,
     pub loaded_at: SystemTime,
+    /// The tracer (`[tracing]`), one for the life of the process: started
+    /// by the `Reloader` (its exports need a runtime), carried over by
+    /// reloads.
+    pub traces: Option<Arc<crate::otel::Traces>>,
     /// Where access-log lines go, for the generations after this one.
     sink: LogSink,
 }
@@ -75,6 +79,7 @@ impl Generation {
                 policy.server.max_read_ahead,
             )),
             loaded_at: SystemTime::now(),
+            traces: None,
             sink,
             policy,
         }
@@ -158,6 +163,30 @@ impl Generation {
             "cache.targeted_cache_control",
         );
         restart_if(old.redis != new.redis, "cache.redis");
+        let (old, new) = (&self.policy.tracing, &policy.tracing);
+        restart_if(old.is_some() != new.is_some(), "tracing");
+        if let (Some(old), Some(new)) = (old, new) {
+            restart_if(
+                old.otlp_endpoint != new.otlp_endpoint,
+                "tracing.otlp_endpoint",
+            );
+            restart_if(old.sample_ratio != new.sample_ratio, "tracing.sample_ratio");
+            restart_if(old.service_name != new.service_name, "tracing.service_name");
+            restart_if(
+                old.headers_env != new.headers_env || old.headers != new.headers,
+                "tracing.headers_env",
+            );
+            restart_if(old.max_queue != new.max_queue, "tracing.max_queue");
+            restart_if(old.batch_size != new.batch_size, "tracing.batch_size");
+            restart_if(
+                old.export_interval != new.export_interval,
+                "tracing.export_interval",
+            );
+            restart_if(
+                old.export_timeout != new.export_timeout,
+                "tracing.export_timeout",
+            );
+        }
         deferred
     }
 
@@ -191,6 +220,7 @@ impl Generation {
             fleet: Arc::new(Fleet::new(&policy, Some(&self.fleet))),
             protect: self.protect.clone(),
             loaded_at: SystemTime::now(),
+            traces: self.traces.clone(),
             sink: self.sink.clone(),
             policy: Arc::new(policy),
         };
@@ -209,15 +239,15 @@ impl Generation {
     /// A worker's proxy for this generation; `previous` lends it the
     /// upstream connections it can keep.
     pub fn proxy(&self, previous: Option<&Proxy>) -> Proxy {
-        Proxy::worker(
-            self.policy.clone(),
-            self.log.clone(),
-            self.cache.clone(),
-            self.limits.clone(),
-            self.fleet.clone(),
-            self.protect.clone(),
-            previous,
-        )
+        let shared = crate::handler::Shared {
+            log: self.log.clone(),
+            cache: self.cache.clone(),
+            limits: self.limits.clone(),
+            fleet: self.fleet.clone(),
+            protect: self.protect.clone(),
+            traces: self.traces.clone(),
+        };
+        Proxy::worker(self.policy.clone(), shared, previous)
     }
 }
 
@@ -265,7 +295,17 @@ pub struct Reloader {
 
 impl Reloader {
     /// Starts from `first`, whose health checks run on `checks`.
-    pub fn new(path: &Path, first: Generation, checks: tokio::runtime::Handle) -> Arc<Reloader> {
+    pub fn new(
+        path: &Path,
+        mut first: Generation,
+        checks: tokio::runtime::Handle,
+    ) -> Arc<Reloader> {
+        if let Some(t) = &first.policy.tracing {
+            match crate::otel::Traces::start(t) {
+                Ok(traces) => first.traces = Some(traces),
+                Err(e) => tracing::error!("tracing is off: {e}"),
+            }
+        }
         first.fleet.start_checks(&checks);
         first.cache.start_shared(&checks);
         first.watch_keys(&checks);

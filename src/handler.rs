@@ -58,6 +58,8 @@ pub struct Proxy {
     protect: Arc<Protect>,
     /// How far upstream answers are read ahead of slow clients.
     read_ahead: Option<ReadAheadLimits>,
+    /// The tracer, when `[tracing]` is set.
+    traces: Option<Arc<crate::otel::Traces>>,
 }
 
 /// A route with its upstream pool resolved.
@@ -87,6 +89,16 @@ pub struct ConnInfo {
     pub force_close: CancellationToken,
 }
 
+/// What a worker's proxy shares with the other workers' (a generation's).
+pub struct Shared {
+    pub log: Arc<AccessLog>,
+    pub cache: Arc<Cache>,
+    pub limits: Arc<Limits>,
+    pub fleet: Arc<Fleet>,
+    pub protect: Arc<Protect>,
+    pub traces: Option<Arc<crate::otel::Traces>>,
+}
+
 // === impl Proxy ===
 
 impl Proxy {
@@ -94,15 +106,15 @@ impl Proxy {
     /// per worker runtime, each with its own upstream connection pools
     /// (those of `previous`, the worker's proxy before a reload, kept where
     /// the servers are the same).
-    pub fn worker(
-        policy: Arc<Policy>,
-        log: Arc<AccessLog>,
-        cache: Arc<Cache>,
-        limits: Arc<Limits>,
-        fleet: Arc<Fleet>,
-        protect: Arc<Protect>,
-        previous: Option<&Proxy>,
-    ) -> Self {
+    pub fn worker(policy: Arc<Policy>, shared: Shared, previous: Option<&Proxy>) -> Self {
+        let Shared {
+            log,
+            cache,
+            limits,
+            fleet,
+            protect,
+            traces,
+        } = shared;
         let pools: Vec<Arc<UpstreamPool>> = fleet
             .pools()
             .iter()
@@ -157,6 +169,7 @@ impl Proxy {
             policy,
             cache,
             protect,
+            traces,
         }
     }
 
@@ -192,6 +205,13 @@ impl Proxy {
             // What compression needs of the request, kept before it is consumed.
             let accept = self.kept_accept_encoding(&req);
             let head_only = req.method() == Method::HEAD;
+            let trace = self.traces.as_ref().map(|t| {
+                let trace = t.request(req.headers(), req.method(), req.uri().path());
+                if trace.sampled() {
+                    trace.set_all(otel_request_attributes(&request_id, req.uri().path()));
+                }
+                trace
+            });
             let mut st = RequestState {
                 conn,
                 peer_trusted,
@@ -201,6 +221,7 @@ impl Proxy {
                 key_slot: None,
                 waited: None,
                 upstream_head: None,
+                trace,
             };
             let forwarded = self.forward(&mut st, req, fields).await;
             let spends = respond::spends_left(&mut st.admission, &forwarded);
@@ -220,7 +241,14 @@ impl Proxy {
             };
             self.finish(&mut st, &mut resp, request_id, h2);
             let key_slot = st.key_slot.take();
-            resp.body_mut().on_end(pending.take().holding(key_slot));
+            let trace = st.trace.take();
+            let log = pending.take().holding(key_slot);
+            let log = match trace {
+                // The answer's body is a step of its own, to its end.
+                Some(trace) => log.traced(trace),
+                None => log,
+            };
+            resp.body_mut().on_end(log);
             resp
         }
     }
@@ -237,10 +265,26 @@ impl Proxy {
         async move {
             // Which route, and whether the request's head is acceptable.
             let mut arrival = self.arrive(st, &mut req, &fields)?;
+            if let Some(t) = &st.trace {
+                t.route(req.method(), &arrival.route.name);
+            }
             // Request-count limits, then the body (when a step needs it),
             // then token limits.
             if arrival.needs_admission(&req) {
                 arrival.admit(self, st, &mut req).await?;
+            }
+            if let Some(t) = st.trace.as_ref().filter(|t| t.sampled()) {
+                if let Some(model) = &arrival.facts.model {
+                    // Model names are kept with Ollama's default tag; the
+                    // request asked for the name without it, and OpenAI
+                    // names have none.
+                    let asked = model.as_str();
+                    let asked = asked.strip_suffix(":latest").unwrap_or(asked);
+                    t.set(crate::otel::Attribute::new(
+                        "gen_ai.request.model",
+                        asked.to_owned(),
+                    ));
+                }
             }
             // The cache: answer from it, or learn how to treat the
             // upstream's answer.
@@ -259,7 +303,18 @@ impl Proxy {
                 arrival.upstream_limits(st, req.headers(), spends).await?;
             }
             // A server and a slot there.
-            let Some(slot) = self.take_server(st, &mut arrival, &req, &mut plan).await? else {
+            let taken = self.take_server(st, &mut arrival, &req, &mut plan).await;
+            if let (Some(t), Some(waited)) = (&st.trace, st.waited) {
+                // A wait known once it is over: its span begins back then.
+                let began = std::time::SystemTime::now() - waited;
+                let mut span = t.child_since("queue", crate::otel::SpanKind::Internal, began);
+                span.set(crate::otel::Attribute::new(
+                    "hyperion.upstream",
+                    arrival.pool.policy.name.clone(),
+                ));
+                span.end();
+            }
+            let Some(slot) = taken? else {
                 return Ok(plan
                     .serve_stale
                     .take()
@@ -279,8 +334,9 @@ impl Proxy {
             }
             // Sent here, not in a step's function: see `dispatch.rs`.
             let model = slot.model.as_ref();
+            let trace = st.trace.as_ref();
             let sent = pool
-                .send(slot.admitted, req, slot.filter, model, preserve_host)
+                .send(slot.admitted, req, slot.filter, model, preserve_host, trace)
                 .await;
             st.upstream_head = timed.map(|t| t.elapsed());
             let resp = self.answer(st, &mut arrival, sent, &mut plan, slot.planned)?;
@@ -315,6 +371,39 @@ struct RequestState<'a> {
     /// How long the upstream took to the answer's head (measured only for
     /// `server_timing`).
     upstream_head: Option<std::time::Duration>,
+    /// The request's trace (`[tracing]`), handed to the access-log record
+    /// at the end to be ended with the body.
+    trace: Option<crate::otel::RequestTrace>,
+}
+
+/// What a sampled request's server span says from the start: its id, and
+/// the GenAI system and operation its path names.
+fn otel_request_attributes(request_id: &HeaderValue, path: &str) -> Vec<crate::otel::Attribute> {
+    use crate::otel::Attribute;
+    let mut out = vec![Attribute::new(
+        "hyperion.request_id",
+        request_id.to_str().unwrap_or("-").to_owned(),
+    )];
+    let system = if path.starts_with("/api/") {
+        Some("ollama")
+    } else if path.starts_with("/v1/") {
+        Some("openai")
+    } else {
+        None
+    };
+    let operation = match path.rsplit('/').next().unwrap_or("") {
+        "chat" | "completions" if path.ends_with("chat/completions") || path.ends_with("/chat") => {
+            Some("chat")
+        }
+        "generate" | "completions" => Some("text_completion"),
+        "embed" | "embeddings" => Some("embeddings"),
+        _ => None,
+    };
+    if let (Some(system), Some(operation)) = (system, operation) {
+        out.push(Attribute::new("gen_ai.system", system));
+        out.push(Attribute::new("gen_ai.operation.name", operation));
+    }
+    out
 }
 
 /// A 429 from limiter `r`: counted, what earlier limiters spent given back,

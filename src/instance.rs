@@ -187,7 +187,12 @@ impl Server {
         );
         notify_service_manager(&[sd_notify::NotifyState::Stopping]);
         self.shutdown();
+        let traces = self.reloader.current().traces.clone();
         let joined = self.join();
+        if let Some(traces) = traces {
+            // The drained requests' spans go out before the process ends.
+            traces.shutdown(std::time::Duration::from_secs(5));
+        }
         tracing::info!("shutdown complete");
         joined
     }

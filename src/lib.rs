@@ -43,6 +43,7 @@ pub(crate) mod handler;
 pub(crate) mod headers;
 pub(crate) mod instance;
 pub mod limits;
+pub mod otel;
 pub mod path;
 pub mod policy;
 pub(crate) mod progress;

@@ -49,8 +49,44 @@ pub struct Policy {
     pub admin: Option<AdminPolicy>,
     /// `[auth]`; `None`: keys are not checked anywhere.
     pub auth: Option<AuthPolicy>,
+    /// `[tracing]`; `None`: no traces.
+    pub tracing: Option<TracingPolicy>,
     /// `[tiers.NAME]` and `[keys.NAME]`, resolved: what each key gets.
     pub tenancy: Arc<tenancy::Tenancy>,
+}
+
+/// `[tracing]`: OpenTelemetry traces, exported over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingPolicy {
+    /// The collector's traces URL, `http(s)://host:port/v1/traces`.
+    pub otlp_endpoint: http::Uri,
+    /// The share of traces started here that are kept (a client's sampled
+    /// `traceparent` is always followed).
+    pub sample_ratio: f64,
+    pub service_name: String,
+    /// Extra export headers (`key=value,key=value`, OTLP's format), read
+    /// from this environment variable; values are never shown.
+    pub headers_env: Option<String>,
+    pub headers: ExportHeaders,
+    /// Finished spans waiting for export; past it they are dropped and
+    /// counted.
+    pub max_queue: usize,
+    pub batch_size: usize,
+    pub export_interval: std::time::Duration,
+    pub export_timeout: std::time::Duration,
+}
+
+/// The export headers: debug output names them, never their values
+/// (they are credentials, often).
+#[derive(Clone, PartialEq, Default)]
+pub struct ExportHeaders(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for ExportHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| format!("{k}: <hidden>")))
+            .finish()
+    }
 }
 
 /// `[auth]`: the keys Hyperion issued.
@@ -638,6 +674,19 @@ impl fmt::Display for Policy {
                     a.listen
                 )?,
             }
+        }
+        if let Some(t) = &self.tracing {
+            writeln!(
+                f,
+                "tracing:   OTLP/HTTP to {} as `{}`, {:.0}% of new traces sampled{}",
+                t.otlp_endpoint,
+                t.service_name,
+                t.sample_ratio * 100.0,
+                t.headers_env
+                    .as_ref()
+                    .map(|v| format!(", headers from env {v}"))
+                    .unwrap_or_default()
+            )?;
         }
         writeln!(
             f,

@@ -236,6 +236,7 @@ impl UpstreamPool {
         filter: PickFilter,
         model: Option<&ModelName>,
         preserve_host: bool,
+        trace: Option<&crate::otel::RequestTrace>,
     ) -> Result<(Box<Response<Incoming>>, ConnLease, usize), ProxyError> {
         self.state.budget.earn();
         // A request that reached the server and failed is sent again only
@@ -254,14 +255,55 @@ impl UpstreamPool {
         loop {
             let index = admitted.index;
             let started = crate::clock::now();
+            // Each attempt is a span of the request's trace, and the
+            // upstream's own spans its children (`traceparent`).
+            let mut span = trace.map(|t| {
+                let server = &self.policy.servers[index];
+                let mut span = t.child("upstream attempt", crate::otel::SpanKind::Client);
+                if span.sampled() {
+                    span.set(crate::otel::Attribute::new(
+                        "server.address",
+                        server.url.to_string(),
+                    ));
+                    span.set(crate::otel::Attribute::new(
+                        "http.request.resend_count",
+                        i64::from(attempts),
+                    ));
+                    span.set(crate::otel::Attribute::new(
+                        "hyperion.upstream",
+                        self.policy.name.clone(),
+                    ));
+                }
+                span.propagate(req.headers_mut());
+                span
+            });
             let mut failure = match self.attempt(index, req, started).await {
                 Ok((resp, mut lease)) => {
                     self.note_answer(index, resp.status(), started, model);
+                    if let Some(mut span) = span.take() {
+                        let status = resp.status().as_u16();
+                        span.set(crate::otel::Attribute::new(
+                            "http.response.status_code",
+                            i64::from(status),
+                        ));
+                        if status >= 500 {
+                            span.fail("server error");
+                        }
+                        span.end();
+                    }
                     lease.hold(admitted);
                     return Ok((resp, lease, index));
                 }
                 Err(f) => f,
             };
+            if let Some(mut span) = span.take() {
+                span.set(crate::otel::Attribute::new(
+                    "error.type",
+                    failure.error.code(),
+                ));
+                span.fail(failure.error.to_string());
+                span.end();
+            }
             self.note_failure(index, &failure.error);
             tried |= 1 << index;
             attempts += 1;

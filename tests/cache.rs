@@ -476,6 +476,7 @@ async fn each_vary_value_keeps_its_own_stored_variant() {
         headers: &http::HeaderMap::new(),
         body: None,
         body_digest: None,
+        key_seen: None,
         tenant: None,
     };
     let key = proxy.cache.explain(&policy, &q).await.unwrap().key;
@@ -574,6 +575,7 @@ ignore_fields = ["keep_alive"]"#,
                 headers: &headers,
                 body: Some(&body),
                 body_digest: None,
+                key_seen: None,
                 tenant: None,
             },
         )

@@ -43,6 +43,11 @@ fn tables() -> Vec<(&'static str, &'static str, String)> {
             format!("[cache]\n{PROBE}\n{UPSTREAM}{ROUTE}"),
         ),
         (
+            "[tracing]",
+            "tracing",
+            format!("[tracing]\n{PROBE}\n{UPSTREAM}{ROUTE}"),
+        ),
+        (
             "[cache.redis]",
             "cache.redis",
             format!("[cache.redis]\n{PROBE}\n{UPSTREAM}{ROUTE}"),
@@ -245,6 +250,10 @@ fn policy_with(path: &str, line: &str) -> String {
             let t = table.split('.').next().unwrap();
             format!("{AUTH}[{t}.x]\n{line}\n{up}{route}")
         }
+        // The other keys are read beside a collector.
+        "tracing" if !path.ends_with("otlp_endpoint") => format!(
+            "[tracing]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\n{line}\n{up}{route}"
+        ),
         "cache.redis" => format!(
             "[cache.redis]\nurl = \"redis://127.0.0.1:1/0\"\nsecret_env = \"HYPERION_POLICY_DOC_SECRET\"\n{line}\n{up}{route}"
         ),

@@ -280,14 +280,27 @@ const CHANGED: &[(&str, &str)] = &[
     ("cache.default_ttl", r#""6m""#),
     ("cache.credential_headers", r#"["x-key"]"#),
     ("cache.targeted_cache_control", r#"["x-cdn-cache-control"]"#),
+    ("tracing.sample_ratio", "0.5"),
+    ("tracing.service_name", r#""other""#),
+    ("tracing.max_queue", "100"),
+    ("tracing.batch_size", "10"),
+    ("tracing.export_interval", r#""3s""#),
+    ("tracing.export_timeout", r#""11s""#),
+    ("tracing.otlp_endpoint", r#""http://127.0.0.1:2/v1/traces""#),
+    ("tracing.headers_env", r#""HYPERION_RELOAD_TEST_OTLP""#),
 ];
+
+/// The base policy's `[tracing]` (a collector that is not there: exports
+/// fail, counted, and nothing else notices).
+const TRACING: &str = "[tracing]\notlp_endpoint = \"http://127.0.0.1:1/v1/traces\"\n";
 
 #[tokio::test]
 async fn a_reload_names_exactly_the_keys_the_key_table_marks_restart() {
     use hyperion::policy::keys::{self, Reload};
     let up = Upstream::echo().await;
+    std::env::set_var("HYPERION_RELOAD_TEST_OTLP", "x-a=1");
     let base = format!(
-        "[admin]\nlisten = \"127.0.0.1:3\"\n{}",
+        "[admin]\nlisten = \"127.0.0.1:3\"\n{TRACING}{}",
         policy(&up.url(), "base", "")
     );
     let file = TempFile::new("policy.toml", &base);
@@ -297,7 +310,17 @@ async fn a_reload_names_exactly_the_keys_the_key_table_marks_restart() {
         let (table, name) = path.rsplit_once('.').unwrap();
         let changed = if table == "admin" {
             format!(
-                "[admin]\n{name} = {value}\n{}",
+                "[admin]\n{name} = {value}\n{TRACING}{}",
+                policy(&up.url(), "base", "")
+            )
+        } else if table == "tracing" {
+            let endpoint = if name == "otlp_endpoint" {
+                String::new()
+            } else {
+                TRACING.lines().nth(1).unwrap().to_owned()
+            };
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:3\"\n[tracing]\n{endpoint}\n{name} = {value}\n{}",
                 policy(&up.url(), "base", "")
             )
         } else {
@@ -318,15 +341,15 @@ async fn a_reload_names_exactly_the_keys_the_key_table_marks_restart() {
         let exercised = CHANGED.iter().any(|(p, _)| *p == k.path);
         let elsewhere = k.path.starts_with("server.tls") || k.path.starts_with("cache.redis");
         assert!(
-            exercised || elsewhere || k.path == "admin",
+            exercised || elsewhere || k.path == "admin" || k.path == "tracing",
             "{} is marked restart but no reload here changes it",
             k.path
         );
     }
-    // [admin] appearing or going away waits for a restart too.
+    // [admin] and [tracing] appearing or going away wait for a restart too.
     file.write(&policy(&up.url(), "base", ""));
     assert_eq!(
         proxy.reload().await.unwrap().needs_restart,
-        vec!["admin".to_owned()]
+        vec!["admin".to_owned(), "tracing".to_owned()]
     );
 }

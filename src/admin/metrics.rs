@@ -25,6 +25,16 @@ pub async fn render(reloader: &Reloader) -> Option<String> {
     counter!("hyperion_reloads_total", "outcome" => "error")
         .absolute(reloader.failed.load(std::sync::atomic::Ordering::Relaxed));
     gauge!("hyperion_policy_generation").set(generation.number as f64);
+    if let Some(traces) = &generation.traces {
+        let (exported, dropped, failed) = traces.stats.get();
+        for (outcome, n) in [
+            ("exported", exported),
+            ("dropped", dropped),
+            ("failed", failed),
+        ] {
+            counter!("hyperion_trace_spans_total", "outcome" => outcome).absolute(n);
+        }
+    }
     crate::telemetry::exposition()
 }
 

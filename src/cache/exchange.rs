@@ -46,6 +46,8 @@ pub struct CacheQuery<'a> {
     pub body_digest: Option<&'a BodyDigest>,
     /// The API key the request presented, when Hyperion checked it.
     pub tenant: Option<TenantScope<'a>>,
+    /// Told the request's key once it is worked out (a trace names it).
+    pub key_seen: Option<&'a std::sync::OnceLock<CacheKey>>,
 }
 
 impl CacheQuery<'_> {
@@ -79,6 +81,19 @@ pub enum Before {
     Forward(Exchange),
     /// The same request is already on its way upstream: wait for its answer.
     Follow(Follow),
+}
+
+impl Before {
+    /// What the lookup decided, in a word (for traces).
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Before::Serve(_, status, None) => status.as_str(),
+            Before::Serve(_, _, Some(_)) => "STALE (refreshing)",
+            Before::Fail(_) => "not cached (only-if-cached)",
+            Before::Forward(ex) => ex.status.as_str(),
+            Before::Follow(_) => "follow",
+        }
+    }
 }
 
 /// What became of the upstream's answer.
@@ -155,6 +170,9 @@ impl Cache {
             // Not JSON on a JSON-keyed route: not the client's problem.
             Err(_) => return Before::Forward(self.exchange(policy, &q, bypass(client))),
         };
+        if let Some(seen) = q.key_seen {
+            let _ = seen.set(key);
+        }
         let mut stored = self.lookup(&key, q.headers).await;
         let stale = stored
             .as_ref()

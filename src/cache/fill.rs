@@ -768,6 +768,17 @@ pub enum Followed {
     Alone,
 }
 
+impl Followed {
+    /// What waiting came to, in a word (for traces).
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Followed::Serve(_, status) => status.as_str(),
+            Followed::Retry => "retry: the leader failed",
+            Followed::Alone => "alone: the answer cannot be shared",
+        }
+    }
+}
+
 /// A request waiting for a fill led by another.
 pub struct Follow {
     member: Member,

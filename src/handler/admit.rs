@@ -409,7 +409,9 @@ impl<'p> Arrival<'p> {
         };
         let wants = WantedFacts {
             keyed_by: body_keyed.then(|| route.policy.clone()),
-            model: by_model,
+            // A sampled trace names the model too (the body is read
+            // already; it is not read for a trace alone).
+            model: by_model || st.trace.as_ref().is_some_and(|t| t.sampled()),
             tokens: self
                 .limits
                 .counts_tokens()

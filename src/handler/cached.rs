@@ -15,6 +15,7 @@ use super::{Proxy, RequestState};
 use crate::body::ResponseBody;
 use crate::cache::{Before, CacheQuery, Exchange, Followed, TenantScope};
 use crate::error::ProxyError;
+use crate::otel::{Attribute, SpanKind};
 use crate::policy::RouteCachePolicy;
 
 /// What the cache made of a request.
@@ -51,6 +52,9 @@ impl Arrival<'_> {
     ) -> Result<Plan, ProxyError> {
         let host = self.host();
         let mut joins_left = 2;
+        // The key, for a sampled trace to name.
+        let key_seen = std::sync::OnceLock::new();
+        let traced = st.trace.as_ref().filter(|t| t.sampled()).is_some();
         loop {
             let query = CacheQuery {
                 route: &self.route.name,
@@ -65,11 +69,28 @@ impl Arrival<'_> {
                     key_headers: &crate::auth::KEY_HEADERS,
                 }),
                 body_digest: self.facts.digest.as_ref(),
+                key_seen: traced.then_some(&key_seen),
             };
+            let mut lookup = st
+                .trace
+                .as_ref()
+                .map(|t| t.child("cache lookup", SpanKind::Internal));
             // The cache's futures are boxed where they are awaited: inline,
             // their size would be carried (and copied) by every request's
             // future, pass-through ones included.
-            match boxed_in_place!(proxy.cache.before(policy, query, joins_left > 0)).await {
+            let before = boxed_in_place!(proxy.cache.before(policy, query, joins_left > 0)).await;
+            if let Some(mut span) = lookup.take() {
+                if let Some(key) = key_seen.get() {
+                    let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
+                    span.set(Attribute::new("hyperion.cache.key", hex.clone()));
+                    if let Some(t) = &st.trace {
+                        t.set(Attribute::new("hyperion.cache.key", hex));
+                    }
+                }
+                span.set(Attribute::new("hyperion.cache.result", before.describe()));
+                span.end();
+            }
+            match before {
                 Before::Serve(resp, status, None) => {
                     st.rec.cache = status.as_str();
                     if let Some(at) = self.arrived {
@@ -95,7 +116,16 @@ impl Arrival<'_> {
                 }
                 Before::Follow(follow) => {
                     joins_left -= 1;
-                    match boxed_in_place!(follow.wait(req.headers())).await {
+                    let mut waiting = st
+                        .trace
+                        .as_ref()
+                        .map(|t| t.child("coalescing wait", SpanKind::Internal));
+                    let followed = boxed_in_place!(follow.wait(req.headers())).await;
+                    if let Some(mut span) = waiting.take() {
+                        span.set(Attribute::new("hyperion.coalesced", followed.describe()));
+                        span.end();
+                    }
+                    match followed {
                         Followed::Serve(resp, status) => {
                             st.rec.cache = status.as_str();
                             if self.arrived.is_some() {

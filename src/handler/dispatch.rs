@@ -336,6 +336,9 @@ pub(super) async fn lead(
     serve_stale: Option<Response<ResponseBody>>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let pool = pool.clone();
+    // The leader's attempts belong to its trace, though they run in the
+    // exchange's task.
+    let trace = st.trace.clone();
     let send = async move {
         let Slot {
             admitted,
@@ -344,7 +347,14 @@ pub(super) async fn lead(
             ..
         } = slot;
         let (resp, lease, index) = pool
-            .send(admitted, req, filter, model.as_ref(), preserve_host)
+            .send(
+                admitted,
+                req,
+                filter,
+                model.as_ref(),
+                preserve_host,
+                trace.as_ref(),
+            )
             .await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return Err(unasked_upgrade(pool.pick_at(index).server));

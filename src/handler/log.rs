@@ -14,6 +14,7 @@ use crate::body::{BodyEnd, BodyOutcome};
 use crate::conn::InflightGuard;
 use crate::headers;
 use crate::limits::per_key::KeySlot;
+use crate::otel::{Attribute, RequestTrace, SpanKind, StepSpan};
 
 /// The record and what it needs to be written.
 pub(super) struct RequestLog {
@@ -22,6 +23,8 @@ pub(super) struct RequestLog {
     _inflight: InflightGuard,
     /// The request's place under its key's `max_concurrent`.
     _key_slot: Option<KeySlot>,
+    /// The request's trace and its answer's span, ended with the body.
+    trace: Option<(RequestTrace, StepSpan)>,
 }
 
 impl RequestLog {
@@ -30,10 +33,35 @@ impl RequestLog {
         self._key_slot = slot;
         self
     }
+
+    /// Ends `trace` with the body: the answer's span begins now.
+    pub fn traced(mut self: Box<Self>, trace: RequestTrace) -> Box<Self> {
+        let stream = trace.child("response stream", SpanKind::Internal);
+        self.trace = Some((trace, stream));
+        self
+    }
 }
 
 impl BodyEnd for RequestLog {
-    fn end(self: Box<Self>, bytes: u64, outcome: BodyOutcome) {
+    fn end(mut self: Box<Self>, bytes: u64, outcome: BodyOutcome) {
+        if let Some((trace, mut stream)) = self.trace.take() {
+            if stream.sampled() {
+                stream.set(Attribute::new("http.response.body.size", bytes as i64));
+                stream.set(Attribute::new("hyperion.outcome", outcome.as_str()));
+                if outcome != BodyOutcome::Complete {
+                    stream.fail(outcome.as_str());
+                }
+            }
+            stream.end();
+            if trace.sampled() {
+                trace.status(self.rec.status, self.rec.error);
+                trace.set(Attribute::new("hyperion.cache.status", self.rec.cache));
+                if let Some(up) = &self.rec.upstream {
+                    trace.set(Attribute::new("hyperion.upstream.server", up.to_string()));
+                }
+            }
+            trace.end();
+        }
         self.log.finish(&self.rec, bytes, outcome);
     }
 }
@@ -101,6 +129,7 @@ impl Proxy {
                 log: self.log.clone(),
                 _inflight: inflight,
                 _key_slot: None,
+                trace: None,
             },
         )))
     }

@@ -82,12 +82,58 @@ struct KeyTokens {
     started: tokio::time::Instant,
 }
 
-impl TokenSink for KeyTokens {
-    fn counted(self: Box<Self>, tokens: TokenCount) {
+impl KeyTokens {
+    fn counted(self, tokens: TokenCount) {
         // An answer shared while it streamed has no stored cost: this
         // request's own time is the least its making took.
         let made_in = self.made_in.unwrap_or_else(|| self.started.elapsed());
         self.usage.tokens(&self.key, tokens, self.served, made_in);
+    }
+}
+
+/// An answer's tokens on its trace, as OpenTelemetry's GenAI conventions
+/// name them, and what serving it from the cache saved.
+struct TraceTokens {
+    trace: crate::otel::RequestTrace,
+    served: Served,
+    made_in: Option<std::time::Duration>,
+}
+
+impl TraceTokens {
+    fn counted(self, tokens: TokenCount) {
+        use crate::otel::Attribute;
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.trace.set_all([
+            Attribute::new("gen_ai.usage.input_tokens", n(tokens.prompt)),
+            Attribute::new("gen_ai.usage.output_tokens", n(tokens.completion)),
+        ]);
+        if let Served::Shared = self.served {
+            self.trace
+                .set(Attribute::new("hyperion.tokens_saved", n(tokens.total())));
+            if let Some(made_in) = self.made_in {
+                self.trace.set(Attribute::new(
+                    "hyperion.upstream_seconds_saved",
+                    made_in.as_secs_f64(),
+                ));
+            }
+        }
+    }
+}
+
+/// Who is told an answer's tokens: the key's usage, the trace, or both.
+struct AnswerTokens {
+    key: Option<KeyTokens>,
+    trace: Option<TraceTokens>,
+}
+
+impl TokenSink for AnswerTokens {
+    fn counted(self: Box<Self>, tokens: TokenCount) {
+        if let Some(k) = self.key {
+            k.counted(tokens);
+        }
+        if let Some(t) = self.trace {
+            t.counted(tokens);
+        }
     }
 }
 
@@ -139,7 +185,11 @@ impl Proxy {
             .key
             .as_ref()
             .filter(|_| !upgraded && TokenMeter::reads(ct().map(|v| v.as_bytes())));
-        if spends.is_some() || key.is_some() {
+        let trace = st
+            .trace
+            .as_ref()
+            .filter(|t| t.sampled() && !upgraded && TokenMeter::reads(ct().map(|v| v.as_bytes())));
+        if spends.is_some() || key.is_some() || trace.is_some() {
             let ct = ct();
             let mut meter = TokenMeter::new(
                 spends.unwrap_or_default(),
@@ -147,14 +197,22 @@ impl Proxy {
                 resp.status().is_success(),
                 st.admission.estimate.map_or(0, |(_, prompt)| prompt),
             );
-            if let Some(key) = key {
-                meter.report_to(Box::new(KeyTokens {
-                    usage: self.protect.usage.clone(),
-                    key: key.clone(),
-                    served: Served::by_cache_status(st.rec.cache),
-                    made_in: resp.body().entry().map(|e| e.cost.upstream),
-                    started: st.rec.started,
-                }));
+            let served = Served::by_cache_status(st.rec.cache);
+            let made_in = resp.body().entry().map(|e| e.cost.upstream);
+            let key = key.map(|key| KeyTokens {
+                usage: self.protect.usage.clone(),
+                key: key.clone(),
+                served,
+                made_in,
+                started: st.rec.started,
+            });
+            let trace = trace.map(|t| TraceTokens {
+                trace: t.clone(),
+                served,
+                made_in,
+            });
+            if key.is_some() || trace.is_some() {
+                meter.report_to(Box::new(AnswerTokens { key, trace }));
             }
             resp.body_mut().meter(meter);
         }

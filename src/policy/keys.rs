@@ -46,6 +46,8 @@ pub enum Unit {
     Size,
     /// A whole number.
     Count,
+    /// A number from 0 to 1.
+    Fraction,
     Bool,
     /// One of these words.
     Choice(&'static str),
@@ -191,6 +193,36 @@ pub const KEYS: &[Key] = &[
         Off("open endpoints only"),
         File,
         Applies,
+    ),
+    // [tracing]
+    key("tracing", Off("no traces"), Table, Restart),
+    key("tracing.otlp_endpoint", Required, Text, Restart),
+    key("tracing.sample_ratio", Value("1.0"), Fraction, Restart),
+    key(
+        "tracing.service_name",
+        Value(r#""hyperion""#),
+        Text,
+        Restart,
+    ),
+    key(
+        "tracing.headers_env",
+        Off("no extra headers"),
+        Text,
+        Restart,
+    ),
+    key("tracing.max_queue", Value("2048"), Count, Restart),
+    key("tracing.batch_size", Value("512"), Count, Restart),
+    key(
+        "tracing.export_interval",
+        Value(r#""2s""#),
+        Duration,
+        Restart,
+    ),
+    key(
+        "tracing.export_timeout",
+        Value(r#""10s""#),
+        Duration,
+        Restart,
     ),
     // [auth]
     key("auth", Off("keys are not checked"), Table, Applies),
@@ -776,6 +808,7 @@ impl std::fmt::Display for Unit {
             Duration => f.write_str("duration"),
             Size => f.write_str("size"),
             Count => f.write_str("number"),
+            Fraction => f.write_str("number from 0 to 1"),
             Bool => f.write_str("true/false"),
             Choice(words) => write!(f, "one of: {words}"),
             Text => f.write_str("text"),

@@ -30,6 +30,7 @@ pub struct RawPolicy {
     pub auth: Option<Spanned<RawAuth>>,
     pub cache: Option<Spanned<RawCache>>,
     pub compression: Option<Spanned<RawCompression>>,
+    pub tracing: Option<Spanned<RawTracing>>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     #[serde(default)]
@@ -98,6 +99,20 @@ pub struct RawAdmin {
     pub listen: Option<ListenAddr>,
     pub token_env: Option<String>,
     pub token_file: Option<String>,
+}
+
+/// `[tracing]`: OpenTelemetry traces over OTLP/HTTP.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp_endpoint: Option<Spanned<String>>,
+    pub sample_ratio: Option<Spanned<f64>>,
+    pub service_name: Option<Spanned<String>>,
+    pub headers_env: Option<Spanned<String>>,
+    pub max_queue: Option<Spanned<u64>>,
+    pub batch_size: Option<Spanned<u64>>,
+    pub export_interval: Option<Spanned<Dur>>,
+    pub export_timeout: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize)]

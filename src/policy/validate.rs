@@ -44,6 +44,7 @@ mod limits;
 mod routes;
 mod server;
 mod tiers;
+mod tracing;
 mod upstream;
 
 /// Servers in one pool at most (the balancers track them in 64-bit sets).
@@ -133,6 +134,10 @@ impl Validator<'_> {
             Some(a) => Some(self.auth(a)?),
             None => None,
         };
+        let tracing = match raw.tracing {
+            Some(t) => Some(self.tracing(t)?),
+            None => None,
+        };
         let mut rate_limits = Vec::with_capacity(raw.rate_limits.len());
         for (name, limit) in raw.rate_limits {
             rate_limits.push(Arc::new(self.rate_limit(
@@ -177,6 +182,7 @@ impl Validator<'_> {
             rate_limits,
             admin,
             auth,
+            tracing,
             tenancy: Arc::new(tenancy),
         })
     }
