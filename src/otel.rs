@@ -104,11 +104,11 @@ impl Traces {
             .with_kind(SpanKind::Server)
             .start_with_context(&self.tracer, &parent);
         let sampled = span.span_context().is_sampled();
-        let trace = RequestTrace {
+        let trace = RequestTrace(Arc::new(TraceInner {
             cx: parent.with_span(span),
             tracer: self.tracer.clone(),
             sampled,
-        };
+        }));
         if sampled {
             trace.set_all([
                 KeyValue::new("http.request.method", method.as_str().to_owned()),
@@ -154,51 +154,56 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
-/// One request's server span, and the spans of its steps under it. Cheap
-/// to clone (a coalescing leader's task carries one).
+/// One request's server span, and the spans of its steps under it. One
+/// pointer: it rides in every request's future (as `None` when tracing is
+/// off, where a wider field would be copied on each move of the future),
+/// and is cheap to clone (a coalescing leader's task carries one).
 #[derive(Clone)]
-pub struct RequestTrace {
+pub struct RequestTrace(Arc<TraceInner>);
+
+struct TraceInner {
     /// Holds the server span.
     cx: Context,
     tracer: SdkTracer,
     sampled: bool,
 }
 
+
 impl RequestTrace {
     /// Whether the request's spans are kept: attributes are worth working
     /// out only then.
     pub fn sampled(&self) -> bool {
-        self.sampled
+        self.0.sampled
     }
 
     /// Names the server span `METHOD route`, once the route is known.
     pub fn route(&self, method: &http::Method, route: &str) {
-        if self.sampled {
-            let span = self.cx.span();
+        if self.0.sampled {
+            let span = self.0.cx.span();
             span.update_name(format!("{} {route}", method_name(method)));
             span.set_attribute(KeyValue::new("http.route", route.to_owned()));
         }
     }
 
     pub fn set(&self, attribute: KeyValue) {
-        if self.sampled {
-            self.cx.span().set_attribute(attribute);
+        if self.0.sampled {
+            self.0.cx.span().set_attribute(attribute);
         }
     }
 
     pub fn set_all(&self, attributes: impl IntoIterator<Item = KeyValue>) {
-        if self.sampled {
-            self.cx.span().set_attributes(attributes);
+        if self.0.sampled {
+            self.0.cx.span().set_attributes(attributes);
         }
     }
 
     /// The answer's status: a 5xx marks the span as failed (OpenTelemetry's
     /// HTTP conventions: a 4xx is the client's, not the server's).
     pub fn status(&self, status: u16, error: Option<&'static str>) {
-        if !self.sampled {
+        if !self.0.sampled {
             return;
         }
-        let span = self.cx.span();
+        let span = self.0.cx.span();
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
@@ -219,27 +224,29 @@ impl RequestTrace {
     /// A step's span under the server span, begun at `start` (a wait
     /// known only once it is over).
     pub fn child_since(&self, name: &'static str, kind: SpanKind, start: SystemTime) -> StepSpan {
-        let span = self
+        let inner = &self.0;
+        let span = inner
             .tracer
             .span_builder(name)
             .with_kind(kind)
             .with_start_time(start)
-            .start_with_context(&self.tracer, &self.cx);
+            .start_with_context(&inner.tracer, &inner.cx);
         StepSpan {
-            span,
-            sampled: self.sampled,
+            span: Box::new(span),
+            sampled: inner.sampled,
         }
     }
 
     /// Ends the server span.
     pub fn end(&self) {
-        self.cx.span().end();
+        self.0.cx.span().end();
     }
 }
 
-/// A step's span: ended when dropped, or by [`StepSpan::end`].
+/// A step's span: ended when dropped, or by [`StepSpan::end`]. Boxed: an
+/// upstream attempt's future holds an `Option` of one.
 pub struct StepSpan {
-    span: opentelemetry_sdk::trace::Span,
+    span: Box<opentelemetry_sdk::trace::Span>,
     sampled: bool,
 }
 

@@ -20,6 +20,11 @@
 # AUTH=ab (or AUTH=b, AUTH=a): those binaries' policies add [auth] with one
 # key (every request presents it, and its usage is counted), e.g. AUTH=b
 # with the same binary twice to measure what API keys cost.
+# TRACING=ab (or b, a): those binaries' policies add [tracing] (sample_ratio
+# 1.0: every request a trace of three or more spans) exporting to a stand-in
+# collector (otlp_sink.py, on CLIENT_CPU), to measure what traces cost;
+# TRACING_KEYS adds [tracing] keys (e.g. 'max_queue = 200000'). The
+# collector's counts (POSTs, bytes) are in $RUN_DIR/otlp-counts after the run.
 # Needs: wrk, taskset, curl and ../shared/bench/origin (built here if missing).
 # Output: a dated report in benches/runs/ (raw wrk logs in $RUN_DIR).
 # Every process is started here, on loopback ports 27780-27792, and stopped on exit.
@@ -34,17 +39,23 @@ BIN_A=$(realpath "$1") BIN_B=$(realpath "$2")
 : "${SHARED:=$REPO/../shared}"
 : "${RUN_DIR:=/tmp/hyperion-ab}"
 : "${OUT:=$REPO/benches/runs/$(date +%Y-%m-%d)-ab.txt}"
-ORIGIN_PORT=27780 PORT_A=27791 PORT_B=27792
+ORIGIN_PORT=27780 PORT_A=27791 PORT_B=27792 OTLP_PORT=27793
 
 SCRIPT=ab.sh
 NEEDS="wrk:wrk taskset:util-linux curl:curl"
 # shellcheck source=benches/load/common.sh
 source "$REPO/benches/load/common.sh"
 
+if [ -n "${TRACING:-}" ]; then
+  taskset -c "$CLIENT_CPU" python3 "$REPO/benches/load/otlp_sink.py" $OTLP_PORT "$RUN_DIR/otlp-counts" &
+  PIDS+=($!)
+  wait_port $OTLP_PORT
+fi
 start() { # name binary port → pid on stdout
-  local auth=""
+  local auth="" traces=""
   case "${AUTH:-}" in *"$1"*) auth=$(printf '[auth]\nkeys_file = "%s"\n' "$RUN_DIR/keys-$1.toml") ;; esac
-  { server_table "$3"; echo "$auth"; origin_route; [ -z "${CACHE:-}" ] || printf '[route.cache]\nmode = "force"\nttl = "1h"\n'; } >"$RUN_DIR/$1.toml"
+  case "${TRACING:-}" in *"$1"*) traces=$(printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s/v1/traces"\nsample_ratio = 1.0\n%b\n' $OTLP_PORT "${TRACING_KEYS:-}") ;; esac
+  { server_table "$3"; echo "$auth"; echo "$traces"; origin_route; [ -z "${CACHE:-}" ] || printf '[route.cache]\nmode = "force"\nttl = "1h"\n'; } >"$RUN_DIR/$1.toml"
   "$2" check --config "$RUN_DIR/$1.toml" >/dev/null
   if [ -n "$auth" ]; then "$2" keys add bench --config "$RUN_DIR/$1.toml" 2>/dev/null >"$RUN_DIR/key-$1"; fi
   taskset -c "$SERVER_CPU" "$2" --config "$RUN_DIR/$1.toml" >"$RUN_DIR/$1.log" 2>&1 &
@@ -84,7 +95,7 @@ done
 
 {
   echo "# A/B of two Hyperion binaries, $([ -n "${CACHE:-}" ] && echo "cache hits of" || echo "pass-through") GET $PATHQ — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "# command: benches/load/ab.sh A B (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS AUTH=${AUTH:-})"
+  echo "# command: benches/load/ab.sh A B (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS AUTH=${AUTH:-} TRACING=${TRACING:-})"
   echo "# A: $BIN_A ($(sha256sum "$BIN_A" | cut -c1-12))"
   echo "# B: $BIN_B ($(sha256sum "$BIN_B" | cut -c1-12))"
   echo "# machine: $(nproc) cores; proxies and origin on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU; medians [min..max]"
