@@ -168,7 +168,6 @@ struct TraceInner {
     sampled: bool,
 }
 
-
 impl RequestTrace {
     /// Whether the request's spans are kept: attributes are worth working
     /// out only then.
