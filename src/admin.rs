@@ -324,6 +324,7 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
                         "queued": line.map(|(queued, _)| queued),
                         "queued_tenants": line.map(|(_, tenants)| tenants),
                         "servers": p.snapshot(),
+                        "prefix_affinity": p.prefix.as_ref().map(|idx| prefix_report(idx, p)),
                     })
                 })
                 .collect();
@@ -460,6 +461,35 @@ async fn answer(req: Request<Incoming>, reloader: &Arc<Reloader>) -> AdminRespon
             pretty,
         ),
     }
+}
+
+/// `prefix_affinity`'s index for `/admin/upstreams`: blocks held per
+/// server, and how requests were routed.
+fn prefix_report(
+    idx: &crate::upstream::prefix::PrefixIndex,
+    pool: &crate::upstream::fleet::PoolState,
+) -> Value {
+    use crate::upstream::prefix::{BLOCK_BYTES, FELL_BACK_FOR_LOAD, PLACED, ROUTED_BY_PREFIX};
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = |i: usize| idx.routed[i].load(Relaxed);
+    let (by_prefix, for_load, placed) = (n(ROUTED_BY_PREFIX), n(FELL_BACK_FOR_LOAD), n(PLACED));
+    let total = by_prefix + for_load + placed;
+    let servers: Vec<Value> = pool
+        .policy
+        .servers
+        .iter()
+        .zip(idx.sizes())
+        .map(|(s, blocks)| json!({ "url": &*s.url, "blocks": blocks }))
+        .collect();
+    json!({
+        "block_bytes": BLOCK_BYTES,
+        "cache_tokens_per_server": pool.policy.prefix_cache_tokens,
+        "servers": servers,
+        "routed_by_prefix": by_prefix,
+        "fell_back_for_load": for_load,
+        "placed": placed,
+        "share_routed_by_prefix": if total > 0 { by_prefix as f64 / total as f64 } else { 0.0 },
+    })
 }
 
 /// Ready: a policy is loaded and every pool has a server it may use.

@@ -282,8 +282,11 @@ pub struct UpstreamPolicy {
     pub max_queued_per_tenant: u32,
     /// How a server is chosen.
     pub balance: Balance,
-    /// What `consistent_hash` hashes.
+    /// What `consistent_hash` hashes (and `prefix_affinity` places an
+    /// unknown prompt by, when it is a header).
     pub hash_key: HashKey,
+    /// `prefix_affinity`: the prompt tokens one server's KV cache holds.
+    pub prefix_cache_tokens: u64,
     /// Further tries on another server after a failure before any response
     /// byte (connect errors, resets), under the pool's retry budget.
     pub retries: u32,
@@ -797,6 +800,13 @@ impl fmt::Display for Policy {
             let hashed = match (&u.balance, &u.hash_key) {
                 (Balance::ConsistentHash, HashKey::CacheKey) => " on the cache key".to_owned(),
                 (Balance::ConsistentHash, HashKey::Header(h)) => format!(" on header {h}"),
+                (Balance::PrefixAffinity, HashKey::Header(h)) => format!(
+                    " ({} tokens cached per server; unknown prompts placed by header {h})",
+                    u.prefix_cache_tokens
+                ),
+                (Balance::PrefixAffinity, _) => {
+                    format!(" ({} tokens cached per server)", u.prefix_cache_tokens)
+                }
                 _ => String::new(),
             };
             let checks = match &u.health {

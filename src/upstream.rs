@@ -12,6 +12,7 @@ pub mod balance;
 mod conns;
 pub mod fleet;
 pub mod models;
+pub mod prefix;
 mod retry;
 pub mod server_state;
 

@@ -182,6 +182,7 @@ fn context(path: &str) -> &'static str {
         | "upstreams.NAME.queue"
         | "upstreams.NAME.max_queued_per_tenant" => "max_inflight_per_server = 2\n",
         "upstreams.NAME.hash_key" => "balance = \"consistent_hash\"\n",
+        "upstreams.NAME.prefix_cache_tokens" => "balance = \"prefix_affinity\"\n",
         _ => "",
     }
 }

@@ -113,6 +113,21 @@ fn scrape_upstreams(generation: &Generation) {
             gauge!("hyperion_upstream_queued_tenants", "upstream" => upstream.clone())
                 .set(tenants as f64);
         }
+        if let Some(idx) = &pool.prefix {
+            use crate::upstream::prefix::{FELL_BACK_FOR_LOAD, PLACED, ROUTED_BY_PREFIX};
+            for (how, i) in [
+                ("prefix", ROUTED_BY_PREFIX),
+                ("load", FELL_BACK_FOR_LOAD),
+                ("placed", PLACED),
+            ] {
+                counter!("hyperion_upstream_prefix_routed_total", "upstream" => upstream.clone(), "how" => how)
+                    .absolute(idx.routed[i].load(std::sync::atomic::Ordering::Relaxed));
+            }
+            for (server, blocks) in pool.policy.servers.iter().zip(idx.sizes()) {
+                gauge!("hyperion_upstream_prefix_blocks", "upstream" => upstream.clone(), "server" => server.url.to_string())
+                    .set(blocks as f64);
+            }
+        }
         for server in pool.snapshot() {
             let labels = [
                 ("upstream", upstream.clone()),

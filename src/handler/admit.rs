@@ -323,6 +323,7 @@ impl<'p> Arrival<'p> {
     fn needs_body(&self, req: &Request<Incoming>) -> bool {
         let wanted = self.body_keyed()
             || self.pool.state.models.routes_by_model()
+            || self.pool.state.prefix.is_some()
             || self.limits.counts_tokens();
         wanted && !http_body::Body::is_end_stream(req.body())
     }
@@ -412,6 +413,7 @@ impl<'p> Arrival<'p> {
             // A sampled trace names the model too (the body is read
             // already; it is not read for a trace alone).
             model: by_model || st.trace.as_ref().is_some_and(|t| t.sampled()),
+            blocks: self.pool.state.prefix.is_some(),
             tokens: self
                 .limits
                 .counts_tokens()
@@ -520,6 +522,8 @@ pub(super) struct BodyFacts {
     pub digest: Option<BodyDigest>,
     pub model: Option<models::ModelName>,
     pub estimate: Option<(u64, u64)>,
+    /// The prompt's blocks, for `prefix_affinity`.
+    pub blocks: Option<crate::upstream::prefix::PromptBlocks>,
 }
 
 /// Which of the facts a route needs.
@@ -527,6 +531,7 @@ struct WantedFacts {
     /// The route, when its cache keys bodies.
     keyed_by: Option<Arc<RoutePolicy>>,
     model: bool,
+    blocks: bool,
     /// The default reservation of the route's token limiters.
     tokens: Option<u64>,
 }
@@ -541,6 +546,10 @@ impl WantedFacts {
                 .and_then(|c| BodyDigest::of(c, body)),
             model: self.model.then(|| models::requested_model(body)).flatten(),
             estimate: self.tokens.map(|d| tokens::estimate(Some(body), d)),
+            blocks: self
+                .blocks
+                .then(|| crate::upstream::prefix::PromptBlocks::of(body))
+                .flatten(),
         }
     }
 }

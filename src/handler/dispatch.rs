@@ -26,6 +26,7 @@ use crate::limits::{Counting, Place, Stage};
 use crate::policy::{AuthMode, Balance, HashKey, UnknownModel, UpstreamServer};
 use crate::upstream::balance::PickFilter;
 use crate::upstream::models::{ModelChoice, ModelName};
+use crate::upstream::prefix::{self, PromptBlocks};
 use crate::upstream::{Admitted, ConnLease, UpstreamPool};
 
 /// A server for the request, and its slot there.
@@ -55,7 +56,10 @@ impl Proxy {
     ) -> Result<Option<Slot>, ProxyError> {
         let pool = arrival.pool;
         let model = arrival.facts.model.take();
-        let filter = match arrival.servers_for(req, plan.exchange.as_ref(), model.as_ref()) {
+        let blocks = arrival.facts.blocks.take();
+        let found =
+            arrival.servers_for(req, plan.exchange.as_ref(), model.as_ref(), blocks.as_ref());
+        let filter = match found {
             Ok(filter) => filter,
             Err(e) => {
                 // Nothing reached the upstream: nothing is spent.
@@ -90,6 +94,19 @@ impl Proxy {
             }
         };
         let planned = admitted.index;
+        if let (Some(index), Some(blocks)) = (&pool.state.prefix, &blocks) {
+            // Where it went, and why: counted, and remembered for the
+            // conversation's next turn.
+            let how = if filter.affine & (1 << planned) != 0 {
+                prefix::ROUTED_BY_PREFIX
+            } else if filter.affine | filter.affine_next != 0 {
+                prefix::FELL_BACK_FOR_LOAD
+            } else {
+                prefix::PLACED
+            };
+            index.count(how);
+            index.record(blocks, planned);
+        }
         st.rec.upstream = Some(pool.pick_at(planned).server.url.clone());
         Ok(Some(Slot {
             admitted,
@@ -272,12 +289,33 @@ impl Arrival<'_> {
         req: &Request<Incoming>,
         exchange: Option<&Exchange>,
         model: Option<&ModelName>,
+        blocks: Option<&PromptBlocks>,
     ) -> Result<PickFilter, ProxyError> {
         let pool = self.pool;
         let mut filter = PickFilter {
             hash: balance_hash(pool, req, exchange, || self.host()),
             ..PickFilter::default()
         };
+        if let (Some(index), Some(blocks)) = (&pool.state.prefix, blocks) {
+            // Servers out of rotation are forgotten: they may come back
+            // with an empty cache.
+            let now = crate::clock::now();
+            let in_rotation = pool
+                .state
+                .servers
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.usable(now))
+                .fold(0u64, |m, (i, _)| m | (1 << i));
+            let affinity = index.affinity(blocks, in_rotation);
+            filter.affine = affinity.best;
+            filter.affine_next = affinity.next;
+            // An unknown prompt is placed by its first block, unless the
+            // pool hashes a header the request sent.
+            if filter.hash.is_none() {
+                filter.hash = blocks.first();
+            }
+        }
         match pool.state.models.choose(model) {
             ModelChoice::Any => {}
             ModelChoice::Among { serving, loaded } => {
@@ -386,8 +424,9 @@ fn balance_hash<'a>(
     exchange: Option<&Exchange>,
     host: impl FnOnce() -> Option<Cow<'a, str>>,
 ) -> Option<u64> {
-    if pool.policy.balance != Balance::ConsistentHash {
-        return None;
+    match (pool.policy.balance, &pool.policy.hash_key) {
+        (Balance::ConsistentHash, _) | (Balance::PrefixAffinity, HashKey::Header(_)) => {}
+        _ => return None,
     }
     // BLAKE3, not std's DefaultHasher: the ring must place a request alike
     // on every proxy, whatever Rust version built it.

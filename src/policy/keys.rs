@@ -486,13 +486,19 @@ pub const KEYS: &[Key] = &[
     key(
         "upstreams.NAME.balance",
         Value(r#""least_inflight""#),
-        Choice("least_inflight, round_robin, p2c_ewma, consistent_hash"),
+        Choice("least_inflight, round_robin, p2c_ewma, consistent_hash, prefix_affinity"),
         Applies,
     ),
     key(
         "upstreams.NAME.hash_key",
         Value(r#""cache_key""#),
         Choice("cache_key, header:<name>"),
+        Applies,
+    ),
+    key(
+        "upstreams.NAME.prefix_cache_tokens",
+        Value("100000"),
+        Count,
         Applies,
     ),
     key("upstreams.NAME.retries", Value("1"), Count, Applies),

@@ -188,6 +188,7 @@ pub struct RawUpstream {
     pub max_queued_per_tenant: Option<Spanned<u32>>,
     pub retries: Option<Spanned<u32>>,
     pub hash_key: Option<Spanned<String>>,
+    pub prefix_cache_tokens: Option<Spanned<u64>>,
     pub discover_interval: Option<Spanned<Dur>>,
     pub ca_file: Option<Spanned<String>>,
     pub health: Option<Spanned<RawHealth>>,
@@ -218,6 +219,7 @@ pub enum Balance {
     LeastInflight,
     P2cEwma,
     ConsistentHash,
+    PrefixAffinity,
 }
 
 impl Balance {
@@ -227,6 +229,7 @@ impl Balance {
             Balance::LeastInflight => "least_inflight",
             Balance::P2cEwma => "p2c_ewma",
             Balance::ConsistentHash => "consistent_hash",
+            Balance::PrefixAffinity => "prefix_affinity",
         }
     }
 }

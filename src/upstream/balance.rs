@@ -9,7 +9,13 @@
 //! - `consistent_hash`: a ring of virtual nodes (stable across processes, so
 //!   a fleet of proxies agrees), with bounded load: a server already
 //!   carrying more than 1.25× its share of the requests in flight passes the
-//!   request on along the ring.
+//!   request on along the ring;
+//! - `prefix_affinity`: the least loaded of the servers holding the
+//!   request's longest known prompt prefix (`prefix.rs` says which), within
+//!   the same 1.25× bound; over it, those holding the next longest; a
+//!   prompt known nowhere (or only at servers over their bound) is placed
+//!   on the ring by its first block (or the pool's `hash_key` header), so
+//!   prompts opening alike land together and the load stays bounded.
 //!
 //! Every strategy skips servers that are out (health, ejection) or excluded
 //! (already tried, or not serving the model). Nothing here locks. What a
@@ -40,6 +46,10 @@ pub enum Balancer {
         /// (point, server), sorted by point.
         ring: Box<[(u64, usize)]>,
     },
+    PrefixAffinity {
+        /// As `ConsistentHash`'s: where unknown prompts are placed.
+        ring: Box<[(u64, usize)]>,
+    },
 }
 
 /// What a pick must respect beyond health, as bit sets over the pool's
@@ -53,8 +63,13 @@ pub struct PickFilter {
     /// Of the usable allowed servers, the ones to choose among when any is
     /// usable (those with the model loaded); 0: no preference.
     pub prefer: u64,
-    /// The request's hash, for `consistent_hash`.
+    /// The request's hash, for `consistent_hash` (and `prefix_affinity`'s
+    /// placement of a prompt known nowhere).
     pub hash: Option<u64>,
+    /// `prefix_affinity`: the servers holding the request's longest known
+    /// prompt prefix, and those holding the next longest.
+    pub affine: u64,
+    pub affine_next: u64,
 }
 
 impl Default for PickFilter {
@@ -64,6 +79,8 @@ impl Default for PickFilter {
             only: u64::MAX,
             prefer: 0,
             hash: None,
+            affine: 0,
+            affine_next: 0,
         }
     }
 }
@@ -85,6 +102,9 @@ impl Balancer {
             Balance::LeastInflight => Balancer::LeastInflight,
             Balance::P2cEwma => Balancer::P2cEwma,
             Balance::ConsistentHash => Balancer::ConsistentHash {
+                ring: ring(servers).into_boxed_slice(),
+            },
+            Balance::PrefixAffinity => Balancer::PrefixAffinity {
                 ring: ring(servers).into_boxed_slice(),
             },
         }
@@ -126,8 +146,39 @@ impl Balancer {
                 // Nothing to hash on: spread by load.
                 None => least_inflight(servers, ok),
             },
+            Balancer::PrefixAffinity { ring } => {
+                for held in [filter.affine, filter.affine_next] {
+                    if let Some(i) = least_loaded_within_bound(servers, Candidates(ok.0 & held)) {
+                        return Some(i);
+                    }
+                }
+                match filter.hash {
+                    Some(hash) => bounded_ring_walk(ring, servers, hash, ok),
+                    None => least_inflight(servers, ok),
+                }
+            }
         }
     }
+}
+
+/// The least loaded (per weight) of `of` whose load is within the bound
+/// `bounded_ring_walk` keeps; `None` when all are over it (or `of` is
+/// empty).
+fn least_loaded_within_bound(servers: &[Arc<ServerState>], of: Candidates) -> Option<usize> {
+    if of.0 == 0 {
+        return None;
+    }
+    let total_weight: u64 = servers.iter().map(|s| u64::from(s.weight)).sum();
+    let total_in_flight: u64 = servers.iter().map(|s| u64::from(s.in_flight())).sum();
+    let within = of
+        .iter()
+        .filter(|&i| {
+            let s = &servers[i];
+            let share = (total_in_flight + 1) as f64 * s.weight as f64 / total_weight as f64;
+            f64::from(s.in_flight()) + 1.0 <= (LOAD_FACTOR * share).ceil()
+        })
+        .fold(0u64, |m, i| m | (1 << i));
+    least_inflight(servers, Candidates(within).nonempty()?)
 }
 
 /// The servers a pick may choose from (a pool has at most 64).
@@ -135,6 +186,10 @@ impl Balancer {
 struct Candidates(u64);
 
 impl Candidates {
+    fn nonempty(self) -> Option<Candidates> {
+        (self.0 != 0).then_some(self)
+    }
+
     fn has(self, i: usize) -> bool {
         self.0 & (1 << i) != 0
     }
@@ -314,11 +369,12 @@ mod tests {
             .collect()
     }
 
-    const EVERY_STRATEGY: [Balance; 4] = [
+    const EVERY_STRATEGY: [Balance; 5] = [
         Balance::RoundRobin,
         Balance::LeastInflight,
         Balance::P2cEwma,
         Balance::ConsistentHash,
+        Balance::PrefixAffinity,
     ];
 
     fn counts(

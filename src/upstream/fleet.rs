@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 use super::balance::Balancer;
 use super::conns::ServerConns;
 use super::models::{Discovery, PoolModels};
+use super::prefix::PrefixIndex;
 use super::retry::RetryBudget;
 use super::server_state::{ServerSnapshot, ServerState};
-use crate::policy::{HealthPolicy, ModelRouting, Policy, UpstreamPolicy, UpstreamServer};
+use crate::policy::{Balance, HealthPolicy, ModelRouting, Policy, UpstreamPolicy, UpstreamServer};
 
 pub struct Fleet {
     pools: Vec<Arc<PoolState>>,
@@ -36,6 +37,8 @@ pub struct PoolState {
     pub budget: RetryBudget,
     /// Who serves which model (`model_routing`).
     pub models: Arc<PoolModels>,
+    /// Which server was sent which prompt prefix (`prefix_affinity`).
+    pub prefix: Option<Arc<PrefixIndex>>,
 }
 
 impl Fleet {
@@ -64,7 +67,26 @@ impl Fleet {
                             })
                     })
                     .collect();
+                // A reload keeps what is known when the servers are the
+                // same, in the same order, with the same cache size.
+                let prefix = (u.balance == Balance::PrefixAffinity).then(|| {
+                    before
+                        .filter(|b| {
+                            b.policy.prefix_cache_tokens == u.prefix_cache_tokens
+                                && b.policy.servers.len() == u.servers.len()
+                                && b.policy
+                                    .servers
+                                    .iter()
+                                    .zip(&u.servers)
+                                    .all(|(o, n)| o.url == n.url)
+                        })
+                        .and_then(|b| b.prefix.clone())
+                        .unwrap_or_else(|| {
+                            Arc::new(PrefixIndex::new(u.servers.len(), u.prefix_cache_tokens))
+                        })
+                });
                 Arc::new(PoolState {
+                    prefix,
                     models: Arc::new(PoolModels::new(u, before.map(|b| &*b.models))),
                     balancer: Balancer::new(u.balance, &servers),
                     servers,

@@ -5,6 +5,10 @@
 
 use super::*;
 
+/// What `prefix_affinity` takes one server's KV cache to hold, in tokens,
+/// unless told.
+pub const DEFAULT_PREFIX_CACHE_TOKENS: u64 = 100_000;
+
 impl Validator<'_> {
     pub(super) fn upstream(
         &self,
@@ -18,11 +22,16 @@ impl Validator<'_> {
             .map_or(Balance::LeastInflight, |b| *b.get_ref());
         let hash_key = match &raw.hash_key {
             None => HashKey::CacheKey,
-            Some(h) if balance != Balance::ConsistentHash => {
+            Some(h)
+                if !matches!(balance, Balance::ConsistentHash | Balance::PrefixAffinity) =>
+            {
                 return Err(self.err(
                     h.span(),
                     key("hash_key"),
-                    format!("hash_key is only read by consistent_hash, not `{}`", balance.as_str()),
+                    format!(
+                        "hash_key is only read by consistent_hash and prefix_affinity, not `{}`",
+                        balance.as_str()
+                    ),
                     "set balance = \"consistent_hash\", or remove hash_key",
                 ))
             }
@@ -43,6 +52,29 @@ impl Validator<'_> {
                     }
                 },
             },
+        };
+        let prefix_cache_tokens = match &raw.prefix_cache_tokens {
+            None => DEFAULT_PREFIX_CACHE_TOKENS,
+            Some(t) if balance != Balance::PrefixAffinity => {
+                return Err(self.err(
+                    t.span(),
+                    key("prefix_cache_tokens"),
+                    format!(
+                        "prefix_cache_tokens is only read by prefix_affinity, not `{}`",
+                        balance.as_str()
+                    ),
+                    "set balance = \"prefix_affinity\", or remove prefix_cache_tokens",
+                ))
+            }
+            Some(t) if !(1_000..=100_000_000).contains(t.get_ref()) => {
+                return Err(self.err(
+                    t.span(),
+                    key("prefix_cache_tokens"),
+                    format!("{} is not between 1,000 and 100,000,000", t.get_ref()),
+                    "the KV cache one server holds, in tokens, as the engine reports it (vLLM logs \"GPU KV cache size: N tokens\")",
+                ))
+            }
+            Some(t) => *t.get_ref(),
         };
         let model_routing = raw
             .model_routing
@@ -287,6 +319,7 @@ impl Validator<'_> {
             max_queued_per_tenant,
             balance,
             hash_key,
+            prefix_cache_tokens,
             retries,
             eject_after: health.as_ref().map_or(3, |h| h.unhealthy_after),
             health,

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Balancing a GPU fleet by where the conversation's prefix is cached: the
+reference scenario of issue 33, run through Hyperion once per `balance`
+strategy against the simulated fleet in ../shared/sim (four servers with
+LRU prefix caches), printing the table: prefix-block hit ratio (the
+servers' own count), mean and p95 time to first token.
+
+    benches/load/prefix_affinity.py [HYPERION_BINARY] [--strategies a,b,...]
+        [--users 16] [--turns 8] [--tenants 4] [--system-words 1600]
+        [--turn-words 120] [--out FILE]
+
+Each strategy gets a fresh fleet (empty caches) and a fresh proxy; the
+workload is ../shared/sim/workload.py with the same seed. The simulator
+and workload need fastapi, uvicorn and httpx: they run from a venv made
+here (.venv-sim, from PyPI) unless SIM_PYTHON names a Python that has them.
+
+About `prefix_cache_tokens`: the simulator's cache holds 300 blocks of 16
+words, and it counts a word as a token; its words average about 15 bytes,
+where a real token is about 4, so its cache holds about 18,000 tokens as
+Hyperion estimates them (bytes / 4). That is what the prefix_affinity run
+is told, as an operator would set it from the engine's "KV cache size".
+
+Everything runs on loopback ports 27801-27810 and is stopped at the end.
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIM = os.path.join(REPO, "..", "shared", "sim")
+SERVER_PORTS = [27801, 27802, 27803, 27804]
+PROXY_PORT = 27809
+
+STRATEGIES = {
+    "round_robin": 'balance = "round_robin"',
+    "least_inflight": 'balance = "least_inflight"',
+    "p2c_ewma": 'balance = "p2c_ewma"',
+    "consistent_hash (x-session-id)": 'balance = "consistent_hash"\nhash_key = "header:x-session-id"',
+    "prefix_affinity": 'balance = "prefix_affinity"\nprefix_cache_tokens = 18000',
+}
+
+
+def sim_python():
+    if os.environ.get("SIM_PYTHON"):
+        return os.environ["SIM_PYTHON"]
+    venv = os.path.join(REPO, ".venv-sim")
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "fastapi", "uvicorn", "httpx"], check=True)
+    return py
+
+
+def wait_http(url, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit("nothing answers at " + url)
+
+
+def stats(port):
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=5).read())
+
+
+def run(strategy, extra, binary, py, args, workdir):
+    procs = []
+    try:
+        for p in SERVER_PORTS:
+            procs.append(subprocess.Popen(
+                [py, os.path.join(SIM, "sim_backend.py"), "--port", str(p), "--slots", "4",
+                 "--cache-blocks", "300", "--prefill-ms-per-block", "6"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for p in SERVER_PORTS:
+            wait_http(f"http://127.0.0.1:{p}/_stats")
+        servers = ", ".join(f'{{ url = "http://127.0.0.1:{p}" }}' for p in SERVER_PORTS)
+        policy = os.path.join(workdir, "policy.toml")
+        with open(policy, "w") as f:
+            f.write(f"""[server]
+listen = ["127.0.0.1:{PROXY_PORT}"]
+access_log = "off"
+
+[upstreams.fleet]
+servers = [{servers}]
+response_timeout = "120s"
+{extra}
+
+[[route]]
+name = "all"
+upstream = "fleet"
+""")
+        subprocess.run([binary, "check", "--config", policy], check=True, stdout=subprocess.DEVNULL)
+        procs.append(subprocess.Popen([binary, "--config", policy],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_http(f"http://127.0.0.1:{PROXY_PORT}/_stats")
+        out = subprocess.run(
+            [py, os.path.join(SIM, "workload.py"), f"http://127.0.0.1:{PROXY_PORT}/v1/chat/completions",
+             "--users", str(args.users), "--turns", str(args.turns), "--tenants", str(args.tenants),
+             "--system-words", str(args.system_words), "--turn-words", str(args.turn_words)],
+            check=True, capture_output=True, text=True, timeout=600)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        per_server = [stats(p) for p in SERVER_PORTS]
+        hit = sum(s["hit_blocks"] for s in per_server)
+        miss = sum(s["miss_blocks"] for s in per_server)
+        result["hit_ratio"] = hit / (hit + miss) if hit + miss else 0.0
+        result["requests_per_server"] = [s["requests"] for s in per_server]
+        return result
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary", nargs="?", default=os.path.join(REPO, "target", "release", "hyperion"))
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--users", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--tenants", type=int, default=4)
+    ap.add_argument("--system-words", type=int, default=1600)
+    ap.add_argument("--turn-words", type=int, default=120)
+    ap.add_argument("--out", default=os.path.join(
+        REPO, "benches", "runs", time.strftime("%Y-%m-%d") + "-prefix-affinity.txt"))
+    args = ap.parse_args()
+    py = sim_python()
+    wanted = [s for s in STRATEGIES if s.split(" ")[0] in args.strategies.split(",") or s in args.strategies.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in wanted:
+            r = run(name, STRATEGIES[name], args.binary, py, args, workdir)
+            rows.append((name, r))
+            print(f"  {name}: {json.dumps(r)}", file=sys.stderr)
+    lines = [
+        f"# prefix-affinity benchmark — {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+        f"# command: benches/load/prefix_affinity.py {args.binary} (users {args.users}, turns {args.turns}, "
+        f"tenants {args.tenants}, system words {args.system_words}, turn words {args.turn_words})",
+        "# fleet: 4 × sim_backend.py --slots 4 --cache-blocks 300 --prefill-ms-per-block 6",
+        "",
+        "| balance | prefix-block hit ratio | mean TTFT | p95 TTFT | requests per server | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['hit_ratio']:.2f} | {r['ttft_ms_mean']:.0f} ms | {r['ttft_ms_p95']:.0f} ms "
+                     f"| {'/'.join(map(str, r['requests_per_server']))} | {r['errors']} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print("report: " + args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+//! Prefix affinity (`balance = "prefix_affinity"`): which server was
+//! recently sent which prompt prefix, so that a conversation's next turn
+//! goes where its history is likely still in the KV cache.
+//!
+//! Owns two things:
+//! - [`PromptBlocks`]: a chat or completion request's prompt (OpenAI and
+//!   Ollama bodies: `system`, `messages` with their text parts and images,
+//!   `prompt`, `suffix`, `tools`) read in order as one byte stream, cut
+//!   into fixed-size blocks, each named by a hash of everything up to and
+//!   including it (as vLLM names its KV blocks). Two prompts share their
+//!   first `k` block names exactly when they share their first `k` blocks
+//!   of text.
+//! - [`PrefixIndex`]: per pool, per server, the block names sent there
+//!   recently, aged out as the server's own cache would evict them: each
+//!   server holds at most `prefix_cache_tokens` worth of blocks, least
+//!   recently used first out. A server taken out of rotation (ejected,
+//!   unhealthy) is forgotten whole: it may come back with an empty cache.
+//!
+//! Does not choose the server (`balance` does, with what this says) nor
+//! read the body (the handler hands it over).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+/// Bytes of prompt text per block: small enough that a conversation's
+/// growth is seen turn by turn, large enough that a long prompt makes a
+/// few hundred names, not thousands.
+pub const BLOCK_BYTES: usize = 256;
+
+/// A prompt's block names, in order; at most `MAX_BLOCKS` (a 4 MB prompt).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PromptBlocks(pub Vec<u64>);
+
+const MAX_BLOCKS: usize = 16_384;
+
+impl PromptBlocks {
+    /// The blocks of a JSON request body; `None` when it is not JSON or
+    /// carries no prompt.
+    pub fn of(body: &[u8]) -> Option<PromptBlocks> {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        let obj = v.as_object()?;
+        let mut cut = Cutter::default();
+        // The order engines lay a prompt out in: system, tools, then the
+        // conversation. A field's name goes in before its text, so moving
+        // text between fields changes the names.
+        if let Some(s) = obj.get("system").and_then(Value::as_str) {
+            cut.part(b"system", s.as_bytes());
+        }
+        if let Some(tools) = obj.get("tools").filter(|t| !t.is_null()) {
+            cut.part(b"tools", tools.to_string().as_bytes());
+        }
+        if let Some(messages) = obj.get("messages").and_then(Value::as_array) {
+            for m in messages {
+                message(&mut cut, m);
+            }
+        }
+        for field in ["prompt", "suffix"] {
+            match obj.get(field) {
+                Some(Value::String(s)) => cut.part(field.as_bytes(), s.as_bytes()),
+                // OpenAI's completions take a list of prompts (or tokens).
+                Some(other @ Value::Array(_)) => {
+                    cut.part(field.as_bytes(), other.to_string().as_bytes())
+                }
+                _ => {}
+            }
+        }
+        if let Some(images) = obj.get("images").and_then(Value::as_array) {
+            for i in images.iter().filter_map(Value::as_str) {
+                cut.part(b"image", i.as_bytes());
+            }
+        }
+        let blocks = cut.finish();
+        (!blocks.0.is_empty()).then_some(blocks)
+    }
+
+    /// The first block's name: what `prefix_affinity` places an unknown
+    /// prompt by, so prompts opening alike (a tenant's system prompt) land
+    /// together.
+    pub fn first(&self) -> Option<u64> {
+        self.0.first().copied()
+    }
+}
+
+/// One message: its role, its text (a string, or the text parts of a
+/// list), its images (Ollama's base64 list, OpenAI's `image_url` parts),
+/// its tool calls.
+fn message(cut: &mut Cutter, m: &Value) {
+    let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+    cut.part(b"role", role.as_bytes());
+    match m.get("content") {
+        Some(Value::String(s)) => cut.part(b"content", s.as_bytes()),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                if let Some(t) = p.get("text").and_then(Value::as_str) {
+                    cut.part(b"text", t.as_bytes());
+                } else if let Some(url) = p
+                    .get("image_url")
+                    .and_then(|u| u.get("url").or(Some(u)))
+                    .and_then(Value::as_str)
+                {
+                    cut.part(b"image", url.as_bytes());
+                } else {
+                    cut.part(b"part", p.to_string().as_bytes());
+                }
+            }
+        }
+        _ => {}
+    }
+    if let Some(images) = m.get("images").and_then(Value::as_array) {
+        for i in images.iter().filter_map(Value::as_str) {
+            cut.part(b"image", i.as_bytes());
+        }
+    }
+    if let Some(calls) = m.get("tool_calls").filter(|c| !c.is_null()) {
+        cut.part(b"tool_calls", calls.to_string().as_bytes());
+    }
+}
+
+/// Cuts a stream of parts into blocks and names each by the chained hash.
+#[derive(Default)]
+struct Cutter {
+    hasher: blake3::Hasher,
+    /// Bytes of the current block so far.
+    filled: usize,
+    blocks: PromptBlocks,
+}
+
+impl Cutter {
+    /// A labelled part: its label and length first, so parts cannot run
+    /// into each other ambiguously.
+    fn part(&mut self, label: &[u8], bytes: &[u8]) {
+        let mut head = Vec::with_capacity(label.len() + 9);
+        head.extend_from_slice(label);
+        head.push(0);
+        head.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.feed(&head);
+        self.feed(bytes);
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.blocks.0.len() < MAX_BLOCKS {
+            let take = (BLOCK_BYTES - self.filled).min(bytes.len());
+            self.hasher.update(&bytes[..take]);
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled == BLOCK_BYTES {
+                let name = self.hasher.finalize();
+                self.blocks.0.push(u64::from_le_bytes(
+                    name.as_bytes()[..8].try_into().expect("8 bytes"),
+                ));
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// The names of the whole blocks (a partial last block is not named:
+    /// the next turn's prompt will not end there).
+    fn finish(self) -> PromptBlocks {
+        self.blocks
+    }
+}
+
+/// Keys that are hashes already: used as they are.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type NameMap<V> = HashMap<u64, V, BuildHasherDefault<Identity>>;
+
+/// One server's recent blocks, least recently used first out.
+#[derive(Default)]
+struct Held {
+    /// Block name → when last sent (a counter).
+    at: NameMap<u64>,
+    /// (name, when) in sending order; entries whose `when` is older than
+    /// `at`'s are stale and skipped.
+    order: VecDeque<(u64, u64)>,
+}
+
+impl Held {
+    fn touch(&mut self, name: u64, now: u64, capacity: usize) {
+        self.at.insert(name, now);
+        self.order.push_back((name, now));
+        while self.at.len() > capacity {
+            let Some((old, when)) = self.order.pop_front() else {
+                break;
+            };
+            if self.at.get(&old) == Some(&when) {
+                self.at.remove(&old);
+            }
+        }
+        // Stale entries are dropped from the front as they come; a queue
+        // much longer than the set is rebuilt.
+        if self.order.len() > 2 * capacity.max(64) {
+            let mut live: Vec<(u64, u64)> = self.at.iter().map(|(&n, &w)| (n, w)).collect();
+            live.sort_unstable_by_key(|&(_, w)| w);
+            self.order = live.into();
+        }
+    }
+
+    /// How many of `blocks`' first names are held: the held ones form a
+    /// prefix (`record` touches a prompt's blocks last first, so an earlier
+    /// block is never older than a later one), found by binary search.
+    fn depth(&self, blocks: &[u64]) -> usize {
+        if self.at.is_empty() || blocks.is_empty() || !self.at.contains_key(&blocks[0]) {
+            return 0;
+        }
+        let (mut lo, mut hi) = (1, blocks.len());
+        // Invariant: blocks[..lo] held; blocks[hi..] not known to be.
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if self.at.contains_key(&blocks[mid - 1]) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+}
+
+/// Where a prompt's longest known prefix is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    /// The servers holding the longest known prefix (bit set).
+    pub best: u64,
+    /// The servers holding the next longest (bit set): where a request
+    /// goes when the best are over their load bound.
+    pub next: u64,
+    /// Blocks of the prompt known at `best`.
+    pub depth: u32,
+}
+
+/// The pool's index.
+pub struct PrefixIndex {
+    servers: Mutex<Vec<Held>>,
+    /// Blocks each server holds at most.
+    capacity: usize,
+    counter: AtomicU64,
+    /// Requests sent where their prefix was (`prefix`), elsewhere because
+    /// those servers were over their bound (`load`), or placed by their
+    /// first block (`placed`): for `/admin/upstreams` and `/metrics`.
+    pub routed: [AtomicU64; 3],
+}
+
+/// Indices into `PrefixIndex::routed`.
+pub const ROUTED_BY_PREFIX: usize = 0;
+pub const FELL_BACK_FOR_LOAD: usize = 1;
+pub const PLACED: usize = 2;
+
+impl PrefixIndex {
+    /// For `servers` servers holding about `cache_tokens` tokens of prompt
+    /// each (a token taken as 4 bytes of text).
+    pub fn new(servers: usize, cache_tokens: u64) -> PrefixIndex {
+        let blocks = (cache_tokens.saturating_mul(4) / BLOCK_BYTES as u64).clamp(1, 1 << 22);
+        PrefixIndex {
+            servers: Mutex::new((0..servers).map(|_| Held::default()).collect()),
+            capacity: usize::try_from(blocks).unwrap_or(usize::MAX),
+            counter: AtomicU64::new(0),
+            routed: Default::default(),
+        }
+    }
+
+    /// Where `blocks` is known, among the servers of `in_rotation` (bit
+    /// set: not ejected, not failing health checks); the others are
+    /// forgotten.
+    pub fn affinity(&self, blocks: &PromptBlocks, in_rotation: u64) -> Affinity {
+        let mut held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut a = Affinity::default();
+        let mut next_depth = 0u32;
+        for (i, h) in held.iter_mut().enumerate() {
+            if in_rotation & (1 << i) == 0 {
+                if !h.at.is_empty() {
+                    *h = Held::default();
+                }
+                continue;
+            }
+            let d = u32::try_from(h.depth(&blocks.0)).unwrap_or(u32::MAX);
+            if d == 0 {
+                continue;
+            }
+            if d > a.depth {
+                next_depth = a.depth;
+                a.next = a.best;
+                a.depth = d;
+                a.best = 1 << i;
+            } else if d == a.depth {
+                a.best |= 1 << i;
+            } else if d > next_depth {
+                next_depth = d;
+                a.next = 1 << i;
+            } else if d == next_depth {
+                a.next |= 1 << i;
+            }
+        }
+        a
+    }
+
+    /// `blocks` were sent to server `index`.
+    pub fn record(&self, blocks: &PromptBlocks, index: usize) {
+        let n = blocks.0.len() as u64;
+        let start = self.counter.fetch_add(n, Ordering::Relaxed);
+        let mut held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = held.get_mut(index) {
+            // Last block first: a prompt's first blocks are its most
+            // recently used, so the cache gives up a prompt from its end
+            // (as vLLM evicts), and what a server holds of a prompt is
+            // always a prefix of it.
+            for (k, &name) in blocks.0.iter().rev().enumerate() {
+                h.touch(name, start + k as u64, self.capacity);
+            }
+        }
+    }
+
+    /// Blocks held per server, for `/admin/upstreams`.
+    pub fn sizes(&self) -> Vec<usize> {
+        let held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter().map(|h| h.at.len()).collect()
+    }
+
+    pub fn count(&self, how: usize) {
+        self.routed[how].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(system: &str, turns: &[&str]) -> Vec<u8> {
+        let mut messages = vec![serde_json::json!({"role": "system", "content": system})];
+        for t in turns {
+            messages.push(serde_json::json!({"role": "user", "content": t}));
+        }
+        serde_json::to_vec(&serde_json::json!({"model": "m", "messages": messages})).unwrap()
+    }
+
+    #[test]
+    fn a_longer_conversation_extends_its_prefix() {
+        let system = "be brief ".repeat(200);
+        let one =
+            PromptBlocks::of(&chat(&system, &["first question ".repeat(40).as_str()])).unwrap();
+        let two = PromptBlocks::of(&chat(
+            &system,
+            &[
+                "first question ".repeat(40).as_str(),
+                "second question ".repeat(40).as_str(),
+            ],
+        ))
+        .unwrap();
+        assert!(two.0.len() > one.0.len());
+        assert_eq!(&two.0[..one.0.len()], &one.0[..]);
+        // Another system prompt shares nothing.
+        let other = PromptBlocks::of(&chat(&"be verbose ".repeat(200), &["x"])).unwrap();
+        assert_ne!(other.0[0], one.0[0]);
+        // Same system prompt, another user: the system's blocks are shared.
+        let third = PromptBlocks::of(&chat(&system, &["another user"])).unwrap();
+        assert_eq!(third.0[..4], one.0[..4]);
+    }
+
+    #[test]
+    fn prompts_of_every_shape_are_read() {
+        for body in [
+            r#"{"model":"m","prompt":"PROMPT"}"#,
+            r#"{"model":"m","system":"S","prompt":"PROMPT","images":["aGVsbG8="]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"PROMPT"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"PROMPT","images":["AAAA"]}],"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+        ] {
+            let long = body.replace("PROMPT", &"words ".repeat(100));
+            assert!(PromptBlocks::of(long.as_bytes()).is_some(), "{body}");
+        }
+        assert!(PromptBlocks::of(b"not json").is_none());
+        assert!(PromptBlocks::of(br#"{"model":"m"}"#).is_none());
+        // A prompt shorter than a block names nothing.
+        assert!(PromptBlocks::of(br#"{"prompt":"hi"}"#).is_none());
+    }
+
+    #[test]
+    fn the_index_finds_the_longest_prefix_and_ages_out() {
+        let idx = PrefixIndex::new(3, 10 * BLOCK_BYTES as u64 / 4); // 10 blocks each
+        let a = PromptBlocks((1..=6).collect());
+        let longer = PromptBlocks((1..=9).collect());
+        idx.record(&a, 0);
+        idx.record(&PromptBlocks(vec![1, 2]), 1);
+        let got = idx.affinity(&longer, 0b111);
+        assert_eq!((got.best, got.depth, got.next), (0b001, 6, 0b010));
+        // Server 0 unusable: forgotten; server 1 is best now.
+        assert_eq!(idx.affinity(&longer, 0b110).best, 0b010);
+        assert_eq!(idx.affinity(&longer, 0b111).best, 0b010);
+        // Capacity: 10 blocks; 20 other blocks push the old ones out.
+        idx.record(&PromptBlocks((100..120).collect()), 1);
+        assert_eq!(idx.affinity(&longer, 0b111).best, 0);
+        assert_eq!(idx.sizes(), vec![0, 10, 0]);
+    }
+}
