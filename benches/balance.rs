@@ -6,6 +6,9 @@
 //! chat request, finding its servers), and what keeping a request's head
 //! for a retry costs (one `HeaderMap` clone of a forwarded request).
 //!
+//! And what `prefix_affinity` costs a request: reading its prompt's blocks
+//! (per KB of prompt), and asking and updating the pool's index.
+//!
 //! Run: `cargo bench --bench balance`. Target: under 200 ns median.
 
 use std::hint::black_box;
@@ -124,5 +127,53 @@ fn retry_replay(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench, model_routing, retry_replay);
+fn prefix_affinity(c: &mut Criterion) {
+    use hyperion::upstream::prefix::{PrefixIndex, PromptBlocks};
+    let mut g = c.benchmark_group("prefix_affinity");
+    // A chat body of about `kb` KB: a system prompt and a conversation.
+    let body = |kb: usize| {
+        let system = "You are a careful assistant for our support team. ".repeat(kb * 8);
+        let turns = "What does the error in my last message mean? ".repeat(kb * 12);
+        serde_json::to_vec(&serde_json::json!({
+            "model": "llama3.2",
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": turns},
+            ],
+        }))
+        .unwrap()
+    };
+    for kb in [1usize, 16, 128] {
+        let b = body(kb);
+        g.throughput(criterion::Throughput::Bytes(b.len() as u64));
+        g.bench_function(format!("blocks_of_{}kb_chat", b.len() / 1024), |bench| {
+            bench.iter(|| black_box(PromptBlocks::of(black_box(&b))))
+        });
+    }
+    // A pool of 16 servers, each holding its cache's worth of prompts.
+    let index = PrefixIndex::new(16, 100_000);
+    let prompts: Vec<PromptBlocks> = (0..64)
+        .map(|i| {
+            let mut b = body(16);
+            b.extend_from_slice(format!("{i}").as_bytes());
+            let mut blocks = PromptBlocks::of(&body(16)).unwrap();
+            blocks.0.iter_mut().skip(8).for_each(|x| *x ^= i as u64 + 1);
+            blocks
+        })
+        .collect();
+    for (i, p) in prompts.iter().enumerate() {
+        index.record(p, i % 16);
+    }
+    let ask = &prompts[7];
+    g.throughput(criterion::Throughput::Elements(1));
+    g.bench_function(format!("affinity_16_servers_{}_blocks", ask.0.len()), |b| {
+        b.iter(|| black_box(index.affinity(black_box(ask), u64::MAX)))
+    });
+    g.bench_function(format!("record_{}_blocks", ask.0.len()), |b| {
+        b.iter(|| index.record(black_box(ask), 7))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, model_routing, retry_replay, prefix_affinity);
 criterion_main!(benches);
