@@ -6,11 +6,14 @@ LRU prefix caches), printing the table: prefix-block hit ratio (the
 servers' own count), mean and p95 time to first token.
 
     benches/load/prefix_affinity.py [HYPERION_BINARY] [--strategies a,b,...]
-        [--users 16] [--turns 8] [--tenants 4] [--system-words 1600]
-        [--turn-words 120] [--out FILE]
+        [--scenario reference|ollama|skewed|all] [--users 16] [--turns 8]
+        [--tenants 4] [--system-words 1600] [--turn-words 120] [--out FILE]
 
-Each strategy gets a fresh fleet (empty caches) and a fresh proxy; the
-workload is ../shared/sim/workload.py with the same seed. The simulator
+Scenarios: `reference` is issue 33's (../shared/sim/workload.py against
+/v1/chat/completions); `ollama` the same users against Ollama's /api/chat
+(NDJSON); `skewed` 80 % of the users on one tenant's system prompt (both
+through prefix_workload.py, here). Each strategy gets a fresh fleet (empty
+caches) and a fresh proxy; every run uses the same seed. The simulator
 and workload need fastapi, uvicorn and httpx: they run from a venv made
 here (.venv-sim, from PyPI) unless SIM_PYTHON names a Python that has them.
 
@@ -19,6 +22,13 @@ words, and it counts a word as a token; its words average about 15 bytes,
 where a real token is about 4, so its cache holds about 18,000 tokens as
 Hyperion estimates them (bytes / 4). That is what the prefix_affinity run
 is told, as an operator would set it from the engine's "KV cache size".
+
+About `max_inflight_per_server = 4`: the simulator runs 4 requests at once
+per server. Told so, prefix_affinity keeps a conversation on its server
+until that server is full, instead of bounding it at 1.25x an even share of
+the requests in flight (which, with few in flight, moves a tenant's second
+user elsewhere at once). The least_inflight row with the same setting shows
+what the slot limit does by itself.
 
 Everything runs on loopback ports 27801-27810 and is stopped at the end.
 """
@@ -44,7 +54,10 @@ STRATEGIES = {
     "least_inflight": 'balance = "least_inflight"',
     "p2c_ewma": 'balance = "p2c_ewma"',
     "consistent_hash (x-session-id)": 'balance = "consistent_hash"\nhash_key = "header:x-session-id"',
+    "least_inflight + max_inflight_per_server = 4": 'balance = "least_inflight"\nmax_inflight_per_server = 4',
     "prefix_affinity": 'balance = "prefix_affinity"\nprefix_cache_tokens = 18000',
+    "prefix_affinity + max_inflight_per_server = 4":
+        'balance = "prefix_affinity"\nprefix_cache_tokens = 18000\nmax_inflight_per_server = 4',
 }
 
 
@@ -75,7 +88,20 @@ def stats(port):
     return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=5).read())
 
 
-def run(strategy, extra, binary, py, args, workdir):
+def workload(scenario, py, args):
+    """The workload's command line for `scenario`."""
+    common = ["--users", str(args.users), "--turns", str(args.turns), "--tenants", str(args.tenants),
+              "--system-words", str(args.system_words), "--turn-words", str(args.turn_words)]
+    base = f"http://127.0.0.1:{PROXY_PORT}"
+    here = os.path.dirname(os.path.abspath(__file__))
+    if scenario == "reference":
+        return [py, os.path.join(SIM, "workload.py"), base + "/v1/chat/completions"] + common
+    if scenario == "ollama":
+        return [py, os.path.join(here, "prefix_workload.py"), base + "/api/chat", "--api", "ollama"] + common
+    return [py, os.path.join(here, "prefix_workload.py"), base + "/v1/chat/completions", "--skew", "0.8"] + common
+
+
+def run(strategy, extra, binary, py, args, workdir, scenario):
     procs = []
     try:
         for p in SERVER_PORTS:
@@ -105,11 +131,8 @@ upstream = "fleet"
         procs.append(subprocess.Popen([binary, "--config", policy],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_http(f"http://127.0.0.1:{PROXY_PORT}/_stats")
-        out = subprocess.run(
-            [py, os.path.join(SIM, "workload.py"), f"http://127.0.0.1:{PROXY_PORT}/v1/chat/completions",
-             "--users", str(args.users), "--turns", str(args.turns), "--tenants", str(args.tenants),
-             "--system-words", str(args.system_words), "--turn-words", str(args.turn_words)],
-            check=True, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(workload(scenario, py, args),
+                             check=True, capture_output=True, text=True, timeout=600)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         per_server = [stats(p) for p in SERVER_PORTS]
         hit = sum(s["hit_blocks"] for s in per_server)
@@ -131,6 +154,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary", nargs="?", default=os.path.join(REPO, "target", "release", "hyperion"))
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--scenario", choices=["reference", "ollama", "skewed", "all"], default="reference")
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--tenants", type=int, default=4)
@@ -141,24 +165,28 @@ def main():
     args = ap.parse_args()
     py = sim_python()
     wanted = [s for s in STRATEGIES if s.split(" ")[0] in args.strategies.split(",") or s in args.strategies.split(",")]
-    rows = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for name in wanted:
-            r = run(name, STRATEGIES[name], args.binary, py, args, workdir)
-            rows.append((name, r))
-            print(f"  {name}: {json.dumps(r)}", file=sys.stderr)
+    scenarios = ["reference", "ollama", "skewed"] if args.scenario == "all" else [args.scenario]
     lines = [
         f"# prefix-affinity benchmark — {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
-        f"# command: benches/load/prefix_affinity.py {args.binary} (users {args.users}, turns {args.turns}, "
-        f"tenants {args.tenants}, system words {args.system_words}, turn words {args.turn_words})",
+        f"# command: benches/load/prefix_affinity.py {args.binary} --scenario {args.scenario} (users {args.users}, "
+        f"turns {args.turns}, tenants {args.tenants}, system words {args.system_words}, turn words {args.turn_words})",
         "# fleet: 4 × sim_backend.py --slots 4 --cache-blocks 300 --prefill-ms-per-block 6",
-        "",
-        "| balance | prefix-block hit ratio | mean TTFT | p95 TTFT | requests per server | errors |",
-        "|---|---|---|---|---|---|",
     ]
-    for name, r in rows:
-        lines.append(f"| {name} | {r['hit_ratio']:.2f} | {r['ttft_ms_mean']:.0f} ms | {r['ttft_ms_p95']:.0f} ms "
-                     f"| {'/'.join(map(str, r['requests_per_server']))} | {r['errors']} |")
+    described = {
+        "reference": "reference: ../shared/sim/workload.py, /v1/chat/completions (SSE)",
+        "ollama": "ollama: the same users on /api/chat (NDJSON), prefix_workload.py",
+        "skewed": "skewed: 80 % of the users on tenant 0's system prompt, prefix_workload.py",
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        for scenario in scenarios:
+            lines += ["", f"## {described[scenario]}", "",
+                      "| balance | prefix-block hit ratio | mean TTFT | p95 TTFT | requests per server | errors |",
+                      "|---|---|---|---|---|---|"]
+            for name in wanted:
+                r = run(name, STRATEGIES[name], args.binary, py, args, workdir, scenario)
+                print(f"  {scenario} {name}: {json.dumps(r)}", file=sys.stderr)
+                lines.append(f"| {name} | {r['hit_ratio']:.2f} | {r['ttft_ms_mean']:.0f} ms | {r['ttft_ms_p95']:.0f} ms "
+                             f"| {'/'.join(map(str, r['requests_per_server']))} | {r['errors']} |")
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -310,6 +310,7 @@ impl Arrival<'_> {
             let affinity = index.affinity(blocks, in_rotation);
             filter.affine = affinity.best;
             filter.affine_next = affinity.next;
+            filter.room = affinity.room;
             // An unknown prompt is placed by its first block, unless the
             // pool hashes a header the request sent.
             if filter.hash.is_none() {

@@ -49,6 +49,9 @@ pub enum Balancer {
     PrefixAffinity {
         /// As `ConsistentHash`'s: where unknown prompts are placed.
         ring: Box<[(u64, usize)]>,
+        /// Requests a server runs at once (`max_inflight_per_server`):
+        /// below it, a server holding the prefix is never over its bound.
+        floor: u32,
     },
 }
 
@@ -70,6 +73,9 @@ pub struct PickFilter {
     /// prompt prefix, and those holding the next longest.
     pub affine: u64,
     pub affine_next: u64,
+    /// `prefix_affinity`: where a prompt known nowhere may be placed (the
+    /// servers whose caches have the most room); 0: anywhere.
+    pub room: u64,
 }
 
 impl Default for PickFilter {
@@ -81,6 +87,7 @@ impl Default for PickFilter {
             hash: None,
             affine: 0,
             affine_next: 0,
+            room: 0,
         }
     }
 }
@@ -92,6 +99,14 @@ impl PickFilter {
 }
 
 impl Balancer {
+    /// `prefix_affinity`'s floor: the requests one server runs at once.
+    pub fn with_parallelism(mut self, per_server: Option<u32>) -> Self {
+        if let (Balancer::PrefixAffinity { floor, .. }, Some(n)) = (&mut self, per_server) {
+            *floor = n;
+        }
+        self
+    }
+
     pub fn new(balance: Balance, servers: &[Arc<ServerState>]) -> Self {
         let weights: Vec<u32> = servers.iter().map(|s| s.weight).collect();
         match balance {
@@ -106,6 +121,7 @@ impl Balancer {
             },
             Balance::PrefixAffinity => Balancer::PrefixAffinity {
                 ring: ring(servers).into_boxed_slice(),
+                floor: 0,
             },
         }
     }
@@ -146,25 +162,42 @@ impl Balancer {
                 // Nothing to hash on: spread by load.
                 None => least_inflight(servers, ok),
             },
-            Balancer::PrefixAffinity { ring } => {
+            Balancer::PrefixAffinity { ring, floor } => {
                 for held in [filter.affine, filter.affine_next] {
-                    if let Some(i) = least_loaded_within_bound(servers, Candidates(ok.0 & held)) {
+                    let held = Candidates(ok.0 & held);
+                    if let Some(i) = least_loaded_within_bound(servers, held, *floor) {
                         return Some(i);
                     }
                 }
-                match filter.hash {
-                    Some(hash) => bounded_ring_walk(ring, servers, hash, ok),
-                    None => least_inflight(servers, ok),
+                // Known nowhere: on the ring, among the servers with room
+                // when one of them is within its bound.
+                let roomy = Candidates(ok.0 & filter.room);
+                let place = |among: Candidates| match filter.hash {
+                    Some(hash) => bounded_ring_walk(ring, servers, hash, among),
+                    None => least_inflight(servers, among),
+                };
+                if roomy.0 != 0 && roomy.0 != ok.0 {
+                    if let Some(i) =
+                        least_loaded_within_bound(servers, roomy, 0).and_then(|_| place(roomy))
+                    {
+                        return Some(i);
+                    }
                 }
+                place(ok)
             }
         }
     }
 }
 
 /// The least loaded (per weight) of `of` whose load is within the bound
-/// `bounded_ring_walk` keeps; `None` when all are over it (or `of` is
-/// empty).
-fn least_loaded_within_bound(servers: &[Arc<ServerState>], of: Candidates) -> Option<usize> {
+/// `bounded_ring_walk` keeps, or below `floor` requests in flight (what a
+/// server runs at once: under it, a request waits for nothing there);
+/// `None` when all are over it (or `of` is empty).
+fn least_loaded_within_bound(
+    servers: &[Arc<ServerState>],
+    of: Candidates,
+    floor: u32,
+) -> Option<usize> {
     if of.0 == 0 {
         return None;
     }
@@ -175,7 +208,7 @@ fn least_loaded_within_bound(servers: &[Arc<ServerState>], of: Candidates) -> Op
         .filter(|&i| {
             let s = &servers[i];
             let share = (total_in_flight + 1) as f64 * s.weight as f64 / total_weight as f64;
-            f64::from(s.in_flight()) + 1.0 <= (LOAD_FACTOR * share).ceil()
+            f64::from(s.in_flight()) + 1.0 <= (LOAD_FACTOR * share).ceil().max(f64::from(floor))
         })
         .fold(0u64, |m, i| m | (1 << i));
     least_inflight(servers, Candidates(within).nonempty()?)
@@ -542,5 +575,42 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(b.pick(&s, &f, now), Some(1));
+    }
+
+    #[tokio::test]
+    async fn prefix_affinity_stays_within_the_bound_or_below_the_floor() {
+        let s = servers(&[1, 1, 1, 1]);
+        let now = Instant::now();
+        let f = PickFilter {
+            hash: Some(42),
+            affine: 0b0100,
+            affine_next: 0b0010,
+            ..Default::default()
+        };
+        let plain = Balancer::new(Balance::PrefixAffinity, &s);
+        assert_eq!(plain.pick(&s, &f, now), Some(2));
+        // One in flight at the prefix's server, none elsewhere: over 1.25x
+        // an even share, so the next longest prefix's server.
+        let held = s[2].begin();
+        assert_eq!(plain.pick(&s, &f, now), Some(1));
+        // Told a server runs 4 at once, it stays until that is reached.
+        let four = Balancer::new(Balance::PrefixAffinity, &s).with_parallelism(Some(4));
+        assert_eq!(four.pick(&s, &f, now), Some(2));
+        let more: Vec<_> = (0..3).map(|_| s[2].begin()).collect();
+        assert_ne!(four.pick(&s, &f, now), Some(2));
+        drop((held, more));
+        // Known nowhere: placed among the servers with room.
+        let unknown = PickFilter {
+            hash: Some(42),
+            room: 0b1000,
+            ..Default::default()
+        };
+        for k in 0..20u64 {
+            let f = PickFilter {
+                hash: Some(k * 7919),
+                ..unknown
+            };
+            assert_eq!(plain.pick(&s, &f, now), Some(3));
+        }
     }
 }

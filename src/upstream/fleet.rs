@@ -88,7 +88,8 @@ impl Fleet {
                 Arc::new(PoolState {
                     prefix,
                     models: Arc::new(PoolModels::new(u, before.map(|b| &*b.models))),
-                    balancer: Balancer::new(u.balance, &servers),
+                    balancer: Balancer::new(u.balance, &servers)
+                        .with_parallelism(u.max_inflight_per_server),
                     servers,
                     policy: u.clone(),
                     budget: RetryBudget::new(),

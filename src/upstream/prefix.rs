@@ -248,6 +248,11 @@ pub struct Affinity {
     pub next: u64,
     /// Blocks of the prompt known at `best`.
     pub depth: u32,
+    /// The servers in rotation with the most room: holding no more than
+    /// an eighth of a cache over the emptiest. A prompt known nowhere goes
+    /// to one of them, so new system prompts spread over the fleet's
+    /// caches instead of two landing on one server by chance.
+    pub room: u64,
 }
 
 /// The pool's index.
@@ -287,12 +292,23 @@ impl PrefixIndex {
         let mut held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         let mut a = Affinity::default();
         let mut next_depth = 0u32;
+        let emptiest = held
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| in_rotation & (1 << i) != 0)
+            .map(|(_, h)| h.at.len())
+            .min()
+            .unwrap_or(0);
+        let slack = (self.capacity / 8).max(1);
         for (i, h) in held.iter_mut().enumerate() {
             if in_rotation & (1 << i) == 0 {
                 if !h.at.is_empty() {
                     *h = Held::default();
                 }
                 continue;
+            }
+            if h.at.len() <= emptiest + slack {
+                a.room |= 1 << i;
             }
             let d = u32::try_from(h.depth(&blocks.0)).unwrap_or(u32::MAX);
             if d == 0 {
