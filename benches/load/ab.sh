@@ -25,6 +25,9 @@
 # collector (otlp_sink.py, on CLIENT_CPU), to measure what traces cost;
 # TRACING_KEYS adds [tracing] keys (e.g. 'max_queue = 200000'). The
 # collector's counts (POSTs, bytes) are in $RUN_DIR/otlp-counts after the run.
+# UPSTREAM_A / UPSTREAM_B: lines added to that binary's [upstreams.origin]
+# (e.g. UPSTREAM_B='balance = "prefix_affinity"'); POST_BODY=FILE sends
+# every request as a POST of that file (application/json) instead of a GET.
 # Needs: wrk, taskset, curl and ../shared/bench/origin (built here if missing).
 # Output: a dated report in benches/runs/ (raw wrk logs in $RUN_DIR).
 # Every process is started here, on loopback ports 27780-27792, and stopped on exit.
@@ -55,12 +58,20 @@ start() { # name binary port → pid on stdout
   local auth="" traces=""
   case "${AUTH:-}" in *"$1"*) auth=$(printf '[auth]\nkeys_file = "%s"\n' "$RUN_DIR/keys-$1.toml") ;; esac
   case "${TRACING:-}" in *"$1"*) traces=$(printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s/v1/traces"\nsample_ratio = 1.0\n%b\n' $OTLP_PORT "${TRACING_KEYS:-}") ;; esac
-  { server_table "$3"; echo "$auth"; echo "$traces"; origin_route; [ -z "${CACHE:-}" ] || printf '[route.cache]\nmode = "force"\nttl = "1h"\n'; } >"$RUN_DIR/$1.toml"
+  local up_var="UPSTREAM_${1^^}"
+  { server_table "$3"; echo "$auth"; echo "$traces"; origin_route | awk -v extra="${!up_var:-}" '{ print } /^servers = / && extra != "" { print extra }'; [ -z "${CACHE:-}" ] || printf '[route.cache]\nmode = "force"\nttl = "1h"\n'; } >"$RUN_DIR/$1.toml"
   "$2" check --config "$RUN_DIR/$1.toml" >/dev/null
   if [ -n "$auth" ]; then "$2" keys add bench --config "$RUN_DIR/$1.toml" 2>/dev/null >"$RUN_DIR/key-$1"; fi
   taskset -c "$SERVER_CPU" "$2" --config "$RUN_DIR/$1.toml" >"$RUN_DIR/$1.log" 2>&1 &
   echo $!
 }
+if [ -n "${POST_BODY:-}" ]; then
+  python3 - "$POST_BODY" >"$RUN_DIR/post.lua" <<'LUA'
+import json, sys
+body = open(sys.argv[1]).read()
+print('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = ' + json.dumps(body))
+LUA
+fi
 PID_A=$(start a "$BIN_A" $PORT_A); PIDS+=("$PID_A")
 PID_B=$(start b "$BIN_B" $PORT_B); PIDS+=("$PID_B")
 wait_port $PORT_A; wait_port $PORT_B
@@ -77,6 +88,7 @@ for round in $(seq 1 "$ROUNDS"); do
     url="http://127.0.0.1:$port$PATHQ"
     key=$(cat "$RUN_DIR/key-$w" 2>/dev/null || echo none)
     hdr=(-H "Authorization: Bearer $key")
+    if [ -n "${POST_BODY:-}" ]; then hdr+=(-s "$RUN_DIR/post.lua"); fi
     taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d2s "${hdr[@]}" "$url" >/dev/null 2>&1
     read -r u0 s0 < <(ticks "$pid")
     taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "${hdr[@]}" "$url" >"$RUN_DIR/$round-$w.txt" 2>&1
@@ -95,7 +107,7 @@ done
 
 {
   echo "# A/B of two Hyperion binaries, $([ -n "${CACHE:-}" ] && echo "cache hits of" || echo "pass-through") GET $PATHQ — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "# command: benches/load/ab.sh A B (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS AUTH=${AUTH:-} TRACING=${TRACING:-})"
+  echo "# command: benches/load/ab.sh A B (ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS AUTH=${AUTH:-} TRACING=${TRACING:-} UPSTREAM_A=${UPSTREAM_A:-} UPSTREAM_B=${UPSTREAM_B:-} POST_BODY=${POST_BODY:-})"
   echo "# A: $BIN_A ($(sha256sum "$BIN_A" | cut -c1-12))"
   echo "# B: $BIN_B ($(sha256sum "$BIN_B" | cut -c1-12))"
   echo "# machine: $(nproc) cores; proxies and origin on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU; medians [min..max]"
