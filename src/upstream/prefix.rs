@@ -24,6 +24,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Bytes of prompt text per block: small enough that a conversation's
@@ -41,37 +44,32 @@ impl PromptBlocks {
     /// The blocks of a JSON request body; `None` when it is not JSON or
     /// carries no prompt.
     pub fn of(body: &[u8]) -> Option<PromptBlocks> {
-        let v: Value = serde_json::from_slice(body).ok()?;
-        let obj = v.as_object()?;
+        // Typed and borrowing: the prompt's text is hashed where it lies
+        // in the body (unless it has escapes), not copied into a tree.
+        let b: Body<'_> = serde_json::from_slice(body).ok()?;
         let mut cut = Cutter::default();
         // The order engines lay a prompt out in: system, tools, then the
         // conversation. A field's name goes in before its text, so moving
         // text between fields changes the names.
-        if let Some(s) = obj.get("system").and_then(Value::as_str) {
+        if let Some(s) = &b.system {
             cut.part(b"system", s.as_bytes());
         }
-        if let Some(tools) = obj.get("tools").filter(|t| !t.is_null()) {
+        if let Some(tools) = b.tools.as_ref().filter(|t| !t.is_null()) {
             cut.part(b"tools", tools.to_string().as_bytes());
         }
-        if let Some(messages) = obj.get("messages").and_then(Value::as_array) {
-            for m in messages {
-                message(&mut cut, m);
-            }
+        for m in b.messages.iter().flatten() {
+            m.cut(&mut cut);
         }
-        for field in ["prompt", "suffix"] {
-            match obj.get(field) {
-                Some(Value::String(s)) => cut.part(field.as_bytes(), s.as_bytes()),
+        for (field, value) in [(&b"prompt"[..], &b.prompt), (b"suffix", &b.suffix)] {
+            match value {
+                Some(Text::Str(s)) => cut.part(field, s.as_bytes()),
                 // OpenAI's completions take a list of prompts (or tokens).
-                Some(other @ Value::Array(_)) => {
-                    cut.part(field.as_bytes(), other.to_string().as_bytes())
-                }
+                Some(Text::Other(v)) if !v.is_null() => cut.part(field, v.to_string().as_bytes()),
                 _ => {}
             }
         }
-        if let Some(images) = obj.get("images").and_then(Value::as_array) {
-            for i in images.iter().filter_map(Value::as_str) {
-                cut.part(b"image", i.as_bytes());
-            }
+        for i in b.images.iter().flatten() {
+            cut.part(b"image", i.as_bytes());
         }
         let blocks = cut.finish();
         (!blocks.0.is_empty()).then_some(blocks)
@@ -85,38 +83,130 @@ impl PromptBlocks {
     }
 }
 
+/// What of a chat or completion body makes its prompt; the rest is
+/// skipped unread.
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow, default)]
+    system: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(borrow, default)]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(borrow, default)]
+    prompt: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    suffix: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    images: Option<Vec<Cow<'a, str>>>,
+}
+
 /// One message: its role, its text (a string, or the text parts of a
 /// list), its images (Ollama's base64 list, OpenAI's `image_url` parts),
 /// its tool calls.
-fn message(cut: &mut Cutter, m: &Value) {
-    let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-    cut.part(b"role", role.as_bytes());
-    match m.get("content") {
-        Some(Value::String(s)) => cut.part(b"content", s.as_bytes()),
-        Some(Value::Array(parts)) => {
-            for p in parts {
-                if let Some(t) = p.get("text").and_then(Value::as_str) {
-                    cut.part(b"text", t.as_bytes());
-                } else if let Some(url) = p
-                    .get("image_url")
-                    .and_then(|u| u.get("url").or(Some(u)))
-                    .and_then(Value::as_str)
-                {
-                    cut.part(b"image", url.as_bytes());
-                } else {
-                    cut.part(b"part", p.to_string().as_bytes());
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    images: Option<Vec<Cow<'a, str>>>,
+    #[serde(default)]
+    tool_calls: Option<Value>,
+}
+
+impl Message<'_> {
+    fn cut(&self, cut: &mut Cutter) {
+        cut.part(b"role", self.role.as_deref().unwrap_or("").as_bytes());
+        match &self.content {
+            Some(Text::Str(s)) => cut.part(b"content", s.as_bytes()),
+            Some(Text::Other(Value::Array(parts))) => {
+                for p in parts {
+                    if let Some(t) = p.get("text").and_then(Value::as_str) {
+                        cut.part(b"text", t.as_bytes());
+                    } else if let Some(url) = p
+                        .get("image_url")
+                        .and_then(|u| u.get("url").or(Some(u)))
+                        .and_then(Value::as_str)
+                    {
+                        cut.part(b"image", url.as_bytes());
+                    } else {
+                        cut.part(b"part", p.to_string().as_bytes());
+                    }
                 }
             }
+            _ => {}
         }
-        _ => {}
-    }
-    if let Some(images) = m.get("images").and_then(Value::as_array) {
-        for i in images.iter().filter_map(Value::as_str) {
+        for i in self.images.iter().flatten() {
             cut.part(b"image", i.as_bytes());
         }
+        if let Some(calls) = self.tool_calls.as_ref().filter(|c| !c.is_null()) {
+            cut.part(b"tool_calls", calls.to_string().as_bytes());
+        }
     }
-    if let Some(calls) = m.get("tool_calls").filter(|c| !c.is_null()) {
-        cut.part(b"tool_calls", calls.to_string().as_bytes());
+}
+
+/// A field that is text most of the time: borrowed then; anything else
+/// (a list of parts, of prompts) as a tree.
+enum Text<'a> {
+    Str(Cow<'a, str>),
+    Other(Value),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("text, or any JSON value")
+            }
+
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text::Str(Cow::Borrowed(s)))
+            }
+
+            fn visit_str<E>(self, s: &str) -> Result<Text<'a>, E> {
+                Ok(Text::Str(Cow::Owned(s.to_owned())))
+            }
+
+            fn visit_string<E>(self, s: String) -> Result<Text<'a>, E> {
+                Ok(Text::Str(Cow::Owned(s)))
+            }
+
+            fn visit_unit<E>(self) -> Result<Text<'a>, E> {
+                Ok(Text::Other(Value::Null))
+            }
+
+            fn visit_bool<E>(self, b: bool) -> Result<Text<'a>, E> {
+                Ok(Text::Other(Value::Bool(b)))
+            }
+
+            fn visit_i64<E>(self, n: i64) -> Result<Text<'a>, E> {
+                Ok(Text::Other(n.into()))
+            }
+
+            fn visit_u64<E>(self, n: u64) -> Result<Text<'a>, E> {
+                Ok(Text::Other(n.into()))
+            }
+
+            fn visit_f64<E>(self, n: f64) -> Result<Text<'a>, E> {
+                Ok(Text::Other(n.into()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Text<'a>, A::Error> {
+                let v = Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(Text::Other(v))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Text<'a>, A::Error> {
+                let v = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Text::Other(v))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
     }
 }
 
