@@ -95,29 +95,12 @@ async fn the_status_page_shows_the_figures_in_a_browser() {
         r#"[admin]
 token_file = "{token}"
 
-[upstreams.ollama]
-servers = [{{ url = "{up}" }}]
-
 [rate_limits.per_ip]
 key = "client_ip"
 rate = "5/min"
-
-[[route]]
-name = "chat"
-match = {{ methods = ["POST"], paths = ["/api/chat"] }}
-upstream = "ollama"
-[route.cache]
-mode = "force"
-ttl = "10m"
-body_key = "json"
-
-[[route]]
-name = "other"
-upstream = "ollama"
-rate_limit = ["per_ip"]
-"#,
+{routes}"#,
         token = token.display(),
-        up = up.url()
+        routes = chat_policy(&up.url(), "rate_limit = [\"per_ip\"]")
     ))
     .await;
 

@@ -196,23 +196,8 @@ service_name = "hyperion-test"
 headers_env = "HYPERION_TEST_OTLP_HEADERS"
 export_interval = "50ms"
 {extra}
-
-[upstreams.ollama]
-servers = [{{ url = "{upstream}" }}]
-
-[[route]]
-name = "chat"
-match = {{ methods = ["POST"], paths = ["/api/chat"] }}
-upstream = "ollama"
-[route.cache]
-mode = "force"
-ttl = "10m"
-body_key = "json"
-
-[[route]]
-name = "other"
-upstream = "ollama"
-"#
+{routes}"#,
+        routes = chat_policy(upstream, "")
     )
 }
 

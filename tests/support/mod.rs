@@ -459,6 +459,32 @@ upstream = "up"
     )
 }
 
+/// An Ollama pool `ollama` at `upstream`, a route `chat` caching
+/// `POST /api/chat` by its JSON body (force, 10 minutes), and a route
+/// `other` for the rest, followed by `other_extra` (its further keys).
+pub fn chat_policy(upstream: &str, other_extra: &str) -> String {
+    format!(
+        r#"
+[upstreams.ollama]
+servers = [{{ url = "{upstream}" }}]
+
+[[route]]
+name = "chat"
+match = {{ methods = ["POST"], paths = ["/api/chat"] }}
+upstream = "ollama"
+[route.cache]
+mode = "force"
+ttl = "10m"
+body_key = "json"
+
+[[route]]
+name = "other"
+upstream = "ollama"
+{other_extra}
+"#
+    )
+}
+
 // === the client ===
 
 pub fn client() -> Client<HttpConnector, TestBody> {
