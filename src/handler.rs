@@ -339,6 +339,14 @@ impl Proxy {
                 .send(slot.admitted, req, slot.filter, model, preserve_host, trace)
                 .await;
             st.upstream_head = timed.map(|t| t.elapsed());
+            if let (Ok((_, _, index)), Some(blocks), Some(prefix)) =
+                (&sent, &slot.blocks, &pool.state.prefix)
+            {
+                // A retry answered elsewhere: that server has the prompt now.
+                if *index != slot.planned {
+                    prefix.record(blocks, *index);
+                }
+            }
             let resp = self.answer(st, &mut arrival, sent, &mut plan, slot.planned)?;
             // On a caching route, the answer goes through the exchange:
             // stored, revalidated, shared with identical requests.

@@ -37,6 +37,9 @@ pub(super) struct Slot {
     pub model: Option<ModelName>,
     /// The server the balancer chose (retries may end elsewhere).
     pub planned: usize,
+    /// The prompt's blocks (`prefix_affinity`), remembered again where a
+    /// retry ends.
+    pub blocks: Option<PromptBlocks>,
 }
 
 // The upstream step's functions are called in turn by `forward`, not one
@@ -113,6 +116,7 @@ impl Proxy {
             filter,
             model,
             planned,
+            blocks,
         }))
     }
 
