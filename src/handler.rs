@@ -399,13 +399,15 @@ fn otel_request_attributes(request_id: &HeaderValue, path: &str) -> Vec<crate::o
     } else {
         None
     };
-    let operation = match path.rsplit('/').next().unwrap_or("") {
-        "chat" | "completions" if path.ends_with("chat/completions") || path.ends_with("/chat") => {
-            Some("chat")
-        }
-        "generate" | "completions" => Some("text_completion"),
-        "embed" | "embeddings" => Some("embeddings"),
-        _ => None,
+    let ends = |tails: &[&str]| tails.iter().any(|t| path.ends_with(t));
+    let operation = if ends(&["/chat", "/chat/completions"]) {
+        Some("chat")
+    } else if ends(&["/generate", "/completions"]) {
+        Some("text_completion")
+    } else if ends(&["/embed", "/embeddings"]) {
+        Some("embeddings")
+    } else {
+        None
     };
     if let (Some(system), Some(operation)) = (system, operation) {
         out.push(Attribute::new("gen_ai.system", system));
@@ -423,5 +425,37 @@ fn rate_limited(r: crate::limits::Refused, admission: &mut Admission) -> ProxyEr
     ProxyError::RateLimited {
         limiter: r.limiter,
         retry_after: r.retry_after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn genai_system_and_operation_follow_the_path() {
+        let id = HeaderValue::from_static("r1");
+        let named = |path: &str| {
+            let attrs = otel_request_attributes(&id, path);
+            let get = |k: &str| {
+                attrs
+                    .iter()
+                    .find(|a| a.key.as_str() == k)
+                    .map(|a| a.value.to_string())
+            };
+            (get("gen_ai.system"), get("gen_ai.operation.name"))
+        };
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(named("/api/chat"), (s("ollama"), s("chat")));
+        assert_eq!(named("/api/generate"), (s("ollama"), s("text_completion")));
+        assert_eq!(named("/api/embed"), (s("ollama"), s("embeddings")));
+        assert_eq!(named("/v1/chat/completions"), (s("openai"), s("chat")));
+        assert_eq!(
+            named("/v1/completions"),
+            (s("openai"), s("text_completion"))
+        );
+        assert_eq!(named("/v1/embeddings"), (s("openai"), s("embeddings")));
+        assert_eq!(named("/api/tags"), (None, None));
+        assert_eq!(named("/health"), (None, None));
     }
 }

@@ -89,6 +89,27 @@ impl std::fmt::Debug for ExportHeaders {
     }
 }
 
+/// The platform's CA certificates (those rustls can use).
+pub fn platform_roots() -> rustls::RootCertStore {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(found.certs);
+    roots
+}
+
+/// A TLS client configuration checking servers against `roots`, speaking
+/// HTTP/1.1 (upstream servers, the OTLP collector).
+pub fn http1_client_config(roots: Arc<rustls::RootCertStore>) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
 /// `[auth]`: the keys Hyperion issued.
 #[derive(Debug, Clone)]
 pub struct AuthPolicy {

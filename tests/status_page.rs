@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::Request;
 use support::*;
 
 const TOKEN: &str = "0123456789abcdef-status-page";
@@ -50,12 +50,7 @@ async fn backend() -> Upstream {
         if req.uri().path() == "/fail" {
             return response(500, "failed");
         }
-        Response::builder()
-            .header("content-type", "application/json")
-            .body(full(
-                r#"{"model":"m","message":{"role":"assistant","content":"hello"},"done":true,"prompt_eval_count":20,"eval_count":30}"#,
-            ))
-            .unwrap()
+        ollama_chat_answer()
     })
     .await
 }

@@ -173,17 +173,11 @@ fn server_of(spans: &[Span]) -> &Span {
 /// with `x-slow` takes 300 ms.
 async fn backend() -> Upstream {
     Upstream::start(|req: Request<Incoming>| async move {
-        let slow = req.uri().path() == "/api/chat"
-            && req.headers().get("x-slow").is_some();
+        let slow = req.uri().path() == "/api/chat" && req.headers().get("x-slow").is_some();
         if slow {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        Response::builder()
-            .header("content-type", "application/json")
-            .body(full(
-                r#"{"model":"m","message":{"role":"assistant","content":"hello"},"done":true,"prompt_eval_count":20,"eval_count":30}"#,
-            ))
-            .unwrap()
+        ollama_chat_answer()
     })
     .await
 }

@@ -51,23 +51,14 @@ pub fn exporter(
 }
 
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(found.certs);
+    let roots = crate::policy::platform_roots();
     if roots.is_empty() {
         return Err(
             "an https:// collector, but this machine has no CA certificates to check it with (apt-get install ca-certificates)"
                 .to_owned(),
         );
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(crate::policy::http1_client_config(Arc::new(roots)))
 }
 
 #[derive(Clone)]

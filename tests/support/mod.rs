@@ -459,6 +459,17 @@ upstream = "up"
     )
 }
 
+/// An Ollama `/api/chat` answer (not streamed) saying "hello", with its
+/// token counts: 20 read, 30 generated.
+pub fn ollama_chat_answer() -> Response<TestBody> {
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(full(
+            r#"{"model":"m","message":{"role":"assistant","content":"hello"},"done":true,"prompt_eval_count":20,"eval_count":30}"#,
+        ))
+        .unwrap()
+}
+
 /// An Ollama pool `ollama` at `upstream`, a route `chat` caching
 /// `POST /api/chat` by its JSON body (force, 10 minutes), and a route
 /// `other` for the rest, followed by `other_extra` (its further keys).

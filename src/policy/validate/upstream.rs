@@ -547,12 +547,9 @@ impl Validator<'_> {
                 Arc::new(roots)
             }
             None => {
-                let roots = self.platform_roots.get_or_init(|| {
-                    let found = rustls_native_certs::load_native_certs();
-                    let mut roots = rustls::RootCertStore::empty();
-                    roots.add_parsable_certificates(found.certs);
-                    Arc::new(roots)
-                });
+                let roots = self
+                    .platform_roots
+                    .get_or_init(|| Arc::new(crate::policy::platform_roots()));
                 if roots.is_empty() {
                     return Err(self.err(
                         first_https.span(),
@@ -564,15 +561,8 @@ impl Validator<'_> {
                 roots.clone()
             }
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         // Upstream connections speak HTTP/1.1 only.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        Ok(crate::policy::http1_client_config(roots))
     }
 
     /// `auth_header`: a header name (default `authorization`) and a value
