@@ -478,8 +478,18 @@ fn prefix_report(
         .policy
         .servers
         .iter()
-        .zip(idx.sizes())
-        .map(|(s, blocks)| json!({ "url": &*s.url, "blocks": blocks }))
+        .zip(idx.servers())
+        .enumerate()
+        .map(|(i, (s, held))| {
+            let engine = pool.engines.as_ref().and_then(|e| e.snapshot(i));
+            json!({
+                "url": &*s.url,
+                "blocks": held.blocks,
+                "capacity_blocks": held.capacity_blocks,
+                "predicted_hit_ratio": held.predicted_hit_ratio,
+                "engine_hit_ratio": engine.and_then(|e| e.prefix_hit_ratio),
+            })
+        })
         .collect();
     json!({
         "block_bytes": BLOCK_BYTES,
@@ -498,10 +508,16 @@ fn readiness(reloader: &Reloader, pretty: bool) -> AdminResponse {
     let mut reasons = Vec::new();
     for pool in generation.fleet.pools() {
         let servers = pool.snapshot();
-        if !servers.iter().any(|s| s.healthy) {
+        if !servers.iter().any(|s| s.state.healthy) {
             let why: Vec<String> = servers
                 .iter()
-                .map(|s| format!("{}: {}", s.url, s.reason.as_deref().unwrap_or("out")))
+                .map(|s| {
+                    format!(
+                        "{}: {}",
+                        s.state.url,
+                        s.state.reason.as_deref().unwrap_or("out")
+                    )
+                })
                 .collect();
             reasons.push(format!(
                 "upstream `{}` has no healthy server ({})",

@@ -24,8 +24,8 @@ use http::uri::{Authority, Scheme};
 pub use error::PolicyError;
 pub use model_name::ModelName;
 pub use raw::{
-    AccessLogFormat, AuthMode, Balance, ModelRouting, Priority, QueueOrder, UnknownModel,
-    WhenAbsent,
+    AccessLogFormat, AuthMode, Balance, EngineSignals, ModelRouting, Priority, QueueOrder,
+    UnknownModel, WhenAbsent,
 };
 pub use units::{Dur, Rate, Size};
 
@@ -321,6 +321,10 @@ pub struct UpstreamPolicy {
     pub model_routing: ModelRouting,
     /// How often `discover` asks each server for its models.
     pub discover_interval: Duration,
+    /// Whether (and how) each server is asked for its engine's own load.
+    pub engine_signals: EngineSignals,
+    /// How often.
+    pub engine_poll_interval: Duration,
 }
 
 /// What `consistent_hash` keeps together on one server.
@@ -859,6 +863,19 @@ impl fmt::Display for Policy {
                     "",
                     Dur(u.discover_interval)
                 )?,
+            }
+            if u.engine_signals != EngineSignals::Off {
+                writeln!(
+                    f,
+                    "  {:<16} load as each server's engine reports it ({}, every {})",
+                    "",
+                    match u.engine_signals {
+                        EngineSignals::Ollama => "ollama: GET /api/ps",
+                        EngineSignals::Sglang => "sglang: GET /metrics",
+                        _ => "vllm: GET /metrics",
+                    },
+                    Dur(u.engine_poll_interval)
+                )?;
             }
             if let Some(max) = u.max_inflight_per_server {
                 writeln!(

@@ -10,6 +10,7 @@
 
 pub mod balance;
 mod conns;
+pub mod engine;
 pub mod fleet;
 pub mod models;
 pub mod prefix;

@@ -667,6 +667,21 @@ fn upstream_pool_mistakes_name_their_line_and_fix() {
             "proxy.toml:4:",
             "use 1s or more",
         ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\nengine_poll_interval = \"2s\"\n",
+            "proxy.toml:3:",
+            "nothing is polled without `engine_signals`",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\nengine_signals = \"vllm\"\nengine_poll_interval = \"10ms\"\n",
+            "proxy.toml:4:",
+            "10ms is not between 250ms and 1m",
+        ),
+        (
+            "[upstreams.ollama]\nservers = [{ url = \"http://127.0.0.1:11434\" }]\nengine_signals = \"triton\"\n",
+            "proxy.toml:3:",
+            "engine_signals",
+        ),
     ];
     for (upstream, at, says) in cases {
         let err = error_of(&format!("{upstream}{ROUTE}"));

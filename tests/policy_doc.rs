@@ -183,6 +183,7 @@ fn context(path: &str) -> &'static str {
         | "upstreams.NAME.max_queued_per_tenant" => "max_inflight_per_server = 2\n",
         "upstreams.NAME.hash_key" => "balance = \"consistent_hash\"\n",
         "upstreams.NAME.prefix_cache_tokens" => "balance = \"prefix_affinity\"\n",
+        "upstreams.NAME.engine_poll_interval" => "engine_signals = \"vllm\"\n",
         _ => "",
     }
 }

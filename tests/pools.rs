@@ -166,7 +166,7 @@ async fn a_killed_server_costs_clients_nothing_and_rejoins_after_its_checks() {
     );
     assert_eq!(servers[1].served(), before);
 
-    let state = |proxy: &TestProxy| proxy.fleet.pool("up").unwrap().snapshot()[1].clone();
+    let state = |proxy: &TestProxy| proxy.fleet.pool("up").unwrap().snapshot()[1].state.clone();
     // Two failed checks 100 ms apart mark it unhealthy.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let down = state(&proxy);

@@ -140,7 +140,7 @@ async fn a_trusted_https_server_is_proxied_to_with_sni_from_its_url() {
     }
     assert!(up.checks.load(std::sync::atomic::Ordering::SeqCst) >= 3);
     let snapshot = proxy.fleet.pool("up").unwrap().snapshot();
-    assert!(snapshot[0].healthy, "{snapshot:?}");
+    assert!(snapshot[0].state.healthy, "{snapshot:?}");
 }
 
 #[tokio::test]

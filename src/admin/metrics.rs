@@ -123,12 +123,48 @@ fn scrape_upstreams(generation: &Generation) {
                 counter!("hyperion_upstream_prefix_routed_total", "upstream" => upstream.clone(), "how" => how)
                     .absolute(idx.routed[i].load(std::sync::atomic::Ordering::Relaxed));
             }
-            for (server, blocks) in pool.policy.servers.iter().zip(idx.sizes()) {
+            for (server, held) in pool.policy.servers.iter().zip(idx.servers()) {
                 gauge!("hyperion_upstream_prefix_blocks", "upstream" => upstream.clone(), "server" => server.url.to_string())
-                    .set(blocks as f64);
+                    .set(held.blocks as f64);
+                if let Some(ratio) = held.predicted_hit_ratio {
+                    gauge!("hyperion_upstream_prefix_hit_ratio", "upstream" => upstream.clone(), "server" => server.url.to_string(), "source" => "predicted")
+                        .set(ratio);
+                }
             }
         }
-        for server in pool.snapshot() {
+        if let Some(engines) = &pool.engines {
+            for (i, server) in pool.policy.servers.iter().enumerate() {
+                let Some(e) = engines.snapshot(i) else {
+                    continue;
+                };
+                let labels = [
+                    ("upstream", upstream.clone()),
+                    ("server", server.url.to_string()),
+                ];
+                gauge!("hyperion_upstream_engine_up", &labels).set(f64::from(u8::from(e.in_use)));
+                if let Some(ratio) = e.prefix_hit_ratio {
+                    gauge!("hyperion_upstream_prefix_hit_ratio", "upstream" => upstream.clone(), "server" => server.url.to_string(), "source" => "engine")
+                        .set(ratio);
+                }
+                let Some(r) = e.reading.filter(|_| e.in_use) else {
+                    continue;
+                };
+                for (state, n) in [
+                    ("running", r.running),
+                    ("waiting", r.waiting),
+                    ("others", e.others),
+                ] {
+                    if let Some(n) = n {
+                        gauge!("hyperion_upstream_engine_requests", "upstream" => upstream.clone(), "server" => server.url.to_string(), "state" => state)
+                            .set(f64::from(n));
+                    }
+                }
+                if let Some(u) = r.kv_cache_usage {
+                    gauge!("hyperion_upstream_engine_kv_cache_usage_ratio", &labels).set(u);
+                }
+            }
+        }
+        for server in pool.snapshot().into_iter().map(|v| v.state) {
             let labels = [
                 ("upstream", upstream.clone()),
                 ("server", server.url.clone()),

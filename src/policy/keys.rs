@@ -546,6 +546,18 @@ pub const KEYS: &[Key] = &[
         Applies,
     ),
     key(
+        "upstreams.NAME.engine_signals",
+        Value(r#""off""#),
+        Choice("off, vllm, sglang, ollama"),
+        Applies,
+    ),
+    key(
+        "upstreams.NAME.engine_poll_interval",
+        Value(r#""1s""#),
+        Duration,
+        Applies,
+    ),
+    key(
         "upstreams.NAME.max_inflight_per_server",
         Off("no limit"),
         Count,

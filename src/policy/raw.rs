@@ -190,6 +190,8 @@ pub struct RawUpstream {
     pub hash_key: Option<Spanned<String>>,
     pub prefix_cache_tokens: Option<Spanned<u64>>,
     pub discover_interval: Option<Spanned<Dur>>,
+    pub engine_signals: Option<Spanned<EngineSignals>>,
+    pub engine_poll_interval: Option<Spanned<Dur>>,
     pub ca_file: Option<Spanned<String>>,
     pub health: Option<Spanned<RawHealth>>,
     pub auth_header: Option<Spanned<RawAuthHeader>>,
@@ -248,6 +250,33 @@ impl ModelRouting {
             ModelRouting::Off => "off",
             ModelRouting::Static => "static",
             ModelRouting::Discover => "discover",
+        }
+    }
+}
+
+/// `[upstreams.NAME] engine_signals`: how the pool's servers report their
+/// own load, when Hyperion should ask them.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineSignals {
+    /// Hyperion's own counts only.
+    #[default]
+    Off,
+    /// vLLM's Prometheus `/metrics`.
+    Vllm,
+    /// SGLang's Prometheus `/metrics`.
+    Sglang,
+    /// Ollama's `GET /api/ps`.
+    Ollama,
+}
+
+impl EngineSignals {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineSignals::Off => "off",
+            EngineSignals::Vllm => "vllm",
+            EngineSignals::Sglang => "sglang",
+            EngineSignals::Ollama => "ollama",
         }
     }
 }

@@ -23,7 +23,8 @@ use toml::Spanned;
 
 use super::error::{nearest, PolicyError, Source};
 use super::raw::{
-    self, AuthMode, Balance, ModelRouting, QueueOrder, RawPolicy, UnknownModel, WhenAbsent,
+    self, AuthMode, Balance, EngineSignals, ModelRouting, QueueOrder, RawPolicy, UnknownModel,
+    WhenAbsent,
 };
 use super::tenancy::Tenancy;
 use super::units::{Dur, Size};

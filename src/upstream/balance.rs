@@ -17,6 +17,10 @@
 //!   on the ring by its first block (or the pool's `hash_key` header), so
 //!   prompts opening alike land together and the load stays bounded.
 //!
+//! A server's load is this proxy's requests in flight to it, plus, with
+//! `engine_signals`, the others its engine last reported (`engine.rs`), so
+//! a server shared with other clients is judged by its whole queue.
+//!
 //! Every strategy skips servers that are out (health, ejection) or excluded
 //! (already tried, or not serving the model). Nothing here locks. What a
 //! server's state is belongs to `server_state`.
@@ -155,17 +159,17 @@ impl Balancer {
                     .map(|k| schedule[(start + k) % schedule.len()])
                     .find(|&i| ok.has(i))
             }
-            Balancer::LeastInflight => least_inflight(servers, ok),
+            Balancer::LeastInflight => least_inflight(servers, ok, now),
             Balancer::P2cEwma => p2c(servers, ok, now),
             Balancer::ConsistentHash { ring } => match filter.hash {
-                Some(hash) => bounded_ring_walk(ring, servers, hash, ok),
+                Some(hash) => bounded_ring_walk(ring, servers, hash, ok, now),
                 // Nothing to hash on: spread by load.
-                None => least_inflight(servers, ok),
+                None => least_inflight(servers, ok, now),
             },
             Balancer::PrefixAffinity { ring, floor } => {
                 for held in [filter.affine, filter.affine_next] {
                     let held = Candidates(ok.0 & held);
-                    if let Some(i) = least_loaded_within_bound(servers, held, *floor) {
+                    if let Some(i) = least_loaded_within_bound(servers, held, *floor, now) {
                         return Some(i);
                     }
                 }
@@ -173,12 +177,12 @@ impl Balancer {
                 // when one of them is within its bound.
                 let roomy = Candidates(ok.0 & filter.room);
                 let place = |among: Candidates| match filter.hash {
-                    Some(hash) => bounded_ring_walk(ring, servers, hash, among),
-                    None => least_inflight(servers, among),
+                    Some(hash) => bounded_ring_walk(ring, servers, hash, among, now),
+                    None => least_inflight(servers, among, now),
                 };
                 if roomy.0 != 0 && roomy.0 != ok.0 {
                     if let Some(i) =
-                        least_loaded_within_bound(servers, roomy, 0).and_then(|_| place(roomy))
+                        least_loaded_within_bound(servers, roomy, 0, now).and_then(|_| place(roomy))
                     {
                         return Some(i);
                     }
@@ -197,21 +201,22 @@ fn least_loaded_within_bound(
     servers: &[Arc<ServerState>],
     of: Candidates,
     floor: u32,
+    now: u64,
 ) -> Option<usize> {
     if of.0 == 0 {
         return None;
     }
     let total_weight: u64 = servers.iter().map(|s| u64::from(s.weight)).sum();
-    let total_in_flight: u64 = servers.iter().map(|s| u64::from(s.in_flight())).sum();
+    let total_load: u64 = servers.iter().map(|s| u64::from(s.load_at(now))).sum();
     let within = of
         .iter()
         .filter(|&i| {
             let s = &servers[i];
-            let share = (total_in_flight + 1) as f64 * s.weight as f64 / total_weight as f64;
-            f64::from(s.in_flight()) + 1.0 <= (LOAD_FACTOR * share).ceil().max(f64::from(floor))
+            let share = (total_load + 1) as f64 * s.weight as f64 / total_weight as f64;
+            f64::from(s.load_at(now)) + 1.0 <= (LOAD_FACTOR * share).ceil().max(f64::from(floor))
         })
         .fold(0u64, |m, i| m | (1 << i));
-    least_inflight(servers, Candidates(within).nonempty()?)
+    least_inflight(servers, Candidates(within).nonempty()?, now)
 }
 
 /// The servers a pick may choose from (a pool has at most 64).
@@ -242,12 +247,12 @@ impl Candidates {
 /// Fewest in flight per unit of weight (as nginx's `least_conn`); ties at
 /// random, in proportion to weight, so idle servers share traffic by
 /// weight too (weighted reservoir sampling: one pass, nothing locked).
-fn least_inflight(servers: &[Arc<ServerState>], ok: Candidates) -> Option<usize> {
+fn least_inflight(servers: &[Arc<ServerState>], ok: Candidates, now: u64) -> Option<usize> {
     // (index, in flight, weight, summed weight of the tied)
     let mut best: Option<(usize, u64, u64, u64)> = None;
     for i in ok.iter() {
         let s = &servers[i];
-        let load = u64::from(s.in_flight());
+        let load = u64::from(s.load_at(now));
         let weight = u64::from(s.weight);
         best = match best {
             // load/weight vs best_load/best_weight, cross-multiplied.
@@ -293,14 +298,14 @@ fn p2c(servers: &[Arc<ServerState>], ok: Candidates, now: u64) -> Option<usize> 
     }
     let cost = |i: usize| {
         let s = &servers[i];
-        let in_flight = s.in_flight();
+        let load = s.load_at(now);
         let latency = match s.latency_at(now) {
             Some(l) => l,
-            None if in_flight == 0 => 0.0,
+            None if load == 0 => 0.0,
             // Busy and never measured: as if it took a second.
             None => 1e9,
         };
-        (latency + 1.0) * (f64::from(in_flight) + 1.0) / f64::from(s.weight)
+        (latency + 1.0) * (f64::from(load) + 1.0) / f64::from(s.weight)
     };
     Some(if cost(b) < cost(a) { b } else { a })
 }
@@ -313,9 +318,10 @@ fn bounded_ring_walk(
     servers: &[Arc<ServerState>],
     hash: u64,
     ok: Candidates,
+    now: u64,
 ) -> Option<usize> {
     let total_weight: u64 = servers.iter().map(|s| u64::from(s.weight)).sum();
-    let total_in_flight: u64 = servers.iter().map(|s| u64::from(s.in_flight())).sum();
+    let total_load: u64 = servers.iter().map(|s| u64::from(s.load_at(now))).sum();
     let start = ring.partition_point(|&(p, _)| p < hash);
     let mut fallback = None;
     // Each server is judged once, at its first point.
@@ -328,8 +334,8 @@ fn bounded_ring_walk(
         seen |= 1 << i;
         if ok.has(i) {
             let s = &servers[i];
-            let share = (total_in_flight + 1) as f64 * s.weight as f64 / total_weight as f64;
-            if f64::from(s.in_flight()) + 1.0 <= (LOAD_FACTOR * share).ceil() {
+            let share = (total_load + 1) as f64 * s.weight as f64 / total_weight as f64;
+            if f64::from(s.load_at(now)) + 1.0 <= (LOAD_FACTOR * share).ceil() {
                 return Some(i);
             }
             fallback.get_or_insert(i);

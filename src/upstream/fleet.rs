@@ -16,14 +16,18 @@ use tokio_util::sync::CancellationToken;
 
 use super::balance::Balancer;
 use super::conns::ServerConns;
-use super::models::{Discovery, PoolModels};
+use super::engine::{EnginePoll, EngineSnapshot, PoolEngines};
+use super::models::{Discovery, PoolModels, ServerModelsSnapshot};
 use super::prefix::PrefixIndex;
 use super::retry::RetryBudget;
 use super::server_state::{ServerSnapshot, ServerState};
-use crate::policy::{Balance, HealthPolicy, ModelRouting, Policy, UpstreamPolicy, UpstreamServer};
+use crate::policy::{
+    Balance, EngineSignals, HealthPolicy, ModelRouting, Policy, UpstreamPolicy, UpstreamServer,
+};
 
 pub struct Fleet {
     pools: Vec<Arc<PoolState>>,
+    epoch: tokio::time::Instant,
     /// Cancelled on drop: the health checks of this fleet stop.
     checks: CancellationToken,
 }
@@ -39,13 +43,17 @@ pub struct PoolState {
     pub models: Arc<PoolModels>,
     /// Which server was sent which prompt prefix (`prefix_affinity`).
     pub prefix: Option<Arc<PrefixIndex>>,
+    /// What the servers' engines last said (`engine_signals`).
+    pub engines: Option<Arc<PoolEngines>>,
 }
 
 impl Fleet {
     /// The pools of `policy`; servers of `previous` with the same pool and
     /// URL keep their state.
     pub fn new(policy: &Policy, previous: Option<&Fleet>) -> Self {
-        let epoch = crate::clock::now();
+        // One epoch for every fleet of the process: a pick reads the clock
+        // once for all of a pool's servers, kept ones and new ones alike.
+        let epoch = previous.map_or_else(crate::clock::now, |p| p.epoch);
         let pools = policy
             .upstreams
             .iter()
@@ -67,6 +75,11 @@ impl Fleet {
                             })
                     })
                     .collect();
+                // A server kept from a pool that asked its engine is
+                // judged by this proxy's counts until this pool asks.
+                for s in servers.iter() {
+                    s.set_foreign(0, None);
+                }
                 // A reload keeps what is known when the servers are the
                 // same, in the same order, with the same cache size.
                 let prefix = (u.balance == Balance::PrefixAffinity).then(|| {
@@ -85,8 +98,11 @@ impl Fleet {
                             Arc::new(PrefixIndex::new(u.servers.len(), u.prefix_cache_tokens))
                         })
                 });
+                let engines = (u.engine_signals != EngineSignals::Off)
+                    .then(|| Arc::new(PoolEngines::new(u.engine_signals, u.servers.len())));
                 Arc::new(PoolState {
                     prefix,
+                    engines,
                     models: Arc::new(PoolModels::new(u, before.map(|b| &*b.models))),
                     balancer: Balancer::new(u.balance, &servers)
                         .with_parallelism(u.max_inflight_per_server),
@@ -98,6 +114,7 @@ impl Fleet {
             .collect();
         Fleet {
             pools,
+            epoch,
             checks: CancellationToken::new(),
         }
     }
@@ -127,6 +144,20 @@ impl Fleet {
                             .clone()
                             .run_until_cancelled_owned(discovery.run()),
                     );
+                }
+            }
+            if let Some(engines) = &pool.engines {
+                for (index, server) in pool.policy.servers.iter().enumerate() {
+                    let poll = EnginePoll {
+                        server: server.clone(),
+                        index,
+                        state: Arc::downgrade(&pool.servers[index]),
+                        engines: Arc::downgrade(engines),
+                        prefix: pool.prefix.as_ref().map(Arc::downgrade),
+                        interval: pool.policy.engine_poll_interval,
+                        connect_timeout: pool.policy.connect_timeout,
+                    };
+                    runtime.spawn(self.checks.clone().run_until_cancelled_owned(poll.run()));
                 }
             }
             let Some(health) = &pool.policy.health else {
@@ -160,18 +191,34 @@ impl Drop for Fleet {
 }
 
 impl PoolState {
-    pub fn snapshot(&self) -> Vec<ServerSnapshot> {
+    /// Each server as operators see it: its state, and what its pool
+    /// learns of it (models, engine).
+    pub fn snapshot(&self) -> Vec<ServerView> {
         let now = crate::clock::now();
         let by_model = self.policy.model_routing != ModelRouting::Off;
         self.servers
             .iter()
             .enumerate()
-            .map(|(i, s)| ServerSnapshot {
+            .map(|(i, s)| ServerView {
+                state: s.snapshot(now),
                 models: by_model.then(|| self.models.snapshot(i)),
-                ..s.snapshot(now)
+                engine: self.engines.as_ref().and_then(|e| e.snapshot(i)),
             })
             .collect()
     }
+}
+
+/// One server for `/admin/upstreams` and `/metrics`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerView {
+    #[serde(flatten)]
+    pub state: ServerSnapshot,
+    /// What it serves, when its pool routes by model.
+    #[serde(flatten)]
+    pub models: Option<ServerModelsSnapshot>,
+    /// What its engine last said, when its pool asks (`engine_signals`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineSnapshot>,
 }
 
 /// The checks of one server.

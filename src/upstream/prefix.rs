@@ -279,6 +279,13 @@ type NameMap<V> = HashMap<u64, V, BuildHasherDefault<Identity>>;
 /// One server's recent blocks, least recently used first out.
 #[derive(Default)]
 struct Held {
+    /// Blocks it holds at most: the pool's `prefix_cache_tokens`, or the
+    /// KV-cache size its engine reports.
+    capacity: usize,
+    /// Of the blocks sent to it, those it was predicted to hold: Hyperion's
+    /// prefix hit ratio, to set beside the engine's own.
+    predicted_hits: u64,
+    sent: u64,
     /// Block name → when last sent (a counter).
     at: NameMap<u64>,
     /// (name, when) in sending order; entries whose `when` is older than
@@ -286,10 +293,43 @@ struct Held {
     order: VecDeque<(u64, u64)>,
 }
 
+/// One server's part of the index, as operators see it.
+pub struct HeldReport {
+    pub blocks: usize,
+    pub capacity_blocks: usize,
+    /// Of the blocks sent there, the share it was predicted to hold.
+    pub predicted_hit_ratio: Option<f64>,
+}
+
+/// The blocks a cache of `tokens` tokens holds (a token taken as 4 bytes).
+fn blocks_for(tokens: u64) -> usize {
+    let blocks = (tokens.saturating_mul(4) / BLOCK_BYTES as u64).clamp(1, 1 << 22);
+    usize::try_from(blocks).unwrap_or(usize::MAX)
+}
+
 impl Held {
-    fn touch(&mut self, name: u64, now: u64, capacity: usize) {
+    /// Forgets every block, keeping the capacity and the counters.
+    fn forget(&mut self) {
+        self.at = NameMap::default();
+        self.order = VecDeque::new();
+    }
+
+    fn new(capacity: usize) -> Held {
+        Held {
+            capacity,
+            ..Held::default()
+        }
+    }
+
+    fn touch(&mut self, name: u64, now: u64) {
         self.at.insert(name, now);
         self.order.push_back((name, now));
+        self.trim();
+    }
+
+    /// Gives up the least recently used blocks beyond the capacity.
+    fn trim(&mut self) {
+        let capacity = self.capacity;
         while self.at.len() > capacity {
             let Some((old, when)) = self.order.pop_front() else {
                 break;
@@ -348,7 +388,7 @@ pub struct Affinity {
 /// The pool's index.
 pub struct PrefixIndex {
     servers: Mutex<Vec<Held>>,
-    /// Blocks each server holds at most.
+    /// Blocks a server holds at most unless its engine says otherwise.
     capacity: usize,
     counter: AtomicU64,
     /// Requests sent where their prefix was (`prefix`), elsewhere because
@@ -366,10 +406,10 @@ impl PrefixIndex {
     /// For `servers` servers holding about `cache_tokens` tokens of prompt
     /// each (a token taken as 4 bytes of text).
     pub fn new(servers: usize, cache_tokens: u64) -> PrefixIndex {
-        let blocks = (cache_tokens.saturating_mul(4) / BLOCK_BYTES as u64).clamp(1, 1 << 22);
+        let capacity = blocks_for(cache_tokens);
         PrefixIndex {
-            servers: Mutex::new((0..servers).map(|_| Held::default()).collect()),
-            capacity: usize::try_from(blocks).unwrap_or(usize::MAX),
+            servers: Mutex::new((0..servers).map(|_| Held::new(capacity)).collect()),
+            capacity,
             counter: AtomicU64::new(0),
             routed: Default::default(),
         }
@@ -382,22 +422,24 @@ impl PrefixIndex {
         let mut held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         let mut a = Affinity::default();
         let mut next_depth = 0u32;
+        // How full each cache is, in 64ths (a server's engine may report a
+        // size of its own, so fullness, not block counts, compares).
+        let fill = |h: &Held| h.at.len() * 64 / h.capacity.max(1);
         let emptiest = held
             .iter()
             .enumerate()
             .filter(|(i, _)| in_rotation & (1 << i) != 0)
-            .map(|(_, h)| h.at.len())
+            .map(|(_, h)| fill(h))
             .min()
             .unwrap_or(0);
-        let slack = (self.capacity / 8).max(1);
         for (i, h) in held.iter_mut().enumerate() {
             if in_rotation & (1 << i) == 0 {
                 if !h.at.is_empty() {
-                    *h = Held::default();
+                    h.forget();
                 }
                 continue;
             }
-            if h.at.len() <= emptiest + slack {
+            if fill(h) <= emptiest + 8 {
                 a.room |= 1 << i;
             }
             let d = u32::try_from(h.depth(&blocks.0)).unwrap_or(u32::MAX);
@@ -427,20 +469,50 @@ impl PrefixIndex {
         let start = self.counter.fetch_add(n, Ordering::Relaxed);
         let mut held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = held.get_mut(index) {
+            h.predicted_hits += h.depth(&blocks.0) as u64;
+            h.sent += n;
             // Last block first: a prompt's first blocks are its most
             // recently used, so the cache gives up a prompt from its end
             // (as vLLM evicts), and what a server holds of a prompt is
             // always a prefix of it.
             for (k, &name) in blocks.0.iter().rev().enumerate() {
-                h.touch(name, start + k as u64, self.capacity);
+                h.touch(name, start + k as u64);
             }
         }
     }
 
-    /// Blocks held per server, for `/admin/upstreams`.
-    pub fn sizes(&self) -> Vec<usize> {
+    /// Per server, for `/admin/upstreams` and `/metrics`.
+    pub fn servers(&self) -> Vec<HeldReport> {
         let held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        held.iter().map(|h| h.at.len()).collect()
+        held.iter()
+            .map(|h| HeldReport {
+                blocks: h.at.len(),
+                capacity_blocks: h.capacity,
+                predicted_hit_ratio: (h.sent > 0).then(|| h.predicted_hits as f64 / h.sent as f64),
+            })
+            .collect()
+    }
+
+    /// Server `index`'s engine reports a KV cache of `tokens` (`None`: it
+    /// stopped saying; the pool's `prefix_cache_tokens` stands again).
+    pub fn set_capacity(&self, index: usize, tokens: Option<u64>) {
+        let capacity = tokens.map_or(self.capacity, blocks_for);
+        let mut held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = held.get_mut(index) {
+            if h.capacity != capacity {
+                h.capacity = capacity;
+                h.trim();
+            }
+        }
+    }
+
+    /// Server `index` has lost what it cached (its engine unloaded the
+    /// model, or restarted).
+    pub fn forget(&self, index: usize) {
+        let mut held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = held.get_mut(index) {
+            h.forget();
+        }
     }
 
     pub fn count(&self, how: usize) {
@@ -515,6 +587,31 @@ mod tests {
         // Capacity: 10 blocks; 20 other blocks push the old ones out.
         idx.record(&PromptBlocks((100..120).collect()), 1);
         assert_eq!(idx.affinity(&longer, 0b111).best, 0);
-        assert_eq!(idx.sizes(), vec![0, 10, 0]);
+        let blocks = |idx: &PrefixIndex| idx.servers().iter().map(|h| h.blocks).collect::<Vec<_>>();
+        assert_eq!(blocks(&idx), vec![0, 10, 0]);
+    }
+
+    #[test]
+    fn an_engines_cache_size_and_loss_are_followed() {
+        let idx = PrefixIndex::new(2, 10 * BLOCK_BYTES as u64 / 4); // 10 blocks each
+        let a = PromptBlocks((1..=8).collect());
+        idx.record(&a, 0);
+        // Sent again: all 8 predicted held; 16 sent in all.
+        idx.record(&a, 0);
+        let report = idx.servers();
+        assert_eq!(report[0].predicted_hit_ratio, Some(0.5));
+        assert_eq!(report[1].predicted_hit_ratio, None);
+        // The engine says its cache is 4 blocks: it keeps the first 4.
+        idx.set_capacity(0, Some(4 * BLOCK_BYTES as u64 / 4));
+        assert_eq!(idx.servers()[0].capacity_blocks, 4);
+        assert_eq!(idx.affinity(&a, 0b11).depth, 4);
+        // It stops saying: the pool's size stands again.
+        idx.set_capacity(0, None);
+        assert_eq!(idx.servers()[0].capacity_blocks, 10);
+        // Fuller caches take no new prompts while an emptier one has room.
+        assert_eq!(idx.affinity(&PromptBlocks(vec![99]), 0b11).room, 0b10);
+        idx.forget(0);
+        assert_eq!(idx.affinity(&a, 0b11).depth, 0);
+        assert_eq!(idx.servers()[0].predicted_hit_ratio, Some(0.5));
     }
 }

@@ -24,6 +24,12 @@ pub struct ServerState {
     pub url: Arc<str>,
     pub weight: u32,
     in_flight: AtomicU32,
+    /// Requests at the server that did not come from this proxy, by its
+    /// engine's last report (`engine`), and until when (nanoseconds since
+    /// `epoch`) that report stands: past it, the server is judged by this
+    /// proxy's own count again.
+    foreign: AtomicU32,
+    foreign_until: AtomicU64,
     requests: AtomicU64,
     failures: AtomicU64,
     /// Failures in a row; a success resets it.
@@ -55,9 +61,6 @@ pub struct ServerSnapshot {
     pub ewma_ms: f64,
     pub requests: u64,
     pub failures: u64,
-    /// What it serves, when its pool routes by model.
-    #[serde(flatten)]
-    pub models: Option<super::models::ServerModelsSnapshot>,
 }
 
 /// Counts a request in flight to a server until dropped (when the response
@@ -78,6 +81,8 @@ impl ServerState {
             url,
             weight,
             in_flight: AtomicU32::new(0),
+            foreign: AtomicU32::new(0),
+            foreign_until: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             streak: AtomicU32::new(0),
@@ -110,6 +115,37 @@ impl ServerState {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// What a balancer weighs at `now` (as `nanos` gives it): this proxy's
+    /// requests in flight, plus the others the server's engine last said it
+    /// had, while that report stands.
+    pub fn load_at(&self, now: u64) -> u32 {
+        let mine = self.in_flight.load(Ordering::Relaxed);
+        if self.foreign_until.load(Ordering::Relaxed) > now {
+            mine.saturating_add(self.foreign.load(Ordering::Relaxed))
+        } else {
+            mine
+        }
+    }
+
+    /// The server's engine reports `others` requests beyond this proxy's,
+    /// a report that stands until `until` (`None`: forget the last one).
+    pub fn set_foreign(&self, others: u32, until: Option<Instant>) {
+        self.foreign.store(others, Ordering::Relaxed);
+        self.foreign_until
+            .store(until.map_or(0, |t| self.nanos(t)), Ordering::Relaxed);
+    }
+
+    /// The others' requests as last reported, while the report stands.
+    pub fn foreign(&self, now: Instant) -> Option<u32> {
+        (self.foreign_until.load(Ordering::Relaxed) > self.nanos(now))
+            .then(|| self.foreign.load(Ordering::Relaxed))
+    }
+
+    /// The epoch `nanos` counts from (shared by every fleet of a process).
+    pub fn epoch(&self) -> Instant {
+        self.epoch
     }
 
     /// Counts one more request in flight (and in all).
@@ -241,7 +277,6 @@ impl ServerState {
             ewma_ms: self.latency(now).unwrap_or(0.0) / 1e6,
             requests: self.requests.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
-            models: None,
         }
     }
 }

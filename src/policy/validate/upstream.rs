@@ -9,6 +9,12 @@ use super::*;
 /// unless told.
 pub const DEFAULT_PREFIX_CACHE_TOKENS: u64 = 100_000;
 
+/// The bounds of `engine_poll_interval`: more often than 4 times a second
+/// costs the engine for nothing (a vLLM `/metrics` page is tens of KB);
+/// rarer than a minute steers by history.
+const MIN_ENGINE_POLL: Duration = Duration::from_millis(250);
+const MAX_ENGINE_POLL: Duration = Duration::from_secs(60);
+
 impl Validator<'_> {
     pub(super) fn upstream(
         &self,
@@ -99,6 +105,35 @@ impl Validator<'_> {
             }
             Some(d) => d.get_ref().0,
             None => Duration::from_secs(10),
+        };
+        let engine_signals = raw
+            .engine_signals
+            .as_ref()
+            .map_or(EngineSignals::Off, |e| *e.get_ref());
+        let engine_poll_interval = match &raw.engine_poll_interval {
+            Some(d) if engine_signals == EngineSignals::Off => {
+                return Err(self.err(
+                    d.span(),
+                    key("engine_poll_interval"),
+                    "nothing is polled without `engine_signals`",
+                    "set engine_signals = \"vllm\" (or \"sglang\", \"ollama\"), or remove engine_poll_interval",
+                ))
+            }
+            Some(d) if !(MIN_ENGINE_POLL..=MAX_ENGINE_POLL).contains(&d.get_ref().0) => {
+                return Err(self.err(
+                    d.span(),
+                    key("engine_poll_interval"),
+                    format!(
+                        "{} is not between {} and {}",
+                        humantime::format_duration(d.get_ref().0),
+                        humantime::format_duration(MIN_ENGINE_POLL),
+                        humantime::format_duration(MAX_ENGINE_POLL)
+                    ),
+                    "use e.g. \"1s\": a load figure older than a few seconds steers nothing",
+                ))
+            }
+            Some(d) => d.get_ref().0,
+            None => Duration::from_secs(1),
         };
         let max_inflight_per_server = match &raw.max_inflight_per_server {
             Some(v) if *v.get_ref() == 0 => {
@@ -325,6 +360,8 @@ impl Validator<'_> {
             health,
             model_routing,
             discover_interval,
+            engine_signals,
+            engine_poll_interval,
         })
     }
 
