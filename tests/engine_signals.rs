@@ -147,8 +147,10 @@ async fn a_queue_from_other_clients_steers_until_the_engine_stops_making_sense()
     assert_eq!(e["reading"]["running"], 6, "{p:#}");
     assert_eq!(e["reading"]["waiting"], 10);
     assert_eq!(e["reading"]["kv_cache_usage"], 0.42);
+    // Of the 16 others, the 10 waiting are weighed.
+    assert_eq!(e["others_waiting"], 10);
     // One request at a time: by this proxy's counts both servers are
-    // idle, by the engines' server 0 has a queue of 16.
+    // idle, by the engines' server 0 has a queue of 10.
     for _ in 0..20 {
         assert_eq!(chat(&proxy, &hello()).await, 1);
     }

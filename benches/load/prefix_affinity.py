@@ -12,7 +12,10 @@ servers' own count), mean and p95 time to first token.
 Scenarios: `reference` is issue 33's (../shared/sim/workload.py against
 /v1/chat/completions); `ollama` the same users against Ollama's /api/chat
 (NDJSON); `skewed` 80 % of the users on one tenant's system prompt (both
-through prefix_workload.py, here). Each strategy gets a fresh fleet (empty
+through prefix_workload.py, here); `shared` the reference users while
+other clients load two of the four servers directly (background_load.py),
+which is where `engine_signals = "vllm"` (the simulator serves vLLM's
+queue gauges at /metrics) is compared with the proxy's own counts. Each strategy gets a fresh fleet (empty
 caches) and a fresh proxy; every run uses the same seed. The simulator
 and workload need fastapi, uvicorn and httpx: they run from a venv made
 here (.venv-sim, from PyPI) unless SIM_PYTHON names a Python that has them.
@@ -58,7 +61,16 @@ STRATEGIES = {
     "prefix_affinity": 'balance = "prefix_affinity"\nprefix_cache_tokens = 18000',
     "prefix_affinity + max_inflight_per_server = 4":
         'balance = "prefix_affinity"\nprefix_cache_tokens = 18000\nmax_inflight_per_server = 4',
+    "least_inflight + engine_signals": 'balance = "least_inflight"\nengine_signals = "vllm"',
+    "prefix_affinity + max_inflight_per_server = 4 + engine_signals":
+        'balance = "prefix_affinity"\nprefix_cache_tokens = 18000\nmax_inflight_per_server = 4\nengine_signals = "vllm"',
 }
+
+# What each scenario runs unless --strategies says otherwise: engine
+# signals only matter where the servers have other clients.
+ENGINE_ROWS = {"least_inflight + engine_signals", "prefix_affinity + max_inflight_per_server = 4 + engine_signals"}
+SHARED_ROWS = ["least_inflight", "least_inflight + engine_signals", "prefix_affinity + max_inflight_per_server = 4",
+               "prefix_affinity + max_inflight_per_server = 4 + engine_signals"]
 
 
 def sim_python():
@@ -98,6 +110,8 @@ def workload(scenario, py, args):
         return [py, os.path.join(SIM, "workload.py"), base + "/v1/chat/completions"] + common
     if scenario == "ollama":
         return [py, os.path.join(here, "prefix_workload.py"), base + "/api/chat", "--api", "ollama"] + common
+    if scenario == "shared":
+        return [py, os.path.join(SIM, "workload.py"), base + "/v1/chat/completions"] + common
     return [py, os.path.join(here, "prefix_workload.py"), base + "/v1/chat/completions", "--skew", "0.8"] + common
 
 
@@ -131,14 +145,30 @@ upstream = "fleet"
         procs.append(subprocess.Popen([binary, "--config", policy],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_http(f"http://127.0.0.1:{PROXY_PORT}/_stats")
+        background = None
+        if scenario == "shared":
+            # Other clients keep the first two servers busy, not through
+            # the proxy: 5 streams each on 4 slots.
+            here = os.path.dirname(os.path.abspath(__file__))
+            background = subprocess.Popen(
+                [py, os.path.join(here, "background_load.py"), "--concurrency", str(args.background)]
+                + [f"http://127.0.0.1:{p}" for p in SERVER_PORTS[:2]],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(2)
         out = subprocess.run(workload(scenario, py, args),
                              check=True, capture_output=True, text=True, timeout=600)
         result = json.loads(out.stdout.strip().splitlines()[-1])
+        others = {"requests": 0, "blocks": 0}
+        if background:
+            background.send_signal(signal.SIGTERM)
+            others = json.loads(background.communicate(timeout=30)[0].strip().splitlines()[-1])
         per_server = [stats(p) for p in SERVER_PORTS]
         hit = sum(s["hit_blocks"] for s in per_server)
-        miss = sum(s["miss_blocks"] for s in per_server)
+        # The other clients' prompts are fresh words: all misses.
+        miss = sum(s["miss_blocks"] for s in per_server) - others["blocks"]
         result["hit_ratio"] = hit / (hit + miss) if hit + miss else 0.0
         result["requests_per_server"] = [s["requests"] for s in per_server]
+        result["requests_per_server"][:2] = [r - others["requests"] // 2 for r in result["requests_per_server"][:2]]
         return result
     finally:
         for p in procs:
@@ -153,19 +183,28 @@ upstream = "fleet"
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary", nargs="?", default=os.path.join(REPO, "target", "release", "hyperion"))
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--scenario", choices=["reference", "ollama", "skewed", "all"], default="reference")
+    ap.add_argument("--strategies", default="")
+    ap.add_argument("--scenario", choices=["reference", "ollama", "skewed", "shared", "all"], default="reference")
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--tenants", type=int, default=4)
     ap.add_argument("--system-words", type=int, default=1600)
     ap.add_argument("--turn-words", type=int, default=120)
+    ap.add_argument("--background", type=int, default=5,
+                    help="shared: the other clients' streams on each of servers 1 and 2")
     ap.add_argument("--out", default=os.path.join(
         REPO, "benches", "runs", time.strftime("%Y-%m-%d") + "-prefix-affinity.txt"))
     args = ap.parse_args()
     py = sim_python()
-    wanted = [s for s in STRATEGIES if s.split(" ")[0] in args.strategies.split(",") or s in args.strategies.split(",")]
-    scenarios = ["reference", "ollama", "skewed"] if args.scenario == "all" else [args.scenario]
+    chosen = args.strategies.split(",") if args.strategies else None
+    scenarios = ["reference", "ollama", "skewed", "shared"] if args.scenario == "all" else [args.scenario]
+
+    def wanted(scenario):
+        if chosen:
+            return [s for s in STRATEGIES if s.split(" ")[0] in chosen or s in chosen]
+        if scenario == "shared":
+            return SHARED_ROWS
+        return [s for s in STRATEGIES if s not in ENGINE_ROWS]
     lines = [
         f"# prefix-affinity benchmark — {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
         f"# command: benches/load/prefix_affinity.py {args.binary} --scenario {args.scenario} (users {args.users}, "
@@ -176,13 +215,15 @@ def main():
         "reference": "reference: ../shared/sim/workload.py, /v1/chat/completions (SSE)",
         "ollama": "ollama: the same users on /api/chat (NDJSON), prefix_workload.py",
         "skewed": "skewed: 80 % of the users on tenant 0's system prompt, prefix_workload.py",
+        "shared": "shared: the reference users, while other clients (background_load.py, not through the proxy) keep "
+                  f"{args.background} streams of fresh 320-word prompts on each of servers 1 and 2; hit ratio and requests are the proxy's clients' only",
     }
     with tempfile.TemporaryDirectory() as workdir:
         for scenario in scenarios:
             lines += ["", f"## {described[scenario]}", "",
                       "| balance | prefix-block hit ratio | mean TTFT | p95 TTFT | requests per server | errors |",
                       "|---|---|---|---|---|---|"]
-            for name in wanted:
+            for name in wanted(scenario):
                 r = run(name, STRATEGIES[name], args.binary, py, args, workdir, scenario)
                 print(f"  {scenario} {name}: {json.dumps(r)}", file=sys.stderr)
                 lines.append(f"| {name} | {r['hit_ratio']:.2f} | {r['ttft_ms_mean']:.0f} ms | {r['ttft_ms_p95']:.0f} ms "

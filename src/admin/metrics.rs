@@ -153,6 +153,7 @@ fn scrape_upstreams(generation: &Generation) {
                     ("running", r.running),
                     ("waiting", r.waiting),
                     ("others", e.others),
+                    ("others_waiting", e.others_waiting),
                 ] {
                     if let Some(n) = n {
                         gauge!("hyperion_upstream_engine_requests", "upstream" => upstream.clone(), "server" => server.url.to_string(), "state" => state)

@@ -13,8 +13,10 @@
 //!   reports no queue; a server that unloads a model has lost the prompts
 //!   it cached, so `prefix_affinity` forgets them.
 //!
-//! What a reading feeds: the server's load (`ServerState::set_foreign`:
-//! the requests beyond this proxy's own, standing for three intervals), the
+//! What a reading feeds: the server's load (`ServerState::set_foreign`: the
+//! requests waiting there beyond this proxy's own, standing for three
+//! intervals; requests running are not weighed, an engine batching them
+//! takes a new one beside them), the
 //! prefix index's size for that server, and the operators' view (this
 //! module's `PoolEngines`). A server that stops answering, answers an
 //! error, or answers something unreadable is judged by this proxy's counts
@@ -323,6 +325,9 @@ pub struct EngineSnapshot {
     pub in_use: bool,
     /// Requests at the server beyond this proxy's, by the last reading.
     pub others: Option<u32>,
+    /// Of those, the ones waiting for the engine: what the balancers add
+    /// to this proxy's own count.
+    pub others_waiting: Option<u32>,
     /// The engine's prefix-cache hit ratio since this proxy began asking.
     pub prefix_hit_ratio: Option<f64>,
     /// Why the last poll failed, when it did.
@@ -362,7 +367,7 @@ impl PoolEngines {
         Some(s.lock().unwrap_or_else(|e| e.into_inner()).snapshot.clone())
     }
 
-    fn read(&self, index: usize, reading: EngineReading, others: Option<u32>) {
+    fn read(&self, index: usize, reading: EngineReading, others: Option<(u32, u32)>) {
         let Some(s) = self.servers.get(index) else {
             return;
         };
@@ -387,7 +392,8 @@ impl PoolEngines {
             read_at: Some(httpdate::fmt_http_date(crate::clock::wall())),
             reading: Some(reading),
             in_use: true,
-            others,
+            others: others.map(|(all, _)| all),
+            others_waiting: others.map(|(_, waiting)| waiting),
             prefix_hit_ratio: ratio,
             error: None,
         };
@@ -455,9 +461,20 @@ impl EnginePoll {
                             // those in flight while it was asked.
                             let mine = mine_before.max(state.in_flight());
                             let others = r.saturating_add(w).saturating_sub(mine);
+                            // Only the others' queue is weighed: a request
+                            // running beside a new one (a continuous batch)
+                            // delays it little, one queued ahead delays it
+                            // a whole turn. Which of the waiting are the
+                            // others' is not said: their share of all.
+                            let all = r.saturating_add(w);
+                            let waiting = if all == 0 {
+                                0
+                            } else {
+                                (u64::from(w) * u64::from(others)).div_ceil(u64::from(all)) as u32
+                            };
                             let until = crate::clock::now() + self.interval * STANDS_FOR;
-                            state.set_foreign(others, Some(until));
-                            Some(others)
+                            state.set_foreign(waiting, Some(until));
+                            Some((others, waiting))
                         }
                         _ => None,
                     };
