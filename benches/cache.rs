@@ -95,6 +95,7 @@ fn key_derivation(c: &mut Criterion) {
                     CacheKey::build(
                         &policy,
                         &KeyInput {
+                            arm: None,
                             route: "generate",
                             method: &Method::POST,
                             host: "127.0.0.1",
@@ -124,6 +125,7 @@ fn key_derivation(c: &mut Criterion) {
             CacheKey::build(
                 &get_policy,
                 &KeyInput {
+                    arm: None,
                     route: "static",
                     method: &Method::GET,
                     host: "127.0.0.1",

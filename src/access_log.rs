@@ -51,6 +51,8 @@ pub struct AccessRecord {
     /// The name of the API key the request presented (`[auth]`).
     pub key: Option<Arc<str>>,
     pub upstream: Option<Arc<str>>,
+    /// The arm of a split route the request took (its upstream's name).
+    pub arm: Option<Arc<str>>,
     pub request_id: HeaderValue,
     /// The cache status; `-` where no cache is involved.
     pub cache: &'static str,
@@ -86,6 +88,8 @@ struct JsonLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<&'a str>,
     upstream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arm: Option<&'a str>,
     request_id: &'a str,
     cache: &'a str,
     outcome: &'a str,
@@ -216,6 +220,7 @@ fn json_line(rec: &AccessRecord, bytes: u64, outcome: BodyOutcome, elapsed: Dura
         route: rec.route.as_deref(),
         key: rec.key.as_deref(),
         upstream: rec.upstream.as_deref(),
+        arm: rec.arm.as_deref(),
         request_id: rec.request_id.to_str().unwrap_or("-"),
         cache: rec.cache,
         outcome: outcome.as_str(),
@@ -241,7 +246,7 @@ fn combined_line(
         )
     };
     format!(
-        "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" rt={:.3} route={} upstream={} request_id={} cache={} outcome={}\n",
+        "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" rt={:.3} route={} upstream={} request_id={} cache={} outcome={}{}\n",
         rec.client,
         // The common log format's authenticated user: the key's name.
         rec.key.as_deref().unwrap_or("-"),
@@ -259,6 +264,9 @@ fn combined_line(
         rec.request_id.to_str().unwrap_or("-"),
         rec.cache,
         outcome.as_str(),
+        rec.arm
+            .as_deref()
+            .map_or_else(String::new, |a| format!(" arm={a}")),
     )
 }
 

@@ -652,7 +652,7 @@ async fn explain(
         .policy
         .routes
         .iter()
-        .find(|r| r.matcher.accepts(&method, Some(&host), &path))
+        .find(|r| r.matcher.accepts(&method, Some(&host), &path, &headers))
     else {
         return json_response(
             StatusCode::OK,
@@ -676,7 +676,27 @@ async fn explain(
         }
         _ => None,
     };
+    // A split route keys each arm apart: the arm this request takes.
+    let arm =
+        if route.split.is_empty() {
+            None
+        } else {
+            let named = get("arm").map(str::to_owned);
+            let client = get("client").and_then(|c| c.parse::<std::net::IpAddr>().ok());
+            match named.or_else(|| {
+                route
+                    .arm_of(&headers, tenant.as_deref(), client)
+                    .map(|i| route.split[i].upstream.clone())
+            }) {
+                Some(a) if route.split.iter().any(|s| s.upstream == a) => Some(a),
+                Some(a) => return bad(&format!("arm={a} is not an arm of route `{}`", route.name)),
+                None => return bad(
+                    "this route splits requests by client: give client=<address> or arm=<upstream>",
+                ),
+            }
+        };
     let q = CacheQuery {
+        arm: arm.as_deref(),
         route: &route_name,
         method: &method,
         host: &host,
@@ -704,6 +724,7 @@ async fn explain(
                 StatusCode::OK,
                 &json!({
                     "route": route.name,
+                    "arm": arm,
                     "cached": true,
                     "key": key,
                     "parts": parts,

@@ -66,8 +66,11 @@ pub struct Proxy {
 struct Route {
     policy: Arc<RoutePolicy>,
     name: Arc<str>,
-    /// `None` on a `deny` route.
+    /// `None` on a `deny` route; the first arm's on a split route.
     pool: Option<Arc<UpstreamPool>>,
+    /// A split route's arms, in `policy.split`'s order (with each arm's
+    /// upstream's name, for the cache key, the log and the metrics).
+    arms: Box<[(Arc<UpstreamPool>, Arc<str>)]>,
     limits: RouteLimits,
     /// The route's limiters with each tenant plan's budgets, by the plan's
     /// index (`policy.tenancy`).
@@ -139,10 +142,23 @@ impl Proxy {
                         .expect("validation resolved every route's upstream")
                         .clone()
                 });
+                let arms = r
+                    .split
+                    .iter()
+                    .map(|arm| {
+                        let pool = pools
+                            .iter()
+                            .find(|p| p.policy.name == arm.upstream)
+                            .expect("validation resolved every arm's upstream")
+                            .clone();
+                        (pool, Arc::from(arm.upstream.as_str()))
+                    })
+                    .collect();
                 let route = Route {
                     policy: r.clone(),
                     name: Arc::from(r.name.as_str()),
                     pool,
+                    arms,
                     limits: limits.for_route(&r.rate_limits),
                     by_plan: policy
                         .tenancy

@@ -400,8 +400,14 @@ pub struct ServerTls {
 pub struct RoutePolicy {
     pub name: String,
     pub matcher: RouteMatch,
-    /// Name of an entry in `Policy::upstreams`; empty on a `deny` route.
+    /// Name of an entry in `Policy::upstreams`; empty on a `deny` route;
+    /// the first arm's on a split route.
     pub upstream: String,
+    /// `split`: the route's requests shared by weight among several
+    /// upstreams (the first is `upstream`); empty: all go to `upstream`.
+    pub split: Vec<SplitArm>,
+    /// What keeps a client (or a conversation) on one arm of `split`.
+    pub split_by: SplitBy,
     /// `deny = true`: requests matching it get 403 and go nowhere.
     pub deny: bool,
     /// Send the client's `Host` upstream (default), or the server's own authority.
@@ -418,6 +424,76 @@ pub struct RoutePolicy {
     /// `auth`: `Off` unless the policy has `[auth]` (then `Required` by
     /// default).
     pub auth: AuthMode,
+}
+
+/// One arm of a route's `split`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitArm {
+    pub upstream: String,
+    pub weight: u32,
+}
+
+/// `split_by`: whose requests stay on one arm.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SplitBy {
+    /// The client: its API key's name when it presented one (`[auth]`),
+    /// else its address.
+    #[default]
+    Client,
+    /// A header's value (a session or conversation id); the client when
+    /// the request has none.
+    Header(http::HeaderName),
+}
+
+impl RoutePolicy {
+    /// The arm of `split` a request takes: by its `split_by` header's
+    /// value, else by its API key's name (`key`), else by its address;
+    /// `None` when that is needed and not given (`/admin/cache/explain`).
+    pub fn arm_of(
+        &self,
+        headers: &http::HeaderMap,
+        key: Option<&str>,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<usize> {
+        if let SplitBy::Header(name) = &self.split_by {
+            if let Some(v) = headers.get(name) {
+                let mut sticky = b"header:".to_vec();
+                sticky.extend_from_slice(v.as_bytes());
+                return Some(self.arm_for(&sticky));
+            }
+        }
+        match (key, client) {
+            (Some(key), _) => Some(self.arm_for(format!("key:{key}").as_bytes())),
+            (None, Some(ip)) => Some(self.arm_for(format!("ip:{ip}").as_bytes())),
+            (None, None) => None,
+        }
+    }
+
+    /// The arm of `split` a request whose sticky value (`split_by`) is
+    /// `sticky` takes. The same value takes the same arm in every process
+    /// of every version (a keyed BLAKE3 of the route's name and the value);
+    /// raising a later arm's weight moves to it only the values it gains.
+    pub fn arm_for(&self, sticky: &[u8]) -> usize {
+        let total: u64 = self.split.iter().map(|a| u64::from(a.weight)).sum();
+        if total == 0 {
+            return 0;
+        }
+        let mut h = blake3::Hasher::new_derive_key("hyperion route split 1");
+        h.update(&(self.name.len() as u64).to_le_bytes());
+        h.update(self.name.as_bytes());
+        h.update(sticky);
+        let digest = h.finalize();
+        let point = u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"));
+        // Modulo bias: at most total / 2^64, nothing a share can show.
+        let mut ticket = point % total;
+        for (i, arm) in self.split.iter().enumerate() {
+            if ticket < u64::from(arm.weight) {
+                return i;
+            }
+            ticket -= u64::from(arm.weight);
+        }
+        unreachable!("the ticket is below the total weight")
+    }
 }
 
 /// `[route.headers]`: fields set on or removed from what goes upstream and
@@ -962,6 +1038,18 @@ impl fmt::Display for Policy {
                 r.matcher,
                 if r.deny { "403 (deny)" } else { &r.upstream }
             )?;
+            if !r.split.is_empty() {
+                let arms: Vec<String> = r
+                    .split
+                    .iter()
+                    .map(|a| format!("{} {}", a.upstream, a.weight))
+                    .collect();
+                let by = match &r.split_by {
+                    SplitBy::Client => "client".to_owned(),
+                    SplitBy::Header(h) => format!("header {h}"),
+                };
+                write!(f, "  [split {} by {by}]", arms.join(" / "))?;
+            }
             if let Some(c) = r.cache.as_deref() {
                 match c.freshness {
                     Freshness::Origin => write!(f, "  [cache origin")?,
@@ -981,5 +1069,67 @@ impl fmt::Display for Policy {
             writeln!(f)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    fn route(weights: &[u32]) -> RoutePolicy {
+        let names = ["stable", "canary", "third"];
+        RoutePolicy {
+            name: "chat".into(),
+            matcher: RouteMatch::default(),
+            upstream: "stable".into(),
+            split: weights
+                .iter()
+                .zip(names)
+                .map(|(&weight, n)| SplitArm {
+                    upstream: n.into(),
+                    weight,
+                })
+                .collect(),
+            split_by: SplitBy::Client,
+            deny: false,
+            preserve_host: true,
+            cache: None,
+            headers: None,
+            rate_limits: Vec::new(),
+            unknown_model: UnknownModel::Reject,
+            auth: AuthMode::Off,
+        }
+    }
+
+    #[test]
+    fn shares_follow_the_weights_and_a_raise_moves_only_the_gained() {
+        let n = 100_000;
+        let before = route(&[80, 20]);
+        let after = route(&[70, 30]);
+        let (mut canary, mut moved_back, mut now_canary) = (0, 0, 0);
+        for i in 0..n {
+            let v = format!("ip:10.0.{}.{}", i / 256, i % 256);
+            let a = before.arm_for(v.as_bytes());
+            let b = after.arm_for(v.as_bytes());
+            canary += a;
+            now_canary += b;
+            if a == 1 && b == 0 {
+                moved_back += 1;
+            }
+        }
+        let share = |k: usize| k as f64 / n as f64;
+        assert!((share(canary) - 0.2).abs() < 0.01, "{}", share(canary));
+        assert!(
+            (share(now_canary) - 0.3).abs() < 0.01,
+            "{}",
+            share(now_canary)
+        );
+        assert_eq!(
+            moved_back, 0,
+            "raising the canary's weight moved none of its clients back"
+        );
+        // Three arms, one at 0: never taken.
+        let three = route(&[50, 0, 50]);
+        assert!((0..1000).all(|i| three.arm_for(format!("k{i}").as_bytes()) != 1));
     }
 }

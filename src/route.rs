@@ -1,5 +1,5 @@
-//! Route matching: a request's method, host and path → the first `[[route]]`
-//! (in file order) whose `match` accepts it.
+//! Route matching: a request's method, host, path and headers → the first
+//! `[[route]]` (in file order) whose `match` accepts it.
 //!
 //! Owns `RouteMatch` (what one route accepts, and whether one route's match
 //! covers another's, for the shadowing check) and `RouteTable`. It does not
@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use http::Method;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 /// What one `[[route]]`'s `match` accepts. Empty parts accept anything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub struct RouteMatch {
     pub paths: Vec<String>,
     pub path_prefix: Option<String>,
     pub host: Option<HostPattern>,
+    /// `match.headers`: every one present, with this value (`None`: any).
+    pub headers: Vec<(HeaderName, Option<HeaderValue>)>,
 }
 
 /// `host = "api.example.com"` or `host = "*.example.com"` (any subdomain).
@@ -32,7 +34,23 @@ pub enum HostPattern {
 
 impl RouteMatch {
     /// `host` is the request's host, lower-case, without port.
-    pub fn accepts(&self, method: &Method, host: Option<&str>, path: &str) -> bool {
+    pub fn accepts(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> bool {
+        for (name, want) in &self.headers {
+            let mut values = headers.get_all(name).iter();
+            let found = match want {
+                None => values.next().is_some(),
+                Some(want) => values.any(|v| v == want),
+            };
+            if !found {
+                return false;
+            }
+        }
         if let Some(methods) = &self.methods {
             if !methods.contains(method) {
                 return false;
@@ -71,7 +89,15 @@ impl RouteMatch {
             (Some(_), None) => false,
             (Some(mine), Some(theirs)) => mine.covers(theirs),
         };
-        methods && hosts && self.covers_paths(later)
+        // Every header this one asks for, `later` asks for too (with the
+        // same value, unless this one takes any).
+        let headers = self.headers.iter().all(|(name, want)| {
+            later
+                .headers
+                .iter()
+                .any(|(n, v)| n == name && (want.is_none() || want == v))
+        });
+        methods && hosts && headers && self.covers_paths(later)
     }
 
     fn covers_paths(&self, later: &RouteMatch) -> bool {
@@ -132,7 +158,14 @@ impl std::fmt::Display for RouteMatch {
         if parts.is_empty() {
             parts.push("/*".into());
         }
-        write!(f, " {}", parts.join(" "))
+        write!(f, " {}", parts.join(" "))?;
+        for (name, value) in &self.headers {
+            match value.as_ref().and_then(|v| v.to_str().ok()) {
+                Some(v) => write!(f, " [{name}: {v}]")?,
+                None => write!(f, " [{name}]")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -146,10 +179,16 @@ impl<R> RouteTable<R> {
         RouteTable { routes }
     }
 
-    pub fn find(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Arc<R>> {
+    pub fn find(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&Arc<R>> {
         self.routes
             .iter()
-            .find(|(m, _)| m.accepts(method, host, path))
+            .find(|(m, _)| m.accepts(method, host, path, headers))
             .map(|(_, r)| r)
     }
 }
@@ -165,6 +204,7 @@ mod tests {
             paths: paths.iter().map(|p| p.to_string()).collect(),
             path_prefix: prefix.map(str::to_owned),
             host: None,
+            headers: Vec::new(),
         }
     }
 
@@ -175,8 +215,12 @@ mod tests {
             (m(&["GET", "HEAD"], &[], Some("/api/")), Arc::new("meta")),
             (m(&[], &[], Some("/")), Arc::new("app")),
         ]);
-        let find =
-            |method: &str, path: &str| **table.find(&method.parse().unwrap(), None, path).unwrap();
+        let none = HeaderMap::new();
+        let find = |method: &str, path: &str| {
+            **table
+                .find(&method.parse().unwrap(), None, path, &none)
+                .unwrap()
+        };
         assert_eq!(find("POST", "/api/generate"), "generate");
         assert_eq!(find("GET", "/api/generate"), "meta");
         assert_eq!(find("GET", "/api/tags"), "meta");
@@ -188,9 +232,36 @@ mod tests {
     fn hosts() {
         let mut r = m(&[], &[], None);
         r.host = Some(HostPattern::Subdomains(".example.com".into()));
-        assert!(r.accepts(&Method::GET, Some("a.example.com"), "/"));
-        assert!(!r.accepts(&Method::GET, Some("example.com"), "/"));
-        assert!(!r.accepts(&Method::GET, None, "/"));
+        let none = HeaderMap::new();
+        assert!(r.accepts(&Method::GET, Some("a.example.com"), "/", &none));
+        assert!(!r.accepts(&Method::GET, Some("example.com"), "/", &none));
+        assert!(!r.accepts(&Method::GET, None, "/", &none));
+    }
+
+    #[test]
+    fn headers_match_and_cover() {
+        let canary = HeaderName::from_static("x-canary");
+        let mut one = m(&[], &[], None);
+        one.headers = vec![(canary.clone(), Some(HeaderValue::from_static("1")))];
+        let mut any = m(&[], &[], None);
+        any.headers = vec![(canary.clone(), None)];
+        let mut h = HeaderMap::new();
+        assert!(!one.accepts(&Method::GET, None, "/", &h));
+        assert!(!any.accepts(&Method::GET, None, "/", &h));
+        h.append(canary.clone(), HeaderValue::from_static("0"));
+        assert!(!one.accepts(&Method::GET, None, "/", &h));
+        assert!(any.accepts(&Method::GET, None, "/", &h));
+        // Any of its values.
+        h.append(canary, HeaderValue::from_static("1"));
+        assert!(one.accepts(&Method::GET, None, "/", &h));
+        // A header route does not shadow the route without it; the route
+        // without it shadows every header route after it.
+        let plain = m(&[], &[], None);
+        assert!(!one.covers(&plain));
+        assert!(plain.covers(&one));
+        assert!(any.covers(&one));
+        assert!(!one.covers(&any));
+        assert_eq!(one.to_string(), "* /* [x-canary: 1]");
     }
 
     #[test]

@@ -277,6 +277,14 @@ pub fn rate_limited(limiter: &str) {
     }
 }
 
+/// A request on split route `route` took the arm to `upstream`.
+pub fn split_arm(route: &Arc<str>, upstream: &Arc<str>) {
+    if HANDLE.get().is_some() {
+        counter!("hyperion_route_split_total", "route" => route.to_string(), "upstream" => upstream.to_string())
+            .increment(1);
+    }
+}
+
 /// An upstream answer broke the protocol in a way Hyperion repaired
 /// (`te_and_content_length`: both framings sent, RFC 9112 §6.3).
 pub fn upstream_fault(fault: &'static str) {

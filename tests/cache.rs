@@ -468,6 +468,7 @@ async fn each_vary_value_keeps_its_own_stored_variant() {
             .unwrap();
     let policy = policy.routes[0].cache.clone().unwrap();
     let q = hyperion::cache::CacheQuery {
+        arm: None,
         route: &std::sync::Arc::from("r"),
         method: &Method::GET,
         host: "127.0.0.1",
@@ -567,6 +568,7 @@ ignore_fields = ["keep_alive"]"#,
         .explain(
             &route_policy,
             &hyperion::cache::CacheQuery {
+                arm: None,
                 route: &route,
                 method: &Method::POST,
                 host: "127.0.0.1",

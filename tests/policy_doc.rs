@@ -105,6 +105,11 @@ fn tables() -> Vec<(&'static str, &'static str, String)> {
             format!("{UPSTREAM}{ROUTE}match = {{ {PROBE} }}\n"),
         ),
         (
+            "[[route]] split = [{ … }]",
+            "route.split",
+            format!("{UPSTREAM}[upstreams.b]\nservers = [{{ url = \"http://127.0.0.1:2\" }}]\n[[route]]\nname = \"r\"\nsplit = [{{ upstream = \"a\", weight = 1 }}, {{ upstream = \"b\", weight = 1, {PROBE} }}]\n"),
+        ),
+        (
             "[route.cache]",
             "route.cache",
             format!("{UPSTREAM}{ROUTE}[route.cache]\n{PROBE}\n"),
@@ -238,6 +243,10 @@ fn policy_with(path: &str, line: &str) -> String {
         "route" if path.ends_with("unknown_model") => {
             format!("{up}model_routing = \"discover\"\n{route}{line}\n")
         }
+        // split_by is read on split routes only.
+        "route" if path.ends_with("split_by") => format!(
+            "{up}[upstreams.b]\nservers = [{{ url = \"http://127.0.0.1:2\" }}]\n[[route]]\nname = \"r\"\nsplit = [{{ upstream = \"a\", weight = 1 }}, {{ upstream = \"b\", weight = 1 }}]\n{line}\n"
+        ),
         "route" => format!("{up}{route}{line}\n"),
         "route.cache" => {
             // ignore_fields is read on JSON-keyed routes only.

@@ -46,6 +46,8 @@ pub struct CacheQuery<'a> {
     pub body_digest: Option<&'a BodyDigest>,
     /// The API key the request presented, when Hyperion checked it.
     pub tenant: Option<TenantScope<'a>>,
+    /// The upstream of a split route's arm the request takes.
+    pub arm: Option<&'a str>,
     /// Told the request's key once it is worked out (a trace names it).
     pub key_seen: Option<&'a std::sync::OnceLock<CacheKey>>,
 }
@@ -63,6 +65,7 @@ impl CacheQuery<'_> {
             body: self.body.map(|b| &b[..]),
             body_digest: self.body_digest,
             tenant: self.tenant,
+            arm: self.arm,
         }
     }
 }

@@ -99,6 +99,9 @@ pub struct KeyInput<'a> {
     pub body_digest: Option<&'a BodyDigest>,
     /// The API key the request presented, when Hyperion checked it.
     pub tenant: Option<TenantScope<'a>>,
+    /// On a split route, the arm's upstream: arms may answer differently
+    /// (a canary's new model), so each keeps its own entries.
+    pub arm: Option<&'a str>,
 }
 
 /// A request's API key as the default scope keys it: by the key's name
@@ -218,6 +221,9 @@ impl CacheKey {
         part("method", method.as_str().as_bytes(), &|| method.to_string());
         part("host", req.host.as_bytes(), &|| req.host.to_owned());
         part("path", req.path.as_bytes(), &|| req.path.to_owned());
+        if let Some(arm) = req.arm {
+            part("arm", arm.as_bytes(), &|| arm.to_owned());
+        }
         let query = sorted_query(req.query.unwrap_or(""));
         part("query", query.as_bytes(), &|| query.to_string());
         match &policy.scope {
@@ -492,6 +498,7 @@ mod tests {
         CacheKey::build(
             p,
             &KeyInput {
+                arm: None,
                 route: "r",
                 method: &method,
                 host: "example.com",
@@ -651,6 +658,7 @@ mod tests {
         let (_, parts) = CacheKey::explain(
             &p,
             &KeyInput {
+                arm: None,
                 route: "r",
                 method: &Method::POST,
                 host: "h",

@@ -30,7 +30,10 @@ use crate::upstream::UpstreamPool;
 /// A request let in: its route and what the later steps need of it.
 pub(super) struct Arrival<'p> {
     pub route: &'p Route,
+    /// The route's upstream, or the arm of its split the request takes.
     pub pool: &'p Arc<UpstreamPool>,
+    /// That arm's upstream's name, on a split route.
+    pub arm: Option<&'p Arc<str>>,
     /// `Host`, or the authority of an absolute target (HTTP/2's
     /// `:authority`), as sent.
     pub host_value: Option<HeaderValue>,
@@ -98,7 +101,12 @@ impl Proxy {
         let host = host_value.as_ref().and_then(host_name);
         let route = self
             .routes
-            .find(req.method(), host.as_deref(), req.uri().path())
+            .find(
+                req.method(),
+                host.as_deref(),
+                req.uri().path(),
+                req.headers(),
+            )
             .ok_or(ProxyError::NoRoute)?;
         st.rec.route = Some(route.name.clone());
         let Some(pool) = &route.pool else {
@@ -126,6 +134,19 @@ impl Proxy {
             Some(p) => &route.by_plan[p.index],
             None => &route.limits,
         };
+        let (pool, arm) = match route.arms.is_empty() {
+            true => (pool, None),
+            false => {
+                let i = route
+                    .policy
+                    .arm_of(req.headers(), st.rec.key.as_deref(), Some(st.rec.client))
+                    .unwrap_or(0);
+                let (pool, name) = &route.arms[i];
+                crate::telemetry::split_arm(&route.name, name);
+                st.rec.arm = Some(name.clone());
+                (pool, Some(name))
+            }
+        };
         st.rewrite.clone_from(&route.policy.headers);
         let upgrade = (fields.upgrade && req.version() == Version::HTTP_11)
             .then(|| headers::requested_upgrade(req.headers()))
@@ -133,6 +154,7 @@ impl Proxy {
         let mut arrival = Arrival {
             route,
             pool,
+            arm,
             host_value,
             client: st.rec.client,
             tenant: st.rec.key.clone(),

@@ -57,6 +57,7 @@ impl Arrival<'_> {
         let traced = st.trace.as_ref().filter(|t| t.sampled()).is_some();
         loop {
             let query = CacheQuery {
+                arm: self.arm.map(|a| &**a),
                 route: &self.route.name,
                 method: req.method(),
                 host: host.as_deref().unwrap_or(""),

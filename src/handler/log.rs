@@ -116,6 +116,7 @@ impl Proxy {
             route: None,
             key: None,
             upstream: None,
+            arm: None,
             request_id: request_id.clone(),
             cache: "-",
             user_agent: line_field(header::USER_AGENT),

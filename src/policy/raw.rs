@@ -378,6 +378,9 @@ pub struct RawRoute {
     #[serde(rename = "match", default)]
     pub matcher: Option<Spanned<RawMatch>>,
     pub upstream: Option<Spanned<String>>,
+    /// `split = [{ upstream = "stable", weight = 95 }, …]`.
+    pub split: Option<Spanned<Vec<Spanned<RawSplitArm>>>>,
+    pub split_by: Option<Spanned<String>>,
     /// `deny = true`: answered 403 here, never forwarded.
     pub deny: Option<Spanned<bool>>,
     pub preserve_host: Option<bool>,
@@ -388,6 +391,13 @@ pub struct RawRoute {
     pub headers: Option<Spanned<RawRouteHeaders>>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplitArm {
+    pub upstream: Spanned<String>,
+    pub weight: Spanned<u32>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
@@ -395,6 +405,8 @@ pub struct RawMatch {
     pub paths: Option<Vec<Spanned<String>>>,
     pub path_prefix: Option<Spanned<String>>,
     pub host: Option<Spanned<String>>,
+    /// `headers = { "x-canary" = "1" }` (`"*"`: any value).
+    pub headers: Option<Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]

@@ -32,8 +32,8 @@ use super::ModelName;
 use super::{
     AdminPolicy, AdminToken, AuthPolicy, BodyKey, CachePolicy, CacheScope, CompressionPolicy,
     FleetSecret, Freshness, HashKey, HeaderRewrite, HealthPolicy, LimitKey, LimitUnit, Policy,
-    RateLimitPolicy, RedisPolicy, RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls,
-    TlsTermination, UpstreamCredential, UpstreamPolicy, UpstreamServer,
+    RateLimitPolicy, RedisPolicy, RouteCachePolicy, RoutePolicy, ServerPolicy, ServerTls, SplitArm,
+    SplitBy, TlsTermination, UpstreamCredential, UpstreamPolicy, UpstreamServer,
 };
 use crate::route::{HostPattern, RouteMatch};
 

@@ -5,6 +5,16 @@
 
 use super::*;
 
+/// Finds the pool an upstream name (in the field named) refers to.
+type Resolve<'f, 'u> =
+    dyn Fn(&Spanned<String>, &str) -> Result<&'u UpstreamPolicy, PolicyError> + 'f;
+
+/// Headers one route's `match` may ask for.
+const MAX_MATCH_HEADERS: usize = 16;
+/// Arms of one `split`, and the largest weight of one.
+const MAX_SPLIT_ARMS: usize = 16;
+const MAX_SPLIT_WEIGHT: u32 = 1_000_000;
+
 impl Validator<'_> {
     /// `[route.headers]`: names and values checked once, here.
     pub(super) fn route_headers(
@@ -168,6 +178,7 @@ impl Validator<'_> {
             if deny {
                 let forwarding = [
                     (r.upstream.as_ref().map(|u| u.span()), "upstream"),
+                    (r.split.as_ref().map(|u| u.span()), "split"),
                     (r.cache.as_ref().map(|c| c.span()), "cache"),
                     (r.unknown_model.as_ref().map(|u| u.span()), "unknown_model"),
                 ];
@@ -187,6 +198,8 @@ impl Validator<'_> {
                         name,
                         matcher,
                         upstream: String::new(),
+                        split: Vec::new(),
+                        split_by: SplitBy::Client,
                         deny: true,
                         preserve_host: true,
                         cache: None,
@@ -198,50 +211,106 @@ impl Validator<'_> {
                 ));
                 continue;
             }
-            let Some(upstream_raw) = r.upstream else {
-                return Err(self.err(
-                    route_span,
-                    format!("{key}.upstream"),
-                    "the route names no upstream",
-                    "add upstream = \"<name of an [upstreams.*] table>\", or deny = true to answer 403",
-                ));
-            };
-            let upstream = upstream_raw.get_ref().clone();
-            if !upstream_names.contains(&upstream) {
-                let fix = match nearest(&upstream, &upstream_names) {
-                    Some(best) => format!(
-                        "did you mean `{best}`? (defined: {})",
-                        upstream_names.join(", ")
-                    ),
-                    None if upstream_names.is_empty() => {
-                        format!("define it with [upstreams.{upstream}] and servers = [...]")
+            // The pool a name (at `span`, under `field`) refers to.
+            let resolve =
+                |name: &Spanned<String>, field: &str| -> Result<&UpstreamPolicy, PolicyError> {
+                    let upstream = name.get_ref();
+                    if let Some(pool) = upstreams.iter().find(|u| u.name == *upstream) {
+                        return Ok(&**pool);
                     }
-                    None => format!("use one of: {}", upstream_names.join(", ")),
+                    let fix = match nearest(upstream, &upstream_names) {
+                        Some(best) => format!(
+                            "did you mean `{best}`? (defined: {})",
+                            upstream_names.join(", ")
+                        ),
+                        None if upstream_names.is_empty() => {
+                            format!("define it with [upstreams.{upstream}] and servers = [...]")
+                        }
+                        None => format!("use one of: {}", upstream_names.join(", ")),
+                    };
+                    Err(self.err(
+                        name.span(),
+                        format!("{key}.{field}"),
+                        format!("no upstream named `{upstream}`"),
+                        fix,
+                    ))
                 };
-                return Err(self.err(
-                    upstream_raw.span(),
-                    format!("{key}.upstream"),
-                    format!("no upstream named `{upstream}`"),
-                    fix,
-                ));
-            }
-            let pool = upstreams
-                .iter()
-                .find(|u| u.name == upstream)
-                .expect("the upstream was found above");
-            let response_timeout = pool.response_timeout;
-            let unknown_model = match &r.unknown_model {
-                Some(u) if pool.model_routing == ModelRouting::Off => {
+            let (pools, split, split_by) = match (r.upstream, r.split) {
+                (Some(u), Some(_)) => {
                     return Err(self.err(
                         u.span(),
-                        format!("{key}.unknown_model"),
-                        format!("upstream `{upstream}` does not route by model"),
-                        format!(
-                            "set model_routing on [upstreams.{upstream}], or remove unknown_model"
-                        ),
+                        format!("{key}.upstream"),
+                        "a route with split names its upstreams in split",
+                        "remove upstream (put it in split with its weight), or remove split",
                     ))
                 }
-                Some(u) => *u.get_ref(),
+                (None, None) => {
+                    return Err(self.err(
+                        route_span,
+                        format!("{key}.upstream"),
+                        "the route names no upstream",
+                        "add upstream = \"<name of an [upstreams.*] table>\", or deny = true to answer 403",
+                    ))
+                }
+                (Some(u), None) => {
+                    if let Some(by) = &r.split_by {
+                        return Err(self.err(
+                            by.span(),
+                            format!("{key}.split_by"),
+                            "split_by is read only with split",
+                            "add split = [{ upstream = \"…\", weight = … }, …], or remove split_by",
+                        ));
+                    }
+                    (vec![resolve(&u, "upstream")?], Vec::new(), SplitBy::Client)
+                }
+                (None, Some(arms)) => {
+                    let (pools, split) = self.split_arms(arms, &key, &resolve)?;
+                    let by = match &r.split_by {
+                        None => SplitBy::Client,
+                        Some(b) => match b.get_ref().trim() {
+                            "client" => SplitBy::Client,
+                            other => match other
+                                .strip_prefix("header:")
+                                .map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()))
+                            {
+                                Some(Ok(n)) => SplitBy::Header(n),
+                                _ => {
+                                    return Err(self.err(
+                                        b.span(),
+                                        format!("{key}.split_by"),
+                                        format!("`{other}` names nothing to keep a client's requests together by"),
+                                        "use \"client\" (the default: its API key, else its address) or \"header:<name>\", e.g. \"header:x-session-id\"",
+                                    ))
+                                }
+                            },
+                        },
+                    };
+                    (pools, split, by)
+                }
+            };
+            let pool = pools[0];
+            let upstream = pool.name.clone();
+            // A split route's cache waits as long as its slowest arm.
+            let response_timeout = pools
+                .iter()
+                .map(|p| p.response_timeout)
+                .max()
+                .unwrap_or(pool.response_timeout);
+            let unknown_model = match &r.unknown_model {
+                Some(u) => {
+                    if let Some(p) = pools.iter().find(|p| p.model_routing == ModelRouting::Off) {
+                        let name = &p.name;
+                        return Err(self.err(
+                            u.span(),
+                            format!("{key}.unknown_model"),
+                            format!("upstream `{name}` does not route by model"),
+                            format!(
+                                "set model_routing on [upstreams.{name}], or remove unknown_model"
+                            ),
+                        ));
+                    }
+                    *u.get_ref()
+                }
                 None => UnknownModel::Reject,
             };
             // Whether this route's answers are read here (compressed, or
@@ -267,6 +336,8 @@ impl Validator<'_> {
                     name,
                     matcher,
                     upstream,
+                    split,
+                    split_by,
                     deny: false,
                     preserve_host: r.preserve_host.unwrap_or(true),
                     cache: route_cache,
@@ -366,12 +437,108 @@ impl Validator<'_> {
             Some(h) => Some(self.host_pattern(&h, key)?),
             None => None,
         };
+        let mut headers = Vec::new();
+        if let Some(table) = raw.headers {
+            let span = table.span();
+            let table = table.into_inner();
+            if table.len() > MAX_MATCH_HEADERS {
+                return Err(self.err(
+                    span,
+                    format!("{key}.match.headers"),
+                    format!("{} headers; at most {MAX_MATCH_HEADERS}", table.len()),
+                    "match on fewer headers, or split the route",
+                ));
+            }
+            for (name, value) in table {
+                let field = format!("{key}.match.headers");
+                let parsed =
+                    http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                        self.err(
+                            value.span(),
+                            field.clone(),
+                            format!("`{name}` is not a header name"),
+                            "use letters, digits and `-`, e.g. \"X-Canary\"",
+                        )
+                    })?;
+                let wanted = match value.get_ref().as_str() {
+                    "*" => None,
+                    v => Some(http::HeaderValue::from_str(v).map_err(|_| {
+                        self.err(
+                            value.span(),
+                            field.clone(),
+                            format!("`{v}` cannot be a header's value"),
+                            "use visible ASCII, or \"*\" for any value",
+                        )
+                    })?),
+                };
+                headers.push((parsed, wanted));
+            }
+        }
         Ok(RouteMatch {
             methods,
             paths,
             path_prefix,
             host,
+            headers,
         })
+    }
+
+    /// A route's `split`: each arm an upstream named once, the weights
+    /// summing to more than 0.
+    fn split_arms<'u>(
+        &self,
+        raw: Spanned<Vec<Spanned<raw::RawSplitArm>>>,
+        key: &str,
+        resolve: &Resolve<'_, 'u>,
+    ) -> Result<(Vec<&'u UpstreamPolicy>, Vec<SplitArm>), PolicyError> {
+        let span = raw.span();
+        let arms = raw.into_inner();
+        let field = format!("{key}.split");
+        if arms.len() < 2 || arms.len() > MAX_SPLIT_ARMS {
+            return Err(self.err(
+                span,
+                field,
+                format!("{} arms; a split has 2 to {MAX_SPLIT_ARMS}", arms.len()),
+                "list each upstream with its weight: split = [{ upstream = \"stable\", weight = 95 }, { upstream = \"canary\", weight = 5 }]",
+            ));
+        }
+        let mut pools: Vec<&UpstreamPolicy> = Vec::new();
+        let mut split = Vec::new();
+        for arm in arms {
+            let arm = arm.into_inner();
+            let pool = resolve(&arm.upstream, "split")?;
+            if pools.iter().any(|p| p.name == pool.name) {
+                return Err(self.err(
+                    arm.upstream.span(),
+                    field,
+                    format!("upstream `{}` is in the split twice", pool.name),
+                    "name each upstream once, with the sum of its weights",
+                ));
+            }
+            let weight = *arm.weight.get_ref();
+            if weight > MAX_SPLIT_WEIGHT {
+                return Err(self.err(
+                    arm.weight.span(),
+                    field,
+                    format!("weight {weight} is over {MAX_SPLIT_WEIGHT}"),
+                    "weights are shares: 95 and 5, or 9,990 and 10 for 0.1 %",
+                ));
+            }
+            pools.push(pool);
+            split.push(SplitArm {
+                upstream: pool.name.clone(),
+                weight,
+            });
+        }
+        if split.iter().all(|a| a.weight == 0) {
+            return Err(self.err(
+                span,
+                field,
+                "every weight is 0: nothing would be sent",
+                "give at least one arm a weight above 0",
+            ));
+        }
+        Ok((pools, split))
     }
 
     pub(super) fn host_pattern(
