@@ -194,9 +194,12 @@ impl Balancer {
 }
 
 /// The least loaded (per weight) of `of` whose load is within the bound
-/// `bounded_ring_walk` keeps, or below `floor` requests in flight (what a
-/// server runs at once: under it, a request waits for nothing there);
-/// `None` when all are over it (or `of` is empty).
+/// `bounded_ring_walk` keeps, or with this proxy's requests below `floor`
+/// (what a server runs at once: under it, a request waits at most behind
+/// the others' queue) while the others' queue its engine reports is
+/// shorter than one such batch (a wait of less than one turn, which a
+/// cached prefix is worth); `None` when all are over it (or `of` is
+/// empty).
 fn least_loaded_within_bound(
     servers: &[Arc<ServerState>],
     of: Candidates,
@@ -213,7 +216,10 @@ fn least_loaded_within_bound(
         .filter(|&i| {
             let s = &servers[i];
             let share = (total_load + 1) as f64 * s.weight as f64 / total_weight as f64;
-            f64::from(s.load_at(now)) + 1.0 <= (LOAD_FACTOR * share).ceil().max(f64::from(floor))
+            let load = s.load_at(now);
+            let mine = s.in_flight();
+            f64::from(load) + 1.0 <= (LOAD_FACTOR * share).ceil()
+                || (mine < floor && load.saturating_sub(mine) < floor)
         })
         .fold(0u64, |m, i| m | (1 << i));
     least_inflight(servers, Candidates(within).nonempty()?, now)
@@ -605,6 +611,22 @@ mod tests {
         let more: Vec<_> = (0..3).map(|_| s[2].begin()).collect();
         assert_ne!(four.pick(&s, &f, now), Some(2));
         drop((held, more));
+        // Its engine reports others' requests waiting there: fewer than a
+        // batch, the prefix is worth the wait; a batch or more, not.
+        let later = Some(now + std::time::Duration::from_secs(3));
+        s[2].set_foreign(3, later);
+        assert_eq!(four.pick(&s, &f, now), Some(2));
+        s[2].set_foreign(4, later);
+        assert_eq!(four.pick(&s, &f, now), Some(1));
+        // Without the floor, the others count against the bound at once.
+        s[2].set_foreign(1, later);
+        assert_eq!(plain.pick(&s, &f, now), Some(1));
+        // A report stands only until its time.
+        assert_eq!(
+            plain.pick(&s, &f, now + std::time::Duration::from_secs(4)),
+            Some(2)
+        );
+        s[2].set_foreign(0, None);
         // Known nowhere: placed among the servers with room.
         let unknown = PickFilter {
             hash: Some(42),
