@@ -41,6 +41,19 @@ impl Validator<'_> {
                 "write the collector's traces URL, e.g. \"http://127.0.0.1:4318/v1/traces\"",
             ));
         }
+        if uri.scheme_str() == Some("https")
+            && self
+                .platform_roots
+                .get_or_init(|| std::sync::Arc::new(crate::policy::platform_roots()))
+                .is_empty()
+        {
+            return Err(self.err(
+                endpoint_span,
+                "tracing.otlp_endpoint",
+                "an https:// collector, but this machine has no CA certificates to check it with",
+                "install the platform's CA certificates (e.g. apt-get install ca-certificates), or send to an http:// collector on this host",
+            ));
+        }
         if uri.path() == "/" {
             return Err(self.err(
                 endpoint_span,
