@@ -188,3 +188,10 @@ impl Validator<'_> {
         })
     }
 }
+
+/// The header a `"header:<name>"` choice names; `None` when the text is
+/// not one, or the name is not a header's.
+fn header_ref(text: &str) -> Option<http::HeaderName> {
+    let name = text.strip_prefix("header:")?;
+    http::HeaderName::from_bytes(name.trim().as_bytes()).ok()
+}

@@ -269,11 +269,8 @@ impl Validator<'_> {
                         None => SplitBy::Client,
                         Some(b) => match b.get_ref().trim() {
                             "client" => SplitBy::Client,
-                            other => match other
-                                .strip_prefix("header:")
-                                .map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()))
-                            {
-                                Some(Ok(n)) => SplitBy::Header(n),
+                            other => match header_ref(other) {
+                                Some(n) => SplitBy::Header(n),
                                 _ => {
                                     return Err(self.err(
                                         b.span(),

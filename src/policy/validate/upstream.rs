@@ -43,11 +43,8 @@ impl Validator<'_> {
             }
             Some(h) => match h.get_ref().as_str() {
                 "cache_key" => HashKey::CacheKey,
-                other => match other
-                    .strip_prefix("header:")
-                    .map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()))
-                {
-                    Some(Ok(n)) => HashKey::Header(n),
+                other => match header_ref(other) {
+                    Some(n) => HashKey::Header(n),
                     _ => {
                         return Err(self.err(
                             h.span(),
