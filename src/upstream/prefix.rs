@@ -8,8 +8,11 @@
 //!   `prompt`, `suffix`, `tools`) read in order as one byte stream, cut
 //!   into fixed-size blocks, each named by a hash of everything up to and
 //!   including it (as vLLM names its KV blocks). Two prompts share their
-//!   first `k` block names exactly when they share their first `k` blocks
-//!   of text.
+//!   first `k` block names when they share their first `k` blocks of text
+//!   (and, but for a 64-bit collision, only then). The hash is XXH3, not a
+//!   cryptographic one: a client who crafted a collision would only send
+//!   its own request to another server. The maps the names index are keyed
+//!   at random per process, so crafted names cannot pile into one bucket.
 //! - [`PrefixIndex`]: per pool, per server, the block names sent there
 //!   recently, aged out as the server's own cache would evict them: each
 //!   server holds at most `prefix_cache_tokens` worth of blocks, least
@@ -20,7 +23,6 @@
 //! read the body (the handler hands it over).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -210,10 +212,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
-/// Cuts a stream of parts into blocks and names each by the chained hash.
+/// Cuts a stream of parts into blocks and names each by the hash of the
+/// whole stream up to its end.
 #[derive(Default)]
 struct Cutter {
-    hasher: blake3::Hasher,
+    hasher: xxhash_rust::xxh3::Xxh3Default,
     /// Bytes of the current block so far.
     filled: usize,
     blocks: PromptBlocks,
@@ -223,11 +226,9 @@ impl Cutter {
     /// A labelled part: its label and length first, so parts cannot run
     /// into each other ambiguously.
     fn part(&mut self, label: &[u8], bytes: &[u8]) {
-        let mut head = Vec::with_capacity(label.len() + 9);
-        head.extend_from_slice(label);
-        head.push(0);
-        head.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        self.feed(&head);
+        self.feed(label);
+        self.feed(&[0]);
+        self.feed(&(bytes.len() as u64).to_le_bytes());
         self.feed(bytes);
     }
 
@@ -238,10 +239,7 @@ impl Cutter {
             self.filled += take;
             bytes = &bytes[take..];
             if self.filled == BLOCK_BYTES {
-                let name = self.hasher.finalize();
-                self.blocks.0.push(u64::from_le_bytes(
-                    name.as_bytes()[..8].try_into().expect("8 bytes"),
-                ));
+                self.blocks.0.push(self.hasher.digest());
                 self.filled = 0;
             }
         }
@@ -254,27 +252,8 @@ impl Cutter {
     }
 }
 
-/// Keys that are hashes already: used as they are.
-#[derive(Default)]
-struct Identity(u64);
-
-impl Hasher for Identity {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type NameMap<V> = HashMap<u64, V, BuildHasherDefault<Identity>>;
+/// Block names → `V`, hashed again with a per-process random key.
+type NameMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 
 /// One server's recent blocks, least recently used first out.
 #[derive(Default)]
