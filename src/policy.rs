@@ -426,6 +426,11 @@ pub struct RoutePolicy {
     pub auth: AuthMode,
 }
 
+/// The bounds of `prefix_cache_tokens` (and of a KV-cache size an engine
+/// reports, `engine_signals`).
+pub const MIN_PREFIX_CACHE_TOKENS: u64 = 1_000;
+pub const MAX_PREFIX_CACHE_TOKENS: u64 = 100_000_000;
+
 /// One arm of a route's `split`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitArm {
@@ -470,29 +475,33 @@ impl RoutePolicy {
     }
 
     /// The arm of `split` a request whose sticky value (`split_by`) is
-    /// `sticky` takes. The same value takes the same arm in every process
-    /// of every version (a keyed BLAKE3 of the route's name and the value);
-    /// raising a later arm's weight moves to it only the values it gains.
+    /// `sticky` takes: weighted rendezvous hashing. Each arm draws a
+    /// number from the value and its own upstream's name, scaled by its
+    /// weight (`-ln(u) / weight`), and the lowest wins; so the same value
+    /// takes the same arm in every process, and changing one arm's weight
+    /// (or adding or removing an arm) moves values only to or from that
+    /// arm: a canary raised from 5 to 10 keeps every client it had.
     pub fn arm_for(&self, sticky: &[u8]) -> usize {
-        let total: u64 = self.split.iter().map(|a| u64::from(a.weight)).sum();
-        if total == 0 {
-            return 0;
-        }
-        let mut h = blake3::Hasher::new_derive_key("hyperion route split 1");
+        let mut h = blake3::Hasher::new_derive_key("hyperion route split 2");
         h.update(&(self.name.len() as u64).to_le_bytes());
         h.update(self.name.as_bytes());
         h.update(sticky);
         let digest = h.finalize();
-        let point = u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"));
-        // Modulo bias: at most total / 2^64, nothing a share can show.
-        let mut ticket = point % total;
+        let seed = u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"));
+        let mut best: Option<(f64, usize)> = None;
         for (i, arm) in self.split.iter().enumerate() {
-            if ticket < u64::from(arm.weight) {
-                return i;
+            if arm.weight == 0 {
+                continue;
             }
-            ticket -= u64::from(arm.weight);
+            let draw = xxhash_rust::xxh3::xxh3_64_with_seed(arm.upstream.as_bytes(), seed);
+            // Uniform in (0, 1]: the top 53 bits, never 0.
+            let u = ((draw >> 11) + 1) as f64 / (1u64 << 53) as f64;
+            let score = -u.ln() / f64::from(arm.weight);
+            if best.is_none_or(|(b, _)| score < b) {
+                best = Some((score, i));
+            }
         }
-        unreachable!("the ticket is below the total weight")
+        best.map_or(0, |(_, i)| i)
     }
 }
 
@@ -1104,8 +1113,10 @@ mod split_tests {
     #[test]
     fn shares_follow_the_weights_and_a_raise_moves_only_the_gained() {
         let n = 100_000;
-        let before = route(&[80, 20]);
-        let after = route(&[70, 30]);
+        // The canary raised from 5 % as an operator would: 95/5, then
+        // 95/10 (the total changes).
+        let before = route(&[95, 5]);
+        let after = route(&[95, 10]);
         let (mut canary, mut moved_back, mut now_canary) = (0, 0, 0);
         for i in 0..n {
             let v = format!("ip:10.0.{}.{}", i / 256, i % 256);
@@ -1118,16 +1129,32 @@ mod split_tests {
             }
         }
         let share = |k: usize| k as f64 / n as f64;
-        assert!((share(canary) - 0.2).abs() < 0.01, "{}", share(canary));
+        assert!((share(canary) - 0.05).abs() < 0.005, "{}", share(canary));
+        let want = 10.0 / 105.0;
         assert!(
-            (share(now_canary) - 0.3).abs() < 0.01,
+            (share(now_canary) - want).abs() < 0.005,
             "{}",
             share(now_canary)
         );
         assert_eq!(
             moved_back, 0,
-            "raising the canary's weight moved none of its clients back"
+            "raising the canary moved none of its clients back"
         );
+        // A third arm added takes its share from both, and moves no one
+        // between the first two.
+        let (two, three) = (route(&[80, 20]), route(&[80, 20, 25]));
+        let (mut crossed, mut third) = (0, 0);
+        for i in 0..n {
+            let v = format!("key:{i}");
+            let (a, b) = (two.arm_for(v.as_bytes()), three.arm_for(v.as_bytes()));
+            if b == 2 {
+                third += 1;
+            } else if a != b {
+                crossed += 1;
+            }
+        }
+        assert_eq!(crossed, 0);
+        assert!((share(third) - 0.2).abs() < 0.005, "{}", share(third));
         // Three arms, one at 0: never taken.
         let three = route(&[50, 0, 50]);
         assert!((0..1000).all(|i| three.arm_for(format!("k{i}").as_bytes()) != 1));

@@ -185,12 +185,15 @@ async fn a_queue_from_other_clients_steers_until_the_engine_stops_making_sense()
     }
     assert!(at[0] >= 5 && at[1] >= 5, "both used again: {at:?}");
     let metrics = admin(&proxy, "/metrics").await;
-    assert!(
-        metrics.contains(&format!(
-            r#"hyperion_upstream_engine_up{{upstream="gpus",server="{url0}"}} 0"#
-        )),
-        "{metrics}"
-    );
+    for line in [
+        format!(r#"hyperion_upstream_engine_up{{upstream="gpus",server="{url0}"}} 0"#),
+        // No figure stands for a reading that no longer steers.
+        format!(
+            r#"hyperion_upstream_engine_requests{{upstream="gpus",server="{url0}",state="waiting"}} NaN"#
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
 
     // Busy again, then a page past the 4 MiB bound, then an error status:
     // each drops the signal.

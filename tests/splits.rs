@@ -88,6 +88,7 @@ split_by = "header:x-session-id"
         arm_of.insert(id, arm);
     }
     let canary = arm_of.values().filter(|a| *a == "canary").count();
+    eprintln!("the canary got {canary} of 1,000 sessions");
     assert!((150..=250).contains(&canary), "canary got {canary} of 1000");
     assert_eq!(arms.canary.count(), canary);
     assert_eq!(arms.stable.count(), 1000 - canary);

@@ -147,6 +147,12 @@ fn scrape_upstreams(generation: &Generation) {
                         .set(ratio);
                 }
                 let Some(r) = e.reading.filter(|_| e.in_use) else {
+                    // No reading steers now: no figure stands for one.
+                    for state in ["running", "waiting", "others", "others_waiting"] {
+                        gauge!("hyperion_upstream_engine_requests", "upstream" => upstream.clone(), "server" => server.url.to_string(), "state" => state)
+                            .set(f64::NAN);
+                    }
+                    gauge!("hyperion_upstream_engine_kv_cache_usage_ratio", &labels).set(f64::NAN);
                     continue;
                 };
                 for (state, n) in [

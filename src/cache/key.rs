@@ -210,7 +210,13 @@ impl CacheKey {
         // instead of starting with a count, objects digest each member).
         // 3: the default scope keys every credential, not `Authorization`
         // alone; the client's Accept-Encoding keyed where it goes upstream.
-        part("version", b"hyperion-key-3", &|| "3".into());
+        // A split arm's key is apart from every key without one from its
+        // first part on.
+        if req.arm.is_some() {
+            part("version", b"hyperion-key-3-arm", &|| "3 (split arm)".into());
+        } else {
+            part("version", b"hyperion-key-3", &|| "3".into());
+        }
         part("route", req.route.as_bytes(), &|| req.route.to_owned());
         // A HEAD is answered from GET's entry (RFC 9110 §9.3.2).
         let method = if req.method == Method::HEAD {

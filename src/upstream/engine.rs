@@ -15,7 +15,7 @@
 //!
 //! What a reading feeds: the server's load (`ServerState::set_foreign`: the
 //! requests waiting there beyond this proxy's own, standing for three
-//! intervals; requests running are not weighed, an engine batching them
+//! intervals or a poll's timeout and an interval, whichever is longer; requests running are not weighed, an engine batching them
 //! takes a new one beside them), the
 //! prefix index's size for that server, and the operators' view (this
 //! module's `PoolEngines`). A server that stops answering, answers an
@@ -39,7 +39,8 @@ use crate::policy::{EngineSignals, UpstreamServer};
 
 /// The largest metrics page or model list read from a server.
 const MAX_BODY: usize = 4 << 20;
-/// A reading stands for this many intervals (one poll missed is no news).
+/// A reading stands for this many intervals (one poll missed is no news),
+/// or a poll's whole time and an interval, whichever is longer.
 const STANDS_FOR: u32 = 3;
 
 /// What one poll of a server's engine said.
@@ -420,6 +421,8 @@ pub struct EnginePoll {
     pub server: UpstreamServer,
     pub index: usize,
     pub state: Weak<ServerState>,
+    /// This poller's token for writing the server's load.
+    pub owner: u64,
     pub engines: Weak<PoolEngines>,
     pub prefix: Option<Weak<PrefixIndex>>,
     pub interval: Duration,
@@ -432,6 +435,9 @@ impl EnginePoll {
         let timeout = self
             .interval
             .clamp(Duration::from_secs(1), Duration::from_secs(5));
+        // Until the next reading is due at the latest: a slow answer (a
+        // busy engine's) must not let the last one lapse.
+        let stands = (self.interval * STANDS_FOR).max(timeout + self.interval);
         let Some(kind) = self.engines.upgrade().map(|e| e.kind()) else {
             return;
         };
@@ -472,13 +478,16 @@ impl EnginePoll {
                             } else {
                                 (u64::from(w) * u64::from(others)).div_ceil(u64::from(all)) as u32
                             };
-                            let until = crate::clock::now() + self.interval * STANDS_FOR;
-                            state.set_foreign(waiting, Some(until));
+                            let until = crate::clock::now() + stands;
+                            state.set_foreign_as(self.owner, waiting, Some(until));
                             Some((others, waiting))
                         }
                         _ => None,
                     };
                     if let Some(prefix) = &prefix {
+                        // A failed poll keeps the size: a cache does not
+                        // change size between polls, and shrinking would
+                        // drop what is known.
                         if kind != EngineSignals::Ollama {
                             prefix.set_capacity(self.index, reading.kv_cache_tokens);
                         }
@@ -495,7 +504,7 @@ impl EnginePoll {
                     engines.read(self.index, reading, others);
                 }
                 Err(why) => {
-                    state.set_foreign(0, None);
+                    state.set_foreign_as(self.owner, 0, None);
                     engines.failed(self.index, &self.server.url, why);
                 }
             }

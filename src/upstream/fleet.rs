@@ -45,6 +45,9 @@ pub struct PoolState {
     pub prefix: Option<Arc<PrefixIndex>>,
     /// What the servers' engines last said (`engine_signals`).
     pub engines: Option<Arc<PoolEngines>>,
+    /// Each server's token for this pool's engine polls
+    /// (`ServerState::claim_engine`).
+    engine_owners: Box<[u64]>,
 }
 
 impl Fleet {
@@ -76,10 +79,9 @@ impl Fleet {
                     })
                     .collect();
                 // A server kept from a pool that asked its engine is
-                // judged by this proxy's counts until this pool asks.
-                for s in servers.iter() {
-                    s.set_foreign(0, None);
-                }
+                // judged by this proxy's counts until this pool asks, and
+                // only this pool's polls are heeded from now on.
+                let engine_owners: Box<[u64]> = servers.iter().map(|s| s.claim_engine()).collect();
                 // A reload keeps what is known when the servers are the
                 // same, in the same order, with the same cache size.
                 let prefix = (u.balance == Balance::PrefixAffinity).then(|| {
@@ -94,6 +96,8 @@ impl Fleet {
                                     .all(|(o, n)| o.url == n.url)
                         })
                         .and_then(|b| b.prefix.clone())
+                        // Sizes an engine reported are asked again.
+                        .inspect(|p| p.reset_capacities())
                         .unwrap_or_else(|| {
                             Arc::new(PrefixIndex::new(u.servers.len(), u.prefix_cache_tokens))
                         })
@@ -103,6 +107,7 @@ impl Fleet {
                 Arc::new(PoolState {
                     prefix,
                     engines,
+                    engine_owners,
                     models: Arc::new(PoolModels::new(u, before.map(|b| &*b.models))),
                     balancer: Balancer::new(u.balance, &servers)
                         .with_parallelism(u.max_inflight_per_server),
@@ -152,6 +157,7 @@ impl Fleet {
                         server: server.clone(),
                         index,
                         state: Arc::downgrade(&pool.servers[index]),
+                        owner: pool.engine_owners[index],
                         engines: Arc::downgrade(engines),
                         prefix: pool.prefix.as_ref().map(Arc::downgrade),
                         interval: pool.policy.engine_poll_interval,

@@ -473,15 +473,32 @@ impl PrefixIndex {
     }
 
     /// Server `index`'s engine reports a KV cache of `tokens` (`None`: it
-    /// stopped saying; the pool's `prefix_cache_tokens` stands again).
+    /// stopped saying; the pool's `prefix_cache_tokens` stands again),
+    /// taken within the bounds `prefix_cache_tokens` has: a server's
+    /// metrics page sets no memory bound an operator could not.
     pub fn set_capacity(&self, index: usize, tokens: Option<u64>) {
-        let capacity = tokens.map_or(self.capacity, blocks_for);
+        let capacity = tokens.map_or(self.capacity, |t| {
+            blocks_for(t.clamp(
+                crate::policy::MIN_PREFIX_CACHE_TOKENS,
+                crate::policy::MAX_PREFIX_CACHE_TOKENS,
+            ))
+        });
         let mut held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = held.get_mut(index) {
             if h.capacity != capacity {
                 h.capacity = capacity;
                 h.trim();
             }
+        }
+    }
+
+    /// Every server back to the pool's `prefix_cache_tokens` (after a
+    /// reload: its engines, if asked, say their sizes again).
+    pub fn reset_capacities(&self) {
+        let mut held = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        for h in held.iter_mut().filter(|h| h.capacity != self.capacity) {
+            h.capacity = self.capacity;
+            h.trim();
         }
     }
 
@@ -572,23 +589,35 @@ mod tests {
 
     #[test]
     fn an_engines_cache_size_and_loss_are_followed() {
-        let idx = PrefixIndex::new(2, 10 * BLOCK_BYTES as u64 / 4); // 10 blocks each
-        let a = PromptBlocks((1..=8).collect());
+        let tokens = |blocks: u64| blocks * BLOCK_BYTES as u64 / 4;
+        let idx = PrefixIndex::new(2, tokens(100));
+        let a = PromptBlocks((1..=30).collect());
         idx.record(&a, 0);
-        // Sent again: all 8 predicted held; 16 sent in all.
+        // Sent again: all 30 predicted held; 60 sent in all.
         idx.record(&a, 0);
         let report = idx.servers();
         assert_eq!(report[0].predicted_hit_ratio, Some(0.5));
         assert_eq!(report[1].predicted_hit_ratio, None);
-        // The engine says its cache is 4 blocks: it keeps the first 4.
-        idx.set_capacity(0, Some(4 * BLOCK_BYTES as u64 / 4));
-        assert_eq!(idx.servers()[0].capacity_blocks, 4);
-        assert_eq!(idx.affinity(&a, 0b11).depth, 4);
-        // It stops saying: the pool's size stands again.
-        idx.set_capacity(0, None);
-        assert_eq!(idx.servers()[0].capacity_blocks, 10);
+        // The engine says its cache is 20 blocks: it keeps the first 20.
+        idx.set_capacity(0, Some(tokens(20)));
+        assert_eq!(idx.servers()[0].capacity_blocks, 20);
+        assert_eq!(idx.affinity(&a, 0b11).depth, 20);
         // Fuller caches take no new prompts while an emptier one has room.
         assert_eq!(idx.affinity(&PromptBlocks(vec![99]), 0b11).room, 0b10);
+        // It stops saying: the pool's size stands again.
+        idx.set_capacity(0, None);
+        assert_eq!(idx.servers()[0].capacity_blocks, 100);
+        // An engine's size is held to prefix_cache_tokens' bounds.
+        idx.set_capacity(1, Some(u64::MAX));
+        assert_eq!(
+            idx.servers()[1].capacity_blocks,
+            100_000_000 * 4 / BLOCK_BYTES
+        );
+        idx.set_capacity(1, Some(1));
+        assert_eq!(idx.servers()[1].capacity_blocks, 1_000 * 4 / BLOCK_BYTES);
+        // A reload puts every server back to the pool's size.
+        idx.reset_capacities();
+        assert_eq!(idx.servers()[1].capacity_blocks, 100);
         idx.forget(0);
         assert_eq!(idx.affinity(&a, 0b11).depth, 0);
         assert_eq!(idx.servers()[0].predicted_hit_ratio, Some(0.5));

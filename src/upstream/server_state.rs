@@ -30,6 +30,9 @@ pub struct ServerState {
     /// proxy's own count again.
     foreign: AtomicU32,
     foreign_until: AtomicU64,
+    /// Whose engine polls may write `foreign`: the newest fleet's (a
+    /// reload's new pollers start before the old ones are stopped).
+    engine_owner: AtomicU64,
     requests: AtomicU64,
     failures: AtomicU64,
     /// Failures in a row; a success resets it.
@@ -83,6 +86,7 @@ impl ServerState {
             in_flight: AtomicU32::new(0),
             foreign: AtomicU32::new(0),
             foreign_until: AtomicU64::new(0),
+            engine_owner: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             streak: AtomicU32::new(0),
@@ -135,6 +139,22 @@ impl ServerState {
         self.foreign.store(others, Ordering::Relaxed);
         self.foreign_until
             .store(until.map_or(0, |t| self.nanos(t)), Ordering::Relaxed);
+    }
+
+    /// Makes the caller's polls (and only theirs) the ones `set_foreign_as`
+    /// heeds, and forgets the last report; returns the caller's token.
+    pub fn claim_engine(&self) -> u64 {
+        let token = self.engine_owner.fetch_add(1, Ordering::Relaxed) + 1;
+        self.set_foreign(0, None);
+        token
+    }
+
+    /// `set_foreign`, from the polls of `owner` (`claim_engine`): a
+    /// superseded poller's last reading is dropped.
+    pub fn set_foreign_as(&self, owner: u64, others: u32, until: Option<Instant>) {
+        if self.engine_owner.load(Ordering::Relaxed) == owner {
+            self.set_foreign(others, until);
+        }
     }
 
     /// The others' requests as last reported, while the report stands.
@@ -316,6 +336,23 @@ mod tests {
             alone.failed("refused", 3, false, now);
         }
         assert!(alone.usable(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_newest_pollers_write_the_others_load() {
+        let s = ServerState::new("http://a".into(), 1, Instant::now());
+        let later = Some(Instant::now() + Duration::from_secs(3));
+        let old = s.claim_engine();
+        s.set_foreign_as(old, 5, later);
+        assert_eq!(s.foreign(Instant::now()), Some(5));
+        // A reload's pool claims it: the old reading is gone, and the old
+        // poller's next one is dropped.
+        let new = s.claim_engine();
+        assert_eq!(s.foreign(Instant::now()), None);
+        s.set_foreign_as(old, 7, later);
+        assert_eq!(s.foreign(Instant::now()), None);
+        s.set_foreign_as(new, 2, later);
+        assert_eq!(s.load_at(s.nanos(Instant::now())), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -179,6 +179,7 @@ impl Validator<'_> {
                 let forwarding = [
                     (r.upstream.as_ref().map(|u| u.span()), "upstream"),
                     (r.split.as_ref().map(|u| u.span()), "split"),
+                    (r.split_by.as_ref().map(|u| u.span()), "split_by"),
                     (r.cache.as_ref().map(|c| c.span()), "cache"),
                     (r.unknown_model.as_ref().map(|u| u.span()), "unknown_model"),
                 ];

@@ -69,7 +69,10 @@ impl Validator<'_> {
                     "set balance = \"prefix_affinity\", or remove prefix_cache_tokens",
                 ))
             }
-            Some(t) if !(1_000..=100_000_000).contains(t.get_ref()) => {
+            Some(t)
+                if !(crate::policy::MIN_PREFIX_CACHE_TOKENS..=crate::policy::MAX_PREFIX_CACHE_TOKENS)
+                    .contains(t.get_ref()) =>
+            {
                 return Err(self.err(
                     t.span(),
                     key("prefix_cache_tokens"),
