@@ -87,14 +87,7 @@ impl Engines {
 }
 
 async fn admin(proxy: &TestProxy, path: &str) -> String {
-    let (_, body) = send(
-        Request::get(format!("http://{}{path}", proxy.admin.unwrap()))
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
-    String::from_utf8_lossy(&body).into_owned()
+    String::from_utf8_lossy(&admin_get(proxy, TOKEN, path).await.1).into_owned()
 }
 
 async fn pool(proxy: &TestProxy) -> Value {

@@ -122,13 +122,7 @@ async fn ask(proxy: &TestProxy, body: &Value, hold: bool) -> (u16, Option<usize>
 }
 
 async fn upstreams(proxy: &TestProxy) -> Value {
-    let (_, body) = send(
-        Request::get(format!("http://{}/admin/upstreams", proxy.admin.unwrap()))
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let (_, body) = admin_get(proxy, TOKEN, "/admin/upstreams").await;
     json(&body)["upstreams"][0]["prefix_affinity"].clone()
 }
 

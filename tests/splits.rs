@@ -110,13 +110,7 @@ split_by = "header:x-session-id"
     let line = proxy.log_for(&id).await;
     assert_eq!(line["arm"], arm.as_str(), "{line}");
     assert_eq!(line["route"], "chat");
-    let (_, metrics) = send(
-        Request::get(format!("http://{}/metrics", proxy.admin.unwrap()))
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let (_, metrics) = admin_get(&proxy, TOKEN, "/metrics").await;
     let metrics = String::from_utf8_lossy(&metrics).into_owned();
     let canary_line = format!(
         r#"hyperion_route_split_total{{route="chat",upstream="canary"}} {}"#,

@@ -368,7 +368,7 @@ impl PoolEngines {
         Some(s.lock().unwrap_or_else(|e| e.into_inner()).snapshot.clone())
     }
 
-    fn read(&self, index: usize, reading: EngineReading, others: Option<(u32, u32)>) {
+    fn read(&self, index: usize, url: &str, reading: EngineReading, others: Option<(u32, u32)>) {
         let Some(s) = self.servers.get(index) else {
             return;
         };
@@ -387,7 +387,7 @@ impl PoolEngines {
             reading.prefix_hit_rate
         };
         if s.snapshot.error.take().is_some() {
-            tracing::info!(server = index, "engine signals answer again");
+            tracing::info!(server = url, "engine signals answer again");
         }
         s.snapshot = EngineSnapshot {
             read_at: Some(httpdate::fmt_http_date(crate::clock::wall())),
@@ -501,7 +501,7 @@ impl EnginePoll {
                     if reading.loaded.is_some() {
                         loaded_before = reading.loaded.clone();
                     }
-                    engines.read(self.index, reading, others);
+                    engines.read(self.index, &self.server.url, reading, others);
                 }
                 Err(why) => {
                     state.set_foreign_as(self.owner, 0, None);

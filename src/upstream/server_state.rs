@@ -157,17 +157,6 @@ impl ServerState {
         }
     }
 
-    /// The others' requests as last reported, while the report stands.
-    pub fn foreign(&self, now: Instant) -> Option<u32> {
-        (self.foreign_until.load(Ordering::Relaxed) > self.nanos(now))
-            .then(|| self.foreign.load(Ordering::Relaxed))
-    }
-
-    /// The epoch `nanos` counts from (shared by every fleet of a process).
-    pub fn epoch(&self) -> Instant {
-        self.epoch
-    }
-
     /// Counts one more request in flight (and in all).
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -343,16 +332,17 @@ mod tests {
         let s = ServerState::new("http://a".into(), 1, Instant::now());
         let later = Some(Instant::now() + Duration::from_secs(3));
         let old = s.claim_engine();
+        let load = |s: &ServerState| s.load_at(s.nanos(Instant::now()));
         s.set_foreign_as(old, 5, later);
-        assert_eq!(s.foreign(Instant::now()), Some(5));
+        assert_eq!(load(&s), 5);
         // A reload's pool claims it: the old reading is gone, and the old
         // poller's next one is dropped.
         let new = s.claim_engine();
-        assert_eq!(s.foreign(Instant::now()), None);
+        assert_eq!(load(&s), 0);
         s.set_foreign_as(old, 7, later);
-        assert_eq!(s.foreign(Instant::now()), None);
+        assert_eq!(load(&s), 0);
         s.set_foreign_as(new, 2, later);
-        assert_eq!(s.load_at(s.nanos(Instant::now())), 2);
+        assert_eq!(load(&s), 2);
     }
 
     #[tokio::test(start_paused = true)]

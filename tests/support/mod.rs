@@ -928,11 +928,20 @@ pub async fn keyed_proxy(keys: &[(&str, Option<&str>)], rest: &str) -> Keyed {
     }
 }
 
-/// An admin GET with `keyed_proxy`'s token, as JSON.
-pub async fn keyed_admin(proxy: &TestProxy, path: &str) -> Value {
+/// An admin GET with the admin token `token`: its head and body.
+pub async fn admin_get(
+    proxy: &TestProxy,
+    token: &str,
+    path: &str,
+) -> (http::response::Parts, Bytes) {
     let req = Request::get(format!("http://{}{path}", proxy.admin.unwrap()))
-        .header("authorization", format!("Bearer {KEYED_ADMIN_TOKEN}"))
+        .header("authorization", format!("Bearer {token}"))
         .body(empty())
         .unwrap();
-    json(&send(req).await.1)
+    send(req).await
+}
+
+/// An admin GET with `keyed_proxy`'s token, as JSON.
+pub async fn keyed_admin(proxy: &TestProxy, path: &str) -> Value {
+    json(&admin_get(proxy, KEYED_ADMIN_TOKEN, path).await.1)
 }
